@@ -1,0 +1,327 @@
+//! Page accounting: which hosts hold each page's current content.
+//!
+//! The invariant (DESIGN.md): a page is *fresh* at host H only if H's copy
+//! equals the source's content as of the latest dirty sync, or the page has
+//! been written since and the tracker will report it at the next sync.
+//!
+//! It is kept by three rules, all enforced here so that no caller can break
+//! them:
+//! - a dirty sync clears freshness everywhere but the source and bumps the
+//!   page's epoch;
+//! - a write to H counts only if the page's epoch did not change between the
+//!   moment the sender started reading and H's acknowledgement;
+//! - **one writer per page and destination at a time**: a transfer of page p
+//!   into H (or out of H, when H forwards) cannot start while another one is
+//!   in flight, so a newer copy can never be overtaken by an older one. This
+//!   matters because two senders (source and forwarder) write into the same
+//!   destination concurrently and RDMA writes carry no ordering between them.
+
+use crate::bitmap::Bitmap;
+
+/// A host's index in a migration's host table (at most [`MAX_HOSTS`]).
+pub type HostId = u8;
+pub const MAX_HOSTS: usize = 8;
+
+pub struct Ledger {
+    source: HostId,
+    /// Bit h set: page fresh at host h.
+    fresh: Vec<u8>,
+    /// Bit h set: a transfer into (or out of) host h is in flight for the page.
+    busy: Vec<u8>,
+    epoch: Vec<u32>,
+    fresh_count: [usize; MAX_HOSTS],
+    /// Test-only switch that disables the one-writer rule, to prove the
+    /// stress test detects what it guards against.
+    unordered: bool,
+}
+
+impl Ledger {
+    pub fn new(pages: usize, source: HostId) -> Self {
+        assert!((source as usize) < MAX_HOSTS);
+        let mut fresh_count = [0; MAX_HOSTS];
+        fresh_count[source as usize] = pages;
+        Self {
+            source,
+            fresh: vec![1 << source; pages],
+            busy: vec![0; pages],
+            epoch: vec![0; pages],
+            fresh_count,
+            unordered: false,
+        }
+    }
+
+    /// Disables the one-writer rule (tests only: shows what it prevents).
+    pub fn set_unordered(&mut self, on: bool) {
+        self.unordered = on;
+    }
+
+    pub fn pages(&self) -> usize {
+        self.fresh.len()
+    }
+
+    pub fn source(&self) -> HostId {
+        self.source
+    }
+
+    pub fn is_fresh(&self, page: usize, host: HostId) -> bool {
+        self.fresh[page] & (1 << host) != 0
+    }
+
+    pub fn is_busy(&self, page: usize, host: HostId) -> bool {
+        self.busy[page] & (1 << host) != 0
+    }
+
+    /// Hosts holding the page's current content, as a bit mask.
+    pub fn holders(&self, page: usize) -> u8 {
+        self.fresh[page]
+    }
+
+    pub fn fresh_count(&self, host: HostId) -> usize {
+        self.fresh_count[host as usize]
+    }
+
+    fn clear_fresh(&mut self, page: usize, host: HostId) {
+        if self.fresh[page] & (1 << host) != 0 {
+            self.fresh[page] &= !(1 << host);
+            self.fresh_count[host as usize] -= 1;
+        }
+    }
+
+    fn set_fresh(&mut self, page: usize, host: HostId) {
+        if self.fresh[page] & (1 << host) == 0 {
+            self.fresh[page] |= 1 << host;
+            self.fresh_count[host as usize] += 1;
+        }
+    }
+
+    /// A dirty sync reported these pages as written since the previous one.
+    pub fn dirty_sync(&mut self, dirty: &Bitmap) {
+        for p in dirty.iter_ones() {
+            for h in 0..MAX_HOSTS as u8 {
+                if h != self.source {
+                    self.clear_fresh(p, h);
+                }
+            }
+            self.epoch[p] = self.epoch[p].wrapping_add(1);
+        }
+    }
+
+    /// Starts a transfer of `page` from `from` to `to`. Returns the epoch to
+    /// hand back to [`finish`](Self::finish), or `None` when the transfer may
+    /// not start now: `from` holds no current copy, or a transfer touching
+    /// either end is in flight (the caller retries after it finished).
+    pub fn begin(&mut self, page: usize, from: HostId, to: HostId) -> Option<u32> {
+        debug_assert!(to != self.source && from != to);
+        if !self.is_fresh(page, from) {
+            return None;
+        }
+        let mut ends = 1u8 << to;
+        if from != self.source {
+            ends |= 1 << from;
+        }
+        if self.busy[page] & ends != 0 && !self.unordered {
+            return None;
+        }
+        self.busy[page] |= ends;
+        // The old copy at `to` is being overwritten: until this transfer is
+        // acknowledged it may be torn.
+        self.clear_fresh(page, to);
+        Some(self.epoch[page])
+    }
+
+    /// Ends a transfer started by [`begin`](Self::begin). `applied` means the
+    /// receiver confirmed the bytes are in its memory; the page becomes fresh
+    /// there unless a dirty sync happened since the transfer began. Returns
+    /// whether it did.
+    pub fn finish(&mut self, page: usize, from: HostId, to: HostId, epoch: u32, applied: bool) -> bool {
+        self.busy[page] &= !(1 << to);
+        if from != self.source {
+            self.busy[page] &= !(1 << from);
+        }
+        if applied && epoch == self.epoch[page] {
+            self.set_fresh(page, to);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The host's copy of these pages can no longer be trusted (verification
+    /// mismatch, or the host is gone).
+    pub fn invalidate(&mut self, pages: std::ops::Range<usize>, host: HostId) {
+        for p in pages {
+            self.clear_fresh(p, host);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    const PAGES: usize = 6;
+    const HOSTS: u8 = 3; // 0 = source, 1 = old destination, 2 = new destination
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        GuestWrite(usize),
+        Sync,
+        Begin { page: usize, from: u8, to: u8 },
+        Read(usize),
+        Deliver(usize),
+        Complete(usize),
+        Fail(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..PAGES).prop_map(Op::GuestWrite),
+            Just(Op::Sync),
+            (0..PAGES, 0..HOSTS, 1..HOSTS).prop_map(|(page, from, to)| Op::Begin { page, from, to }),
+            any::<usize>().prop_map(Op::Read),
+            any::<usize>().prop_map(Op::Deliver),
+            any::<usize>().prop_map(Op::Complete),
+            any::<usize>().prop_map(Op::Fail),
+        ]
+    }
+
+    /// One transfer as the model sees it.
+    struct Flight {
+        page: usize,
+        from: u8,
+        to: u8,
+        epoch: u32,
+        /// Version read from `from` (None until the sender read the bytes).
+        read: Option<u64>,
+        delivered: bool,
+    }
+
+    /// Runs the ops against the ledger and a model of every host's bytes;
+    /// returns the first invariant violation.
+    fn run(ops: &[Op], unordered: bool) -> Result<(), String> {
+        let mut ledger = Ledger::new(PAGES, 0);
+        ledger.set_unordered(unordered);
+        // copies[h][p]: version of page p held by host h; host 0 is the source.
+        let mut copies = vec![vec![0u64; PAGES]; HOSTS as usize];
+        for c in copies.iter_mut().skip(1) {
+            c.fill(u64::MAX); // destinations start with nothing useful
+        }
+        let mut next_version = 1u64;
+        let mut pending = BTreeSet::new(); // written since the last sync
+        let mut flights: Vec<Flight> = Vec::new();
+        for op in ops {
+            match op.clone() {
+                Op::GuestWrite(p) => {
+                    copies[0][p] = next_version;
+                    next_version += 1;
+                    pending.insert(p);
+                }
+                Op::Sync => {
+                    let mut b = Bitmap::new(PAGES);
+                    for &p in &pending {
+                        b.set(p);
+                    }
+                    pending.clear();
+                    ledger.dirty_sync(&b);
+                }
+                Op::Begin { page, from, to } => {
+                    if from == to {
+                        continue;
+                    }
+                    if let Some(epoch) = ledger.begin(page, from, to) {
+                        flights.push(Flight { page, from, to, epoch, read: None, delivered: false });
+                    }
+                }
+                Op::Read(i) => {
+                    let n = flights.len();
+                    if n > 0 {
+                        let f = &mut flights[i % n];
+                        if f.read.is_none() {
+                            f.read = Some(copies[f.from as usize][f.page]);
+                        }
+                    }
+                }
+                Op::Deliver(i) => {
+                    let n = flights.len();
+                    if n > 0 {
+                        let f = &mut flights[i % n];
+                        if let (Some(v), false) = (f.read, f.delivered) {
+                            copies[f.to as usize][f.page] = v;
+                            f.delivered = true;
+                        }
+                    }
+                }
+                Op::Complete(i) | Op::Fail(i) => {
+                    let n = flights.len();
+                    if n == 0 {
+                        continue;
+                    }
+                    let ok = matches!(op, Op::Complete(_));
+                    if ok && !flights[i % n].delivered {
+                        continue;
+                    }
+                    let f = flights.swap_remove(i % n);
+                    if !ok && f.read.is_some() && !f.delivered {
+                        // A failed transfer may leave a torn copy behind.
+                        copies[f.to as usize][f.page] = u64::MAX - 1;
+                    }
+                    ledger.finish(f.page, f.from, f.to, f.epoch, ok);
+                }
+            }
+            for p in 0..PAGES {
+                for h in 1..HOSTS {
+                    if ledger.is_fresh(p, h) && copies[h as usize][p] != copies[0][p] && !pending.contains(&p) {
+                        return Err(format!("page {p} fresh at host {h} but stale after {op:?}"));
+                    }
+                }
+                let counted = (0..PAGES).filter(|&q| ledger.is_fresh(q, 1)).count();
+                if counted != ledger.fresh_count(1) {
+                    return Err("fresh count drifted".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn invariant_holds(ops in proptest::collection::vec(op(), 1..120)) {
+            prop_assert_eq!(run(&ops, false), Ok(()));
+        }
+    }
+
+    /// The model catches a broken ordering rule: two writers of one page race
+    /// and the older copy lands last.
+    #[test]
+    fn model_catches_unordered_writers() {
+        use Op::*;
+        let ops = [
+            Begin { page: 0, from: 0, to: 2 },
+            Read(0),
+            GuestWrite(0),
+            Sync,
+            Begin { page: 0, from: 0, to: 2 },
+            Read(1),
+            Deliver(1),
+            Deliver(0),
+            Complete(1),
+        ];
+        assert!(run(&ops, true).is_err());
+        assert_eq!(run(&ops, false), Ok(()));
+    }
+
+    #[test]
+    fn forward_needs_fresh_copy() {
+        let mut l = Ledger::new(2, 0);
+        assert_eq!(l.begin(0, 1, 2), None, "host 1 holds nothing yet");
+        let e = l.begin(0, 0, 1).unwrap();
+        assert!(l.finish(0, 0, 1, e, true));
+        let e = l.begin(0, 1, 2).unwrap();
+        assert_eq!(l.begin(0, 0, 1), None, "host 1 is being read");
+        assert!(l.finish(0, 1, 2, e, true));
+        assert_eq!(l.fresh_count(2), 1);
+    }
+}

@@ -1,0 +1,365 @@
+//! Guest RAM as the engine sees it: the layout (regions, pages, chunks) and
+//! shared mappings of the files that hold a guest's RAM.
+//!
+//! Pages are numbered globally across regions; chunks never span regions.
+//! The mappings are shared with the guest (and, on a destination, with
+//! remote writers): their bytes change under us, the way device DMA does.
+
+use memmap2::MmapRaw;
+use serde::{Deserialize, Serialize};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const PAGE_SIZE: usize = 4096;
+pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("invalid layout: {0}")]
+    Layout(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: file is {actual} bytes, layout says {expected}")]
+    Size {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("access outside guest RAM: region {region} offset {offset} length {len}")]
+    OutOfBounds { region: u32, offset: u64, len: u64 },
+}
+
+/// One RAM region as announced to a peer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RegionSpec {
+    pub id: String,
+    pub size: u64,
+}
+
+/// A contiguous run of pages inside one region: the unit of claims and completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub region: u32,
+    pub first_page: usize,
+    pub pages: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    regions: Vec<RegionSpec>,
+    region_first_page: Vec<usize>,
+    total_pages: usize,
+    chunk_size: u64,
+    chunks: Vec<Chunk>,
+    /// Index of the first chunk of each region.
+    region_first_chunk: Vec<usize>,
+}
+
+impl Layout {
+    pub fn new(regions: Vec<RegionSpec>, chunk_size: u64) -> Result<Self, MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::Layout("no RAM regions".into()));
+        }
+        if chunk_size == 0 || chunk_size % PAGE_SIZE as u64 != 0 || chunk_size > 64 << 20 {
+            return Err(MemoryError::Layout(format!(
+                "chunk size {chunk_size} must be a multiple of {PAGE_SIZE} up to 64 MiB"
+            )));
+        }
+        let chunk_pages = (chunk_size / PAGE_SIZE as u64) as usize;
+        let mut region_first_page = Vec::new();
+        let mut region_first_chunk = Vec::new();
+        let mut chunks = Vec::new();
+        let mut next = 0usize;
+        for (i, r) in regions.iter().enumerate() {
+            if r.size == 0 || r.size % PAGE_SIZE as u64 != 0 {
+                return Err(MemoryError::Layout(format!(
+                    "region {} size {} is not a positive multiple of {PAGE_SIZE}",
+                    r.id, r.size
+                )));
+            }
+            if r.size > 1 << 46 {
+                return Err(MemoryError::Layout(format!("region {} is too large", r.id)));
+            }
+            if regions[..i].iter().any(|o| o.id == r.id) {
+                return Err(MemoryError::Layout(format!("duplicate region id {}", r.id)));
+            }
+            let pages = (r.size / PAGE_SIZE as u64) as usize;
+            region_first_page.push(next);
+            region_first_chunk.push(chunks.len());
+            let mut p = 0;
+            while p < pages {
+                let n = chunk_pages.min(pages - p);
+                chunks.push(Chunk {
+                    region: i as u32,
+                    first_page: next + p,
+                    pages: n,
+                });
+                p += n;
+            }
+            next += pages;
+        }
+        Ok(Self {
+            regions,
+            region_first_page,
+            total_pages: next,
+            chunk_size,
+            chunks,
+            region_first_chunk,
+        })
+    }
+
+    pub fn regions(&self) -> &[RegionSpec] {
+        &self.regions
+    }
+    pub fn total_pages(&self) -> usize {
+        self.total_pages
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.total_pages as u64 * PAGE_SIZE as u64
+    }
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+
+    fn region_of(&self, page: usize) -> usize {
+        self.region_first_page.partition_point(|&f| f <= page) - 1
+    }
+
+    /// Region index and byte offset of a global page.
+    pub fn locate(&self, page: usize) -> (u32, u64) {
+        let r = self.region_of(page);
+        (
+            r as u32,
+            (page - self.region_first_page[r]) as u64 * PAGE_SIZE as u64,
+        )
+    }
+
+    /// Global page number of a byte offset inside a region.
+    pub fn page_at(&self, region: u32, offset: u64) -> usize {
+        self.region_first_page[region as usize] + (offset / PAGE_SIZE as u64) as usize
+    }
+
+    pub fn chunk_of(&self, page: usize) -> usize {
+        let r = self.region_of(page);
+        let chunk_pages = (self.chunk_size / PAGE_SIZE as u64) as usize;
+        self.region_first_chunk[r] + (page - self.region_first_page[r]) / chunk_pages
+    }
+}
+
+struct Mapped {
+    map: MmapRaw,
+    len: u64,
+}
+
+/// Guest RAM mapped shared from its backing files.
+pub struct GuestRam {
+    layout: Layout,
+    maps: Vec<Mapped>,
+    paths: Vec<PathBuf>,
+}
+
+// SAFETY: the mappings are plain shared memory; all access goes through raw
+// pointers with bounds checks, and concurrent modification is expected.
+unsafe impl Send for GuestRam {}
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps existing RAM files (one per region, in layout order).
+    pub fn open(layout: Layout, paths: &[PathBuf]) -> Result<Self, MemoryError> {
+        Self::map(layout, paths, false)
+    }
+
+    /// Creates zero-filled RAM files and maps them (a destination's fresh RAM).
+    pub fn create(layout: Layout, paths: &[PathBuf]) -> Result<Self, MemoryError> {
+        Self::map(layout, paths, true)
+    }
+
+    fn map(layout: Layout, paths: &[PathBuf], create: bool) -> Result<Self, MemoryError> {
+        if paths.len() != layout.regions.len() {
+            return Err(MemoryError::Layout(format!(
+                "{} RAM files for {} regions",
+                paths.len(),
+                layout.regions.len()
+            )));
+        }
+        let mut maps = Vec::new();
+        for (p, r) in paths.iter().zip(&layout.regions) {
+            let io = |source| MemoryError::Io {
+                path: p.clone(),
+                source,
+            };
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(p)
+                .map_err(io)?;
+            if create {
+                f.set_len(r.size).map_err(io)?;
+            }
+            let actual = f.metadata().map_err(io)?.len();
+            if actual != r.size {
+                return Err(MemoryError::Size {
+                    path: p.clone(),
+                    actual,
+                    expected: r.size,
+                });
+            }
+            let map = MmapRaw::map_raw(&f).map_err(io)?;
+            maps.push(Mapped { map, len: r.size });
+        }
+        Ok(Self {
+            layout,
+            maps,
+            paths: paths.to_vec(),
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    fn check(&self, region: u32, offset: u64, len: u64) -> Result<*mut u8, MemoryError> {
+        let oob = || MemoryError::OutOfBounds {
+            region,
+            offset,
+            len,
+        };
+        let m = self.maps.get(region as usize).ok_or_else(oob)?;
+        match offset.checked_add(len) {
+            // SAFETY: offset is inside the mapping.
+            Some(end) if end <= m.len => Ok(unsafe { m.map.as_mut_ptr().add(offset as usize) }),
+            _ => Err(oob()),
+        }
+    }
+
+    /// A writable view of guest RAM for receiving bytes, bounds-checked.
+    ///
+    /// The bytes are shared with the guest process and other writers, so the
+    /// caller must treat them as plain memory that may change (as DMA does).
+    #[allow(clippy::mut_from_ref)]
+    pub fn target(&self, region: u32, offset: u64, len: u64) -> Result<&mut [u8], MemoryError> {
+        let p = self.check(region, offset, len)?;
+        // SAFETY: in bounds of a live mapping owned by self.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+    }
+
+    /// Copies `n` pages starting at global page `page` into `out`.
+    pub fn read_pages(&self, page: usize, n: usize, out: &mut Vec<u8>) -> Result<(), MemoryError> {
+        let (region, offset) = self.layout.locate(page);
+        let len = (n * PAGE_SIZE) as u64;
+        let p = self.check(region, offset, len)?;
+        let start = out.len();
+        out.reserve(len as usize);
+        // SAFETY: source is in bounds; destination reserved above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(start), len as usize);
+            out.set_len(start + len as usize);
+        }
+        Ok(())
+    }
+
+    /// Read-only view of one region (for hashing and comparisons).
+    pub fn region_bytes(&self, region: u32) -> &[u8] {
+        let m = &self.maps[region as usize];
+        // SAFETY: whole live mapping.
+        unsafe { std::slice::from_raw_parts(m.map.as_ptr(), m.len as usize) }
+    }
+
+    pub fn page_bytes(&self, page: usize) -> &[u8] {
+        let (region, offset) = self.layout.locate(page);
+        &self.region_bytes(region)[offset as usize..offset as usize + PAGE_SIZE]
+    }
+
+    /// xxh3 of a chunk's current bytes, for end-to-end verification.
+    pub fn chunk_checksum(&self, chunk: usize) -> u64 {
+        let c = self.layout.chunks[chunk];
+        let (region, offset) = self.layout.locate(c.first_page);
+        let bytes = &self.region_bytes(region)[offset as usize..offset as usize + c.pages * PAGE_SIZE];
+        xxhash_rust::xxh3::xxh3_64(bytes)
+    }
+
+    pub fn checksums(&self) -> Vec<u64> {
+        (0..self.layout.chunks.len())
+            .map(|c| self.chunk_checksum(c))
+            .collect()
+    }
+}
+
+/// Path helper: the RAM file of region `id` for `vm` in `dir`.
+pub fn ram_path(dir: &Path, vm: &str, region: &str) -> PathBuf {
+    dir.join(format!("{vm}.{region}.ram"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(
+            vec![
+                RegionSpec {
+                    id: "a".into(),
+                    size: 5 * PAGE_SIZE as u64,
+                },
+                RegionSpec {
+                    id: "b".into(),
+                    size: 3 * PAGE_SIZE as u64,
+                },
+            ],
+            2 * PAGE_SIZE as u64,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn chunks_do_not_span_regions() {
+        let l = layout();
+        assert_eq!(l.total_pages(), 8);
+        let c: Vec<_> = l.chunks().iter().map(|c| (c.region, c.first_page, c.pages)).collect();
+        assert_eq!(c, vec![(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 5, 2), (1, 7, 1)]);
+        assert_eq!(l.locate(6), (1, PAGE_SIZE as u64));
+        assert_eq!(l.chunk_of(4), 2);
+        assert_eq!(l.chunk_of(7), 4);
+        assert_eq!(l.page_at(1, PAGE_SIZE as u64), 6);
+    }
+
+    #[test]
+    fn rejects_bad_layouts() {
+        assert!(Layout::new(vec![], DEFAULT_CHUNK_SIZE).is_err());
+        let r = |id: &str, size| RegionSpec { id: id.into(), size };
+        assert!(Layout::new(vec![r("a", 100)], DEFAULT_CHUNK_SIZE).is_err());
+        assert!(Layout::new(vec![r("a", 4096), r("a", 4096)], DEFAULT_CHUNK_SIZE).is_err());
+        assert!(Layout::new(vec![r("a", 4096)], 1000).is_err());
+    }
+
+    #[test]
+    fn target_is_bounds_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layout();
+        let paths = vec![dir.path().join("a"), dir.path().join("b")];
+        let ram = GuestRam::create(l, &paths).unwrap();
+        assert!(ram.target(1, 0, 3 * PAGE_SIZE as u64).is_ok());
+        assert!(ram.target(1, 1, 3 * PAGE_SIZE as u64).is_err());
+        assert!(ram.target(2, 0, 1).is_err());
+        assert!(ram.target(0, u64::MAX, 2).is_err());
+        ram.target(1, 0, 4).unwrap().copy_from_slice(b"abcd");
+        assert_eq!(&ram.page_bytes(5)[..4], b"abcd");
+        let mut out = Vec::new();
+        ram.read_pages(5, 1, &mut out).unwrap();
+        assert_eq!(&out[..4], b"abcd");
+        assert!(ram.read_pages(7, 2, &mut out).is_err());
+    }
+}
