@@ -1,0 +1,164 @@
+//! The destination role: one control connection from a source agent opens a
+//! session, which owns the new RAM files, the data-plane registration and the
+//! paused incoming VM until switchover commits it (or anything else discards
+//! it: abort, error, or the connection closing).
+
+use super::peer::ServerStream;
+use super::Agent;
+use crate::memory::{GuestRam, Layout};
+use crate::protocol::data::{Token, TOKEN_LEN};
+use crate::protocol::{read_message, write_message, Message, ProtocolError};
+use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
+use crate::vm::{IncomingVm, LaunchSpec, RamFile};
+use base64::Engine as _;
+use rand::RngCore;
+use std::sync::Arc;
+
+struct Session {
+    vm: String,
+    token: Token,
+    ram: Arc<GuestRam>,
+    incoming: Arc<dyn IncomingVm>,
+}
+
+pub async fn serve(agent: Arc<Agent>, mut s: ServerStream, peer: String) {
+    let mut session: Option<Session> = None;
+    let outcome = run(&agent, &mut s, &peer, &mut session).await;
+    if let Some(sess) = session {
+        // Anything but a committed switchover leaves nothing behind.
+        agent.receiver.remove(&sess.token);
+        let why = match &outcome {
+            Ok(()) => "aborted by source".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
+        let inc = sess.incoming.clone();
+        let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
+    } else if let Err(e) = outcome {
+        tracing::warn!(%peer, "control session: {e}");
+    }
+}
+
+/// Runs the session; returns Ok(()) on abort, Err on failure. On commit it
+/// takes the session out of `session` so the caller keeps the VM.
+async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Option<Session>) -> Result<(), ProtocolError> {
+    loop {
+        let msg = read_message(s).await?;
+        let reply = match (msg, session.as_ref()) {
+            (Message::OpenSession { vm, regions, chunk_size, launch }, None) => match open(agent, &vm, regions, chunk_size, &launch).await {
+                Ok(sess) => {
+                    tracing::info!(%vm, %peer, "incoming session opened");
+                    let m = Message::SessionOpened { data_port: agent.data_port(), token: hex::encode(sess.token) };
+                    *session = Some(sess);
+                    m
+                }
+                Err(e) => Message::Error { message: e },
+            },
+            (Message::ChecksumRequest, Some(sess)) => {
+                let ram = sess.ram.clone();
+                if let Ok(chunk) = std::env::var("DCMIGRATE_TEST_CORRUPT_CHUNK") {
+                    corrupt_once(&ram, &chunk);
+                }
+                let sums = tokio::task::spawn_blocking(move || ram.checksums()).await.map_err(|e| ProtocolError::Unexpected(e.to_string()))?;
+                Message::Checksums { sums }
+            }
+            (Message::DeviceState { state }, Some(sess)) => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(state).map_err(|e| ProtocolError::Decode(e.to_string()))?;
+                let inc = sess.incoming.clone();
+                match tokio::task::spawn_blocking(move || inc.load_device_state(&bytes)).await {
+                    Ok(Ok(())) => Message::Ok,
+                    Ok(Err(e)) => Message::Error { message: e.to_string() },
+                    Err(e) => Message::Error { message: e.to_string() },
+                }
+            }
+            (Message::Resume { start }, Some(_)) => {
+                let sess = session.take().expect("checked");
+                agent.receiver.remove(&sess.token);
+                let inc = sess.incoming.clone();
+                match tokio::task::spawn_blocking(move || inc.commit(start)).await {
+                    Ok(Ok(rec)) => {
+                        tracing::info!(vm = %rec.name, start, "switchover: VM now lives here");
+                        agent.add_vm(rec);
+                        write_message(s, &Message::Resumed).await?;
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => {
+                        *session = Some(sess);
+                        Message::Error { message: e.to_string() }
+                    }
+                    Err(e) => {
+                        *session = Some(sess);
+                        Message::Error { message: e.to_string() }
+                    }
+                }
+            }
+            (Message::Abort { reason }, _) => {
+                tracing::info!(%peer, "abort: {reason}");
+                write_message(s, &Message::Ok).await?;
+                return Ok(());
+            }
+            (other, _) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+        };
+        write_message(s, &reply).await?;
+    }
+}
+
+async fn open(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, chunk_size: u64, launch: &LaunchSpec) -> Result<Session, String> {
+    if vm.is_empty() || !vm.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || vm.starts_with('.') {
+        return Err(format!("invalid VM name {vm:?}"));
+    }
+    if agent.has_vm(vm) {
+        return Err(format!("a VM named {vm} already exists on {}", agent.cfg.name));
+    }
+    let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
+    let dir = agent.cfg.data_dir.clone();
+    let paths: Vec<_> = match launch {
+        LaunchSpec::Synthetic { .. } => vec![guest_paths(&dir, vm).0],
+    };
+    if paths.len() != regions.len() {
+        return Err(format!("{} RAM regions for a {} guest", regions.len(), "synthetic"));
+    }
+    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(format!("{} exists on {}: another incoming session for {vm}?", p.display(), agent.cfg.name));
+    }
+    let ram = match GuestRam::create(layout, &paths) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            return Err(e.to_string());
+        }
+    };
+    let files: Vec<RamFile> = regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
+    let (name, launch2) = (vm.to_owned(), launch.clone());
+    let launched = tokio::task::spawn_blocking(move || SyntheticIncoming::launch(&name, &dir, &files, &launch2))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let incoming: Arc<dyn IncomingVm> = match launched {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            return Err(e);
+        }
+    };
+    let mut token = [0u8; TOKEN_LEN];
+    rand::thread_rng().fill_bytes(&mut token);
+    agent.receiver.add(token, ram.clone());
+    Ok(Session { vm: vm.to_owned(), token, ram, incoming })
+}
+
+/// Test hook (DCMIGRATE_TEST_CORRUPT_CHUNK=N): flips a byte of chunk N before
+/// the first verification, to prove mismatches are found and resent.
+fn corrupt_once(ram: &GuestRam, chunk: &str) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(c) = chunk.parse::<usize>() else { return };
+    let Some(ch) = ram.layout().chunks().get(c).copied() else { return };
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let (region, offset) = ram.layout().locate(ch.first_page);
+    if let Ok(b) = ram.target(region, offset + 123, 1) {
+        b[0] ^= 0xff;
+        tracing::warn!(chunk = c, "test hook: corrupted one byte before verification");
+    }
+}

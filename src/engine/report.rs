@@ -1,0 +1,141 @@
+//! What a migration tells the world: live progress while it runs, the final
+//! report when it ends, and the handle the agent's API reads both from.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The VM runs (or waits, with `--suspend`) on the destination.
+    Completed,
+    /// Cancelled by the operator; the VM runs on the source.
+    Cancelled,
+    /// Round/time budget ran out with `--on-budget abort`; the VM runs on the source.
+    GaveUp,
+    /// Something broke; `error` says what and where the VM is.
+    #[default]
+    Failed,
+}
+
+/// Time from pausing the VM to it running on the destination, by phase.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Downtime {
+    pub pause_ms: f64,
+    pub final_sync_ms: f64,
+    pub final_send_ms: f64,
+    pub verify_ms: f64,
+    pub device_state_ms: f64,
+    pub resume_ms: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RoundReport {
+    pub round: u32,
+    pub pages: u64,
+    pub bytes: u64,
+    pub ms: f64,
+    /// Pages the dirty sync after this round found written.
+    pub dirty_pages: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub result: Outcome,
+    pub error: Option<String>,
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub ram_bytes: u64,
+    pub total_ms: f64,
+    /// None if the VM was never paused.
+    pub downtime_ms: Option<f64>,
+    pub downtime: Downtime,
+    /// "converged" or "forced" (budget ran out with `--on-budget force`).
+    pub switchover: Option<String>,
+    pub rounds: Vec<RoundReport>,
+    /// Payload bytes each sending host put on the wire.
+    pub bytes_by_sender: BTreeMap<String, u64>,
+    pub tracker: Option<String>,
+    pub transport: String,
+    pub streams: usize,
+    pub verified: bool,
+    pub verify_mismatched_chunks: u32,
+    pub device_state_bytes: u64,
+    /// Where the VM is now (host name), as far as this agent knows.
+    pub vm_runs_on: Option<String>,
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Progress {
+    pub phase: String,
+    pub round: u32,
+    pub ram_bytes: u64,
+    pub bytes_sent: u64,
+    /// Bytes of RAM whose current content the destination holds.
+    pub at_destination_bytes: u64,
+    pub remaining_bytes: u64,
+    pub rate_mbps: f64,
+    pub dirty_rate_mbps: f64,
+    pub eta_s: Option<f64>,
+    pub elapsed_ms: f64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Shared between the engine task and the agent's API.
+pub struct MigrationHandle {
+    pub id: String,
+    pub vm: String,
+    pub to: String,
+    pub cancel: CancellationToken,
+    pub progress: Mutex<Progress>,
+    report: Mutex<Option<Report>>,
+    done: watch::Sender<bool>,
+}
+
+impl MigrationHandle {
+    pub fn new(vm: &str, to: &str) -> Arc<Self> {
+        Arc::new(Self {
+            id: format!("m{}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed), std::process::id()),
+            vm: vm.to_owned(),
+            to: to.to_owned(),
+            cancel: CancellationToken::new(),
+            progress: Mutex::new(Progress { phase: "starting".into(), ..Default::default() }),
+            report: Mutex::new(None),
+            done: watch::channel(false).0,
+        })
+    }
+
+    pub fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap());
+    }
+
+    pub fn finish(&self, report: Report) {
+        self.progress.lock().unwrap().phase = "done".into();
+        *self.report.lock().unwrap() = Some(report);
+        self.done.send_replace(true);
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    pub fn snapshot(&self) -> Value {
+        json!({
+            "id": self.id, "vm": self.vm, "to": self.to, "done": self.is_done(),
+            "progress": *self.progress.lock().unwrap(),
+            "report": *self.report.lock().unwrap(),
+        })
+    }
+}

@@ -1,0 +1,394 @@
+//! The synthetic guest: a process that owns its RAM file, dirties it with a
+//! configurable workload, marks a dirty log the way a hypervisor does, holds
+//! a small device state, and obeys pause/resume/save/load over a control
+//! socket. It behaves like a VM to the engine.
+
+use crate::dirty::cooperative::DirtyLog;
+use crate::memory::{GuestRam, Layout, RegionSpec, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
+use crate::vm::synthetic::{guest_paths, Pattern, Workload};
+use crate::vm::{LaunchSpec, RamFile, VmRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Dirty(#[from] crate::dirty::DirtyError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct GuestOptions {
+    pub name: String,
+    pub dir: PathBuf,
+    pub size: u64,
+    pub workload: Workload,
+    /// Keep the RAM file when the guest quits (tests compare it afterwards).
+    pub keep_ram: bool,
+    /// Incoming mode: map this existing RAM file, wait for device state.
+    pub incoming_ram: Option<PathBuf>,
+    pub exit_with_parent: bool,
+}
+
+/// The device state that travels at switchover, with a checksum of its own.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeviceState {
+    pub name: String,
+    pub writes: u64,
+    pub heartbeat: u64,
+    pub rng: u64,
+    pub cursor: u64,
+    pub workload: Workload,
+    pub checksum: u64,
+}
+
+impl DeviceState {
+    fn compute_checksum(&self) -> u64 {
+        let s = format!("{}:{}:{}:{}:{}:{:?}", self.name, self.writes, self.heartbeat, self.rng, self.cursor, self.workload);
+        xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Phase {
+    Incoming,
+    Running,
+    Paused,
+}
+
+struct State {
+    phase: Phase,
+    parked: bool,
+    quit: bool,
+    committed: bool,
+    dev: DeviceState,
+}
+
+struct Guest {
+    ram: GuestRam,
+    log: DirtyLog,
+    state: Mutex<State>,
+    cv: Condvar,
+    keep_ram: bool,
+    files: Vec<PathBuf>,
+    exiting: AtomicBool,
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+impl Guest {
+    /// Writes one page the way a program would (content changes every time),
+    /// then marks it: write first, mark after (see dirty::cooperative).
+    fn write_page(&self, page: usize, counter: u64) {
+        let (region, offset) = self.ram.layout().locate(page);
+        let at = (counter.wrapping_mul(16) % PAGE_SIZE as u64) as u64;
+        if let Ok(b) = self.ram.target(region, offset + at, 16) {
+            b[..8].copy_from_slice(&counter.to_le_bytes());
+            b[8..].copy_from_slice(&(page as u64).to_le_bytes());
+        }
+        self.log.mark(page);
+    }
+
+    fn workload(&self) {
+        let pages = self.ram.layout().total_pages();
+        let mut owed = 0.0f64;
+        let mut last = Instant::now();
+        let mut last_beat = Instant::now();
+        loop {
+            let mut st = self.state.lock().unwrap();
+            while st.phase != Phase::Running && !st.quit {
+                st.parked = true;
+                self.cv.notify_all();
+                st = self.cv.wait(st).unwrap();
+                last = Instant::now();
+            }
+            if st.quit {
+                st.parked = true;
+                self.cv.notify_all();
+                return;
+            }
+            st.parked = false;
+            let now = Instant::now();
+            if now.duration_since(last_beat) >= Duration::from_millis(100) {
+                st.dev.heartbeat += 1;
+                last_beat = now;
+            }
+            let w = st.dev.workload.clone();
+            let pps = w.dirty_rate_mbps * 1e6 / PAGE_SIZE as f64;
+            owed = (owed + now.duration_since(last).as_secs_f64() * pps).min(pps.max(1.0));
+            last = now;
+            let hot = ((pages as f64 * w.hot_fraction.clamp(0.0, 1.0)) as usize).clamp(1, pages);
+            let n = owed as u64;
+            owed -= n as f64;
+            for _ in 0..n {
+                st.dev.writes += 1;
+                let page = match w.pattern {
+                    Pattern::Random => (xorshift(&mut st.dev.rng) % hot as u64) as usize,
+                    Pattern::Sequential => {
+                        st.dev.cursor = (st.dev.cursor + 1) % hot as u64;
+                        st.dev.cursor as usize
+                    }
+                };
+                self.write_page(page, st.dev.writes);
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn pause(&self) {
+        let mut st = self.state.lock().unwrap();
+        if st.phase == Phase::Running {
+            st.phase = Phase::Paused;
+        }
+        self.cv.notify_all();
+        while !st.parked {
+            st = self.cv.wait(st).unwrap();
+        }
+    }
+
+    fn handle(&self, req: &Value) -> Result<Value, String> {
+        let cmd = req["cmd"].as_str().unwrap_or("");
+        match cmd {
+            "status" => {
+                let st = self.state.lock().unwrap();
+                Ok(json!({"phase": st.phase, "writes": st.dev.writes, "heartbeat": st.dev.heartbeat,
+                          "pid": std::process::id(), "committed": st.committed}))
+            }
+            "pause" => {
+                self.pause();
+                Ok(json!({}))
+            }
+            "resume" => {
+                let mut st = self.state.lock().unwrap();
+                if st.phase == Phase::Incoming {
+                    return Err("no device state loaded yet".into());
+                }
+                st.phase = Phase::Running;
+                self.cv.notify_all();
+                Ok(json!({}))
+            }
+            "touch" => {
+                let page = req["page"].as_u64().ok_or("touch needs a page")? as usize;
+                if page >= self.ram.layout().total_pages() {
+                    return Err("page out of range".into());
+                }
+                // Rewrite the page's first word with its own value: contents
+                // stay the same, but the write is real and marked.
+                let (region, offset) = self.ram.layout().locate(page);
+                let b = self.ram.target(region, offset, 8).map_err(|e| e.to_string())?;
+                let v = unsafe { std::ptr::read_volatile(b.as_ptr() as *const u64) };
+                unsafe { std::ptr::write_volatile(b.as_mut_ptr() as *mut u64, v) };
+                self.log.mark(page);
+                Ok(json!({}))
+            }
+            "save_state" => {
+                let st = self.state.lock().unwrap();
+                if st.phase == Phase::Running {
+                    return Err("pause the guest before saving its state".into());
+                }
+                let mut d = st.dev.clone();
+                d.checksum = d.compute_checksum();
+                Ok(json!({ "state": d }))
+            }
+            "load_state" => {
+                let d: DeviceState = serde_json::from_value(req["state"].clone()).map_err(|e| format!("bad state: {e}"))?;
+                if d.checksum != d.compute_checksum() {
+                    return Err("device state checksum mismatch".into());
+                }
+                let mut st = self.state.lock().unwrap();
+                if st.phase == Phase::Running {
+                    return Err("guest is running".into());
+                }
+                st.dev = d;
+                st.phase = Phase::Paused;
+                Ok(json!({}))
+            }
+            "commit" => {
+                self.state.lock().unwrap().committed = true;
+                Ok(json!({}))
+            }
+            "quit" => {
+                self.shutdown(self.keep_ram);
+                Ok(json!({}))
+            }
+            "discard" => {
+                self.shutdown(false);
+                Ok(json!({}))
+            }
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+
+    /// Stops the workload and exits the process shortly after the reply went out.
+    fn shutdown(&self, keep_ram: bool) {
+        self.pause();
+        self.state.lock().unwrap().quit = true;
+        self.cv.notify_all();
+        self.exiting.store(true, Ordering::SeqCst);
+        let files = self.files.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            for (i, f) in files.iter().enumerate() {
+                if i > 0 || !keep_ram {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            std::process::exit(0);
+        });
+    }
+
+    fn serve(self: Arc<Self>, listener: UnixListener) {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let g = self.clone();
+            std::thread::spawn(move || g.serve_conn(conn));
+        }
+    }
+
+    fn serve_conn(&self, conn: UnixStream) {
+        let mut w = match conn.try_clone() {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { return };
+            let resp = match serde_json::from_str::<Value>(&line) {
+                Ok(req) => match self.handle(&req) {
+                    Ok(mut v) => {
+                        v["ok"] = json!(true);
+                        v
+                    }
+                    Err(e) => json!({"ok": false, "error": e}),
+                },
+                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            };
+            let mut out = resp.to_string();
+            out.push('\n');
+            if w.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Fills RAM with non-trivial content: pseudo-random pages, every eighth page zero.
+fn fill(ram: &GuestRam, seed: u64) -> Result<(), GuestError> {
+    let pages = ram.layout().total_pages();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for p in 0..pages {
+        if p % 8 == 7 {
+            continue;
+        }
+        let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for w in buf.chunks_exact_mut(8) {
+            w.copy_from_slice(&xorshift(&mut x).to_le_bytes());
+        }
+        let (region, offset) = ram.layout().locate(p);
+        ram.target(region, offset, PAGE_SIZE as u64)?.copy_from_slice(&buf);
+    }
+    Ok(())
+}
+
+/// Runs the guest until it is told to quit. Returns the record an agent
+/// needs to manage it (printed or registered by the caller) through `ready`.
+pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord)) -> Result<(), GuestError> {
+    let (default_ram, dirty_path, sock) = guest_paths(&opts.dir, &opts.name);
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |e| GuestError::Io(what, e)
+    };
+    std::fs::create_dir_all(&opts.dir).map_err(io("data dir"))?;
+    let (ram_path, size) = match &opts.incoming_ram {
+        Some(p) => (p.clone(), std::fs::metadata(p).map_err(io("incoming RAM"))?.len()),
+        None => (default_ram, opts.size),
+    };
+    if size == 0 || size % PAGE_SIZE as u64 != 0 {
+        return Err(GuestError::Invalid(format!("guest size {size} must be a positive multiple of 4096")));
+    }
+    let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size }], DEFAULT_CHUNK_SIZE)?;
+    let ram = if opts.incoming_ram.is_some() {
+        GuestRam::open(layout.clone(), std::slice::from_ref(&ram_path))?
+    } else {
+        if ram_path.exists() {
+            return Err(GuestError::Invalid(format!("{} exists: is a guest named {} running?", ram_path.display(), opts.name)));
+        }
+        let ram = GuestRam::create(layout.clone(), std::slice::from_ref(&ram_path))?;
+        fill(&ram, opts.workload.seed)?;
+        ram
+    };
+    let log = DirtyLog::create(&dirty_path, layout.total_pages())?;
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(io("control socket"))?;
+    let phase = if opts.incoming_ram.is_some() { Phase::Incoming } else { Phase::Running };
+    let mut dev = DeviceState {
+        name: opts.name.clone(),
+        writes: 0,
+        heartbeat: 0,
+        rng: opts.workload.seed | 1,
+        cursor: 0,
+        workload: opts.workload.clone(),
+        checksum: 0,
+    };
+    dev.checksum = dev.compute_checksum();
+    let guest = Arc::new(Guest {
+        ram,
+        log,
+        state: Mutex::new(State { phase, parked: false, quit: false, committed: opts.incoming_ram.is_none(), dev }),
+        cv: Condvar::new(),
+        keep_ram: opts.keep_ram,
+        files: vec![ram_path.clone(), dirty_path.clone(), sock.clone()],
+        exiting: AtomicBool::new(false),
+    });
+    // SIGTERM/SIGINT: leave like `quit` would (an uncommitted incoming guest also drops its RAM).
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).map_err(io("signal handler"))?;
+    }
+    let parent = unsafe { libc::getppid() };
+    {
+        let g = guest.clone();
+        std::thread::spawn(move || g.workload());
+    }
+    {
+        let g = guest.clone();
+        std::thread::spawn(move || g.serve(listener));
+    }
+    ready(&VmRecord {
+        name: opts.name.clone(),
+        ram: vec![RamFile { id: "ram0".into(), path: ram_path, size }],
+        control: sock,
+        dirty_log: Some(dirty_path),
+        launch: LaunchSpec::Synthetic { workload: opts.workload.clone() },
+    });
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let committed = guest.state.lock().unwrap().committed;
+        let orphaned = opts.exit_with_parent && !committed && unsafe { libc::getppid() } != parent;
+        if term.load(Ordering::SeqCst) || orphaned {
+            tracing::info!(orphaned, "guest {} leaving", opts.name);
+            guest.shutdown(committed && guest.keep_ram);
+        }
+        if guest.exiting.load(Ordering::SeqCst) {
+            // the shutdown thread exits the process
+            std::thread::sleep(Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Mutual TLS between agents: a test CA maker (`certs init`) and the rustls
+//! configurations. An agent accepts only peers whose certificate the
+//! configured CA signed, and checks that the host name a peer claims is one
+//! its certificate was issued for.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: no certificate or key found")]
+    Missing(PathBuf),
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("tls configuration: {0}")]
+    Config(String),
+    #[error("host name {0:?} is not usable in a certificate")]
+    BadHost(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io { path: path.to_owned(), source }
+}
+
+/// Creates `ca.pem`, `ca.key` and `HOST.pem`/`HOST.key` for each host in `dir`.
+pub fn init_certs(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "dcmigrate CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write(dir, "ca.pem", &ca_cert.pem())?;
+    write(dir, "ca.key", &ca_key.serialize_pem())?;
+    for host in hosts {
+        if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            return Err(TlsError::BadHost(host.clone()));
+        }
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![host.clone()])?;
+        p.distinguished_name.push(DnType::CommonName, host.as_str());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
+        write(dir, &format!("{host}.pem"), &cert.pem())?;
+        write(dir, &format!("{host}.key"), &key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> Result<(), TlsError> {
+    let p = dir.join(name);
+    std::fs::write(&p, body).map_err(io(&p))?;
+    if name.ends_with(".key") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = std::fs::read(path).map_err(io(path))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(io(path))?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(io(path))?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(io(path))?
+        .ok_or_else(|| TlsError::Missing(path.to_owned()))
+}
+
+/// Both sides of an agent's mTLS: it serves peers and connects to them.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+impl TlsConfig {
+    /// Loads `ca.pem` plus this host's certificate and key.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(ca)? {
+            roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = load_certs(cert)?;
+        let key = load_key(key)?;
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(cfg)?;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(cfg)?;
+        Ok(Self { server: Arc::new(server), client: Arc::new(client) })
+    }
+
+    /// The conventional layout of `certs init`: DIR/ca.pem, DIR/HOST.pem, DIR/HOST.key.
+    pub fn load_dir(dir: &Path, host: &str) -> Result<Self, TlsError> {
+        Self::load(&dir.join("ca.pem"), &dir.join(format!("{host}.pem")), &dir.join(format!("{host}.key")))
+    }
+}
+
+/// DNS names a (CA-verified) peer certificate was issued for.
+pub fn cert_host_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, c)) = X509Certificate::from_der(cert.as_ref()) else {
+        return vec![];
+    };
+    let mut names = vec![];
+    if let Ok(Some(san)) = c.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_and_load() {
+        let d = tempfile::tempdir().unwrap();
+        init_certs(d.path(), &["hostA".into(), "hostB".into()]).unwrap();
+        TlsConfig::load_dir(d.path(), "hostA").unwrap();
+        let c = load_certs(&d.path().join("hostB.pem")).unwrap();
+        assert_eq!(cert_host_names(&c[0]), vec!["hostB".to_string()]);
+        assert!(init_certs(d.path(), &["bad host".into()]).is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! TCP data plane: several parallel streams of page frames (see
+//! [`crate::protocol::data`]) written by the receiver straight into the
+//! mapped guest RAM, each frame bounds-checked first.
+
+use super::{Batch, Completion, PageSender, TransportError};
+use crate::dirty::SendObserver;
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::protocol::data::*;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Batches a stream may have sent but not yet seen applied.
+const WINDOW: usize = 8;
+
+/// A destination's view of one session: where its frames go.
+pub struct Receiving {
+    pub ram: Arc<GuestRam>,
+    pub bytes: AtomicU64,
+    pub cancel: CancellationToken,
+}
+
+/// The receiving side: one listener per agent, sessions found by token.
+#[derive(Default, Clone)]
+pub struct Receiver {
+    sessions: Arc<Mutex<HashMap<Token, Arc<Receiving>>>>,
+}
+
+impl Receiver {
+    pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
+        let r = Arc::new(Receiving { ram, bytes: AtomicU64::new(0), cancel: CancellationToken::new() });
+        self.sessions.lock().unwrap().insert(token, r.clone());
+        r
+    }
+
+    /// Forgets a session and cuts its streams.
+    pub fn remove(&self, token: &Token) {
+        if let Some(r) = self.sessions.lock().unwrap().remove(token) {
+            r.cancel.cancel();
+        }
+    }
+
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let Ok((s, peer)) = listener.accept().await else { continue };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.serve_stream(s).await {
+                    tracing::warn!(%peer, "data stream: {e}");
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut s: TcpStream) -> Result<(), TransportError> {
+        let err = |e: std::io::Error| TransportError::Stream(e.to_string());
+        s.set_nodelay(true).ok();
+        let mut hello = [0u8; HELLO_LEN];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut hello))
+            .await
+            .map_err(|_| TransportError::Stream("no hello within 10 s".into()))?
+            .map_err(err)?;
+        let (version, token) = decode_hello(&hello).map_err(|e| TransportError::Stream(e.to_string()))?;
+        if version != DATA_VERSION {
+            s.write_all(&[HELLO_BAD_VERSION]).await.ok();
+            return Err(TransportError::Refused(format!("data protocol version {version}")));
+        }
+        let Some(sess) = self.sessions.lock().unwrap().get(&token).cloned() else {
+            s.write_all(&[HELLO_BAD_TOKEN]).await.ok();
+            return Err(TransportError::Refused("unknown session token".into()));
+        };
+        s.write_all(&[HELLO_OK]).await.map_err(err)?;
+        tokio::select! {
+            r = Self::apply_frames(&sess, &mut s) => r,
+            _ = sess.cancel.cancelled() => Ok(()),
+        }
+    }
+
+    async fn apply_frames(sess: &Receiving, s: &mut TcpStream) -> Result<(), TransportError> {
+        let err = |e: std::io::Error| TransportError::Stream(e.to_string());
+        let mut header = [0u8; HEADER_LEN];
+        loop {
+            match s.read_exact(&mut header).await {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                r => r.map_err(err)?,
+            };
+            let frame = match Frame::decode(&header) {
+                Ok(f) => f,
+                Err(e) => {
+                    s.write_all(&Reply::Error { code: ERR_BAD_FRAME }.encode()).await.ok();
+                    return Err(TransportError::Stream(e.to_string()));
+                }
+            };
+            match frame {
+                Frame::Pages { region, offset, len } => {
+                    let target = match sess.ram.target(region, offset, len as u64) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            s.write_all(&Reply::Error { code: ERR_OUT_OF_BOUNDS }.encode()).await.ok();
+                            return Err(TransportError::Stream(e.to_string()));
+                        }
+                    };
+                    s.read_exact(target).await.map_err(err)?;
+                    sess.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Frame::BatchEnd { batch } => {
+                    s.write_all(&Reply::Applied { batch }.encode()).await.map_err(err)?;
+                }
+            }
+        }
+    }
+}
+
+/// The sending side: `streams` connections pulling batches from one queue.
+pub struct TcpSender {
+    queue: async_channel::Sender<Batch>,
+    backlog: async_channel::Receiver<Batch>,
+    completions: mpsc::UnboundedSender<Completion>,
+    bytes: Arc<AtomicU64>,
+    cancel: CancellationToken,
+}
+
+impl TcpSender {
+    /// Opens `streams` authenticated data streams to `addr`. Pages are read
+    /// from `ram`; `observer` (if any) sees every page read.
+    pub async fn connect(
+        addr: SocketAddr,
+        token: Token,
+        streams: usize,
+        ram: Arc<GuestRam>,
+        observer: Option<Arc<dyn SendObserver>>,
+        completions: mpsc::UnboundedSender<Completion>,
+    ) -> Result<Self, TransportError> {
+        let (queue, backlog) = async_channel::bounded(streams.max(1) * WINDOW);
+        let me = Self {
+            queue,
+            backlog: backlog.clone(),
+            completions: completions.clone(),
+            bytes: Arc::new(AtomicU64::new(0)),
+            cancel: CancellationToken::new(),
+        };
+        for _ in 0..streams.max(1) {
+            let mut s = TcpStream::connect(addr)
+                .await
+                .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
+            s.set_nodelay(true).ok();
+            let e = |e: std::io::Error| TransportError::Stream(e.to_string());
+            s.write_all(&encode_hello(&token)).await.map_err(e)?;
+            let mut status = [0u8; 1];
+            s.read_exact(&mut status).await.map_err(e)?;
+            match status[0] {
+                HELLO_OK => {}
+                HELLO_BAD_TOKEN => return Err(TransportError::Refused("bad session token".into())),
+                other => return Err(TransportError::Refused(format!("status {other}"))),
+            }
+            let stream = Stream {
+                ram: ram.clone(),
+                observer: observer.clone(),
+                backlog: backlog.clone(),
+                completions: completions.clone(),
+                bytes: me.bytes.clone(),
+                inflight: Arc::new(Mutex::new(VecDeque::new())),
+                window: Arc::new(Semaphore::new(WINDOW)),
+                cancel: me.cancel.clone(),
+            };
+            tokio::spawn(stream.run(s));
+        }
+        Ok(me)
+    }
+}
+
+impl PageSender for TcpSender {
+    fn submit(&self, batch: Batch) -> Result<(), Batch> {
+        // The queue is bounded; callers keep their own window below it, so a
+        // full queue only happens when every stream died.
+        self.queue.try_send(batch).map_err(|e| e.into_inner())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.cancel.cancel();
+        self.queue.close();
+        while let Ok(b) = self.backlog.try_recv() {
+            let _ = self.completions.send(Completion::Failed(b, "sender closed".into()));
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+impl Drop for TcpSender {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Stream {
+    ram: Arc<GuestRam>,
+    observer: Option<Arc<dyn SendObserver>>,
+    backlog: async_channel::Receiver<Batch>,
+    completions: mpsc::UnboundedSender<Completion>,
+    bytes: Arc<AtomicU64>,
+    inflight: Arc<Mutex<VecDeque<Batch>>>,
+    window: Arc<Semaphore>,
+    cancel: CancellationToken,
+}
+
+impl Stream {
+    async fn run(self, s: TcpStream) {
+        let (mut rd, mut wr) = s.into_split();
+        let reader = {
+            let inflight = self.inflight.clone();
+            let completions = self.completions.clone();
+            let window = self.window.clone();
+            async move {
+                let mut reply = [0u8; REPLY_LEN];
+                loop {
+                    rd.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+                    match Reply::decode(&reply).map_err(|e| e.to_string())? {
+                        Reply::Applied { batch } => {
+                            let b = inflight.lock().unwrap().pop_front();
+                            match b {
+                                Some(b) if b.id == batch => {
+                                    window.add_permits(1);
+                                    let _ = completions.send(Completion::Applied(b));
+                                }
+                                _ => return Err::<(), String>(format!("unexpected acknowledgement of batch {batch}")),
+                            }
+                        }
+                        Reply::Error { code } => return Err(format!("receiver rejected a frame (code {code})")),
+                    }
+                }
+            }
+        };
+        let writer = async {
+            let mut buf = Vec::with_capacity(4 << 20);
+            loop {
+                let permit = self.window.acquire().await.map_err(|e| e.to_string())?;
+                permit.forget();
+                let Ok(batch) = self.backlog.recv().await else { return Ok::<(), String>(()) };
+                self.inflight.lock().unwrap().push_back(batch.clone());
+                let max_pages = MAX_PAYLOAD as usize / PAGE_SIZE;
+                let pieces = batch.runs.iter().flat_map(|r| {
+                    (0..r.pages).step_by(max_pages).map(move |i| (r.first_page + i, max_pages.min(r.pages - i)))
+                });
+                for (first, pages) in pieces {
+                    buf.clear();
+                    self.ram.read_pages(first, pages, &mut buf).map_err(|e| e.to_string())?;
+                    if let Some(o) = &self.observer {
+                        for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                            o.observe(first + i, page);
+                        }
+                    }
+                    let (region, offset) = self.ram.layout().locate(first);
+                    let h = Frame::Pages { region, offset, len: buf.len() as u32 }.encode();
+                    wr.write_all(&h).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&buf).await.map_err(|e| e.to_string())?;
+                    self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                wr.write_all(&Frame::BatchEnd { batch: batch.id }.encode()).await.map_err(|e| e.to_string())?;
+            }
+        };
+        let result = tokio::select! {
+            r = reader => r,
+            r = writer => match r {
+                // all batches written: wait for the last acknowledgements
+                Ok(()) => Ok(()),
+                Err(e) => Err(e),
+            },
+            _ = self.cancel.cancelled() => Err("sender closed".into()),
+        };
+        let why = match result {
+            Ok(()) => "stream ended".to_string(),
+            Err(e) => e,
+        };
+        for b in self.inflight.lock().unwrap().drain(..) {
+            let _ = self.completions.send(Completion::Failed(b, why.clone()));
+        }
+    }
+}
