@@ -10,3 +10,5 @@ pub mod vm;
 pub mod transport;
 pub mod agent;
 pub mod engine;
+pub mod cli;
+pub mod testbed;

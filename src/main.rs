@@ -1,1 +1,23 @@
-fn main() {}
+use clap::Parser;
+use dcmigrate::cli::{Cli, Cmd};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    // Daemons log what they do; client commands stay quiet unless asked.
+    let default = match cli.cmd {
+        Cmd::Agent(_) | Cmd::Guest(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_writer(std::io::stderr)
+        .init();
+    match dcmigrate::cli::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -65,6 +65,11 @@ impl Agent {
         })
     }
 
+    /// Asks [`run`](Self::run) to return.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     pub fn data_port(&self) -> u16 {
         self.data_addr.lock().unwrap().map(|a| a.port()).unwrap_or(0)
     }
@@ -109,6 +114,7 @@ impl Agent {
             tokio::spawn(async move {
                 loop {
                     let Ok((tcp, addr)) = control.accept().await else { continue };
+                    tcp.set_nodelay(true).ok();
                     let me = me.clone();
                     tokio::spawn(async move {
                         match peer::accept(&me.cfg.tls, &me.cfg.name, tcp).await {

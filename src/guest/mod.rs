@@ -309,7 +309,7 @@ fn fill(ram: &GuestRam, seed: u64) -> Result<(), GuestError> {
 
 /// Runs the guest until it is told to quit. Returns the record an agent
 /// needs to manage it (printed or registered by the caller) through `ready`.
-pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord)) -> Result<(), GuestError> {
+pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
     let (default_ram, dirty_path, sock) = guest_paths(&opts.dir, &opts.name);
     let io = |what: &str| {
         let what = what.to_owned();
@@ -371,13 +371,17 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord)) -> Result<(), Gues
         let g = guest.clone();
         std::thread::spawn(move || g.serve(listener));
     }
-    ready(&VmRecord {
+    let rec = VmRecord {
         name: opts.name.clone(),
         ram: vec![RamFile { id: "ram0".into(), path: ram_path, size }],
         control: sock,
         dirty_log: Some(dirty_path),
         launch: LaunchSpec::Synthetic { workload: opts.workload.clone() },
-    });
+    };
+    if let Err(e) = ready(&rec) {
+        guest.files.iter().for_each(|f| drop(std::fs::remove_file(f)));
+        return Err(GuestError::Invalid(format!("guest {}: {e}", opts.name)));
+    }
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let committed = guest.state.lock().unwrap().committed;

@@ -1,0 +1,340 @@
+//! Command-line interface: argument definitions and the commands that talk
+//! to an agent's API. The daemon itself lives in [`crate::agent`].
+
+pub mod demo;
+pub mod progress;
+
+use crate::agent::api::{self, Request};
+use crate::agent::{Agent, AgentConfig};
+use crate::dirty::TrackerKind;
+use crate::engine::{BudgetAction, MigrateOptions, TransportKind};
+use crate::guest::GuestOptions;
+use crate::tls::TlsConfig;
+use crate::vm::synthetic::{Pattern, Workload};
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const DEFAULT_API: &str = "/run/dcmigrate/agent.sock";
+
+#[derive(Parser)]
+#[command(name = "dcmigrate", version, about = "Live VM migration whose destination can change while it runs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct ApiArg {
+    /// The local agent's API socket.
+    #[arg(long, env = "DCMIGRATE_API", default_value = DEFAULT_API, global = true)]
+    pub api: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the per-host agent (daemon).
+    Agent(AgentArgs),
+    /// TLS material for agents.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Run a synthetic guest (a process that behaves like a VM).
+    Guest(GuestArgs),
+    /// Live-migrate a VM of the local agent to another host.
+    Migrate(MigrateArgs),
+    /// Progress or result of migrations on the local agent.
+    Status {
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Cancel a migration: the VM keeps running here.
+    Cancel {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Start a VM that `migrate --suspend` left paused on this host.
+    Resume {
+        vm: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// VMs on the local agent.
+    Vms {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Three agents on this machine, a synthetic guest, a migration, a report.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Make a CA and one certificate per host in DIR.
+    Init {
+        dir: PathBuf,
+        /// Comma-separated host names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// This host's name (must match its certificate).
+    #[arg(long)]
+    pub name: String,
+    /// Control channel (mTLS) listen address.
+    #[arg(long, default_value = "127.0.0.1:4710")]
+    pub listen: SocketAddr,
+    /// Data plane listen address (default: the control IP, any port).
+    #[arg(long)]
+    pub data_listen: Option<SocketAddr>,
+    /// Directory with ca.pem, NAME.pem and NAME.key (from `certs init`).
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// A peer agent, NAME=ADDR (repeat for each).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<(String, SocketAddr)>,
+    /// Where incoming VMs' RAM files go (tmpfs recommended).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: ApiArg,
+}
+
+fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    let (n, a) = s.split_once('=').ok_or("expected NAME=ADDR")?;
+    Ok((n.to_owned(), a.parse().map_err(|e| format!("{a}: {e}"))?))
+}
+
+/// Parses sizes like 256M, 1G, 4GiB, 65536 (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    if !(n > 0.0) {
+        return Err(format!("size must be positive: {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+#[derive(Args)]
+pub struct GuestArgs {
+    /// The VM's name.
+    #[arg(long)]
+    pub name: String,
+    /// RAM size (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// Megabytes per second of pages dirtied.
+    #[arg(long, default_value_t = 0.0)]
+    pub dirty_rate: f64,
+    /// Fraction of RAM that receives the writes.
+    #[arg(long, default_value_t = 1.0)]
+    pub hot_fraction: f64,
+    #[arg(long, value_enum, default_value_t = Pattern::Random)]
+    pub pattern: Pattern,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where the RAM file, dirty log and control socket go.
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// Register with the agent at this API socket.
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Keep the RAM file when the guest quits.
+    #[arg(long)]
+    pub keep_ram: bool,
+    /// (agents) wait for device state on an existing RAM file.
+    #[arg(long, hide = true)]
+    pub incoming: bool,
+    #[arg(long, hide = true)]
+    pub ram_file: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    pub vm: String,
+    /// Destination host (a peer of the local agent).
+    #[arg(long)]
+    pub to: String,
+    /// Largest acceptable downtime; rounds continue until the estimate fits.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    pub transport: TransportKind,
+    /// Round budget before `--on-budget` applies.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Time budget in seconds before `--on-budget` applies.
+    #[arg(long, default_value_t = 600)]
+    pub max_time: u64,
+    /// What to do when the budget runs out before convergence.
+    #[arg(long, value_enum, default_value_t = BudgetAction::Force)]
+    pub on_budget: BudgetAction,
+    /// Skip the end-to-end checksum comparison before the destination resumes.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Leave the VM paused on the destination.
+    #[arg(long)]
+    pub suspend: bool,
+    /// Force a dirty tracker (default: the VM's best that passes its self-test).
+    #[arg(long, value_enum)]
+    pub tracker: Option<TrackerKind>,
+    /// Print only the final report, as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Start the migration and return; follow it with `status`.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub api: ApiArg,
+}
+
+impl MigrateArgs {
+    pub fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            downtime_ms: self.downtime_ms,
+            streams: self.streams,
+            transport: self.transport,
+            max_rounds: self.max_rounds,
+            max_time_s: self.max_time,
+            on_budget: self.on_budget,
+            verify: !self.no_verify,
+            suspend: self.suspend,
+            tracker: self.tracker,
+            ..Default::default()
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Agent(a) => run_agent(a).map(|_| 0),
+        Cmd::Certs { cmd: CertsCmd::Init { dir, hosts } } => {
+            crate::tls::init_certs(&dir, &hosts)?;
+            println!("CA and certificates for {} written to {}", hosts.join(", "), dir.display());
+            Ok(0)
+        }
+        Cmd::Guest(g) => run_guest(g).map(|_| 0),
+        Cmd::Migrate(m) => {
+            let req = Request::Migrate { vm: m.vm.clone(), to: m.to.clone(), options: m.options() };
+            api::call(&m.api.api, &req)?;
+            if m.detach {
+                println!("migration of {} to {} started", m.vm, m.to);
+                return Ok(0);
+            }
+            let report = progress::follow(&m.api.api, &m.vm, m.json)?;
+            progress::print_report(&report, m.json);
+            Ok(progress::exit_code(&report))
+        }
+        Cmd::Status { vm, json, api } => {
+            let v = api::call(&api.api, &Request::Status { vm })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v["migrations"])?);
+            } else {
+                progress::print_status(&v["migrations"]);
+            }
+            Ok(0)
+        }
+        Cmd::Cancel { vm, json, api } => {
+            let v = api::call(&api.api, &Request::Cancel { vm })?;
+            progress::print_report(&v["report"], json);
+            Ok(0)
+        }
+        Cmd::Resume { vm, api } => {
+            api::call(&api.api, &Request::Resume { vm: vm.clone() })?;
+            println!("{vm} resumed");
+            Ok(0)
+        }
+        Cmd::Vms { json, api } => {
+            let v = api::call(&api.api, &Request::List)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v["vms"])?);
+            } else {
+                for vm in v["vms"].as_array().into_iter().flatten() {
+                    println!("{}\t{}", vm["name"].as_str().unwrap_or("?"), vm["state"]["phase"].as_str().unwrap_or("unknown"));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Demo(d) => demo::run(d),
+    }
+}
+
+fn run_agent(a: AgentArgs) -> Result<()> {
+    let tls = TlsConfig::load_dir(&a.certs, &a.name).with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
+    let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
+    let cfg = AgentConfig {
+        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{}", a.name))),
+        name: a.name,
+        listen: a.listen,
+        data_listen,
+        api: a.api.api,
+        tls,
+        peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let agent = Agent::new(cfg);
+        let stop = agent.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupted: stopping");
+            stop.shutdown();
+        });
+        agent.run().await
+    })?;
+    Ok(())
+}
+
+fn run_guest(g: GuestArgs) -> Result<()> {
+    if g.incoming && g.ram_file.is_none() {
+        bail!("--incoming needs --ram-file");
+    }
+    let opts = GuestOptions {
+        name: g.name,
+        dir: g.dir,
+        size: g.size,
+        workload: Workload { dirty_rate_mbps: g.dirty_rate, hot_fraction: g.hot_fraction, pattern: g.pattern, seed: g.seed },
+        keep_ram: g.keep_ram,
+        incoming_ram: if g.incoming { g.ram_file } else { None },
+        exit_with_parent: g.exit_with_parent,
+    };
+    let agent = g.agent;
+    crate::guest::run(opts, |rec| match &agent {
+        Some(api_path) => {
+            api::call(api_path, &Request::Register { vm: rec.clone() }).map_err(|e| e.to_string())?;
+            eprintln!("guest {} registered with {}", rec.name, api_path.display());
+            Ok(())
+        }
+        None => {
+            println!("{}", serde_json::to_string(rec).expect("json"));
+            Ok(())
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Local test beds: several agents (and guests) on one machine, each a real
+//! process with its own API socket, ports, data dir and TLS identity. Used by
+//! `dcmigrate demo`, the integration tests and the benchmarks. Everything it
+//! started is stopped and removed when it is dropped.
+
+use crate::agent::api::{self, Request};
+use crate::vm::synthetic::Workload;
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("test bed: {0}")]
+pub struct TestbedError(pub String);
+
+fn err(e: impl std::fmt::Display) -> TestbedError {
+    TestbedError(e.to_string())
+}
+
+pub struct Host {
+    pub name: String,
+    pub api: PathBuf,
+    pub data_dir: PathBuf,
+    pub control: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Testbed {
+    exe: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub hosts: Vec<Host>,
+    guests: Vec<Child>,
+}
+
+fn free_port() -> Result<u16, TestbedError> {
+    Ok(TcpListener::bind("127.0.0.1:0").map_err(err)?.local_addr().map_err(err)?.port())
+}
+
+/// Polls `f` until it returns Some or `secs` pass.
+pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Testbed {
+    /// Starts one agent per name on loopback, all peers of each other.
+    pub fn start(exe: &Path, names: &[&str]) -> Result<Self, TestbedError> {
+        let shm = Path::new("/dev/shm");
+        let dir = tempfile::Builder::new()
+            .prefix("dcmigrate-")
+            .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
+            .map_err(err)?;
+        let certs = dir.path().join("certs");
+        crate::tls::init_certs(&certs, &names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(err)?;
+        let mut hosts = vec![];
+        for n in names {
+            let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let hdir = dir.path().join(n);
+            std::fs::create_dir_all(&hdir).map_err(err)?;
+            hosts.push(Host { name: n.to_string(), api: hdir.join("api.sock"), data_dir: hdir.join("data"), control, log: hdir.join("agent.log"), child: None });
+        }
+        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![] };
+        for i in 0..tb.hosts.len() {
+            tb.spawn_agent(i, &certs)?;
+        }
+        for h in &tb.hosts {
+            wait_for(20, || api::call(&h.api, &Request::Info).ok())
+                .ok_or_else(|| TestbedError(format!("agent {} did not come up; see {}", h.name, h.log.display())))?;
+        }
+        Ok(tb)
+    }
+
+    fn spawn_agent(&mut self, i: usize, certs: &Path) -> Result<(), TestbedError> {
+        let h = &self.hosts[i];
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
+        cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
+        for p in &self.hosts {
+            if p.name != h.name {
+                cmd.arg("--peer").arg(format!("{}={}", p.name, p.control));
+            }
+        }
+        let log = std::fs::File::create(&h.log).map_err(err)?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd.spawn().map_err(err)?;
+        self.hosts[i].child = Some(child);
+        Ok(())
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).expect("host in test bed")
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Starts a synthetic guest on `host`, registered with its agent.
+    pub fn start_guest(&mut self, host: &str, name: &str, size: u64, w: &Workload, keep_ram: bool) -> Result<(), TestbedError> {
+        let h = self.host(host);
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["guest", "--name", name, "--size", &size.to_string()]);
+        cmd.args(["--dirty-rate", &w.dirty_rate_mbps.to_string(), "--hot-fraction", &w.hot_fraction.to_string(), "--seed", &w.seed.to_string()]);
+        cmd.args(["--pattern", match w.pattern {
+            crate::vm::synthetic::Pattern::Random => "random",
+            crate::vm::synthetic::Pattern::Sequential => "sequential",
+        }]);
+        cmd.arg("--dir").arg(&h.data_dir).arg("--agent").arg(&h.api);
+        if keep_ram {
+            cmd.arg("--keep-ram");
+        }
+        std::fs::create_dir_all(&h.data_dir).map_err(err)?;
+        let log = std::fs::File::create(h.log.with_file_name(format!("guest-{name}.log"))).map_err(err)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let api_path = h.api.clone();
+        self.guests.push(cmd.spawn().map_err(err)?);
+        wait_for(60, || self.vm(&api_path, name))
+            .map(|_| ())
+            .ok_or_else(|| TestbedError(format!("guest {name} did not register with {host}")))
+    }
+
+    fn vm(&self, api_path: &Path, name: &str) -> Option<Value> {
+        let v = api::call(api_path, &Request::List).ok()?;
+        v["vms"].as_array()?.iter().find(|x| x["name"] == name).cloned()
+    }
+
+    /// The VM's entry in `host`'s list (with its live state), if it is there.
+    pub fn vm_on(&self, host: &str, name: &str) -> Option<Value> {
+        self.vm(&self.host(host).api, name)
+    }
+
+    pub fn call(&self, host: &str, req: &Request) -> Result<Value, TestbedError> {
+        api::call(&self.host(host).api, req).map_err(err)
+    }
+
+    /// SIGKILLs an agent (a host failure).
+    pub fn kill_agent(&mut self, host: &str) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
+            if let Some(mut c) = h.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    pub fn agent_pid(&self, host: &str) -> Option<u32> {
+        self.host(host).child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // Guests first (wherever they run now), then agents.
+        for h in &self.hosts {
+            if let Ok(v) = api::call(&h.api, &Request::List) {
+                for vm in v["vms"].as_array().into_iter().flatten() {
+                    if let Some(pid) = vm["state"]["pid"].as_i64() {
+                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    }
+                }
+            }
+        }
+        for g in &mut self.guests {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+        for h in &mut self.hosts {
+            let _ = api::call(&h.api, &Request::Shutdown);
+            if let Some(mut c) = h.child.take() {
+                if wait_for(3, || c.try_wait().ok().flatten()).is_none() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+}
