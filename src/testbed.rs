@@ -34,10 +34,20 @@ pub struct Testbed {
     pub dir: tempfile::TempDir,
     pub hosts: Vec<Host>,
     guests: Vec<Child>,
+    env: Vec<(String, String)>,
 }
 
+/// A free port below the kernel's ephemeral range, so that no listener
+/// bound to port 0 (data planes, other test beds) can take it meanwhile.
 fn free_port() -> Result<u16, TestbedError> {
-    Ok(TcpListener::bind("127.0.0.1:0").map_err(err)?.local_addr().map_err(err)?.port())
+    use rand::Rng;
+    for _ in 0..1000 {
+        let port = rand::thread_rng().gen_range(20000..32000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(TestbedError("no free port in 20000..32000".into()))
 }
 
 /// Polls `f` until it returns Some or `secs` pass.
@@ -57,6 +67,11 @@ pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 impl Testbed {
     /// Starts one agent per name on loopback, all peers of each other.
     pub fn start(exe: &Path, names: &[&str]) -> Result<Self, TestbedError> {
+        Self::start_with_env(exe, names, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment for the agents.
+    pub fn start_with_env(exe: &Path, names: &[&str], env: &[(&str, &str)]) -> Result<Self, TestbedError> {
         let shm = Path::new("/dev/shm");
         let dir = tempfile::Builder::new()
             .prefix("dcmigrate-")
@@ -71,7 +86,8 @@ impl Testbed {
             std::fs::create_dir_all(&hdir).map_err(err)?;
             hosts.push(Host { name: n.to_string(), api: hdir.join("api.sock"), data_dir: hdir.join("data"), control, log: hdir.join("agent.log"), child: None });
         }
-        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![] };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env };
         for i in 0..tb.hosts.len() {
             tb.spawn_agent(i, &certs)?;
         }
@@ -95,6 +111,7 @@ impl Testbed {
         let log = std::fs::File::create(&h.log).map_err(err)?;
         cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map_err(err)?;
         self.hosts[i].child = Some(child);
         Ok(())
@@ -154,6 +171,20 @@ impl Testbed {
                 let _ = c.wait();
             }
         }
+    }
+
+    /// Every agent's and guest's log, for test failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            let dir = h.log.parent().expect("host dir");
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    out += &format!("==== {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
     }
 
     pub fn agent_pid(&self, host: &str) -> Option<u32> {

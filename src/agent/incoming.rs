@@ -24,23 +24,25 @@ struct Session {
 pub async fn serve(agent: Arc<Agent>, mut s: ServerStream, peer: String) {
     let mut session: Option<Session> = None;
     let outcome = run(&agent, &mut s, &peer, &mut session).await;
+    if let Err(e) = &outcome {
+        tracing::warn!(%peer, "control session: {e}");
+    }
     if let Some(sess) = session {
         // Anything but a committed switchover leaves nothing behind.
-        agent.receiver.remove(&sess.token);
-        let why = match &outcome {
-            Ok(()) => "aborted by source".to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
-        let inc = sess.incoming.clone();
-        let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
-    } else if let Err(e) = outcome {
-        tracing::warn!(%peer, "control session: {e}");
+        discard(&agent, sess, &peer, &format!("{outcome:?}")).await;
     }
 }
 
-/// Runs the session; returns Ok(()) on abort, Err on failure. On commit it
-/// takes the session out of `session` so the caller keeps the VM.
+async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
+    agent.receiver.remove(&sess.token);
+    tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
+    let inc = sess.incoming.clone();
+    let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
+    agent.end_incoming(&sess.vm);
+}
+
+/// Runs the session until commit or abort (Ok) or a failure (Err). Whatever
+/// is left in `session` afterwards is discarded by the caller.
 async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Option<Session>) -> Result<(), ProtocolError> {
     loop {
         let msg = read_message(s).await?;
@@ -79,6 +81,7 @@ async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Opti
                     Ok(Ok(rec)) => {
                         tracing::info!(vm = %rec.name, start, "switchover: VM now lives here");
                         agent.add_vm(rec);
+                        agent.end_incoming(&sess.vm);
                         write_message(s, &Message::Resumed).await?;
                         return Ok(());
                     }
@@ -93,7 +96,10 @@ async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Opti
                 }
             }
             (Message::Abort { reason }, _) => {
-                tracing::info!(%peer, "abort: {reason}");
+                // Clean up before answering: the source then knows nothing is left here.
+                if let Some(sess) = session.take() {
+                    discard(agent, sess, peer, &format!("aborted by source: {reason}")).await;
+                }
                 write_message(s, &Message::Ok).await?;
                 return Ok(());
             }
@@ -110,6 +116,17 @@ async fn open(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, 
     if agent.has_vm(vm) {
         return Err(format!("a VM named {vm} already exists on {}", agent.cfg.name));
     }
+    if !agent.begin_incoming(vm) {
+        return Err(format!("{vm} is already being migrated to {}", agent.cfg.name));
+    }
+    let r = prepare(agent, vm, regions, chunk_size, launch).await;
+    if r.is_err() {
+        agent.end_incoming(vm);
+    }
+    r
+}
+
+async fn prepare(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, chunk_size: u64, launch: &LaunchSpec) -> Result<Session, String> {
     let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
     let dir = agent.cfg.data_dir.clone();
     let paths: Vec<_> = match launch {

@@ -49,6 +49,8 @@ pub struct Agent {
     pub receiver: Receiver,
     data_addr: Mutex<Option<SocketAddr>>,
     vms: Mutex<HashMap<String, VmRecord>>,
+    /// VMs with an incoming session here (at most one each).
+    incoming: Mutex<std::collections::HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
     shutdown: CancellationToken,
 }
@@ -60,6 +62,7 @@ impl Agent {
             receiver: Receiver::default(),
             data_addr: Mutex::new(None),
             vms: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(Default::default()),
             migrations: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         })
@@ -76,6 +79,15 @@ impl Agent {
 
     pub fn has_vm(&self, name: &str) -> bool {
         self.vms.lock().unwrap().contains_key(name)
+    }
+
+    /// Claims the right to receive `vm`; false if a session already has it.
+    pub fn begin_incoming(&self, vm: &str) -> bool {
+        self.incoming.lock().unwrap().insert(vm.to_owned())
+    }
+
+    pub fn end_incoming(&self, vm: &str) {
+        self.incoming.lock().unwrap().remove(vm);
     }
 
     pub fn add_vm(&self, rec: VmRecord) {

@@ -204,6 +204,9 @@ pub struct MigrateArgs {
     /// Force a dirty tracker (default: the VM's best that passes its self-test).
     #[arg(long, value_enum)]
     pub tracker: Option<TrackerKind>,
+    /// Cap the sending rate (MB/s).
+    #[arg(long)]
+    pub max_bandwidth: Option<f64>,
     /// Print only the final report, as JSON.
     #[arg(long)]
     pub json: bool,
@@ -226,6 +229,7 @@ impl MigrateArgs {
             verify: !self.no_verify,
             suspend: self.suspend,
             tracker: self.tracker,
+            max_bandwidth_mbps: self.max_bandwidth,
             ..Default::default()
         }
     }
@@ -324,13 +328,15 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         incoming_ram: if g.incoming { g.ram_file } else { None },
         exit_with_parent: g.exit_with_parent,
     };
-    let agent = g.agent;
+    let (agent, incoming) = (g.agent, g.incoming);
     crate::guest::run(opts, |rec| match &agent {
         Some(api_path) => {
             api::call(api_path, &Request::Register { vm: rec.clone() }).map_err(|e| e.to_string())?;
             eprintln!("guest {} registered with {}", rec.name, api_path.display());
             Ok(())
         }
+        // Incoming guests are managed by the agent that launched them.
+        None if incoming => Ok(()),
         None => {
             println!("{}", serde_json::to_string(rec).expect("json"));
             Ok(())

@@ -66,6 +66,8 @@ pub struct MigrateOptions {
     /// Force a tracker instead of the VM's best one.
     pub tracker: Option<TrackerKind>,
     pub chunk_size: u64,
+    /// Cap on the source's sending rate in MB/s (like QEMU's max-bandwidth).
+    pub max_bandwidth_mbps: Option<f64>,
 }
 
 impl Default for MigrateOptions {
@@ -81,6 +83,7 @@ impl Default for MigrateOptions {
             suspend: false,
             tracker: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            max_bandwidth_mbps: None,
         }
     }
 }
@@ -364,6 +367,8 @@ impl Migration {
         let layout = ram.layout().clone();
         let mut outstanding = 0usize;
         let mut report = RoundReport::default();
+        let cap = self.opts.max_bandwidth_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6);
+        let mut submitted = 0u64;
         for (ci, chunk) in layout.chunks().iter().enumerate() {
             let mut runs: Vec<Run> = vec![];
             let mut epochs = vec![];
@@ -384,6 +389,22 @@ impl Migration {
             while outstanding >= window {
                 self.next_completion(&mut report).await?;
                 outstanding -= 1;
+            }
+            let bytes = epochs.len() as u64 * PAGE_SIZE as u64;
+            if let Some(rate) = cap {
+                // Pace submissions: never ahead of rate × elapsed.
+                let due = Duration::from_secs_f64(submitted as f64 / rate);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.handle.cancel.cancelled(), if !self.resume_sent => {
+                            let b = Batch { id: 0, chunk: ci, from: SOURCE, to: DEST, runs, epochs };
+                            self.abandon(&b);
+                            return Err(EngineError::Cancelled);
+                        }
+                    }
+                }
+                submitted += bytes;
             }
             let batch = Batch { id: self.next_batch, chunk: ci, from: SOURCE, to: DEST, runs, epochs };
             self.next_batch += 1;

@@ -237,20 +237,23 @@ impl Guest {
         }
     }
 
-    /// Stops the workload and exits the process shortly after the reply went out.
+    /// Stops the workload, removes the guest's files (all but the RAM file
+    /// with `keep_ram`) and exits the process once the reply went out. Files
+    /// go before the reply, so a new guest of the same name can follow at once.
     fn shutdown(&self, keep_ram: bool) {
         self.pause();
         self.state.lock().unwrap().quit = true;
         self.cv.notify_all();
-        self.exiting.store(true, Ordering::SeqCst);
-        let files = self.files.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            for (i, f) in files.iter().enumerate() {
-                if i > 0 || !keep_ram {
-                    let _ = std::fs::remove_file(f);
-                }
+        if self.exiting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if i > 0 || !keep_ram {
+                let _ = std::fs::remove_file(f);
             }
+        }
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
             std::process::exit(0);
         });
     }

@@ -284,7 +284,12 @@ impl Stream {
             Ok(()) => "stream ended".to_string(),
             Err(e) => e,
         };
-        for b in self.inflight.lock().unwrap().drain(..) {
+        // One dead stream breaks the sender: stop the others and fail
+        // everything queued, so no batch waits for a stream that is gone.
+        self.cancel.cancel();
+        self.backlog.close();
+        let queued: Vec<Batch> = std::iter::from_fn(|| self.backlog.try_recv().ok()).collect();
+        for b in self.inflight.lock().unwrap().drain(..).chain(queued) {
             let _ = self.completions.send(Completion::Failed(b, why.clone()));
         }
     }

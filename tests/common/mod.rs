@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use dcmigrate::agent::api::Request;
+use dcmigrate::engine::MigrateOptions;
+use dcmigrate::testbed::{wait_for, Testbed};
+use dcmigrate::vm::synthetic::{Pattern, Workload};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_dcmigrate"))
+}
+
+pub fn testbed(hosts: &[&str]) -> Testbed {
+    Testbed::start(exe(), hosts).expect("test bed")
+}
+
+pub fn workload(mbps: f64) -> Workload {
+    Workload { dirty_rate_mbps: mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 42 }
+}
+
+pub fn migrate(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) -> Value {
+    tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options }).expect("migrate accepted");
+    let v = tb.call(from, &Request::Wait { vm: vm.into() }).expect("wait");
+    v["report"].clone()
+}
+
+pub fn ram_file(tb: &Testbed, host: &str, vm: &str) -> PathBuf {
+    tb.host(host).data_dir.join(format!("{vm}-ram0.ram"))
+}
+
+/// Files a VM left in a host's data dir.
+pub fn vm_files(tb: &Testbed, host: &str, vm: &str) -> Vec<String> {
+    std::fs::read_dir(&tb.host(host).data_dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(vm)).collect())
+        .unwrap_or_default()
+}
+
+pub fn state(tb: &Testbed, host: &str, vm: &str) -> Option<Value> {
+    tb.vm_on(host, vm).map(|v| v["state"].clone())
+}
+
+/// The guest runs on `host`: it is there, running, and its write counter moves.
+pub fn assert_running_on(tb: &Testbed, host: &str, vm: &str) {
+    let s0 = state(tb, host, vm).unwrap_or_else(|| panic!("{vm} not on {host}"));
+    assert_eq!(s0["phase"], "running", "{vm} on {host}: {s0}");
+    let w0 = s0["writes"].as_u64().unwrap();
+    let moved = wait_for(10, || (state(tb, host, vm)?["writes"].as_u64()? > w0).then_some(()));
+    assert!(moved.is_some(), "{vm} on {host} does not make progress");
+}
+
+/// Alive and not a zombie.
+pub fn pid_alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Byte-for-byte comparison, reporting the first differing page.
+pub fn assert_same_bytes(a: &Path, b: &Path) {
+    let x = std::fs::read(a).unwrap();
+    let y = std::fs::read(b).unwrap();
+    assert_eq!(x.len(), y.len(), "sizes differ");
+    let differs = |i: usize| x[i..i + 4096] != y[i..i + 4096];
+    if let Some(i) = (0..x.len()).step_by(4096).find(|&i| differs(i)) {
+        let pages = (0..x.len()).step_by(4096).filter(|&i| differs(i)).count();
+        panic!("RAM differs: first at page {}, {pages} pages in all", i / 4096);
+    }
+}
