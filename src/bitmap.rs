@@ -11,10 +11,7 @@ pub struct Bitmap {
 
 impl Bitmap {
     pub fn new(len: usize) -> Self {
-        Self {
-            words: vec![0; len.div_ceil(64)],
-            len,
-        }
+        Self { words: vec![0; len.div_ceil(64)], len }
     }
 
     pub fn full(len: usize) -> Self {
@@ -91,10 +88,7 @@ pub struct AtomicBitmap {
 
 impl AtomicBitmap {
     pub fn new(len: usize) -> Self {
-        Self {
-            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            len,
-        }
+        Self { words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
     pub fn set(&self, i: usize) {

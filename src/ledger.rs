@@ -270,6 +270,7 @@ mod tests {
                     ledger.finish(f.page, f.from, f.to, f.epoch, ok);
                 }
             }
+            #[allow(clippy::needless_range_loop)]
             for p in 0..PAGES {
                 for h in 1..HOSTS {
                     if ledger.is_fresh(p, h) && copies[h as usize][p] != copies[0][p] && !pending.contains(&p) {

@@ -84,7 +84,14 @@ impl Testbed {
             let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let hdir = dir.path().join(n);
             std::fs::create_dir_all(&hdir).map_err(err)?;
-            hosts.push(Host { name: n.to_string(), api: hdir.join("api.sock"), data_dir: hdir.join("data"), control, log: hdir.join("agent.log"), child: None });
+            hosts.push(Host {
+                name: n.to_string(),
+                api: hdir.join("api.sock"),
+                data_dir: hdir.join("data"),
+                control,
+                log: hdir.join("agent.log"),
+                child: None,
+            });
         }
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env };
@@ -126,15 +133,32 @@ impl Testbed {
     }
 
     /// Starts a synthetic guest on `host`, registered with its agent.
-    pub fn start_guest(&mut self, host: &str, name: &str, size: u64, w: &Workload, keep_ram: bool) -> Result<(), TestbedError> {
+    pub fn start_guest(
+        &mut self,
+        host: &str,
+        name: &str,
+        size: u64,
+        w: &Workload,
+        keep_ram: bool,
+    ) -> Result<(), TestbedError> {
         let h = self.host(host);
         let mut cmd = Command::new(&self.exe);
         cmd.args(["guest", "--name", name, "--size", &size.to_string()]);
-        cmd.args(["--dirty-rate", &w.dirty_rate_mbps.to_string(), "--hot-fraction", &w.hot_fraction.to_string(), "--seed", &w.seed.to_string()]);
-        cmd.args(["--pattern", match w.pattern {
-            crate::vm::synthetic::Pattern::Random => "random",
-            crate::vm::synthetic::Pattern::Sequential => "sequential",
-        }]);
+        cmd.args([
+            "--dirty-rate",
+            &w.dirty_rate_mbps.to_string(),
+            "--hot-fraction",
+            &w.hot_fraction.to_string(),
+            "--seed",
+            &w.seed.to_string(),
+        ]);
+        cmd.args([
+            "--pattern",
+            match w.pattern {
+                crate::vm::synthetic::Pattern::Random => "random",
+                crate::vm::synthetic::Pattern::Sequential => "sequential",
+            },
+        ]);
         cmd.arg("--dir").arg(&h.data_dir).arg("--agent").arg(&h.api);
         if keep_ram {
             cmd.arg("--keep-ram");
@@ -180,7 +204,11 @@ impl Testbed {
             let dir = h.log.parent().expect("host dir");
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if e.path().extension().is_some_and(|x| x == "log") {
-                    out += &format!("==== {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
+                    out += &format!(
+                        "==== {}\n{}\n",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    );
                 }
             }
         }

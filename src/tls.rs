@@ -66,9 +66,7 @@ fn write(dir: &Path, name: &str, body: &str) -> Result<(), TlsError> {
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let data = std::fs::read(path).map_err(io(path))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(io(path))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice()).collect::<Result<_, _>>().map_err(io(path))?;
     if certs.is_empty() {
         return Err(TlsError::Missing(path.to_owned()));
     }

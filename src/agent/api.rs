@@ -56,7 +56,8 @@ pub enum ApiError {
 
 /// Sends one request and returns the reply (an `ok: false` reply becomes an error).
 pub fn call(socket: &Path, req: &Request) -> Result<Value, ApiError> {
-    let mut s = UnixStream::connect(socket).map_err(|source| ApiError::Connect { path: socket.display().to_string(), source })?;
+    let mut s = UnixStream::connect(socket)
+        .map_err(|source| ApiError::Connect { path: socket.display().to_string(), source })?;
     let mut line = serde_json::to_vec(req).expect("json");
     line.push(b'\n');
     s.write_all(&line)?;

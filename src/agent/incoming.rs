@@ -43,29 +43,40 @@ async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
 
 /// Runs the session until commit or abort (Ok) or a failure (Err). Whatever
 /// is left in `session` afterwards is discarded by the caller.
-async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Option<Session>) -> Result<(), ProtocolError> {
+async fn run(
+    agent: &Agent,
+    s: &mut ServerStream,
+    peer: &str,
+    session: &mut Option<Session>,
+) -> Result<(), ProtocolError> {
     loop {
         let msg = read_message(s).await?;
         let reply = match (msg, session.as_ref()) {
-            (Message::OpenSession { vm, regions, chunk_size, launch }, None) => match open(agent, &vm, regions, chunk_size, &launch).await {
-                Ok(sess) => {
-                    tracing::info!(%vm, %peer, "incoming session opened");
-                    let m = Message::SessionOpened { data_port: agent.data_port(), token: hex::encode(sess.token) };
-                    *session = Some(sess);
-                    m
+            (Message::OpenSession { vm, regions, chunk_size, launch }, None) => {
+                match open(agent, &vm, regions, chunk_size, &launch).await {
+                    Ok(sess) => {
+                        tracing::info!(%vm, %peer, "incoming session opened");
+                        let m = Message::SessionOpened { data_port: agent.data_port(), token: hex::encode(sess.token) };
+                        *session = Some(sess);
+                        m
+                    }
+                    Err(e) => Message::Error { message: e },
                 }
-                Err(e) => Message::Error { message: e },
-            },
+            }
             (Message::ChecksumRequest, Some(sess)) => {
                 let ram = sess.ram.clone();
                 if let Ok(chunk) = std::env::var("DCMIGRATE_TEST_CORRUPT_CHUNK") {
                     corrupt_once(&ram, &chunk);
                 }
-                let sums = tokio::task::spawn_blocking(move || ram.checksums()).await.map_err(|e| ProtocolError::Unexpected(e.to_string()))?;
+                let sums = tokio::task::spawn_blocking(move || ram.checksums())
+                    .await
+                    .map_err(|e| ProtocolError::Unexpected(e.to_string()))?;
                 Message::Checksums { sums }
             }
             (Message::DeviceState { state }, Some(sess)) => {
-                let bytes = base64::engine::general_purpose::STANDARD.decode(state).map_err(|e| ProtocolError::Decode(e.to_string()))?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(state)
+                    .map_err(|e| ProtocolError::Decode(e.to_string()))?;
                 let inc = sess.incoming.clone();
                 match tokio::task::spawn_blocking(move || inc.load_device_state(&bytes)).await {
                     Ok(Ok(())) => Message::Ok,
@@ -109,7 +120,13 @@ async fn run(agent: &Agent, s: &mut ServerStream, peer: &str, session: &mut Opti
     }
 }
 
-async fn open(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, chunk_size: u64, launch: &LaunchSpec) -> Result<Session, String> {
+async fn open(
+    agent: &Agent,
+    vm: &str,
+    regions: Vec<crate::memory::RegionSpec>,
+    chunk_size: u64,
+    launch: &LaunchSpec,
+) -> Result<Session, String> {
     if vm.is_empty() || !vm.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || vm.starts_with('.') {
         return Err(format!("invalid VM name {vm:?}"));
     }
@@ -126,7 +143,13 @@ async fn open(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, 
     r
 }
 
-async fn prepare(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec>, chunk_size: u64, launch: &LaunchSpec) -> Result<Session, String> {
+async fn prepare(
+    agent: &Agent,
+    vm: &str,
+    regions: Vec<crate::memory::RegionSpec>,
+    chunk_size: u64,
+    launch: &LaunchSpec,
+) -> Result<Session, String> {
     let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
     let dir = agent.cfg.data_dir.clone();
     let paths: Vec<_> = match launch {
@@ -145,7 +168,8 @@ async fn prepare(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec
             return Err(e.to_string());
         }
     };
-    let files: Vec<RamFile> = regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
+    let files: Vec<RamFile> =
+        regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
     let (name, launch2) = (vm.to_owned(), launch.clone());
     let launched = tokio::task::spawn_blocking(move || SyntheticIncoming::launch(&name, &dir, &files, &launch2))
         .await
@@ -169,7 +193,9 @@ async fn prepare(agent: &Agent, vm: &str, regions: Vec<crate::memory::RegionSpec
 fn corrupt_once(ram: &GuestRam, chunk: &str) {
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Ok(c) = chunk.parse::<usize>() else { return };
-    let Some(ch) = ram.layout().chunks().get(c).copied() else { return };
+    let Some(ch) = ram.layout().chunks().get(c).copied() else {
+        return;
+    };
     if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return;
     }

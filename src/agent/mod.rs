@@ -125,7 +125,9 @@ impl Agent {
             let me = self.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((tcp, addr)) = control.accept().await else { continue };
+                    let Ok((tcp, addr)) = control.accept().await else {
+                        continue;
+                    };
                     tcp.set_nodelay(true).ok();
                     let me = me.clone();
                     tokio::spawn(async move {
@@ -209,11 +211,21 @@ impl Agent {
                 Ok(json!({ "vms": out }))
             }
             Request::Migrate { vm, to, options } => {
-                let rec = self.vms.lock().unwrap().get(&vm).cloned().ok_or_else(|| format!("no VM named {vm:?} on {}", self.cfg.name))?;
+                let rec = self
+                    .vms
+                    .lock()
+                    .unwrap()
+                    .get(&vm)
+                    .cloned()
+                    .ok_or_else(|| format!("no VM named {vm:?} on {}", self.cfg.name))?;
                 if to == self.cfg.name {
                     return Err(format!("{vm} already runs on {to}"));
                 }
-                let addr = *self.cfg.peers.get(&to).ok_or_else(|| format!("unknown host {to:?}: start the agent with --peer {to}=ADDR"))?;
+                let addr = *self
+                    .cfg
+                    .peers
+                    .get(&to)
+                    .ok_or_else(|| format!("unknown host {to:?}: start the agent with --peer {to}=ADDR"))?;
                 if let Ok(m) = self.migration(&vm) {
                     if !m.is_done() {
                         return Err(format!("{vm} is already migrating to {}", m.to));
@@ -255,8 +267,12 @@ impl Agent {
                 Ok(m.snapshot())
             }
             Request::Resume { vm } => {
-                let rec = self.vms.lock().unwrap().get(&vm).cloned().ok_or_else(|| format!("no VM named {vm:?} here"))?;
-                tokio::task::spawn_blocking(move || Self::source_vm(rec).resume()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                let rec =
+                    self.vms.lock().unwrap().get(&vm).cloned().ok_or_else(|| format!("no VM named {vm:?} here"))?;
+                tokio::task::spawn_blocking(move || Self::source_vm(rec).resume())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
                 Ok(json!({}))
             }
             Request::Shutdown => {

@@ -35,9 +35,8 @@ pub enum PeerError {
 /// Connects to `host` at `addr` as `me`.
 pub async fn connect(tls: &TlsConfig, me: &str, host: &str, addr: SocketAddr) -> Result<ClientStream, PeerError> {
     let fut = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| PeerError::Connect { host: host.into(), addr, source })?;
+        let tcp =
+            TcpStream::connect(addr).await.map_err(|source| PeerError::Connect { host: host.into(), addr, source })?;
         tcp.set_nodelay(true).ok();
         let name = ServerName::try_from(host.to_owned()).map_err(|_| PeerError::UnknownHost(host.into()))?;
         let mut s = TlsConnector::from(tls.client.clone())
@@ -52,9 +51,7 @@ pub async fn connect(tls: &TlsConfig, me: &str, host: &str, addr: SocketAddr) ->
             other => Err(proto(ProtocolError::Unexpected(other.name()))),
         }
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
-        .await
-        .map_err(|_| PeerError::Timeout { host: host.into() })?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| PeerError::Timeout { host: host.into() })?
 }
 
 /// Accepts a peer; returns the stream and the peer's verified host name.
@@ -70,18 +67,18 @@ pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<(Server
             Message::Hello { version, host } => (version, host),
             other => return Err(proto(ProtocolError::Unexpected(other.name()))),
         };
-        let names = s
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(cert_host_names)
-            .unwrap_or_default();
+        let names = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(cert_host_names).unwrap_or_default();
         if !names.contains(&claimed) {
             return Err(PeerError::Identity { claimed, names });
         }
         if version != VERSION {
-            let _ = write_message(&mut s, &Message::Error { message: format!("protocol version {version} not supported, this agent speaks {VERSION}") }).await;
+            let _ = write_message(
+                &mut s,
+                &Message::Error {
+                    message: format!("protocol version {version} not supported, this agent speaks {VERSION}"),
+                },
+            )
+            .await;
             return Err(proto(ProtocolError::Version(version)));
         }
         write_message(&mut s, &Message::Welcome { version: VERSION, host: me.into() }).await.map_err(proto)?;

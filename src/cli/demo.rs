@@ -52,7 +52,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;
     let report = progress::follow(&tb.host("hostA").api, "demo-vm", a.json)?;
     progress::print_report(&report, a.json);
-    let on: Vec<_> = tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();
+    let on: Vec<_> =
+        tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();
     say(format!("demo-vm is registered on: {}", on.join(", ")));
     Ok(progress::exit_code(&report))
 }

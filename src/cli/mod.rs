@@ -130,7 +130,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let n: f64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         return Err(format!("size must be positive: {s:?}"));
     }
     Ok((n * mult as f64) as u64)
@@ -280,7 +280,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v["vms"])?);
             } else {
                 for vm in v["vms"].as_array().into_iter().flatten() {
-                    println!("{}\t{}", vm["name"].as_str().unwrap_or("?"), vm["state"]["phase"].as_str().unwrap_or("unknown"));
+                    println!(
+                        "{}\t{}",
+                        vm["name"].as_str().unwrap_or("?"),
+                        vm["state"]["phase"].as_str().unwrap_or("unknown")
+                    );
                 }
             }
             Ok(0)
@@ -290,7 +294,8 @@ pub fn run(cli: Cli) -> Result<i32> {
 }
 
 fn run_agent(a: AgentArgs) -> Result<()> {
-    let tls = TlsConfig::load_dir(&a.certs, &a.name).with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
+    let tls = TlsConfig::load_dir(&a.certs, &a.name)
+        .with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
     let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
     let cfg = AgentConfig {
         data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{}", a.name))),
@@ -323,7 +328,12 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         name: g.name,
         dir: g.dir,
         size: g.size,
-        workload: Workload { dirty_rate_mbps: g.dirty_rate, hot_fraction: g.hot_fraction, pattern: g.pattern, seed: g.seed },
+        workload: Workload {
+            dirty_rate_mbps: g.dirty_rate,
+            hot_fraction: g.hot_fraction,
+            pattern: g.pattern,
+            seed: g.seed,
+        },
         keep_ram: g.keep_ram,
         incoming_ram: if g.incoming { g.ram_file } else { None },
         exit_with_parent: g.exit_with_parent,

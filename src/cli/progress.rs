@@ -19,9 +19,11 @@ pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {bytes}/{total_bytes} {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {bytes}/{total_bytes} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         b
     });
@@ -89,7 +91,14 @@ pub fn print_report(r: &Value, json: bool) {
         return;
     }
     let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
-    println!("Migration of {} from {} to {}: {} in {:.2} s", s("vm"), s("source"), s("destination"), s("result"), r["total_ms"].as_f64().unwrap_or(0.0) / 1e3);
+    println!(
+        "Migration of {} from {} to {}: {} in {:.2} s",
+        s("vm"),
+        s("source"),
+        s("destination"),
+        s("result"),
+        r["total_ms"].as_f64().unwrap_or(0.0) / 1e3
+    );
     if let Some(e) = r["error"].as_str() {
         println!("  error: {e}");
     }
@@ -114,7 +123,10 @@ pub fn print_report(r: &Value, json: bool) {
         println!("  sent: {} (RAM {:.1} MB)", parts.join(", "), mb(&r["ram_bytes"]));
     }
     if r["verified"] == Value::Bool(true) {
-        println!("  verified: RAM identical at switchover ({} mismatching chunks resent)", r["verify_mismatched_chunks"]);
+        println!(
+            "  verified: RAM identical at switchover ({} mismatching chunks resent)",
+            r["verify_mismatched_chunks"]
+        );
     }
     if let Some(h) = r["vm_runs_on"].as_str() {
         println!("  the VM runs on {h}");

@@ -29,10 +29,7 @@ unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     fn err(path: &Path, msg: impl ToString) -> DirtyError {
-        DirtyError::Log {
-            path: path.display().to_string(),
-            msg: msg.to_string(),
-        }
+        DirtyError::Log { path: path.display().to_string(), msg: msg.to_string() }
     }
 
     fn file_len(pages: usize) -> u64 {
@@ -54,19 +51,11 @@ impl DirtyLog {
             std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), map.as_mut_ptr(), 8);
             std::ptr::copy_nonoverlapping((pages as u64).to_le_bytes().as_ptr(), map.as_mut_ptr().add(8), 8);
         }
-        Ok(Self {
-            map,
-            pages,
-            path: path.to_owned(),
-        })
+        Ok(Self { map, pages, path: path.to_owned() })
     }
 
     pub fn open(path: &Path, pages: usize) -> Result<Self, DirtyError> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Self::err(path, e))?;
+        let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Self::err(path, e))?;
         let len = f.metadata().map_err(|e| Self::err(path, e))?.len();
         if len != Self::file_len(pages) {
             return Err(Self::err(path, format!("size {len} does not fit {pages} pages")));
@@ -77,11 +66,7 @@ impl DirtyLog {
         if &header[..8] != MAGIC || u64::from_le_bytes(header[8..16].try_into().unwrap()) != pages as u64 {
             return Err(Self::err(path, "not a dirty log for this RAM layout"));
         }
-        Ok(Self {
-            map,
-            pages,
-            path: path.to_owned(),
-        })
+        Ok(Self { map, pages, path: path.to_owned() })
     }
 
     pub fn path(&self) -> &Path {
@@ -92,10 +77,7 @@ impl DirtyLog {
         // SAFETY: the file holds pages/64 words after the header, 8-aligned
         // (mappings are page aligned); AtomicU64 has u64's layout.
         unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr().add(HEADER) as *const AtomicU64,
-                self.pages.div_ceil(64),
-            )
+            std::slice::from_raw_parts(self.map.as_ptr().add(HEADER) as *const AtomicU64, self.pages.div_ceil(64))
         }
     }
 
@@ -124,16 +106,9 @@ pub struct CooperativeTracker {
 impl CooperativeTracker {
     /// Opens the guest's dirty log and proves it live: `probe(page)` asks the
     /// guest to rewrite a page in place, which must show up in the next sync.
-    pub fn start(
-        path: &Path,
-        pages: usize,
-        probe: &dyn Fn(usize) -> Result<(), String>,
-    ) -> Result<Self, DirtyError> {
+    pub fn start(path: &Path, pages: usize, probe: &dyn Fn(usize) -> Result<(), String>) -> Result<Self, DirtyError> {
         let log = DirtyLog::open(path, pages)?;
-        let fail = |msg: String| DirtyError::SelfTest {
-            tracker: "cooperative",
-            msg,
-        };
+        let fail = |msg: String| DirtyError::SelfTest { tracker: "cooperative", msg };
         let page = pages / 2;
         log.drain();
         probe(page).map_err(|e| fail(format!("guest did not touch page {page}: {e}")))?;
@@ -172,6 +147,9 @@ mod tests {
         guest.mark(99);
         assert_eq!(t.log.drain().iter_ones().collect::<Vec<_>>(), vec![3, 99]);
         assert!(DirtyLog::open(&p, 101).is_err(), "wrong layout is refused");
-        assert!(CooperativeTracker::start(&p, 100, &|_| Ok(())).is_err(), "a guest that does not mark fails the self-test");
+        assert!(
+            CooperativeTracker::start(&p, 100, &|_| Ok(())).is_err(),
+            "a guest that does not mark fails the self-test"
+        );
     }
 }

@@ -51,10 +51,7 @@ impl HashTracker {
 /// Proves on scratch memory that a changed page, and only it, is reported,
 /// and that the sent-copy check catches a change after the sync.
 fn self_test() -> Result<(), DirtyError> {
-    let fail = |msg: &str| DirtyError::SelfTest {
-        tracker: "hash",
-        msg: msg.into(),
-    };
+    let fail = |msg: &str| DirtyError::SelfTest { tracker: "hash", msg: msg.into() };
     let mut mem = vec![7u8; 4 * PAGE_SIZE];
     let page = |m: &[u8], p: usize| xxh3_64(&m[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
     let mut t = HashTracker::baseline(4, |p| page(&mem, p));

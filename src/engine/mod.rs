@@ -153,7 +153,14 @@ struct Migration {
 }
 
 /// Migrates `vm` to `to` (at `addr`); never panics, always returns a report.
-pub async fn run(ctx: Context, vm: Arc<dyn SourceVm>, to: String, addr: SocketAddr, opts: MigrateOptions, handle: Arc<MigrationHandle>) -> Report {
+pub async fn run(
+    ctx: Context,
+    vm: Arc<dyn SourceVm>,
+    to: String,
+    addr: SocketAddr,
+    opts: MigrateOptions,
+    handle: Arc<MigrationHandle>,
+) -> Report {
     let rec = vm.record().clone();
     let report = Report {
         vm: rec.name.clone(),
@@ -201,7 +208,10 @@ impl Migration {
         Ok(())
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(Arc<dyn SourceVm>) -> Result<T, VmError> + Send + 'static) -> Result<T, EngineError> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<dyn SourceVm>) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, EngineError> {
         let vm = self.vm.clone();
         Ok(tokio::task::spawn_blocking(move || f(vm)).await.map_err(|e| EngineError::Setup(e.to_string()))??)
     }
@@ -218,7 +228,10 @@ impl Migration {
         let rec = self.vm.record().clone();
         let layout = Layout::new(rec.regions(), self.opts.chunk_size).map_err(|e| EngineError::Setup(e.to_string()))?;
         let paths: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
-        let ram = Arc::new(GuestRam::open(layout.clone(), &paths).map_err(|e| EngineError::Setup(format!("mapping the VM's RAM: {e}")))?);
+        let ram = Arc::new(
+            GuestRam::open(layout.clone(), &paths)
+                .map_err(|e| EngineError::Setup(format!("mapping the VM's RAM: {e}")))?,
+        );
         self.ledger = Ledger::new(layout.total_pages(), SOURCE);
         self.handle.set_progress(|p| {
             p.ram_bytes = layout.total_bytes();
@@ -245,7 +258,10 @@ impl Migration {
                 }
             }
         }
-        let tracker = self.tracker.as_mut().ok_or_else(|| EngineError::Setup(format!("no dirty tracker works: {}", errors.join("; "))))?;
+        let tracker = self
+            .tracker
+            .as_mut()
+            .ok_or_else(|| EngineError::Setup(format!("no dirty tracker works: {}", errors.join("; "))))?;
         self.report.tracker = Some(tracker.kind().name().into());
         let observer = tracker.observer();
         self.check_cancel()?;
@@ -253,20 +269,32 @@ impl Migration {
         // Destination session.
         let host = self.to.clone();
         let lost = |why: String| EngineError::DestinationLost { host: host.clone(), why };
-        let ctrl = peer::connect(&self.ctx.tls, &self.ctx.me, &self.to, self.addr).await.map_err(|e| EngineError::Setup(e.to_string()))?;
+        let ctrl = peer::connect(&self.ctx.tls, &self.ctx.me, &self.to, self.addr)
+            .await
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
         let mut ctrl = ctrl;
-        let open = Message::OpenSession { vm: rec.name.clone(), regions: rec.regions(), chunk_size: self.opts.chunk_size, launch: rec.launch.clone() };
+        let open = Message::OpenSession {
+            vm: rec.name.clone(),
+            regions: rec.regions(),
+            chunk_size: self.opts.chunk_size,
+            launch: rec.launch.clone(),
+        };
         write_message(&mut ctrl, &open).await.map_err(|e| lost(e.to_string()))?;
         let (port, token) = match read_message(&mut ctrl).await {
             Ok(Message::SessionOpened { data_port, token }) => (data_port, token),
             Ok(other) => return Err(lost(format!("unexpected {}", other.name()))),
-            Err(ProtocolError::Peer(m)) => return Err(EngineError::Setup(format!("{} refused the migration: {m}", self.to))),
+            Err(ProtocolError::Peer(m)) => {
+                return Err(EngineError::Setup(format!("{} refused the migration: {m}", self.to)))
+            }
             Err(e) => return Err(lost(e.to_string())),
         };
-        let token: [u8; 32] = hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
+        let token: [u8; 32] =
+            hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
         let (tx, completions) = mpsc::unbounded_channel();
         let data_addr = SocketAddr::new(self.addr.ip(), port);
-        let sender = TcpSender::connect(data_addr, token, self.opts.streams, ram.clone(), observer, tx).await.map_err(|e| lost(e.to_string()));
+        let sender = TcpSender::connect(data_addr, token, self.opts.streams, ram.clone(), observer, tx)
+            .await
+            .map_err(|e| lost(e.to_string()));
         let sender = match sender {
             Ok(s) => s,
             Err(e) => {
@@ -279,7 +307,30 @@ impl Migration {
         self.tracker.as_mut().expect("tracker").sync(&ram).map_err(|e| EngineError::Setup(e.to_string()))?;
         self.last_sync = Instant::now();
         self.ram = Some(ram);
+        self.skip_holes().await;
         Ok(())
+    }
+
+    /// The destination's RAM starts as a new zero-filled file, so pages that
+    /// are holes at the source need not travel (QEMU's zero-page skipping,
+    /// without even reading them). A page written after the scan is in the
+    /// tracker's next sync, which makes it stale again.
+    async fn skip_holes(&mut self) {
+        let ram = self.ram.clone().expect("ram");
+        let data = match tokio::task::spawn_blocking(move || ram.data_pages()).await {
+            Ok(Ok(d)) => d,
+            other => {
+                tracing::info!("not skipping zero pages: {other:?}");
+                return;
+            }
+        };
+        let mut n = 0;
+        for p in (0..self.ledger.pages()).filter(|&p| !data.get(p)) {
+            if let Some(e) = self.ledger.begin(p, SOURCE, DEST) {
+                n += u64::from(self.ledger.finish(p, SOURCE, DEST, e, true));
+            }
+        }
+        self.report.zero_pages_skipped = n;
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -376,7 +427,9 @@ impl Migration {
                 if self.ledger.is_fresh(p, DEST) {
                     continue;
                 }
-                let Some(e) = self.ledger.begin(p, SOURCE, DEST) else { continue };
+                let Some(e) = self.ledger.begin(p, SOURCE, DEST) else {
+                    continue;
+                };
                 epochs.push(e);
                 match runs.last_mut() {
                     Some(r) if r.first_page + r.pages == p => r.pages += 1,
@@ -512,7 +565,12 @@ impl Migration {
         let msg = Message::DeviceState { state: base64::engine::general_purpose::STANDARD.encode(&state) };
         match dest.request(msg).await? {
             Message::Ok => {}
-            other => return Err(EngineError::DestinationLost { host: dest.host.clone(), why: format!("device state: unexpected {}", other.name()) }),
+            other => {
+                return Err(EngineError::DestinationLost {
+                    host: dest.host.clone(),
+                    why: format!("device state: unexpected {}", other.name()),
+                })
+            }
         }
         d.device_state_ms = ms(t);
         self.check_cancel()?;
@@ -524,7 +582,12 @@ impl Migration {
         let dest = self.dest.as_mut().expect("dest");
         match dest.request(Message::Resume { start }).await? {
             Message::Resumed => {}
-            other => return Err(EngineError::DestinationLost { host: dest.host.clone(), why: format!("resume: unexpected {}", other.name()) }),
+            other => {
+                return Err(EngineError::DestinationLost {
+                    host: dest.host.clone(),
+                    why: format!("resume: unexpected {}", other.name()),
+                })
+            }
         }
         d.resume_ms = ms(t);
         self.report.downtime_ms = Some(ms(t_pause));
@@ -550,7 +613,11 @@ impl Migration {
                 return Err(EngineError::Verify(format!("unexpected {}", remote.name())));
             };
             if sums.len() != local.len() {
-                return Err(EngineError::Verify(format!("destination has {} chunks, source {}", sums.len(), local.len())));
+                return Err(EngineError::Verify(format!(
+                    "destination has {} chunks, source {}",
+                    sums.len(),
+                    local.len()
+                )));
             }
             let bad: Vec<usize> = (0..local.len()).filter(|&c| local[c] != sums[c]).collect();
             if bad.is_empty() {

@@ -55,7 +55,10 @@ pub struct DeviceState {
 
 impl DeviceState {
     fn compute_checksum(&self) -> u64 {
-        let s = format!("{}:{}:{}:{}:{}:{:?}", self.name, self.writes, self.heartbeat, self.rng, self.cursor, self.workload);
+        let s = format!(
+            "{}:{}:{}:{}:{}:{:?}",
+            self.name, self.writes, self.heartbeat, self.rng, self.cursor, self.workload
+        );
         xxhash_rust::xxh3::xxh3_64(s.as_bytes())
     }
 }
@@ -98,7 +101,7 @@ impl Guest {
     /// then marks it: write first, mark after (see dirty::cooperative).
     fn write_page(&self, page: usize, counter: u64) {
         let (region, offset) = self.ram.layout().locate(page);
-        let at = (counter.wrapping_mul(16) % PAGE_SIZE as u64) as u64;
+        let at = counter.wrapping_mul(16) % PAGE_SIZE as u64;
         if let Ok(b) = self.ram.target(region, offset + at, 16) {
             b[..8].copy_from_slice(&counter.to_le_bytes());
             b[8..].copy_from_slice(&(page as u64).to_le_bytes());
@@ -209,7 +212,8 @@ impl Guest {
                 Ok(json!({ "state": d }))
             }
             "load_state" => {
-                let d: DeviceState = serde_json::from_value(req["state"].clone()).map_err(|e| format!("bad state: {e}"))?;
+                let d: DeviceState =
+                    serde_json::from_value(req["state"].clone()).map_err(|e| format!("bad state: {e}"))?;
                 if d.checksum != d.compute_checksum() {
                     return Err("device state checksum mismatch".into());
                 }
@@ -331,7 +335,11 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
         GuestRam::open(layout.clone(), std::slice::from_ref(&ram_path))?
     } else {
         if ram_path.exists() {
-            return Err(GuestError::Invalid(format!("{} exists: is a guest named {} running?", ram_path.display(), opts.name)));
+            return Err(GuestError::Invalid(format!(
+                "{} exists: is a guest named {} running?",
+                ram_path.display(),
+                opts.name
+            )));
         }
         let ram = GuestRam::create(layout.clone(), std::slice::from_ref(&ram_path))?;
         fill(&ram, opts.workload.seed)?;

@@ -129,12 +129,8 @@ impl Reply {
 
     pub fn decode(b: &[u8; REPLY_LEN]) -> Result<Reply, FrameError> {
         match b[0] {
-            1 => Ok(Reply::Applied {
-                batch: u64::from_le_bytes(b[8..].try_into().unwrap()),
-            }),
-            2 => Ok(Reply::Error {
-                code: u32::from_le_bytes(b[4..8].try_into().unwrap()),
-            }),
+            1 => Ok(Reply::Applied { batch: u64::from_le_bytes(b[8..].try_into().unwrap()) }),
+            2 => Ok(Reply::Error { code: u32::from_le_bytes(b[4..8].try_into().unwrap()) }),
             k => Err(FrameError::Kind(k)),
         }
     }
@@ -147,10 +143,7 @@ mod tests {
 
     #[test]
     fn frames_roundtrip() {
-        for f in [
-            Frame::Pages { region: 3, offset: 8192, len: 4096 },
-            Frame::BatchEnd { batch: u64::MAX },
-        ] {
+        for f in [Frame::Pages { region: 3, offset: 8192, len: 4096 }, Frame::BatchEnd { batch: u64::MAX }] {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
         let t = [9u8; TOKEN_LEN];

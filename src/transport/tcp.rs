@@ -48,7 +48,9 @@ impl Receiver {
 
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let Ok((s, peer)) = listener.accept().await else { continue };
+            let Ok((s, peer)) = listener.accept().await else {
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.serve_stream(s).await {
@@ -85,6 +87,7 @@ impl Receiver {
     async fn apply_frames(sess: &Receiving, s: &mut TcpStream) -> Result<(), TransportError> {
         let err = |e: std::io::Error| TransportError::Stream(e.to_string());
         let mut header = [0u8; HEADER_LEN];
+        let mut buf = Vec::new();
         loop {
             match s.read_exact(&mut header).await {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -99,14 +102,14 @@ impl Receiver {
             };
             match frame {
                 Frame::Pages { region, offset, len } => {
-                    let target = match sess.ram.target(region, offset, len as u64) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            s.write_all(&Reply::Error { code: ERR_OUT_OF_BOUNDS }.encode()).await.ok();
-                            return Err(TransportError::Stream(e.to_string()));
-                        }
-                    };
-                    s.read_exact(target).await.map_err(err)?;
+                    if let Err(e) = sess.ram.target(region, offset, len as u64) {
+                        s.write_all(&Reply::Error { code: ERR_OUT_OF_BOUNDS }.encode()).await.ok();
+                        return Err(TransportError::Stream(e.to_string()));
+                    }
+                    // Into a buffer, then pwrite: see GuestRam::write_at.
+                    buf.resize(len as usize, 0);
+                    s.read_exact(&mut buf).await.map_err(err)?;
+                    sess.ram.write_at(region, offset, &buf).map_err(|e| TransportError::Stream(e.to_string()))?;
                     sess.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
                 Frame::BatchEnd { batch } => {
@@ -248,7 +251,9 @@ impl Stream {
             loop {
                 let permit = self.window.acquire().await.map_err(|e| e.to_string())?;
                 permit.forget();
-                let Ok(batch) = self.backlog.recv().await else { return Ok::<(), String>(()) };
+                let Ok(batch) = self.backlog.recv().await else {
+                    return Ok::<(), String>(());
+                };
                 self.inflight.lock().unwrap().push_back(batch.clone());
                 let max_pages = MAX_PAYLOAD as usize / PAGE_SIZE;
                 let pieces = batch.runs.iter().flat_map(|r| {

@@ -92,7 +92,9 @@ impl SourceVm for SyntheticVm {
         Ok(match kind {
             TrackerKind::Cooperative => {
                 let log = self.rec.dirty_log.as_ref().ok_or(DirtyError::Unavailable("cooperative"))?;
-                let probe = |page: usize| self.call(json!({"cmd": "touch", "page": page})).map(|_| ()).map_err(|e| e.to_string());
+                let probe = |page: usize| {
+                    self.call(json!({"cmd": "touch", "page": page})).map(|_| ()).map_err(|e| e.to_string())
+                };
                 Box::new(CooperativeTracker::start(log, ram.layout().total_pages(), &probe)?)
             }
             TrackerKind::Hash => Box::new(HashTracker::start(ram)?),

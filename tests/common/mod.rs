@@ -35,7 +35,12 @@ pub fn ram_file(tb: &Testbed, host: &str, vm: &str) -> PathBuf {
 /// Files a VM left in a host's data dir.
 pub fn vm_files(tb: &Testbed, host: &str, vm: &str) -> Vec<String> {
     std::fs::read_dir(&tb.host(host).data_dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(vm)).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(vm))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -1,0 +1,214 @@
+//! dcmigrate benchmarks. Every figure is compared with a baseline measured
+//! in the same run on the same machine (iperf3 for link throughput).
+//!
+//! `dcmigrate-bench core` : throughput of an idle guest over loopback vs
+//! iperf3 (1 and 4 streams), and downtime/total time of a dirtying guest.
+//! Writes bench/results/core.json and prints a Markdown table.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dcmigrate::agent::api::Request;
+use dcmigrate::engine::MigrateOptions;
+use dcmigrate::testbed::Testbed;
+use dcmigrate::vm::synthetic::{Pattern, Workload};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Loopback throughput vs iperf3, and downtime under a dirtying guest.
+    Core {
+        /// Idle guest size for the throughput runs, in GiB.
+        #[arg(long, default_value_t = 4)]
+        idle_gib: u64,
+        /// Dirtying guest size in GiB and its dirty rate in MB/s.
+        #[arg(long, default_value_t = 1)]
+        dirty_gib: u64,
+        #[arg(long, default_value_t = 50.0)]
+        dirty_mbps: f64,
+        /// Repetitions of the downtime run (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
+
+fn exe() -> Result<PathBuf> {
+    // The dcmigrate binary sits next to this one in target/<profile>/.
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("dcmigrate");
+    if !p.exists() {
+        bail!("{} not found: build it first (cargo build --release)", p.display());
+    }
+    Ok(p)
+}
+
+fn ensure_iperf3() -> Result<()> {
+    if Command::new("iperf3").arg("--version").stdout(Stdio::null()).status().is_ok() {
+        return Ok(());
+    }
+    eprintln!("installing iperf3 (Debian package) for the baseline");
+    let ok = Command::new("sh")
+        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null"])
+        .status()?
+        .success();
+    if !ok {
+        bail!("iperf3 is needed for the baseline and could not be installed");
+    }
+    Ok(())
+}
+
+/// iperf3 over loopback with `streams` parallel streams, in MB/s.
+fn iperf3(streams: usize) -> Result<f64> {
+    let port = "25201";
+    let mut server = Command::new("iperf3").args(["-s", "-1", "-p", port]).stdout(Stdio::null()).spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", port, "-t", "4", "-J", "-P", &streams.to_string()])
+        .output()?;
+    let _ = server.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    Ok(bps / 8e6)
+}
+
+fn migrate(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) -> Result<Value> {
+    tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options })?;
+    let r = tb.call(from, &Request::Wait { vm: vm.into() })?["report"].clone();
+    if r["result"] != "completed" {
+        bail!("migration failed: {r}");
+    }
+    Ok(r)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Touches `gib` GiB of tmpfs memory and frees it, returning the rate (MB/s).
+/// On a virtual machine the first touch of memory is slow (the hypervisor
+/// backs it on demand); a destination's fresh RAM pays that, iperf3 does not.
+/// Warming first measures the engine, not the hypervisor; the cold rate is
+/// reported alongside.
+fn touch_memory(gib: u64) -> Result<f64> {
+    let p = Path::new("/dev/shm/dcmigrate-bench-warm");
+    let t = std::time::Instant::now();
+    let st = Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", p.display()), "bs=1M", &format!("count={}", gib << 10)])
+        .stderr(Stdio::null())
+        .status()?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(p);
+    if !st.success() {
+        bail!("dd failed warming memory");
+    }
+    Ok((gib << 30) as f64 / secs / 1e6)
+}
+
+fn core(idle_gib: u64, dirty_gib: u64, dirty_mbps: f64, repeat: usize) -> Result<Value> {
+    ensure_iperf3()?;
+    let exe = exe()?;
+    let first_touch = touch_memory(2 * idle_gib + 1)?;
+    let warm_touch = touch_memory(2 * idle_gib + 1)?;
+    eprintln!("tmpfs write rate: first touch {first_touch:.0} MB/s, warm {warm_touch:.0} MB/s");
+    let mut rows = vec![];
+    {
+        let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
+        let idle = Workload { dirty_rate_mbps: 0.0, hot_fraction: 1.0, pattern: Pattern::Random, seed: 3 };
+        tb.start_guest("hostA", "idle", idle_gib << 30, &idle, false)?;
+        let mut hosts = ("hostA", "hostB");
+        for streams in [1usize, 4] {
+            let baseline = iperf3(streams)?;
+            let r = migrate(&tb, hosts.0, "idle", hosts.1, MigrateOptions { streams, ..Default::default() })?;
+            let round0 = &r["rounds"][0];
+            let mbps = round0["bytes"].as_f64().unwrap() / (round0["ms"].as_f64().unwrap() / 1e3) / 1e6;
+            eprintln!("idle {idle_gib} GiB, {streams} streams: {mbps:.0} MB/s vs iperf3 {baseline:.0} MB/s");
+            rows.push(
+                json!({"streams": streams, "guest_gib": idle_gib, "migration_mbps": mbps, "iperf3_mbps": baseline,
+                             "ratio": mbps / baseline, "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"]}),
+            );
+            hosts = (hosts.1, hosts.0);
+        }
+    }
+    let mut runs = vec![];
+    {
+        let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
+        let w = Workload { dirty_rate_mbps: dirty_mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 5 };
+        tb.start_guest("hostA", "busy", dirty_gib << 30, &w, false)?;
+        let mut hosts = ("hostA", "hostB");
+        for _ in 0..repeat {
+            let r = migrate(&tb, hosts.0, "busy", hosts.1, MigrateOptions::default())?;
+            eprintln!(
+                "busy {dirty_gib} GiB at {dirty_mbps} MB/s: total {:.0} ms, downtime {:.1} ms",
+                r["total_ms"].as_f64().unwrap(),
+                r["downtime_ms"].as_f64().unwrap()
+            );
+            runs.push(r);
+            hosts = (hosts.1, hosts.0);
+        }
+    }
+    let get = |k: &str| runs.iter().map(|r| r[k].as_f64().unwrap()).collect::<Vec<_>>();
+    let dt = json!({
+        "guest_gib": dirty_gib, "dirty_mbps": dirty_mbps, "repeat": repeat,
+        "downtime_ms_median": median(get("downtime_ms")), "total_ms_median": median(get("total_ms")),
+        "rounds": runs.iter().map(|r| r["rounds"].as_array().unwrap().len()).collect::<Vec<_>>(),
+        "downtime_phases": runs.iter().map(|r| r["downtime"].clone()).collect::<Vec<_>>(),
+    });
+    Ok(json!({"throughput": rows, "downtime": dt,
+              "memory": {"first_touch_mbps": first_touch, "warm_mbps": warm_touch}}))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+    });
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "date": date})
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&results)?;
+    match cli.cmd {
+        Cmd::Core { idle_gib, dirty_gib, dirty_mbps, repeat } => {
+            let mut v = core(idle_gib, dirty_gib, dirty_mbps, repeat)?;
+            v["machine"] = machine();
+            std::fs::write(results.join("core.json"), serde_json::to_string_pretty(&v)?)?;
+            println!("| streams | guest | dcmigrate MB/s | iperf3 MB/s | ratio |\n|---|---|---|---|---|");
+            for r in v["throughput"].as_array().unwrap() {
+                println!(
+                    "| {} | {} GiB idle | {:.0} | {:.0} | {:.2} |",
+                    r["streams"],
+                    r["guest_gib"],
+                    r["migration_mbps"].as_f64().unwrap(),
+                    r["iperf3_mbps"].as_f64().unwrap(),
+                    r["ratio"].as_f64().unwrap()
+                );
+            }
+            let d = &v["downtime"];
+            println!(
+                "\n{} GiB guest dirtying {} MB/s: downtime {:.1} ms, total {:.0} ms (medians of {}), rounds {}",
+                d["guest_gib"],
+                d["dirty_mbps"],
+                d["downtime_ms_median"].as_f64().unwrap(),
+                d["total_ms_median"].as_f64().unwrap(),
+                d["repeat"],
+                d["rounds"]
+            );
+        }
+    }
+    Ok(())
+}
