@@ -5,6 +5,7 @@
 //! The mappings are shared with the guest (and, on a destination, with
 //! remote writers): their bytes change under us, the way device DMA does.
 
+use crate::bitmap::Bitmap;
 use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
@@ -250,39 +251,52 @@ impl GuestRam {
         &self.region_bytes(region)[offset as usize..offset as usize + PAGE_SIZE]
     }
 
-    /// xxh3 of a chunk's current bytes, for end-to-end verification. Read
-    /// with pread, not through the mapping: reading a hole through a shared
-    /// mapping allocates a page, pread of a hole does not.
-    pub fn chunk_checksum(&self, chunk: usize) -> u64 {
-        use std::os::unix::fs::FileExt;
-        thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    /// xxh3 of a chunk's current bytes, for end-to-end verification. Pages
+    /// that are holes (per `data`) are hashed as zeros without being read:
+    /// reading a hole through a shared mapping would allocate it.
+    pub fn chunk_checksum(&self, chunk: usize, data: &Bitmap) -> u64 {
+        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
         let c = self.layout.chunks[chunk];
         let (region, offset) = self.layout.locate(c.first_page);
-        let m = &self.maps[region as usize];
-        BUF.with_borrow_mut(|buf| {
-            buf.resize(c.pages * PAGE_SIZE, 0);
-            match m.file.read_exact_at(buf, offset) {
-                Ok(()) => xxhash_rust::xxh3::xxh3_64(buf),
-                // Cannot happen for a file of the checked size; hash the mapping then.
-                Err(_) => xxhash_rust::xxh3::xxh3_64(
-                    &self.region_bytes(region)[offset as usize..offset as usize + c.pages * PAGE_SIZE],
-                ),
+        let bytes = &self.region_bytes(region)[offset as usize..offset as usize + c.pages * PAGE_SIZE];
+        if (c.first_page..c.first_page + c.pages).all(|p| data.get(p)) {
+            return xxhash_rust::xxh3::xxh3_64(bytes);
+        }
+        // Same digest as hashing the bytes in one go; runs of data in one update.
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut i = 0;
+        while i < c.pages {
+            let start = i;
+            let is_data = data.get(c.first_page + i);
+            while i < c.pages && data.get(c.first_page + i) == is_data {
+                i += 1;
             }
-        })
+            if is_data {
+                h.update(&bytes[start * PAGE_SIZE..i * PAGE_SIZE]);
+            } else {
+                (start..i).for_each(|_| h.update(&ZERO));
+            }
+        }
+        h.digest()
     }
 
     /// Checksums of every chunk, hashed on all cores (verification runs
     /// while the VM is paused, so this is downtime).
     pub fn checksums(&self) -> Vec<u64> {
+        let data = self.data_pages().unwrap_or_else(|e| {
+            tracing::warn!("cannot tell holes from data ({e}): hashing every page");
+            Bitmap::full(self.layout.total_pages())
+        });
         let n = self.layout.chunks.len();
         let mut out = vec![0u64; n];
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
-        let per = n.div_ceil(threads);
+        let per = n.div_ceil(threads).max(1);
+        let data = &data;
         std::thread::scope(|s| {
-            for (i, part) in out.chunks_mut(per.max(1)).enumerate() {
+            for (i, part) in out.chunks_mut(per).enumerate() {
                 s.spawn(move || {
                     for (j, sum) in part.iter_mut().enumerate() {
-                        *sum = self.chunk_checksum(i * per + j);
+                        *sum = self.chunk_checksum(i * per + j, data);
                     }
                 });
             }
@@ -291,34 +305,36 @@ impl GuestRam {
     }
 
     /// Pages that hold data in the backing files; the others are holes,
-    /// which read as zero without being allocated (SEEK_DATA/SEEK_HOLE).
-    /// Where the file system cannot tell, every page counts as data.
-    pub fn data_pages(&self) -> Result<crate::bitmap::Bitmap, MemoryError> {
+    /// which read as zero and are not allocated. Resident pages (mincore)
+    /// hold data; a page that is not resident is a hole only if SEEK_DATA
+    /// says so (it may be swapped out).
+    pub fn data_pages(&self) -> Result<Bitmap, MemoryError> {
         use std::os::fd::AsRawFd;
-        let mut out = crate::bitmap::Bitmap::new(self.layout.total_pages());
+        let mut out = Bitmap::new(self.layout.total_pages());
         for (r, (p, m)) in self.paths.iter().zip(&self.maps).enumerate() {
             let io = |source| MemoryError::Io { path: p.clone(), source };
-            let f = std::fs::File::open(p).map_err(io)?;
-            let fd = f.as_raw_fd();
+            let pages = (m.len / PAGE_SIZE as u64) as usize;
+            let mut resident = vec![0u8; pages];
+            // SAFETY: the mapping is page aligned and `pages` long; the vector has one byte per page.
+            if unsafe { libc::mincore(m.map.as_mut_ptr().cast(), m.len as usize, resident.as_mut_ptr()) } != 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+            let fd = m.file.as_raw_fd();
             let first = self.layout.region_first_page[r];
-            let mut pos: i64 = 0;
-            while (pos as u64) < m.len {
-                // SAFETY: plain syscalls on an open fd.
-                let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-                if data < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::ENXIO) {
-                        break; // only holes from here on
+            let mut next_data: i64 = -1; // cached SEEK_DATA answer
+            for (pg, &res) in resident.iter().enumerate() {
+                let off = (pg * PAGE_SIZE) as i64;
+                let has_data = res & 1 != 0 || {
+                    if next_data < off {
+                        // SAFETY: plain syscall on an open fd.
+                        let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+                        next_data = if d < 0 { i64::MAX } else { d };
                     }
-                    return Err(io(e));
+                    next_data < off + PAGE_SIZE as i64
+                };
+                if has_data {
+                    out.set(first + pg);
                 }
-                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-                let hole = if hole < 0 { m.len as i64 } else { hole };
-                let (a, b) = (data as u64 / PAGE_SIZE as u64, (hole as u64).div_ceil(PAGE_SIZE as u64));
-                for pg in a..b.min(m.len / PAGE_SIZE as u64) {
-                    out.set(first + pg as usize);
-                }
-                pos = hole;
             }
         }
         Ok(out)
@@ -368,15 +384,19 @@ mod tests {
 
     #[test]
     fn parallel_checksums_match_serial() {
-        let dir = tempfile::tempdir().unwrap();
+        // tmpfs, where RAM files live (elsewhere mincore reports page cache).
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
         let paths = vec![dir.path().join("a"), dir.path().join("b")];
         let ram = GuestRam::create(layout(), &paths).unwrap();
         ram.target(0, 4096, 8).unwrap().copy_from_slice(b"12345678");
         ram.target(1, 2 * 4096, 8).unwrap().copy_from_slice(b"12345678");
         let data: Vec<usize> = ram.data_pages().unwrap().iter_ones().collect();
         assert_eq!(data, vec![1, 7], "only written pages hold data");
-        let serial: Vec<u64> = (0..5).map(|c| ram.chunk_checksum(c)).collect();
-        assert_eq!(ram.checksums(), serial);
+        let sums = ram.checksums();
+        assert_eq!(ram.data_pages().unwrap().count(), 2, "hashing allocated nothing");
+        let all = Bitmap::full(8);
+        let serial: Vec<u64> = (0..5).map(|c| ram.chunk_checksum(c, &all)).collect();
+        assert_eq!(sums, serial, "skipping holes does not change checksums");
         assert_ne!(serial[0], serial[1]);
     }
 

@@ -148,6 +148,7 @@ struct Migration {
     sent_bytes: u64,
     send_time: Duration,
     last_sync: Instant,
+    round_start: Instant,
     paused: bool,
     resume_sent: bool,
 }
@@ -188,6 +189,7 @@ pub async fn run(
         sent_bytes: 0,
         send_time: Duration::ZERO,
         last_sync: Instant::now(),
+        round_start: Instant::now(),
         paused: false,
         resume_sent: false,
     };
@@ -413,6 +415,7 @@ impl Migration {
     /// Sends every page the destination lacks; waits until all are applied.
     async fn send_round(&mut self) -> Result<RoundReport, EngineError> {
         let t0 = Instant::now();
+        self.round_start = t0;
         let window = self.opts.streams.max(1) * PER_STREAM;
         let ram = self.ram.clone().expect("ram");
         let layout = ram.layout().clone();
@@ -506,15 +509,15 @@ impl Migration {
                 report.bytes += n * PAGE_SIZE as u64;
                 let fresh = self.ledger.fresh_count(DEST) as u64 * PAGE_SIZE as u64;
                 let elapsed = self.start.elapsed();
-                let rate = (self.sent_bytes + report.bytes) as f64 / (self.send_time.as_secs_f64() + 1e-9).max(1e-3);
+                let busy = self.send_time + self.round_start.elapsed();
+                let rate = (self.sent_bytes + report.bytes) as f64 / busy.as_secs_f64().max(1e-3);
                 self.handle.set_progress(|p| {
                     p.bytes_sent = sent;
                     p.at_destination_bytes = fresh;
                     p.remaining_bytes = p.ram_bytes.saturating_sub(fresh);
                     p.elapsed_ms = elapsed.as_secs_f64() * 1e3;
-                    if self.sent_bytes > 0 {
-                        p.rate_mbps = rate / 1e6;
-                    }
+                    p.rate_mbps = rate / 1e6;
+                    p.eta_s = (rate > 0.0).then(|| p.remaining_bytes as f64 / rate);
                 });
                 Ok(())
             }
