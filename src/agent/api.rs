@@ -27,6 +27,14 @@ pub enum Request {
         #[serde(default)]
         options: MigrateOptions,
     },
+    /// Changes the destination of the VM's running migration. With `forward`
+    /// (default) the old destination sends what it holds to the new one.
+    Retarget {
+        vm: String,
+        to: String,
+        #[serde(default = "yes")]
+        forward: bool,
+    },
     /// Progress of the VM's migration (or of all of them), with the report once finished.
     Status {
         #[serde(default)]
@@ -40,6 +48,10 @@ pub enum Request {
     Resume { vm: String },
     /// Stops the agent.
     Shutdown,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Error)]

@@ -8,22 +8,46 @@ use super::Agent;
 use crate::memory::{GuestRam, Layout};
 use crate::protocol::data::{Token, TOKEN_LEN};
 use crate::protocol::{read_message, write_message, Message, ProtocolError};
+use crate::transport::tcp::TcpSender;
+use crate::transport::{Batch, Completion, PageSender, Run};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
 use crate::vm::{IncomingVm, LaunchSpec, RamFile};
 use base64::Engine as _;
 use rand::RngCore;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::WriteHalf;
+use tokio::sync::mpsc;
 
 struct Session {
     vm: String,
     token: Token,
     ram: Arc<GuestRam>,
     incoming: Arc<dyn IncomingVm>,
+    /// Set once the source made this host a forwarder (retarget).
+    forward: Option<Arc<TcpSender>>,
 }
 
-pub async fn serve(agent: Arc<Agent>, mut s: ServerStream, peer: String) {
+type Inbox = mpsc::UnboundedReceiver<Result<Message, ProtocolError>>;
+
+pub async fn serve(agent: Arc<Agent>, s: ServerStream, peer: String) {
+    // A reader task, so that incoming messages and forwarding completions
+    // can be waited for together without losing half-read messages.
+    let (mut r, mut w) = tokio::io::split(s);
+    let (tx, mut inbox) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = read_message(&mut r).await;
+            let end = m.is_err();
+            if tx.send(m).is_err() || end {
+                break;
+            }
+        }
+    });
     let mut session: Option<Session> = None;
-    let outcome = run(&agent, &mut s, &peer, &mut session).await;
+    let outcome = run(&agent, &mut w, &mut inbox, &peer, &mut session).await;
+    reader.abort();
     if let Err(e) = &outcome {
         tracing::warn!(%peer, "control session: {e}");
     }
@@ -35,6 +59,9 @@ pub async fn serve(agent: Arc<Agent>, mut s: ServerStream, peer: String) {
 
 async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     agent.receiver.remove(&sess.token);
+    if let Some(f) = &sess.forward {
+        f.close();
+    }
     tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
     let inc = sess.incoming.clone();
     let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
@@ -45,13 +72,26 @@ async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
 /// is left in `session` afterwards is discarded by the caller.
 async fn run(
     agent: &Agent,
-    s: &mut ServerStream,
+    w: &mut WriteHalf<ServerStream>,
+    inbox: &mut Inbox,
     peer: &str,
     session: &mut Option<Session>,
 ) -> Result<(), ProtocolError> {
+    let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     loop {
-        let msg = read_message(s).await?;
-        let reply = match (msg, session.as_ref()) {
+        let msg = tokio::select! {
+            m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
+            Some(c) = forwarded.recv() => {
+                let bytes = session.as_ref().and_then(|s| s.forward.as_ref()).map_or(0, |f| f.bytes_sent());
+                let m = match c {
+                    Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes },
+                    Completion::Failed(b, e) => Message::Forwarded { batch: b.id, applied: false, error: Some(e), bytes },
+                };
+                write_message(w, &m).await?;
+                continue;
+            }
+        };
+        let reply = match (msg, session.as_mut()) {
             (Message::OpenSession { vm, regions, chunk_size, launch }, None) => {
                 match open(agent, &vm, regions, chunk_size, &launch).await {
                     Ok(sess) => {
@@ -62,6 +102,22 @@ async fn run(
                     }
                     Err(e) => Message::Error { message: e },
                 }
+            }
+            (Message::ForwardTo { host, data_addr, token, streams }, Some(sess)) => {
+                match forward_to(sess, &host, data_addr, &token, streams, fwd_tx.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(vm = %sess.vm, to = %host, "forwarding to the new destination");
+                        Message::Ok
+                    }
+                    Err(e) => Message::Error { message: e },
+                }
+            }
+            (Message::Forward { batch, runs }, Some(sess)) => {
+                if let Err(e) = forward(sess, batch, runs, fwd_tx.clone()) {
+                    let m = Message::Forwarded { batch, applied: false, error: Some(e), bytes: 0 };
+                    write_message(w, &m).await?;
+                }
+                continue;
             }
             (Message::ChecksumRequest, Some(sess)) => {
                 let ram = sess.ram.clone();
@@ -93,7 +149,7 @@ async fn run(
                         tracing::info!(vm = %rec.name, start, "switchover: VM now lives here");
                         agent.add_vm(rec);
                         agent.end_incoming(&sess.vm);
-                        write_message(s, &Message::Resumed).await?;
+                        write_message(w, &Message::Resumed).await?;
                         return Ok(());
                     }
                     Ok(Err(e)) => {
@@ -111,12 +167,67 @@ async fn run(
                 if let Some(sess) = session.take() {
                     discard(agent, sess, peer, &format!("aborted by source: {reason}")).await;
                 }
-                write_message(s, &Message::Ok).await?;
+                write_message(w, &Message::Ok).await?;
                 return Ok(());
             }
             (other, _) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
         };
-        write_message(s, &reply).await?;
+        write_message(w, &reply).await?;
+    }
+}
+
+/// Opens (or re-points) this host's data streams to a new destination.
+async fn forward_to(
+    sess: &mut Session,
+    host: &str,
+    addr: SocketAddr,
+    token: &str,
+    streams: usize,
+    completions: mpsc::UnboundedSender<Completion>,
+) -> Result<(), String> {
+    let token: Token = hex::decode(token).ok().and_then(|t| t.try_into().ok()).ok_or("bad token")?;
+    if let Some(old) = sess.forward.take() {
+        old.close();
+    }
+    let s = TcpSender::connect(addr, token, streams.clamp(1, 64), sess.ram.clone(), None, completions)
+        .await
+        .map_err(|e| format!("forwarding to {host}: {e}"))?;
+    sess.forward = Some(Arc::new(s));
+    Ok(())
+}
+
+/// Queues page runs from this host's RAM to the forward destination. The
+/// runs come from the network: each must lie inside one region.
+fn forward(
+    sess: &Session,
+    batch: u64,
+    runs: Vec<(usize, usize)>,
+    completions: mpsc::UnboundedSender<Completion>,
+) -> Result<(), String> {
+    let sender = sess.forward.clone().ok_or("not forwarding")?;
+    let layout = sess.ram.layout();
+    let mut checked = vec![];
+    for (first, pages) in runs {
+        let last =
+            first.checked_add(pages).filter(|&e| pages > 0 && e <= layout.total_pages()).ok_or("run out of range")?;
+        if layout.locate(first).0 != layout.locate(last - 1).0 {
+            return Err("run crosses a region boundary".into());
+        }
+        checked.push(Run { first_page: first, pages });
+    }
+    let b = Batch { id: batch, chunk: 0, from: 0, to: 0, runs: checked, epochs: vec![] };
+    // Test hook: a slow forwarder (its pages land late), to exercise ordering.
+    match std::env::var("DCMIGRATE_TEST_FORWARD_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        Some(ms) => {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Err(b) = sender.submit(b) {
+                    let _ = completions.send(Completion::Failed(b, "forward streams closed".into()));
+                }
+            });
+            Ok(())
+        }
+        None => sender.submit(b).map_err(|_| "forward streams closed".to_string()),
     }
 }
 
@@ -185,7 +296,7 @@ async fn prepare(
     let mut token = [0u8; TOKEN_LEN];
     rand::thread_rng().fill_bytes(&mut token);
     agent.receiver.add(token, ram.clone());
-    Ok(Session { vm: vm.to_owned(), token, ram, incoming })
+    Ok(Session { vm: vm.to_owned(), token, ram, incoming, forward: None })
 }
 
 /// Test hook (DCMIGRATE_TEST_CORRUPT_CHUNK=N): flips a byte of chunk N before

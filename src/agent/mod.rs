@@ -231,7 +231,11 @@ impl Agent {
                         return Err(format!("{vm} is already migrating to {}", m.to));
                     }
                 }
-                let ctx = engine::Context { me: self.cfg.name.clone(), tls: self.cfg.tls.clone() };
+                let ctx = engine::Context {
+                    me: self.cfg.name.clone(),
+                    tls: self.cfg.tls.clone(),
+                    unordered: std::env::var_os("DCMIGRATE_TEST_UNORDERED").is_some(),
+                };
                 let handle = MigrationHandle::new(&vm, &to);
                 self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
                 let me = self.clone();
@@ -244,6 +248,19 @@ impl Agent {
                     h.finish(report);
                 });
                 Ok(json!({ "migration": handle.id }))
+            }
+            Request::Retarget { vm, to, forward } => {
+                let m = self.migration(&vm)?;
+                if m.is_done() {
+                    return Err(format!("the migration of {vm} has already finished"));
+                }
+                let addr = *self
+                    .cfg
+                    .peers
+                    .get(&to)
+                    .ok_or_else(|| format!("unknown host {to:?}: start the agent with --peer {to}=ADDR"))?;
+                m.retarget(to.clone(), addr, forward).await?;
+                Ok(json!({ "retargeted_to": to }))
             }
             Request::Status { vm } => {
                 let all: Vec<Arc<MigrationHandle>> = match vm {

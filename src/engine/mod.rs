@@ -2,26 +2,31 @@
 //! of dirty pages until the estimated downtime fits, then the switchover
 //! (pause, final round, verification, device state, resume elsewhere).
 //!
-//! Every decision about which page goes where is asked of the [`Ledger`];
-//! the engine only schedules chunks onto senders and feeds completions back.
+//! The destination can change while it runs (retarget). Every host that
+//! holds current pages can then send: the source sends what only it has, and
+//! old destinations forward what they hold, chunk by chunk from a shared
+//! pool that the source also drains from the other end, so both finish
+//! together. Every decision about which page may go where is asked of the
+//! [`Ledger`]; the engine only schedules chunks onto senders and feeds
+//! completions back.
 
+mod link;
 pub mod report;
 
-pub use report::{MigrationHandle, Outcome, Report};
+pub use report::{MigrationHandle, Outcome, Report, RetargetRequest};
 
-use crate::agent::peer::{self, ClientStream};
-use crate::bitmap::Bitmap;
-use crate::dirty::{DirtyTracker, TrackerKind};
-use crate::ledger::{HostId, Ledger};
+use crate::dirty::{DirtyTracker, SendObserver, TrackerKind};
+use crate::ledger::{HostId, Ledger, MAX_HOSTS};
 use crate::memory::{GuestRam, Layout, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
-use crate::protocol::{read_message, write_message, Message, ProtocolError};
+use crate::protocol::Message;
 use crate::tls::TlsConfig;
-use crate::transport::tcp::TcpSender;
-use crate::transport::{Batch, Completion, PageSender, Run};
+use crate::transport::{Batch, Completion, Run};
 use crate::vm::{SourceVm, VmError};
 use base64::Engine as _;
-use report::{Downtime, RoundReport};
+use link::{Link, OpenArgs};
+use report::{Downtime, RetargetReport, RoundReport};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,10 +34,8 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 const SOURCE: HostId = 0;
-const DEST: HostId = 1;
 /// Batches in flight per stream (kept below the sender's queue bound).
 const PER_STREAM: usize = 6;
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -92,10 +95,12 @@ impl Default for MigrateOptions {
 pub struct Context {
     pub me: String,
     pub tls: TlsConfig,
+    /// Test-only: disables the ledger's one-writer rule (DCMIGRATE_TEST_UNORDERED).
+    pub unordered: bool,
 }
 
 #[derive(Debug, Error)]
-enum EngineError {
+pub enum EngineError {
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -110,46 +115,57 @@ enum EngineError {
     Verify(String),
 }
 
-/// The destination as the source sees it: control stream plus page sender.
-struct Dest {
-    host: String,
-    ctrl: ClientStream,
-    sender: TcpSender,
-    completions: mpsc::UnboundedReceiver<Completion>,
+/// A retarget whose new destination is being prepared.
+struct Opening {
+    to: String,
+    forward: bool,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
-impl Dest {
-    async fn request(&mut self, m: Message) -> Result<Message, EngineError> {
-        let lost = |e: ProtocolError| e.to_string();
-        let fut = async {
-            write_message(&mut self.ctrl, &m).await.map_err(lost)?;
-            read_message(&mut self.ctrl).await.map_err(lost)
-        };
-        let r = tokio::time::timeout(CONTROL_TIMEOUT, fut).await.unwrap_or_else(|_| Err("no answer".into()));
-        r.map_err(|why| EngineError::DestinationLost { host: self.host.clone(), why })
-    }
-}
+type Opened = Result<(Arc<Link>, bool), EngineError>;
 
 struct Migration {
     ctx: Context,
     vm: Arc<dyn SourceVm>,
     opts: MigrateOptions,
     handle: Arc<MigrationHandle>,
-    to: String,
-    addr: SocketAddr,
     start: Instant,
     report: Report,
     ram: Option<Arc<GuestRam>>,
     ledger: Ledger,
     tracker: Option<Box<dyn DirtyTracker>>,
-    dest: Option<Dest>,
+    observer: Option<Arc<dyn SendObserver>>,
+    /// Host names by id; id 0 is the source.
+    hosts: Vec<String>,
+    links: HashMap<HostId, Arc<Link>>,
+    target: HostId,
+    /// Old destinations forwarding to the target, newest first.
+    forwarders: Vec<HostId>,
+    /// Chunks a forwarder can send (front: the forwarder; back: the source steals).
+    pools: HashMap<HostId, VecDeque<usize>>,
+    /// Chunks with pages only the source holds, this round.
+    queue: VecDeque<usize>,
+    /// Batches in flight by sending host.
+    outstanding: HashMap<HostId, usize>,
+    completions_tx: mpsc::UnboundedSender<Completion>,
+    completions: mpsc::UnboundedReceiver<Completion>,
+    retargets: mpsc::UnboundedReceiver<RetargetRequest>,
+    opened_tx: mpsc::UnboundedSender<Opened>,
+    opened: mpsc::UnboundedReceiver<Opened>,
+    opening: Option<Opening>,
     next_batch: u64,
-    /// Bytes applied and time spent sending, for the throughput estimate.
-    sent_bytes: u64,
-    send_time: Duration,
+    /// Bytes applied at the target and time spent, for the throughput estimate.
+    applied_bytes: u64,
+    busy_time: Duration,
     last_sync: Instant,
     round_start: Instant,
+    round: RoundReport,
+    /// Bytes the source submitted this round, for `max_bandwidth_mbps`.
+    paced_bytes: u64,
+    pace_until: Option<tokio::time::Instant>,
     paused: bool,
+    /// Past the point where the destination can change.
+    switching: bool,
     resume_sent: bool,
 }
 
@@ -172,28 +188,46 @@ pub async fn run(
         streams: opts.streams,
         ..Default::default()
     };
+    let (completions_tx, completions) = mpsc::unbounded_channel();
+    let (opened_tx, opened) = mpsc::unbounded_channel();
+    let retargets = handle.take_retargets();
     let mut m = Migration {
+        hosts: vec![ctx.me.clone()],
         ctx,
         vm,
         opts,
         handle,
-        to,
-        addr,
         start: Instant::now(),
         report,
         ram: None,
         ledger: Ledger::new(0, SOURCE),
         tracker: None,
-        dest: None,
+        observer: None,
+        links: HashMap::new(),
+        target: SOURCE,
+        forwarders: vec![],
+        pools: HashMap::new(),
+        queue: VecDeque::new(),
+        outstanding: HashMap::new(),
+        completions_tx,
+        completions,
+        retargets,
+        opened_tx,
+        opened,
+        opening: None,
         next_batch: 1,
-        sent_bytes: 0,
-        send_time: Duration::ZERO,
+        applied_bytes: 0,
+        busy_time: Duration::ZERO,
         last_sync: Instant::now(),
         round_start: Instant::now(),
+        round: RoundReport::default(),
+        paced_bytes: 0,
+        pace_until: None,
         paused: false,
+        switching: false,
         resume_sent: false,
     };
-    let result = m.execute().await;
+    let result = m.execute(to, addr).await;
     m.finish(result).await
 }
 
@@ -218,14 +252,55 @@ impl Migration {
         Ok(tokio::task::spawn_blocking(move || f(vm)).await.map_err(|e| EngineError::Setup(e.to_string()))??)
     }
 
-    async fn execute(&mut self) -> Result<(), EngineError> {
-        self.setup().await?;
+    fn ram(&self) -> Arc<GuestRam> {
+        self.ram.clone().expect("RAM is mapped after setup")
+    }
+
+    fn target_link(&self) -> Arc<Link> {
+        self.links[&self.target].clone()
+    }
+
+    async fn execute(&mut self, to: String, addr: SocketAddr) -> Result<(), EngineError> {
+        self.setup(to, addr).await?;
         let switchover = self.precopy().await?;
         self.report.switchover = Some(switchover.into());
         self.switchover().await
     }
 
-    async fn setup(&mut self) -> Result<(), EngineError> {
+    /// Opens a session on `host` as host id `id` (runs as its own task, so
+    /// that a slow or unreachable host does not stall the migration).
+    fn open_link(
+        &self,
+        host: String,
+        id: HostId,
+        addr: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<Arc<Link>, EngineError>> + Send + 'static {
+        let tls = self.ctx.tls.clone();
+        let me = self.ctx.me.clone();
+        let rec = self.vm.record().clone();
+        let (chunk_size, streams) = (self.opts.chunk_size, self.opts.streams);
+        let ram = self.ram();
+        let observer = self.observer.clone();
+        let completions = self.completions_tx.clone();
+        async move {
+            Link::open(OpenArgs {
+                tls: &tls,
+                me: &me,
+                host: &host,
+                id,
+                addr,
+                vm: &rec,
+                chunk_size,
+                streams,
+                ram,
+                observer,
+                completions,
+            })
+            .await
+        }
+    }
+
+    async fn setup(&mut self, to: String, addr: SocketAddr) -> Result<(), EngineError> {
         self.phase("setup");
         let rec = self.vm.record().clone();
         let layout = Layout::new(rec.regions(), self.opts.chunk_size).map_err(|e| EngineError::Setup(e.to_string()))?;
@@ -235,9 +310,14 @@ impl Migration {
                 .map_err(|e| EngineError::Setup(format!("mapping the VM's RAM: {e}")))?,
         );
         self.ledger = Ledger::new(layout.total_pages(), SOURCE);
+        self.ledger.set_unordered(self.ctx.unordered);
+        if self.ctx.unordered {
+            tracing::warn!("test switch: the one-writer rule is OFF; pages may arrive stale");
+        }
         self.handle.set_progress(|p| {
             p.ram_bytes = layout.total_bytes();
             p.remaining_bytes = layout.total_bytes();
+            p.target = to.clone();
         });
 
         // Tracker: the one asked for, else the VM's best that passes its self-test.
@@ -265,50 +345,17 @@ impl Migration {
             .as_mut()
             .ok_or_else(|| EngineError::Setup(format!("no dirty tracker works: {}", errors.join("; "))))?;
         self.report.tracker = Some(tracker.kind().name().into());
-        let observer = tracker.observer();
+        self.observer = tracker.observer();
+        self.ram = Some(ram.clone());
         self.check_cancel()?;
 
-        // Destination session.
-        let host = self.to.clone();
-        let lost = |why: String| EngineError::DestinationLost { host: host.clone(), why };
-        let ctrl = peer::connect(&self.ctx.tls, &self.ctx.me, &self.to, self.addr)
-            .await
-            .map_err(|e| EngineError::Setup(e.to_string()))?;
-        let mut ctrl = ctrl;
-        let open = Message::OpenSession {
-            vm: rec.name.clone(),
-            regions: rec.regions(),
-            chunk_size: self.opts.chunk_size,
-            launch: rec.launch.clone(),
-        };
-        write_message(&mut ctrl, &open).await.map_err(|e| lost(e.to_string()))?;
-        let (port, token) = match read_message(&mut ctrl).await {
-            Ok(Message::SessionOpened { data_port, token }) => (data_port, token),
-            Ok(other) => return Err(lost(format!("unexpected {}", other.name()))),
-            Err(ProtocolError::Peer(m)) => {
-                return Err(EngineError::Setup(format!("{} refused the migration: {m}", self.to)))
-            }
-            Err(e) => return Err(lost(e.to_string())),
-        };
-        let token: [u8; 32] =
-            hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
-        let (tx, completions) = mpsc::unbounded_channel();
-        let data_addr = SocketAddr::new(self.addr.ip(), port);
-        let sender = TcpSender::connect(data_addr, token, self.opts.streams, ram.clone(), observer, tx)
-            .await
-            .map_err(|e| lost(e.to_string()));
-        let sender = match sender {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = write_message(&mut ctrl, &Message::Abort { reason: e.to_string() }).await;
-                return Err(e);
-            }
-        };
-        self.dest = Some(Dest { host: self.to.clone(), ctrl, sender, completions });
+        self.hosts.push(to.clone());
+        let link = self.open_link(to, 1, addr).await?;
+        self.links.insert(1, link);
+        self.target = 1;
         // Everything is unsent: start tracking from here.
         self.tracker.as_mut().expect("tracker").sync(&ram).map_err(|e| EngineError::Setup(e.to_string()))?;
         self.last_sync = Instant::now();
-        self.ram = Some(ram);
         self.skip_holes().await;
         Ok(())
     }
@@ -318,7 +365,7 @@ impl Migration {
     /// without even reading them). A page written after the scan is in the
     /// tracker's next sync, which makes it stale again.
     async fn skip_holes(&mut self) {
-        let ram = self.ram.clone().expect("ram");
+        let ram = self.ram();
         let data = match tokio::task::spawn_blocking(move || ram.data_pages()).await {
             Ok(Ok(d)) => d,
             other => {
@@ -328,43 +375,44 @@ impl Migration {
         };
         let mut n = 0;
         for p in (0..self.ledger.pages()).filter(|&p| !data.get(p)) {
-            if let Some(e) = self.ledger.begin(p, SOURCE, DEST) {
-                n += u64::from(self.ledger.finish(p, SOURCE, DEST, e, true));
+            if let Some(e) = self.ledger.begin(p, SOURCE, self.target) {
+                n += u64::from(self.ledger.finish(p, SOURCE, self.target, e, true));
             }
         }
         self.report.zero_pages_skipped = n;
     }
 
     fn remaining_bytes(&self) -> u64 {
-        (self.ledger.pages() - self.ledger.fresh_count(DEST)) as u64 * PAGE_SIZE as u64
+        (self.ledger.pages() - self.ledger.fresh_count(self.target)) as u64 * PAGE_SIZE as u64
     }
 
     fn throughput(&self) -> f64 {
-        if self.send_time.is_zero() {
-            return 0.0;
-        }
-        self.sent_bytes as f64 / self.send_time.as_secs_f64()
+        let t = self.busy_time + self.round_start.elapsed();
+        self.applied_bytes as f64 / t.as_secs_f64().max(1e-3)
     }
 
     /// Rounds of dirty pages; returns how the switchover was reached.
     async fn precopy(&mut self) -> Result<&'static str, EngineError> {
         let limit = Duration::from_millis(self.opts.downtime_ms);
         let budget = Duration::from_secs(self.opts.max_time_s);
-        for round in 0.. {
-            self.phase(&format!("round {round}"));
-            self.handle.set_progress(|p| p.round = round);
-            let mut r = self.send_round().await?;
-            r.round = round;
+        self.begin_round();
+        loop {
+            self.fill()?;
+            if !self.round_over() {
+                self.wait_event().await?;
+                continue;
+            }
+            self.end_round();
             let dirty = self.dirty_sync().await?;
-            r.dirty_pages = dirty as u64;
-            tracing::info!(round, pages = r.pages, ms = r.ms, dirty, "round done");
-            self.report.rounds.push(r);
+            let last = self.report.rounds.last_mut().expect("round recorded");
+            last.dirty_pages = dirty as u64;
+            let round = last.round;
+            tracing::info!(round, pages = last.pages, ms = last.ms, dirty, "round done");
             let estimate = Duration::from_secs_f64(self.remaining_bytes() as f64 / self.throughput().max(1.0));
             if estimate <= limit {
                 return Ok("converged");
             }
-            let out_of_budget = round + 1 >= self.opts.max_rounds || self.start.elapsed() >= budget;
-            if out_of_budget {
+            if round + 1 >= self.opts.max_rounds || self.start.elapsed() >= budget {
                 let why = format!(
                     "after {} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",
                     round + 1,
@@ -381,108 +429,103 @@ impl Migration {
                     BudgetAction::Abort => Err(EngineError::GaveUp(why)),
                 };
             }
+            self.begin_round();
         }
-        unreachable!()
     }
 
-    /// Asks the tracker what changed and tells the ledger; returns the count.
-    async fn dirty_sync(&mut self) -> Result<usize, EngineError> {
-        let mut tracker = self.tracker.take().expect("tracker");
-        let ram = self.ram.clone().expect("ram");
-        let (tracker, dirty) = tokio::task::spawn_blocking(move || {
-            let d = tracker.sync(&ram);
-            (tracker, d)
-        })
-        .await
-        .map_err(|e| EngineError::Setup(e.to_string()))?;
-        self.tracker = Some(tracker);
-        let dirty: Bitmap = dirty.map_err(|e| EngineError::Setup(e.to_string()))?;
-        self.ledger.dirty_sync(&dirty);
-        let n = dirty.count();
-        let secs = self.last_sync.elapsed().as_secs_f64().max(1e-3);
-        self.last_sync = Instant::now();
-        let remaining = self.remaining_bytes();
-        let rate = self.throughput();
-        self.handle.set_progress(|p| {
-            p.dirty_rate_mbps = n as f64 * PAGE_SIZE as f64 / secs / 1e6;
-            p.remaining_bytes = remaining;
-            p.at_destination_bytes = p.ram_bytes - remaining;
-            p.eta_s = (rate > 0.0).then(|| remaining as f64 / rate);
-        });
-        Ok(n)
+    /// A round is over when the source has nothing left to send and nothing
+    /// in flight, and either it sent something or the forwarders are idle
+    /// too (so it does not spin through empty rounds while they work).
+    fn round_over(&self) -> bool {
+        let forwarding: usize = self.forwarders.iter().map(|f| self.outstanding(*f)).sum();
+        self.queue.is_empty()
+            && self.pools.values().all(|p| p.is_empty())
+            && self.outstanding(SOURCE) == 0
+            && self.pace_until.is_none()
+            && (self.round.pages > 0 || forwarding == 0)
     }
 
-    /// Sends every page the destination lacks; waits until all are applied.
-    async fn send_round(&mut self) -> Result<RoundReport, EngineError> {
-        let t0 = Instant::now();
-        self.round_start = t0;
-        let window = self.opts.streams.max(1) * PER_STREAM;
-        let ram = self.ram.clone().expect("ram");
-        let layout = ram.layout().clone();
-        let mut outstanding = 0usize;
-        let mut report = RoundReport::default();
-        let cap = self.opts.max_bandwidth_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6);
-        let mut submitted = 0u64;
-        for (ci, chunk) in layout.chunks().iter().enumerate() {
-            let mut runs: Vec<Run> = vec![];
-            let mut epochs = vec![];
-            for p in chunk.first_page..chunk.first_page + chunk.pages {
-                if self.ledger.is_fresh(p, DEST) {
+    fn outstanding(&self, h: HostId) -> usize {
+        self.outstanding.get(&h).copied().unwrap_or(0)
+    }
+
+    fn begin_round(&mut self) {
+        self.round = RoundReport { round: self.report.rounds.len() as u32, ..Default::default() };
+        self.round_start = Instant::now();
+        self.paced_bytes = 0;
+        self.handle.set_progress(|p| p.round = self.round.round);
+        self.plan();
+    }
+
+    fn end_round(&mut self) {
+        let dt = self.round_start.elapsed();
+        self.round.ms = dt.as_secs_f64() * 1e3;
+        if self.round.bytes > 0 {
+            self.busy_time += dt;
+        }
+        self.round_start = Instant::now();
+        self.report.rounds.push(self.round.clone());
+    }
+
+    /// Sorts the chunks with pages the target lacks: into the pool of the
+    /// newest forwarder holding some of them, and into the source's queue if
+    /// some are held by no forwarder. Releases forwarders with nothing left.
+    fn plan(&mut self) {
+        self.queue.clear();
+        self.pools.clear();
+        let ram = self.ram();
+        let t = self.target;
+        for (ci, c) in ram.layout().chunks().iter().enumerate() {
+            let (mut own, mut pool) = (false, None);
+            for p in c.first_page..c.first_page + c.pages {
+                if self.ledger.is_fresh(p, t) || self.ledger.is_busy(p, t) {
                     continue;
                 }
-                let Some(e) = self.ledger.begin(p, SOURCE, DEST) else {
-                    continue;
-                };
-                epochs.push(e);
-                match runs.last_mut() {
-                    Some(r) if r.first_page + r.pages == p => r.pages += 1,
-                    _ => runs.push(Run { first_page: p, pages: 1 }),
+                match self.forwarders.iter().find(|&&f| self.ledger.is_fresh(p, f)) {
+                    Some(&f) => pool = pool.or(Some(f)),
+                    None => own = true,
                 }
             }
-            if runs.is_empty() {
+            if own {
+                self.queue.push_back(ci);
+            }
+            if let Some(f) = pool {
+                self.pools.entry(f).or_default().push_back(ci);
+            }
+        }
+        for f in self.forwarders.clone() {
+            if self.pools.get(&f).is_none_or(|p| p.is_empty()) && self.outstanding(f) == 0 {
+                self.release(f, "it holds nothing the new destination lacks");
+            }
+        }
+    }
+
+    /// Pages of chunk `ci` that `from` sends to the target now, begun in the
+    /// ledger (busy pages are skipped: one writer per page at a time).
+    fn make_batch(&mut self, ci: usize, from: HostId, only_own: bool) -> Option<Batch> {
+        let c = self.ram().layout().chunks()[ci];
+        let t = self.target;
+        let (mut runs, mut epochs): (Vec<Run>, Vec<u32>) = (vec![], vec![]);
+        for p in c.first_page..c.first_page + c.pages {
+            if self.ledger.is_fresh(p, t) {
                 continue;
             }
-            while outstanding >= window {
-                self.next_completion(&mut report).await?;
-                outstanding -= 1;
+            if from == SOURCE && only_own && self.forwarders.iter().any(|&f| self.ledger.is_fresh(p, f)) {
+                continue;
             }
-            let bytes = epochs.len() as u64 * PAGE_SIZE as u64;
-            if let Some(rate) = cap {
-                // Pace submissions: never ahead of rate × elapsed.
-                let due = Duration::from_secs_f64(submitted as f64 / rate);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.handle.cancel.cancelled(), if !self.resume_sent => {
-                            let b = Batch { id: 0, chunk: ci, from: SOURCE, to: DEST, runs, epochs };
-                            self.abandon(&b);
-                            return Err(EngineError::Cancelled);
-                        }
-                    }
-                }
-                submitted += bytes;
+            let Some(e) = self.ledger.begin(p, from, t) else { continue };
+            epochs.push(e);
+            match runs.last_mut() {
+                Some(r) if r.first_page + r.pages == p => r.pages += 1,
+                _ => runs.push(Run { first_page: p, pages: 1 }),
             }
-            let batch = Batch { id: self.next_batch, chunk: ci, from: SOURCE, to: DEST, runs, epochs };
-            self.next_batch += 1;
-            let dest = self.dest.as_ref().expect("dest");
-            if let Err(b) = dest.sender.submit(batch) {
-                let host = dest.host.clone();
-                self.abandon(&b);
-                return Err(EngineError::DestinationLost { host, why: "data streams closed".into() });
-            }
-            outstanding += 1;
         }
-        while outstanding > 0 {
-            self.next_completion(&mut report).await?;
-            outstanding -= 1;
+        if runs.is_empty() {
+            return None;
         }
-        let dt = t0.elapsed();
-        report.ms = dt.as_secs_f64() * 1e3;
-        if report.bytes > 0 {
-            self.sent_bytes += report.bytes;
-            self.send_time += dt;
-        }
-        Ok(report)
+        let id = self.next_batch;
+        self.next_batch += 1;
+        Some(Batch { id, chunk: ci, from, to: t, runs, epochs })
     }
 
     fn abandon(&mut self, b: &Batch) {
@@ -491,42 +534,320 @@ impl Migration {
         }
     }
 
-    async fn next_completion(&mut self, report: &mut RoundReport) -> Result<(), EngineError> {
-        let dest = self.dest.as_mut().expect("dest");
-        let c = tokio::select! {
-            c = dest.completions.recv() => c,
-            _ = self.handle.cancel.cancelled(), if !self.resume_sent => return Err(EngineError::Cancelled),
-        };
-        let host = dest.host.clone();
-        let sent = dest.sender.bytes_sent();
-        match c {
-            Some(Completion::Applied(b)) => {
-                let n = b.page_count() as u64;
-                for (p, e) in b.pages().zip(&b.epochs) {
-                    self.ledger.finish(p, b.from, b.to, *e, true);
+    /// Hands out work up to each sender's window.
+    fn fill(&mut self) -> Result<(), EngineError> {
+        let window = self.opts.streams.max(1) * PER_STREAM;
+        for f in self.forwarders.clone() {
+            while self.outstanding(f) < window {
+                let Some(ci) = self.pools.get_mut(&f).and_then(|p| p.pop_front()) else { break };
+                let Some(b) = self.make_batch(ci, f, false) else { continue };
+                if let Err(b) = self.links[&f].forward(b) {
+                    self.abandon(&b);
+                    self.forwarder_lost(f, "control connection closed");
+                    break;
                 }
-                report.pages += n;
-                report.bytes += n * PAGE_SIZE as u64;
-                let fresh = self.ledger.fresh_count(DEST) as u64 * PAGE_SIZE as u64;
-                let elapsed = self.start.elapsed();
-                let busy = self.send_time + self.round_start.elapsed();
-                let rate = (self.sent_bytes + report.bytes) as f64 / busy.as_secs_f64().max(1e-3);
-                self.handle.set_progress(|p| {
-                    p.bytes_sent = sent;
-                    p.at_destination_bytes = fresh;
-                    p.remaining_bytes = p.ram_bytes.saturating_sub(fresh);
-                    p.elapsed_ms = elapsed.as_secs_f64() * 1e3;
-                    p.rate_mbps = rate / 1e6;
-                    p.eta_s = (rate > 0.0).then(|| p.remaining_bytes as f64 / rate);
+                *self.outstanding.entry(f).or_default() += 1;
+            }
+        }
+        let cap = self.opts.max_bandwidth_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6);
+        while self.outstanding(SOURCE) < window && self.pace_until.is_none() {
+            let (ci, only_own) = match self.queue.pop_front() {
+                Some(ci) => (ci, true),
+                None => match self.steal() {
+                    Some(ci) => (ci, false),
+                    None => break,
+                },
+            };
+            let Some(b) = self.make_batch(ci, SOURCE, only_own) else { continue };
+            let bytes = b.epochs.len() as u64 * PAGE_SIZE as u64;
+            if let Err(b) = self.target_link().submit(b) {
+                self.abandon(&b);
+                return Err(EngineError::DestinationLost {
+                    host: self.hosts[self.target as usize].clone(),
+                    why: "data streams closed".into(),
                 });
+            }
+            *self.outstanding.entry(SOURCE).or_default() += 1;
+            if let Some(rate) = cap {
+                // Never ahead of rate × elapsed.
+                self.paced_bytes += bytes;
+                let due = Duration::from_secs_f64(self.paced_bytes as f64 / rate);
+                if let Some(wait) = due.checked_sub(self.round_start.elapsed()) {
+                    self.pace_until = Some(tokio::time::Instant::now() + wait);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A chunk from the back of the longest forwarder pool, for the source.
+    fn steal(&mut self) -> Option<usize> {
+        self.pools.values_mut().filter(|p| !p.is_empty()).max_by_key(|p| p.len())?.pop_back()
+    }
+
+    async fn wait_event(&mut self) -> Result<(), EngineError> {
+        let pace = self.pace_until;
+        tokio::select! {
+            c = self.completions.recv() => match c {
+                Some(c) => self.on_completion(c),
+                None => Err(EngineError::Setup("completion channel closed".into())),
+            },
+            r = self.retargets.recv(), if !self.switching => {
+                if let Some(r) = r {
+                    self.start_retarget(r);
+                }
                 Ok(())
             }
-            Some(Completion::Failed(b, why)) => {
-                self.abandon(&b);
-                Err(EngineError::DestinationLost { host, why })
+            o = self.opened.recv() => {
+                if let Some(o) = o {
+                    self.install_target(o).await;
+                }
+                Ok(())
             }
-            None => Err(EngineError::DestinationLost { host, why: "data plane closed".into() }),
+            _ = tokio::time::sleep_until(pace.unwrap_or_else(tokio::time::Instant::now)), if pace.is_some() => {
+                self.pace_until = None;
+                Ok(())
+            }
+            _ = self.handle.cancel.cancelled(), if !self.resume_sent => Err(EngineError::Cancelled),
         }
+    }
+
+    fn on_completion(&mut self, c: Completion) -> Result<(), EngineError> {
+        let (b, applied, why) = match c {
+            Completion::Applied(b) => (b, true, String::new()),
+            Completion::Failed(b, why) => (b, false, why),
+        };
+        if let Some(n) = self.outstanding.get_mut(&b.from) {
+            *n = n.saturating_sub(1);
+        }
+        let n = b.page_count() as u64;
+        let mut accepted = 0u64;
+        for (p, e) in b.pages().zip(&b.epochs) {
+            accepted += u64::from(self.ledger.finish(p, b.from, b.to, *e, applied));
+        }
+        if applied {
+            if b.to == self.target {
+                self.round.pages += n;
+                self.round.bytes += n * PAGE_SIZE as u64;
+                self.applied_bytes += n * PAGE_SIZE as u64;
+            }
+            if accepted < n {
+                tracing::debug!(batch = b.id, stale = n - accepted, "pages written meanwhile; they go again");
+            }
+            self.update_progress();
+            return Ok(());
+        }
+        if b.to == self.target && b.from == SOURCE {
+            return Err(EngineError::DestinationLost { host: self.hosts[b.to as usize].clone(), why });
+        }
+        if b.from != SOURCE && self.links.get(&b.from).is_some_and(|l| l.closed.is_cancelled()) {
+            self.forwarder_lost(b.from, &why);
+        }
+        // Other failures (transfers to an old destination, a re-pointed
+        // forwarder's last batches) only leave their pages stale.
+        Ok(())
+    }
+
+    fn update_progress(&self) {
+        let fresh = self.ledger.fresh_count(self.target) as u64 * PAGE_SIZE as u64;
+        let rate = self.throughput();
+        let sent = self.sender_bytes().values().sum::<u64>();
+        let elapsed = self.start.elapsed().as_secs_f64() * 1e3;
+        self.handle.set_progress(|p| {
+            p.bytes_sent = sent;
+            p.at_destination_bytes = fresh;
+            p.remaining_bytes = p.ram_bytes.saturating_sub(fresh);
+            p.elapsed_ms = elapsed;
+            p.rate_mbps = rate / 1e6;
+            p.eta_s = (rate > 0.0).then(|| p.remaining_bytes as f64 / rate);
+        });
+    }
+
+    /// Payload bytes each host has sent so far.
+    fn sender_bytes(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        let own: u64 = self.links.values().map(|l| l.bytes_sent()).sum();
+        out.insert(self.hosts[0].clone(), own);
+        for (id, l) in &self.links {
+            let f = l.forwarded_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            if f > 0 {
+                out.insert(self.hosts[*id as usize].clone(), f);
+            }
+        }
+        out
+    }
+
+    fn start_retarget(&mut self, r: RetargetRequest) {
+        let refuse = |r: RetargetRequest, why: String| {
+            let _ = r.reply.send(Err(why));
+        };
+        if self.switching {
+            return refuse(r, "too late: the switchover has started".into());
+        }
+        if self.opening.is_some() {
+            return refuse(r, "another retarget is being prepared".into());
+        }
+        if self.hosts.contains(&r.to) {
+            let why = format!("{} already takes part in this migration", r.to);
+            return refuse(r, why);
+        }
+        if self.hosts.len() >= MAX_HOSTS {
+            return refuse(r, format!("at most {} hosts take part in one migration", MAX_HOSTS));
+        }
+        let id = self.hosts.len() as HostId;
+        let open = self.open_link(r.to.clone(), id, r.addr);
+        // Everyone who may forward is pointed at the new destination.
+        let mut pointed: Vec<Arc<Link>> = vec![self.target_link()];
+        pointed.extend(self.forwarders.iter().map(|f| self.links[f].clone()));
+        let (forward, streams, tx, to) = (r.forward, self.opts.streams, self.opened_tx.clone(), r.to.clone());
+        tracing::info!(to = %r.to, forward, "retarget: preparing the new destination");
+        tokio::spawn(async move {
+            let result = async {
+                let link = open.await?;
+                let mut ok = forward;
+                if forward {
+                    for l in &pointed {
+                        let m = Message::ForwardTo {
+                            host: to.clone(),
+                            data_addr: link.data_addr,
+                            token: hex::encode(link.token),
+                            streams,
+                        };
+                        if let Err(e) = l.request(m).await {
+                            tracing::warn!(host = %l.host, "cannot forward to {to}: {e}");
+                            ok = false;
+                        }
+                    }
+                }
+                Ok((link, ok))
+            }
+            .await;
+            let _ = tx.send(result);
+        });
+        self.opening = Some(Opening { to: r.to, forward: r.forward, reply: r.reply });
+    }
+
+    async fn install_target(&mut self, opened: Opened) {
+        let Some(opening) = self.opening.take() else { return };
+        let (link, forwarding) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(to = %opening.to, "retarget failed, continuing to {}: {e}", self.hosts[self.target as usize]);
+                let _ = opening.reply.send(Err(e.to_string()));
+                return;
+            }
+        };
+        if self.switching {
+            link.abort("too late: switchover started").await;
+            let _ = opening.reply.send(Err("too late: the switchover has started".into()));
+            return;
+        }
+        let old = self.target;
+        let at_old = self.ledger.fresh_count(old) as u64 * PAGE_SIZE as u64;
+        self.hosts.push(opening.to.clone());
+        self.links.insert(link.id, link.clone());
+        self.target = link.id;
+        // The source stops feeding the old destination.
+        self.links[&old].close_sender();
+        if forwarding {
+            self.forwarders.insert(0, old);
+        } else {
+            let forwarders = std::mem::take(&mut self.forwarders);
+            for f in forwarders.into_iter().chain([old]) {
+                self.release(f, if opening.forward { "it cannot forward" } else { "--no-forward" });
+            }
+        }
+        let at_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(from = %self.hosts[old as usize], to = %opening.to, forwarding, at_old, "retargeted");
+        self.report.retargets.push(RetargetReport {
+            at_ms,
+            from: self.hosts[old as usize].clone(),
+            to: opening.to.clone(),
+            forwarding,
+            at_old_destination_bytes: at_old,
+            sent_before: self.sender_bytes(),
+            bytes_after: BTreeMap::new(),
+        });
+        self.report.destination = opening.to.clone();
+        let to = opening.to.clone();
+        self.handle.set_progress(|p| {
+            p.target = to;
+            p.retargets += 1;
+        });
+        self.plan();
+        self.update_progress();
+        let _ = opening.reply.send(Ok(()));
+    }
+
+    /// A forwarder is no longer needed (or no longer usable): its session is
+    /// discarded and nothing counts on its pages any more.
+    fn release(&mut self, f: HostId, why: &str) {
+        self.forwarders.retain(|&x| x != f);
+        self.pools.remove(&f);
+        self.ledger.invalidate(0..self.ledger.pages(), f);
+        if let Some(l) = self.links.get(&f).cloned() {
+            tracing::info!(host = %l.host, "releasing old destination: {why}");
+            let reason = format!("no longer needed: {why}");
+            tokio::spawn(async move { l.abort(&reason).await });
+        }
+    }
+
+    fn forwarder_lost(&mut self, f: HostId, why: &str) {
+        if !self.forwarders.contains(&f) {
+            return;
+        }
+        tracing::warn!(host = %self.hosts[f as usize], "forwarder lost ({why}); the source sends its pages");
+        self.report.forwarders_lost.push(self.hosts[f as usize].clone());
+        self.release(f, "it failed");
+        self.plan();
+    }
+
+    /// Asks the tracker what changed and tells the ledger; returns the count.
+    async fn dirty_sync(&mut self) -> Result<usize, EngineError> {
+        let mut tracker = self.tracker.take().expect("tracker");
+        let ram = self.ram();
+        let (tracker, dirty) = tokio::task::spawn_blocking(move || {
+            let d = tracker.sync(&ram);
+            (tracker, d)
+        })
+        .await
+        .map_err(|e| EngineError::Setup(e.to_string()))?;
+        self.tracker = Some(tracker);
+        let dirty = dirty.map_err(|e| EngineError::Setup(e.to_string()))?;
+        self.ledger.dirty_sync(&dirty);
+        let n = dirty.count();
+        let secs = self.last_sync.elapsed().as_secs_f64().max(1e-3);
+        self.last_sync = Instant::now();
+        self.handle.set_progress(|p| p.dirty_rate_mbps = n as f64 * PAGE_SIZE as f64 / secs / 1e6);
+        self.update_progress();
+        Ok(n)
+    }
+
+    /// Sends everything the target lacks, with every sender, until it has
+    /// all of it (the VM is paused: nothing gets dirty meanwhile).
+    async fn drain(&mut self) -> Result<(), EngineError> {
+        self.begin_round();
+        loop {
+            self.fill()?;
+            let in_flight: usize = self.outstanding.values().sum();
+            if in_flight == 0 && self.queue.is_empty() && self.pools.values().all(|p| p.is_empty()) {
+                if self.remaining_bytes() == 0 {
+                    break;
+                }
+                // Pages skipped while another writer had them: plan again.
+                self.plan();
+                if self.queue.is_empty() && self.pools.values().all(|p| p.is_empty()) {
+                    return Err(EngineError::Setup(format!(
+                        "{} bytes are stale at the destination and no host can send them",
+                        self.remaining_bytes()
+                    )));
+                }
+                continue;
+            }
+            self.wait_event().await?;
+        }
+        self.end_round();
+        Ok(())
     }
 
     async fn switchover(&mut self) -> Result<(), EngineError> {
@@ -545,10 +866,13 @@ impl Migration {
 
         self.phase("switchover: final round");
         let t = Instant::now();
-        let mut last = self.send_round().await?;
-        last.round = self.report.rounds.len() as u32;
-        self.report.rounds.push(last);
+        self.drain().await?;
         d.final_send_ms = ms(t);
+        // From here on the destination is fixed.
+        self.switching = true;
+        if let Some(o) = self.opening.take() {
+            let _ = o.reply.send(Err("too late: the switchover has started".into()));
+        }
         self.check_cancel()?;
 
         if self.opts.verify {
@@ -564,13 +888,13 @@ impl Migration {
         let t = Instant::now();
         let state = self.blocking(|vm| vm.device_state()).await?;
         self.report.device_state_bytes = state.len() as u64;
-        let dest = self.dest.as_mut().expect("dest");
+        let target = self.target_link();
         let msg = Message::DeviceState { state: base64::engine::general_purpose::STANDARD.encode(&state) };
-        match dest.request(msg).await? {
+        match target.request(msg).await? {
             Message::Ok => {}
             other => {
                 return Err(EngineError::DestinationLost {
-                    host: dest.host.clone(),
+                    host: target.host.clone(),
                     why: format!("device state: unexpected {}", other.name()),
                 })
             }
@@ -581,13 +905,11 @@ impl Migration {
         self.phase("switchover: resume on destination");
         let t = Instant::now();
         self.resume_sent = true;
-        let start = !self.opts.suspend;
-        let dest = self.dest.as_mut().expect("dest");
-        match dest.request(Message::Resume { start }).await? {
+        match target.request(Message::Resume { start: !self.opts.suspend }).await? {
             Message::Resumed => {}
             other => {
                 return Err(EngineError::DestinationLost {
-                    host: dest.host.clone(),
+                    host: target.host.clone(),
                     why: format!("resume: unexpected {}", other.name()),
                 })
             }
@@ -595,9 +917,9 @@ impl Migration {
         d.resume_ms = ms(t);
         self.report.downtime_ms = Some(ms(t_pause));
         self.report.downtime = d;
-        self.report.vm_runs_on = Some(self.to.clone());
+        self.report.vm_runs_on = Some(target.host.clone());
         if let Err(e) = self.blocking(|vm| vm.stop()).await {
-            tracing::warn!("the VM runs on {} but stopping it here failed: {e}", self.to);
+            tracing::warn!("the VM runs on {} but stopping it here failed: {e}", target.host);
         }
         Ok(())
     }
@@ -605,12 +927,12 @@ impl Migration {
     /// Compares per-chunk checksums of the paused source and the destination;
     /// resends mismatching chunks until they agree (three tries).
     async fn verify(&mut self) -> Result<(), EngineError> {
-        let ram = self.ram.clone().expect("ram");
+        let ram = self.ram();
+        let target = self.target_link();
         for _ in 0..3 {
             let r = ram.clone();
             let local = tokio::task::spawn_blocking(move || r.checksums());
-            let dest = self.dest.as_mut().expect("dest");
-            let remote = dest.request(Message::ChecksumRequest).await?;
+            let remote = target.request(Message::ChecksumRequest).await?;
             let local = local.await.map_err(|e| EngineError::Verify(e.to_string()))?;
             let Message::Checksums { sums } = remote else {
                 return Err(EngineError::Verify(format!("unexpected {}", remote.name())));
@@ -630,23 +952,34 @@ impl Migration {
             self.report.verify_mismatched_chunks += bad.len() as u32;
             for c in bad {
                 let ch = ram.layout().chunks()[c];
-                self.ledger.invalidate(ch.first_page..ch.first_page + ch.pages, DEST);
+                self.ledger.invalidate(ch.first_page..ch.first_page + ch.pages, self.target);
             }
-            let mut r = self.send_round().await?;
-            r.round = self.report.rounds.len() as u32;
-            self.report.rounds.push(r);
+            self.drain().await?;
         }
         Err(EngineError::Verify("chunks still differ after three resends".into()))
     }
 
     /// Cleans up after success or failure and completes the report.
     async fn finish(mut self, result: Result<(), EngineError>) -> Report {
-        if let Some(dest) = &self.dest {
-            self.report.bytes_by_sender.insert(self.ctx.me.clone(), dest.sender.bytes_sent());
-            dest.sender.close();
+        if let Some(o) = self.opening.take() {
+            let _ = o.reply.send(Err("the migration ended".into()));
         }
+        let bytes = self.sender_bytes();
+        for r in &mut self.report.retargets {
+            r.bytes_after =
+                bytes.iter().map(|(h, b)| (h.clone(), b - r.sent_before.get(h).copied().unwrap_or(0))).collect();
+        }
+        self.report.bytes_by_sender = bytes;
         match result {
-            Ok(()) => self.report.result = Outcome::Completed,
+            Ok(()) => {
+                self.report.result = Outcome::Completed;
+                for f in self.forwarders.clone() {
+                    self.release(f, "the migration completed");
+                }
+                for l in self.links.values() {
+                    l.close_sender();
+                }
+            }
             Err(e) => {
                 self.report.result = match e {
                     EngineError::Cancelled => Outcome::Cancelled,
@@ -656,12 +989,23 @@ impl Migration {
                 if self.resume_sent {
                     // We asked the destination to run the VM and do not know
                     // whether it did: running it here too could corrupt it.
-                    self.report.error = Some(format!("{e}; the switchover outcome is unknown, so the VM stays paused on {}: check {} before resuming it", self.ctx.me, self.to));
+                    self.report.error = Some(format!(
+                        "{e}; the switchover outcome is unknown, so the VM stays paused on {}: check {} before resuming it",
+                        self.ctx.me, self.hosts[self.target as usize]
+                    ));
                     self.report.vm_runs_on = None;
                 } else {
-                    if let Some(dest) = self.dest.as_mut() {
-                        let abort = Message::Abort { reason: e.to_string() };
-                        let _ = tokio::time::timeout(Duration::from_secs(5), dest.request(abort)).await;
+                    // Every destination, old or new, discards what it has.
+                    let aborts: Vec<_> = self
+                        .links
+                        .values()
+                        .map(|l| {
+                            let (l, why) = (l.clone(), e.to_string());
+                            tokio::spawn(async move { l.abort(&why).await })
+                        })
+                        .collect();
+                    for a in aborts {
+                        let _ = a.await;
                     }
                     let mut err = e.to_string();
                     if self.paused {
@@ -676,6 +1020,9 @@ impl Migration {
             }
         }
         self.report.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        if let Some(r) = self.report.retargets.last() {
+            self.report.after_retarget_ms = Some(self.report.total_ms - r.at_ms);
+        }
         self.report
     }
 }

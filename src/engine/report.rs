@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -71,6 +71,37 @@ pub struct Report {
     pub zero_pages_skipped: u64,
     /// Where the VM is now (host name), as far as this agent knows.
     pub vm_runs_on: Option<String>,
+    /// Every change of destination, in order.
+    pub retargets: Vec<RetargetReport>,
+    /// Time from the last retarget to the end.
+    pub after_retarget_ms: Option<f64>,
+    /// Forwarders that failed; the source sent their share.
+    pub forwarders_lost: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RetargetReport {
+    /// Milliseconds after the migration started.
+    pub at_ms: f64,
+    pub from: String,
+    pub to: String,
+    /// Whether the old destination forwarded what it held.
+    pub forwarding: bool,
+    /// Bytes of current RAM the old destination held at the retarget.
+    pub at_old_destination_bytes: u64,
+    #[serde(skip)]
+    pub sent_before: BTreeMap<String, u64>,
+    /// Payload bytes each host sent after this retarget.
+    pub bytes_after: BTreeMap<String, u64>,
+}
+
+/// A request to change the destination of a running migration.
+pub struct RetargetRequest {
+    pub to: String,
+    pub addr: std::net::SocketAddr,
+    /// false: the old destination is dropped (cancel-and-restart).
+    pub forward: bool,
+    pub reply: oneshot::Sender<Result<(), String>>,
 }
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -86,6 +117,9 @@ pub struct Progress {
     pub dirty_rate_mbps: f64,
     pub eta_s: Option<f64>,
     pub elapsed_ms: f64,
+    /// The current destination.
+    pub target: String,
+    pub retargets: u32,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -99,19 +133,38 @@ pub struct MigrationHandle {
     pub progress: Mutex<Progress>,
     report: Mutex<Option<Report>>,
     done: watch::Sender<bool>,
+    retarget_tx: mpsc::UnboundedSender<RetargetRequest>,
+    retarget_rx: Mutex<Option<mpsc::UnboundedReceiver<RetargetRequest>>>,
 }
 
 impl MigrationHandle {
     pub fn new(vm: &str, to: &str) -> Arc<Self> {
+        let (retarget_tx, rx) = mpsc::unbounded_channel();
         Arc::new(Self {
+            retarget_tx,
+            retarget_rx: Mutex::new(Some(rx)),
             id: format!("m{}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed), std::process::id()),
             vm: vm.to_owned(),
             to: to.to_owned(),
             cancel: CancellationToken::new(),
-            progress: Mutex::new(Progress { phase: "starting".into(), ..Default::default() }),
+            progress: Mutex::new(Progress { phase: "starting".into(), target: to.to_owned(), ..Default::default() }),
             report: Mutex::new(None),
             done: watch::channel(false).0,
         })
+    }
+
+    /// The engine's end of the retarget channel (taken once).
+    pub fn take_retargets(&self) -> mpsc::UnboundedReceiver<RetargetRequest> {
+        self.retarget_rx.lock().unwrap().take().unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
+
+    /// Asks the engine to change destination; waits for the outcome.
+    pub async fn retarget(&self, to: String, addr: std::net::SocketAddr, forward: bool) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.retarget_tx
+            .send(RetargetRequest { to, addr, forward, reply })
+            .map_err(|_| "the migration has ended".to_string())?;
+        rx.await.map_err(|_| "the migration has ended".to_string())?
     }
 
     pub fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
@@ -135,7 +188,7 @@ impl MigrationHandle {
 
     pub fn snapshot(&self) -> Value {
         json!({
-            "id": self.id, "vm": self.vm, "to": self.to, "done": self.is_done(),
+            "id": self.id, "vm": self.vm, "to": self.progress.lock().unwrap().target, "done": self.is_done(),
             "progress": *self.progress.lock().unwrap(),
             "report": *self.report.lock().unwrap(),
         })

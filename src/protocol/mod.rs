@@ -22,6 +22,20 @@
 //!   | --- Abort{reason} (any time before Resume) ------> |  discard RAM and VM
 //! ```
 //! A control connection that closes before `Resume` aborts the session on D.
+//!
+//! Retarget from O to N: S opens a session on N as above, then turns O into
+//! a forwarder of what it holds. S stays the coordinator: it decides, chunk
+//! by chunk, which pages O sends (the ledger's one-writer rule applies to
+//! them as to S's own), and O reports each batch once N acknowledged it.
+//! ```text
+//!  S                                   O (old destination)             N
+//!   | --- ForwardTo{N's data addr, token} --> | === data streams (token) ===> |
+//!   | <-- Ok --------------------------------- |                              |
+//!   | --- Forward{batch, page runs} ---------> | === pages, batch end =======> |
+//!   | <-- Forwarded{batch, applied, bytes} --- | <== applied ================= |
+//!   |        ... while S sends what only S has to N directly ...            |
+//!   | --- Abort{"no longer needed"} ---------> |  O discards its RAM and VM    |
+//! ```
 
 pub mod data;
 
@@ -89,6 +103,27 @@ pub enum Message {
     Resumed,
     Abort {
         reason: String,
+    },
+    /// S to an old destination: open data streams to the new one.
+    ForwardTo {
+        host: String,
+        data_addr: std::net::SocketAddr,
+        token: String,
+        streams: usize,
+    },
+    /// S to a forwarder: send these page runs (global page, count) to the
+    /// new destination. Answered by `Forwarded` when it applied them.
+    Forward {
+        batch: u64,
+        runs: Vec<(usize, usize)>,
+    },
+    Forwarded {
+        batch: u64,
+        applied: bool,
+        #[serde(default)]
+        error: Option<String>,
+        /// Payload bytes this forwarder has sent so far.
+        bytes: u64,
     },
     Ok,
     Error {
