@@ -254,6 +254,9 @@ impl Agent {
                 if m.is_done() {
                     return Err(format!("the migration of {vm} has already finished"));
                 }
+                if to == self.cfg.name {
+                    return Err(format!("{to} is the source of this migration"));
+                }
                 let addr = *self
                     .cfg
                     .peers

@@ -31,8 +31,10 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<i32> {
-    if a.retarget_at.is_some() {
-        bail!("--retarget-at: retargeting a running migration is not available in this build yet");
+    if let Some(f) = a.retarget_at {
+        if !(0.0..1.0).contains(&f) {
+            bail!("--retarget-at takes a fraction of RAM in [0, 1), got {f}");
+        }
     }
     let say = |s: String| {
         if !a.json {
@@ -50,6 +52,25 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let options = MigrateOptions { downtime_ms: a.downtime_ms, streams: a.streams, ..Default::default() };
     say("migrating demo-vm from hostA to hostB".into());
     tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;
+    if let Some(f) = a.retarget_at {
+        // Watch hostB's share, then move the target to hostC.
+        let api_a = tb.host("hostA").api.clone();
+        let reached = crate::testbed::wait_for(600, || {
+            let v = crate::agent::api::call(&api_a, &Request::Status { vm: Some("demo-vm".into()) }).ok()?;
+            let p = &v["migrations"][0]["progress"];
+            let done = v["migrations"][0]["done"] == true;
+            let frac = p["at_destination_bytes"].as_f64()? / p["ram_bytes"].as_f64()?.max(1.0);
+            (done || frac >= f).then_some(done)
+        });
+        match reached {
+            Some(false) => {
+                say(format!("{:.0}% of RAM reached hostB: retargeting to hostC", f * 100.0));
+                tb.call("hostA", &Request::Retarget { vm: "demo-vm".into(), to: "hostC".into(), forward: true })
+                    .context("retargeting to hostC")?;
+            }
+            _ => say("the migration ended before the retarget point".into()),
+        }
+    }
     let report = progress::follow(&tb.host("hostA").api, "demo-vm", a.json)?;
     progress::print_report(&report, a.json);
     let on: Vec<_> =

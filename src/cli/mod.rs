@@ -46,6 +46,21 @@ pub enum Cmd {
     Guest(GuestArgs),
     /// Live-migrate a VM of the local agent to another host.
     Migrate(MigrateArgs),
+    /// Change the destination of a running migration.
+    Retarget {
+        vm: String,
+        /// The new destination host.
+        #[arg(long)]
+        to: String,
+        /// Drop the old destination instead of having it forward what it holds
+        /// (cancel-and-restart, for comparison).
+        #[arg(long)]
+        no_forward: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// Progress or result of migrations on the local agent.
     Status {
         vm: Option<String>,
@@ -254,6 +269,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             let report = progress::follow(&m.api.api, &m.vm, m.json)?;
             progress::print_report(&report, m.json);
             Ok(progress::exit_code(&report))
+        }
+        Cmd::Retarget { vm, to, no_forward, json, api } => {
+            let v = api::call(&api.api, &Request::Retarget { vm: vm.clone(), to: to.clone(), forward: !no_forward })?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("{vm} now migrates to {to}");
+            }
+            Ok(0)
         }
         Cmd::Status { vm, json, api } => {
             let v = api::call(&api.api, &Request::Status { vm })?;

@@ -28,6 +28,7 @@ pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
         b
     });
     let mut last_phase = String::new();
+    let mut last_target = String::new();
     let mut cancel_sent = false;
     loop {
         if interrupted.load(Ordering::SeqCst) && !cancel_sent {
@@ -45,16 +46,18 @@ pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
                 b.set_position(p["at_destination_bytes"].as_u64().unwrap_or(0));
                 let eta = p["eta_s"].as_f64().map(|e| format!(" eta {e:.1}s")).unwrap_or_default();
                 b.set_message(format!(
-                    "{phase} | {:.0} MB/s | dirty {:.0} MB/s{eta}",
+                    "to {} | {phase} | {:.0} MB/s | dirty {:.0} MB/s{eta}",
+                    p["target"].as_str().unwrap_or("?"),
                     p["rate_mbps"].as_f64().unwrap_or(0.0),
                     p["dirty_rate_mbps"].as_f64().unwrap_or(0.0)
                 ));
                 b.tick();
             }
-            None if !quiet && phase != last_phase => {
+            None if !quiet && (phase != last_phase || p["target"].as_str() != Some(last_target.as_str())) => {
                 eprintln!(
-                    "[{:>7.2}s] {phase}: {} of {} MB at destination, {:.0} MB/s",
+                    "[{:>7.2}s] {phase} to {}: {} of {} MB at destination, {:.0} MB/s",
                     p["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3,
+                    p["target"].as_str().unwrap_or("?"),
                     p["at_destination_bytes"].as_u64().unwrap_or(0) / 1_000_000,
                     p["ram_bytes"].as_u64().unwrap_or(0) / 1_000_000,
                     p["rate_mbps"].as_f64().unwrap_or(0.0)
@@ -63,6 +66,7 @@ pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
             None => {}
         }
         last_phase = phase;
+        last_target = p["target"].as_str().unwrap_or("").to_owned();
         if m["done"] == Value::Bool(true) {
             if let Some(b) = bar {
                 b.finish_and_clear();
@@ -118,6 +122,25 @@ pub fn print_report(r: &Value, json: bool) {
         s("transport"),
         r["streams"]
     );
+    for t in r["retargets"].as_array().into_iter().flatten() {
+        let after: Vec<String> = t["bytes_after"]
+            .as_object()
+            .map(|m| m.iter().map(|(h, b)| format!("{h} {:.1} MB", mb(b))).collect())
+            .unwrap_or_default();
+        println!(
+            "  retarget at {:.2} s: {} -> {} ({}; {:.1} MB were at {}), sent after it: {}",
+            t["at_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            t["from"].as_str().unwrap_or("?"),
+            t["to"].as_str().unwrap_or("?"),
+            if t["forwarding"] == true { "old destination forwarded" } else { "old destination dropped" },
+            mb(&t["at_old_destination_bytes"]),
+            t["from"].as_str().unwrap_or("?"),
+            after.join(", ")
+        );
+    }
+    if let Some(ms) = r["after_retarget_ms"].as_f64() {
+        println!("  {:.2} s from the last retarget to the end", ms / 1e3);
+    }
     if let Some(by) = r["bytes_by_sender"].as_object() {
         let parts: Vec<String> = by.iter().map(|(h, b)| format!("{h} {:.1} MB", mb(b))).collect();
         println!("  sent: {} (RAM {:.1} MB)", parts.join(", "), mb(&r["ram_bytes"]));

@@ -451,6 +451,9 @@ impl Migration {
 
     fn begin_round(&mut self) {
         self.round = RoundReport { round: self.report.rounds.len() as u32, ..Default::default() };
+        if !self.paused {
+            self.phase(&format!("round {}", self.round.round));
+        }
         self.round_start = Instant::now();
         self.paced_bytes = 0;
         self.handle.set_progress(|p| p.round = self.round.round);

@@ -76,3 +76,40 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
         panic!("RAM differs: first at page {}, {pages} pages in all", i / 4096);
     }
 }
+
+/// Waits until `frac` of the VM's RAM is current at the destination (or the
+/// migration ended), then retargets to `to`. Returns false if it ended first.
+pub fn retarget_when(tb: &Testbed, from: &str, vm: &str, to: &str, frac: f64, forward: bool) -> bool {
+    let reached = wait_for(120, || {
+        let v = tb.call(from, &Request::Status { vm: Some(vm.into()) }).ok()?;
+        let m = &v["migrations"][0];
+        if m["done"] == true {
+            return Some(false);
+        }
+        let p = &m["progress"];
+        let at = p["at_destination_bytes"].as_f64()?;
+        let ram = p["ram_bytes"].as_f64()?;
+        (ram > 0.0 && at >= frac * ram).then_some(true)
+    });
+    if reached != Some(true) {
+        return false;
+    }
+    tb.call(from, &Request::Retarget { vm: vm.into(), to: to.into(), forward }).expect("retarget accepted");
+    true
+}
+
+pub fn start_migration(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) {
+    tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options }).expect("migrate accepted");
+}
+
+pub fn wait_report(tb: &Testbed, from: &str, vm: &str) -> Value {
+    tb.call(from, &Request::Wait { vm: vm.into() }).expect("wait")["report"].clone()
+}
+
+/// Pages that differ between two RAM files.
+pub fn differing_pages(a: &Path, b: &Path) -> usize {
+    let x = std::fs::read(a).unwrap();
+    let y = std::fs::read(b).unwrap();
+    assert_eq!(x.len(), y.len());
+    (0..x.len()).step_by(4096).filter(|&i| x[i..i + 4096] != y[i..i + 4096]).count()
+}
