@@ -194,8 +194,9 @@ fn no_forward_restarts_from_the_source() {
     std::fs::remove_file(ram_file(&tb, "hostA", "nf")).unwrap();
 }
 
-/// Hot pages keep being rewritten inside chunks the old destination is
-/// forwarding (slowly). With the one-writer rule the new destination ends
+/// Pages keep being rewritten inside chunks the old destination is
+/// forwarding (slowly: its forwards are held back 1.5 s, so they land after
+/// the source's newer copies would). With the one-writer rule the new destination ends
 /// identical to the source; returns the number of differing pages.
 fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
     let mut env = vec![("DCMIGRATE_TEST_FORWARD_DELAY_MS", "1500")];
@@ -203,10 +204,10 @@ fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
         env.push(("DCMIGRATE_TEST_UNORDERED", "1"));
     }
     let mut tb = Testbed::start_with_env(exe(), &["hostA", "hostB", "hostC"], &env).unwrap();
-    // Slow enough that a page overwritten by a late forward is unlikely to
-    // be written (and so resent) again before the switchover.
-    let mut w = workload(5.0);
-    w.hot_fraction = 0.25;
+    // Writes spread over all RAM, so they hit the chunks in flight at the
+    // forwarder; slow enough that a page overwritten by a late forward is
+    // unlikely to be written (and so resent) again before the switchover.
+    let w = workload(5.0);
     tb.start_guest("hostA", "hot", 64 * MIB, &w, true).unwrap();
     let opts = MigrateOptions {
         max_bandwidth_mbps: Some(30.0),

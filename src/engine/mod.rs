@@ -36,6 +36,9 @@ use tokio::sync::mpsc;
 const SOURCE: HostId = 0;
 /// Batches in flight per stream (kept below the sender's queue bound).
 const PER_STREAM: usize = 6;
+/// A forwarder's claims in flight per stream: small, because claimed chunks
+/// cannot be taken back, so they bound how long the others wait at the end.
+const FORWARD_PER_STREAM: usize = 2;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -540,8 +543,9 @@ impl Migration {
     /// Hands out work up to each sender's window.
     fn fill(&mut self) -> Result<(), EngineError> {
         let window = self.opts.streams.max(1) * PER_STREAM;
+        let forward_window = self.opts.streams.max(1) * FORWARD_PER_STREAM;
         for f in self.forwarders.clone() {
-            while self.outstanding(f) < window {
+            while self.outstanding(f) < forward_window {
                 let Some(ci) = self.pools.get_mut(&f).and_then(|p| p.pop_front()) else { break };
                 let Some(b) = self.make_batch(ci, f, false) else { continue };
                 if let Err(b) = self.links[&f].forward(b) {
