@@ -178,6 +178,14 @@ impl Agent {
         }
     }
 
+    fn peer_addr(&self, host: &str) -> Result<SocketAddr, String> {
+        self.cfg
+            .peers
+            .get(host)
+            .copied()
+            .ok_or_else(|| format!("unknown host {host:?}: start the agent with --peer {host}=ADDR"))
+    }
+
     fn migration(&self, vm: &str) -> Result<Arc<MigrationHandle>, String> {
         self.migrations.lock().unwrap().get(vm).cloned().ok_or_else(|| format!("no migration of {vm:?} on this host"))
     }
@@ -221,11 +229,7 @@ impl Agent {
                 if to == self.cfg.name {
                     return Err(format!("{vm} already runs on {to}"));
                 }
-                let addr = *self
-                    .cfg
-                    .peers
-                    .get(&to)
-                    .ok_or_else(|| format!("unknown host {to:?}: start the agent with --peer {to}=ADDR"))?;
+                let addr = self.peer_addr(&to)?;
                 if let Ok(m) = self.migration(&vm) {
                     if !m.is_done() {
                         return Err(format!("{vm} is already migrating to {}", m.to));
@@ -257,11 +261,7 @@ impl Agent {
                 if to == self.cfg.name {
                     return Err(format!("{to} is the source of this migration"));
                 }
-                let addr = *self
-                    .cfg
-                    .peers
-                    .get(&to)
-                    .ok_or_else(|| format!("unknown host {to:?}: start the agent with --peer {to}=ADDR"))?;
+                let addr = self.peer_addr(&to)?;
                 m.retarget(to.clone(), addr, forward).await?;
                 Ok(json!({ "retargeted_to": to }))
             }

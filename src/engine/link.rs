@@ -180,6 +180,19 @@ impl Link {
         }
     }
 
+    /// A request whose only acceptable reply is the message named `expected`.
+    pub async fn call(&self, m: Message, expected: &str) -> Result<(), EngineError> {
+        let what = m.name();
+        let reply = self.request(m).await?;
+        if reply.name() != expected {
+            return Err(EngineError::DestinationLost {
+                host: self.host.clone(),
+                why: format!("{what}: unexpected reply {}", reply.name()),
+            });
+        }
+        Ok(())
+    }
+
     /// Tells the host to discard its session, and waits (briefly) until it did.
     pub async fn abort(&self, reason: &str) {
         self.close_sender();

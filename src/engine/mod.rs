@@ -897,30 +897,14 @@ impl Migration {
         self.report.device_state_bytes = state.len() as u64;
         let target = self.target_link();
         let msg = Message::DeviceState { state: base64::engine::general_purpose::STANDARD.encode(&state) };
-        match target.request(msg).await? {
-            Message::Ok => {}
-            other => {
-                return Err(EngineError::DestinationLost {
-                    host: target.host.clone(),
-                    why: format!("device state: unexpected {}", other.name()),
-                })
-            }
-        }
+        target.call(msg, "ok").await?;
         d.device_state_ms = ms(t);
         self.check_cancel()?;
 
         self.phase("switchover: resume on destination");
         let t = Instant::now();
         self.resume_sent = true;
-        match target.request(Message::Resume { start: !self.opts.suspend }).await? {
-            Message::Resumed => {}
-            other => {
-                return Err(EngineError::DestinationLost {
-                    host: target.host.clone(),
-                    why: format!("resume: unexpected {}", other.name()),
-                })
-            }
-        }
+        target.call(Message::Resume { start: !self.opts.suspend }, "resumed").await?;
         d.resume_ms = ms(t);
         self.report.downtime_ms = Some(ms(t_pause));
         self.report.downtime = d;
