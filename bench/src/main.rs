@@ -4,6 +4,10 @@
 //! `dcmigrate-bench core` : throughput of an idle guest over loopback vs
 //! iperf3 (1 and 4 streams), and downtime/total time of a dirtying guest.
 //! Writes bench/results/core.json and prints a Markdown table.
+//!
+//! `dcmigrate-bench retarget` (root): three hosts in network namespaces with
+//! shaped links; retarget at several fractions, forwarding vs restart, with
+//! the ideal time from the link model. Writes bench/results/retarget.json.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -36,6 +40,18 @@ enum Cmd {
         /// Repetitions of the downtime run (median reported).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+    },
+    /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
+    Retarget {
+        #[arg(long, default_value_t = 2.0)]
+        guest_gib: f64,
+        /// Egress rate of every host, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        rate_mbit: u64,
+        #[arg(long, value_delimiter = ',', default_value = "0.1,0.3,0.5,0.7,0.9")]
+        at: Vec<f64>,
+        #[arg(long, value_delimiter = ',', default_value = "0,50")]
+        dirty_mbps: Vec<f64>,
     },
 }
 
@@ -178,11 +194,116 @@ fn machine() -> Value {
     json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "date": date})
 }
 
+/// Ideal time from the retarget to the end (no switchover costs), in ms.
+/// Each sender is limited by its egress rate `l`, the guest dirties `d`;
+/// `data` bytes must reach the new destination, `held` of them are current
+/// at the old one. Forwarding: the source alone must send what only it has,
+/// and both together send everything: max((data-held)/(l-d), data/(2l-d)).
+/// Restart: the source sends everything: data/(l-d).
+fn ideal_ms(forward: bool, data: f64, held: f64, l: f64, d: f64) -> f64 {
+    let s = if forward { ((data - held).max(0.0) / (l - d)).max(data / (2.0 * l - d)) } else { data / (l - d) };
+    s * 1e3
+}
+
+fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result<Value> {
+    use dcmigrate::memory::{GuestRam, Layout, RegionSpec, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
+    use dcmigrate::testbed::net::{cleanup_stale, Net};
+    let exe = exe()?;
+    cleanup_stale("b");
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            cleanup_stale("b");
+            std::process::exit(130);
+        }
+    });
+    let size = ((guest_gib * (1u64 << 30) as f64) as u64) & !((2 << 20) - 1);
+    let l = rate_mbit as f64 * 1e6 / 8.0;
+    let mut rows = vec![];
+    let mut n = 0;
+    for &d in dirty {
+        let net = Net::create("b", &["hostA", "hostB", "hostC"], rate_mbit, None)?;
+        let mut tb = Testbed::start_net(&exe, net)?;
+        for &f in at {
+            for forward in [true, false] {
+                n += 1;
+                let vm = format!("g{n}");
+                let w = Workload { dirty_rate_mbps: d, hot_fraction: 1.0, pattern: Pattern::Random, seed: n };
+                tb.start_guest("hostA", &vm, size, &w, false)?;
+                // Bytes that must travel: RAM less the holes the engine skips.
+                let src = tb.host("hostA").data_dir.join(format!("{vm}-ram0.ram"));
+                let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size }], DEFAULT_CHUNK_SIZE)?;
+                let data_pages = GuestRam::open(layout, &[src])?.data_pages()?.count() as f64;
+                let data = data_pages * PAGE_SIZE as f64;
+                let zero = size as f64 - data;
+                tb.call(
+                    "hostA",
+                    &Request::Migrate { vm: vm.clone(), to: "hostB".into(), options: MigrateOptions::default() },
+                )?;
+                let reached = dcmigrate::testbed::wait_for(600, || {
+                    let v = tb.call("hostA", &Request::Status { vm: Some(vm.clone()) }).ok()?;
+                    let p = &v["migrations"][0]["progress"];
+                    (p["at_destination_bytes"].as_f64()? >= f * size as f64).then_some(())
+                });
+                if reached.is_none() {
+                    bail!("{vm} never reached {f}");
+                }
+                tb.call("hostA", &Request::Retarget { vm: vm.clone(), to: "hostC".into(), forward })?;
+                let r = tb.call("hostA", &Request::Wait { vm: vm.clone() })?["report"].clone();
+                if r["result"] != "completed" {
+                    bail!("{vm}: {r}");
+                }
+                let at_old = r["retargets"][0]["at_old_destination_bytes"].as_f64().unwrap_or(0.0);
+                let held = (at_old - zero).max(0.0);
+                let ideal = ideal_ms(forward, data, held, l, d * 1e6);
+                let after = r["after_retarget_ms"].as_f64().unwrap_or(0.0);
+                let mode = if forward { "forward" } else { "restart" };
+                eprintln!("dirty {d} MB/s, retarget at {f}: {mode} {after:.0} ms after retarget (ideal {ideal:.0}), total {:.0} ms", r["total_ms"].as_f64().unwrap_or(0.0));
+                rows.push(json!({
+                    "retarget_at": f, "at_old_destination": at_old / size as f64, "dirty_mbps": d, "mode": mode,
+                    "after_retarget_ms": after, "total_ms": r["total_ms"], "ideal_ms": ideal,
+                    "ratio_to_ideal": after / ideal, "downtime_ms": r["downtime_ms"],
+                    "bytes_after": r["retargets"][0]["bytes_after"], "guest_bytes": size, "data_bytes": data,
+                }));
+                // The VM now runs on hostC: stop it there.
+                if let Some(pid) = tb.vm_on("hostC", &vm).and_then(|v| v["state"]["pid"].as_i64()) {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    dcmigrate::testbed::wait_for(10, || tb.vm_on("hostC", &vm).map_or(Some(()), |_| None));
+                }
+            }
+        }
+    }
+    Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib}))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&results)?;
     match cli.cmd {
+        Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps } => {
+            let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps)?;
+            v["machine"] = machine();
+            std::fs::write(results.join("retarget.json"), serde_json::to_string_pretty(&v)?)?;
+            println!("| dirty MB/s | retarget at | forward ms | restart ms | forward/restart | forward/ideal | restart/ideal |");
+            println!("|---|---|---|---|---|---|---|");
+            let rows = v["rows"].as_array().unwrap();
+            for pair in rows.chunks(2) {
+                let (fw, rs) = (&pair[0], &pair[1]);
+                let g = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+                println!(
+                    "| {} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                    fw["dirty_mbps"],
+                    g(fw, "retarget_at") * 100.0,
+                    g(fw, "after_retarget_ms"),
+                    g(rs, "after_retarget_ms"),
+                    g(fw, "after_retarget_ms") / g(rs, "after_retarget_ms"),
+                    g(fw, "ratio_to_ideal"),
+                    g(rs, "ratio_to_ideal")
+                );
+            }
+        }
         Cmd::Core { idle_gib, dirty_gib, dirty_mbps, repeat } => {
             let mut v = core(idle_gib, dirty_gib, dirty_mbps, repeat)?;
             v["machine"] = machine();

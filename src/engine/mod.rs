@@ -363,10 +363,10 @@ impl Migration {
         Ok(())
     }
 
-    /// The destination's RAM starts as a new zero-filled file, so pages that
-    /// are holes at the source need not travel (QEMU's zero-page skipping,
-    /// without even reading them). A page written after the scan is in the
-    /// tracker's next sync, which makes it stale again.
+    /// A destination's RAM starts as a new zero-filled file, so pages that
+    /// are holes at the source need not travel to it (QEMU's zero-page
+    /// skipping, without even reading them). A page written after the scan
+    /// is in the tracker's next sync, which makes it stale again.
     async fn skip_holes(&mut self) {
         let ram = self.ram();
         let data = match tokio::task::spawn_blocking(move || ram.data_pages()).await {
@@ -376,13 +376,17 @@ impl Migration {
                 return;
             }
         };
+        let t = self.target;
         let mut n = 0;
         for p in (0..self.ledger.pages()).filter(|&p| !data.get(p)) {
-            if let Some(e) = self.ledger.begin(p, SOURCE, self.target) {
-                n += u64::from(self.ledger.finish(p, SOURCE, self.target, e, true));
+            if self.ledger.is_fresh(p, t) {
+                continue;
+            }
+            if let Some(e) = self.ledger.begin(p, SOURCE, t) {
+                n += u64::from(self.ledger.finish(p, SOURCE, t, e, true));
             }
         }
-        self.report.zero_pages_skipped = n;
+        self.report.zero_pages_skipped += n;
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -776,6 +780,7 @@ impl Migration {
             bytes_after: BTreeMap::new(),
         });
         self.report.destination = opening.to.clone();
+        self.skip_holes().await;
         let to = opening.to.clone();
         self.handle.set_progress(|p| {
             p.target = to;

@@ -67,7 +67,8 @@ pub struct Report {
     pub verified: bool,
     pub verify_mismatched_chunks: u32,
     pub device_state_bytes: u64,
-    /// Pages never sent because they are holes (unallocated, zero) at the source.
+    /// Pages never sent because they are holes (unallocated, zero) at the
+    /// source, summed over destinations.
     pub zero_pages_skipped: u64,
     /// Where the VM is now (host name), as far as this agent knows.
     pub vm_runs_on: Option<String>,

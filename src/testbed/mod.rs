@@ -1,7 +1,10 @@
 //! Local test beds: several agents (and guests) on one machine, each a real
-//! process with its own API socket, ports, data dir and TLS identity. Used by
-//! `dcmigrate demo`, the integration tests and the benchmarks. Everything it
-//! started is stopped and removed when it is dropped.
+//! process with its own API socket, ports, data dir and TLS identity, on
+//! loopback or (as root) in network namespaces with shaped links ([`net`]).
+//! Used by `dcmigrate demo`, the integration tests and the benchmarks.
+//! Everything it started is stopped and removed when it is dropped.
+
+pub mod net;
 
 use crate::agent::api::{self, Request};
 use crate::vm::synthetic::Workload;
@@ -35,6 +38,8 @@ pub struct Testbed {
     pub hosts: Vec<Host>,
     guests: Vec<Child>,
     env: Vec<(String, String)>,
+    /// Dropped after the agents (field order), so namespaces outlive them.
+    net: Option<net::Net>,
 }
 
 /// A free port below the kernel's ephemeral range, so that no listener
@@ -72,6 +77,17 @@ impl Testbed {
 
     /// Like [`start`](Self::start), with extra environment for the agents.
     pub fn start_with_env(exe: &Path, names: &[&str], env: &[(&str, &str)]) -> Result<Self, TestbedError> {
+        Self::start_in(exe, names, env, None)
+    }
+
+    /// One agent per host of `net`, each inside its host's namespace.
+    pub fn start_net(exe: &Path, net: net::Net) -> Result<Self, TestbedError> {
+        let names: Vec<String> = net.hosts.iter().map(|h| h.name.clone()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Self::start_in(exe, &names, &[], Some(net))
+    }
+
+    fn start_in(exe: &Path, names: &[&str], env: &[(&str, &str)], net: Option<net::Net>) -> Result<Self, TestbedError> {
         let shm = Path::new("/dev/shm");
         let dir = tempfile::Builder::new()
             .prefix("dcmigrate-")
@@ -81,7 +97,10 @@ impl Testbed {
         crate::tls::init_certs(&certs, &names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(err)?;
         let mut hosts = vec![];
         for n in names {
-            let control = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let control = match net.as_ref().and_then(|net| net.host(n)) {
+                Some(h) => SocketAddr::new(h.ip, 4710),
+                None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            };
             let hdir = dir.path().join(n);
             std::fs::create_dir_all(&hdir).map_err(err)?;
             hosts.push(Host {
@@ -94,7 +113,7 @@ impl Testbed {
             });
         }
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env };
+        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env, net };
         for i in 0..tb.hosts.len() {
             tb.spawn_agent(i, &certs)?;
         }
@@ -107,7 +126,14 @@ impl Testbed {
 
     fn spawn_agent(&mut self, i: usize, certs: &Path) -> Result<(), TestbedError> {
         let h = &self.hosts[i];
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = match self.net.as_ref().and_then(|n| n.host(&h.name)) {
+            Some(nh) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &nh.ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
         for p in &self.hosts {
