@@ -64,6 +64,14 @@ impl Layout {
             )));
         }
         let chunk_pages = (chunk_size / PAGE_SIZE as u64) as usize;
+        // Layouts come from peers: bound the work before doing it.
+        if regions.len() > 64 {
+            return Err(MemoryError::Layout(format!("{} regions (at most 64)", regions.len())));
+        }
+        let chunks_needed: u64 = regions.iter().map(|r| r.size.div_ceil(chunk_size)).fold(0, u64::saturating_add);
+        if chunks_needed > 1 << 24 {
+            return Err(MemoryError::Layout(format!("{chunks_needed} chunks (at most 2^24): use larger chunks")));
+        }
         let mut region_first_page = Vec::new();
         let mut region_first_chunk = Vec::new();
         let mut chunks = Vec::new();

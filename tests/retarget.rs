@@ -195,11 +195,11 @@ fn no_forward_restarts_from_the_source() {
 }
 
 /// Pages keep being rewritten inside chunks the old destination is
-/// forwarding (slowly: its forwards are held back 1.5 s, so they land after
+/// forwarding (slowly: its forwards are held back 4 s, so they land after
 /// the source's newer copies would). With the one-writer rule the new destination ends
 /// identical to the source; returns the number of differing pages.
 fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
-    let mut env = vec![("DCMIGRATE_TEST_FORWARD_DELAY_MS", "1500")];
+    let mut env = vec![("DCMIGRATE_TEST_FORWARD_DELAY_MS", "4000")];
     if unordered {
         env.push(("DCMIGRATE_TEST_UNORDERED", "1"));
     }

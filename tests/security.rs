@@ -78,7 +78,7 @@ fn all_zero(ram: &GuestRam) -> bool {
 
 async fn open(r: &Rig, token: &Token) -> (TcpStream, u8) {
     let mut s = TcpStream::connect(r.addr).await.unwrap();
-    s.write_all(&encode_hello(token)).await.unwrap();
+    s.write_all(&encode_hello(token, 0)).await.unwrap();
     let mut st = [0u8; 1];
     s.read_exact(&mut st).await.unwrap();
     (s, st[0])

@@ -8,7 +8,7 @@ use super::Agent;
 use crate::memory::{GuestRam, Layout};
 use crate::protocol::data::{Token, TOKEN_LEN};
 use crate::protocol::{read_message, write_message, Message, ProtocolError};
-use crate::transport::tcp::TcpSender;
+use crate::transport::tcp::{Receiving, TcpSender};
 use crate::transport::{Batch, Completion, PageSender, Run};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
 use crate::vm::{IncomingVm, LaunchSpec, RamFile};
@@ -25,8 +25,10 @@ struct Session {
     token: Token,
     ram: Arc<GuestRam>,
     incoming: Arc<dyn IncomingVm>,
-    /// Set once the source made this host a forwarder (retarget).
-    forward: Option<Arc<TcpSender>>,
+    receiving: Arc<Receiving>,
+    /// Set once the source made this host a forwarder (retarget): where to
+    /// and the streams.
+    forward: Option<(String, Arc<TcpSender>)>,
 }
 
 type Inbox = mpsc::UnboundedReceiver<Result<Message, ProtocolError>>;
@@ -59,7 +61,7 @@ pub async fn serve(agent: Arc<Agent>, s: ServerStream, peer: String) {
 
 async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     agent.receiver.remove(&sess.token);
-    if let Some(f) = &sess.forward {
+    if let Some((_, f)) = &sess.forward {
         f.close();
     }
     tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
@@ -82,7 +84,7 @@ async fn run(
         let msg = tokio::select! {
             m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
             Some(c) = forwarded.recv() => {
-                let bytes = session.as_ref().and_then(|s| s.forward.as_ref()).map_or(0, |f| f.bytes_sent());
+                let bytes = session.as_ref().and_then(|s| s.forward.as_ref()).map_or(0, |(_, f)| f.bytes_sent());
                 let m = match c {
                     Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes },
                     Completion::Failed(b, e) => Message::Forwarded { batch: b.id, applied: false, error: Some(e), bytes },
@@ -103,8 +105,8 @@ async fn run(
                     Err(e) => Message::Error { message: e },
                 }
             }
-            (Message::ForwardTo { host, data_addr, token, streams }, Some(sess)) => {
-                match forward_to(sess, &host, data_addr, &token, streams, fwd_tx.clone()).await {
+            (Message::ForwardTo { host, data_addr, token, streams, sender }, Some(sess)) => {
+                match forward_to(sess, &host, data_addr, &token, sender, streams, fwd_tx.clone()).await {
                     Ok(()) => {
                         tracing::info!(vm = %sess.vm, to = %host, "forwarding to the new destination");
                         Message::Ok
@@ -112,13 +114,20 @@ async fn run(
                     Err(e) => Message::Error { message: e },
                 }
             }
-            (Message::Forward { batch, runs }, Some(sess)) => {
-                if let Err(e) = forward(sess, batch, runs, fwd_tx.clone()) {
+            (Message::Forward { batch, to, runs }, Some(sess)) => {
+                if let Err(e) = forward(sess, batch, &to, runs, fwd_tx.clone()) {
                     let m = Message::Forwarded { batch, applied: false, error: Some(e), bytes: 0 };
                     write_message(w, &m).await?;
                 }
                 continue;
             }
+            (Message::Fence { sender }, Some(sess)) => match sess.receiving.fence(sender).await {
+                Ok(()) => {
+                    tracing::info!(vm = %sess.vm, sender, "fenced a sender's data streams");
+                    Message::Ok
+                }
+                Err(e) => Message::Error { message: e.to_string() },
+            },
             (Message::ChecksumRequest, Some(sess)) => {
                 let ram = sess.ram.clone();
                 if let Ok(chunk) = std::env::var("DCMIGRATE_TEST_CORRUPT_CHUNK") {
@@ -182,17 +191,18 @@ async fn forward_to(
     host: &str,
     addr: SocketAddr,
     token: &str,
+    sender: u8,
     streams: usize,
     completions: mpsc::UnboundedSender<Completion>,
 ) -> Result<(), String> {
     let token: Token = hex::decode(token).ok().and_then(|t| t.try_into().ok()).ok_or("bad token")?;
-    if let Some(old) = sess.forward.take() {
+    if let Some((_, old)) = sess.forward.take() {
         old.close();
     }
-    let s = TcpSender::connect(addr, token, streams.clamp(1, 64), sess.ram.clone(), None, completions)
+    let s = TcpSender::connect(addr, token, sender, streams.clamp(1, 64), sess.ram.clone(), None, completions)
         .await
         .map_err(|e| format!("forwarding to {host}: {e}"))?;
-    sess.forward = Some(Arc::new(s));
+    sess.forward = Some((host.to_owned(), Arc::new(s)));
     Ok(())
 }
 
@@ -201,10 +211,14 @@ async fn forward_to(
 fn forward(
     sess: &Session,
     batch: u64,
+    to: &str,
     runs: Vec<(usize, usize)>,
     completions: mpsc::UnboundedSender<Completion>,
 ) -> Result<(), String> {
-    let sender = sess.forward.clone().ok_or("not forwarding")?;
+    let (host, sender) = sess.forward.clone().ok_or("not forwarding")?;
+    if host != to {
+        return Err(format!("forwarding to {host}, not {to}"));
+    }
     let layout = sess.ram.layout();
     let mut checked = vec![];
     for (first, pages) in runs {
@@ -295,8 +309,8 @@ async fn prepare(
     };
     let mut token = [0u8; TOKEN_LEN];
     rand::thread_rng().fill_bytes(&mut token);
-    agent.receiver.add(token, ram.clone());
-    Ok(Session { vm: vm.to_owned(), token, ram, incoming, forward: None })
+    let receiving = agent.receiver.add(token, ram.clone());
+    Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None })
 }
 
 /// Test hook (DCMIGRATE_TEST_CORRUPT_CHUNK=N): flips a byte of chunk N before

@@ -235,6 +235,12 @@ impl Agent {
                         return Err(format!("{vm} is already migrating to {}", m.to));
                     }
                 }
+                if !(1..=64).contains(&options.streams) {
+                    return Err(format!("streams must be 1 to 64, not {}", options.streams));
+                }
+                if options.max_bandwidth_mbps.is_some_and(|b| !(b >= 0.1 && b.is_finite())) {
+                    return Err("max_bandwidth_mbps must be at least 0.1".into());
+                }
                 let ctx = engine::Context {
                     me: self.cfg.name.clone(),
                     tls: self.cfg.tls.clone(),
@@ -245,7 +251,16 @@ impl Agent {
                 let me = self.clone();
                 let h = handle.clone();
                 tokio::spawn(async move {
-                    let report = engine::run(ctx, Self::source_vm(rec), to, addr, options, h.clone()).await;
+                    let vm_name = rec.name.clone();
+                    let run =
+                        tokio::spawn(engine::run(ctx, Self::source_vm(rec), to.clone(), addr, options, h.clone()));
+                    // Whatever happens, the handle gets a report: waiters never hang.
+                    let report = run.await.unwrap_or_else(|e| engine::Report {
+                        vm: vm_name,
+                        destination: to,
+                        error: Some(format!("internal error: {e}; check where the VM runs")),
+                        ..Default::default()
+                    });
                     if report.result == engine::Outcome::Completed {
                         me.vms.lock().unwrap().remove(&report.vm);
                     }

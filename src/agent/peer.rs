@@ -16,6 +16,19 @@ pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Control sessions can be idle for long (a forwarder, a destination during
+/// long rounds); keepalive makes a vanished peer end them within ~25 s, so
+/// a destination discards a session whose source is gone.
+pub fn keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::warn!("TCP keepalive: {e}");
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum PeerError {
     #[error("unknown host {0:?} (not in this agent's --peer list)")]
@@ -38,6 +51,7 @@ pub async fn connect(tls: &TlsConfig, me: &str, host: &str, addr: SocketAddr) ->
         let tcp =
             TcpStream::connect(addr).await.map_err(|source| PeerError::Connect { host: host.into(), addr, source })?;
         tcp.set_nodelay(true).ok();
+        keepalive(&tcp);
         let name = ServerName::try_from(host.to_owned()).map_err(|_| PeerError::UnknownHost(host.into()))?;
         let mut s = TlsConnector::from(tls.client.clone())
             .connect(name, tcp)
@@ -56,6 +70,7 @@ pub async fn connect(tls: &TlsConfig, me: &str, host: &str, addr: SocketAddr) ->
 
 /// Accepts a peer; returns the stream and the peer's verified host name.
 pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<(ServerStream, String), PeerError> {
+    keepalive(&tcp);
     let fut = async {
         let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut s = TlsAcceptor::from(tls.server.clone())

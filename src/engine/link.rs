@@ -85,7 +85,7 @@ impl Link {
             hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
         let sender =
-            match TcpSender::connect(data_addr, token, a.streams, a.ram, a.observer, a.completions.clone()).await {
+            match TcpSender::connect(data_addr, token, 0, a.streams, a.ram, a.observer, a.completions.clone()).await {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = write_message(&mut ctrl, &Message::Abort { reason: e.to_string() }).await;
@@ -169,7 +169,14 @@ impl Link {
         self.out.send(m).map_err(|_| lost("control connection closed".into()))?;
         let reply = tokio::select! {
             biased;
-            r = tokio::time::timeout(CONTROL_TIMEOUT, replies.recv()) => r.map_err(|_| lost("no answer".into()))?,
+            r = tokio::time::timeout(CONTROL_TIMEOUT, replies.recv()) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    // A late reply would answer the next request: give up the link.
+                    self.closed.cancel();
+                    return Err(lost("no answer".into()));
+                }
+            },
             // A reply may have arrived just before the connection closed.
             _ = self.closed.cancelled() => replies.try_recv().ok(),
         };
@@ -209,15 +216,15 @@ impl Link {
         }
     }
 
-    /// Asks this host to forward a batch from its RAM (see `ForwardTo`).
-    pub fn forward(&self, b: Batch) -> Result<(), Batch> {
+    /// Asks this host to forward a batch from its RAM to `to` (see `ForwardTo`).
+    pub fn forward(&self, b: Batch, to: &str) -> Result<(), Batch> {
         if self.closed.is_cancelled() {
             return Err(b);
         }
         let runs: Vec<(usize, usize)> = b.runs.iter().map(|r: &Run| (r.first_page, r.pages)).collect();
         let id = b.id;
         self.forwarding.lock().unwrap().insert(id, b);
-        if self.out.send(Message::Forward { batch: id, runs }).is_err() {
+        if self.out.send(Message::Forward { batch: id, to: to.to_owned(), runs }).is_err() {
             return Err(self.forwarding.lock().unwrap().remove(&id).expect("just inserted"));
         }
         Ok(())

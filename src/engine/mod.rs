@@ -125,7 +125,7 @@ struct Opening {
     reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
-type Opened = Result<(Arc<Link>, bool), EngineError>;
+type Opened = Result<Arc<Link>, EngineError>;
 
 struct Migration {
     ctx: Context,
@@ -156,6 +156,12 @@ struct Migration {
     opened_tx: mpsc::UnboundedSender<Opened>,
     opened: mpsc::UnboundedReceiver<Opened>,
     opening: Option<Opening>,
+    /// Failed forwards whose pages stay locked until the target fenced
+    /// their sender (its late frames could otherwise land on newer pages).
+    fencing: HashMap<HostId, Vec<Batch>>,
+    fenced: std::collections::HashSet<HostId>,
+    fenced_tx: mpsc::UnboundedSender<(HostId, Result<(), EngineError>)>,
+    fenced_rx: mpsc::UnboundedReceiver<(HostId, Result<(), EngineError>)>,
     next_batch: u64,
     /// Bytes applied at the target and time spent, for the throughput estimate.
     applied_bytes: u64,
@@ -193,6 +199,7 @@ pub async fn run(
     };
     let (completions_tx, completions) = mpsc::unbounded_channel();
     let (opened_tx, opened) = mpsc::unbounded_channel();
+    let (fenced_tx, fenced_rx) = mpsc::unbounded_channel();
     let retargets = handle.take_retargets();
     let mut m = Migration {
         hosts: vec![ctx.me.clone()],
@@ -218,6 +225,10 @@ pub async fn run(
         opened_tx,
         opened,
         opening: None,
+        fencing: HashMap::new(),
+        fenced: Default::default(),
+        fenced_tx,
+        fenced_rx,
         next_batch: 1,
         applied_bytes: 0,
         busy_time: Duration::ZERO,
@@ -449,6 +460,7 @@ impl Migration {
             && self.pools.values().all(|p| p.is_empty())
             && self.outstanding(SOURCE) == 0
             && self.pace_until.is_none()
+            && self.fencing.is_empty()
             && (self.round.pages > 0 || forwarding == 0)
     }
 
@@ -552,7 +564,7 @@ impl Migration {
             while self.outstanding(f) < forward_window {
                 let Some(ci) = self.pools.get_mut(&f).and_then(|p| p.pop_front()) else { break };
                 let Some(b) = self.make_batch(ci, f, false) else { continue };
-                if let Err(b) = self.links[&f].forward(b) {
+                if let Err(b) = self.links[&f].forward(b, &self.hosts[self.target as usize]) {
                     self.abandon(&b);
                     self.forwarder_lost(f, "control connection closed");
                     break;
@@ -615,6 +627,18 @@ impl Migration {
                 }
                 Ok(())
             }
+            f = self.fenced_rx.recv() => match f {
+                Some((host, Ok(()))) => {
+                    for b in self.fencing.remove(&host).unwrap_or_default() {
+                        self.abandon(&b);
+                    }
+                    self.fenced.insert(host);
+                    self.plan();
+                    Ok(())
+                }
+                Some((_, Err(e))) => Err(e),
+                None => Ok(()),
+            },
             _ = tokio::time::sleep_until(pace.unwrap_or_else(tokio::time::Instant::now)), if pace.is_some() => {
                 self.pace_until = None;
                 Ok(())
@@ -630,6 +654,23 @@ impl Migration {
         };
         if let Some(n) = self.outstanding.get_mut(&b.from) {
             *n = n.saturating_sub(1);
+        }
+        if !applied && b.from != SOURCE && b.to == self.target && !self.fenced.contains(&b.from) {
+            // A forward to the target failed: its frames may still be in
+            // flight. Its pages stay locked, this forwarder is dropped, and
+            // the target fences it before anyone may rewrite those pages.
+            let f = b.from;
+            let first = !self.fencing.contains_key(&f);
+            self.fencing.entry(f).or_default().push(b);
+            if first {
+                self.forwarder_lost(f, &why);
+                let (target, tx) = (self.target_link(), self.fenced_tx.clone());
+                tokio::spawn(async move {
+                    let r = target.call(Message::Fence { sender: f }, "ok").await;
+                    let _ = tx.send((f, r));
+                });
+            }
+            return Ok(());
         }
         let n = b.page_count() as u64;
         let mut accepted = 0u64;
@@ -650,9 +691,6 @@ impl Migration {
         }
         if b.to == self.target && b.from == SOURCE {
             return Err(EngineError::DestinationLost { host: self.hosts[b.to as usize].clone(), why });
-        }
-        if b.from != SOURCE && self.links.get(&b.from).is_some_and(|l| l.closed.is_cancelled()) {
-            self.forwarder_lost(b.from, &why);
         }
         // Other failures (transfers to an old destination, a re-pointed
         // forwarder's last batches) only leave their pages stale.
@@ -707,41 +745,18 @@ impl Migration {
         }
         let id = self.hosts.len() as HostId;
         let open = self.open_link(r.to.clone(), id, r.addr);
-        // Everyone who may forward is pointed at the new destination.
-        let mut pointed: Vec<Arc<Link>> = vec![self.target_link()];
-        pointed.extend(self.forwarders.iter().map(|f| self.links[f].clone()));
-        let (forward, streams, tx, to) = (r.forward, self.opts.streams, self.opened_tx.clone(), r.to.clone());
-        tracing::info!(to = %r.to, forward, "retarget: preparing the new destination");
+        let tx = self.opened_tx.clone();
+        tracing::info!(to = %r.to, forward = r.forward, "retarget: preparing the new destination");
         tokio::spawn(async move {
-            let result = async {
-                let link = open.await?;
-                let mut ok = forward;
-                if forward {
-                    for l in &pointed {
-                        let m = Message::ForwardTo {
-                            host: to.clone(),
-                            data_addr: link.data_addr,
-                            token: hex::encode(link.token),
-                            streams,
-                        };
-                        if let Err(e) = l.request(m).await {
-                            tracing::warn!(host = %l.host, "cannot forward to {to}: {e}");
-                            ok = false;
-                        }
-                    }
-                }
-                Ok((link, ok))
-            }
-            .await;
-            let _ = tx.send(result);
+            let _ = tx.send(open.await);
         });
         self.opening = Some(Opening { to: r.to, forward: r.forward, reply: r.reply });
     }
 
     async fn install_target(&mut self, opened: Opened) {
         let Some(opening) = self.opening.take() else { return };
-        let (link, forwarding) = match opened {
-            Ok(x) => x,
+        let link = match opened {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!(to = %opening.to, "retarget failed, continuing to {}: {e}", self.hosts[self.target as usize]);
                 let _ = opening.reply.send(Err(e.to_string()));
@@ -760,14 +775,37 @@ impl Migration {
         self.target = link.id;
         // The source stops feeding the old destination.
         self.links[&old].close_sender();
-        if forwarding {
-            self.forwarders.insert(0, old);
-        } else {
-            let forwarders = std::mem::take(&mut self.forwarders);
-            for f in forwarders.into_iter().chain([old]) {
-                self.release(f, if opening.forward { "it cannot forward" } else { "--no-forward" });
+        // Point every host that may forward at the new destination. Done
+        // here, not earlier: from now on every batch names the new target,
+        // and a forwarder refuses batches for any other.
+        let mut candidates = vec![old];
+        candidates.extend(std::mem::take(&mut self.forwarders));
+        for h in candidates {
+            let pointed = if opening.forward {
+                let m = Message::ForwardTo {
+                    host: opening.to.clone(),
+                    data_addr: link.data_addr,
+                    token: hex::encode(link.token),
+                    streams: self.opts.streams,
+                    sender: h,
+                };
+                match self.links[&h].call(m, "ok").await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(host = %self.hosts[h as usize], "cannot forward to {}: {e}", opening.to);
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            if pointed {
+                self.forwarders.push(h);
+            } else {
+                self.release(h, if opening.forward { "it cannot forward" } else { "--no-forward" });
             }
         }
+        let forwarding = self.forwarders.contains(&old);
         let at_ms = self.start.elapsed().as_secs_f64() * 1e3;
         tracing::info!(from = %self.hosts[old as usize], to = %opening.to, forwarding, at_old, "retargeted");
         self.report.retargets.push(RetargetReport {
@@ -841,7 +879,7 @@ impl Migration {
         self.begin_round();
         loop {
             self.fill()?;
-            let in_flight: usize = self.outstanding.values().sum();
+            let in_flight: usize = self.outstanding.values().sum::<usize>() + self.fencing.len();
             if in_flight == 0 && self.queue.is_empty() && self.pools.values().all(|p| p.is_empty()) {
                 if self.remaining_bytes() == 0 {
                     break;
@@ -868,6 +906,12 @@ impl Migration {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t_pause = Instant::now();
         self.phase("switchover: pause");
+        // From the pause on, the destination is fixed: a retarget now would
+        // move the whole copy into the downtime.
+        self.switching = true;
+        if let Some(o) = self.opening.take() {
+            let _ = o.reply.send(Err("too late: the switchover has started".into()));
+        }
         self.blocking(|vm| vm.pause()).await?;
         self.paused = true;
         d.pause_ms = ms(t_pause);
@@ -880,11 +924,6 @@ impl Migration {
         let t = Instant::now();
         self.drain().await?;
         d.final_send_ms = ms(t);
-        // From here on the destination is fixed.
-        self.switching = true;
-        if let Some(o) = self.opening.take() {
-            let _ = o.reply.send(Err("too late: the switchover has started".into()));
-        }
         self.check_cancel()?;
 
         if self.opts.verify {
@@ -946,9 +985,13 @@ impl Migration {
             }
             tracing::warn!(chunks = ?bad, "verification found mismatching chunks; resending them");
             self.report.verify_mismatched_chunks += bad.len() as u32;
+            // The bad copy may have come from a forwarder that would send the
+            // same bytes again: from now on only the source sends these.
             for c in bad {
                 let ch = ram.layout().chunks()[c];
-                self.ledger.invalidate(ch.first_page..ch.first_page + ch.pages, self.target);
+                for h in 1..self.hosts.len() as HostId {
+                    self.ledger.invalidate(ch.first_page..ch.first_page + ch.pages, h);
+                }
             }
             self.drain().await?;
         }

@@ -1,15 +1,17 @@
 //! Wire format of the TCP data plane: fixed-size little-endian headers.
 //!
 //! ```text
-//! sender -> receiver, once:  "DCMD" | version u16 | 0u16 | token [32]
-//! receiver -> sender, once:  status u8 (0 ok, 1 bad token, 2 bad version)
+//! sender -> receiver, once:  "DCMD" | version u16 | sender u8 | 0 | token [32]
+//! receiver -> sender, once:  status u8 (0 ok, 1 bad token, 2 bad version, 3 sender fenced)
 //! sender -> receiver:        header [24] = kind u8 | 0 [3] | region u32 | offset u64 | len u32 | 0 [4]
 //!                            kind 1 = pages (len payload bytes follow), 2 = batch end (offset = batch id)
 //! receiver -> sender:        reply [16] = kind u8 | 0 [3] | code u32 | value u64
 //!                            kind 1 = batch applied (value = batch id), 2 = error (code, then close)
 //! ```
 //! A receiver checks every header against the session's RAM before it reads
-//! the payload, so a bad frame writes nothing.
+//! the payload, so a bad frame writes nothing. `sender` names the sending
+//! host within the migration, so that a destination can fence one sender's
+//! streams (see `Message::Fence`).
 
 use crate::memory::PAGE_SIZE;
 use thiserror::Error;
@@ -26,6 +28,7 @@ pub const MAX_PAYLOAD: u32 = 4 << 20;
 pub const HELLO_OK: u8 = 0;
 pub const HELLO_BAD_TOKEN: u8 = 1;
 pub const HELLO_BAD_VERSION: u8 = 2;
+pub const HELLO_FENCED: u8 = 3;
 
 pub const ERR_BAD_FRAME: u32 = 1;
 pub const ERR_OUT_OF_BOUNDS: u32 = 2;
@@ -50,21 +53,22 @@ pub enum Frame {
     BatchEnd { batch: u64 },
 }
 
-pub fn encode_hello(token: &Token) -> [u8; HELLO_LEN] {
+pub fn encode_hello(token: &Token, sender: u8) -> [u8; HELLO_LEN] {
     let mut b = [0u8; HELLO_LEN];
     b[..4].copy_from_slice(MAGIC);
     b[4..6].copy_from_slice(&DATA_VERSION.to_le_bytes());
+    b[6] = sender;
     b[8..].copy_from_slice(token);
     b
 }
 
-/// Returns the protocol version and token of a hello.
-pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u16, Token), FrameError> {
+/// Returns the protocol version, sender and token of a hello.
+pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u16, u8, Token), FrameError> {
     if &b[..4] != MAGIC {
         return Err(FrameError::Magic);
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    Ok((version, b[8..].try_into().expect("32 bytes")))
+    Ok((version, b[6], b[8..].try_into().expect("32 bytes")))
 }
 
 impl Frame {
@@ -147,7 +151,7 @@ mod tests {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
         let t = [9u8; TOKEN_LEN];
-        assert_eq!(decode_hello(&encode_hello(&t)), Ok((DATA_VERSION, t)));
+        assert_eq!(decode_hello(&encode_hello(&t, 3)), Ok((DATA_VERSION, 3, t)));
         for r in [Reply::Applied { batch: 7 }, Reply::Error { code: 2 }] {
             assert_eq!(Reply::decode(&r.encode()), Ok(r));
         }

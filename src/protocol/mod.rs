@@ -36,6 +36,8 @@
 //!   |        ... while S sends what only S has to N directly ...            |
 //!   | --- Abort{"no longer needed"} ---------> |  O discards its RAM and VM    |
 //! ```
+//! If a forward fails, S first has N fence O's streams (`Fence`), and only
+//! then lets anyone else write those pages.
 
 pub mod data;
 
@@ -104,18 +106,28 @@ pub enum Message {
     Abort {
         reason: String,
     },
-    /// S to an old destination: open data streams to the new one.
+    /// S to an old destination: open data streams to the new one, as
+    /// sender `sender` (its host id in the migration).
     ForwardTo {
         host: String,
         data_addr: std::net::SocketAddr,
         token: String,
         streams: usize,
+        sender: u8,
     },
-    /// S to a forwarder: send these page runs (global page, count) to the
-    /// new destination. Answered by `Forwarded` when it applied them.
+    /// S to a forwarder: send these page runs (global page, count) to `to`.
+    /// Answered by `Forwarded` once `to` applied them; refused if the
+    /// forwarder is not (or no longer) forwarding to `to`.
     Forward {
         batch: u64,
+        to: String,
         runs: Vec<(usize, usize)>,
+    },
+    /// S to the destination: cut every data stream of `sender` and answer
+    /// `Ok` once none of its frames can still be written. After a sender
+    /// failed, its last frames could otherwise land on top of newer pages.
+    Fence {
+        sender: u8,
     },
     Forwarded {
         batch: u64,

@@ -24,6 +24,44 @@ pub struct Receiving {
     pub ram: Arc<GuestRam>,
     pub bytes: AtomicU64,
     pub cancel: CancellationToken,
+    senders: Mutex<HashMap<u8, SenderStreams>>,
+}
+
+/// The streams of one sending host: a token to cut them, and a count of
+/// stream tasks still alive (the strong count of `live`).
+#[derive(Clone)]
+struct SenderStreams {
+    cut: CancellationToken,
+    live: Arc<()>,
+}
+
+impl Receiving {
+    fn sender(&self, id: u8) -> SenderStreams {
+        self.senders
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_insert_with(|| SenderStreams { cut: CancellationToken::new(), live: Arc::new(()) })
+            .clone()
+    }
+
+    /// Cuts every stream of `sender` (and refuses new ones) and returns once
+    /// none of its frames can still be written: a frame is written only
+    /// after it was read whole, and never across an await, so a cut stream
+    /// task stops between frames.
+    pub async fn fence(&self, sender: u8) -> Result<(), TransportError> {
+        let s = self.sender(sender);
+        s.cut.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Our own clone plus the registry's: anything more is a live stream.
+        while Arc::strong_count(&s.live) > 2 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(TransportError::Stream(format!("streams of sender {sender} did not stop")));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
 }
 
 /// The receiving side: one listener per agent, sessions found by token.
@@ -34,7 +72,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
-        let r = Arc::new(Receiving { ram, bytes: AtomicU64::new(0), cancel: CancellationToken::new() });
+        let r = Arc::new(Receiving {
+            ram,
+            bytes: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+            senders: Mutex::new(HashMap::new()),
+        });
         self.sessions.lock().unwrap().insert(token, r.clone());
         r
     }
@@ -68,7 +111,7 @@ impl Receiver {
             .await
             .map_err(|_| TransportError::Stream("no hello within 10 s".into()))?
             .map_err(err)?;
-        let (version, token) = decode_hello(&hello).map_err(|e| TransportError::Stream(e.to_string()))?;
+        let (version, sender, token) = decode_hello(&hello).map_err(|e| TransportError::Stream(e.to_string()))?;
         if version != DATA_VERSION {
             s.write_all(&[HELLO_BAD_VERSION]).await.ok();
             return Err(TransportError::Refused(format!("data protocol version {version}")));
@@ -77,10 +120,17 @@ impl Receiver {
             s.write_all(&[HELLO_BAD_TOKEN]).await.ok();
             return Err(TransportError::Refused("unknown session token".into()));
         };
+        let streams = sess.sender(sender);
+        if streams.cut.is_cancelled() {
+            s.write_all(&[HELLO_FENCED]).await.ok();
+            return Err(TransportError::Refused(format!("sender {sender} is fenced")));
+        }
+        let _alive = streams.live.clone();
         s.write_all(&[HELLO_OK]).await.map_err(err)?;
         tokio::select! {
             r = Self::apply_frames(&sess, &mut s) => r,
             _ = sess.cancel.cancelled() => Ok(()),
+            _ = streams.cut.cancelled() => Ok(()),
         }
     }
 
@@ -130,11 +180,14 @@ pub struct TcpSender {
 }
 
 impl TcpSender {
-    /// Opens `streams` authenticated data streams to `addr`. Pages are read
-    /// from `ram`; `observer` (if any) sees every page read.
+    /// Opens `streams` authenticated data streams to `addr`, as sending host
+    /// `sender`. Pages are read from `ram`; `observer` (if any) sees every
+    /// page read.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         addr: SocketAddr,
         token: Token,
+        sender: u8,
         streams: usize,
         ram: Arc<GuestRam>,
         observer: Option<Arc<dyn SendObserver>>,
@@ -149,17 +202,23 @@ impl TcpSender {
             cancel: CancellationToken::new(),
         };
         for _ in 0..streams.max(1) {
-            let mut s = TcpStream::connect(addr)
+            let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr));
+            let mut s = connect
                 .await
+                .map_err(|_| TransportError::Connect {
+                    addr: addr.to_string(),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })?
                 .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
             s.set_nodelay(true).ok();
             let e = |e: std::io::Error| TransportError::Stream(e.to_string());
-            s.write_all(&encode_hello(&token)).await.map_err(e)?;
+            s.write_all(&encode_hello(&token, sender)).await.map_err(e)?;
             let mut status = [0u8; 1];
             s.read_exact(&mut status).await.map_err(e)?;
             match status[0] {
                 HELLO_OK => {}
                 HELLO_BAD_TOKEN => return Err(TransportError::Refused("bad session token".into())),
+                HELLO_FENCED => return Err(TransportError::Refused("this sender was fenced".into())),
                 other => return Err(TransportError::Refused(format!("status {other}"))),
             }
             let stream = Stream {
