@@ -229,7 +229,9 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
                 n += 1;
                 let vm = format!("g{n}");
                 let w = Workload { dirty_rate_mbps: d, hot_fraction: 1.0, pattern: Pattern::Random, seed: n };
-                tb.start_guest("hostA", &vm, size, &w, false)?;
+                // No holes: "x % of RAM reached the old destination" then
+                // means x % of the bytes that must travel.
+                tb.start_guest_with("hostA", &vm, size, &w, false, &["--zero-every", "0"])?;
                 // Bytes that must travel: RAM less the holes the engine skips.
                 let src = tb.host("hostA").data_dir.join(format!("{vm}-ram0.ram"));
                 let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size }], DEFAULT_CHUNK_SIZE)?;

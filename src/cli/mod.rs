@@ -178,6 +178,9 @@ pub struct GuestArgs {
     /// Keep the RAM file when the guest quits.
     #[arg(long)]
     pub keep_ram: bool,
+    /// Leave every Nth page of RAM unwritten (zero) at start; 0: none.
+    #[arg(long, default_value_t = 8)]
+    pub zero_every: usize,
     /// (agents) wait for device state on an existing RAM file.
     #[arg(long, hide = true)]
     pub incoming: bool,
@@ -361,6 +364,7 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         keep_ram: g.keep_ram,
         incoming_ram: if g.incoming { g.ram_file } else { None },
         exit_with_parent: g.exit_with_parent,
+        zero_every: g.zero_every,
     };
     let (agent, incoming) = (g.agent, g.incoming);
     crate::guest::run(opts, |rec| match &agent {

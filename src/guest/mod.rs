@@ -39,6 +39,9 @@ pub struct GuestOptions {
     /// Incoming mode: map this existing RAM file, wait for device state.
     pub incoming_ram: Option<PathBuf>,
     pub exit_with_parent: bool,
+    /// Leave every Nth page unwritten at start (a hole: zero, unallocated),
+    /// as free memory in a real guest is; 0 writes every page.
+    pub zero_every: usize,
 }
 
 /// The device state that travels at switchover, with a checksum of its own.
@@ -296,12 +299,13 @@ impl Guest {
     }
 }
 
-/// Fills RAM with non-trivial content: pseudo-random pages, every eighth page zero.
-fn fill(ram: &GuestRam, seed: u64) -> Result<(), GuestError> {
+/// Fills RAM with non-trivial content: pseudo-random pages, every
+/// `zero_every`th page left a hole.
+fn fill(ram: &GuestRam, seed: u64, zero_every: usize) -> Result<(), GuestError> {
     let pages = ram.layout().total_pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     for p in 0..pages {
-        if p % 8 == 7 {
+        if zero_every > 0 && p % zero_every == zero_every - 1 {
             continue;
         }
         let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -342,7 +346,7 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
             )));
         }
         let ram = GuestRam::create(layout.clone(), std::slice::from_ref(&ram_path))?;
-        fill(&ram, opts.workload.seed)?;
+        fill(&ram, opts.workload.seed, opts.zero_every)?;
         ram
     };
     let log = DirtyLog::create(&dirty_path, layout.total_pages())?;

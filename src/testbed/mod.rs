@@ -189,6 +189,7 @@ impl Testbed {
         if keep_ram {
             cmd.arg("--keep-ram");
         }
+        cmd.args(extra);
         std::fs::create_dir_all(&h.data_dir).map_err(err)?;
         let log = std::fs::File::create(h.log.with_file_name(format!("guest-{name}.log"))).map_err(err)?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
