@@ -167,6 +167,19 @@ impl Testbed {
         w: &Workload,
         keep_ram: bool,
     ) -> Result<(), TestbedError> {
+        self.start_guest_with(host, name, size, w, keep_ram, &[])
+    }
+
+    /// Like [`start_guest`](Self::start_guest), with more `dcmigrate guest` arguments.
+    pub fn start_guest_with(
+        &mut self,
+        host: &str,
+        name: &str,
+        size: u64,
+        w: &Workload,
+        keep_ram: bool,
+        extra: &[&str],
+    ) -> Result<(), TestbedError> {
         let h = self.host(host);
         let mut cmd = Command::new(&self.exe);
         cmd.args(["guest", "--name", name, "--size", &size.to_string()]);
