@@ -217,12 +217,18 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
             std::process::exit(130);
         }
     });
+    ensure_iperf3()?;
     let size = ((guest_gib * (1u64 << 30) as f64) as u64) & !((2 << 20) - 1);
-    let l = rate_mbit as f64 * 1e6 / 8.0;
     let mut rows = vec![];
+    let mut goodputs = vec![];
     let mut n = 0;
     for &d in dirty {
         let net = Net::create("b", &["hostA", "hostB", "hostC"], rate_mbit, None)?;
+        // The link model's rate: TCP payload over one shaped egress, measured
+        // now (headers take ~5 % of the nominal rate).
+        let l = ns_iperf3(&net.hosts[0].ns, &net.hosts[2].ns, net.hosts[2].ip)? * 1e6;
+        eprintln!("shaped link: {:.1} MB/s of TCP payload ({rate_mbit} Mbit/s nominal)", l / 1e6);
+        goodputs.push(l / 1e6);
         let mut tb = Testbed::start_net(&exe, net)?;
         for &f in at {
             for forward in [true, false] {
@@ -276,7 +282,22 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
             }
         }
     }
-    Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib}))
+    Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib, "link_goodput_mbps": goodputs}))
+}
+
+/// iperf3 from namespace `from` to a server in `to` at `ip`, 4 streams, MB/s.
+fn ns_iperf3(from: &str, to: &str, ip: std::net::IpAddr) -> Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", to, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args(["netns", "exec", from, "iperf3", "-c", &ip.to_string(), "-p", "5201", "-t", "4", "-J", "-P", "4"])
+        .output()?;
+    let _ = server.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")? / 8e6)
 }
 
 fn main() -> Result<()> {

@@ -36,6 +36,11 @@ use tokio::sync::mpsc;
 const SOURCE: HostId = 0;
 /// Batches in flight per stream (kept below the sender's queue bound).
 const PER_STREAM: usize = 6;
+/// How long into a round the source may take pool chunks from forwarders.
+/// Only the source can send pages the guest dirties, so it must not spend a
+/// long round on work a forwarder can do while dirty pages pile up: it
+/// steals for a bounded time, then syncs and sends what is newly dirty.
+const STEAL_WINDOW: Duration = Duration::from_millis(250);
 /// A forwarder's claims in flight per stream: small, because claimed chunks
 /// cannot be taken back, so they bound how long the others wait at the end.
 const FORWARD_PER_STREAM: usize = 2;
@@ -167,6 +172,7 @@ struct Migration {
     applied_bytes: u64,
     busy_time: Duration,
     last_sync: Instant,
+    last_sync_cost: Duration,
     round_start: Instant,
     round: RoundReport,
     /// Bytes the source submitted this round, for `max_bandwidth_mbps`.
@@ -233,6 +239,7 @@ pub async fn run(
         applied_bytes: 0,
         busy_time: Duration::ZERO,
         last_sync: Instant::now(),
+        last_sync_cost: Duration::ZERO,
         round_start: Instant::now(),
         round: RoundReport::default(),
         paced_bytes: 0,
@@ -413,6 +420,7 @@ impl Migration {
     async fn precopy(&mut self) -> Result<&'static str, EngineError> {
         let limit = Duration::from_millis(self.opts.downtime_ms);
         let budget = Duration::from_secs(self.opts.max_time_s);
+        let mut counted = 0u32;
         self.begin_round();
         loop {
             self.fill()?;
@@ -430,10 +438,15 @@ impl Migration {
             if estimate <= limit {
                 return Ok("converged");
             }
-            if round + 1 >= self.opts.max_rounds || self.start.elapsed() >= budget {
+            // Rounds cut short while forwarders still hold work do not count
+            // against the round budget (the time budget still applies).
+            if self.pools.values().all(|p| p.is_empty()) {
+                counted += 1;
+            }
+            if counted >= self.opts.max_rounds || self.start.elapsed() >= budget {
                 let why = format!(
                     "after {} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",
-                    round + 1,
+                    counted,
                     self.start.elapsed().as_secs_f64(),
                     self.remaining_bytes() / 1_000_000,
                     estimate.as_millis(),
@@ -457,7 +470,7 @@ impl Migration {
     fn round_over(&self) -> bool {
         let forwarding: usize = self.forwarders.iter().map(|f| self.outstanding(*f)).sum();
         self.queue.is_empty()
-            && self.pools.values().all(|p| p.is_empty())
+            && (self.pools.values().all(|p| p.is_empty()) || !self.may_steal())
             && self.outstanding(SOURCE) == 0
             && self.pace_until.is_none()
             && self.fencing.is_empty()
@@ -605,7 +618,16 @@ impl Migration {
 
     /// A chunk from the back of the longest forwarder pool, for the source.
     fn steal(&mut self) -> Option<usize> {
+        if !self.may_steal() {
+            return None;
+        }
         self.pools.values_mut().filter(|p| !p.is_empty()).max_by_key(|p| p.len())?.pop_back()
+    }
+
+    /// Paused, nothing gets dirty: steal freely. Running: for a bounded part
+    /// of each round (longer if syncs are slow, as with the hash tracker).
+    fn may_steal(&self) -> bool {
+        self.paused || self.round_start.elapsed() < STEAL_WINDOW.max(self.last_sync_cost * 4)
     }
 
     async fn wait_event(&mut self) -> Result<(), EngineError> {
@@ -854,6 +876,7 @@ impl Migration {
 
     /// Asks the tracker what changed and tells the ledger; returns the count.
     async fn dirty_sync(&mut self) -> Result<usize, EngineError> {
+        let t0 = Instant::now();
         let mut tracker = self.tracker.take().expect("tracker");
         let ram = self.ram();
         let (tracker, dirty) = tokio::task::spawn_blocking(move || {
@@ -868,6 +891,7 @@ impl Migration {
         let n = dirty.count();
         let secs = self.last_sync.elapsed().as_secs_f64().max(1e-3);
         self.last_sync = Instant::now();
+        self.last_sync_cost = t0.elapsed();
         self.handle.set_progress(|p| p.dirty_rate_mbps = n as f64 * PAGE_SIZE as f64 / secs / 1e6);
         self.update_progress();
         Ok(n)
