@@ -250,11 +250,16 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
                 )?;
                 let reached = dcmigrate::testbed::wait_for(600, || {
                     let v = tb.call("hostA", &Request::Status { vm: Some(vm.clone()) }).ok()?;
-                    let p = &v["migrations"][0]["progress"];
-                    (p["at_destination_bytes"].as_f64()? >= f * size as f64).then_some(())
+                    let m = &v["migrations"][0];
+                    if m["done"] == true {
+                        return Some(Err(m["report"].to_string()));
+                    }
+                    (m["progress"]["at_destination_bytes"].as_f64()? >= f * size as f64).then_some(Ok(()))
                 });
-                if reached.is_none() {
-                    bail!("{vm} never reached {f}");
+                match reached {
+                    Some(Ok(())) => {}
+                    Some(Err(r)) => bail!("{vm} ended before the retarget point: {r}"),
+                    None => bail!("{vm} never reached {f}"),
                 }
                 tb.call("hostA", &Request::Retarget { vm: vm.clone(), to: "hostC".into(), forward })?;
                 let r = tb.call("hostA", &Request::Wait { vm: vm.clone() })?["report"].clone();

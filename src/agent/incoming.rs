@@ -261,56 +261,52 @@ async fn open(
     if !agent.begin_incoming(vm) {
         return Err(format!("{vm} is already being migrated to {}", agent.cfg.name));
     }
-    let r = prepare(agent, vm, regions, chunk_size, launch).await;
+    let r = async {
+        let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
+        let dir = agent.cfg.data_dir.clone();
+        let paths: Vec<_> = match launch {
+            LaunchSpec::Synthetic { .. } => vec![guest_paths(&dir, vm).0],
+        };
+        if paths.len() != regions.len() {
+            return Err(format!("{} RAM regions for a {} guest", regions.len(), "synthetic"));
+        }
+        if let Some(p) = paths.iter().find(|p| p.exists()) {
+            return Err(format!("{} exists on {}: another incoming session for {vm}?", p.display(), agent.cfg.name));
+        }
+        let ram = match GuestRam::create(layout, &paths) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+                return Err(e.to_string());
+            }
+        };
+        let files: Vec<RamFile> = regions
+            .iter()
+            .zip(&paths)
+            .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
+            .collect();
+        let (name, launch2) = (vm.to_owned(), launch.clone());
+        let launched = tokio::task::spawn_blocking(move || SyntheticIncoming::launch(&name, &dir, &files, &launch2))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let incoming: Arc<dyn IncomingVm> = match launched {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+                return Err(e);
+            }
+        };
+        let mut token = [0u8; TOKEN_LEN];
+        rand::thread_rng().fill_bytes(&mut token);
+        let receiving = agent.receiver.add(token, ram.clone());
+        Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None })
+    }
+    .await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
     r
-}
-
-async fn prepare(
-    agent: &Agent,
-    vm: &str,
-    regions: Vec<crate::memory::RegionSpec>,
-    chunk_size: u64,
-    launch: &LaunchSpec,
-) -> Result<Session, String> {
-    let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
-    let dir = agent.cfg.data_dir.clone();
-    let paths: Vec<_> = match launch {
-        LaunchSpec::Synthetic { .. } => vec![guest_paths(&dir, vm).0],
-    };
-    if paths.len() != regions.len() {
-        return Err(format!("{} RAM regions for a {} guest", regions.len(), "synthetic"));
-    }
-    if let Some(p) = paths.iter().find(|p| p.exists()) {
-        return Err(format!("{} exists on {}: another incoming session for {vm}?", p.display(), agent.cfg.name));
-    }
-    let ram = match GuestRam::create(layout, &paths) {
-        Ok(r) => Arc::new(r),
-        Err(e) => {
-            paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
-            return Err(e.to_string());
-        }
-    };
-    let files: Vec<RamFile> =
-        regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
-    let (name, launch2) = (vm.to_owned(), launch.clone());
-    let launched = tokio::task::spawn_blocking(move || SyntheticIncoming::launch(&name, &dir, &files, &launch2))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    let incoming: Arc<dyn IncomingVm> = match launched {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
-            paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
-            return Err(e);
-        }
-    };
-    let mut token = [0u8; TOKEN_LEN];
-    rand::thread_rng().fill_bytes(&mut token);
-    let receiving = agent.receiver.add(token, ram.clone());
-    Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None })
 }
 
 /// Test hook (DCMIGRATE_TEST_CORRUPT_CHUNK=N): flips a byte of chunk N before

@@ -321,6 +321,7 @@ pub fn run(cli: Cli) -> Result<i32> {
 }
 
 fn run_agent(a: AgentArgs) -> Result<()> {
+    crate::vm::synthetic::own_exe().context("locating this program")?;
     let tls = TlsConfig::load_dir(&a.certs, &a.name)
         .with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
     let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));

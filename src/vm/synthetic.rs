@@ -123,6 +123,17 @@ impl SourceVm for SyntheticVm {
     }
 }
 
+/// This program's path, read once: if the binary is replaced while an agent
+/// runs (an upgrade, a rebuild), `current_exe` would name the deleted file.
+pub fn own_exe() -> std::io::Result<PathBuf> {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = EXE.get() {
+        return Ok(p.clone());
+    }
+    let p = std::env::current_exe()?;
+    Ok(EXE.get_or_init(|| p).clone())
+}
+
 /// Conventional file names of a synthetic guest in `dir`.
 pub fn guest_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join(format!("{name}-ram0.ram")), dir.join(format!("{name}.dirty")), dir.join(format!("{name}.sock")))
@@ -142,8 +153,7 @@ impl SyntheticIncoming {
             return Err(VmError::Launch(format!("the synthetic guest has one RAM region, got {}", ram.len())));
         };
         let (_, dirty, sock) = guest_paths(dir, name);
-        let exe = std::env::current_exe().map_err(|e| VmError::Launch(e.to_string()))?;
-        let child = Command::new(exe)
+        let child = Command::new(own_exe().map_err(|e| VmError::Launch(e.to_string()))?)
             .args(["guest", "--incoming", "--exit-with-parent", "--name", name])
             .arg("--dir")
             .arg(dir)
