@@ -930,12 +930,6 @@ impl Migration {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t_pause = Instant::now();
         self.phase("switchover: pause");
-        // From the pause on, the destination is fixed: a retarget now would
-        // move the whole copy into the downtime.
-        self.switching = true;
-        if let Some(o) = self.opening.take() {
-            let _ = o.reply.send(Err("too late: the switchover has started".into()));
-        }
         self.blocking(|vm| vm.pause()).await?;
         self.paused = true;
         d.pause_ms = ms(t_pause);
@@ -948,6 +942,13 @@ impl Migration {
         let t = Instant::now();
         self.drain().await?;
         d.final_send_ms = ms(t);
+        // The destination may change until here (a retarget during the final
+        // round costs downtime, but the operator asked for it); from now on
+        // it is fixed.
+        self.switching = true;
+        if let Some(o) = self.opening.take() {
+            let _ = o.reply.send(Err("too late: the switchover has started".into()));
+        }
         self.check_cancel()?;
 
         if self.opts.verify {
