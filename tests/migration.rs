@@ -12,7 +12,7 @@ use dcmigrate::testbed::wait_for;
 #[test]
 fn converging_migration_moves_ram_and_state() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "vm1", 256 * MIB, &workload(40.0), true).unwrap();
+    tb.start_guest("hostA", "vm1", 256 * MIB, &workload(40.0), true, &[]).unwrap();
     let before = state(&tb, "hostA", "vm1").unwrap();
     let src_pid = before["pid"].as_i64().unwrap();
     let report = migrate(&tb, "hostA", "vm1", "hostB", MigrateOptions { suspend: true, ..Default::default() });
@@ -49,7 +49,7 @@ fn converging_migration_moves_ram_and_state() {
 #[test]
 fn hash_tracker_without_verification_is_exact() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "vm2", 128 * MIB, &workload(60.0), true).unwrap();
+    tb.start_guest("hostA", "vm2", 128 * MIB, &workload(60.0), true, &[]).unwrap();
     let opts = MigrateOptions {
         suspend: true,
         verify: false,
@@ -69,7 +69,7 @@ fn hash_tracker_without_verification_is_exact() {
 #[test]
 fn non_converging_budget_gives_up_or_forces() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "hot", 128 * MIB, &workload(400.0), false).unwrap();
+    tb.start_guest("hostA", "hot", 128 * MIB, &workload(400.0), false, &[]).unwrap();
     let strict = MigrateOptions { downtime_ms: 1, max_rounds: 3, on_budget: BudgetAction::Abort, ..Default::default() };
     let report = migrate(&tb, "hostA", "hot", "hostB", strict.clone());
     assert_eq!(report["result"], "gave_up", "{report:#}\n{}", tb.logs());
@@ -109,7 +109,7 @@ fn wait_until_sending(tb: &dcmigrate::testbed::Testbed, vm: &str) {
 #[test]
 fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "vmc", 128 * MIB, &workload(300.0), false).unwrap();
+    tb.start_guest("hostA", "vmc", 128 * MIB, &workload(300.0), false, &[]).unwrap();
     tb.call("hostA", &Request::Migrate { vm: "vmc".into(), to: "hostB".into(), options: endless() }).unwrap();
     wait_until_sending(&tb, "vmc");
     assert!(tb.vm_on("hostB", "vmc").is_none(), "the incoming guest must not be registered before switchover");
@@ -132,7 +132,7 @@ fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
 #[test]
 fn destination_crash_keeps_vm_on_source() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "vmk", 128 * MIB, &workload(300.0), false).unwrap();
+    tb.start_guest("hostA", "vmk", 128 * MIB, &workload(300.0), false, &[]).unwrap();
     tb.call("hostA", &Request::Migrate { vm: "vmk".into(), to: "hostB".into(), options: endless() }).unwrap();
     wait_until_sending(&tb, "vmk");
     assert!(!vm_files(&tb, "hostB", "vmk").is_empty(), "destination prepared RAM");
@@ -158,7 +158,7 @@ fn verification_resends_mismatching_chunks() {
         &[("DCMIGRATE_TEST_CORRUPT_CHUNK", "5")],
     )
     .unwrap();
-    tb.start_guest("hostA", "vmv", 64 * MIB, &workload(10.0), true).unwrap();
+    tb.start_guest("hostA", "vmv", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     let report = migrate(&tb, "hostA", "vmv", "hostB", MigrateOptions { suspend: true, ..Default::default() });
     assert_eq!(report["result"], "completed", "{report:#}");
     assert_eq!(report["verify_mismatched_chunks"], 1);
@@ -170,7 +170,7 @@ fn verification_resends_mismatching_chunks() {
 #[test]
 fn refuses_unknown_hosts_and_vms() {
     let mut tb = testbed(&["hostA", "hostB"]);
-    tb.start_guest("hostA", "vme", 16 * MIB, &workload(0.0), false).unwrap();
+    tb.start_guest("hostA", "vme", 16 * MIB, &workload(0.0), false, &[]).unwrap();
     let e = tb
         .call("hostA", &Request::Migrate { vm: "vme".into(), to: "nowhere".into(), options: Default::default() })
         .unwrap_err();

@@ -25,7 +25,7 @@ fn assert_gone(tb: &Testbed, host: &str, vm: &str) {
 fn retarget_at(frac: f64) {
     let vm = format!("rt{}", (frac * 100.0) as u32);
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
-    tb.start_guest("hostA", &vm, 128 * MIB, &workload(20.0), true).unwrap();
+    tb.start_guest("hostA", &vm, 128 * MIB, &workload(20.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", &vm, "hostB", slow(60.0));
     assert!(retarget_when(&tb, "hostA", &vm, "hostC", frac, true), "migration ended before {frac}");
     let r = wait_report(&tb, "hostA", &vm);
@@ -66,7 +66,7 @@ fn retarget_at_70_percent() {
 #[test]
 fn retarget_during_last_rounds() {
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
-    tb.start_guest("hostA", "late", 64 * MIB, &workload(80.0), true).unwrap();
+    tb.start_guest("hostA", "late", 64 * MIB, &workload(80.0), true, &[]).unwrap();
     let opts = MigrateOptions {
         downtime_ms: 1,
         max_rounds: 12,
@@ -98,7 +98,7 @@ fn retarget_during_last_rounds() {
 #[test]
 fn two_retargets_in_a_row() {
     let mut tb = testbed(&["hostA", "hostB", "hostC", "hostD"]);
-    tb.start_guest("hostA", "hop", 128 * MIB, &workload(20.0), true).unwrap();
+    tb.start_guest("hostA", "hop", 128 * MIB, &workload(20.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "hop", "hostB", slow(50.0));
     assert!(retarget_when(&tb, "hostA", "hop", "hostC", 0.3, true));
     assert!(retarget_when(&tb, "hostA", "hop", "hostD", 0.6, true));
@@ -119,7 +119,7 @@ fn two_retargets_in_a_row() {
 fn forwarder_crash_source_takes_over() {
     let env = [("DCMIGRATE_TEST_FORWARD_DELAY_MS", "400")];
     let mut tb = Testbed::start_with_env(exe(), &["hostA", "hostB", "hostC"], &env).unwrap();
-    tb.start_guest("hostA", "fc", 128 * MIB, &workload(20.0), true).unwrap();
+    tb.start_guest("hostA", "fc", 128 * MIB, &workload(20.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "fc", "hostB", slow(60.0));
     assert!(retarget_when(&tb, "hostA", "fc", "hostC", 0.6, true));
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -137,7 +137,7 @@ fn forwarder_crash_source_takes_over() {
 #[test]
 fn new_destination_crash_fails_cleanly() {
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
-    tb.start_guest("hostA", "nc", 128 * MIB, &workload(20.0), false).unwrap();
+    tb.start_guest("hostA", "nc", 128 * MIB, &workload(20.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "nc", "hostB", slow(30.0));
     assert!(retarget_when(&tb, "hostA", "nc", "hostC", 0.3, true));
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -160,7 +160,7 @@ fn new_destination_crash_fails_cleanly() {
 fn retarget_to_unreachable_host_keeps_migration_going() {
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.kill_agent("hostC");
-    tb.start_guest("hostA", "un", 64 * MIB, &workload(10.0), true).unwrap();
+    tb.start_guest("hostA", "un", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "un", "hostB", slow(40.0));
     let e = tb
         .call("hostA", &dcmigrate::agent::api::Request::Retarget { vm: "un".into(), to: "hostC".into(), forward: true })
@@ -182,7 +182,7 @@ fn retarget_to_unreachable_host_keeps_migration_going() {
 #[test]
 fn no_forward_restarts_from_the_source() {
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
-    tb.start_guest("hostA", "nf", 64 * MIB, &workload(10.0), true).unwrap();
+    tb.start_guest("hostA", "nf", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "nf", "hostB", slow(60.0));
     assert!(retarget_when(&tb, "hostA", "nf", "hostC", 0.5, false));
     let r = wait_report(&tb, "hostA", "nf");
@@ -208,7 +208,7 @@ fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
     // forwarder; slow enough that a page overwritten by a late forward is
     // unlikely to be written (and so resent) again before the switchover.
     let w = workload(5.0);
-    tb.start_guest("hostA", "hot", 64 * MIB, &w, true).unwrap();
+    tb.start_guest("hostA", "hot", 64 * MIB, &w, true, &[]).unwrap();
     let opts = MigrateOptions {
         max_bandwidth_mbps: Some(30.0),
         max_rounds: 8,

@@ -82,13 +82,24 @@ fn ensure_iperf3() -> Result<()> {
 
 /// iperf3 over loopback with `streams` parallel streams, in MB/s.
 fn iperf3(streams: usize) -> Result<f64> {
-    let port = "25201";
-    let mut server = Command::new("iperf3").args(["-s", "-1", "-p", port]).stdout(Stdio::null()).spawn()?;
+    iperf3_between(&[], &[], "127.0.0.1", streams)
+}
+
+/// iperf3 from a client run with `client` (a command prefix such as
+/// `ip netns exec NS`) to a server run with `server` at `ip`, in MB/s.
+fn iperf3_between(client: &[&str], server: &[&str], ip: &str, streams: usize) -> Result<f64> {
+    let cmd = |prefix: &[&str]| match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg("iperf3");
+            c
+        }
+        None => Command::new("iperf3"),
+    };
+    let mut srv = cmd(server).args(["-s", "-1", "-p", "25201"]).stdout(Stdio::null()).spawn()?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", port, "-t", "4", "-J", "-P", &streams.to_string()])
-        .output()?;
-    let _ = server.wait();
+    let out = cmd(client).args(["-c", ip, "-p", "25201", "-t", "4", "-J", "-P", &streams.to_string()]).output()?;
+    let _ = srv.wait();
     let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
     Ok(bps / 8e6)
@@ -138,7 +149,7 @@ fn core(idle_gib: u64, dirty_gib: u64, dirty_mbps: f64, repeat: usize) -> Result
     {
         let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
         let idle = Workload { dirty_rate_mbps: 0.0, hot_fraction: 1.0, pattern: Pattern::Random, seed: 3 };
-        tb.start_guest("hostA", "idle", idle_gib << 30, &idle, false)?;
+        tb.start_guest("hostA", "idle", idle_gib << 30, &idle, false, &[])?;
         let mut hosts = ("hostA", "hostB");
         for streams in [1usize, 4] {
             let baseline = iperf3(streams)?;
@@ -157,7 +168,7 @@ fn core(idle_gib: u64, dirty_gib: u64, dirty_mbps: f64, repeat: usize) -> Result
     {
         let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
         let w = Workload { dirty_rate_mbps: dirty_mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 5 };
-        tb.start_guest("hostA", "busy", dirty_gib << 30, &w, false)?;
+        tb.start_guest("hostA", "busy", dirty_gib << 30, &w, false, &[])?;
         let mut hosts = ("hostA", "hostB");
         for _ in 0..repeat {
             let r = migrate(&tb, hosts.0, "busy", hosts.1, MigrateOptions::default())?;
@@ -226,7 +237,9 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
         let net = Net::create("b", &["hostA", "hostB", "hostC"], rate_mbit, None)?;
         // The link model's rate: TCP payload over one shaped egress, measured
         // now (headers take ~5 % of the nominal rate).
-        let l = ns_iperf3(&net.hosts[0].ns, &net.hosts[2].ns, net.hosts[2].ip)? * 1e6;
+        let (a, c) = (&net.hosts[0], &net.hosts[2]);
+        let l = iperf3_between(&["ip", "netns", "exec", &a.ns], &["ip", "netns", "exec", &c.ns], &c.ip.to_string(), 4)?
+            * 1e6;
         eprintln!("shaped link: {:.1} MB/s of TCP payload ({rate_mbit} Mbit/s nominal)", l / 1e6);
         goodputs.push(l / 1e6);
         let mut tb = Testbed::start_net(&exe, net)?;
@@ -237,7 +250,7 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
                 let w = Workload { dirty_rate_mbps: d, hot_fraction: 1.0, pattern: Pattern::Random, seed: n };
                 // No holes: "x % of RAM reached the old destination" then
                 // means x % of the bytes that must travel.
-                tb.start_guest_with("hostA", &vm, size, &w, false, &["--zero-every", "0"])?;
+                tb.start_guest("hostA", &vm, size, &w, false, &["--zero-every", "0"])?;
                 // Bytes that must travel: RAM less the holes the engine skips.
                 let src = tb.host("hostA").data_dir.join(format!("{vm}-ram0.ram"));
                 let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size }], DEFAULT_CHUNK_SIZE)?;
@@ -288,21 +301,6 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
         }
     }
     Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib, "link_goodput_mbps": goodputs}))
-}
-
-/// iperf3 from namespace `from` to a server in `to` at `ip`, 4 streams, MB/s.
-fn ns_iperf3(from: &str, to: &str, ip: std::net::IpAddr) -> Result<f64> {
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", to, "iperf3", "-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let out = Command::new("ip")
-        .args(["netns", "exec", from, "iperf3", "-c", &ip.to_string(), "-p", "5201", "-t", "4", "-J", "-P", "4"])
-        .output()?;
-    let _ = server.wait();
-    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")? / 8e6)
 }
 
 fn main() -> Result<()> {

@@ -48,7 +48,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
     let w = Workload { dirty_rate_mbps: a.dirty_rate, hot_fraction: 1.0, pattern: Pattern::Random, seed: 7 };
     say(format!("starting guest demo-vm on hostA: {} MiB RAM, dirtying {} MB/s", a.guest_size >> 20, a.dirty_rate));
-    tb.start_guest("hostA", "demo-vm", a.guest_size, &w, false)?;
+    tb.start_guest("hostA", "demo-vm", a.guest_size, &w, false, &[])?;
     let options = MigrateOptions { downtime_ms: a.downtime_ms, streams: a.streams, ..Default::default() };
     say("migrating demo-vm from hostA to hostB".into());
     tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;

@@ -158,20 +158,9 @@ impl Testbed {
         self.dir.path().join("certs")
     }
 
-    /// Starts a synthetic guest on `host`, registered with its agent.
+    /// Starts a synthetic guest on `host`, registered with its agent;
+    /// `extra`: more `dcmigrate guest` arguments.
     pub fn start_guest(
-        &mut self,
-        host: &str,
-        name: &str,
-        size: u64,
-        w: &Workload,
-        keep_ram: bool,
-    ) -> Result<(), TestbedError> {
-        self.start_guest_with(host, name, size, w, keep_ram, &[])
-    }
-
-    /// Like [`start_guest`](Self::start_guest), with more `dcmigrate guest` arguments.
-    pub fn start_guest_with(
         &mut self,
         host: &str,
         name: &str,
