@@ -52,26 +52,25 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let options = MigrateOptions { downtime_ms: a.downtime_ms, streams: a.streams, ..Default::default() };
     say("migrating demo-vm from hostA to hostB".into());
     tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;
-    if let Some(f) = a.retarget_at {
-        // Watch hostB's share, then move the target to hostC.
-        let api_a = tb.host("hostA").api.clone();
-        let reached = crate::testbed::wait_for(600, || {
-            let v = crate::agent::api::call(&api_a, &Request::Status { vm: Some("demo-vm".into()) }).ok()?;
-            let p = &v["migrations"][0]["progress"];
-            let done = v["migrations"][0]["done"] == true;
-            let frac = p["at_destination_bytes"].as_f64()? / p["ram_bytes"].as_f64()?.max(1.0);
-            (done || frac >= f).then_some(done)
-        });
-        match reached {
-            Some(false) => {
-                say(format!("{:.0}% of RAM reached hostB: retargeting to hostC", f * 100.0));
-                tb.call("hostA", &Request::Retarget { vm: "demo-vm".into(), to: "hostC".into(), forward: true })
-                    .context("retargeting to hostC")?;
-            }
-            _ => say("the migration ended before the retarget point".into()),
+    // Follow the migration; once hostB holds the chosen share, retarget to hostC.
+    let api_a = tb.host("hostA").api.clone();
+    let mut pending = a.retarget_at;
+    let report = progress::follow_with(&api_a, "demo-vm", a.json, |m| {
+        let f = pending?;
+        let p = &m["progress"];
+        let frac = p["at_destination_bytes"].as_f64()? / p["ram_bytes"].as_f64()?.max(1.0);
+        if m["done"] == true || frac < f {
+            return None;
         }
-    }
-    let report = progress::follow(&tb.host("hostA").api, "demo-vm", a.json)?;
+        pending = None;
+        let req = Request::Retarget { vm: "demo-vm".into(), to: "hostC".into(), forward: true };
+        Some(match crate::agent::api::call(&api_a, &req) {
+            Ok(_) => {
+                format!("{:.0}% of RAM reached hostB: retargeted to hostC; hostB forwards what it holds", frac * 100.0)
+            }
+            Err(e) => format!("retarget to hostC failed: {e}"),
+        })
+    })?;
     progress::print_report(&report, a.json);
     let on: Vec<_> =
         tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();

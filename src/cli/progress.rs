@@ -14,6 +14,17 @@ use std::time::Duration;
 /// Polls the agent until the VM's migration ends; returns its report.
 /// Ctrl-C cancels the migration (the VM keeps running on the source).
 pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
+    follow_with(api_path, vm, quiet, |_| None)
+}
+
+/// Like [`follow`]; `hook` sees every status entry and may return a line to
+/// print above the progress bar (the demo retargets from it).
+pub fn follow_with(
+    api_path: &Path,
+    vm: &str,
+    quiet: bool,
+    mut hook: impl FnMut(&Value) -> Option<String>,
+) -> Result<Value> {
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
@@ -38,6 +49,14 @@ pub fn follow(api_path: &Path, vm: &str, quiet: bool) -> Result<Value> {
         }
         let v = api::call(api_path, &Request::Status { vm: Some(vm.into()) })?;
         let m = &v["migrations"][0];
+        if let Some(line) = hook(m) {
+            if !quiet {
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+        }
         let p = &m["progress"];
         let phase = p["phase"].as_str().unwrap_or("").to_owned();
         match &bar {
