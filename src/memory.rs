@@ -222,7 +222,8 @@ impl GuestRam {
 
     /// Writes bytes into guest RAM through the file (pwrite), bounds-checked.
     /// Unlike a copy into the mapping, this allocates missing pages without
-    /// a page fault per page, which is several times faster on fresh memory.
+    /// a page fault per page (about 10 % less kernel time on fresh tmpfs
+    /// memory here; the zeroing of new pages dominates either way).
     pub fn write_at(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt;
         self.check(region, offset, data.len() as u64)?;
