@@ -41,6 +41,18 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// Downtime, rounds and total time at rising dirty rates on a shaped link.
+    Downtime {
+        #[arg(long, default_value_t = 1.0)]
+        guest_gib: f64,
+        #[arg(long, default_value_t = 1000)]
+        rate_mbit: u64,
+        #[arg(long, value_delimiter = ',', default_value = "0,25,50,100,150")]
+        dirty_mbps: Vec<f64>,
+        /// Time budget per migration (then the switchover is forced).
+        #[arg(long, default_value_t = 60)]
+        max_time_s: u64,
+    },
     /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
     Retarget {
         #[arg(long, default_value_t = 2.0)]
@@ -205,6 +217,47 @@ fn machine() -> Value {
     json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "date": date})
 }
 
+fn downtime(guest_gib: f64, rate_mbit: u64, dirty: &[f64], max_time_s: u64) -> Result<Value> {
+    use dcmigrate::testbed::net::{cleanup_stale, Net};
+    let exe = exe()?;
+    ensure_iperf3()?;
+    cleanup_stale("d");
+    let size = ((guest_gib * (1u64 << 30) as f64) as u64) & !((2 << 20) - 1);
+    let net = Net::create("d", &["hostA", "hostB"], rate_mbit, None)?;
+    let (a, b) = (&net.hosts[0], &net.hosts[1]);
+    let goodput =
+        iperf3_between(&["ip", "netns", "exec", &a.ns], &["ip", "netns", "exec", &b.ns], &b.ip.to_string(), 4)?;
+    eprintln!("shaped link: {goodput:.1} MB/s of TCP payload");
+    let mut tb = Testbed::start_net(&exe, net)?;
+    let mut rows = vec![];
+    for (i, &d) in dirty.iter().enumerate() {
+        let vm = format!("d{i}");
+        let w = Workload { dirty_rate_mbps: d, hot_fraction: 1.0, pattern: Pattern::Random, seed: i as u64 };
+        tb.start_guest("hostA", &vm, size, &w, false, &["--zero-every", "0"])?;
+        let options = MigrateOptions { max_time_s, ..Default::default() };
+        let r = migrate(&tb, "hostA", &vm, "hostB", options)?;
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        eprintln!(
+            "dirty {d} MB/s: downtime {:.0} ms, {} rounds, total {:.1} s, {}",
+            f("downtime_ms"),
+            r["rounds"].as_array().map_or(0, Vec::len),
+            f("total_ms") / 1e3,
+            r["switchover"].as_str().unwrap_or("?")
+        );
+        rows.push(json!({
+            "dirty_mbps": d, "downtime_ms": r["downtime_ms"], "downtime": r["downtime"], "total_ms": r["total_ms"],
+            "rounds": r["rounds"].as_array().map_or(0, Vec::len), "switchover": r["switchover"],
+            "limit_ms": 300, "link_goodput_mbps": goodput,
+        }));
+        if let Some(pid) = tb.vm_on("hostB", &vm).and_then(|v| v["state"]["pid"].as_i64()) {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            dcmigrate::testbed::wait_for(10, || tb.vm_on("hostB", &vm).map_or(Some(()), |_| None));
+        }
+    }
+    Ok(json!({"rows": rows, "guest_gib": guest_gib, "rate_mbit": rate_mbit, "max_time_s": max_time_s}))
+}
+
 /// Ideal time from the retarget to the end (no switchover costs), in ms.
 /// Each sender is limited by its egress rate `l`, the guest dirties `d`;
 /// `data` bytes must reach the new destination, `held` of them are current
@@ -308,6 +361,22 @@ fn main() -> Result<()> {
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&results)?;
     match cli.cmd {
+        Cmd::Downtime { guest_gib, rate_mbit, dirty_mbps, max_time_s } => {
+            let mut v = downtime(guest_gib, rate_mbit, &dirty_mbps, max_time_s)?;
+            v["machine"] = machine();
+            std::fs::write(results.join("downtime.json"), serde_json::to_string_pretty(&v)?)?;
+            println!("| dirty MB/s | downtime ms | rounds | total s | switchover |\n|---|---|---|---|---|");
+            for r in v["rows"].as_array().unwrap() {
+                println!(
+                    "| {} | {:.0} | {} | {:.1} | {} |",
+                    r["dirty_mbps"],
+                    r["downtime_ms"].as_f64().unwrap_or(0.0),
+                    r["rounds"],
+                    r["total_ms"].as_f64().unwrap_or(0.0) / 1e3,
+                    r["switchover"].as_str().unwrap_or("?")
+                );
+            }
+        }
         Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps } => {
             let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps)?;
             v["machine"] = machine();

@@ -173,6 +173,8 @@ struct Migration {
     busy_time: Duration,
     last_sync: Instant,
     last_sync_cost: Duration,
+    /// Measured time of one verification pass, counted into the downtime estimate.
+    verify_cost: Option<Duration>,
     round_start: Instant,
     round: RoundReport,
     /// Bytes the source submitted this round, for `max_bandwidth_mbps`.
@@ -240,6 +242,7 @@ pub async fn run(
         busy_time: Duration::ZERO,
         last_sync: Instant::now(),
         last_sync_cost: Duration::ZERO,
+        verify_cost: None,
         round_start: Instant::now(),
         round: RoundReport::default(),
         paced_bytes: 0,
@@ -434,7 +437,16 @@ impl Migration {
             last.dirty_pages = dirty as u64;
             let round = last.round;
             tracing::info!(round, pages = last.pages, ms = last.ms, dirty, "round done");
-            let estimate = Duration::from_secs_f64(self.remaining_bytes() as f64 / self.throughput().max(1.0));
+            if self.opts.verify && self.verify_cost.is_none() {
+                // Verification is part of the downtime: time one pass of
+                // hashing all RAM here (the destination's runs in parallel).
+                let ram = self.ram();
+                let t = Instant::now();
+                let _ = tokio::task::spawn_blocking(move || ram.checksums()).await;
+                self.verify_cost = Some(t.elapsed());
+            }
+            let estimate = Duration::from_secs_f64(self.remaining_bytes() as f64 / self.throughput().max(1.0))
+                + self.verify_cost.unwrap_or_default();
             if estimate <= limit {
                 return Ok("converged");
             }
