@@ -445,8 +445,16 @@ impl Migration {
                 let _ = tokio::task::spawn_blocking(move || ram.checksums()).await;
                 self.verify_cost = Some(t.elapsed());
             }
-            let estimate = Duration::from_secs_f64(self.remaining_bytes() as f64 / self.throughput().max(1.0))
-                + self.verify_cost.unwrap_or_default();
+            // Small late rounds move slower than the first, big one (TCP
+            // restarts slowly after the pause for the sync), and the final
+            // round is one of them: predict with the slower of the overall
+            // rate and the last round's.
+            let last = self.report.rounds.last().expect("round recorded");
+            let last_rate =
+                if last.ms > 0.0 && last.bytes >= 1 << 20 { last.bytes as f64 / (last.ms / 1e3) } else { f64::MAX };
+            let rate = self.throughput().min(last_rate).max(1.0);
+            let estimate =
+                Duration::from_secs_f64(self.remaining_bytes() as f64 / rate) + self.verify_cost.unwrap_or_default();
             if estimate <= limit {
                 return Ok("converged");
             }
