@@ -32,8 +32,9 @@ pub struct Link {
     pub token: Token,
     out: mpsc::UnboundedSender<Message>,
     replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
-    /// Batches this host forwards, until it reports them.
-    forwarding: Arc<Mutex<HashMap<u64, Batch>>>,
+    /// Batches this host forwards, until it reports them; `None` once the
+    /// connection is gone (so no batch can be added after the last report).
+    forwarding: Arc<Mutex<Option<HashMap<u64, Batch>>>>,
     /// Bytes this host reported having forwarded.
     pub forwarded_bytes: Arc<AtomicU64>,
     /// Set when the control connection is gone.
@@ -101,7 +102,7 @@ impl Link {
             token,
             out,
             replies: tokio::sync::Mutex::new(replies),
-            forwarding: Arc::new(Mutex::new(HashMap::new())),
+            forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
             closed: CancellationToken::new(),
             sender: Mutex::new(Some(sender)),
@@ -138,7 +139,9 @@ impl Link {
                 match m {
                     Ok(Message::Forwarded { batch, applied, error, bytes: b }) => {
                         bytes.fetch_max(b, Ordering::Relaxed);
-                        let Some(batch) = forwarding.lock().unwrap().remove(&batch) else { continue };
+                        let Some(batch) = forwarding.lock().unwrap().as_mut().and_then(|m| m.remove(&batch)) else {
+                            continue;
+                        };
                         let c = if applied {
                             Completion::Applied(batch)
                         } else {
@@ -156,7 +159,8 @@ impl Link {
                 }
             };
             closed.cancel();
-            for (_, b) in forwarding.lock().unwrap().drain() {
+            let left = forwarding.lock().unwrap().take().unwrap_or_default();
+            for (_, b) in left {
                 let _ = completions.send(Completion::Failed(b, why.clone()));
             }
         });
@@ -218,15 +222,16 @@ impl Link {
 
     /// Asks this host to forward a batch from its RAM to `to` (see `ForwardTo`).
     pub fn forward(&self, b: Batch, to: &str) -> Result<(), Batch> {
-        if self.closed.is_cancelled() {
-            return Err(b);
-        }
+        // Under the lock: the reader fails every batch in the map when the
+        // connection ends, and none can be added after that.
+        let mut map = self.forwarding.lock().unwrap();
+        let Some(m) = map.as_mut() else { return Err(b) };
         let runs: Vec<(usize, usize)> = b.runs.iter().map(|r: &Run| (r.first_page, r.pages)).collect();
         let id = b.id;
-        self.forwarding.lock().unwrap().insert(id, b);
         if self.out.send(Message::Forward { batch: id, to: to.to_owned(), runs }).is_err() {
-            return Err(self.forwarding.lock().unwrap().remove(&id).expect("just inserted"));
+            return Err(b);
         }
+        m.insert(id, b);
         Ok(())
     }
 

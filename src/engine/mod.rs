@@ -163,7 +163,7 @@ struct Migration {
     opening: Option<Opening>,
     /// Failed forwards whose pages stay locked until the target fenced
     /// their sender (its late frames could otherwise land on newer pages).
-    fencing: HashMap<HostId, Vec<Batch>>,
+    fencing: HashMap<HostId, (HostId, Vec<Batch>)>,
     fenced: std::collections::HashSet<HostId>,
     fenced_tx: mpsc::UnboundedSender<(HostId, Result<(), EngineError>)>,
     fenced_rx: mpsc::UnboundedReceiver<(HostId, Result<(), EngineError>)>,
@@ -432,19 +432,20 @@ impl Migration {
                 continue;
             }
             self.end_round();
-            let dirty = self.dirty_sync().await?;
-            let last = self.report.rounds.last_mut().expect("round recorded");
-            last.dirty_pages = dirty as u64;
-            let round = last.round;
-            tracing::info!(round, pages = last.pages, ms = last.ms, dirty, "round done");
             if self.opts.verify && self.verify_cost.is_none() {
                 // Verification is part of the downtime: time one pass of
-                // hashing all RAM here (the destination's runs in parallel).
+                // hashing all RAM (the destination's runs in parallel). Done
+                // before the sync, so what the guest writes meanwhile counts.
                 let ram = self.ram();
                 let t = Instant::now();
                 let _ = tokio::task::spawn_blocking(move || ram.checksums()).await;
                 self.verify_cost = Some(t.elapsed());
             }
+            let dirty = self.dirty_sync().await?;
+            let last = self.report.rounds.last_mut().expect("round recorded");
+            last.dirty_pages = dirty as u64;
+            let round = last.round;
+            tracing::info!(round, pages = last.pages, ms = last.ms, dirty, "round done");
             // Small late rounds move slower than the first, big one (TCP
             // restarts slowly after the pause for the sync), and the final
             // round is one of them: predict with the slower of the overall
@@ -670,15 +671,22 @@ impl Migration {
                 Ok(())
             }
             f = self.fenced_rx.recv() => match f {
-                Some((host, Ok(()))) => {
-                    for b in self.fencing.remove(&host).unwrap_or_default() {
+                Some((host, r)) => {
+                    let (at, batches) = self.fencing.remove(&host).unwrap_or_default();
+                    // A fence that failed at a host that is no longer the
+                    // target does not matter: nothing writes there any more.
+                    if let Err(e) = r {
+                        if at == self.target {
+                            return Err(e);
+                        }
+                    }
+                    for b in batches {
                         self.abandon(&b);
                     }
                     self.fenced.insert(host);
                     self.plan();
                     Ok(())
                 }
-                Some((_, Err(e))) => Err(e),
                 None => Ok(()),
             },
             _ = tokio::time::sleep_until(pace.unwrap_or_else(tokio::time::Instant::now)), if pace.is_some() => {
@@ -703,7 +711,7 @@ impl Migration {
             // the target fences it before anyone may rewrite those pages.
             let f = b.from;
             let first = !self.fencing.contains_key(&f);
-            self.fencing.entry(f).or_default().push(b);
+            self.fencing.entry(f).or_insert_with(|| (b.to, vec![])).1.push(b);
             if first {
                 self.forwarder_lost(f, &why);
                 let (target, tx) = (self.target_link(), self.fenced_tx.clone());

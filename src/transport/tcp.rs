@@ -27,8 +27,8 @@ pub struct Receiving {
     senders: Mutex<HashMap<u8, SenderStreams>>,
 }
 
-/// The streams of one sending host: a token to cut them, and a count of
-/// stream tasks still alive (the strong count of `live`).
+/// The streams of one sending host: a token to cut them, and a liveness
+/// count (every stream task holds clones of `live` until it returns).
 #[derive(Clone)]
 struct SenderStreams {
     cut: CancellationToken,
