@@ -456,7 +456,11 @@ impl Migration {
             let rate = self.throughput().min(last_rate).max(1.0);
             let estimate =
                 Duration::from_secs_f64(self.remaining_bytes() as f64 / rate) + self.verify_cost.unwrap_or_default();
-            if estimate <= limit {
+            // Forwarders' work is done while the VM still runs: their rate
+            // is not in the estimate, and they have nothing dirty to wait for.
+            let forwarding =
+                self.pools.values().any(|p| !p.is_empty()) || self.forwarders.iter().any(|&f| self.outstanding(f) > 0);
+            if estimate <= limit && !forwarding {
                 return Ok("converged");
             }
             // Rounds cut short while forwarders still hold work do not count
