@@ -58,13 +58,6 @@ impl Bitmap {
         self.words[w] |= bits & valid;
     }
 
-    pub fn union_with(&mut self, other: &Bitmap) {
-        assert_eq!(self.len, other.len);
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
-    }
-
     pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
         self.words.iter().enumerate().flat_map(|(wi, &w)| {
             let mut w = w;

@@ -73,11 +73,6 @@ impl Ledger {
         !self.unordered && self.busy[page] & (1 << host) != 0
     }
 
-    /// Hosts holding the page's current content, as a bit mask.
-    pub fn holders(&self, page: usize) -> u8 {
-        self.fresh[page]
-    }
-
     pub fn fresh_count(&self, host: HostId) -> usize {
         self.fresh_count[host as usize]
     }

@@ -9,7 +9,7 @@ use crate::bitmap::Bitmap;
 use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use thiserror::Error;
 
 pub const PAGE_SIZE: usize = 4096;
@@ -195,10 +195,6 @@ impl GuestRam {
         &self.layout
     }
 
-    pub fn paths(&self) -> &[PathBuf] {
-        &self.paths
-    }
-
     fn check(&self, region: u32, offset: u64, len: u64) -> Result<*mut u8, MemoryError> {
         let oob = || MemoryError::OutOfBounds { region, offset, len };
         let m = self.maps.get(region as usize).ok_or_else(oob)?;
@@ -348,11 +344,6 @@ impl GuestRam {
         }
         Ok(out)
     }
-}
-
-/// Path helper: the RAM file of region `id` for `vm` in `dir`.
-pub fn ram_path(dir: &Path, vm: &str, region: &str) -> PathBuf {
-    dir.join(format!("{vm}.{region}.ram"))
 }
 
 #[cfg(test)]

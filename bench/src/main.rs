@@ -249,11 +249,7 @@ fn downtime(guest_gib: f64, rate_mbit: u64, dirty: &[f64], max_time_s: u64) -> R
             "rounds": r["rounds"].as_array().map_or(0, Vec::len), "switchover": r["switchover"],
             "limit_ms": 300, "link_goodput_mbps": goodput,
         }));
-        if let Some(pid) = tb.vm_on("hostB", &vm).and_then(|v| v["state"]["pid"].as_i64()) {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            dcmigrate::testbed::wait_for(10, || tb.vm_on("hostB", &vm).map_or(Some(()), |_| None));
-        }
+        tb.stop_vm("hostB", &vm);
     }
     Ok(json!({"rows": rows, "guest_gib": guest_gib, "rate_mbit": rate_mbit, "max_time_s": max_time_s}))
 }
@@ -345,15 +341,18 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
                     "bytes_after": r["retargets"][0]["bytes_after"], "guest_bytes": size, "data_bytes": data,
                 }));
                 // The VM now runs on hostC: stop it there.
-                if let Some(pid) = tb.vm_on("hostC", &vm).and_then(|v| v["state"]["pid"].as_i64()) {
-                    // SAFETY: plain syscall.
-                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                    dcmigrate::testbed::wait_for(10, || tb.vm_on("hostC", &vm).map_or(Some(()), |_| None));
-                }
+                tb.stop_vm("hostC", &vm);
             }
         }
     }
     Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib, "link_goodput_mbps": goodputs}))
+}
+
+/// Writes `results/NAME.json`, stamped with the machine and date.
+fn save(results: &Path, name: &str, v: &mut Value) -> Result<()> {
+    v["machine"] = machine();
+    std::fs::write(results.join(format!("{name}.json")), serde_json::to_string_pretty(v)?)?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -363,8 +362,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Downtime { guest_gib, rate_mbit, dirty_mbps, max_time_s } => {
             let mut v = downtime(guest_gib, rate_mbit, &dirty_mbps, max_time_s)?;
-            v["machine"] = machine();
-            std::fs::write(results.join("downtime.json"), serde_json::to_string_pretty(&v)?)?;
+            save(&results, "downtime", &mut v)?;
             println!("| dirty MB/s | downtime ms | rounds | total s | switchover |\n|---|---|---|---|---|");
             for r in v["rows"].as_array().unwrap() {
                 println!(
@@ -379,8 +377,7 @@ fn main() -> Result<()> {
         }
         Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps } => {
             let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps)?;
-            v["machine"] = machine();
-            std::fs::write(results.join("retarget.json"), serde_json::to_string_pretty(&v)?)?;
+            save(&results, "retarget", &mut v)?;
             println!("| dirty MB/s | retarget at | forward ms | restart ms | forward/restart | forward/ideal | restart/ideal |");
             println!("|---|---|---|---|---|---|---|");
             let rows = v["rows"].as_array().unwrap();
@@ -401,8 +398,7 @@ fn main() -> Result<()> {
         }
         Cmd::Core { idle_gib, dirty_gib, dirty_mbps, repeat } => {
             let mut v = core(idle_gib, dirty_gib, dirty_mbps, repeat)?;
-            v["machine"] = machine();
-            std::fs::write(results.join("core.json"), serde_json::to_string_pretty(&v)?)?;
+            save(&results, "core", &mut v)?;
             println!("| streams | guest | dcmigrate MB/s | iperf3 MB/s | ratio |\n|---|---|---|---|---|");
             for r in v["throughput"].as_array().unwrap() {
                 println!(

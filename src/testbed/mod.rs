@@ -216,6 +216,16 @@ impl Testbed {
         api::call(&self.host(host).api, req).map_err(err)
     }
 
+    /// Stops a VM that runs on `host` (SIGTERM to its process) and waits
+    /// until its agent no longer lists it.
+    pub fn stop_vm(&self, host: &str, name: &str) {
+        if let Some(pid) = self.vm_on(host, name).and_then(|v| v["state"]["pid"].as_i64()) {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            wait_for(10, || self.vm_on(host, name).map_or(Some(()), |_| None));
+        }
+    }
+
     /// SIGKILLs an agent (a host failure).
     pub fn kill_agent(&mut self, host: &str) {
         if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
@@ -242,10 +252,6 @@ impl Testbed {
             }
         }
         out
-    }
-
-    pub fn agent_pid(&self, host: &str) -> Option<u32> {
-        self.host(host).child.as_ref().map(|c| c.id())
     }
 }
 

@@ -22,7 +22,6 @@ const WINDOW: usize = 8;
 /// A destination's view of one session: where its frames go.
 pub struct Receiving {
     pub ram: Arc<GuestRam>,
-    pub bytes: AtomicU64,
     pub cancel: CancellationToken,
     senders: Mutex<HashMap<u8, SenderStreams>>,
 }
@@ -72,12 +71,7 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
-        let r = Arc::new(Receiving {
-            ram,
-            bytes: AtomicU64::new(0),
-            cancel: CancellationToken::new(),
-            senders: Mutex::new(HashMap::new()),
-        });
+        let r = Arc::new(Receiving { ram, cancel: CancellationToken::new(), senders: Mutex::new(HashMap::new()) });
         self.sessions.lock().unwrap().insert(token, r.clone());
         r
     }
@@ -160,7 +154,6 @@ impl Receiver {
                     buf.resize(len as usize, 0);
                     s.read_exact(&mut buf).await.map_err(err)?;
                     sess.ram.write_at(region, offset, &buf).map_err(|e| TransportError::Stream(e.to_string()))?;
-                    sess.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
                 Frame::BatchEnd { batch } => {
                     s.write_all(&Reply::Applied { batch }.encode()).await.map_err(err)?;
