@@ -18,6 +18,15 @@ pub enum Request {
     Info,
     /// A VM on this host puts itself under the agent's management.
     Register { vm: VmRecord },
+    /// Puts a running QEMU under the agent's management, found by its QMP
+    /// socket. `launch` is how destinations start it (default: its own
+    /// command line, read from /proc).
+    AttachQemu {
+        name: String,
+        qmp: std::path::PathBuf,
+        #[serde(default)]
+        launch: Option<crate::vm::LaunchSpec>,
+    },
     /// VMs on this host and their state.
     List,
     /// Starts migrating a VM of this host; returns at once (see `status`, `wait`).

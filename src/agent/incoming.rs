@@ -11,7 +11,7 @@ use crate::protocol::{read_message, write_message, Message, ProtocolError};
 use crate::transport::tcp::{Receiving, TcpSender};
 use crate::transport::{Batch, Completion, PageSender, Run};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
-use crate::vm::{IncomingVm, LaunchSpec, RamFile};
+use crate::vm::{qemu, IncomingVm, LaunchSpec, RamFile, VmError};
 use base64::Engine as _;
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -263,20 +263,44 @@ async fn open(
     }
     let r = async {
         let layout = Layout::new(regions.clone(), chunk_size).map_err(|e| e.to_string())?;
-        let dir = agent.cfg.data_dir.clone();
+        let mut dir = agent.cfg.data_dir.clone();
         let paths: Vec<_> = match launch {
-            LaunchSpec::Synthetic { .. } => vec![guest_paths(&dir, vm).0],
+            LaunchSpec::Synthetic { .. } => {
+                if regions.len() != 1 {
+                    return Err(format!("{} RAM regions for a synthetic guest", regions.len()));
+                }
+                vec![guest_paths(&dir, vm).0]
+            }
+            LaunchSpec::Qemu { .. } => {
+                if let Some(r) = regions.iter().find(|r| !qemu::valid_id(&r.id)) {
+                    return Err(format!("invalid memory backend id {:?}", r.id));
+                }
+                dir = qemu::vm_dir(&agent.cfg.data_dir, vm);
+                if dir.exists() {
+                    return Err(format!(
+                        "{} exists on {}: another incoming session for {vm}?",
+                        dir.display(),
+                        agent.cfg.name
+                    ));
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                regions.iter().map(|r| qemu::ram_path(&dir, &r.id)).collect()
+            }
         };
-        if paths.len() != regions.len() {
-            return Err(format!("{} RAM regions for a {} guest", regions.len(), "synthetic"));
-        }
+        let owned_dir = matches!(launch, LaunchSpec::Qemu { .. }).then(|| dir.clone());
+        let cleanup = move |paths: &[std::path::PathBuf]| {
+            paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            if let Some(d) = &owned_dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        };
         if let Some(p) = paths.iter().find(|p| p.exists()) {
             return Err(format!("{} exists on {}: another incoming session for {vm}?", p.display(), agent.cfg.name));
         }
         let ram = match GuestRam::create(layout, &paths) {
             Ok(r) => Arc::new(r),
             Err(e) => {
-                paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+                cleanup(&paths);
                 return Err(e.to_string());
             }
         };
@@ -286,14 +310,19 @@ async fn open(
             .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
             .collect();
         let (name, launch2) = (vm.to_owned(), launch.clone());
-        let launched = tokio::task::spawn_blocking(move || SyntheticIncoming::launch(&name, &dir, &files, &launch2))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        let incoming: Arc<dyn IncomingVm> = match launched {
-            Ok(i) => Arc::new(i),
+        let launched = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
+            Ok(match &launch2 {
+                LaunchSpec::Synthetic { .. } => Arc::new(SyntheticIncoming::launch(&name, &dir, &files, &launch2)?),
+                LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(&name, &dir, &files, &launch2)?),
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let incoming = match launched {
+            Ok(i) => i,
             Err(e) => {
-                paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+                cleanup(&paths);
                 return Err(e);
             }
         };

@@ -98,12 +98,14 @@ impl Agent {
     fn source_vm(rec: VmRecord) -> Arc<dyn SourceVm> {
         match rec.launch {
             LaunchSpec::Synthetic { .. } => Arc::new(SyntheticVm::new(rec)),
+            LaunchSpec::Qemu { .. } => Arc::new(crate::vm::qemu::QemuVm::new(rec)),
         }
     }
 
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
         std::fs::create_dir_all(&self.cfg.data_dir).map_err(|e| AgentError::DataDir(self.cfg.data_dir.clone(), e))?;
+        crate::vm::qemu::clean_leftovers(&self.cfg.data_dir);
         let bind = |what, addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr: addr.to_string(), source })
         };
@@ -202,6 +204,22 @@ impl Agent {
                 }
                 self.add_vm(vm);
                 Ok(json!({}))
+            }
+            Request::AttachQemu { name, qmp, launch } => {
+                if !crate::vm::qemu::valid_id(&name) {
+                    return Err(format!("invalid VM name {name:?}: use letters, digits, '-', '_' or '.'"));
+                }
+                if self.has_vm(&name) {
+                    return Err(format!("a VM named {name:?} is already registered here"));
+                }
+                let rec = tokio::task::spawn_blocking(move || crate::vm::qemu::attach(&name, &qmp, launch))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
+                let out = json!({ "ram": rec.ram });
+                self.add_vm(rec);
+                Ok(out)
             }
             Request::List => {
                 let vms: Vec<VmRecord> = self.vms.lock().unwrap().values().cloned().collect();

@@ -90,8 +90,48 @@ pub enum Cmd {
         #[command(flatten)]
         api: ApiArg,
     },
-    /// Three agents on this machine, a synthetic guest, a migration, a report.
+    /// Manage the local agent's VMs.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Three agents on this machine, a guest, a migration with a retarget, a report.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Put a running QEMU under the local agent (its RAM must be in shared
+    /// memory backends; see the README).
+    Add {
+        name: String,
+        /// The QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), for the agent alone.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// JSON file {"binary": "qemu-system-x86_64", "args": [...]}: how destinations
+        /// start this VM; `{dir}` stands for the VM's directory there.
+        /// Default: the QEMU's own command line.
+        #[arg(long)]
+        launch_spec: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+/// The file format of `vm add --launch-spec`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpecFile {
+    pub binary: String,
+    pub args: Vec<String>,
+}
+
+pub fn read_launch_spec(path: &std::path::Path) -> Result<crate::vm::LaunchSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let f: LaunchSpecFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(crate::vm::LaunchSpec::Qemu { binary: f.binary, args: f.args })
 }
 
 #[derive(Subcommand)]
@@ -313,6 +353,25 @@ pub fn run(cli: Cli) -> Result<i32> {
                         vm["state"]["phase"].as_str().unwrap_or("unknown")
                     );
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Vm { cmd: VmCmd::Add { name, qmp, launch_spec, json, api } } => {
+            let launch = launch_spec.as_deref().map(read_launch_spec).transpose()?;
+            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
+            let v = api::call(&api.api, &Request::AttachQemu { name: name.clone(), qmp, launch })?;
+            if json {
+                println!("{v}");
+            } else {
+                for r in v["ram"].as_array().into_iter().flatten() {
+                    println!(
+                        "  RAM {} ({} MiB): {}",
+                        r["id"].as_str().unwrap_or("?"),
+                        r["size"].as_u64().unwrap_or(0) >> 20,
+                        r["path"].as_str().unwrap_or("?")
+                    );
+                }
+                println!("{name} added");
             }
             Ok(0)
         }

@@ -4,6 +4,8 @@
 //! report the bytes they actually read: if a page changed after the sync
 //! (and possibly changed back before the next one: the ABA case), its sent
 //! copy differs from the baseline and the page is reported again.
+//! Holes in the RAM files are hashed as zeros without being read: reading a
+//! hole through a shared tmpfs mapping would allocate it.
 
 use super::{DirtyError, DirtyTracker, SendObserver, TrackerKind};
 use crate::bitmap::{AtomicBitmap, Bitmap};
@@ -24,7 +26,8 @@ pub struct HashTracker {
 impl HashTracker {
     pub fn start(ram: &GuestRam) -> Result<Self, DirtyError> {
         self_test()?;
-        Ok(Self::baseline(ram.layout().total_pages(), |p| xxh3_64(ram.page_bytes(p))))
+        let data = data_pages(ram);
+        Ok(Self::baseline(ram.layout().total_pages(), |p| page_hash(ram, &data, p)))
     }
 
     fn baseline(pages: usize, hash: impl Fn(usize) -> u64) -> Self {
@@ -45,6 +48,22 @@ impl HashTracker {
             }
         }
         dirty
+    }
+}
+
+fn data_pages(ram: &GuestRam) -> Bitmap {
+    ram.data_pages().unwrap_or_else(|e| {
+        tracing::warn!("cannot tell holes from data ({e}): hashing every page");
+        Bitmap::full(ram.layout().total_pages())
+    })
+}
+
+fn page_hash(ram: &GuestRam, data: &Bitmap, page: usize) -> u64 {
+    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if data.get(page) {
+        xxh3_64(ram.page_bytes(page))
+    } else {
+        *ZERO.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
     }
 }
 
@@ -83,7 +102,8 @@ impl DirtyTracker for HashTracker {
     }
 
     fn sync(&mut self, ram: &GuestRam) -> Result<Bitmap, DirtyError> {
-        Ok(self.sync_with(ram.layout().total_pages(), |p| xxh3_64(ram.page_bytes(p))))
+        let data = data_pages(ram);
+        Ok(self.sync_with(ram.layout().total_pages(), |p| page_hash(ram, &data, p)))
     }
 
     fn observer(&self) -> Option<Arc<dyn SendObserver>> {

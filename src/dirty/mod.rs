@@ -6,6 +6,7 @@
 
 pub mod cooperative;
 pub mod hash;
+pub mod softdirty;
 
 use crate::bitmap::Bitmap;
 use crate::memory::GuestRam;
@@ -20,6 +21,8 @@ pub enum TrackerKind {
     Cooperative,
     /// Per-page xxh3 of the content; works for any RAM, costs a scan per sync.
     Hash,
+    /// The kernel's soft-dirty PTE bits of the process mapping the RAM (QEMU).
+    SoftDirty,
 }
 
 impl TrackerKind {
@@ -27,6 +30,7 @@ impl TrackerKind {
         match self {
             TrackerKind::Cooperative => "cooperative",
             TrackerKind::Hash => "hash",
+            TrackerKind::SoftDirty => "soft-dirty",
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Everything it started is stopped and removed when it is dropped.
 
 pub mod net;
+pub mod qemu;
 
 use crate::agent::api::{self, Request};
 use crate::vm::synthetic::Workload;
@@ -124,16 +125,21 @@ impl Testbed {
         Ok(tb)
     }
 
-    fn spawn_agent(&mut self, i: usize, certs: &Path) -> Result<(), TestbedError> {
-        let h = &self.hosts[i];
-        let mut cmd = match self.net.as_ref().and_then(|n| n.host(&h.name)) {
+    /// A command that runs on `host` (inside its network namespace, if any).
+    fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self.net.as_ref().and_then(|n| n.host(host)) {
             Some(nh) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &nh.ns]).arg(&self.exe);
+                c.args(["netns", "exec", &nh.ns]).arg(program);
                 c
             }
-            None => Command::new(&self.exe),
-        };
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn_agent(&mut self, i: usize, certs: &Path) -> Result<(), TestbedError> {
+        let h = &self.hosts[i];
+        let mut cmd = self.command(&h.name, &self.exe);
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
         for p in &self.hosts {

@@ -1,8 +1,10 @@
 //! What the engine needs from a VM, as a small ladder of traits:
 //! [`SourceVm`] (a running VM we migrate away from) and [`IncomingVm`] (a VM
 //! prepared paused on a destination). Backends: the synthetic guest
-//! ([`synthetic`]); QEMU follows the same shape.
+//! ([`synthetic`]) and stock QEMU ([`qemu`], controlled over [`qmp`]).
 
+pub mod qemu;
+pub mod qmp;
 pub mod synthetic;
 
 use crate::dirty::{DirtyTracker, TrackerKind};
@@ -35,7 +37,16 @@ pub struct RamFile {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LaunchSpec {
-    Synthetic { workload: synthetic::Workload },
+    Synthetic {
+        workload: synthetic::Workload,
+    },
+    /// A QEMU command line (without -qmp/-incoming/-S/-daemonize/-pidfile,
+    /// which the agent adds); `{dir}` stands for the VM's directory on the
+    /// host that runs it.
+    Qemu {
+        binary: String,
+        args: Vec<String>,
+    },
 }
 
 /// What an agent knows of a VM on its host (registered through the API).
@@ -49,6 +60,10 @@ pub struct VmRecord {
     #[serde(default)]
     pub dirty_log: Option<PathBuf>,
     pub launch: LaunchSpec,
+    /// A directory the agent created for this VM (RAM included), removed
+    /// when the VM leaves this host.
+    #[serde(default)]
+    pub owned_dir: Option<PathBuf>,
 }
 
 impl VmRecord {

@@ -84,6 +84,9 @@ impl SourceVm for SyntheticVm {
         if self.rec.dirty_log.is_some() {
             t.push(TrackerKind::Cooperative);
         }
+        if crate::dirty::softdirty::self_test().is_ok() {
+            t.push(TrackerKind::SoftDirty);
+        }
         t.push(TrackerKind::Hash);
         t
     }
@@ -98,6 +101,14 @@ impl SourceVm for SyntheticVm {
                 Box::new(CooperativeTracker::start(log, ram.layout().total_pages(), &probe)?)
             }
             TrackerKind::Hash => Box::new(HashTracker::start(ram)?),
+            TrackerKind::SoftDirty => {
+                let pid = super::qmp::socket_peer_pid(&self.rec.control).map_err(|e| VmError::Control {
+                    path: self.rec.control.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+                let files: Vec<PathBuf> = self.rec.ram.iter().map(|r| r.path.clone()).collect();
+                Box::new(crate::dirty::softdirty::SoftDirtyTracker::start(pid, &files, ram)?)
+            }
         })
     }
 
@@ -170,6 +181,7 @@ impl SyntheticIncoming {
                 control: sock.clone(),
                 dirty_log: Some(dirty),
                 launch: launch.clone(),
+                owned_dir: None,
             },
         };
         let deadline = Instant::now() + Duration::from_secs(20);

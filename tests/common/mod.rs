@@ -113,3 +113,27 @@ pub fn differing_pages(a: &Path, b: &Path) -> usize {
     assert_eq!(x.len(), y.len());
     (0..x.len()).step_by(4096).filter(|&i| x[i..i + 4096] != y[i..i + 4096]).count()
 }
+
+/// Skips a test with a printed reason; `tests/run` counts these as skipped
+/// (through `DCMIGRATE_SKIP_LOG`), not as passed.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIP {test}: {reason}");
+    if let Some(p) = std::env::var_os("DCMIGRATE_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
+/// Heartbeat counters printed on a serial console, in order; a line split
+/// across two logs (a migration) joins up when the logs are concatenated.
+pub fn heartbeats(text: &str) -> Vec<u64> {
+    text.split("heartbeat ")
+        .skip(1)
+        .filter_map(|s| {
+            let d: String = s.chars().take_while(char::is_ascii_digit).collect();
+            d.parse().ok()
+        })
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! QEMU guests for the test bed: starts `qemu-system-x86_64` (TCG) on a
+//! host with its RAM in shared backends and a QMP socket, and adds it to
+//! that host's agent with a launch spec whose paths use `{dir}`.
+
+use super::{err, wait_for, Testbed, TestbedError};
+use crate::agent::api::Request;
+use crate::vm::LaunchSpec;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    File,
+    Memfd,
+}
+
+/// What to boot: RAM backends (id, size, kind) and an optional guest image
+/// (a directory with `vmlinuz` and `initrd.gz`, from `tests/guest-image/build`).
+pub struct QemuSpec {
+    pub ram: Vec<(String, u64, Backend)>,
+    pub image: Option<PathBuf>,
+}
+
+/// Where `tests/guest-image/build` leaves the guest (`DCMIGRATE_GUEST_IMAGE` overrides).
+pub fn guest_image() -> Option<PathBuf> {
+    let dir = std::env::var_os("DCMIGRATE_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image"));
+    (dir.join("vmlinuz").is_file() && dir.join("initrd.gz").is_file()).then_some(dir)
+}
+
+pub fn qemu_available() -> bool {
+    Command::new(QEMU).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+impl QemuSpec {
+    /// The command line, with `{dir}` for the VM's directory.
+    pub fn args(&self) -> Vec<String> {
+        let total: u64 = self.ram.iter().map(|r| r.1).sum();
+        let mut a: Vec<String> = ["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["-serial".into(), "file:{dir}/serial.log".into(), "-m".into(), format!("{}M", total >> 20)]);
+        for (id, size, kind) in &self.ram {
+            let obj = match kind {
+                Backend::File => {
+                    format!("memory-backend-file,id={id},size={},mem-path={{dir}}/{id}.ram,share=on", size)
+                }
+                Backend::Memfd => format!("memory-backend-memfd,id={id},size={},share=on", size),
+            };
+            a.extend(["-object".into(), obj]);
+        }
+        if let [(id, _, _)] = self.ram.as_slice() {
+            a.extend(["-machine".into(), format!("memory-backend={id}")]);
+        } else {
+            for (id, _, _) in &self.ram {
+                a.extend(["-numa".into(), format!("node,memdev={id}")]);
+            }
+        }
+        if let Some(img) = &self.image {
+            a.extend([
+                "-kernel".into(),
+                img.join("vmlinuz").display().to_string(),
+                "-initrd".into(),
+                img.join("initrd.gz").display().to_string(),
+                "-append".into(),
+                "console=ttyS0 quiet panic=-1".into(),
+            ]);
+        }
+        a
+    }
+}
+
+/// A QEMU started on a test host.
+pub struct QemuGuest {
+    pub name: String,
+    /// Its directory on the source host (`{dir}` there).
+    pub dir: PathBuf,
+}
+
+impl QemuGuest {
+    pub fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+}
+
+impl Testbed {
+    /// Starts QEMU on `host` (in the host's network namespace, if any) and
+    /// adds it to the agent there.
+    pub fn start_qemu(&mut self, host: &str, name: &str, spec: &QemuSpec) -> Result<QemuGuest, TestbedError> {
+        let h = self.host(host);
+        let dir = h.data_dir.join(format!("{name}.src"));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let ds = dir.display().to_string();
+        let qmp = dir.join("qmp.sock");
+        for (id, size, kind) in &spec.ram {
+            if *kind == Backend::File {
+                let f = std::fs::File::create(dir.join(format!("{id}.ram"))).map_err(err)?;
+                f.set_len(*size).map_err(err)?;
+            }
+        }
+        let args: Vec<String> = spec.args().iter().map(|a| a.replace("{dir}", &ds)).collect();
+        let log = std::fs::File::create(dir.join("qemu.log")).map_err(err)?;
+        let mut cmd = self.command(host, QEMU);
+        cmd.args(&args).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
+        self.guests.push(cmd.spawn().map_err(|e| TestbedError(format!("starting {QEMU}: {e}")))?);
+        wait_for(30, || qmp.exists().then_some(()))
+            .ok_or_else(|| TestbedError(format!("QEMU on {host} did not open its QMP socket: see {ds}/qemu.log")))?;
+        let launch = LaunchSpec::Qemu { binary: QEMU.into(), args: spec.args() };
+        self.call(host, &Request::AttachQemu { name: name.into(), qmp, launch: Some(launch) })?;
+        Ok(QemuGuest { name: name.into(), dir })
+    }
+
+    /// Pids of QEMU processes whose command line mentions `needle` (a path).
+    pub fn qemu_pids(needle: &Path) -> Vec<u32> {
+        let n = needle.display().to_string();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.starts_with(QEMU) && cmd.contains(&n) && crate::vm::qemu::alive(*pid)
+            })
+            .collect()
+    }
+}

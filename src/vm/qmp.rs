@@ -1,0 +1,122 @@
+//! A QMP session with one QEMU, on top of the `qapi` crate's typed commands:
+//! connect with a timeout, learn QEMU's pid from the socket, and the handful
+//! of commands migration needs. One short connection per operation, because
+//! a QMP socket serves one client at a time.
+
+use super::VmError;
+use qapi::qmp;
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
+
+pub struct Qmp {
+    qmp: qapi::Qmp<Stream>,
+    path: PathBuf,
+    /// QEMU's pid, from the socket's peer credentials.
+    pub pid: u32,
+}
+
+impl Qmp {
+    /// Connects and negotiates capabilities. A QMP socket that is busy with
+    /// another client greets nobody: that shows up as a timeout here.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
+        let err = |msg: String| VmError::Control { path: path.display().to_string(), msg };
+        let s = UnixStream::connect(path).map_err(|e| err(format!("connect: {e}")))?;
+        s.set_read_timeout(Some(timeout))
+            .and_then(|_| s.set_write_timeout(Some(timeout)))
+            .map_err(|e| err(e.to_string()))?;
+        let pid = peer_pid(&s).map_err(|e| err(format!("peer credentials: {e}")))?;
+        let r = s.try_clone().map_err(|e| err(e.to_string()))?;
+        let mut qmp = qapi::Qmp::new(qapi::Stream::new(BufReader::new(r), s));
+        qmp.handshake().map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
+        Ok(Self { qmp, path: path.to_owned(), pid })
+    }
+
+    pub fn execute<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, VmError> {
+        self.qmp.execute(cmd).map_err(|e| match e {
+            qapi::ExecuteError::Qapi(q) => VmError::Refused { cmd: C::NAME.into(), msg: q.desc },
+            qapi::ExecuteError::Io(e) => {
+                VmError::Control { path: self.path.display().to_string(), msg: format!("{}: {e}", C::NAME) }
+            }
+        })
+    }
+
+    pub fn status(&mut self) -> Result<qmp::RunState, VmError> {
+        Ok(self.execute(&qmp::query_status {})?.status)
+    }
+
+    /// Waits until the run state satisfies `want` (QEMU changes it asynchronously).
+    pub fn wait_status(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(qmp::RunState) -> bool,
+    ) -> Result<qmp::RunState, VmError> {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.status()?;
+            if want(s) {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                return Err(VmError::Refused { cmd: what.into(), msg: format!("still {s:?} after {timeout:?}") });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn qom_get_string(&mut self, path: &str, property: &str) -> Result<String, VmError> {
+        let v = self.execute(&qmp::qom_get { path: path.into(), property: property.into() })?;
+        let v = serde_json::to_value(v).unwrap_or_default();
+        v.as_str().map(str::to_owned).ok_or_else(|| VmError::Refused {
+            cmd: "qom-get".into(),
+            msg: format!("{path}.{property} is not a string: {v}"),
+        })
+    }
+
+    /// Device state only: shared RAM stays where it is, and nothing is capped.
+    pub fn prepare_device_migration(&mut self) -> Result<(), VmError> {
+        self.execute(&qmp::migrate_set_capabilities {
+            capabilities: vec![qmp::MigrationCapabilityStatus {
+                capability: qmp::MigrationCapability::x_ignore_shared,
+                state: true,
+            }],
+        })?;
+        Ok(())
+    }
+
+    pub fn uncap_bandwidth(&mut self) -> Result<(), VmError> {
+        // QEMU's default cap (32 MiB/s) would stretch the downtime.
+        self.execute(&qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+            max_bandwidth: Some(u32::MAX as u64),
+            ..Default::default()
+        }))?;
+        Ok(())
+    }
+
+    pub fn query_migrate(&mut self) -> Result<qmp::MigrationInfo, VmError> {
+        self.execute(&qmp::query_migrate {})
+    }
+}
+
+fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    u32::try_from(cred.pid).map_err(|_| std::io::Error::other("no peer pid"))
+}
+
+/// The pid behind a unix socket (QEMU's QMP, the synthetic guest's control).
+pub fn socket_peer_pid(path: &Path) -> std::io::Result<u32> {
+    peer_pid(&UnixStream::connect(path)?)
+}

@@ -1,0 +1,172 @@
+//! Stock QEMU guests (TCG) migrated by the agents: RAM in shared backends,
+//! device state through QEMU's own migration with x-ignore-shared.
+
+mod common;
+
+use common::*;
+use dcmigrate::agent::api::Request;
+use dcmigrate::engine::MigrateOptions;
+use dcmigrate::testbed::qemu::{guest_image, qemu_available, Backend, QemuSpec, QEMU};
+use dcmigrate::testbed::{wait_for, Testbed};
+use std::path::Path;
+
+fn qemu_or_skip(test: &str) -> bool {
+    if !qemu_available() {
+        skip(test, &format!("{QEMU} is not installed (tests/run installs qemu-system-x86)"));
+        return false;
+    }
+    true
+}
+
+fn serial(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+fn suspended() -> MigrateOptions {
+    // Paused at the destination: its RAM can be compared with the source's
+    // as of the switchover, then `resume` starts it.
+    MigrateOptions { suspend: true, ..Default::default() }
+}
+
+#[test]
+fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
+    const T: &str = "booted_guest_moves_with_a_retarget_and_its_heartbeat_continues";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let Some(image) = guest_image() else {
+        skip(T, "no guest image: run tests/guest-image/build");
+        return;
+    };
+    let mut tb = testbed(&["A", "B", "C"]);
+    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image) };
+    let g = tb.start_qemu("A", "vm1", &spec).expect("QEMU on A");
+    let booted = wait_for(120, || (heartbeats(&serial(&g.serial())).len() >= 5).then_some(()));
+    assert!(booted.is_some(), "guest did not boot: {}", serial(&g.serial()));
+
+    // Slow enough that the retarget lands while B is receiving.
+    let opts = MigrateOptions { max_bandwidth_mbps: Some(30.0), ..suspended() };
+    start_migration(&tb, "A", "vm1", "B", opts);
+    // The booted guest holds ~150 MiB of data (the rest are holes, not sent):
+    // retarget after a third of it reached B.
+    let mid = wait_for(120, || {
+        let v = tb.call("A", &Request::Status { vm: Some("vm1".into()) }).ok()?;
+        let m = &v["migrations"][0];
+        let sent = m["progress"]["bytes_sent"].as_u64()?;
+        (m["done"] == true || sent >= 48 * MIB).then_some(m["done"] == true)
+    });
+    assert_eq!(mid, Some(false), "migration ended before the retarget point");
+    tb.call("A", &Request::Retarget { vm: "vm1".into(), to: "C".into(), forward: true }).expect("retarget");
+    let report = wait_report(&tb, "A", "vm1");
+    assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
+    assert_eq!(report["destination"], "C", "{report}");
+    let forwarded = report["bytes_by_sender"]["B"].as_u64().unwrap_or(0);
+    assert!(forwarded > 8 * MIB, "B forwarded only {forwarded} bytes: {report}");
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+
+    // C's RAM is A's as of the switchover, byte for byte (A's file outlives A's QEMU).
+    let c_dir = tb.host("C").data_dir.join("vm1.qemu");
+    assert_same_bytes(&g.dir.join("ram0.ram"), &c_dir.join("ram0.ram"));
+    // One QEMU, on C; B's incoming one is gone with its files.
+    assert!(Testbed::qemu_pids(&tb.host("A").data_dir).is_empty(), "QEMU left on A");
+    assert!(Testbed::qemu_pids(&tb.host("B").data_dir).is_empty(), "QEMU left on B");
+    assert_eq!(Testbed::qemu_pids(&c_dir).len(), 1, "one QEMU on C");
+    assert!(!tb.host("B").data_dir.join("vm1.qemu").exists(), "B kept the VM's files");
+    assert!(tb.vm_on("A", "vm1").is_none() && tb.vm_on("B", "vm1").is_none());
+
+    tb.call("C", &Request::Resume { vm: "vm1".into() }).expect("resume on C");
+    let a_beats = heartbeats(&serial(&g.serial()));
+    let last_a = *a_beats.last().expect("beats on A");
+    let c_serial = c_dir.join("serial.log");
+    let moved = wait_for(60, || (heartbeats(&serial(&c_serial)).len() >= 3).then_some(()));
+    assert!(moved.is_some(), "no heartbeat on C: {}", serial(&c_serial));
+    let all = heartbeats(&(serial(&g.serial()) + &serial(&c_serial)));
+    let first = all.iter().position(|&n| n == last_a).expect("A's last beat");
+    assert!(all.len() > first + 2, "heartbeats after the move: {all:?}");
+    for w in all[first..].windows(2) {
+        assert_eq!(w[1], w[0] + 1, "the heartbeat jumped across the migration: {:?}", &all[first..]);
+    }
+    assert_eq!(state(&tb, "C", "vm1").expect("vm1 on C")["phase"], "running");
+}
+
+#[test]
+fn two_numa_nodes_on_memfd_backends_move() {
+    const T: &str = "two_numa_nodes_on_memfd_backends_move";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    let spec = QemuSpec {
+        ram: vec![("n0".into(), 64 * MIB, Backend::Memfd), ("n1".into(), 96 * MIB, Backend::Memfd)],
+        image: None,
+    };
+    let _g = tb.start_qemu("A", "vm2", &spec).expect("QEMU on A");
+    // Hold A's memfds open: they would vanish with A's QEMU, and the test
+    // compares them with B's RAM afterwards. Fill them with a pattern first.
+    let pid = Testbed::qemu_pids(&tb.host("A").data_dir)[0];
+    let mut memfds = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:")) {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(e.path()).unwrap();
+            let len = f.metadata().unwrap().len();
+            memfds.insert(len, f);
+        }
+    }
+    assert_eq!(memfds.len(), 2, "two memfd backends");
+    for (len, f) in &memfds {
+        use std::os::unix::fs::FileExt;
+        let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i * 7 + *len as usize) as u8).collect();
+        for off in (0..*len).step_by(4 * MIB as usize) {
+            f.write_all_at(&pattern, off).unwrap();
+        }
+    }
+    let report = {
+        start_migration(&tb, "A", "vm2", "B", suspended());
+        wait_report(&tb, "A", "vm2")
+    };
+    assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
+    let b_dir = tb.host("B").data_dir.join("vm2.qemu");
+    for (id, size) in [("n0", 64 * MIB), ("n1", 96 * MIB)] {
+        let src = &memfds[&size];
+        let a = std::fs::read(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(src))).unwrap();
+        let b = std::fs::read(b_dir.join(format!("{id}.ram"))).unwrap();
+        assert_eq!(a.len(), b.len());
+        assert!(a == b, "node {id}: RAM differs");
+    }
+    assert!(Testbed::qemu_pids(&tb.host("A").data_dir).is_empty(), "QEMU left on A");
+    tb.call("B", &Request::Resume { vm: "vm2".into() }).expect("resume");
+    assert_eq!(state(&tb, "B", "vm2").expect("vm2 on B")["phase"], "running");
+}
+
+#[test]
+fn private_ram_is_refused_with_the_options_to_use() {
+    const T: &str = "private_ram_is_refused_with_the_options_to_use";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let tb = testbed(&["A"]);
+    let dir = tb.host("A").data_dir.join("plain");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, ram) in [
+        vec!["-m", "64M"],
+        vec!["-m", "64M", "-object", "memory-backend-ram,id=r,size=64M", "-machine", "memory-backend=r"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let qmp = dir.join(format!("qmp{i}.sock"));
+        let mut q = std::process::Command::new(QEMU)
+            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
+            .args(ram)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .spawn()
+            .unwrap();
+        wait_for(30, || qmp.exists().then_some(())).expect("QMP socket");
+        let e = tb.call("A", &Request::AttachQemu { name: format!("p{i}"), qmp, launch: None }).unwrap_err();
+        let _ = q.kill();
+        let _ = q.wait();
+        assert!(e.0.contains("share=on") && e.0.contains("memory-backend-file"), "{ram:?}: {}", e.0);
+        assert!(tb.vm_on("A", &format!("p{i}")).is_none());
+    }
+}
