@@ -134,6 +134,13 @@ fn two_numa_nodes_on_memfd_backends_move() {
         assert!(a == b, "node {id}: RAM differs");
     }
     assert!(Testbed::qemu_pids(&tb.host("A").data_dir).is_empty(), "QEMU left on A");
+    // Soft-dirty (where the kernel has it) reads B's QEMU's page tables: its
+    // RAM files must be found in QEMU's mappings.
+    let rec = dcmigrate::vm::qemu::attach("probe", &b_dir.join("qmp.sock"), None).expect("attach B's QEMU");
+    let files: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
+    let pid = Testbed::qemu_pids(&b_dir)[0];
+    let at = dcmigrate::dirty::softdirty::locate(pid, &files, &rec.regions()).expect("RAM mapped in QEMU");
+    assert_eq!(at.len(), 2);
     tb.call("B", &Request::Resume { vm: "vm2".into() }).expect("resume");
     assert_eq!(state(&tb, "B", "vm2").expect("vm2 on B")["phase"], "running");
 }

@@ -1,26 +1,42 @@
-//! `dcmigrate demo`: three agents on this machine, a synthetic guest that
-//! dirties memory, a live migration with progress, and the final report.
+//! `dcmigrate demo`: three agents on this machine, a guest that dirties
+//! memory (the synthetic one, or a real QEMU booting the test guest image),
+//! a live migration with progress and a retarget, and the final report.
 
 use super::parse_size;
 use super::progress;
 use crate::agent::api::Request;
 use crate::engine::MigrateOptions;
-use crate::testbed::Testbed;
+use crate::testbed::{qemu, Testbed};
 use crate::vm::synthetic::{Pattern, Workload};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoVm {
+    /// The synthetic guest (no QEMU needed).
+    Synthetic,
+    /// qemu-system-x86_64 (TCG) booting the image from tests/guest-image/build.
+    Qemu,
+}
+
 #[derive(Args)]
 pub struct DemoArgs {
+    #[arg(long, value_enum, default_value_t = DemoVm::Synthetic)]
+    pub vm: DemoVm,
     /// Guest RAM size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub guest_size: u64,
     /// MB/s of memory the guest dirties.
     #[arg(long, default_value_t = 50.0)]
     pub dirty_rate: f64,
-    /// Retarget to the third host once this fraction of RAM reached the second.
+    /// Retarget to the third host once this fraction of what there is to send
+    /// (RAM without holes) reached the second.
     #[arg(long)]
     pub retarget_at: Option<f64>,
+    /// Cap in MB/s per migration (default: none; 40 for --vm qemu, whose
+    /// guest holds little data, so that there is time to retarget).
+    #[arg(long)]
+    pub max_bandwidth: Option<f64>,
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
     #[arg(long, default_value_t = 4)]
@@ -46,19 +62,59 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     for h in &tb.hosts {
         say(format!("agent {} up: control {}, API {}", h.name, h.control, h.api.display()));
     }
-    let w = Workload { dirty_rate_mbps: a.dirty_rate, hot_fraction: 1.0, pattern: Pattern::Random, seed: 7 };
-    say(format!("starting guest demo-vm on hostA: {} MiB RAM, dirtying {} MB/s", a.guest_size >> 20, a.dirty_rate));
-    tb.start_guest("hostA", "demo-vm", a.guest_size, &w, false, &[])?;
-    let options = MigrateOptions { downtime_ms: a.downtime_ms, streams: a.streams, ..Default::default() };
+    let mut serial_a = None;
+    let mut cap = a.max_bandwidth;
+    match a.vm {
+        DemoVm::Synthetic => {
+            let w = Workload { dirty_rate_mbps: a.dirty_rate, hot_fraction: 1.0, pattern: Pattern::Random, seed: 7 };
+            say(format!(
+                "starting guest demo-vm on hostA: {} MiB RAM, dirtying {} MB/s",
+                a.guest_size >> 20,
+                a.dirty_rate
+            ));
+            tb.start_guest("hostA", "demo-vm", a.guest_size, &w, false, &[])?;
+        }
+        DemoVm::Qemu => {
+            if !qemu::qemu_available() {
+                bail!("{} not found: apt-get install qemu-system-x86", qemu::QEMU);
+            }
+            let image = qemu::guest_image().context("no guest image: run tests/guest-image/build first")?;
+            say(format!("booting QEMU demo-vm on hostA: {} MiB RAM in a shared file backend", a.guest_size >> 20));
+            let spec =
+                qemu::QemuSpec { ram: vec![("ram0".into(), a.guest_size, qemu::Backend::File)], image: Some(image) };
+            let g = tb.start_qemu("hostA", "demo-vm", &spec)?;
+            let booted = crate::testbed::wait_for(120, || {
+                let s = std::fs::read_to_string(g.serial()).unwrap_or_default();
+                (heartbeats(&s).len() >= 3).then_some(())
+            });
+            booted.context("the guest did not print its heartbeat within 120 s")?;
+            say(format!("guest booted; its serial console: {}", g.serial().display()));
+            serial_a = Some(g.serial());
+            cap = cap.or(Some(40.0));
+        }
+    }
+    let options = MigrateOptions {
+        downtime_ms: a.downtime_ms,
+        streams: a.streams,
+        max_bandwidth_mbps: cap,
+        ..Default::default()
+    };
     say("migrating demo-vm from hostA to hostB".into());
     tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;
     // Follow the migration; once hostB holds the chosen share, retarget to hostC.
     let api_a = tb.host("hostA").api.clone();
     let mut pending = a.retarget_at;
+    let mut to_send = None;
     let report = progress::follow_with(&api_a, "demo-vm", a.json, |m| {
         let f = pending?;
         let p = &m["progress"];
-        let frac = p["at_destination_bytes"].as_f64()? / p["ram_bytes"].as_f64()?.max(1.0);
+        let sent = p["bytes_sent"].as_f64()?;
+        if sent <= 0.0 {
+            return None;
+        }
+        // What there was to send: fixed at the first look, once holes are known.
+        let total = *to_send.get_or_insert(sent + p["remaining_bytes"].as_f64()?);
+        let frac = sent / f64::max(total, 1.0);
         if m["done"] == true || frac < f {
             return None;
         }
@@ -66,7 +122,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         let req = Request::Retarget { vm: "demo-vm".into(), to: "hostC".into(), forward: true };
         Some(match crate::agent::api::call(&api_a, &req) {
             Ok(_) => {
-                format!("{:.0}% of RAM reached hostB: retargeted to hostC; hostB forwards what it holds", frac * 100.0)
+                format!(
+                    "{:.0}% of the RAM reached hostB: retargeted to hostC; hostB forwards what it holds",
+                    frac * 100.0
+                )
             }
             Err(e) => format!("retarget to hostC failed: {e}"),
         })
@@ -75,5 +134,26 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let on: Vec<_> =
         tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();
     say(format!("demo-vm is registered on: {}", on.join(", ")));
+    if let (Some(serial_a), Some(host)) = (serial_a, report["vm_runs_on"].as_str()) {
+        let last = heartbeats(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied();
+        let dest = tb.host(host).data_dir.join("demo-vm.qemu/serial.log");
+        let next = crate::testbed::wait_for(20, || {
+            let b = heartbeats(&std::fs::read_to_string(&dest).unwrap_or_default());
+            (b.len() >= 2).then_some(b)
+        });
+        say(format!(
+            "guest heartbeat: last on hostA {}, then on {host} {}",
+            last.map_or("none".into(), |n| n.to_string()),
+            next.map_or("nothing yet".into(), |b| format!("{b:?}"))
+        ));
+    }
     Ok(progress::exit_code(&report))
+}
+
+/// "heartbeat N" counters on the test guest's serial console.
+fn heartbeats(text: &str) -> Vec<u64> {
+    text.split("heartbeat ")
+        .skip(1)
+        .filter_map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
+        .collect()
 }

@@ -218,6 +218,10 @@ pub struct GuestArgs {
     /// Keep the RAM file when the guest quits.
     #[arg(long)]
     pub keep_ram: bool,
+    /// Do not offer the guest's dirty log to the agent (it then tracks the
+    /// guest like any VM: soft-dirty or hash).
+    #[arg(long)]
+    pub no_dirty_log: bool,
     /// Leave every Nth page of RAM unwritten (zero) at start; 0: none.
     #[arg(long, default_value_t = 8)]
     pub zero_every: usize,
@@ -426,10 +430,14 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         exit_with_parent: g.exit_with_parent,
         zero_every: g.zero_every,
     };
-    let (agent, incoming) = (g.agent, g.incoming);
+    let (agent, incoming, no_log) = (g.agent, g.incoming, g.no_dirty_log);
     crate::guest::run(opts, |rec| match &agent {
         Some(api_path) => {
-            api::call(api_path, &Request::Register { vm: rec.clone() }).map_err(|e| e.to_string())?;
+            let mut vm = rec.clone();
+            if no_log {
+                vm.dirty_log = None;
+            }
+            api::call(api_path, &Request::Register { vm }).map_err(|e| e.to_string())?;
             eprintln!("guest {} registered with {}", rec.name, api_path.display());
             Ok(())
         }

@@ -15,7 +15,7 @@
 
 use super::{DirtyError, DirtyTracker, TrackerKind};
 use crate::bitmap::Bitmap;
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, RegionSpec, PAGE_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -57,15 +57,9 @@ impl SoftDirtyTracker {
                 .map_err(|e| err(format!("{}/{name}: {e}", proc.display())))
         };
         let (pagemap, clear_refs) = (open("pagemap", false)?, open("clear_refs", true)?);
-        let maps_text = std::fs::read_to_string(proc.join("maps")).map_err(|e| err(format!("pid {pid}: {e}")))?;
-        let layout = ram.layout();
         let mut maps = Vec::new();
         let mut first_page = 0;
-        for (f, region) in files.iter().zip(layout.regions()) {
-            let ino = std::fs::metadata(f).map_err(|e| err(format!("{}: {e}", f.display())))?.ino();
-            let vaddr = find_mapping(&maps_text, ino, region.size).ok_or_else(|| {
-                err(format!("pid {pid} does not map all of {} (region {}) shared", f.display(), region.id))
-            })?;
+        for (vaddr, region) in locate(pid, files, ram.layout().regions())?.into_iter().zip(ram.layout().regions()) {
             let pages = (region.size / PAGE_SIZE as u64) as usize;
             maps.push(Mapping { first_page, pages, vaddr });
             first_page += pages;
@@ -111,6 +105,21 @@ impl SoftDirtyTracker {
         wait_stopped(self.pid, Duration::from_secs(2))?;
         f(self)
     }
+}
+
+/// Where process `pid` maps each RAM file (shared, whole), in region order.
+pub fn locate(pid: u32, files: &[PathBuf], regions: &[RegionSpec]) -> Result<Vec<u64>, DirtyError> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| err(format!("pid {pid}: {e}")))?;
+    files
+        .iter()
+        .zip(regions)
+        .map(|(f, region)| {
+            let ino = std::fs::metadata(f).map_err(|e| err(format!("{}: {e}", f.display())))?.ino();
+            find_mapping(&maps, ino, region.size).ok_or_else(|| {
+                err(format!("pid {pid} does not map all of {} (region {}) shared", f.display(), region.id))
+            })
+        })
+        .collect()
 }
 
 /// Start address of a shared mapping of the whole file with inode `ino`.
