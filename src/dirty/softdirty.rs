@@ -183,7 +183,8 @@ pub fn self_test() -> Result<(), DirtyError> {
         .map_err(|msg| DirtyError::SelfTest { tracker: "soft-dirty", msg })
 }
 
-fn probe() -> Result<(), DirtyError> {
+fn probe() -> Result<(), String> {
+    let err = |m: String| m;
     let f = tempfile::tempfile().map_err(|e| err(e.to_string()))?;
     f.set_len(2 * PAGE_SIZE as u64).map_err(|e| err(e.to_string()))?;
     let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(|e| err(e.to_string()))?;
