@@ -8,7 +8,9 @@ use super::Agent;
 use crate::memory::{GuestRam, Layout};
 use crate::protocol::data::{Token, TOKEN_LEN};
 use crate::protocol::{read_message, write_message, Message, ProtocolError};
-use crate::transport::tcp::{Receiving, TcpSender};
+use crate::transport::rdma::RdmaRegion;
+use crate::transport::tcp::Receiving;
+use crate::transport::TransportKind;
 use crate::transport::{Batch, Completion, PageSender, Run};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
 use crate::vm::{qemu, IncomingVm, LaunchSpec, RamFile, VmError};
@@ -28,7 +30,7 @@ struct Session {
     receiving: Arc<Receiving>,
     /// Set once the source made this host a forwarder (retarget): where to
     /// and the streams.
-    forward: Option<(String, Arc<TcpSender>)>,
+    forward: Option<(String, Arc<dyn PageSender>)>,
 }
 
 type Inbox = mpsc::UnboundedReceiver<Result<Message, ProtocolError>>;
@@ -98,18 +100,23 @@ async fn run(
                 match open(agent, &vm, regions, chunk_size, &launch).await {
                     Ok(sess) => {
                         tracing::info!(%vm, %peer, "incoming session opened");
-                        let m = Message::SessionOpened { data_port: agent.data_port(), token: hex::encode(sess.token) };
+                        let m = Message::SessionOpened {
+                            data_port: agent.data_port(),
+                            token: hex::encode(sess.token),
+                            rdma: sess.receiving.rdma.get().map(|t| t.offer()),
+                        };
                         *session = Some(sess);
                         m
                     }
                     Err(e) => Message::Error { message: e },
                 }
             }
-            (Message::ForwardTo { host, data_addr, token, streams, sender }, Some(sess)) => {
-                match forward_to(sess, &host, data_addr, &token, sender, streams, fwd_tx.clone()).await {
-                    Ok(()) => {
-                        tracing::info!(vm = %sess.vm, to = %host, "forwarding to the new destination");
-                        Message::Ok
+            (Message::ForwardTo { host, data_addr, token, streams, sender, rdma, transport }, Some(sess)) => {
+                let to = Target { host: &host, addr: data_addr, token: &token, sender, streams, rdma, transport };
+                match forward_to(agent, sess, to, fwd_tx.clone()).await {
+                    Ok(kind) => {
+                        tracing::info!(vm = %sess.vm, to = %host, transport = kind, "forwarding to the new destination");
+                        Message::ForwardReady { transport: kind.into() }
                     }
                     Err(e) => Message::Error { message: e },
                 }
@@ -185,25 +192,48 @@ async fn run(
     }
 }
 
-/// Opens (or re-points) this host's data streams to a new destination.
-async fn forward_to(
-    sess: &mut Session,
-    host: &str,
+/// Where a forwarder sends: the new destination's data endpoint.
+struct Target<'a> {
+    host: &'a str,
     addr: SocketAddr,
-    token: &str,
+    token: &'a str,
     sender: u8,
     streams: usize,
+    rdma: Option<Vec<RdmaRegion>>,
+    transport: TransportKind,
+}
+
+/// Opens (or re-points) this host's data streams to a new destination;
+/// returns the data plane used ("rdma" writes straight from this host's
+/// registered RAM into the new destination's).
+async fn forward_to(
+    agent: &Agent,
+    sess: &mut Session,
+    t: Target<'_>,
     completions: mpsc::UnboundedSender<Completion>,
-) -> Result<(), String> {
-    let token: Token = hex::decode(token).ok().and_then(|t| t.try_into().ok()).ok_or("bad token")?;
+) -> Result<&'static str, String> {
+    let token: Token = hex::decode(t.token).ok().and_then(|t| t.try_into().ok()).ok_or("bad token")?;
     if let Some((_, old)) = sess.forward.take() {
         old.close();
     }
-    let s = TcpSender::connect(addr, token, sender, streams.clamp(1, 64), sess.ram.clone(), None, completions)
-        .await
-        .map_err(|e| format!("forwarding to {host}: {e}"))?;
-    sess.forward = Some((host.to_owned(), Arc::new(s)));
-    Ok(())
+    let s = crate::transport::open_sender(
+        t.host,
+        t.transport,
+        &agent.rdma,
+        t.rdma.as_deref(),
+        t.addr,
+        token,
+        t.sender,
+        t.streams.clamp(1, 64),
+        sess.ram.clone(),
+        None,
+        completions,
+    )
+    .await
+    .map_err(|e| format!("forwarding to {}: {e}", t.host))?;
+    let kind = s.kind();
+    sess.forward = Some((t.host.to_owned(), Arc::from(s)));
+    Ok(kind)
 }
 
 /// Queues page runs from this host's RAM to the forward destination. The
@@ -329,6 +359,17 @@ async fn open(
         let mut token = [0u8; TOKEN_LEN];
         rand::thread_rng().fill_bytes(&mut token);
         let receiving = agent.receiver.add(token, ram.clone());
+        if let Ok(r) = &agent.rdma {
+            // Registration pins (and allocates) the whole RAM: off the event loop.
+            let (r, ram2) = (r.clone(), ram.clone());
+            match tokio::task::spawn_blocking(move || r.register_target(&ram2)).await {
+                Ok(Ok(t)) => {
+                    let _ = receiving.rdma.set(t);
+                }
+                Ok(Err(e)) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
+                Err(e) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
+            }
+        }
         Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None })
     }
     .await;

@@ -42,6 +42,10 @@ pub struct AgentConfig {
     pub peers: HashMap<String, SocketAddr>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
+    /// RDMA device to use (default: the first with an active port).
+    pub rdma_device: Option<String>,
+    /// Never use RDMA.
+    pub no_rdma: bool,
 }
 
 pub struct Agent {
@@ -53,11 +57,23 @@ pub struct Agent {
     incoming: Mutex<std::collections::HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
     shutdown: CancellationToken,
+    /// This host's RDMA device, or why there is none.
+    pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        let rdma = if cfg.no_rdma {
+            Err("disabled (--no-rdma)".to_string())
+        } else {
+            crate::transport::rdma::open(cfg.rdma_device.as_deref())
+        };
+        match &rdma {
+            Ok(r) => tracing::info!(device = %r.name(), "RDMA available"),
+            Err(e) => tracing::info!("RDMA unavailable, TCP only: {e}"),
+        }
         Arc::new(Self {
+            rdma,
             cfg,
             receiver: Receiver::default(),
             data_addr: Mutex::new(None),
@@ -197,6 +213,7 @@ impl Agent {
             Request::Info => Ok(json!({
                 "name": self.cfg.name, "control": self.cfg.listen.to_string(),
                 "data_port": self.data_port(), "peers": self.cfg.peers.keys().collect::<Vec<_>>(),
+                "rdma": match &self.rdma { Ok(r) => json!({"device": r.name()}), Err(e) => json!({"unavailable": e}) },
             })),
             Request::Register { vm } => {
                 if self.has_vm(&vm.name) {
@@ -263,6 +280,7 @@ impl Agent {
                     me: self.cfg.name.clone(),
                     tls: self.cfg.tls.clone(),
                     unordered: std::env::var_os("DCMIGRATE_TEST_UNORDERED").is_some(),
+                    rdma: self.rdma.clone(),
                 };
                 let handle = MigrationHandle::new(&vm, &to);
                 self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());

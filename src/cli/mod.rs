@@ -165,6 +165,12 @@ pub struct AgentArgs {
     /// Where incoming VMs' RAM files go (tmpfs recommended).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// RDMA device for the data plane (default: the first with an active port).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// Use TCP only, even where RDMA is available.
+    #[arg(long, env = "DCMIGRATE_NO_RDMA")]
+    pub no_rdma: bool,
     #[command(flatten)]
     pub api: ApiArg,
 }
@@ -246,7 +252,8 @@ pub struct MigrateArgs {
     /// Parallel data streams.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
-    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    /// Data plane: RDMA where both ends can (auto), or only TCP, or only RDMA.
+    #[arg(long, value_enum, default_value_t = TransportKind::Auto)]
     pub transport: TransportKind,
     /// Round budget before `--on-budget` applies.
     #[arg(long, default_value_t = 30)]
@@ -396,6 +403,8 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         api: a.api.api,
         tls,
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
+        rdma_device: a.rdma_device,
+        no_rdma: a.no_rdma,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

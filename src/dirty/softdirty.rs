@@ -177,36 +177,33 @@ impl DirtyTracker for SoftDirtyTracker {
 /// mapping of our own, since a kernel without them fails silently.
 pub fn self_test() -> Result<(), DirtyError> {
     static RESULT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    RESULT
-        .get_or_init(|| probe().map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|msg| DirtyError::SelfTest { tracker: "soft-dirty", msg })
+    RESULT.get_or_init(probe).clone().map_err(|msg| DirtyError::SelfTest { tracker: "soft-dirty", msg })
 }
 
 fn probe() -> Result<(), String> {
-    let err = |m: String| m;
-    let f = tempfile::tempfile().map_err(|e| err(e.to_string()))?;
-    f.set_len(2 * PAGE_SIZE as u64).map_err(|e| err(e.to_string()))?;
-    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(|e| err(e.to_string()))?;
-    let pagemap = File::open("/proc/self/pagemap").map_err(|e| err(format!("/proc/self/pagemap: {e}")))?;
-    let bit = |map: &memmap2::MmapMut, page: usize| -> Result<bool, DirtyError> {
+    let f = tempfile::tempfile().map_err(|e| e.to_string())?;
+    f.set_len(2 * PAGE_SIZE as u64).map_err(|e| e.to_string())?;
+    // SAFETY: a private scratch file nobody else maps.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(|e| e.to_string())?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let bit = |map: &memmap2::MmapMut, page: usize| -> Result<bool, String> {
         let mut e = [0u8; 8];
         let addr = map.as_ptr() as u64 + (page * PAGE_SIZE) as u64;
-        pagemap.read_exact_at(&mut e, addr / PAGE_SIZE as u64 * 8).map_err(|e| err(e.to_string()))?;
+        pagemap.read_exact_at(&mut e, addr / PAGE_SIZE as u64 * 8).map_err(|e| format!("pagemap: {e}"))?;
         Ok(u64::from_le_bytes(e) & SOFT_DIRTY != 0)
     };
     map[0] = 1;
     map[PAGE_SIZE] = 1;
-    std::fs::write("/proc/self/clear_refs", b"4").map_err(|e| err(format!("/proc/self/clear_refs: {e}")))?;
+    std::fs::write("/proc/self/clear_refs", b"4").map_err(|e| format!("/proc/self/clear_refs: {e}"))?;
     if bit(&map, 0)? || bit(&map, 1)? {
-        return Err(err("clear_refs did not clear the soft-dirty bits"));
+        return Err("clear_refs did not clear the soft-dirty bits".into());
     }
     map[PAGE_SIZE] = 2;
     if !bit(&map, 1)? {
-        return Err(err("a written page was not reported: this kernel lacks CONFIG_MEM_SOFT_DIRTY"));
+        return Err("a written page was not reported: this kernel lacks CONFIG_MEM_SOFT_DIRTY".into());
     }
     if bit(&map, 0)? {
-        return Err(err("an untouched page was reported dirty"));
+        return Err("an untouched page was reported dirty".into());
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ use crate::memory::GuestRam;
 use crate::protocol::data::Token;
 use crate::protocol::{read_message, write_message, Message, ProtocolError};
 use crate::tls::TlsConfig;
-use crate::transport::tcp::TcpSender;
-use crate::transport::{Batch, Completion, PageSender, Run};
+use crate::transport::rdma::{Rdma, RdmaRegion};
+use crate::transport::{Batch, Completion, PageSender, Run, TransportKind};
 use crate::vm::VmRecord;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,7 +40,11 @@ pub struct Link {
     /// Set when the control connection is gone.
     pub closed: CancellationToken,
     /// The source's own data sender to this host (None once released).
-    sender: Mutex<Option<TcpSender>>,
+    sender: Mutex<Option<Box<dyn PageSender>>>,
+    /// "rdma" or "tcp": the source's data plane to this host.
+    pub transport: &'static str,
+    /// This host's RAM registered for RDMA writes, if it offered RDMA.
+    pub rdma_offer: Option<Vec<RdmaRegion>>,
     sent_before_close: AtomicU64,
 }
 
@@ -56,6 +60,8 @@ pub struct OpenArgs<'a> {
     pub ram: Arc<GuestRam>,
     pub observer: Option<Arc<dyn crate::dirty::SendObserver>>,
     pub completions: mpsc::UnboundedSender<Completion>,
+    pub transport: TransportKind,
+    pub rdma: Result<Arc<Rdma>, String>,
 }
 
 impl Link {
@@ -76,8 +82,8 @@ impl Link {
         let reply = tokio::time::timeout(CONTROL_TIMEOUT, read_message(&mut ctrl))
             .await
             .map_err(|_| lost("no answer to open session".into()))?;
-        let (port, token) = match reply {
-            Ok(Message::SessionOpened { data_port, token }) => (data_port, token),
+        let (port, token, rdma_offer) = match reply {
+            Ok(Message::SessionOpened { data_port, token, rdma }) => (data_port, token, rdma),
             Ok(other) => return Err(lost(format!("unexpected {}", other.name()))),
             Err(ProtocolError::Peer(m)) => return Err(setup(format!("{host} refused the migration: {m}"))),
             Err(e) => return Err(lost(e.to_string())),
@@ -85,14 +91,31 @@ impl Link {
         let token: Token =
             hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
-        let sender =
-            match TcpSender::connect(data_addr, token, 0, a.streams, a.ram, a.observer, a.completions.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = write_message(&mut ctrl, &Message::Abort { reason: e.to_string() }).await;
-                    return Err(lost(e.to_string()));
-                }
-            };
+        let sender = crate::transport::open_sender(
+            &host,
+            a.transport,
+            &a.rdma,
+            rdma_offer.as_deref(),
+            data_addr,
+            token,
+            0,
+            a.streams,
+            a.ram,
+            a.observer,
+            a.completions.clone(),
+        )
+        .await;
+        let sender = match sender {
+            Ok(s) => s,
+            Err(e) => {
+                // Wait for the answer: the host has cleaned up once it replies,
+                // so a retry right away finds no leftover session.
+                let _ = write_message(&mut ctrl, &Message::Abort { reason: e.clone() }).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), read_message(&mut ctrl)).await;
+                return Err(if a.transport == TransportKind::Rdma { setup(e) } else { lost(e) });
+            }
+        };
+        let transport = sender.kind();
         let (out, out_rx) = mpsc::unbounded_channel();
         let (replies_tx, replies) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
@@ -106,6 +129,8 @@ impl Link {
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
             closed: CancellationToken::new(),
             sender: Mutex::new(Some(sender)),
+            transport,
+            rdma_offer,
             sent_before_close: AtomicU64::new(0),
         });
         link.spawn_io(ctrl, out_rx, replies_tx, a.completions);

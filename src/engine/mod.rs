@@ -24,7 +24,7 @@ use crate::transport::{Batch, Completion, Run};
 use crate::vm::{SourceVm, VmError};
 use base64::Engine as _;
 use link::{Link, OpenArgs};
-use report::{Downtime, RetargetReport, RoundReport};
+use report::{Downtime, RetargetReport, RoundReport, SenderTransport};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -55,12 +55,7 @@ pub enum BudgetAction {
     Abort,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum TransportKind {
-    #[default]
-    Tcp,
-}
+pub use crate::transport::TransportKind;
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(default)]
@@ -86,7 +81,7 @@ impl Default for MigrateOptions {
         Self {
             downtime_ms: 300,
             streams: 4,
-            transport: TransportKind::Tcp,
+            transport: TransportKind::Auto,
             max_rounds: 30,
             max_time_s: 600,
             on_budget: BudgetAction::Force,
@@ -105,6 +100,8 @@ pub struct Context {
     pub tls: TlsConfig,
     /// Test-only: disables the ledger's one-writer rule (DCMIGRATE_TEST_UNORDERED).
     pub unordered: bool,
+    /// This host's RDMA device, if it has a usable one (else why not).
+    pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
 }
 
 #[derive(Debug, Error)]
@@ -306,6 +303,7 @@ impl Migration {
         let ram = self.ram();
         let observer = self.observer.clone();
         let completions = self.completions_tx.clone();
+        let (transport, rdma) = (self.opts.transport, self.ctx.rdma.clone());
         async move {
             Link::open(OpenArgs {
                 tls: &tls,
@@ -319,6 +317,8 @@ impl Migration {
                 ram,
                 observer,
                 completions,
+                transport,
+                rdma,
             })
             .await
         }
@@ -375,6 +375,7 @@ impl Migration {
 
         self.hosts.push(to.clone());
         let link = self.open_link(to, 1, addr).await?;
+        self.note_transport(&link);
         self.links.insert(1, link);
         self.target = 1;
         // Everything is unsent: start tracking from here.
@@ -825,6 +826,7 @@ impl Migration {
         let old = self.target;
         let at_old = self.ledger.fresh_count(old) as u64 * PAGE_SIZE as u64;
         self.hosts.push(opening.to.clone());
+        self.note_transport(&link);
         self.links.insert(link.id, link.clone());
         self.target = link.id;
         // The source stops feeding the old destination.
@@ -842,9 +844,22 @@ impl Migration {
                     token: hex::encode(link.token),
                     streams: self.opts.streams,
                     sender: h,
+                    rdma: link.rdma_offer.clone(),
+                    transport: self.opts.transport,
                 };
-                match self.links[&h].call(m, "ok").await {
-                    Ok(()) => true,
+                match self.links[&h].request(m).await {
+                    Ok(Message::ForwardReady { transport }) => {
+                        self.report.senders.push(SenderTransport {
+                            from: self.hosts[h as usize].clone(),
+                            to: opening.to.clone(),
+                            transport,
+                        });
+                        true
+                    }
+                    Ok(other) => {
+                        tracing::warn!(host = %self.hosts[h as usize], "ForwardTo: unexpected {}", other.name());
+                        false
+                    }
                     Err(e) => {
                         tracing::warn!(host = %self.hosts[h as usize], "cannot forward to {}: {e}", opening.to);
                         false
@@ -1056,6 +1071,15 @@ impl Migration {
     }
 
     /// Cleans up after success or failure and completes the report.
+    /// Records which data plane the source uses to a new destination.
+    fn note_transport(&mut self, link: &Link) {
+        self.report.senders.push(SenderTransport {
+            from: self.ctx.me.clone(),
+            to: link.host.clone(),
+            transport: link.transport.into(),
+        });
+    }
+
     async fn finish(mut self, result: Result<(), EngineError>) -> Report {
         if let Some(o) = self.opening.take() {
             let _ = o.reply.send(Err("the migration ended".into()));
@@ -1066,6 +1090,13 @@ impl Migration {
                 bytes.iter().map(|(h, b)| (h.clone(), b - r.sent_before.get(h).copied().unwrap_or(0))).collect();
         }
         self.report.bytes_by_sender = bytes;
+        let kinds: std::collections::BTreeSet<&str> =
+            self.report.senders.iter().map(|s| s.transport.as_str()).collect();
+        self.report.transport = match kinds.len() {
+            0 => "none".into(),
+            1 => kinds.first().copied().unwrap_or_default().into(),
+            _ => "mixed".into(),
+        };
         match result {
             Ok(()) => {
                 self.report.result = Outcome::Completed;

@@ -44,6 +44,14 @@ pub struct RoundReport {
     pub dirty_pages: u64,
 }
 
+/// One sending host's data plane to one destination.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SenderTransport {
+    pub from: String,
+    pub to: String,
+    pub transport: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Report {
     pub result: Outcome,
@@ -62,7 +70,10 @@ pub struct Report {
     /// Payload bytes each sending host put on the wire.
     pub bytes_by_sender: BTreeMap<String, u64>,
     pub tracker: Option<String>,
+    /// "tcp", "rdma", or "mixed": see `senders`.
     pub transport: String,
+    /// Which data plane each sending host used to each destination.
+    pub senders: Vec<SenderTransport>,
     pub streams: usize,
     pub verified: bool,
     pub verify_mismatched_chunks: u32,

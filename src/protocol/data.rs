@@ -1,8 +1,10 @@
 //! Wire format of the TCP data plane: fixed-size little-endian headers.
 //!
 //! ```text
-//! sender -> receiver, once:  "DCMD" | version u16 | sender u8 | 0 | token [32]
-//! receiver -> sender, once:  status u8 (0 ok, 1 bad token, 2 bad version, 3 sender fenced)
+//! sender -> receiver, once:  "DCMD" | version u16 | sender u8 | mode u8 | token [32]
+//! receiver -> sender, once:  status u8 (0 ok, 1 bad token, 2 bad version, 3 sender fenced, 4 no RDMA)
+//! mode 0 is this TCP stream of frames; mode 1 pairs an RDMA queue pair
+//! (see `transport::rdma`) and the stream then carries only replies.
 //! sender -> receiver:        header [24] = kind u8 | 0 [3] | region u32 | offset u64 | len u32 | 0 [4]
 //!                            kind 1 = pages (len payload bytes follow), 2 = batch end (offset = batch id)
 //! receiver -> sender:        reply [16] = kind u8 | 0 [3] | code u32 | value u64
@@ -29,6 +31,10 @@ pub const HELLO_OK: u8 = 0;
 pub const HELLO_BAD_TOKEN: u8 = 1;
 pub const HELLO_BAD_VERSION: u8 = 2;
 pub const HELLO_FENCED: u8 = 3;
+pub const HELLO_NO_RDMA: u8 = 4;
+
+pub const MODE_TCP: u8 = 0;
+pub const MODE_RDMA: u8 = 1;
 
 pub const ERR_BAD_FRAME: u32 = 1;
 pub const ERR_OUT_OF_BOUNDS: u32 = 2;
@@ -54,21 +60,33 @@ pub enum Frame {
 }
 
 pub fn encode_hello(token: &Token, sender: u8) -> [u8; HELLO_LEN] {
+    encode_hello_mode(token, sender, MODE_TCP)
+}
+
+pub fn encode_hello_mode(token: &Token, sender: u8, mode: u8) -> [u8; HELLO_LEN] {
     let mut b = [0u8; HELLO_LEN];
     b[..4].copy_from_slice(MAGIC);
     b[4..6].copy_from_slice(&DATA_VERSION.to_le_bytes());
     b[6] = sender;
+    b[7] = mode;
     b[8..].copy_from_slice(token);
     b
 }
 
-/// Returns the protocol version, sender and token of a hello.
-pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u16, u8, Token), FrameError> {
+/// A decoded hello.
+pub struct Hello {
+    pub version: u16,
+    pub sender: u8,
+    pub mode: u8,
+    pub token: Token,
+}
+
+pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<Hello, FrameError> {
     if &b[..4] != MAGIC {
         return Err(FrameError::Magic);
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    Ok((version, b[6], b[8..].try_into().expect("32 bytes")))
+    Ok(Hello { version, sender: b[6], mode: b[7], token: b[8..].try_into().expect("32 bytes") })
 }
 
 impl Frame {
@@ -151,7 +169,8 @@ mod tests {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
         let t = [9u8; TOKEN_LEN];
-        assert_eq!(decode_hello(&encode_hello(&t, 3)), Ok((DATA_VERSION, 3, t)));
+        let h = decode_hello(&encode_hello_mode(&t, 3, MODE_RDMA)).unwrap();
+        assert_eq!((h.version, h.sender, h.mode, h.token), (DATA_VERSION, 3, MODE_RDMA, t));
         for r in [Reply::Applied { batch: 7 }, Reply::Error { code: 2 }] {
             assert_eq!(Reply::decode(&r.encode()), Ok(r));
         }

@@ -89,6 +89,9 @@ pub enum Message {
     SessionOpened {
         data_port: u16,
         token: String,
+        /// The destination's RAM registered for RDMA writes, if it offers RDMA.
+        #[serde(default)]
+        rdma: Option<Vec<crate::transport::rdma::RdmaRegion>>,
     },
     ChecksumRequest,
     Checksums {
@@ -114,6 +117,15 @@ pub enum Message {
         token: String,
         streams: usize,
         sender: u8,
+        /// The new destination's registered RAM, if it offers RDMA.
+        #[serde(default)]
+        rdma: Option<Vec<crate::transport::rdma::RdmaRegion>>,
+        #[serde(default)]
+        transport: crate::transport::TransportKind,
+    },
+    /// A forwarder's answer to `ForwardTo`: its streams are open.
+    ForwardReady {
+        transport: String,
     },
     /// S to a forwarder: send these page runs (global page, count) to `to`.
     /// Answered by `Forwarded` once `to` applied them; refused if the

@@ -1,12 +1,27 @@
 //! The data plane: moves page runs from a sender's RAM into a destination's
 //! RAM and reports when the destination has *applied* them (not merely when
 //! they left the sender). One trait, [`PageSender`]; implementations: TCP
-//! ([`tcp`]); RDMA lives in the `rdma/` crate.
+//! ([`tcp`]) and RDMA ([`rdma`], on the `rdma/` crate, with the `rdma` feature).
 
+pub mod rdma;
 pub mod tcp;
 
 use crate::ledger::HostId;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use thiserror::Error;
+
+/// Which data plane a migration may use.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// RDMA where both ends can (logged why not otherwise), else TCP.
+    #[default]
+    Auto,
+    Tcp,
+    /// RDMA or fail with the reason.
+    Rdma,
+}
 
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -65,4 +80,56 @@ pub trait PageSender: Send + Sync {
     /// Stops sending; batches not yet started are reported as failed.
     fn close(&self);
     fn kind(&self) -> &'static str;
+}
+
+/// Opens the data plane to a destination: RDMA where both ends can and the
+/// options allow (saying why not otherwise), else TCP.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_sender(
+    host: &str,
+    transport: TransportKind,
+    rdma: &Result<Arc<rdma::Rdma>, String>,
+    offer: Option<&[rdma::RdmaRegion]>,
+    addr: std::net::SocketAddr,
+    token: crate::protocol::data::Token,
+    sender: u8,
+    streams: usize,
+    ram: Arc<crate::memory::GuestRam>,
+    observer: Option<Arc<dyn crate::dirty::SendObserver>>,
+    completions: tokio::sync::mpsc::UnboundedSender<Completion>,
+) -> Result<Box<dyn PageSender>, String> {
+    if transport != TransportKind::Tcp {
+        let why_not = match (rdma, offer) {
+            (Err(e), _) => format!("not on this host: {e}"),
+            (Ok(_), None) => format!("{host} offers no RDMA"),
+            (Ok(r), Some(offer)) => {
+                let c = rdma::connect(
+                    r,
+                    addr,
+                    token,
+                    sender,
+                    streams,
+                    ram.clone(),
+                    offer,
+                    observer.clone(),
+                    completions.clone(),
+                );
+                match c.await {
+                    Ok(s) => {
+                        tracing::info!(to = host, device = %r.name(), "data plane: RDMA");
+                        return Ok(Box::new(s));
+                    }
+                    Err(e) => format!("connecting: {e}"),
+                }
+            }
+        };
+        if transport == TransportKind::Rdma {
+            return Err(format!("--transport rdma: no RDMA to {host}: {why_not}"));
+        }
+        tracing::info!(to = host, "data plane: TCP (no RDMA: {why_not})");
+    }
+    let s = tcp::TcpSender::connect(addr, token, sender, streams, ram, observer, completions)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(s))
 }

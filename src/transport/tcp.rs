@@ -23,6 +23,8 @@ const WINDOW: usize = 8;
 pub struct Receiving {
     pub ram: Arc<GuestRam>,
     pub cancel: CancellationToken,
+    /// The RAM registered for RDMA writes, when this session offers RDMA.
+    pub rdma: std::sync::OnceLock<Arc<super::rdma::Target>>,
     senders: Mutex<HashMap<u8, SenderStreams>>,
 }
 
@@ -71,7 +73,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
-        let r = Arc::new(Receiving { ram, cancel: CancellationToken::new(), senders: Mutex::new(HashMap::new()) });
+        let r = Arc::new(Receiving {
+            ram,
+            cancel: CancellationToken::new(),
+            rdma: std::sync::OnceLock::new(),
+            senders: Mutex::new(HashMap::new()),
+        });
         self.sessions.lock().unwrap().insert(token, r.clone());
         r
     }
@@ -105,7 +112,8 @@ impl Receiver {
             .await
             .map_err(|_| TransportError::Stream("no hello within 10 s".into()))?
             .map_err(err)?;
-        let (version, sender, token) = decode_hello(&hello).map_err(|e| TransportError::Stream(e.to_string()))?;
+        let Hello { version, sender, mode, token } =
+            decode_hello(&hello).map_err(|e| TransportError::Stream(e.to_string()))?;
         if version != DATA_VERSION {
             s.write_all(&[HELLO_BAD_VERSION]).await.ok();
             return Err(TransportError::Refused(format!("data protocol version {version}")));
@@ -120,6 +128,15 @@ impl Receiver {
             return Err(TransportError::Refused(format!("sender {sender} is fenced")));
         }
         let _alive = streams.live.clone();
+        match mode {
+            MODE_TCP => {}
+            // Pairs a queue pair; answers the hello itself.
+            MODE_RDMA => return super::rdma::serve_stream(&sess, s, streams.cut.clone()).await,
+            other => {
+                s.write_all(&[HELLO_BAD_VERSION]).await.ok();
+                return Err(TransportError::Refused(format!("data stream mode {other}")));
+            }
+        }
         s.write_all(&[HELLO_OK]).await.map_err(err)?;
         tokio::select! {
             r = Self::apply_frames(&sess, &mut s) => r,
