@@ -35,6 +35,10 @@ impl Bitmap {
         self.words[i / 64] |= 1 << (i % 64);
     }
 
+    pub fn clear(&mut self, i: usize) {
+        self.words[i / 64] &= !(1 << (i % 64));
+    }
+
     pub fn get(&self, i: usize) -> bool {
         i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
     }

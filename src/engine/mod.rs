@@ -16,6 +16,7 @@ pub mod report;
 pub use report::{MigrationHandle, Outcome, Report, RetargetRequest};
 
 use crate::dirty::{DirtyTracker, SendObserver, TrackerKind};
+use crate::bitmap::Bitmap;
 use crate::ledger::{HostId, Ledger, MAX_HOSTS};
 use crate::memory::{GuestRam, Layout, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
 use crate::protocol::Message;
@@ -139,6 +140,9 @@ struct Migration {
     ram: Option<Arc<GuestRam>>,
     ledger: Ledger,
     tracker: Option<Box<dyn DirtyTracker>>,
+    /// Pages that were holes when tracking began and were not reported
+    /// written since: zero at the source, so never sent.
+    zero_pages: Option<Bitmap>,
     observer: Option<Arc<dyn SendObserver>>,
     /// Host names by id; id 0 is the source.
     hosts: Vec<String>,
@@ -217,6 +221,7 @@ pub async fn run(
         ram: None,
         ledger: Ledger::new(0, SOURCE),
         tracker: None,
+        zero_pages: None,
         observer: None,
         links: HashMap::new(),
         target: SOURCE,
@@ -373,34 +378,39 @@ impl Migration {
         self.ram = Some(ram.clone());
         self.check_cancel()?;
 
+        // Everything is unsent: start tracking from here. Then find the holes,
+        // before the data plane opens (registering RAM for RDMA allocates them).
+        self.tracker.as_mut().expect("tracker").sync(&ram).map_err(|e| EngineError::Setup(e.to_string()))?;
+        self.last_sync = Instant::now();
+        let r = ram.clone();
+        match tokio::task::spawn_blocking(move || r.data_pages()).await {
+            Ok(Ok(data)) => {
+                let mut zero = Bitmap::new(data.len());
+                (0..data.len()).filter(|&p| !data.get(p)).for_each(|p| zero.set(p));
+                self.zero_pages = Some(zero);
+            }
+            other => tracing::info!("not skipping zero pages: {other:?}"),
+        }
+
         self.hosts.push(to.clone());
         let link = self.open_link(to, 1, addr).await?;
         self.note_transport(&link);
         self.links.insert(1, link);
         self.target = 1;
-        // Everything is unsent: start tracking from here.
-        self.tracker.as_mut().expect("tracker").sync(&ram).map_err(|e| EngineError::Setup(e.to_string()))?;
-        self.last_sync = Instant::now();
-        self.skip_holes().await;
+        self.skip_holes();
         Ok(())
     }
 
     /// A destination's RAM starts as a new zero-filled file, so pages that
-    /// are holes at the source need not travel to it (QEMU's zero-page
+    /// were holes at the source when tracking began, and have not been
+    /// reported written since, need not travel to it (QEMU's zero-page
     /// skipping, without even reading them). A page written after the scan
     /// is in the tracker's next sync, which makes it stale again.
-    async fn skip_holes(&mut self) {
-        let ram = self.ram();
-        let data = match tokio::task::spawn_blocking(move || ram.data_pages()).await {
-            Ok(Ok(d)) => d,
-            other => {
-                tracing::info!("not skipping zero pages: {other:?}");
-                return;
-            }
-        };
+    fn skip_holes(&mut self) {
+        let Some(zero) = self.zero_pages.as_ref() else { return };
         let t = self.target;
         let mut n = 0;
-        for p in (0..self.ledger.pages()).filter(|&p| !data.get(p)) {
+        for p in zero.iter_ones() {
             if self.ledger.is_fresh(p, t) {
                 continue;
             }
@@ -887,7 +897,7 @@ impl Migration {
             bytes_after: BTreeMap::new(),
         });
         self.report.destination = opening.to.clone();
-        self.skip_holes().await;
+        self.skip_holes();
         let to = opening.to.clone();
         self.handle.set_progress(|p| {
             p.target = to;
@@ -935,6 +945,9 @@ impl Migration {
         self.tracker = Some(tracker);
         let dirty = dirty.map_err(|e| EngineError::Setup(e.to_string()))?;
         self.ledger.dirty_sync(&dirty);
+        if let Some(z) = self.zero_pages.as_mut() {
+            dirty.iter_ones().for_each(|p| z.clear(p));
+        }
         let n = dirty.count();
         let secs = self.last_sync.elapsed().as_secs_f64().max(1e-3);
         self.last_sync = Instant::now();
