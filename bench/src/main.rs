@@ -53,6 +53,15 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         max_time_s: u64,
     },
+    /// TCP against RDMA on this machine's RDMA device (SoftRoCE in
+    /// bench/transport-in-vm): throughput and agents' CPU per GiB. Prints
+    /// the result as one JSON line (the VM's tree is read-only).
+    Transport {
+        #[arg(long, default_value_t = 512)]
+        guest_mib: u64,
+        #[arg(long, default_value_t = 2)]
+        streams: usize,
+    },
     /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
     Retarget {
         #[arg(long, default_value_t = 2.0)]
@@ -202,6 +211,55 @@ fn core(idle_gib: u64, dirty_gib: u64, dirty_mbps: f64, repeat: usize) -> Result
     });
     Ok(json!({"throughput": rows, "downtime": dt,
               "memory": {"first_touch_mbps": first_touch, "warm_mbps": warm_touch}}))
+}
+
+/// CPU seconds (user + system) used so far by every `dcmigrate agent` process.
+fn agents_cpu_s() -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !cmd.contains("dcmigrate\0agent") {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) {
+            let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+            // After the name: state is field 3, utime 14 and stime 15 (1-based).
+            let t = |i: usize| f.get(i - 3).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+            total += (t(14) + t(15)) / tick;
+        }
+    }
+    total
+}
+
+fn transport(guest_mib: u64, streams: usize) -> Result<Value> {
+    use dcmigrate::engine::TransportKind;
+    let exe = exe()?;
+    let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
+    let idle = Workload { dirty_rate_mbps: 0.0, hot_fraction: 1.0, pattern: Pattern::Random, seed: 5 };
+    // No holes: every page travels.
+    tb.start_guest("hostA", "t", guest_mib << 20, &idle, false, &["--zero-every", "0"])?;
+    let mut rows = vec![];
+    let mut from = ("hostA", "hostB");
+    for (kind, name) in [(TransportKind::Tcp, "tcp"), (TransportKind::Rdma, "rdma"), (TransportKind::Tcp, "tcp"), (TransportKind::Rdma, "rdma")] {
+        let cpu0 = agents_cpu_s();
+        let opts = MigrateOptions { transport: kind, streams, verify: false, ..Default::default() };
+        tb.call(from.0, &Request::Migrate { vm: "t".into(), to: from.1.into(), options: opts })?;
+        let r = tb.call(from.0, &Request::Wait { vm: "t".into() })?["report"].clone();
+        if r["result"] != "completed" {
+            bail!("{name} migration failed: {r}");
+        }
+        let cpu = agents_cpu_s() - cpu0;
+        let round0 = &r["rounds"][0];
+        let mbps = round0["bytes"].as_f64().unwrap_or(0.0) / round0["ms"].as_f64().unwrap_or(1.0) / 1e3;
+        let gib = r["bytes_by_sender"][from.0].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+        eprintln!("{name}: {mbps:.0} MB/s, {:.0} ms in all, agents' CPU {cpu:.2} s ({:.2} s/GiB)", r["total_ms"].as_f64().unwrap_or(0.0), cpu / gib.max(1e-9));
+        rows.push(json!({"transport": name, "transport_used": r["transport"], "streams": streams, "guest_mib": guest_mib,
+            "round0_mbps": mbps, "total_ms": r["total_ms"], "agents_cpu_s": cpu, "cpu_s_per_gib": cpu / gib.max(1e-9)}));
+        from = (from.1, from.0);
+    }
+    Ok(json!({"rows": rows, "machine": machine()}))
 }
 
 fn machine() -> Value {
@@ -374,6 +432,10 @@ fn main() -> Result<()> {
                     r["switchover"].as_str().unwrap_or("?")
                 );
             }
+        }
+        Cmd::Transport { guest_mib, streams } => {
+            let v = transport(guest_mib, streams)?;
+            println!("RESULT-JSON {}", serde_json::to_string(&v)?);
         }
         Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps } => {
             let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps)?;

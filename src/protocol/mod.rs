@@ -8,7 +8,8 @@
 //!   | --- Hello{version, host} ------------------------> |  cert checked against CA,
 //!   | <-- Welcome{version, host} ----------------------- |  host name against cert
 //!   | --- OpenSession{vm, regions, launch} ------------> |  create + map RAM files,
-//!   | <-- SessionOpened{data_port, token} -------------- |  launch incoming VM paused
+//!   | <-- SessionOpened{data_port, token, rdma?} ------- |  launch incoming VM paused
+//!   |     (rdma: its RAM registered for RDMA writes: addresses and keys)
 //!   | === data streams: hello(token), pages, batch ends ===> (acks <===)
 //!   |        ... rounds of dirty pages ...               |
 //!   |  [pause VM, final round]                           |
@@ -29,8 +30,9 @@
 //! them as to S's own), and O reports each batch once N acknowledged it.
 //! ```text
 //!  S                                   O (old destination)             N
-//!   | --- ForwardTo{N's data addr, token} --> | === data streams (token) ===> |
-//!   | <-- Ok --------------------------------- |                              |
+//!   | --- ForwardTo{N's data addr, token,  --> | === data streams (token) ===> |
+//!   |      N's RDMA regions?}                  |   (TCP frames, or RDMA writes) |
+//!   | <-- ForwardReady{transport} ------------ |                              |
 //!   | --- Forward{batch, page runs} ---------> | === pages, batch end =======> |
 //!   | <-- Forwarded{batch, applied, bytes} --- | <== applied ================= |
 //!   |        ... while S sends what only S has to N directly ...            |
