@@ -1,13 +1,19 @@
 //! dcmigrate benchmarks. Every figure is compared with a baseline measured
-//! in the same run on the same machine (iperf3 for link throughput).
+//! in the same run on the same machine (iperf3 for link throughput, stock
+//! QEMU's migration and cancel-and-restart for retargets, the link model).
 //!
-//! `dcmigrate-bench core` : throughput of an idle guest over loopback vs
-//! iperf3 (1 and 4 streams), and downtime/total time of a dirtying guest.
-//! Writes bench/results/core.json and prints a Markdown table.
-//!
-//! `dcmigrate-bench retarget` (root): three hosts in network namespaces with
-//! shaped links; retarget at several fractions, forwarding vs restart, with
-//! the ideal time from the link model. Writes bench/results/retarget.json.
+//! `dcmigrate-bench all` (root) runs every scenario below, writes
+//! `bench/results/*.json`, draws the PNG plots and rewrites the tables in
+//! `bench/README.md`; `report` redoes only the last two from the JSON.
+//! Scenarios: `retarget` (retarget vs restart vs stock QEMU on shaped links
+//! in network namespaces), `throughput` (loopback vs iperf3, 1/2/4 streams),
+//! `downtime` (rising dirty rates on a shaped link), `scale` (a large guest,
+//! three agents: memory, CPU per GiB, tracker cost), `transport` (TCP vs
+//! RDMA, run inside the SoftRoCE VM by `bench/transport-in-vm`).
+
+mod plot;
+mod qemu;
+mod report;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -27,19 +33,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Loopback throughput vs iperf3, and downtime under a dirtying guest.
-    Core {
-        /// Idle guest size for the throughput runs, in GiB.
+    /// Every scenario with its defaults, then plots and README tables (root; ~40 min).
+    All {
+        /// Leave out the stock-QEMU rows of the retarget scenario.
+        #[arg(long)]
+        no_qemu: bool,
+    },
+    /// Plots and README tables from the existing results, without running anything.
+    Report,
+    /// Loopback throughput of an idle guest with 1, 2 and 4 streams vs iperf3.
+    Throughput {
         #[arg(long, default_value_t = 4)]
-        idle_gib: u64,
-        /// Dirtying guest size in GiB and its dirty rate in MB/s.
-        #[arg(long, default_value_t = 1)]
-        dirty_gib: u64,
+        guest_gib: u64,
+    },
+    /// A large guest, three agents on this machine, a retarget at 50 %:
+    /// agents' memory beyond the mapped RAM, CPU per GiB, tracker cost.
+    Scale {
+        #[arg(long, default_value_t = 6)]
+        guest_gib: u64,
         #[arg(long, default_value_t = 50.0)]
         dirty_mbps: f64,
-        /// Repetitions of the downtime run (median reported).
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
     },
     /// Downtime, rounds and total time at rising dirty rates on a shaped link.
     Downtime {
@@ -73,6 +86,9 @@ enum Cmd {
         at: Vec<f64>,
         #[arg(long, value_delimiter = ',', default_value = "0,50")]
         dirty_mbps: Vec<f64>,
+        /// Leave out the stock-QEMU cancel-and-restart rows.
+        #[arg(long)]
+        no_qemu: bool,
     },
 }
 
@@ -136,7 +152,10 @@ fn migrate(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -160,57 +179,124 @@ fn touch_memory(gib: u64) -> Result<f64> {
     Ok((gib << 30) as f64 / secs / 1e6)
 }
 
-fn core(idle_gib: u64, dirty_gib: u64, dirty_mbps: f64, repeat: usize) -> Result<Value> {
+fn throughput(guest_gib: u64) -> Result<Value> {
     ensure_iperf3()?;
     let exe = exe()?;
-    let first_touch = touch_memory(2 * idle_gib + 1)?;
-    let warm_touch = touch_memory(2 * idle_gib + 1)?;
+    let first_touch = touch_memory(2 * guest_gib + 1)?;
+    let warm_touch = touch_memory(2 * guest_gib + 1)?;
     eprintln!("tmpfs write rate: first touch {first_touch:.0} MB/s, warm {warm_touch:.0} MB/s");
     let mut rows = vec![];
-    {
-        let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
-        let idle = Workload { dirty_rate_mbps: 0.0, hot_fraction: 1.0, pattern: Pattern::Random, seed: 3 };
-        tb.start_guest("hostA", "idle", idle_gib << 30, &idle, false, &[])?;
-        let mut hosts = ("hostA", "hostB");
-        for streams in [1usize, 4] {
-            let baseline = iperf3(streams)?;
-            let r = migrate(&tb, hosts.0, "idle", hosts.1, MigrateOptions { streams, ..Default::default() })?;
-            let round0 = &r["rounds"][0];
-            let mbps = round0["bytes"].as_f64().unwrap() / (round0["ms"].as_f64().unwrap() / 1e3) / 1e6;
-            eprintln!("idle {idle_gib} GiB, {streams} streams: {mbps:.0} MB/s vs iperf3 {baseline:.0} MB/s");
-            rows.push(
-                json!({"streams": streams, "guest_gib": idle_gib, "migration_mbps": mbps, "iperf3_mbps": baseline,
-                             "ratio": mbps / baseline, "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"]}),
-            );
-            hosts = (hosts.1, hosts.0);
-        }
+    let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
+    let idle = Workload { dirty_rate_mbps: 0.0, hot_fraction: 1.0, pattern: Pattern::Random, seed: 3 };
+    tb.start_guest("hostA", "idle", guest_gib << 30, &idle, false, &["--zero-every", "0"])?;
+    let mut hosts = ("hostA", "hostB");
+    for streams in [1usize, 2, 4] {
+        let baseline = iperf3(streams)?;
+        let r = migrate(&tb, hosts.0, "idle", hosts.1, MigrateOptions { streams, ..Default::default() })?;
+        let round0 = &r["rounds"][0];
+        let mbps = round0["bytes"].as_f64().unwrap() / (round0["ms"].as_f64().unwrap() / 1e3) / 1e6;
+        eprintln!("idle {guest_gib} GiB, {streams} streams: {mbps:.0} MB/s vs iperf3 {baseline:.0} MB/s");
+        rows.push(json!({"streams": streams, "guest_gib": guest_gib, "migration_mbps": mbps, "iperf3_mbps": baseline,
+                         "ratio": mbps / baseline, "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"]}));
+        hosts = (hosts.1, hosts.0);
     }
-    let mut runs = vec![];
-    {
-        let mut tb = Testbed::start(&exe, &["hostA", "hostB"])?;
-        let w = Workload { dirty_rate_mbps: dirty_mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 5 };
-        tb.start_guest("hostA", "busy", dirty_gib << 30, &w, false, &[])?;
-        let mut hosts = ("hostA", "hostB");
-        for _ in 0..repeat {
-            let r = migrate(&tb, hosts.0, "busy", hosts.1, MigrateOptions::default())?;
-            eprintln!(
-                "busy {dirty_gib} GiB at {dirty_mbps} MB/s: total {:.0} ms, downtime {:.1} ms",
-                r["total_ms"].as_f64().unwrap(),
-                r["downtime_ms"].as_f64().unwrap()
-            );
-            runs.push(r);
-            hosts = (hosts.1, hosts.0);
-        }
+    Ok(json!({"rows": rows, "first_touch_mbps": first_touch, "warm_touch_mbps": warm_touch}))
+}
+
+/// Anonymous resident memory (heap, stacks: not the mapped RAM files) of a process, in MiB.
+fn anon_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let t = |i: usize| f.get(i - 3).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(14) + t(15)) / 100.0
+}
+
+/// The pid of the agent whose command line names `api`.
+fn agent_pid(api: &Path) -> Option<u32> {
+    let needle = api.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
+        (cmd.contains("\0agent\0") && cmd.contains(&needle)).then_some(pid)
+    })
+}
+
+fn scale(guest_gib: u64, dirty_mbps: f64) -> Result<Value> {
+    let exe = exe()?;
+    let free = Command::new("df").args(["-B1", "--output=avail", "/dev/shm"]).output()?;
+    let avail: u64 =
+        String::from_utf8_lossy(&free.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    if avail < (guest_gib << 30) * 5 / 2 {
+        bail!(
+            "/dev/shm has {} GiB free; a {guest_gib} GiB guest with three hosts needs about {} GiB",
+            avail >> 30,
+            guest_gib * 5 / 2
+        );
     }
-    let get = |k: &str| runs.iter().map(|r| r[k].as_f64().unwrap()).collect::<Vec<_>>();
-    let dt = json!({
-        "guest_gib": dirty_gib, "dirty_mbps": dirty_mbps, "repeat": repeat,
-        "downtime_ms_median": median(get("downtime_ms")), "total_ms_median": median(get("total_ms")),
-        "rounds": runs.iter().map(|r| r["rounds"].as_array().unwrap().len()).collect::<Vec<_>>(),
-        "downtime_phases": runs.iter().map(|r| r["downtime"].clone()).collect::<Vec<_>>(),
+    let mut tb = Testbed::start(&exe, &["hostA", "hostB", "hostC"])?;
+    let w = Workload { dirty_rate_mbps: dirty_mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 11 };
+    // No dirty log: the general-purpose hash tracker, as for a QEMU guest here.
+    tb.start_guest("hostA", "big", guest_gib << 30, &w, false, &["--zero-every", "0", "--no-dirty-log"])?;
+    let pids: Vec<(String, u32)> = tb.hosts.iter().map(|h| (h.name.clone(), agent_pid(&h.api).unwrap_or(0))).collect();
+    let cpu0: Vec<f64> = pids.iter().map(|(_, p)| cpu_s(*p)).collect();
+    let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0.0f64; pids.len()]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peaks, stop, pids) = (peaks.clone(), stop.clone(), pids.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, (_, p)) in pids.iter().enumerate() {
+                    let m = anon_mib(*p);
+                    let mut pk = peaks.lock().unwrap();
+                    pk[i] = pk[i].max(m);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+    };
+    tb.call("hostA", &Request::Migrate { vm: "big".into(), to: "hostB".into(), options: MigrateOptions::default() })?;
+    let reached = dcmigrate::testbed::wait_for(900, || {
+        let v = tb.call("hostA", &Request::Status { vm: Some("big".into()) }).ok()?;
+        let m = &v["migrations"][0];
+        (m["done"] == true || m["progress"]["at_destination_bytes"].as_f64()? >= 0.5 * (guest_gib << 30) as f64)
+            .then_some(())
     });
-    Ok(json!({"throughput": rows, "downtime": dt,
-              "memory": {"first_touch_mbps": first_touch, "warm_mbps": warm_touch}}))
+    if reached.is_some() {
+        let _ = tb.call("hostA", &Request::Retarget { vm: "big".into(), to: "hostC".into(), forward: true });
+    }
+    let r = tb.call("hostA", &Request::Wait { vm: "big".into() })?["report"].clone();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    if r["result"] != "completed" {
+        bail!("scale migration failed: {r}");
+    }
+    let moved: f64 = r["bytes_by_sender"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+    let gib = moved / (1u64 << 30) as f64;
+    let peaks = peaks.lock().unwrap().clone();
+    let agents: Vec<Value> = pids
+        .iter()
+        .enumerate()
+        .map(|(i, (h, p))| {
+            let cpu = cpu_s(*p) - cpu0[i];
+            json!({"host": h, "peak_anon_mib": peaks[i], "cpu_s": cpu, "cpu_s_per_gib": cpu / gib.max(1e-9)})
+        })
+        .collect();
+    let syncs: Vec<f64> = r["rounds"].as_array().into_iter().flatten().filter_map(|x| x["sync_ms"].as_f64()).collect();
+    let max_sync = syncs.iter().cloned().fold(0.0, f64::max);
+    eprintln!("scale: {gib:.2} GiB moved, agents {agents:?}, sync median {:.0} ms", median(syncs.clone()));
+    tb.stop_vm("hostC", "big");
+    Ok(json!({"guest_gib": guest_gib, "dirty_mbps": dirty_mbps, "tracker": r["tracker"], "total_ms": r["total_ms"],
+              "gib_moved": gib, "agents": agents, "sync_ms_median": median(syncs), "sync_ms_max": max_sync,
+              "rounds": r["rounds"].as_array().map_or(0, Vec::len), "retargeted": reached.is_some()}))
 }
 
 /// CPU seconds (user + system) used so far by every `dcmigrate agent` process.
@@ -242,7 +328,12 @@ fn transport(guest_mib: u64, streams: usize) -> Result<Value> {
     tb.start_guest("hostA", "t", guest_mib << 20, &idle, false, &["--zero-every", "0"])?;
     let mut rows = vec![];
     let mut from = ("hostA", "hostB");
-    for (kind, name) in [(TransportKind::Tcp, "tcp"), (TransportKind::Rdma, "rdma"), (TransportKind::Tcp, "tcp"), (TransportKind::Rdma, "rdma")] {
+    for (kind, name) in [
+        (TransportKind::Tcp, "tcp"),
+        (TransportKind::Rdma, "rdma"),
+        (TransportKind::Tcp, "tcp"),
+        (TransportKind::Rdma, "rdma"),
+    ] {
         let cpu0 = agents_cpu_s();
         let opts = MigrateOptions { transport: kind, streams, verify: false, ..Default::default() };
         tb.call(from.0, &Request::Migrate { vm: "t".into(), to: from.1.into(), options: opts })?;
@@ -254,9 +345,15 @@ fn transport(guest_mib: u64, streams: usize) -> Result<Value> {
         let round0 = &r["rounds"][0];
         let mbps = round0["bytes"].as_f64().unwrap_or(0.0) / round0["ms"].as_f64().unwrap_or(1.0) / 1e3;
         let gib = r["bytes_by_sender"][from.0].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
-        eprintln!("{name}: {mbps:.0} MB/s, {:.0} ms in all, agents' CPU {cpu:.2} s ({:.2} s/GiB)", r["total_ms"].as_f64().unwrap_or(0.0), cpu / gib.max(1e-9));
-        rows.push(json!({"transport": name, "transport_used": r["transport"], "streams": streams, "guest_mib": guest_mib,
-            "round0_mbps": mbps, "total_ms": r["total_ms"], "agents_cpu_s": cpu, "cpu_s_per_gib": cpu / gib.max(1e-9)}));
+        eprintln!(
+            "{name}: {mbps:.0} MB/s, {:.0} ms in all, agents' CPU {cpu:.2} s ({:.2} s/GiB)",
+            r["total_ms"].as_f64().unwrap_or(0.0),
+            cpu / gib.max(1e-9)
+        );
+        rows.push(
+            json!({"transport": name, "transport_used": r["transport"], "streams": streams, "guest_mib": guest_mib,
+            "round0_mbps": mbps, "total_ms": r["total_ms"], "agents_cpu_s": cpu, "cpu_s_per_gib": cpu / gib.max(1e-9)}),
+        );
         from = (from.1, from.0);
     }
     Ok(json!({"rows": rows, "machine": machine()}))
@@ -323,7 +420,7 @@ fn ideal_ms(forward: bool, data: f64, held: f64, l: f64, d: f64) -> f64 {
     s * 1e3
 }
 
-fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result<Value> {
+fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64], with_qemu: bool) -> Result<Value> {
     use dcmigrate::memory::{GuestRam, Layout, RegionSpec, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
     use dcmigrate::testbed::net::{cleanup_stale, Net};
     let exe = exe()?;
@@ -403,84 +500,83 @@ fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64]) -> Result
             }
         }
     }
+    if with_qemu && dcmigrate::testbed::qemu::qemu_available() {
+        // Stock QEMU, idle guest of the same size full of data, same links.
+        let net = Net::create("b", &["hostA", "hostB", "hostC"], rate_mbit, None)?;
+        let dir = Path::new("/dev/shm/dcmigrate-bench-qemu");
+        std::fs::create_dir_all(dir)?;
+        let l = goodputs.first().copied().unwrap_or(f64::NAN) * 1e6;
+        for &f in at {
+            let (after, total) = qemu::restart(&net.hosts, dir, size, f)?;
+            let ideal = ideal_ms(true, size as f64, f * size as f64, l, 0.0);
+            eprintln!("stock QEMU, cancel at {f} and restart: {after:.0} ms after the cancel (ideal with forwarding {ideal:.0}), total {total:.0} ms");
+            rows.push(json!({
+                "retarget_at": f, "dirty_mbps": 0.0, "mode": "qemu-restart", "after_retarget_ms": after,
+                "total_ms": total, "ideal_ms": ideal, "ratio_to_ideal": after / ideal, "guest_bytes": size,
+            }));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    } else if with_qemu {
+        eprintln!("qemu-system-x86_64 not installed: no stock-QEMU rows");
+    }
     Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "guest_gib": guest_gib, "link_goodput_mbps": goodputs}))
 }
 
 /// Writes `results/NAME.json`, stamped with the machine and date.
 fn save(results: &Path, name: &str, v: &mut Value) -> Result<()> {
     v["machine"] = machine();
+    if v.get("command").is_none() {
+        v["command"] = json!(format!("cargo run --release -p dcmigrate-bench -- {name}"));
+    }
     std::fs::write(results.join(format!("{name}.json")), serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let results = bench_dir.join("results");
     std::fs::create_dir_all(&results)?;
     match cli.cmd {
         Cmd::Downtime { guest_gib, rate_mbit, dirty_mbps, max_time_s } => {
             let mut v = downtime(guest_gib, rate_mbit, &dirty_mbps, max_time_s)?;
             save(&results, "downtime", &mut v)?;
-            println!("| dirty MB/s | downtime ms | rounds | total s | switchover |\n|---|---|---|---|---|");
-            for r in v["rows"].as_array().unwrap() {
-                println!(
-                    "| {} | {:.0} | {} | {:.1} | {} |",
-                    r["dirty_mbps"],
-                    r["downtime_ms"].as_f64().unwrap_or(0.0),
-                    r["rounds"],
-                    r["total_ms"].as_f64().unwrap_or(0.0) / 1e3,
-                    r["switchover"].as_str().unwrap_or("?")
-                );
-            }
+            report::update(bench_dir)?;
         }
         Cmd::Transport { guest_mib, streams } => {
             let v = transport(guest_mib, streams)?;
             println!("RESULT-JSON {}", serde_json::to_string(&v)?);
         }
-        Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps } => {
-            let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps)?;
+        Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps, no_qemu } => {
+            let mut v = retarget(guest_gib, rate_mbit, &at, &dirty_mbps, !no_qemu)?;
             save(&results, "retarget", &mut v)?;
-            println!("| dirty MB/s | retarget at | forward ms | restart ms | forward/restart | forward/ideal | restart/ideal |");
-            println!("|---|---|---|---|---|---|---|");
-            let rows = v["rows"].as_array().unwrap();
-            for pair in rows.chunks(2) {
-                let (fw, rs) = (&pair[0], &pair[1]);
-                let g = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
-                println!(
-                    "| {} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                    fw["dirty_mbps"],
-                    g(fw, "retarget_at") * 100.0,
-                    g(fw, "after_retarget_ms"),
-                    g(rs, "after_retarget_ms"),
-                    g(fw, "after_retarget_ms") / g(rs, "after_retarget_ms"),
-                    g(fw, "ratio_to_ideal"),
-                    g(rs, "ratio_to_ideal")
-                );
-            }
+            report::update(bench_dir)?;
         }
-        Cmd::Core { idle_gib, dirty_gib, dirty_mbps, repeat } => {
-            let mut v = core(idle_gib, dirty_gib, dirty_mbps, repeat)?;
-            save(&results, "core", &mut v)?;
-            println!("| streams | guest | dcmigrate MB/s | iperf3 MB/s | ratio |\n|---|---|---|---|---|");
-            for r in v["throughput"].as_array().unwrap() {
-                println!(
-                    "| {} | {} GiB idle | {:.0} | {:.0} | {:.2} |",
-                    r["streams"],
-                    r["guest_gib"],
-                    r["migration_mbps"].as_f64().unwrap(),
-                    r["iperf3_mbps"].as_f64().unwrap(),
-                    r["ratio"].as_f64().unwrap()
-                );
-            }
-            let d = &v["downtime"];
-            println!(
-                "\n{} GiB guest dirtying {} MB/s: downtime {:.1} ms, total {:.0} ms (medians of {}), rounds {}",
-                d["guest_gib"],
-                d["dirty_mbps"],
-                d["downtime_ms_median"].as_f64().unwrap(),
-                d["total_ms_median"].as_f64().unwrap(),
-                d["repeat"],
-                d["rounds"]
+        Cmd::Throughput { guest_gib } => {
+            let mut v = throughput(guest_gib)?;
+            save(&results, "throughput", &mut v)?;
+            report::update(bench_dir)?;
+        }
+        Cmd::Scale { guest_gib, dirty_mbps } => {
+            let mut v = scale(guest_gib, dirty_mbps)?;
+            save(&results, "scale", &mut v)?;
+            report::update(bench_dir)?;
+        }
+        Cmd::Report => report::update(bench_dir)?,
+        Cmd::All { no_qemu } => {
+            let t = std::time::Instant::now();
+            let mut v = throughput(4)?;
+            save(&results, "throughput", &mut v)?;
+            let mut v = downtime(1.0, 1000, &[0.0, 25.0, 50.0, 100.0, 150.0], 60)?;
+            save(&results, "downtime", &mut v)?;
+            let mut v = scale(6, 50.0)?;
+            save(&results, "scale", &mut v)?;
+            let mut v = retarget(2.0, 1000, &[0.1, 0.3, 0.5, 0.7, 0.9], &[0.0, 50.0], !no_qemu)?;
+            save(&results, "retarget", &mut v)?;
+            report::update(bench_dir)?;
+            eprintln!(
+                "all scenarios done in {:.0} s; bench/README.md and bench/results/ updated",
+                t.elapsed().as_secs_f64()
             );
         }
     }

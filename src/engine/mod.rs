@@ -15,8 +15,8 @@ pub mod report;
 
 pub use report::{MigrationHandle, Outcome, Report, RetargetRequest};
 
-use crate::dirty::{DirtyTracker, SendObserver, TrackerKind};
 use crate::bitmap::Bitmap;
+use crate::dirty::{DirtyTracker, SendObserver, TrackerKind};
 use crate::ledger::{HostId, Ledger, MAX_HOSTS};
 use crate::memory::{GuestRam, Layout, DEFAULT_CHUNK_SIZE, PAGE_SIZE};
 use crate::protocol::Message;
@@ -455,6 +455,7 @@ impl Migration {
             let dirty = self.dirty_sync().await?;
             let last = self.report.rounds.last_mut().expect("round recorded");
             last.dirty_pages = dirty as u64;
+            last.sync_ms = self.last_sync_cost.as_secs_f64() * 1e3;
             let round = last.round;
             tracing::info!(round, pages = last.pages, ms = last.ms, dirty, "round done");
             // Small late rounds move slower than the first, big one (TCP

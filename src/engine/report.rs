@@ -42,6 +42,9 @@ pub struct RoundReport {
     pub ms: f64,
     /// Pages the dirty sync after this round found written.
     pub dirty_pages: u64,
+    /// How long that sync took (the tracker's cost per round).
+    #[serde(default)]
+    pub sync_ms: f64,
 }
 
 /// One sending host's data plane to one destination.

@@ -1,0 +1,245 @@
+//! Turns `bench/results/*.json` into the tables of `bench/README.md` (between
+//! `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers) and into PNG
+//! plots in `bench/results/`.
+
+use crate::plot::{line_chart, Series};
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn load(results: &Path, name: &str) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(results.join(format!("{name}.json"))).ok()?).ok()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn machine_line(v: &Value) -> String {
+    let m = &v["machine"];
+    format!(
+        "_Measured {} on {} ({} cores); command: `{}`._\n\n",
+        m["date"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        v["command"].as_str().unwrap_or("?")
+    )
+}
+
+fn retarget(v: &Value, out: &Path) -> Result<String> {
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "Guest {} GiB, links {} Mbit/s (TCP goodput {:.1} MB/s).\n",
+        v["guest_gib"],
+        v["rate_mbit"],
+        v["link_goodput_mbps"].as_array().and_then(|a| a.first()).and_then(Value::as_f64).unwrap_or(f64::NAN)
+    );
+    let header = "| dirty MB/s | retarget at | forward s | restart s | qemu-restart s | ideal s | forward/restart | forward/ideal | forward total s |\n|---|---|---|---|---|---|---|---|---|\n";
+    let mut dirty: Vec<f64> = rows.iter().map(|r| f(r, "dirty_mbps")).collect();
+    dirty.dedup();
+    for &d in &dirty {
+        let mut ats: Vec<f64> = rows.iter().filter(|r| f(r, "dirty_mbps") == d).map(|r| f(r, "retarget_at")).collect();
+        ats.dedup();
+        let find = |at: f64, mode: &str| {
+            rows.iter().find(|r| f(r, "dirty_mbps") == d && f(r, "retarget_at") == at && r["mode"] == mode).cloned()
+        };
+        let mut series: Vec<Series> = vec![];
+        for mode in ["forward", "restart", "qemu-restart"] {
+            let pts: Vec<(f64, f64)> = ats
+                .iter()
+                .filter_map(|&a| find(a, mode).map(|r| (a * 100.0, f(&r, "after_retarget_ms") / 1e3)))
+                .collect();
+            if !pts.is_empty() {
+                series.push(Series {
+                    label: format!("dcmigrate {mode}").replace("dcmigrate qemu-", "stock QEMU "),
+                    points: pts,
+                    thin: false,
+                });
+            }
+        }
+        let ideal: Vec<(f64, f64)> =
+            ats.iter().filter_map(|&a| find(a, "forward").map(|r| (a * 100.0, f(&r, "ideal_ms") / 1e3))).collect();
+        series.push(Series { label: "ideal (link model)".into(), points: ideal, thin: true });
+        let _ = writeln!(s, "Guest dirtying {d} MB/s:\n");
+        s += header;
+        for &a in &ats {
+            let (Some(fw), Some(rs)) = (find(a, "forward"), find(a, "restart")) else { continue };
+            let q =
+                find(a, "qemu-restart").map_or("–".into(), |r| format!("{:.1}", f(&r, "after_retarget_ms") / 1e3));
+            let _ = writeln!(
+                s,
+                "| {d} | {:.0}% | {:.1} | {:.1} | {q} | {:.1} | {:.2} | {:.2} | {:.1} |",
+                a * 100.0,
+                f(&fw, "after_retarget_ms") / 1e3,
+                f(&rs, "after_retarget_ms") / 1e3,
+                f(&fw, "ideal_ms") / 1e3,
+                f(&fw, "after_retarget_ms") / f(&rs, "after_retarget_ms"),
+                f(&fw, "ratio_to_ideal"),
+                f(&fw, "total_ms") / 1e3,
+            );
+        }
+        let png = format!("retarget-dirty{d}.png");
+        line_chart(
+            &out.join(&png),
+            &format!("Time from the retarget to the end, guest dirtying {d} MB/s"),
+            "retarget when this % of RAM was at the old destination",
+            "seconds after the retarget",
+            &series,
+        )?;
+        let _ = writeln!(s, "\n![retarget, dirty {d} MB/s](results/{png})\n");
+    }
+    Ok(s)
+}
+
+fn downtime(v: &Value, out: &Path) -> Result<String> {
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "Guest {} GiB, link {} Mbit/s, downtime limit 300 ms, budget {} s.\n",
+        v["guest_gib"], v["rate_mbit"], v["max_time_s"]
+    );
+    s += "| dirty MB/s | downtime ms | rounds | total s | switchover | final round ms | verify ms |\n|---|---|---|---|---|---|---|\n";
+    for r in &rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {:.1} | {} | {:.0} | {:.0} |",
+            r["dirty_mbps"],
+            f(r, "downtime_ms"),
+            r["rounds"],
+            f(r, "total_ms") / 1e3,
+            r["switchover"].as_str().unwrap_or("?"),
+            f(&r["downtime"], "final_send_ms"),
+            f(&r["downtime"], "verify_ms"),
+        );
+    }
+    let pts = |k: &str| rows.iter().map(|r| (f(r, "dirty_mbps"), f(r, k))).collect::<Vec<_>>();
+    let limit: Vec<(f64, f64)> = rows.iter().map(|r| (f(r, "dirty_mbps"), 300.0)).collect();
+    line_chart(
+        &out.join("downtime.png"),
+        "Downtime against the guest's dirty rate",
+        "dirty rate (MB/s)",
+        "downtime (ms)",
+        &[
+            Series { label: "downtime".into(), points: pts("downtime_ms"), thin: false },
+            Series { label: "limit".into(), points: limit, thin: true },
+        ],
+    )?;
+    s += "\n![downtime](results/downtime.png)\n";
+    Ok(s)
+}
+
+fn throughput(v: &Value, out: &Path) -> Result<String> {
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "tmpfs first touch {:.0} MB/s, warm {:.0} MB/s.\n",
+        f(v, "first_touch_mbps"),
+        f(v, "warm_touch_mbps")
+    );
+    s += "| streams | guest | dcmigrate MB/s | iperf3 MB/s | ratio |\n|---|---|---|---|---|\n";
+    for r in &rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} GiB idle | {:.0} | {:.0} | {:.2} |",
+            r["streams"],
+            r["guest_gib"],
+            f(r, "migration_mbps"),
+            f(r, "iperf3_mbps"),
+            f(r, "ratio")
+        );
+    }
+    let pts = |k: &str| rows.iter().map(|r| (f(r, "streams"), f(r, k))).collect::<Vec<_>>();
+    line_chart(
+        &out.join("throughput.png"),
+        "Loopback throughput, idle guest",
+        "streams",
+        "MB/s",
+        &[
+            Series { label: "dcmigrate".into(), points: pts("migration_mbps"), thin: false },
+            Series { label: "iperf3 (same run)".into(), points: pts("iperf3_mbps"), thin: true },
+        ],
+    )?;
+    s += "\n![throughput](results/throughput.png)\n";
+    Ok(s)
+}
+
+fn scale(v: &Value) -> String {
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "Guest {} GiB dirtying {} MB/s, tracker `{}`, three agents on this machine, retarget at 50 %: {:.1} s in all, {:.2} GiB moved.\n",
+        v["guest_gib"], v["dirty_mbps"], v["tracker"].as_str().unwrap_or("?"), f(v, "total_ms") / 1e3, f(v, "gib_moved")
+    );
+    s += "| agent | peak anonymous memory MiB (beyond mapped RAM) | CPU s | CPU s per GiB moved |\n|---|---|---|---|\n";
+    for a in v["agents"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.1} | {:.2} |",
+            a["host"].as_str().unwrap_or("?"),
+            f(a, "peak_anon_mib"),
+            f(a, "cpu_s"),
+            f(a, "cpu_s_per_gib")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nTracker cost per round (dirty sync): median {:.0} ms, max {:.0} ms ({:.0} ms per GiB of guest RAM).",
+        f(v, "sync_ms_median"),
+        f(v, "sync_ms_max"),
+        f(v, "sync_ms_median") / f(v, "guest_gib")
+    );
+    s
+}
+
+fn transport(v: &Value) -> String {
+    let mut s = machine_line(v);
+    s += "| transport | round 0 MB/s | total s | agents' CPU s per GiB |\n|---|---|---|---|\n";
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.1} | {:.1} |",
+            r["transport_used"].as_str().unwrap_or("?"),
+            f(r, "round0_mbps"),
+            f(r, "total_ms") / 1e3,
+            f(r, "cpu_s_per_gib")
+        );
+    }
+    s
+}
+
+/// Rewrites the marked sections of bench/README.md and draws the plots.
+pub fn update(bench_dir: &Path) -> Result<()> {
+    let results = bench_dir.join("results");
+    let readme_path = bench_dir.join("README.md");
+    let mut readme = std::fs::read_to_string(&readme_path)?;
+    let mut sections: Vec<(&str, String)> = vec![];
+    if let Some(v) = load(&results, "retarget") {
+        sections.push(("retarget", retarget(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "downtime") {
+        sections.push(("downtime", downtime(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "throughput") {
+        sections.push(("throughput", throughput(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "scale") {
+        sections.push(("scale", scale(&v)));
+    }
+    if let Some(v) = load(&results, "transport") {
+        sections.push(("transport", transport(&v)));
+    }
+    for (name, body) in sections {
+        let (open, close) = (format!("<!-- results:{name} -->"), format!("<!-- /results:{name} -->"));
+        let (Some(a), Some(b)) = (readme.find(&open), readme.find(&close)) else {
+            bail!("bench/README.md lacks the {open} … {close} markers");
+        };
+        readme.replace_range(a + open.len()..b, &format!("\n{body}\n"));
+    }
+    std::fs::write(&readme_path, readme)?;
+    Ok(())
+}
