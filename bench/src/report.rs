@@ -39,9 +39,11 @@ fn retarget(v: &Value, out: &Path) -> Result<String> {
     );
     let header = "| dirty MB/s | retarget at | forward s | restart s | qemu-restart s | ideal s | forward/restart | forward/ideal | forward total s |\n|---|---|---|---|---|---|---|---|---|\n";
     let mut dirty: Vec<f64> = rows.iter().map(|r| f(r, "dirty_mbps")).collect();
+    dirty.sort_by(f64::total_cmp);
     dirty.dedup();
     for &d in &dirty {
         let mut ats: Vec<f64> = rows.iter().filter(|r| f(r, "dirty_mbps") == d).map(|r| f(r, "retarget_at")).collect();
+        ats.sort_by(f64::total_cmp);
         ats.dedup();
         let find = |at: f64, mode: &str| {
             rows.iter().find(|r| f(r, "dirty_mbps") == d && f(r, "retarget_at") == at && r["mode"] == mode).cloned()
