@@ -11,11 +11,8 @@ use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::Path;
 
 fn qemu_or_skip(test: &str) -> bool {
-    if !qemu_available() {
-        skip(test, &format!("{QEMU} is not installed (tests/run installs qemu-system-x86)"));
-        return false;
-    }
-    true
+    let q = if qemu_available() { Ok(()) } else { Err(format!("{QEMU} is not installed")) };
+    can_run(test, q, false, "tests/run installs qemu-system-x86")
 }
 
 fn serial(path: &Path) -> String {

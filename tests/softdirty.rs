@@ -11,14 +11,7 @@ use dcmigrate::dirty::TrackerKind;
 use dcmigrate::engine::MigrateOptions;
 
 fn soft_dirty_or_skip(test: &str) -> bool {
-    match softdirty::self_test() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("DCMIGRATE_IN_VM").is_some() => panic!("soft-dirty must work in the test VM: {e}"),
-        Err(e) => {
-            skip(test, &format!("{e}; tests/vm/run runs this on Debian's kernel"));
-            false
-        }
-    }
+    can_run(test, softdirty::self_test().map_err(|e| e.to_string()), true, "tests/vm/run runs this on Debian's kernel")
 }
 
 /// Soft-dirty alone (no verification pass to repair a miss) must leave the

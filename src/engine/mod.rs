@@ -835,6 +835,13 @@ impl Migration {
             return;
         }
         let old = self.target;
+        // Sync first: pages the guest wrote since the last sync are not
+        // current at the old destination, however the ledger saw them. The
+        // new destination's work split (what the old one forwards, what only
+        // the source has) then starts from the truth.
+        if let Err(e) = self.dirty_sync().await {
+            tracing::warn!("dirty sync at the retarget failed: {e}");
+        }
         let at_old = self.ledger.fresh_count(old) as u64 * PAGE_SIZE as u64;
         self.hosts.push(opening.to.clone());
         self.note_transport(&link);

@@ -70,6 +70,69 @@ pub enum Completion {
     Failed(Batch, String),
 }
 
+/// What a sender's streams share: the queue they pull batches from, where
+/// completions go, the byte count and the token that stops them all.
+#[derive(Clone)]
+pub struct Feed {
+    pub backlog: async_channel::Receiver<Batch>,
+    pub completions: tokio::sync::mpsc::UnboundedSender<Completion>,
+    pub bytes: Arc<std::sync::atomic::AtomicU64>,
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Feed {
+    /// A stream died, which breaks the sender: stop the other streams and
+    /// fail what this one had in flight and everything queued, so no batch
+    /// waits for a stream that is gone.
+    pub fn fail(&self, inflight: impl IntoIterator<Item = Batch>, why: &str) {
+        self.cancel.cancel();
+        self.backlog.close();
+        let queued: Vec<Batch> = std::iter::from_fn(|| self.backlog.try_recv().ok()).collect();
+        for b in inflight.into_iter().chain(queued) {
+            let _ = self.completions.send(Completion::Failed(b, why.to_owned()));
+        }
+    }
+}
+
+/// The sending end of a [`Feed`], owned by the sender; dropping it closes.
+pub struct SendQueue {
+    queue: async_channel::Sender<Batch>,
+    pub feed: Feed,
+}
+
+impl SendQueue {
+    pub fn new(capacity: usize, completions: tokio::sync::mpsc::UnboundedSender<Completion>) -> Self {
+        let (queue, backlog) = async_channel::bounded(capacity);
+        let feed = Feed { backlog, completions, bytes: Default::default(), cancel: Default::default() };
+        Self { queue, feed }
+    }
+
+    /// The queue is bounded; callers keep their own window below it, so a
+    /// full queue only happens when every stream died.
+    pub fn submit(&self, batch: Batch) -> Result<(), Batch> {
+        self.queue.try_send(batch).map_err(|e| e.into_inner())
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.feed.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the streams; batches not yet started are reported as failed.
+    pub fn close(&self) {
+        self.feed.cancel.cancel();
+        self.queue.close();
+        while let Ok(b) = self.feed.backlog.try_recv() {
+            let _ = self.feed.completions.send(Completion::Failed(b, "sender closed".into()));
+        }
+    }
+}
+
+impl Drop for SendQueue {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// One sender's connection to one destination.
 pub trait PageSender: Send + Sync {
     /// Queues a batch; its [`Completion`] arrives on the channel the sender

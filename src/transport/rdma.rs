@@ -118,9 +118,9 @@ mod off {
 mod imp {
     use super::*;
     use crate::memory::PAGE_SIZE;
+    use crate::transport::{Feed, SendQueue};
     use dcmigrate_rdma::{CompletionKind, Device, Endpoint, QueuePair, Region, Write, ENDPOINT_LEN};
     use std::collections::VecDeque;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -248,11 +248,7 @@ mod imp {
 
     /// A sender's RDMA streams to one destination.
     pub struct RdmaSender {
-        queue: async_channel::Sender<Batch>,
-        backlog: async_channel::Receiver<Batch>,
-        completions: mpsc::UnboundedSender<Completion>,
-        bytes: Arc<AtomicU64>,
-        cancel: CancellationToken,
+        q: SendQueue,
     }
 
     /// Registers `ram` for local reads and opens `streams` queue pairs to the
@@ -282,14 +278,7 @@ mod imp {
         };
         let local = Arc::new(local);
         // Room for what callers keep outstanding (more than the posting window).
-        let (queue, backlog) = async_channel::bounded(streams.max(1) * QUEUE_PER_STREAM);
-        let me = RdmaSender {
-            queue,
-            backlog: backlog.clone(),
-            completions: completions.clone(),
-            bytes: Arc::new(AtomicU64::new(0)),
-            cancel: CancellationToken::new(),
-        };
+        let me = RdmaSender { q: SendQueue::new(streams.max(1) * QUEUE_PER_STREAM, completions) };
         for _ in 0..streams.max(1) {
             let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
                 .await
@@ -304,12 +293,9 @@ mod imp {
                 local: local.clone(),
                 remote: remote.to_vec(),
                 observer: observer.clone(),
-                backlog: backlog.clone(),
-                completions: completions.clone(),
-                bytes: me.bytes.clone(),
+                feed: me.q.feed.clone(),
                 inflight: Mutex::new(VecDeque::new()),
                 window: Semaphore::new(WINDOW),
-                cancel: me.cancel.clone(),
                 qp,
             };
             tokio::spawn(stream.run(s));
@@ -350,29 +336,19 @@ mod imp {
 
     impl PageSender for RdmaSender {
         fn submit(&self, batch: Batch) -> Result<(), Batch> {
-            self.queue.try_send(batch).map_err(|e| e.into_inner())
+            self.q.submit(batch)
         }
 
         fn bytes_sent(&self) -> u64 {
-            self.bytes.load(Ordering::Relaxed)
+            self.q.bytes_sent()
         }
 
         fn close(&self) {
-            self.cancel.cancel();
-            self.queue.close();
-            while let Ok(b) = self.backlog.try_recv() {
-                let _ = self.completions.send(Completion::Failed(b, "sender closed".into()));
-            }
+            self.q.close()
         }
 
         fn kind(&self) -> &'static str {
             "rdma"
-        }
-    }
-
-    impl Drop for RdmaSender {
-        fn drop(&mut self) {
-            self.close();
         }
     }
 
@@ -381,12 +357,9 @@ mod imp {
         local: Arc<Vec<Region>>,
         remote: Vec<RdmaRegion>,
         observer: Option<Arc<dyn SendObserver>>,
-        backlog: async_channel::Receiver<Batch>,
-        completions: mpsc::UnboundedSender<Completion>,
-        bytes: Arc<AtomicU64>,
+        feed: Feed,
         inflight: Mutex<VecDeque<(u32, Batch)>>,
         window: Semaphore,
-        cancel: CancellationToken,
         qp: QueuePair,
     }
 
@@ -426,7 +399,7 @@ mod imp {
                             match b {
                                 Some((seq, b)) if seq as u64 == batch => {
                                     self.window.add_permits(1);
-                                    let _ = self.completions.send(Completion::Applied(b));
+                                    let _ = self.feed.completions.send(Completion::Applied(b));
                                 }
                                 _ => return Err::<(), String>(format!("unexpected acknowledgement {batch}")),
                             }
@@ -448,7 +421,7 @@ mod imp {
                 let mut seq: u32 = 0;
                 loop {
                     self.window.acquire().await.map_err(|e| e.to_string())?.forget();
-                    let Ok(batch) = self.backlog.recv().await else {
+                    let Ok(batch) = self.feed.backlog.recv().await else {
                         // Queue closed: wait for the last acknowledgements.
                         return std::future::pending::<Result<(), String>>().await;
                     };
@@ -464,29 +437,24 @@ mod imp {
                     self.inflight.lock().unwrap().push_back((seq, batch));
                     let target = (self.remote[0].addr, self.remote[0].rkey);
                     self.qp.post_batch(seq as u64, &writes, seq, target).map_err(|e| e.to_string())?;
-                    self.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    self.feed.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 }
             };
             let why = tokio::select! {
                 r = acks => r,
                 r = local_completions => r,
                 r = writer => r,
-                _ = self.cancel.cancelled() => Err("sender closed".into()),
+                _ = self.feed.cancel.cancelled() => Err("sender closed".into()),
             }
             .err()
             .unwrap_or_else(|| "stream ended".into());
-            if !self.cancel.is_cancelled() {
+            if !self.feed.cancel.is_cancelled() {
                 tracing::warn!("RDMA stream failed: {why}");
             }
             // Nothing more leaves this queue pair; fail what it had.
             let _ = self.qp.set_error();
-            self.cancel.cancel();
-            self.backlog.close();
-            let queued: Vec<Batch> = std::iter::from_fn(|| self.backlog.try_recv().ok()).collect();
             let inflight: Vec<Batch> = self.inflight.lock().unwrap().drain(..).map(|(_, b)| b).collect();
-            for b in inflight.into_iter().chain(queued) {
-                let _ = self.completions.send(Completion::Failed(b, why.clone()));
-            }
+            self.feed.fail(inflight, &why);
         }
     }
 }

@@ -2,13 +2,13 @@
 //! [`crate::protocol::data`]) written by the receiver straight into the
 //! mapped guest RAM, each frame bounds-checked first.
 
-use super::{Batch, Completion, PageSender, TransportError};
+use super::{Batch, Completion, Feed, PageSender, SendQueue, TransportError};
 use crate::dirty::SendObserver;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::*;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -182,11 +182,7 @@ impl Receiver {
 
 /// The sending side: `streams` connections pulling batches from one queue.
 pub struct TcpSender {
-    queue: async_channel::Sender<Batch>,
-    backlog: async_channel::Receiver<Batch>,
-    completions: mpsc::UnboundedSender<Completion>,
-    bytes: Arc<AtomicU64>,
-    cancel: CancellationToken,
+    q: SendQueue,
 }
 
 impl TcpSender {
@@ -203,14 +199,7 @@ impl TcpSender {
         observer: Option<Arc<dyn SendObserver>>,
         completions: mpsc::UnboundedSender<Completion>,
     ) -> Result<Self, TransportError> {
-        let (queue, backlog) = async_channel::bounded(streams.max(1) * WINDOW);
-        let me = Self {
-            queue,
-            backlog: backlog.clone(),
-            completions: completions.clone(),
-            bytes: Arc::new(AtomicU64::new(0)),
-            cancel: CancellationToken::new(),
-        };
+        let me = Self { q: SendQueue::new(streams.max(1) * WINDOW, completions) };
         for _ in 0..streams.max(1) {
             let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr));
             let mut s = connect
@@ -234,12 +223,9 @@ impl TcpSender {
             let stream = Stream {
                 ram: ram.clone(),
                 observer: observer.clone(),
-                backlog: backlog.clone(),
-                completions: completions.clone(),
-                bytes: me.bytes.clone(),
+                feed: me.q.feed.clone(),
                 inflight: Arc::new(Mutex::new(VecDeque::new())),
                 window: Arc::new(Semaphore::new(WINDOW)),
-                cancel: me.cancel.clone(),
             };
             tokio::spawn(stream.run(s));
         }
@@ -249,21 +235,15 @@ impl TcpSender {
 
 impl PageSender for TcpSender {
     fn submit(&self, batch: Batch) -> Result<(), Batch> {
-        // The queue is bounded; callers keep their own window below it, so a
-        // full queue only happens when every stream died.
-        self.queue.try_send(batch).map_err(|e| e.into_inner())
+        self.q.submit(batch)
     }
 
     fn bytes_sent(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.q.bytes_sent()
     }
 
     fn close(&self) {
-        self.cancel.cancel();
-        self.queue.close();
-        while let Ok(b) = self.backlog.try_recv() {
-            let _ = self.completions.send(Completion::Failed(b, "sender closed".into()));
-        }
+        self.q.close()
     }
 
     fn kind(&self) -> &'static str {
@@ -271,21 +251,12 @@ impl PageSender for TcpSender {
     }
 }
 
-impl Drop for TcpSender {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
 struct Stream {
     ram: Arc<GuestRam>,
     observer: Option<Arc<dyn SendObserver>>,
-    backlog: async_channel::Receiver<Batch>,
-    completions: mpsc::UnboundedSender<Completion>,
-    bytes: Arc<AtomicU64>,
+    feed: Feed,
     inflight: Arc<Mutex<VecDeque<Batch>>>,
     window: Arc<Semaphore>,
-    cancel: CancellationToken,
 }
 
 impl Stream {
@@ -293,7 +264,7 @@ impl Stream {
         let (mut rd, mut wr) = s.into_split();
         let reader = {
             let inflight = self.inflight.clone();
-            let completions = self.completions.clone();
+            let completions = self.feed.completions.clone();
             let window = self.window.clone();
             async move {
                 let mut reply = [0u8; REPLY_LEN];
@@ -320,7 +291,7 @@ impl Stream {
             loop {
                 let permit = self.window.acquire().await.map_err(|e| e.to_string())?;
                 permit.forget();
-                let Ok(batch) = self.backlog.recv().await else {
+                let Ok(batch) = self.feed.backlog.recv().await else {
                     return Ok::<(), String>(());
                 };
                 self.inflight.lock().unwrap().push_back(batch.clone());
@@ -340,7 +311,7 @@ impl Stream {
                     let h = Frame::Pages { region, offset, len: buf.len() as u32 }.encode();
                     wr.write_all(&h).await.map_err(|e| e.to_string())?;
                     wr.write_all(&buf).await.map_err(|e| e.to_string())?;
-                    self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    self.feed.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
                 }
                 wr.write_all(&Frame::BatchEnd { batch: batch.id }.encode()).await.map_err(|e| e.to_string())?;
             }
@@ -352,19 +323,13 @@ impl Stream {
                 Ok(()) => Ok(()),
                 Err(e) => Err(e),
             },
-            _ = self.cancel.cancelled() => Err("sender closed".into()),
+            _ = self.feed.cancel.cancelled() => Err("sender closed".into()),
         };
         let why = match result {
             Ok(()) => "stream ended".to_string(),
             Err(e) => e,
         };
-        // One dead stream breaks the sender: stop the others and fail
-        // everything queued, so no batch waits for a stream that is gone.
-        self.cancel.cancel();
-        self.backlog.close();
-        let queued: Vec<Batch> = std::iter::from_fn(|| self.backlog.try_recv().ok()).collect();
-        for b in self.inflight.lock().unwrap().drain(..).chain(queued) {
-            let _ = self.completions.send(Completion::Failed(b, why.clone()));
-        }
+        let inflight: Vec<Batch> = self.inflight.lock().unwrap().drain(..).collect();
+        self.feed.fail(inflight, &why);
     }
 }

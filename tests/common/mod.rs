@@ -137,3 +137,20 @@ pub fn heartbeats(text: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Whether `test` can run here: `available` is Err with the reason if not.
+/// It then skips (printing the reason and `hint`), except inside the test VM
+/// (`DCMIGRATE_IN_VM`) when `required_in_vm`: there a missing capability is a
+/// failure, not a skip.
+pub fn can_run(test: &str, available: Result<(), String>, required_in_vm: bool, hint: &str) -> bool {
+    match available {
+        Ok(()) => true,
+        Err(e) if required_in_vm && std::env::var_os("DCMIGRATE_IN_VM").is_some() => {
+            panic!("{test}: must run in the test VM, but: {e}")
+        }
+        Err(e) => {
+            skip(test, &format!("{e}; {hint}"));
+            false
+        }
+    }
+}
