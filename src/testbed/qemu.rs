@@ -10,6 +10,12 @@ use std::process::{Command, Stdio};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// The QEMU binary the test bed runs: `DCMIGRATE_QEMU` (for example a QEMU
+/// 10 unpacked from bookworm-backports), else `qemu-system-x86_64` on PATH.
+pub fn qemu_binary() -> String {
+    std::env::var("DCMIGRATE_QEMU").unwrap_or_else(|_| QEMU.into())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     File,
@@ -32,7 +38,12 @@ pub fn guest_image() -> Option<PathBuf> {
 }
 
 pub fn qemu_available() -> bool {
-    Command::new(QEMU).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new(qemu_binary())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl QemuSpec {
@@ -104,13 +115,13 @@ impl Testbed {
         }
         let args: Vec<String> = spec.args().iter().map(|a| a.replace("{dir}", &ds)).collect();
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(err)?;
-        let mut cmd = self.command(host, QEMU);
+        let mut cmd = self.command(host, qemu_binary());
         cmd.args(&args).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
         cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
-        self.guests.push(cmd.spawn().map_err(|e| TestbedError(format!("starting {QEMU}: {e}")))?);
+        self.guests.push(cmd.spawn().map_err(|e| TestbedError(format!("starting {}: {e}", qemu_binary())))?);
         wait_for(30, || qmp.exists().then_some(()))
             .ok_or_else(|| TestbedError(format!("QEMU on {host} did not open its QMP socket: see {ds}/qemu.log")))?;
-        let launch = LaunchSpec::Qemu { binary: QEMU.into(), args: spec.args() };
+        let launch = LaunchSpec::Qemu { binary: qemu_binary(), args: spec.args() };
         self.call(host, &Request::AttachQemu { name: name.into(), qmp, launch: Some(launch) })?;
         Ok(QemuGuest { name: name.into(), dir })
     }
@@ -126,7 +137,8 @@ impl Testbed {
             .filter(|pid| {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd);
-                cmd.starts_with(QEMU) && cmd.contains(&n) && crate::vm::qemu::alive(*pid)
+                let prog = cmd.split('\0').next().unwrap_or_default();
+                prog.ends_with("qemu-system-x86_64") && cmd.contains(&n) && crate::vm::qemu::alive(*pid)
             })
             .collect()
     }

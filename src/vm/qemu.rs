@@ -220,6 +220,7 @@ pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result
     if matches!(state, qmp::RunState::inmigrate | qmp::RunState::postmigrate | qmp::RunState::shutdown) {
         return Err(vm_err(format!("QEMU is {state:?}: only a running or paused VM can be added")));
     }
+    let version = q.execute(&qmp::query_version {})?.qemu;
     let memdevs = q.execute(&qmp::query_memdev {})?;
     if memdevs.is_empty() {
         return Err(vm_err(format!("QEMU has no memory backend objects: {HOW_TO_SHARE}")));
@@ -250,6 +251,15 @@ pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result
                     )));
                 }
                 p
+            }
+            // QEMU 10.0 was found to send memfd RAM in its migration stream
+            // despite x-ignore-shared (7.2 skips it); refused from 8.0 on.
+            "memory-backend-memfd" if version.major >= 8 => {
+                return Err(vm_err(format!(
+                    "memory backend {id} is memfd, which QEMU {}.{} migrates itself despite x-ignore-shared: \
+                     use memory-backend-file,share=on with mem-path on /dev/shm or hugetlbfs",
+                    version.major, version.minor
+                )))
             }
             "memory-backend-memfd" => find_memfd(q.pid, m.size, &id)?,
             other => return Err(vm_err(format!("memory backend {id} is a {other}: {HOW_TO_SHARE}"))),
