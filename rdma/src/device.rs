@@ -83,6 +83,21 @@ impl Device {
         &self.name
     }
 
+    /// The same device with a protection domain of its own: memory and queue
+    /// pairs of one session cannot reach another's, whatever rkey is tried.
+    pub fn session(&self) -> Result<Arc<Device>, RdmaError> {
+        let pd = self.ctx.alloc_pd().map_err(|e| RdmaError::Verbs { op: "ibv_alloc_pd", msg: chain(&e) })?;
+        Ok(Arc::new(Device {
+            ctx: self.ctx.clone(),
+            pd,
+            port: self.port,
+            gid_index: self.gid_index,
+            gid: self.gid,
+            lid: self.lid,
+            name: self.name.clone(),
+        }))
+    }
+
     /// Registers `len` bytes at `addr` for local reads and writes, and for
     /// remote writes if `remote_write`.
     ///

@@ -90,8 +90,10 @@ pub struct QueuePair {
 }
 
 impl QueuePair {
-    /// A queue pair in INIT state. Must be called inside a tokio runtime.
-    pub fn new(dev: &Arc<Device>, send_depth: u32, recv_depth: u32) -> Result<Self, RdmaError> {
+    /// A queue pair in INIT state; `remote_write` lets the peer write into
+    /// this side's registered memory (a receiver's), else the peer may not
+    /// touch it (a sender's). Must be called inside a tokio runtime.
+    pub fn new(dev: &Arc<Device>, send_depth: u32, recv_depth: u32, remote_write: bool) -> Result<Self, RdmaError> {
         let ch = dev.ctx.create_comp_channel().map_err(|e| verr("ibv_create_comp_channel", &e))?;
         ch.set_nonblocking(true).map_err(|e| verr("completion channel", &e))?;
         let cq = dev
@@ -118,10 +120,9 @@ impl QueuePair {
             .map_err(|e| RdmaError::Verbs { op: "registering the completion channel", msg: e.to_string() })?;
         let me = Self { qp: Mutex::new(qp), cq, events, dev: dev.clone(), psn: rand::random::<u32>() & 0xff_ffff };
         let mut a = QueuePairAttribute::new();
-        a.setup_state(QueuePairState::Init)
-            .setup_pkey_index(0)
-            .setup_port(dev.port)
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        a.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(dev.port).setup_access_flags(
+            if remote_write { AccessFlags::LocalWrite | AccessFlags::RemoteWrite } else { AccessFlags::LocalWrite },
+        );
         me.qp.lock().unwrap().modify(&a).map_err(|e| verr("queue pair to INIT", &e))?;
         Ok(me)
     }

@@ -41,7 +41,7 @@ fn reg(dev: &Device, m: &mut memmap2::MmapMut, remote: bool) -> Region {
 }
 
 fn pair(dev: &Arc<Device>) -> (QueuePair, QueuePair) {
-    let (a, b) = (QueuePair::new(dev, 64, 16).unwrap(), QueuePair::new(dev, 64, 16).unwrap());
+    let (a, b) = (QueuePair::new(dev, 64, 16, false).unwrap(), QueuePair::new(dev, 64, 16, true).unwrap());
     let (ea, eb) = (a.endpoint(), b.endpoint());
     a.connect(&eb).unwrap();
     b.connect(&ea).unwrap();

@@ -152,11 +152,9 @@ mod imp {
 
         /// Registers a destination's RAM for remote writes.
         pub fn register_target(&self, ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
-            Ok(Arc::new(Target {
-                device: self.device.clone(),
-                regions: register(&self.device, ram, true)?,
-                ram: ram.clone(),
-            }))
+            // A protection domain per session: another session's queue pairs cannot write here.
+            let device = self.device.session().map_err(|e| e.to_string())?;
+            Ok(Arc::new(Target { regions: register(&device, ram, true)?, device, ram: ram.clone() }))
         }
     }
 
@@ -201,7 +199,7 @@ mod imp {
             s.write_all(&[HELLO_NO_RDMA]).await.ok();
             return Err(TransportError::Refused("no RDMA for this session".into()));
         };
-        let qp = QueuePair::new(&t.device, 1, RECV_DEPTH).map_err(stream_err)?;
+        let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true).map_err(stream_err)?;
         s.write_all(&[HELLO_OK]).await.map_err(stream_err)?;
         let mut ep = [0u8; ENDPOINT_LEN];
         tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ep))
@@ -323,7 +321,7 @@ mod imp {
             }
             other => return Err(TransportError::Refused(format!("status {other}"))),
         }
-        let qp = QueuePair::new(device, SEND_DEPTH, 1).map_err(stream_err)?;
+        let qp = QueuePair::new(device, SEND_DEPTH, 1, false).map_err(stream_err)?;
         s.write_all(&qp.endpoint().encode()).await.map_err(stream_err)?;
         let mut ep = [0u8; ENDPOINT_LEN];
         tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ep))
@@ -352,15 +350,17 @@ mod imp {
         }
     }
 
+    // Field order is drop order: the queue pair and the registrations go
+    // before the mapping they point into.
     struct Stream {
-        ram: Arc<GuestRam>,
+        qp: QueuePair,
         local: Arc<Vec<Region>>,
+        ram: Arc<GuestRam>,
         remote: Vec<RdmaRegion>,
         observer: Option<Arc<dyn SendObserver>>,
         feed: Feed,
         inflight: Mutex<VecDeque<(u32, Batch)>>,
         window: Semaphore,
-        qp: QueuePair,
     }
 
     impl Stream {
@@ -401,7 +401,13 @@ mod imp {
                                     self.window.add_permits(1);
                                     let _ = self.feed.completions.send(Completion::Applied(b));
                                 }
-                                _ => return Err::<(), String>(format!("unexpected acknowledgement {batch}")),
+                                other => {
+                                    // Put it back: the teardown fails it, so no batch is lost.
+                                    if let Some(x) = other {
+                                        self.inflight.lock().unwrap().push_front(x);
+                                    }
+                                    return Err::<(), String>(format!("unexpected acknowledgement {batch}"));
+                                }
                             }
                         }
                         Reply::Error { code } => return Err(format!("destination error {code}")),
@@ -425,7 +431,13 @@ mod imp {
                         // Queue closed: wait for the last acknowledgements.
                         return std::future::pending::<Result<(), String>>().await;
                     };
-                    let writes = self.writes(&batch)?;
+                    let writes = match self.writes(&batch) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            self.inflight.lock().unwrap().push_back((0, batch));
+                            return Err(e);
+                        }
+                    };
                     if let Some(o) = &self.observer {
                         // The NIC reads the memory, not us: show the tracker what it will read.
                         for p in batch.pages() {

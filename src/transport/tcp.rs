@@ -123,11 +123,13 @@ impl Receiver {
             return Err(TransportError::Refused("unknown session token".into()));
         };
         let streams = sess.sender(sender);
+        // Counted as live before the check: a fence that cut this sender
+        // after the check still waits for this stream.
+        let _alive = streams.live.clone();
         if streams.cut.is_cancelled() {
             s.write_all(&[HELLO_FENCED]).await.ok();
             return Err(TransportError::Refused(format!("sender {sender} is fenced")));
         }
-        let _alive = streams.live.clone();
         match mode {
             MODE_TCP => {}
             // Pairs a queue pair; answers the hello itself.

@@ -64,6 +64,47 @@ pub fn strip_control(args: &[String]) -> Vec<String> {
     out
 }
 
+/// Options a destination refuses in a launch spec: they would let the peer
+/// that sent it run code or take over the destination (plugins, config
+/// files, inherited fds, privileges), or switch off the sandbox.
+const REFUSED_OPTS: [&str; 6] = ["plugin", "readconfig", "add-fd", "sandbox", "runas", "chroot"];
+
+/// A destination runs only QEMU: `qemu-system-*` from PATH, or a path the
+/// operator allowed in `DCMIGRATE_QEMU_ALLOW` (colon-separated) or
+/// `DCMIGRATE_QEMU` (the test bed's QEMU), and refuses the options above and
+/// network helper scripts. The launch spec comes from an authenticated peer,
+/// but a peer is not trusted with arbitrary commands on this host.
+pub fn check_launch(binary: &str, args: &[String]) -> Result<(), VmError> {
+    let bare = binary
+        .strip_prefix("qemu-system-")
+        .is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let allowed = std::env::var("DCMIGRATE_QEMU_ALLOW")
+        .unwrap_or_default()
+        .split(':')
+        .chain(std::env::var("DCMIGRATE_QEMU").ok().as_deref())
+        .any(|p| !p.is_empty() && p == binary);
+    if !bare && !allowed {
+        return Err(vm_err(format!(
+            "refusing to run {binary:?}: a launch spec may name qemu-system-* (from PATH) or a binary listed in \
+             DCMIGRATE_QEMU_ALLOW on this host"
+        )));
+    }
+    for a in args {
+        let name = a.trim_start_matches('-');
+        if a.starts_with('-') && REFUSED_OPTS.contains(&name) {
+            return Err(vm_err(format!("refusing the launch spec option {a}")));
+        }
+        for part in split_keyval(a) {
+            if let Some((k, v)) = part.split_once('=') {
+                if (k == "script" || k == "downscript" || k == "helper") && v != "no" {
+                    return Err(vm_err(format!("refusing the launch spec option {part}: no helper scripts")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The launch spec of a running QEMU: its own command line, control options removed.
 pub fn launch_from_process(pid: u32) -> Result<LaunchSpec, VmError> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| vm_err(format!("QEMU pid {pid}: {e}")))?;
@@ -194,6 +235,10 @@ pub fn destination_args(
         let path = ram_path(&id);
         kv.push_str(&format!(",mem-path={}", path.to_string_lossy().replace(',', ",,")));
         for (k, v) in &props {
+            // Keys cannot smuggle options back in (`a=b,prealloc` as one key).
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(vm_err(format!("memory backend {id}: invalid property name {k:?}")));
+            }
             let v = prop_str(&props, k).ok_or_else(|| vm_err(format!("memory backend {id}: unsupported {k}={v}")))?;
             kv.push_str(&format!(",{k}={}", v.replace(',', ",,")));
         }
@@ -389,25 +434,37 @@ impl SourceVm for QemuVm {
             detach: None,
             resume: None,
         })?;
-        listener.set_nonblocking(true).map_err(|e| vm_err(e.to_string()))?;
-        let end = Instant::now() + DEVICE_STATE_TIMEOUT;
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((c, _)) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
-                    if let Some(err) = migration_failed(&mut q)? {
-                        return Err(VmError::Refused { cmd: "migrate".into(), msg: err });
+        // Read the stream without touching QMP meanwhile: QEMU may hold its
+        // big lock while it writes, so a monitor command could wait for a
+        // reader that waits for the monitor (seen with QEMU 10).
+        let read = (|| -> std::io::Result<Vec<u8>> {
+            listener.set_nonblocking(true)?;
+            let end = Instant::now() + DEVICE_STATE_TIMEOUT;
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(2))
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(vm_err(format!("QEMU did not connect for its device state: {e}"))),
+            };
+            conn.set_nonblocking(false)?;
+            conn.set_read_timeout(Some(DEVICE_STATE_TIMEOUT))?;
+            let mut state = Vec::new();
+            conn.read_to_end(&mut state)?;
+            Ok(state)
+        })();
+        let done_by = Instant::now() + DEVICE_STATE_TIMEOUT;
+        let state = match read {
+            Ok(s) => s,
+            Err(e) => {
+                // Say why QEMU did not send, and leave the source migratable.
+                let why = migration_failed(&mut q).ok().flatten().unwrap_or_else(|| e.to_string());
+                let _ = q.execute(&qmp::migrate_cancel {});
+                return Err(vm_err(format!("QEMU's device state: {why}")));
             }
         };
-        conn.set_nonblocking(false)
-            .and_then(|_| conn.set_read_timeout(Some(DEVICE_STATE_TIMEOUT)))
-            .map_err(|e| vm_err(e.to_string()))?;
-        let mut state = Vec::new();
-        conn.read_to_end(&mut state).map_err(|e| vm_err(format!("reading QEMU's device state: {e}")))?;
         loop {
             let info = q.query_migrate()?;
             match info.status {
@@ -418,7 +475,7 @@ impl SourceVm for QemuVm {
                         msg: info.error_desc.unwrap_or_else(|| "device state migration failed".into()),
                     })
                 }
-                _ if Instant::now() > end => return Err(vm_err("QEMU's device state migration did not complete")),
+                _ if Instant::now() > done_by => return Err(vm_err("QEMU's device state migration did not complete")),
                 _ => std::thread::sleep(Duration::from_millis(2)),
             }
         }
@@ -495,11 +552,23 @@ impl QemuIncoming {
         let LaunchSpec::Qemu { binary, args } = launch else {
             return Err(vm_err("not a QEMU launch spec"));
         };
+        check_launch(binary, args)?;
         let qmp_path = dir.join("qmp.sock");
+        for p in [&qmp_path, &dir.join("incoming.sock")] {
+            // sockaddr_un holds 107 bytes of path: fail now, not at switchover.
+            if p.as_os_str().len() > 107 {
+                return Err(vm_err(format!(
+                    "socket path {} is too long: use a shorter data dir or VM name",
+                    p.display()
+                )));
+            }
+        }
         let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
         let mut argv = destination_args(args, dir, &regions, |id| ram_path(dir, id), &qmp_path)?;
         let pidfile = dir.join("qemu.pid");
         argv.extend(["-pidfile".to_owned(), pidfile.display().to_string()]);
+        // QEMU's seccomp filter: no fork/exec from the incoming VM.
+        argv.extend(["-sandbox".to_owned(), "on,spawn=deny".to_owned()]);
         std::fs::write(dir.join(INCOMING_MARK), b"").map_err(|e| vm_err(e.to_string()))?;
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| vm_err(e.to_string()))?;
         let log2 = log.try_clone().map_err(|e| vm_err(e.to_string()))?;
@@ -638,8 +707,12 @@ pub fn clean_leftovers(data_dir: &Path) {
         }
         if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse::<u32>().ok())
         {
-            kill(pid);
-            wait_exit(pid, Duration::from_secs(5));
+            // Only if that pid is still the QEMU of this directory (pids are reused).
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&*dir.join("qmp.sock").to_string_lossy()) {
+                kill(pid);
+                wait_exit(pid, Duration::from_secs(5));
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
         tracing::warn!(dir = %dir.display(), "removed an incoming QEMU left by an earlier run");
@@ -696,6 +769,21 @@ mod tests {
             &out[8..],
             &s(&["-qmp", "unix:/data/vm.qemu/qmp.sock,server=on,wait=off", "-incoming", "defer", "-S"])
         );
+    }
+
+    #[test]
+    fn destinations_run_only_qemu_without_dangerous_options() {
+        assert!(check_launch("qemu-system-x86_64", &s(&["-m", "1G", "-netdev", "tap,id=n,script=no"])).is_ok());
+        assert!(check_launch("/bin/sh", &[]).is_err());
+        assert!(check_launch("qemu-system-x86_64; rm", &[]).is_err());
+        assert!(check_launch("qemu-system-x86_64", &s(&["-plugin", "file=/tmp/x.so"])).is_err());
+        assert!(check_launch("qemu-system-x86_64", &s(&["--readconfig", "/etc/x"])).is_err());
+        assert!(check_launch("qemu-system-x86_64", &s(&["-netdev", "tap,id=n,script=/tmp/x"])).is_err());
+        let dir = Path::new("/d");
+        let regions = vec![RegionSpec { id: "ram0".into(), size: 64 << 20 }];
+        let smuggled =
+            s(&["-object", r#"{"qom-type":"memory-backend-file","id":"ram0","size":67108864,"a=b,prealloc":"on"}"#]);
+        assert!(destination_args(&smuggled, dir, &regions, |id| ram_path(dir, id), Path::new("/q")).is_err());
     }
 
     #[test]
