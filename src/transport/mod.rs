@@ -95,35 +95,47 @@ impl Feed {
 }
 
 /// The sending end of a [`Feed`], owned by the sender; dropping it closes.
+/// Both data planes' senders are one of these, fed by their streams' tasks.
 pub struct SendQueue {
     queue: async_channel::Sender<Batch>,
     pub feed: Feed,
+    kind: &'static str,
 }
 
 impl SendQueue {
-    pub fn new(capacity: usize, completions: tokio::sync::mpsc::UnboundedSender<Completion>) -> Self {
+    pub fn new(
+        kind: &'static str,
+        capacity: usize,
+        completions: tokio::sync::mpsc::UnboundedSender<Completion>,
+    ) -> Self {
         let (queue, backlog) = async_channel::bounded(capacity);
         let feed = Feed { backlog, completions, bytes: Default::default(), cancel: Default::default() };
-        Self { queue, feed }
+        Self { queue, feed, kind }
     }
+}
 
+impl PageSender for SendQueue {
     /// The queue is bounded; callers keep their own window below it, so a
     /// full queue only happens when every stream died.
-    pub fn submit(&self, batch: Batch) -> Result<(), Batch> {
+    fn submit(&self, batch: Batch) -> Result<(), Batch> {
         self.queue.try_send(batch).map_err(|e| e.into_inner())
     }
 
-    pub fn bytes_sent(&self) -> u64 {
+    fn bytes_sent(&self) -> u64 {
         self.feed.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the streams; batches not yet started are reported as failed.
-    pub fn close(&self) {
+    fn close(&self) {
         self.feed.cancel.cancel();
         self.queue.close();
         while let Ok(b) = self.feed.backlog.try_recv() {
             let _ = self.feed.completions.send(Completion::Failed(b, "sender closed".into()));
         }
+    }
+
+    fn kind(&self) -> &'static str {
+        self.kind
     }
 }
 
@@ -191,8 +203,6 @@ pub async fn open_sender(
         }
         tracing::info!(to = host, "data plane: TCP (no RDMA: {why_not})");
     }
-    let s = tcp::TcpSender::connect(addr, token, sender, streams, ram, observer, completions)
-        .await
-        .map_err(|e| e.to_string())?;
+    let s = tcp::connect(addr, token, sender, streams, ram, observer, completions).await.map_err(|e| e.to_string())?;
     Ok(Box::new(s))
 }

@@ -19,7 +19,7 @@
 //! sender, which errors its own queue pairs and fails what was in flight.
 
 use super::tcp::Receiving;
-use super::{Batch, Completion, PageSender, TransportError};
+use super::{Completion, SendQueue, TransportError};
 use crate::dirty::SendObserver;
 use crate::memory::GuestRam;
 use crate::protocol::data::*;
@@ -52,7 +52,6 @@ mod off {
 
     pub enum Rdma {}
     pub enum Target {}
-    pub enum RdmaSender {}
 
     pub fn open(_device: Option<&str>) -> Result<Arc<Rdma>, String> {
         Err(WHY.into())
@@ -84,23 +83,8 @@ mod off {
         _remote: &[RdmaRegion],
         _observer: Option<Arc<dyn SendObserver>>,
         _completions: mpsc::UnboundedSender<Completion>,
-    ) -> Result<RdmaSender, TransportError> {
+    ) -> Result<SendQueue, TransportError> {
         match **rdma {}
-    }
-
-    impl PageSender for RdmaSender {
-        fn submit(&self, _: Batch) -> Result<(), Batch> {
-            match *self {}
-        }
-        fn bytes_sent(&self) -> u64 {
-            match *self {}
-        }
-        fn close(&self) {
-            match *self {}
-        }
-        fn kind(&self) -> &'static str {
-            match *self {}
-        }
     }
 
     pub async fn serve_stream(
@@ -118,7 +102,7 @@ mod off {
 mod imp {
     use super::*;
     use crate::memory::PAGE_SIZE;
-    use crate::transport::{Feed, SendQueue};
+    use crate::transport::{Batch, Feed};
     use dcmigrate_rdma::{CompletionKind, Device, Endpoint, QueuePair, Region, Write, ENDPOINT_LEN};
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -244,11 +228,6 @@ mod imp {
         r
     }
 
-    /// A sender's RDMA streams to one destination.
-    pub struct RdmaSender {
-        q: SendQueue,
-    }
-
     /// Registers `ram` for local reads and opens `streams` queue pairs to the
     /// destination at `addr`, whose registered RAM is `remote`.
     #[allow(clippy::too_many_arguments)]
@@ -262,7 +241,7 @@ mod imp {
         remote: &[RdmaRegion],
         observer: Option<Arc<dyn SendObserver>>,
         completions: mpsc::UnboundedSender<Completion>,
-    ) -> Result<RdmaSender, TransportError> {
+    ) -> Result<SendQueue, TransportError> {
         let regions = ram.layout().regions();
         if remote.len() != regions.len() || remote.iter().zip(regions).any(|(r, l)| r.len != l.size) {
             return Err(TransportError::Refused("the destination's registered RAM does not match the layout".into()));
@@ -276,29 +255,23 @@ mod imp {
         };
         let local = Arc::new(local);
         // Room for what callers keep outstanding (more than the posting window).
-        let me = RdmaSender { q: SendQueue::new(streams.max(1) * QUEUE_PER_STREAM, completions) };
+        let q = SendQueue::new("rdma", streams.max(1) * QUEUE_PER_STREAM, completions);
         for _ in 0..streams.max(1) {
-            let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-                .await
-                .map_err(|_| TransportError::Connect {
-                    addr: addr.to_string(),
-                    source: std::io::ErrorKind::TimedOut.into(),
-                })?
-                .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
+            let s = super::super::tcp::dial(addr).await?;
             let (qp, s) = pair(&rdma.device, s, &token, sender).await?;
             let stream = Stream {
                 ram: ram.clone(),
                 local: local.clone(),
                 remote: remote.to_vec(),
                 observer: observer.clone(),
-                feed: me.q.feed.clone(),
+                feed: q.feed.clone(),
                 inflight: Mutex::new(VecDeque::new()),
                 window: Semaphore::new(WINDOW),
                 qp,
             };
             tokio::spawn(stream.run(s));
         }
-        Ok(me)
+        Ok(q)
     }
 
     /// Hello, then the endpoint exchange: a connected queue pair.
@@ -330,24 +303,6 @@ mod imp {
             .map_err(stream_err)?;
         qp.connect(&Endpoint::decode(&ep).map_err(stream_err)?).map_err(stream_err)?;
         Ok((qp, s))
-    }
-
-    impl PageSender for RdmaSender {
-        fn submit(&self, batch: Batch) -> Result<(), Batch> {
-            self.q.submit(batch)
-        }
-
-        fn bytes_sent(&self) -> u64 {
-            self.q.bytes_sent()
-        }
-
-        fn close(&self) {
-            self.q.close()
-        }
-
-        fn kind(&self) -> &'static str {
-            "rdma"
-        }
     }
 
     // Field order is drop order: the queue pair and the registrations go

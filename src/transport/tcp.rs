@@ -2,7 +2,7 @@
 //! [`crate::protocol::data`]) written by the receiver straight into the
 //! mapped guest RAM, each frame bounds-checked first.
 
-use super::{Batch, Completion, Feed, PageSender, SendQueue, TransportError};
+use super::{Batch, Completion, Feed, SendQueue, TransportError};
 use crate::dirty::SendObserver;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::*;
@@ -182,75 +182,53 @@ impl Receiver {
     }
 }
 
-/// The sending side: `streams` connections pulling batches from one queue.
-pub struct TcpSender {
-    q: SendQueue,
+/// A data-plane connection to `addr` (10 s to connect, no Nagle delay).
+pub(super) async fn dial(addr: SocketAddr) -> Result<TcpStream, TransportError> {
+    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| TransportError::Connect { addr: addr.to_string(), source: std::io::ErrorKind::TimedOut.into() })?
+        .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
+    s.set_nodelay(true).ok();
+    Ok(s)
 }
 
-impl TcpSender {
-    /// Opens `streams` authenticated data streams to `addr`, as sending host
-    /// `sender`. Pages are read from `ram`; `observer` (if any) sees every
-    /// page read.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn connect(
-        addr: SocketAddr,
-        token: Token,
-        sender: u8,
-        streams: usize,
-        ram: Arc<GuestRam>,
-        observer: Option<Arc<dyn SendObserver>>,
-        completions: mpsc::UnboundedSender<Completion>,
-    ) -> Result<Self, TransportError> {
-        let me = Self { q: SendQueue::new(streams.max(1) * WINDOW, completions) };
-        for _ in 0..streams.max(1) {
-            let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr));
-            let mut s = connect
-                .await
-                .map_err(|_| TransportError::Connect {
-                    addr: addr.to_string(),
-                    source: std::io::ErrorKind::TimedOut.into(),
-                })?
-                .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
-            s.set_nodelay(true).ok();
-            let e = |e: std::io::Error| TransportError::Stream(e.to_string());
-            s.write_all(&encode_hello(&token, sender)).await.map_err(e)?;
-            let mut status = [0u8; 1];
-            s.read_exact(&mut status).await.map_err(e)?;
-            match status[0] {
-                HELLO_OK => {}
-                HELLO_BAD_TOKEN => return Err(TransportError::Refused("bad session token".into())),
-                HELLO_FENCED => return Err(TransportError::Refused("this sender was fenced".into())),
-                other => return Err(TransportError::Refused(format!("status {other}"))),
-            }
-            let stream = Stream {
-                ram: ram.clone(),
-                observer: observer.clone(),
-                feed: me.q.feed.clone(),
-                inflight: Arc::new(Mutex::new(VecDeque::new())),
-                window: Arc::new(Semaphore::new(WINDOW)),
-            };
-            tokio::spawn(stream.run(s));
+/// The sending side: opens `streams` authenticated data streams to `addr`
+/// (one queue they all pull batches from), as sending host
+/// `sender`. Pages are read from `ram`; `observer` (if any) sees every
+/// page read.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect(
+    addr: SocketAddr,
+    token: Token,
+    sender: u8,
+    streams: usize,
+    ram: Arc<GuestRam>,
+    observer: Option<Arc<dyn SendObserver>>,
+    completions: mpsc::UnboundedSender<Completion>,
+) -> Result<SendQueue, TransportError> {
+    let q = SendQueue::new("tcp", streams.max(1) * WINDOW, completions);
+    for _ in 0..streams.max(1) {
+        let mut s = dial(addr).await?;
+        let e = |e: std::io::Error| TransportError::Stream(e.to_string());
+        s.write_all(&encode_hello(&token, sender)).await.map_err(e)?;
+        let mut status = [0u8; 1];
+        s.read_exact(&mut status).await.map_err(e)?;
+        match status[0] {
+            HELLO_OK => {}
+            HELLO_BAD_TOKEN => return Err(TransportError::Refused("bad session token".into())),
+            HELLO_FENCED => return Err(TransportError::Refused("this sender was fenced".into())),
+            other => return Err(TransportError::Refused(format!("status {other}"))),
         }
-        Ok(me)
+        let stream = Stream {
+            ram: ram.clone(),
+            observer: observer.clone(),
+            feed: q.feed.clone(),
+            inflight: Arc::new(Mutex::new(VecDeque::new())),
+            window: Arc::new(Semaphore::new(WINDOW)),
+        };
+        tokio::spawn(stream.run(s));
     }
-}
-
-impl PageSender for TcpSender {
-    fn submit(&self, batch: Batch) -> Result<(), Batch> {
-        self.q.submit(batch)
-    }
-
-    fn bytes_sent(&self) -> u64 {
-        self.q.bytes_sent()
-    }
-
-    fn close(&self) {
-        self.q.close()
-    }
-
-    fn kind(&self) -> &'static str {
-        "tcp"
-    }
+    Ok(q)
 }
 
 struct Stream {
