@@ -237,7 +237,7 @@ async fn forward_to(
 }
 
 /// Queues page runs from this host's RAM to the forward destination. The
-/// runs come from the network: each must lie inside one region.
+/// runs come from the network: each must lie inside one chunk.
 fn forward(
     sess: &Session,
     batch: u64,
@@ -256,6 +256,11 @@ fn forward(
             first.checked_add(pages).filter(|&e| pages > 0 && e <= layout.total_pages()).ok_or("run out of range")?;
         if layout.locate(first).0 != layout.locate(last - 1).0 {
             return Err("run crosses a region boundary".into());
+        }
+        // A batch is one chunk: its runs fit in one (and a data plane's
+        // length fields never overflow).
+        if layout.chunk_of(first) != layout.chunk_of(last - 1) {
+            return Err("run crosses a chunk boundary".into());
         }
         checked.push(Run { first_page: first, pages });
     }
