@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use dcmigrate::agent::api::Request;
 use dcmigrate::engine::MigrateOptions;
-use dcmigrate::testbed::qemu::{guest_image, qemu_available, Backend, QemuSpec, QEMU};
+use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::Path;
 

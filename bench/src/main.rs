@@ -213,6 +213,8 @@ fn anon_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) a process used so far: fields 14 and 15 of
+/// its stat, counted from 1, in USER_HZ (100) ticks.
 fn cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
@@ -301,22 +303,17 @@ fn scale(guest_gib: u64, dirty_mbps: f64) -> Result<Value> {
 
 /// CPU seconds (user + system) used so far by every `dcmigrate agent` process.
 fn agents_cpu_s() -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    let mut total = 0.0;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if !cmd.contains("dcmigrate\0agent") {
-            continue;
-        }
-        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) {
-            let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-            // After the name: state is field 3, utime 14 and stime 15 (1-based).
-            let t = |i: usize| f.get(i - 3).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-            total += (t(14) + t(15)) / tick;
-        }
-    }
-    total
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("dcmigrate\0agent")
+        })
+        .map(cpu_s)
+        .sum()
 }
 
 fn transport(guest_mib: u64, streams: usize) -> Result<Value> {

@@ -6,7 +6,8 @@ use super::parse_size;
 use super::progress;
 use crate::agent::api::Request;
 use crate::engine::MigrateOptions;
-use crate::testbed::{qemu, Testbed};
+use crate::testbed::qemu::{self, heartbeats};
+use crate::testbed::Testbed;
 use crate::vm::synthetic::{Pattern, Workload};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -148,12 +149,4 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         ));
     }
     Ok(progress::exit_code(&report))
-}
-
-/// "heartbeat N" counters on the test guest's serial console.
-fn heartbeats(text: &str) -> Vec<u64> {
-    text.split("heartbeat ")
-        .skip(1)
-        .filter_map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
-        .collect()
 }

@@ -85,6 +85,16 @@ impl QemuSpec {
     }
 }
 
+/// "heartbeat N" counters the test guest prints on its serial console, in
+/// order; a line split across two logs (a migration) joins up when the logs
+/// are concatenated.
+pub fn heartbeats(text: &str) -> Vec<u64> {
+    text.split("heartbeat ")
+        .skip(1)
+        .filter_map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
+        .collect()
+}
+
 /// A QEMU started on a test host.
 pub struct QemuGuest {
     pub name: String,

@@ -59,10 +59,7 @@ pub fn assert_running_on(tb: &Testbed, host: &str, vm: &str) {
 
 /// Alive and not a zombie.
 pub fn pid_alive(pid: i64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    u32::try_from(pid).is_ok_and(dcmigrate::vm::qemu::alive)
 }
 
 /// Byte-for-byte comparison, reporting the first differing page.
@@ -124,18 +121,6 @@ pub fn skip(test: &str, reason: &str) {
             let _ = writeln!(f, "{test}: {reason}");
         }
     }
-}
-
-/// Heartbeat counters printed on a serial console, in order; a line split
-/// across two logs (a migration) joins up when the logs are concatenated.
-pub fn heartbeats(text: &str) -> Vec<u64> {
-    text.split("heartbeat ")
-        .skip(1)
-        .filter_map(|s| {
-            let d: String = s.chars().take_while(char::is_ascii_digit).collect();
-            d.parse().ok()
-        })
-        .collect()
 }
 
 /// Whether `test` can run here: `available` is Err with the reason if not.
