@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dirty;
 pub mod engine;
 pub mod guest;
+pub mod hooks;
 pub mod ledger;
 pub mod memory;
 pub mod protocol;

@@ -35,7 +35,7 @@ fn suspended() -> MigrateOptions {
 #[test]
 fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     const T: &str = "booted_guest_moves_with_a_retarget_and_its_heartbeat_continues";
-    if !qemu_or_skip(T) {
+    if !qemu_or_skip(T) || !hooks_or_skip(T) {
         return;
     }
     let Some(image) = guest_image() else {
@@ -50,7 +50,7 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
 
     // Slow enough that the retarget lands while B is receiving.
     let opts = MigrateOptions { max_bandwidth_mbps: Some(30.0), ..suspended() };
-    start_migration(&tb, "A", "vm1", "B", opts);
+    start_migration(&tb, "A", "vm1", "B", held(opts));
     // The booted guest holds ~150 MiB of data (the rest are holes, not sent):
     // retarget after a third of it reached B.
     let mid = wait_for(120, || {
@@ -61,6 +61,7 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     });
     assert_eq!(mid, Some(false), "migration ended before the retarget point");
     tb.call("A", &Request::Retarget { vm: "vm1".into(), to: "C".into(), forward: true }).expect("retarget");
+    release(&tb, "A", "vm1");
     let report = wait_report(&tb, "A", "vm1");
     assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
     assert_eq!(report["destination"], "C", "{report}");

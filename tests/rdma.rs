@@ -34,7 +34,7 @@ fn transports(report: &serde_json::Value) -> Vec<(String, String, String)> {
 #[test]
 fn retarget_over_rdma_is_byte_exact() {
     const T: &str = "retarget_over_rdma_is_byte_exact";
-    if !rdma_or_skip(T) {
+    if !rdma_or_skip(T) || !hooks_or_skip(T) {
         return;
     }
     let mut tb = testbed(&["A", "B", "C"]);
@@ -46,8 +46,9 @@ fn retarget_over_rdma_is_byte_exact() {
         max_bandwidth_mbps: Some(40.0),
         ..Default::default()
     };
-    start_migration(&tb, "A", "r1", "B", opts);
+    start_migration(&tb, "A", "r1", "B", held(opts));
     assert!(retarget_when(&tb, "A", "r1", "C", 0.4, true), "migration ended before the retarget");
+    release(&tb, "A", "r1");
     let report = wait_report(&tb, "A", "r1");
     assert_eq!(report["result"], "completed", "{report:#}\n{}", tb.logs());
     assert_eq!(report["transport"], "rdma", "{report}");

@@ -103,14 +103,9 @@ fn exe() -> Result<PathBuf> {
 }
 
 fn ensure_iperf3() -> Result<()> {
-    if Command::new("iperf3").arg("--version").stdout(Stdio::null()).status().is_ok() {
-        return Ok(());
-    }
-    eprintln!("installing iperf3 (Debian package) for the baseline");
-    let ok = Command::new("sh")
-        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null"])
-        .status()?
-        .success();
+    // The project's one install helper: decides from dpkg's status, installs as root.
+    let need = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/lib/need");
+    let ok = Command::new(need).args(["--who", "dcmigrate-bench", "iperf3"]).status()?.success();
     if !ok {
         bail!("iperf3 is needed for the baseline and could not be installed");
     }

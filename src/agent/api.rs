@@ -57,6 +57,9 @@ pub enum Request {
     Resume { vm: String },
     /// Stops the agent.
     Shutdown,
+    /// Test builds only: lets a migration started with `hold_switchover` switch over.
+    #[cfg(feature = "test-hooks")]
+    Release { vm: String },
 }
 
 fn yes() -> bool {

@@ -137,8 +137,8 @@ async fn run(
             },
             (Message::ChecksumRequest, Some(sess)) => {
                 let ram = sess.ram.clone();
-                if let Ok(chunk) = std::env::var("DCMIGRATE_TEST_CORRUPT_CHUNK") {
-                    corrupt_once(&ram, &chunk);
+                if let Some(chunk) = crate::hooks::corrupt_chunk() {
+                    corrupt_once(&ram, chunk);
                 }
                 let sums = tokio::task::spawn_blocking(move || ram.checksums())
                     .await
@@ -266,7 +266,7 @@ fn forward(
     }
     let b = Batch { id: batch, chunk: 0, from: 0, to: 0, runs: checked, epochs: vec![] };
     // Test hook: a slow forwarder (its pages land late), to exercise ordering.
-    match std::env::var("DCMIGRATE_TEST_FORWARD_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    match crate::hooks::forward_delay_ms() {
         Some(ms) => {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -384,11 +384,10 @@ async fn open(
     r
 }
 
-/// Test hook (DCMIGRATE_TEST_CORRUPT_CHUNK=N): flips a byte of chunk N before
-/// the first verification, to prove mismatches are found and resent.
-fn corrupt_once(ram: &GuestRam, chunk: &str) {
+/// Test hook ([`crate::hooks::corrupt_chunk`]): flips a byte of chunk `c`
+/// before the first verification, to prove mismatches are found and resent.
+fn corrupt_once(ram: &GuestRam, c: usize) {
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let Ok(c) = chunk.parse::<usize>() else { return };
     let Some(ch) = ram.layout().chunks().get(c).copied() else {
         return;
     };

@@ -279,7 +279,7 @@ impl Agent {
                 let ctx = engine::Context {
                     me: self.cfg.name.clone(),
                     tls: self.cfg.tls.clone(),
-                    unordered: std::env::var_os("DCMIGRATE_TEST_UNORDERED").is_some(),
+                    unordered: crate::hooks::unordered().is_some(),
                     rdma: self.rdma.clone(),
                 };
                 let handle = MigrationHandle::new(&vm, &to);
@@ -348,6 +348,11 @@ impl Agent {
             }
             Request::Shutdown => {
                 self.shutdown.cancel();
+                Ok(json!({}))
+            }
+            #[cfg(feature = "test-hooks")]
+            Request::Release { vm } => {
+                self.migration(&vm)?.released.send_replace(true);
                 Ok(json!({}))
             }
         }

@@ -75,6 +75,11 @@ pub struct MigrateOptions {
     pub chunk_size: u64,
     /// Cap on the source's sending rate in MB/s (like QEMU's max-bandwidth).
     pub max_bandwidth_mbps: Option<f64>,
+    /// Test builds only: do not start the switchover before the API's
+    /// `release` (retargets are still served meanwhile), so that a test can
+    /// act on a migration that is certain not to have ended.
+    #[cfg(feature = "test-hooks")]
+    pub hold_switchover: bool,
 }
 
 impl Default for MigrateOptions {
@@ -91,6 +96,8 @@ impl Default for MigrateOptions {
             tracker: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             max_bandwidth_mbps: None,
+            #[cfg(feature = "test-hooks")]
+            hold_switchover: false,
         }
     }
 }
@@ -473,6 +480,10 @@ impl Migration {
             let forwarding =
                 self.pools.values().any(|p| !p.is_empty()) || self.forwarders.iter().any(|&f| self.outstanding(f) > 0);
             if estimate <= limit && !forwarding {
+                if self.held().await? {
+                    self.begin_round();
+                    continue;
+                }
                 return Ok("converged");
             }
             // Rounds cut short while forwarders still hold work do not count
@@ -489,6 +500,10 @@ impl Migration {
                     estimate.as_millis(),
                     limit.as_millis()
                 );
+                if self.held().await? {
+                    self.begin_round();
+                    continue;
+                }
                 return match self.opts.on_budget {
                     BudgetAction::Force => {
                         tracing::warn!("forcing switchover: {why}");
@@ -499,6 +514,34 @@ impl Migration {
             }
             self.begin_round();
         }
+    }
+
+    /// Test builds: waits at the switchover until the test releases the
+    /// migration; true if a retarget was installed meanwhile (there is then
+    /// more to send first).
+    #[cfg(feature = "test-hooks")]
+    async fn held(&mut self) -> Result<bool, EngineError> {
+        if !self.opts.hold_switchover {
+            return Ok(false);
+        }
+        let retargets = self.report.retargets.len();
+        let mut released = self.handle.released.subscribe();
+        while !*released.borrow() {
+            tokio::select! {
+                r = self.wait_event() => r?,
+                _ = released.changed() => {}
+            }
+            if self.report.retargets.len() != retargets {
+                return Ok(true);
+            }
+        }
+        tracing::info!("test hold released: switching over");
+        Ok(false)
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    async fn held(&mut self) -> Result<bool, EngineError> {
+        Ok(false)
     }
 
     /// A round is over when the source has nothing left to send and nothing

@@ -150,6 +150,9 @@ pub struct MigrationHandle {
     done: watch::Sender<bool>,
     retarget_tx: mpsc::UnboundedSender<RetargetRequest>,
     retarget_rx: Mutex<Option<mpsc::UnboundedReceiver<RetargetRequest>>>,
+    /// Test builds: set by the API's `release` (see `MigrateOptions::hold_switchover`).
+    #[cfg(feature = "test-hooks")]
+    pub released: watch::Sender<bool>,
 }
 
 impl MigrationHandle {
@@ -165,6 +168,8 @@ impl MigrationHandle {
             progress: Mutex::new(Progress { phase: "starting".into(), target: to.to_owned(), ..Default::default() }),
             report: Mutex::new(None),
             done: watch::channel(false).0,
+            #[cfg(feature = "test-hooks")]
+            released: watch::channel(false).0,
         })
     }
 

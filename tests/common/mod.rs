@@ -95,6 +95,32 @@ pub fn retarget_when(tb: &Testbed, from: &str, vm: &str, to: &str, frac: f64, fo
     true
 }
 
+/// `opts` with the switchover held until [`release`] (test builds): the
+/// migration is then certain not to end before the test acted on it.
+pub fn held(opts: MigrateOptions) -> MigrateOptions {
+    #[cfg(feature = "test-hooks")]
+    return MigrateOptions { hold_switchover: true, ..opts };
+    #[cfg(not(feature = "test-hooks"))]
+    opts
+}
+
+/// Lets a migration started with [`held`] options switch over.
+pub fn release(tb: &Testbed, from: &str, vm: &str) {
+    #[cfg(feature = "test-hooks")]
+    tb.call(from, &Request::Release { vm: vm.into() }).expect("release");
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = (tb, from, vm);
+}
+
+/// Tests that need the test-only switches (a hold before the switchover,
+/// fault injection) skip, saying so, in a build without them.
+pub fn hooks_or_skip(test: &str) -> bool {
+    if !dcmigrate::hooks::ENABLED {
+        skip(test, "needs the test-only switches: cargo test --features test-hooks (tests/run does)");
+    }
+    dcmigrate::hooks::ENABLED
+}
+
 pub fn start_migration(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) {
     tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options }).expect("migrate accepted");
 }
