@@ -10,10 +10,12 @@ pub struct Bitmap {
 }
 
 impl Bitmap {
+    /// `len` bits, all clear.
     pub fn new(len: usize) -> Self {
         Self { words: vec![0; len.div_ceil(64)], len }
     }
 
+    /// `len` bits, all set.
     pub fn full(len: usize) -> Self {
         let mut b = Self::new(len);
         for i in 0..len {
@@ -22,27 +24,33 @@ impl Bitmap {
         b
     }
 
+    /// The number of bits (pages), set or not.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it has no bits at all (not whether none is set: see [`Self::count`]).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Sets bit `i`; panics if `i` is out of range.
     pub fn set(&mut self, i: usize) {
         assert!(i < self.len, "bit {i} out of {}", self.len);
         self.words[i / 64] |= 1 << (i % 64);
     }
 
+    /// Clears bit `i`.
     pub fn clear(&mut self, i: usize) {
         self.words[i / 64] &= !(1 << (i % 64));
     }
 
+    /// Whether bit `i` is set; false past the end.
     pub fn get(&self, i: usize) -> bool {
         i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
     }
 
+    /// How many bits are set.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
@@ -62,6 +70,7 @@ impl Bitmap {
         self.words[w] |= bits & valid;
     }
 
+    /// The indexes of the set bits, in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
         self.words.iter().enumerate().flat_map(|(wi, &w)| {
             let mut w = w;
@@ -84,10 +93,12 @@ pub struct AtomicBitmap {
 }
 
 impl AtomicBitmap {
+    /// `len` bits, all clear.
     pub fn new(len: usize) -> Self {
         Self { words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
+    /// Sets bit `i`; ignores an `i` out of range.
     pub fn set(&self, i: usize) {
         if i < self.len {
             self.words[i / 64].fetch_or(1 << (i % 64), Ordering::Release);

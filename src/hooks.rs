@@ -36,5 +36,11 @@ hook!(
     unordered: u8 = "DCMIGRATE_TEST_UNORDERED"
 );
 
+hook!(
+    /// `DCMIGRATE_TEST_MAX_PROTOCOL=N` (any agent): speaks protocol versions
+    /// up to N only, like an agent of an older release (rolling upgrades).
+    max_protocol: u32 = "DCMIGRATE_TEST_MAX_PROTOCOL"
+);
+
 /// Whether this build has the test switches.
 pub const ENABLED: bool = cfg!(feature = "test-hooks");

@@ -20,8 +20,12 @@ use crate::bitmap::Bitmap;
 
 /// A host's index in a migration's host table (at most [`MAX_HOSTS`]).
 pub type HostId = u8;
+/// Hosts one migration can involve (source included): a page's freshness
+/// and busy marks are one byte of bits each.
 pub const MAX_HOSTS: usize = 8;
 
+/// Per page of a migrating VM: which hosts hold its current content, which
+/// have a transfer in flight, and its epoch (bumped by every dirty sync).
 pub struct Ledger {
     source: HostId,
     /// Bit h set: page fresh at host h.
@@ -36,6 +40,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// A ledger for `pages` pages, all fresh at `source` and nowhere else.
     pub fn new(pages: usize, source: HostId) -> Self {
         assert!((source as usize) < MAX_HOSTS);
         let mut fresh_count = [0; MAX_HOSTS];
@@ -55,14 +60,17 @@ impl Ledger {
         self.unordered = on;
     }
 
+    /// The number of pages it accounts for.
     pub fn pages(&self) -> usize {
         self.fresh.len()
     }
 
+    /// The host the VM migrates from.
     pub fn source(&self) -> HostId {
         self.source
     }
 
+    /// Whether `host` holds the page's current content.
     pub fn is_fresh(&self, page: usize, host: HostId) -> bool {
         self.fresh[page] & (1 << host) != 0
     }
@@ -73,6 +81,7 @@ impl Ledger {
         !self.unordered && self.busy[page] & (1 << host) != 0
     }
 
+    /// How many pages are fresh at `host`.
     pub fn fresh_count(&self, host: HostId) -> usize {
         self.fresh_count[host as usize]
     }
@@ -267,20 +276,26 @@ mod tests {
                     ledger.finish(f.page, f.from, f.to, f.epoch, ok);
                 }
             }
-            #[allow(clippy::needless_range_loop)]
-            for p in 0..PAGES {
-                for h in 1..HOSTS {
-                    if ledger.is_fresh(p, h) && copies[h as usize][p] != copies[0][p] && !pending.contains(&p) {
-                        return Err(format!("page {p} fresh at host {h} but stale after {op:?}"));
-                    }
-                }
-                let counted = (0..PAGES).filter(|&q| ledger.is_fresh(q, 1)).count();
-                if counted != ledger.fresh_count(1) {
-                    return Err("fresh count drifted".into());
+            check(&ledger, &copies, &pending).map_err(|e| format!("{e} after {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// The invariant: a page fresh at a destination holds the source's
+    /// bytes, unless it was written since the last sync.
+    fn check(ledger: &Ledger, copies: &[Vec<u64>], pending: &BTreeSet<usize>) -> Result<(), String> {
+        for (p, current) in copies[0].iter().enumerate() {
+            for h in 1..HOSTS {
+                if ledger.is_fresh(p, h) && copies[h as usize][p] != *current && !pending.contains(&p) {
+                    return Err(format!("page {p} fresh at host {h} but stale"));
                 }
             }
         }
-        Ok(())
+        let counted = (0..PAGES).filter(|&q| ledger.is_fresh(q, 1)).count();
+        match counted == ledger.fresh_count(1) {
+            true => Ok(()),
+            false => Err("fresh count drifted".into()),
+        }
     }
 
     proptest! {

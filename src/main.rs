@@ -12,6 +12,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: agents' logs usually go to files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dcmigrate::cli::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -11,16 +11,28 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// Making or loading TLS material failed.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// Reading, writing or parsing a PEM file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A PEM file without the certificate or private key expected in it.
     #[error("{0}: no certificate or key found")]
     Missing(PathBuf),
+    /// Generating a key or signing a certificate failed (`certs init`).
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    /// rustls refused the material (a bad CA certificate, a key that does
+    /// not match its certificate).
     #[error("tls configuration: {0}")]
     Config(String),
+    /// A host name with characters other than ASCII letters, digits, `-` and `.`.
     #[error("host name {0:?} is not usable in a certificate")]
     BadHost(String),
 }
@@ -83,7 +95,11 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Both sides of an agent's mTLS: it serves peers and connects to them.
 #[derive(Clone)]
 pub struct TlsConfig {
+    /// For accepting peers: presents this host's certificate and requires
+    /// one the CA signed from the peer.
     pub server: Arc<ServerConfig>,
+    /// For connecting to peers: trusts only the CA and presents this host's
+    /// certificate.
     pub client: Arc<ClientConfig>,
 }
 

@@ -2,8 +2,9 @@
 
 mod common;
 use common::*;
-use dcmigrate::agent::api::Request;
-use dcmigrate::engine::{BudgetAction, MigrateOptions};
+use dcmigrate::dirty::TrackerKind;
+use dcmigrate::engine::options::VerifyMode;
+use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Switchover};
 use dcmigrate::testbed::wait_for;
 use dcmigrate::vm::synthetic::Workload;
 
@@ -17,20 +18,20 @@ fn converging_migration_moves_ram_and_state() {
     let w = Workload { hot_fraction: 1.0 / 64.0, ..workload(40.0) };
     tb.start_guest("hostA", "vm1", 256 * MIB, &w, true, &[]).unwrap();
     let before = state(&tb, "hostA", "vm1").unwrap();
-    let src_pid = before["pid"].as_i64().unwrap();
+    let src_pid = before.pid.unwrap() as i64;
     let opts = MigrateOptions { suspend: true, downtime_ms: 10_000, ..Default::default() };
     let report = migrate(&tb, "hostA", "vm1", "hostB", opts);
-    assert_eq!(report["result"], "completed", "{report:#}");
-    assert_eq!(report["switchover"], "converged");
-    assert_eq!(report["tracker"], "cooperative");
-    assert_eq!(report["verified"], true);
-    assert_eq!(report["verify_mismatched_chunks"], 0, "the engine alone must get every page right");
-    assert!(report["rounds"].as_array().unwrap().len() >= 2);
-    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
+    assert_eq!(report.switchover, Some(Switchover::Converged));
+    assert_eq!(report.tracker, Some(TrackerKind::Cooperative));
+    assert!(report.verified);
+    assert_eq!(report.verify_mismatched_chunks, 0, "the engine alone must get every page right");
+    assert!(report.rounds.len() >= 2);
+    assert!(report.downtime_ms.unwrap() > 0.0);
     // Every eighth page of the synthetic guest is a hole: skipped, not sent.
-    let skipped = report["zero_pages_skipped"].as_u64().unwrap();
+    let skipped = report.zero_pages_skipped;
     assert!(skipped >= 256 * MIB / 4096 / 8 - 2048, "holes skipped: {skipped}");
-    assert!(report["bytes_by_sender"]["hostA"].as_u64().unwrap() + skipped * 4096 >= 256 * MIB);
+    assert!(report.bytes_by_sender["hostA"] + skipped * 4096 >= 256 * MIB);
 
     // Source: the guest process is gone, its agent no longer has it.
     assert!(wait_for(10, || (!pid_alive(src_pid)).then_some(())).is_some(), "source guest still alive");
@@ -38,14 +39,14 @@ fn converging_migration_moves_ram_and_state() {
     // Destination: paused (--suspend), so both RAM files are frozen now.
     assert_same_bytes(&ram_file(&tb, "hostA", "vm1"), &ram_file(&tb, "hostB", "vm1"));
     let dst = state(&tb, "hostB", "vm1").expect("VM on destination");
-    assert_eq!(dst["phase"], "paused");
-    let writes_at_switchover = dst["writes"].as_u64().unwrap();
-    assert!(writes_at_switchover >= before["writes"].as_u64().unwrap(), "device state travelled");
-    assert!(dst["heartbeat"].as_u64().unwrap() >= before["heartbeat"].as_u64().unwrap());
+    assert_eq!(dst.phase.as_deref(), Some("paused"));
+    let writes_at_switchover = dst.writes.unwrap();
+    assert!(writes_at_switchover >= before.writes.unwrap(), "device state travelled");
+    assert!(dst.heartbeat.unwrap() >= before.heartbeat.unwrap());
 
-    tb.call("hostB", &Request::Resume { vm: "vm1".into() }).unwrap();
+    tb.client("hostB").resume("vm1").unwrap();
     assert_running_on(&tb, "hostB", "vm1");
-    assert!(state(&tb, "hostB", "vm1").unwrap()["writes"].as_u64().unwrap() > writes_at_switchover);
+    assert!(state(&tb, "hostB", "vm1").unwrap().writes.unwrap() > writes_at_switchover);
     std::fs::remove_file(ram_file(&tb, "hostA", "vm1")).unwrap();
 }
 
@@ -56,15 +57,15 @@ fn hash_tracker_without_verification_is_exact() {
     tb.start_guest("hostA", "vm2", 128 * MIB, &workload(60.0), true, &[]).unwrap();
     let opts = MigrateOptions {
         suspend: true,
-        verify: false,
-        tracker: Some(dcmigrate::dirty::TrackerKind::Hash),
+        verify: VerifyMode::Off,
+        tracker: Some(TrackerKind::Hash),
         streams: 2,
         ..Default::default()
     };
     let report = migrate(&tb, "hostA", "vm2", "hostB", opts);
-    assert_eq!(report["result"], "completed", "{report:#}");
-    assert_eq!(report["tracker"], "hash");
-    assert_eq!(report["verified"], false);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
+    assert_eq!(report.tracker, Some(TrackerKind::Hash));
+    assert!(!report.verified);
     assert_same_bytes(&ram_file(&tb, "hostA", "vm2"), &ram_file(&tb, "hostB", "vm2"));
     std::fs::remove_file(ram_file(&tb, "hostA", "vm2")).unwrap();
 }
@@ -76,10 +77,10 @@ fn non_converging_budget_gives_up_or_forces() {
     tb.start_guest("hostA", "hot", 128 * MIB, &workload(400.0), false, &[]).unwrap();
     let strict = MigrateOptions { downtime_ms: 1, max_rounds: 3, on_budget: BudgetAction::Abort, ..Default::default() };
     let report = migrate(&tb, "hostA", "hot", "hostB", strict.clone());
-    assert_eq!(report["result"], "gave_up", "{report:#}\n{}", tb.logs());
-    assert_eq!(report["rounds"].as_array().unwrap().len(), 3);
-    assert!(report["error"].as_str().unwrap().contains("3 rounds"));
-    assert_eq!(report["vm_runs_on"], "hostA");
+    assert_eq!(report.result, Outcome::GaveUp, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.rounds.len(), 3);
+    assert!(report.error.as_deref().unwrap().contains("3 rounds"));
+    assert_eq!(report.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "hot");
     assert!(
         wait_for(10, || vm_files(&tb, "hostB", "hot").is_empty().then_some(())).is_some(),
@@ -90,8 +91,8 @@ fn non_converging_budget_gives_up_or_forces() {
 
     let force = MigrateOptions { on_budget: BudgetAction::Force, ..strict };
     let report = migrate(&tb, "hostA", "hot", "hostB", force);
-    assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
-    assert_eq!(report["switchover"], "forced");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.switchover, Some(Switchover::Forced));
     assert_running_on(&tb, "hostB", "hot");
     assert!(tb.vm_on("hostA", "hot").is_none());
 }
@@ -103,10 +104,7 @@ fn endless() -> MigrateOptions {
 }
 
 fn wait_until_sending(tb: &dcmigrate::testbed::Testbed, vm: &str) {
-    let ok = wait_for(30, || {
-        let v = tb.call("hostA", &Request::Status { vm: Some(vm.into()) }).ok()?;
-        (v["migrations"][0]["progress"]["at_destination_bytes"].as_u64()? > 0).then_some(())
-    });
+    let ok = wait_for(30, || (progress(tb, "hostA", vm)?.1 > 0).then_some(()));
     assert!(ok.is_some(), "migration never started sending");
 }
 
@@ -118,11 +116,11 @@ fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
     }
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "vmc", 128 * MIB, &workload(300.0), false, &[]).unwrap();
-    tb.call("hostA", &Request::Migrate { vm: "vmc".into(), to: "hostB".into(), options: endless() }).unwrap();
+    start_migration(&tb, "hostA", "vmc", "hostB", endless());
     wait_until_sending(&tb, "vmc");
     assert!(tb.vm_on("hostB", "vmc").is_none(), "the incoming guest must not be registered before switchover");
-    let v = tb.call("hostA", &Request::Cancel { vm: "vmc".into() }).unwrap();
-    assert_eq!(v["report"]["result"], "cancelled", "{v:#}");
+    let v = tb.client("hostA").cancel("vmc").unwrap();
+    assert_eq!(v.report.as_ref().map(|r| r.result), Some(Outcome::Cancelled), "{v:#?}");
     assert_running_on(&tb, "hostA", "vmc");
     assert!(
         wait_for(10, || vm_files(&tb, "hostB", "vmc").is_empty().then_some(())).is_some(),
@@ -132,7 +130,7 @@ fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
     assert!(tb.vm_on("hostB", "vmc").is_none());
     // And it can still migrate afterwards.
     let report = migrate(&tb, "hostA", "vmc", "hostB", MigrateOptions { max_rounds: 5, ..Default::default() });
-    assert_eq!(report["result"], "completed", "{report:#}");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
 }
 
 /// The destination agent dies mid-way: the migration fails cleanly, the
@@ -144,14 +142,14 @@ fn destination_crash_keeps_vm_on_source() {
     }
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "vmk", 128 * MIB, &workload(300.0), false, &[]).unwrap();
-    tb.call("hostA", &Request::Migrate { vm: "vmk".into(), to: "hostB".into(), options: endless() }).unwrap();
+    start_migration(&tb, "hostA", "vmk", "hostB", endless());
     wait_until_sending(&tb, "vmk");
     assert!(!vm_files(&tb, "hostB", "vmk").is_empty(), "destination prepared RAM");
     tb.kill_agent("hostB");
-    let report = tb.call("hostA", &Request::Wait { vm: "vmk".into() }).unwrap()["report"].clone();
-    assert_eq!(report["result"], "failed", "{report:#}");
-    assert!(report["error"].as_str().unwrap().contains("hostB"), "{report:#}");
-    assert_eq!(report["vm_runs_on"], "hostA");
+    let report = wait_report(&tb, "hostA", "vmk");
+    assert_eq!(report.result, Outcome::Failed, "{report:#?}");
+    assert!(report.error.as_deref().unwrap().contains("hostB"), "{report:#?}");
+    assert_eq!(report.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "vmk");
     assert!(
         wait_for(15, || vm_files(&tb, "hostB", "vmk").is_empty().then_some(())).is_some(),
@@ -160,24 +158,114 @@ fn destination_crash_keeps_vm_on_source() {
     );
 }
 
-/// A chunk corrupted at the destination before verification is found and resent.
-#[test]
-fn verification_resends_mismatching_chunks() {
-    if !hooks_or_skip("verification_resends_mismatching_chunks") {
-        return;
-    }
+/// A chunk corrupted at the destination before the first comparison is
+/// found and resent: by the live pass while the guest runs (it counts as a
+/// tracker miss there: nothing reported it), or in the pause with `full`.
+/// The guest writes only the first half of its RAM, so nothing it does
+/// explains a difference in chunk 30.
+fn corrupted_chunk_is_resent(mode: VerifyMode) {
     let mut tb = dcmigrate::testbed::Testbed::start_with_env(
         exe(),
         &["hostA", "hostB"],
-        &[("DCMIGRATE_TEST_CORRUPT_CHUNK", "5")],
+        &[("DCMIGRATE_TEST_CORRUPT_CHUNK", "30")],
     )
     .unwrap();
-    tb.start_guest("hostA", "vmv", 64 * MIB, &workload(10.0), true, &[]).unwrap();
-    let report = migrate(&tb, "hostA", "vmv", "hostB", MigrateOptions { suspend: true, ..Default::default() });
-    assert_eq!(report["result"], "completed", "{report:#}");
-    assert_eq!(report["verify_mismatched_chunks"], 1);
-    assert_same_bytes(&ram_file(&tb, "hostA", "vmv"), &ram_file(&tb, "hostB", "vmv"));
-    std::fs::remove_file(ram_file(&tb, "hostA", "vmv")).unwrap();
+    let vm = format!("vmv-{mode:?}");
+    let w = Workload { hot_fraction: 0.5, ..workload(10.0) };
+    tb.start_guest("hostA", &vm, 64 * MIB, &w, true, &[]).unwrap();
+    let opts = MigrateOptions { suspend: true, verify: mode, ..Default::default() };
+    let report = migrate(&tb, "hostA", &vm, "hostB", opts);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
+    let v = &report.verification;
+    match mode {
+        VerifyMode::Live => {
+            assert_eq!((v.tracker_misses, report.verify_mismatched_chunks), (1, 0), "{report:#?}");
+            assert!(v.full_pause_reason.is_some(), "after a miss the pause compares every chunk: {report:#?}");
+        }
+        _ => assert_eq!((v.tracker_misses, report.verify_mismatched_chunks), (0, 1), "{report:#?}"),
+    }
+    assert_same_bytes(&ram_file(&tb, "hostA", &vm), &ram_file(&tb, "hostB", &vm));
+    std::fs::remove_file(ram_file(&tb, "hostA", &vm)).unwrap();
+}
+
+#[test]
+fn corrupted_chunk_is_found_by_the_live_pass() {
+    if hooks_or_skip("corrupted_chunk_is_found_by_the_live_pass") {
+        corrupted_chunk_is_resent(VerifyMode::Live);
+    }
+}
+
+#[test]
+fn corrupted_chunk_is_found_in_the_pause_with_full() {
+    if hooks_or_skip("corrupted_chunk_is_found_in_the_pause_with_full") {
+        corrupted_chunk_is_resent(VerifyMode::Full);
+    }
+}
+
+/// A guest that leaves every 7th write out of its dirty log (the tracker
+/// misses it). Default verification finds those chunks while the guest
+/// runs, resends them, compares every chunk in the pause, and the
+/// destination's RAM is byte-exact; the report counts the misses. With
+/// verification off the same guest leaves the destination wrong: the test
+/// can fail.
+#[test]
+fn tracker_misses_are_found_and_resent() {
+    if !hooks_or_skip("tracker_misses_are_found_and_resent") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB"]);
+    let miss = ["--test-miss-every", "7"];
+    tb.start_guest("hostA", "miss", 64 * MIB, &workload(20.0), true, &miss).unwrap();
+    // Misses put a full comparison into the estimate: a small budget ends the rounds.
+    let opts = MigrateOptions { suspend: true, max_rounds: 3, ..Default::default() };
+    let r = migrate(&tb, "hostA", "miss", "hostB", opts);
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    assert!(r.verification.tracker_misses > 0, "{r:#?}");
+    assert!(r.verification.passes.iter().any(|p| p.tracker_misses > 0), "{r:#?}");
+    assert_same_bytes(&ram_file(&tb, "hostA", "miss"), &ram_file(&tb, "hostB", "miss"));
+    std::fs::remove_file(ram_file(&tb, "hostA", "miss")).unwrap();
+
+    tb.start_guest("hostA", "miss-off", 64 * MIB, &workload(20.0), true, &miss).unwrap();
+    let opts = MigrateOptions { suspend: true, verify: VerifyMode::Off, ..Default::default() };
+    let r = migrate(&tb, "hostA", "miss-off", "hostB", opts);
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    let wrong = differing_pages(&ram_file(&tb, "hostA", "miss-off"), &ram_file(&tb, "hostB", "miss-off"));
+    assert!(wrong > 0, "with verification off the missed writes should be wrong at the destination");
+    eprintln!("verification off: {wrong} pages wrong at the destination");
+    std::fs::remove_file(ram_file(&tb, "hostA", "miss-off")).unwrap();
+}
+
+/// Byte-exact at the switchover in every verification mode, with a guest
+/// that keeps writing, with and without a retarget.
+#[test]
+fn every_verification_mode_is_byte_exact() {
+    if !hooks_or_skip("every_verification_mode_is_byte_exact") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    for (i, mode) in [VerifyMode::Live, VerifyMode::Full, VerifyMode::Off].into_iter().enumerate() {
+        for retarget in [false, true] {
+            let vm = format!("m{i}{}", if retarget { "r" } else { "" });
+            tb.start_guest("hostA", &vm, 48 * MIB, &workload(20.0), true, &[]).unwrap();
+            let opts =
+                MigrateOptions { suspend: true, verify: mode, max_bandwidth_mbps: Some(60.0), ..Default::default() };
+            start_migration(&tb, "hostA", &vm, "hostB", held(opts));
+            let to = if retarget {
+                assert!(retarget_when(&tb, "hostA", &vm, "hostC", 0.5, true));
+                "hostC"
+            } else {
+                "hostB"
+            };
+            release(&tb, "hostA", &vm);
+            let r = wait_report(&tb, "hostA", &vm);
+            assert_eq!(r.result, Outcome::Completed, "{mode:?} {vm}: {r:#?}");
+            assert_eq!(r.verification.mode, mode);
+            assert_eq!(r.verified, mode != VerifyMode::Off);
+            assert_same_bytes(&ram_file(&tb, "hostA", &vm), &ram_file(&tb, to, &vm));
+            std::fs::remove_file(ram_file(&tb, "hostA", &vm)).unwrap();
+            tb.stop_vm(to, &vm);
+        }
+    }
 }
 
 /// Clear errors for impossible requests.
@@ -185,16 +273,11 @@ fn verification_resends_mismatching_chunks() {
 fn refuses_unknown_hosts_and_vms() {
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "vme", 16 * MIB, &workload(0.0), false, &[]).unwrap();
-    let e = tb
-        .call("hostA", &Request::Migrate { vm: "vme".into(), to: "nowhere".into(), options: Default::default() })
-        .unwrap_err();
+    let a = tb.client("hostA");
+    let e = a.migrate("vme", "nowhere", Default::default()).unwrap_err();
     assert!(e.to_string().contains("unknown host"), "{e}");
-    let e = tb
-        .call("hostA", &Request::Migrate { vm: "nope".into(), to: "hostB".into(), options: Default::default() })
-        .unwrap_err();
+    let e = a.migrate("nope", "hostB", Default::default()).unwrap_err();
     assert!(e.to_string().contains("no VM named"), "{e}");
-    let e = tb
-        .call("hostA", &Request::Migrate { vm: "vme".into(), to: "hostA".into(), options: Default::default() })
-        .unwrap_err();
+    let e = a.migrate("vme", "hostA", Default::default()).unwrap_err();
     assert!(e.to_string().contains("already runs"), "{e}");
 }

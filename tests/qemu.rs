@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use dcmigrate::agent::api::Request;
-use dcmigrate::engine::MigrateOptions;
+use dcmigrate::engine::{MigrateOptions, Outcome};
 use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::Path;
@@ -54,19 +53,17 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     // The booted guest holds ~150 MiB of data (the rest are holes, not sent):
     // retarget after a third of it reached B.
     let mid = wait_for(120, || {
-        let v = tb.call("A", &Request::Status { vm: Some("vm1".into()) }).ok()?;
-        let m = &v["migrations"][0];
-        let sent = m["progress"]["bytes_sent"].as_u64()?;
-        (m["done"] == true || sent >= 48 * MIB).then_some(m["done"] == true)
+        let m = tb.client("A").status(Some("vm1")).ok()?.pop()?;
+        (m.done || m.progress.bytes_sent >= 48 * MIB).then_some(m.done)
     });
     assert_eq!(mid, Some(false), "migration ended before the retarget point");
-    tb.call("A", &Request::Retarget { vm: "vm1".into(), to: "C".into(), forward: true }).expect("retarget");
+    tb.client("A").retarget("vm1", "C", true).expect("retarget");
     release(&tb, "A", "vm1");
     let report = wait_report(&tb, "A", "vm1");
-    assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
-    assert_eq!(report["destination"], "C", "{report}");
-    let forwarded = report["bytes_by_sender"]["B"].as_u64().unwrap_or(0);
-    assert!(forwarded > 8 * MIB, "B forwarded only {forwarded} bytes: {report}");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.destination, "C", "{report:#?}");
+    let forwarded = report.bytes_by_sender.get("B").copied().unwrap_or(0);
+    assert!(forwarded > 8 * MIB, "B forwarded only {forwarded} bytes: {report:#?}");
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
 
     // C's RAM is A's as of the switchover, byte for byte (A's file outlives A's QEMU).
@@ -79,7 +76,7 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     assert!(!tb.host("B").data_dir.join("vm1.qemu").exists(), "B kept the VM's files");
     assert!(tb.vm_on("A", "vm1").is_none() && tb.vm_on("B", "vm1").is_none());
 
-    tb.call("C", &Request::Resume { vm: "vm1".into() }).expect("resume on C");
+    tb.client("C").resume("vm1").expect("resume on C");
     let a_beats = heartbeats(&serial(&g.serial()));
     let last_a = *a_beats.last().expect("beats on A");
     let c_serial = c_dir.join("serial.log");
@@ -91,7 +88,7 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     for w in all[first..].windows(2) {
         assert_eq!(w[1], w[0] + 1, "the heartbeat jumped across the migration: {:?}", &all[first..]);
     }
-    assert_eq!(state(&tb, "C", "vm1").expect("vm1 on C")["phase"], "running");
+    assert_eq!(phase(&tb, "C", "vm1").as_deref(), Some("running"));
 }
 
 #[test]
@@ -136,7 +133,7 @@ fn two_numa_nodes_on_memfd_backends_move() {
         start_migration(&tb, "A", "vm2", "B", suspended());
         wait_report(&tb, "A", "vm2")
     };
-    assert_eq!(report["result"], "completed", "{report}\n{}", tb.logs());
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     let b_dir = tb.host("B").data_dir.join("vm2.qemu");
     for (id, size) in [("n0", 64 * MIB), ("n1", 96 * MIB)] {
         let src = &memfds[&size];
@@ -153,8 +150,8 @@ fn two_numa_nodes_on_memfd_backends_move() {
     let pid = Testbed::qemu_pids(&b_dir)[0];
     let at = dcmigrate::dirty::softdirty::locate(pid, &files, &rec.regions()).expect("RAM mapped in QEMU");
     assert_eq!(at.len(), 2);
-    tb.call("B", &Request::Resume { vm: "vm2".into() }).expect("resume");
-    assert_eq!(state(&tb, "B", "vm2").expect("vm2 on B")["phase"], "running");
+    tb.client("B").resume("vm2").expect("resume");
+    assert_eq!(phase(&tb, "B", "vm2").as_deref(), Some("running"));
 }
 
 #[test]
@@ -182,10 +179,10 @@ fn private_ram_is_refused_with_the_options_to_use() {
             .spawn()
             .unwrap();
         wait_for(30, || qmp.exists().then_some(())).expect("QMP socket");
-        let e = tb.call("A", &Request::AttachQemu { name: format!("p{i}"), qmp, launch: None }).unwrap_err();
+        let e = tb.client("A").attach_qemu(&format!("p{i}"), qmp, None).unwrap_err().to_string();
         let _ = q.kill();
         let _ = q.wait();
-        assert!(e.0.contains("share=on") && e.0.contains("memory-backend-file"), "{ram:?}: {}", e.0);
+        assert!(e.contains("share=on") && e.contains("memory-backend-file"), "{ram:?}: {e}");
         assert!(tb.vm_on("A", &format!("p{i}")).is_none());
     }
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use dcmigrate::agent::api::Request;
-use dcmigrate::engine::{MigrateOptions, TransportKind};
+use dcmigrate::engine::{MigrateOptions, Outcome, Report, TransportUsed};
+use dcmigrate::protocol::{DataPlane, TransportKind};
 use dcmigrate::testbed::Testbed;
 
 fn rdma_or_skip(test: &str) -> bool {
@@ -14,19 +14,8 @@ fn rdma_or_skip(test: &str) -> bool {
     can_run(test, rdma, true, "tests/softroce/run runs it on SoftRoCE")
 }
 
-fn transports(report: &serde_json::Value) -> Vec<(String, String, String)> {
-    report["senders"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["from"].as_str().unwrap().into(),
-                s["to"].as_str().unwrap().into(),
-                s["transport"].as_str().unwrap().into(),
-            )
-        })
-        .collect()
+fn transports(report: &Report) -> Vec<(String, String, DataPlane)> {
+    report.senders.iter().map(|s| (s.from.clone(), s.to.clone(), s.transport)).collect()
 }
 
 /// Source and forwarder both write over RDMA into the new destination's
@@ -50,18 +39,18 @@ fn retarget_over_rdma_is_byte_exact() {
     assert!(retarget_when(&tb, "A", "r1", "C", 0.4, true), "migration ended before the retarget");
     release(&tb, "A", "r1");
     let report = wait_report(&tb, "A", "r1");
-    assert_eq!(report["result"], "completed", "{report:#}\n{}", tb.logs());
-    assert_eq!(report["transport"], "rdma", "{report}");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     let t = transports(&report);
     for pair in [("A", "B"), ("A", "C"), ("B", "C")] {
         assert!(
-            t.iter().any(|(f, to, k)| (f.as_str(), to.as_str()) == pair && k == "rdma"),
+            t.iter().any(|(f, to, k)| (f.as_str(), to.as_str()) == pair && *k == DataPlane::Rdma),
             "{pair:?} over RDMA: {t:?}"
         );
     }
-    assert!(report["bytes_by_sender"]["B"].as_u64() > Some(0), "B forwarded: {report}");
+    assert!(report.bytes_by_sender.get("B").copied().unwrap_or(0) > 0, "B forwarded: {report:#?}");
     assert_same_bytes(&ram_file(&tb, "A", "r1"), &ram_file(&tb, "C", "r1"));
-    tb.call("C", &Request::Resume { vm: "r1".into() }).unwrap();
+    tb.client("C").resume("r1").unwrap();
     assert_running_on(&tb, "C", "r1");
     std::fs::remove_file(ram_file(&tb, "A", "r1")).unwrap();
 }
@@ -76,8 +65,8 @@ fn auto_picks_rdma_when_both_ends_can() {
     let mut tb = testbed(&["A", "B"]);
     tb.start_guest("A", "r2", 32 * MIB, &workload(5.0), false, &[]).unwrap();
     let report = migrate(&tb, "A", "r2", "B", MigrateOptions::default());
-    assert_eq!(report["result"], "completed", "{report:#}\n{}", tb.logs());
-    assert_eq!(report["transport"], "rdma", "{report}");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     assert_running_on(&tb, "B", "r2");
 }
 
@@ -89,12 +78,12 @@ fn rdma_required_but_impossible_fails_clearly() {
     tb.start_guest("A", "r3", 16 * MIB, &workload(5.0), false, &[]).unwrap();
     let opts = MigrateOptions { transport: TransportKind::Rdma, ..Default::default() };
     let report = migrate(&tb, "A", "r3", "B", opts);
-    assert_eq!(report["result"], "failed", "{report:#}");
-    let e = report["error"].as_str().unwrap();
+    assert_eq!(report.result, Outcome::Failed, "{report:#?}");
+    let e = report.error.as_deref().unwrap();
     assert!(e.contains("--transport rdma") && e.contains("disabled"), "{e}");
-    assert_eq!(report["vm_runs_on"], "A");
+    assert_eq!(report.vm_runs_on.as_deref(), Some("A"));
     assert_running_on(&tb, "A", "r3");
     let report = migrate(&tb, "A", "r3", "B", MigrateOptions::default());
-    assert_eq!(report["result"], "completed", "{report:#}");
-    assert_eq!(report["transport"], "tcp");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
+    assert_eq!(report.transport, TransportUsed::Tcp);
 }

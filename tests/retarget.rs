@@ -3,9 +3,8 @@
 
 mod common;
 use common::*;
-use dcmigrate::engine::{BudgetAction, MigrateOptions};
+use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Report};
 use dcmigrate::testbed::{wait_for, Testbed};
-use serde_json::Value;
 
 /// The source sends slowly, verification on, and the switchover waits for
 /// the test's release: a retarget point is certain to be hit, however slow
@@ -14,8 +13,8 @@ fn slow(mbps: f64) -> MigrateOptions {
     held(MigrateOptions { max_bandwidth_mbps: Some(mbps), suspend: true, ..Default::default() })
 }
 
-fn forwarded_by(report: &Value, host: &str) -> u64 {
-    report["retargets"].as_array().unwrap().iter().map(|r| r["bytes_after"][host].as_u64().unwrap_or(0)).sum()
+fn forwarded_by(report: &Report, host: &str) -> u64 {
+    report.retargets.iter().map(|r| r.bytes_after.get(host).copied().unwrap_or(0)).sum()
 }
 
 /// Nothing left of the VM on a host that is no longer involved.
@@ -35,21 +34,21 @@ fn retarget_at(frac: f64) {
     assert!(retarget_when(&tb, "hostA", &vm, "hostC", frac, true), "migration ended before {frac}");
     release(&tb, "hostA", &vm);
     let r = wait_report(&tb, "hostA", &vm);
-    assert_eq!(r["result"], "completed", "{r:#}\n{}", tb.logs());
-    assert_eq!(r["destination"], "hostC");
-    assert_eq!(r["vm_runs_on"], "hostC");
-    assert_eq!(r["verify_mismatched_chunks"], 0, "the engine alone must get every page right");
-    let rt = &r["retargets"][0];
-    assert_eq!((rt["from"].as_str(), rt["to"].as_str()), (Some("hostB"), Some("hostC")));
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert_eq!(r.destination, "hostC");
+    assert_eq!(r.vm_runs_on.as_deref(), Some("hostC"));
+    assert_eq!(r.verify_mismatched_chunks, 0, "the engine alone must get every page right");
+    let rt = &r.retargets[0];
+    assert_eq!((rt.from.as_str(), rt.to.as_str()), ("hostB", "hostC"));
     if frac > 0.0 {
-        assert!(rt["at_old_destination_bytes"].as_u64().unwrap() > 0);
-        assert_eq!(rt["forwarding"], true);
-        assert!(forwarded_by(&r, "hostB") > 0, "hostB held pages but forwarded nothing: {r:#}");
+        assert!(rt.at_old_destination_bytes > 0);
+        assert!(rt.forwarding);
+        assert!(forwarded_by(&r, "hostB") > 0, "hostB held pages but forwarded nothing: {r:#?}");
     }
     assert_same_bytes(&ram_file(&tb, "hostA", &vm), &ram_file(&tb, "hostC", &vm));
     assert_gone(&tb, "hostB", &vm);
     assert!(tb.vm_on("hostA", &vm).is_none());
-    assert_eq!(state(&tb, "hostC", &vm).unwrap()["phase"], "paused");
+    assert_eq!(phase(&tb, "hostC", &vm).as_deref(), Some("paused"));
     std::fs::remove_file(ram_file(&tb, "hostA", &vm)).unwrap();
 }
 
@@ -88,20 +87,13 @@ fn retarget_during_last_rounds() {
         ..Default::default()
     };
     start_migration(&tb, "hostA", "late", "hostB", held(opts));
-    let in_round_2 = wait_for(60, || {
-        let v = tb.call("hostA", &dcmigrate::agent::api::Request::Status { vm: Some("late".into()) }).ok()?;
-        (v["migrations"][0]["progress"]["round"].as_u64()? >= 2).then_some(())
-    });
+    let in_round_2 = wait_for(60, || (progress(&tb, "hostA", "late")?.0 >= 2).then_some(()));
     assert!(in_round_2.is_some(), "never reached round 2");
-    tb.call(
-        "hostA",
-        &dcmigrate::agent::api::Request::Retarget { vm: "late".into(), to: "hostC".into(), forward: true },
-    )
-    .unwrap();
+    tb.client("hostA").retarget("late", "hostC", true).unwrap();
     release(&tb, "hostA", "late");
     let r = wait_report(&tb, "hostA", "late");
-    assert_eq!(r["result"], "completed", "{r:#}");
-    assert!(r["retargets"][0]["at_old_destination_bytes"].as_u64().unwrap() > 32 * MIB);
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    assert!(r.retargets[0].at_old_destination_bytes > 32 * MIB, "{r:#?}");
     assert_same_bytes(&ram_file(&tb, "hostA", "late"), &ram_file(&tb, "hostC", "late"));
     assert_gone(&tb, "hostB", "late");
     std::fs::remove_file(ram_file(&tb, "hostA", "late")).unwrap();
@@ -120,10 +112,10 @@ fn two_retargets_in_a_row() {
     assert!(retarget_when(&tb, "hostA", "hop", "hostD", 0.6, true));
     release(&tb, "hostA", "hop");
     let r = wait_report(&tb, "hostA", "hop");
-    assert_eq!(r["result"], "completed", "{r:#}\n{}", tb.logs());
-    assert_eq!(r["vm_runs_on"], "hostD");
-    assert_eq!(r["retargets"].as_array().unwrap().len(), 2);
-    assert_eq!(r["verify_mismatched_chunks"], 0);
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert_eq!(r.vm_runs_on.as_deref(), Some("hostD"));
+    assert_eq!(r.retargets.len(), 2);
+    assert_eq!(r.verify_mismatched_chunks, 0);
     assert_same_bytes(&ram_file(&tb, "hostA", "hop"), &ram_file(&tb, "hostD", "hop"));
     for h in ["hostB", "hostC"] {
         assert_gone(&tb, h, "hop");
@@ -146,8 +138,8 @@ fn forwarder_crash_source_takes_over() {
     tb.kill_agent("hostB");
     release(&tb, "hostA", "fc");
     let r = wait_report(&tb, "hostA", "fc");
-    assert_eq!(r["result"], "completed", "{r:#}\n{}", tb.logs());
-    assert_eq!(r["forwarders_lost"], serde_json::json!(["hostB"]), "{r:#}");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert_eq!(r.forwarders_lost, vec!["hostB".to_string()], "{r:#?}");
     assert_same_bytes(&ram_file(&tb, "hostA", "fc"), &ram_file(&tb, "hostC", "fc"));
     assert!(wait_for(15, || vm_files(&tb, "hostB", "fc").is_empty().then_some(())).is_some());
     std::fs::remove_file(ram_file(&tb, "hostA", "fc")).unwrap();
@@ -168,15 +160,15 @@ fn new_destination_crash_fails_cleanly() {
     tb.kill_agent("hostC");
     release(&tb, "hostA", "nc");
     let r = wait_report(&tb, "hostA", "nc");
-    assert_eq!(r["result"], "failed", "{r:#}");
-    assert!(r["error"].as_str().unwrap().contains("hostC"), "{r:#}");
-    assert_eq!(r["vm_runs_on"], "hostA");
+    assert_eq!(r.result, Outcome::Failed, "{r:#?}");
+    assert!(r.error.as_deref().unwrap().contains("hostC"), "{r:#?}");
+    assert_eq!(r.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "nc");
     assert_gone(&tb, "hostB", "nc");
     assert!(wait_for(15, || vm_files(&tb, "hostC", "nc").is_empty().then_some(())).is_some());
     // And it can migrate again.
     let r = migrate(&tb, "hostA", "nc", "hostB", MigrateOptions::default());
-    assert_eq!(r["result"], "completed", "{r:#}");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
 }
 
 /// Retarget to a host that does not answer: a clear error, and the migration
@@ -190,19 +182,15 @@ fn retarget_to_unreachable_host_keeps_migration_going() {
     tb.kill_agent("hostC");
     tb.start_guest("hostA", "un", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "un", "hostB", slow(40.0));
-    let e = tb
-        .call("hostA", &dcmigrate::agent::api::Request::Retarget { vm: "un".into(), to: "hostC".into(), forward: true })
-        .unwrap_err();
+    let e = tb.client("hostA").retarget("un", "hostC", true).unwrap_err();
     assert!(e.to_string().contains("hostC"), "{e}");
-    let e = tb
-        .call("hostA", &dcmigrate::agent::api::Request::Retarget { vm: "un".into(), to: "hostA".into(), forward: true })
-        .unwrap_err();
+    let e = tb.client("hostA").retarget("un", "hostA", true).unwrap_err();
     assert!(e.to_string().contains("is the source"), "{e}");
     release(&tb, "hostA", "un");
     let r = wait_report(&tb, "hostA", "un");
-    assert_eq!(r["result"], "completed", "{r:#}");
-    assert_eq!(r["vm_runs_on"], "hostB");
-    assert!(r["retargets"].as_array().unwrap().is_empty());
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    assert_eq!(r.vm_runs_on.as_deref(), Some("hostB"));
+    assert!(r.retargets.is_empty());
     assert_same_bytes(&ram_file(&tb, "hostA", "un"), &ram_file(&tb, "hostB", "un"));
     std::fs::remove_file(ram_file(&tb, "hostA", "un")).unwrap();
 }
@@ -219,8 +207,8 @@ fn no_forward_restarts_from_the_source() {
     assert!(retarget_when(&tb, "hostA", "nf", "hostC", 0.5, false));
     release(&tb, "hostA", "nf");
     let r = wait_report(&tb, "hostA", "nf");
-    assert_eq!(r["result"], "completed", "{r:#}");
-    assert_eq!(r["retargets"][0]["forwarding"], false);
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    assert!(!r.retargets[0].forwarding);
     assert_eq!(forwarded_by(&r, "hostB"), 0);
     assert_same_bytes(&ram_file(&tb, "hostA", "nf"), &ram_file(&tb, "hostC", "nf"));
     assert_gone(&tb, "hostB", "nf");
@@ -231,7 +219,7 @@ fn no_forward_restarts_from_the_source() {
 /// forwarding (slowly: its forwards are held back 4 s, so they land after
 /// the source's newer copies would). With the one-writer rule the new destination ends
 /// identical to the source; returns the number of differing pages.
-fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
+fn hot_pages_under_forwarding(unordered: bool) -> (usize, Report) {
     let mut env = vec![("DCMIGRATE_TEST_FORWARD_DELAY_MS", "4000")];
     if unordered {
         env.push(("DCMIGRATE_TEST_UNORDERED", "1"));
@@ -245,7 +233,7 @@ fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
     let opts = MigrateOptions {
         max_bandwidth_mbps: Some(30.0),
         max_rounds: 8,
-        verify: false,
+        verify: dcmigrate::engine::options::VerifyMode::Off,
         suspend: true,
         ..Default::default()
     };
@@ -253,8 +241,8 @@ fn hot_pages_under_forwarding(unordered: bool) -> (usize, Value) {
     assert!(retarget_when(&tb, "hostA", "hot", "hostC", 0.9, true));
     release(&tb, "hostA", "hot");
     let r = wait_report(&tb, "hostA", "hot");
-    assert_eq!(r["result"], "completed", "{r:#}\n{}", tb.logs());
-    assert!(forwarded_by(&r, "hostB") > 0, "hostB forwarded nothing: {r:#}");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert!(forwarded_by(&r, "hostB") > 0, "hostB forwarded nothing: {r:#?}");
     let n = differing_pages(&ram_file(&tb, "hostA", "hot"), &ram_file(&tb, "hostC", "hot"));
     std::fs::remove_file(ram_file(&tb, "hostA", "hot")).unwrap();
     (n, r)
@@ -266,7 +254,7 @@ fn hot_pages_under_forwarding_arrive_current() {
         return;
     }
     let (stale, r) = hot_pages_under_forwarding(false);
-    assert_eq!(stale, 0, "{stale} stale pages at the new destination: {r:#}");
+    assert_eq!(stale, 0, "{stale} stale pages at the new destination: {r:#?}");
 }
 
 /// Proves the stress test detects what the one-writer rule prevents.
@@ -277,5 +265,41 @@ fn stress_test_catches_a_broken_ordering_rule() {
     }
     let (stale, r) = hot_pages_under_forwarding(true);
     eprintln!("with the one-writer rule off: {stale} stale pages");
-    assert!(stale > 0, "with the ordering rule off, stale pages were expected: {r:#}");
+    assert!(stale > 0, "with the ordering rule off, stale pages were expected: {r:#?}");
+}
+
+/// A rolling upgrade: hostB still speaks only protocol version 1, as an
+/// agent of the previous release would. hostA (version 2) migrates to it and
+/// retargets to hostC, and hostB forwards to hostC; then the VM comes back
+/// from hostC to hostB, whose device state travels the version-1 way. Every
+/// pair speaks the newest version both know.
+#[test]
+fn old_and_new_agents_migrate_and_retarget_together() {
+    if !hooks_or_skip("old_and_new_agents_migrate_and_retarget_together") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    tb.restart_agent("hostB", &[("DCMIGRATE_TEST_MAX_PROTOCOL", "1")]).unwrap();
+    tb.start_guest("hostA", "up", 64 * MIB, &workload(10.0), true, &[]).unwrap();
+    start_migration(&tb, "hostA", "up", "hostB", slow(40.0));
+    assert!(retarget_when(&tb, "hostA", "up", "hostC", 0.5, true));
+    release(&tb, "hostA", "up");
+    let r = wait_report(&tb, "hostA", "up");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert!(forwarded_by(&r, "hostB") > 0, "hostB (version 1) forwarded nothing: {r:#?}");
+    assert_same_bytes(&ram_file(&tb, "hostA", "up"), &ram_file(&tb, "hostC", "up"));
+    let log = |h: &str| std::fs::read_to_string(&tb.host(h).log).unwrap();
+    assert!(log("hostB").contains("peer=hostA version=1"), "hostB spoke version 1 with hostA");
+    assert!(log("hostC").contains("peer=hostA version=2"), "hostC spoke version 2 with hostA");
+    std::fs::remove_file(ram_file(&tb, "hostA", "up")).unwrap();
+
+    // Back from a version-2 host to the version-1 one: device state in one base64 message.
+    tb.client("hostC").resume("up").unwrap();
+    let r = migrate(&tb, "hostC", "up", "hostB", MigrateOptions { suspend: true, ..Default::default() });
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert!(r.device_state_bytes > 0);
+    assert!(log("hostB").contains("peer=hostC version=1"), "hostB spoke version 1 with hostC");
+    assert_eq!(phase(&tb, "hostB", "up").as_deref(), Some("paused"));
+    tb.client("hostB").resume("up").unwrap();
+    assert_running_on(&tb, "hostB", "up");
 }

@@ -2,11 +2,12 @@
 
 mod common;
 use common::*;
-use dcmigrate::agent::peer;
+use dcmigrate::control as peer;
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, PAGE_SIZE};
 use dcmigrate::protocol::data::*;
+use dcmigrate::protocol::{Token, TOKEN_LEN};
 use dcmigrate::tls::{init_certs, TlsConfig};
-use dcmigrate::transport::tcp::Receiver;
+use dcmigrate::transport::Receiver;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,13 +25,13 @@ async fn agents_refuse_peers_outside_the_ca() {
     let a = tb.host("hostA").control;
     // A client whose certificate another CA signed.
     let (_d, rogue) = rogue_tls("hostB");
-    let e = peer::connect(&rogue, "hostB", "hostA", a).await.expect_err("rogue client accepted");
+    let e = peer::connect(&rogue, "hostB", "hostA", a).await.err().expect("rogue client accepted");
     assert!(e.to_string().contains("hostA"), "{e}");
     // A legitimate certificate for hostB cannot pretend to be hostA.
     let legit_b = TlsConfig::load_dir(&tb.certs_dir(), "hostB").unwrap();
     assert!(peer::connect(&legit_b, "hostA", "hostA", a).await.is_err(), "identity not checked");
     // The same legitimate client with its true name gets in (the test can fail).
-    peer::connect(&legit_b, "hostB", "hostA", a).await.expect("legit peer refused");
+    assert!(peer::connect(&legit_b, "hostB", "hostA", a).await.is_ok(), "legit peer refused");
 
     // A server outside the CA is refused by a legitimate client.
     let (_d2, rogue_server) = rogue_tls("hostC");
@@ -64,7 +65,7 @@ async fn rig() -> Rig {
     .unwrap();
     let ram = Arc::new(GuestRam::create(layout, &[dir.path().join("a"), dir.path().join("b")]).unwrap());
     let rx = Receiver::default();
-    let token = [7u8; TOKEN_LEN];
+    let token = Token([7u8; TOKEN_LEN]);
     rx.add(token, ram.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -73,15 +74,21 @@ async fn rig() -> Rig {
 }
 
 fn all_zero(ram: &GuestRam) -> bool {
-    (0..2).all(|r| ram.region_bytes(r).iter().all(|&b| b == 0))
+    region(ram, 0).iter().chain(&region(ram, 1)).all(|&b| b == 0)
 }
 
-async fn open(r: &Rig, token: &Token) -> (TcpStream, u8) {
+fn region(ram: &GuestRam, r: u32) -> Vec<u8> {
+    let mut out = vec![0u8; ram.layout().regions()[r as usize].size as usize];
+    ram.read_at(r, 0, &mut out).unwrap();
+    out
+}
+
+async fn open(r: &Rig, token: &Token) -> (TcpStream, HelloStatus) {
     let mut s = TcpStream::connect(r.addr).await.unwrap();
-    s.write_all(&encode_hello(token, 0)).await.unwrap();
+    s.write_all(&Hello::new(*token, 0, StreamMode::Tcp).encode()).await.unwrap();
     let mut st = [0u8; 1];
     s.read_exact(&mut st).await.unwrap();
-    (s, st[0])
+    (s, HelloStatus::try_from(st[0]).unwrap())
 }
 
 /// Sends a pages frame with payload, then a batch end; returns the reply.
@@ -97,18 +104,22 @@ async fn send(s: &mut TcpStream, header: [u8; HEADER_LEN], payload_len: usize) -
 #[tokio::test]
 async fn data_plane_rejects_bad_tokens_and_frames_and_writes_nothing() {
     let r = rig().await;
-    let (_, st) = open(&r, &[1u8; TOKEN_LEN]).await;
-    assert_eq!(st, HELLO_BAD_TOKEN);
+    let (_, st) = open(&r, &Token([1u8; TOKEN_LEN])).await;
+    assert_eq!(st, HelloStatus::BadToken);
 
     let page = PAGE_SIZE as u32;
     let cases = [
-        ("unknown region", Frame::Pages { region: 2, offset: 0, len: page }.encode(), ERR_OUT_OF_BOUNDS),
+        ("unknown region", Frame::Pages { region: 2, offset: 0, len: page }.encode(), RejectCode::OutOfBounds),
         (
             "past the region end",
             Frame::Pages { region: 1, offset: 7 * page as u64, len: 2 * page }.encode(),
-            ERR_OUT_OF_BOUNDS,
+            RejectCode::OutOfBounds,
         ),
-        ("offset overflow", Frame::Pages { region: 0, offset: u64::MAX - 4095, len: page }.encode(), ERR_OUT_OF_BOUNDS),
+        (
+            "offset overflow",
+            Frame::Pages { region: 0, offset: u64::MAX - 4095, len: page }.encode(),
+            RejectCode::OutOfBounds,
+        ),
         (
             "unaligned",
             {
@@ -116,7 +127,7 @@ async fn data_plane_rejects_bad_tokens_and_frames_and_writes_nothing() {
                 h[8] = 8;
                 h
             },
-            ERR_BAD_FRAME,
+            RejectCode::BadFrame,
         ),
         (
             "huge length",
@@ -125,19 +136,19 @@ async fn data_plane_rejects_bad_tokens_and_frames_and_writes_nothing() {
                 h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
                 h
             },
-            ERR_BAD_FRAME,
+            RejectCode::BadFrame,
         ),
     ];
     for (what, header, code) in cases {
         let (mut s, st) = open(&r, &r.token).await;
-        assert_eq!(st, HELLO_OK);
-        assert_eq!(send(&mut s, header, PAGE_SIZE).await, Some(Reply::Error { code }), "{what}");
+        assert_eq!(st, HelloStatus::Ok);
+        assert_eq!(send(&mut s, header, PAGE_SIZE).await, Some(Reply::Rejected { code }), "{what}");
         assert!(all_zero(&r.ram), "{what}: a rejected frame wrote into guest RAM");
     }
     // A valid frame lands and is acknowledged (so the checks above can fail).
     let (mut s, _) = open(&r, &r.token).await;
     let h = Frame::Pages { region: 1, offset: 7 * page as u64, len: page }.encode();
     assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
-    assert!(r.ram.region_bytes(1)[7 * PAGE_SIZE..].iter().all(|&b| b == 0xAB));
-    assert!(r.ram.region_bytes(0).iter().all(|&b| b == 0));
+    assert!(region(&r.ram, 1)[7 * PAGE_SIZE..].iter().all(|&b| b == 0xAB));
+    assert!(region(&r.ram, 0).iter().all(|&b| b == 0));
 }

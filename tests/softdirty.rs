@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use dcmigrate::dirty::softdirty;
 use dcmigrate::dirty::TrackerKind;
-use dcmigrate::engine::MigrateOptions;
+use dcmigrate::engine::{MigrateOptions, Outcome};
 
 fn soft_dirty_or_skip(test: &str) -> bool {
     can_run(test, softdirty::self_test().map_err(|e| e.to_string()), true, "tests/vm/run runs this on Debian's kernel")
@@ -26,19 +26,15 @@ fn soft_dirty_without_verification_is_exact() {
     tb.start_guest("hostA", "sd", 128 * MIB, &workload(20.0), true, &[]).unwrap();
     let opts = MigrateOptions {
         suspend: true,
-        verify: false,
+        verify: dcmigrate::engine::options::VerifyMode::Off,
         tracker: Some(TrackerKind::SoftDirty),
         streams: 2,
         ..Default::default()
     };
     let report = migrate(&tb, "hostA", "sd", "hostB", opts);
-    assert_eq!(report["result"], "completed", "{report:#}\n{}", tb.logs());
-    assert_eq!(report["tracker"], "soft-dirty");
-    let rounds = report["rounds"].as_array().unwrap();
-    assert!(
-        rounds.iter().skip(1).any(|r| r["pages"].as_u64() > Some(0)),
-        "later rounds resent dirtied pages: {report}"
-    );
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.tracker, Some(TrackerKind::SoftDirty));
+    assert!(report.rounds.iter().skip(1).any(|r| r.pages > 0), "later rounds resent dirtied pages: {report:#?}");
     assert_same_bytes(&ram_file(&tb, "hostA", "sd"), &ram_file(&tb, "hostB", "sd"));
     std::fs::remove_file(ram_file(&tb, "hostA", "sd")).unwrap();
 }
@@ -54,6 +50,6 @@ fn soft_dirty_is_offered_where_the_kernel_has_it() {
     // No cooperative log: the guest is told not to keep one.
     tb.start_guest("hostA", "sd2", 32 * MIB, &workload(5.0), false, &["--no-dirty-log"]).unwrap();
     let report = migrate(&tb, "hostA", "sd2", "hostB", MigrateOptions::default());
-    assert_eq!(report["result"], "completed", "{report:#}\n{}", tb.logs());
-    assert_eq!(report["tracker"], "soft-dirty", "{report}");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.tracker, Some(TrackerKind::SoftDirty), "{report:#?}");
 }

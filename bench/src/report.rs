@@ -214,6 +214,64 @@ fn transport(v: &Value) -> String {
     s
 }
 
+fn sizes(v: &Value, out: &Path) -> Result<String> {
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "Link {} Mbit/s ({:.0} MB/s of TCP payload), default options (downtime limit 300 ms, `--verify live`); every page data unless sparse.\n",
+        v["rate_mbit"],
+        f(v, "link_goodput_mbps")
+    );
+    s += "| case | guest GiB | rounds | switchover | downtime ms | verify in pause ms (blocks) | live pass ms (blocks) | tracker | sync ms per GiB | agents' memory, % of guest |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let pass = |r: &Value, k: &str| {
+        let p = r[k].as_array().cloned().unwrap_or_default();
+        let ms: f64 = p.iter().map(|x| f(x, "ms")).sum();
+        let blocks: u64 = p.iter().map(|x| x["blocks"].as_u64().unwrap_or(0)).sum();
+        format!("{ms:.0} ({blocks})")
+    };
+    for r in &rows {
+        let mem: Vec<String> = r["agent_anon_pct_of_guest"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{:.2}", m.as_f64().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {} |",
+            r["case"].as_str().unwrap_or("?"),
+            r["guest_gib"],
+            r["rounds"],
+            r["switchover"].as_str().unwrap_or("?"),
+            f(r, "downtime_ms"),
+            pass(r, "pause_passes"),
+            pass(r, "live_passes"),
+            r["tracker"].as_str().unwrap_or("?"),
+            f(r, "sync_ms_per_gib"),
+            mem.join(" / ")
+        );
+    }
+    let series = |case: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter(|r| r["case"] == case).map(|r| (f(r, "guest_gib"), f(r, "downtime_ms"))).collect()
+    };
+    let limit: Vec<(f64, f64)> = series("idle").iter().map(|p| (p.0, 300.0)).collect();
+    line_chart(
+        &out.join("sizes.png"),
+        "Downtime against guest size",
+        "guest RAM (GiB)",
+        "downtime (ms)",
+        &[
+            Series { label: "idle".into(), points: series("idle"), thin: false },
+            Series { label: "dirty 50 MB/s".into(), points: series("dirty 50 MB/s"), thin: false },
+            Series { label: "idle, hash tracker".into(), points: series("idle, hash tracker"), thin: false },
+            Series { label: "limit".into(), points: limit, thin: true },
+        ],
+    )?;
+    s += "\n![sizes](results/sizes.png)\n";
+    Ok(s)
+}
+
 /// Rewrites the marked sections of bench/README.md and draws the plots.
 pub fn update(bench_dir: &Path) -> Result<()> {
     let results = bench_dir.join("results");
@@ -231,6 +289,9 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "scale") {
         sections.push(("scale", scale(&v)));
+    }
+    if let Some(v) = load(&results, "sizes") {
+        sections.push(("sizes", sizes(&v, &results)?));
     }
     if let Some(v) = load(&results, "transport") {
         sections.push(("transport", transport(&v)));

@@ -1,95 +1,307 @@
-//! The agent's local API: JSON lines over a unix socket, used by the CLI and
-//! by orchestrators. Every request is an object with a `cmd`; every reply an
-//! object with `ok` (and `error` when false). See README "Agent API".
+//! The agent's local API: JSON lines over a unix socket, used by the CLI,
+//! the tests and orchestrators. Every request is an object with a `cmd`;
+//! every reply an object with `ok` (and `error` when false) and the fields
+//! of the request's reply type below. [`Client`] makes typed calls. See
+//! README "Agent API".
 
-use crate::engine::MigrateOptions;
-use crate::vm::VmRecord;
+use crate::engine::{MigrateOptions, MigrationStatus};
+use crate::vm::{LaunchSpec, RamFile, VmRecord, VmState};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+/// Longest request or reply line (a VM record with many regions fits easily).
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A request to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    /// This agent's name, addresses and peers.
+    /// This agent's name, addresses and peers ([`InfoReply`]).
     Info,
     /// A VM on this host puts itself under the agent's management.
-    Register { vm: VmRecord },
-    /// Puts a running QEMU under the agent's management, found by its QMP
-    /// socket. `launch` is how destinations start it (default: its own
-    /// command line, read from /proc).
-    AttachQemu {
-        name: String,
-        qmp: std::path::PathBuf,
-        #[serde(default)]
-        launch: Option<crate::vm::LaunchSpec>,
+    Register {
+        /// The VM.
+        vm: VmRecord,
     },
-    /// VMs on this host and their state.
+    /// Puts a running QEMU under the agent's management, found by its QMP
+    /// socket ([`AttachReply`]).
+    AttachQemu {
+        /// The VM's name.
+        name: String,
+        /// Its QMP socket.
+        qmp: PathBuf,
+        /// How destinations start it (default: its own command line, from /proc).
+        #[serde(default)]
+        launch: Option<LaunchSpec>,
+    },
+    /// VMs on this host and their state ([`ListReply`]).
     List,
-    /// Starts migrating a VM of this host; returns at once (see `status`, `wait`).
+    /// Starts migrating a VM of this host; returns at once ([`MigrateReply`]).
     Migrate {
+        /// The VM.
         vm: String,
+        /// The destination host.
         to: String,
+        /// The migration's options.
         #[serde(default)]
         options: MigrateOptions,
     },
-    /// Changes the destination of the VM's running migration. With `forward`
-    /// (default) the old destination sends what it holds to the new one.
+    /// Changes the destination of the VM's running migration ([`RetargetReply`]).
     Retarget {
+        /// The VM.
         vm: String,
+        /// The new destination.
         to: String,
+        /// The old destination sends what it holds (default) or is dropped.
         #[serde(default = "yes")]
         forward: bool,
     },
-    /// Progress of the VM's migration (or of all of them), with the report once finished.
+    /// Progress of the VM's migration, or of all of them ([`StatusReply`]).
     Status {
+        /// The VM, or every migration.
         #[serde(default)]
         vm: Option<String>,
     },
-    /// Blocks until the VM's migration finished; returns its report.
-    Wait { vm: String },
-    /// Cancels the VM's migration: it keeps running here.
-    Cancel { vm: String },
+    /// Blocks until the VM's migration finished ([`MigrationStatus`]).
+    Wait {
+        /// The VM.
+        vm: String,
+    },
+    /// Cancels the VM's migration: it keeps running here ([`MigrationStatus`]).
+    Cancel {
+        /// The VM.
+        vm: String,
+    },
     /// Starts a VM left paused by `migrate --suspend`.
-    Resume { vm: String },
+    Resume {
+        /// The VM.
+        vm: String,
+    },
     /// Stops the agent.
     Shutdown,
     /// Test builds only: lets a migration started with `hold_switchover` switch over.
     #[cfg(feature = "test-hooks")]
-    Release { vm: String },
+    Release {
+        /// The VM.
+        vm: String,
+    },
 }
 
 fn yes() -> bool {
     true
 }
 
+/// Reply to [`Request::Info`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct InfoReply {
+    /// The agent's host name.
+    pub name: String,
+    /// Its control address.
+    pub control: String,
+    /// Its data-plane port.
+    pub data_port: u16,
+    /// The peers it knows.
+    pub peers: Vec<String>,
+    /// Its RDMA device, or why there is none.
+    pub rdma: RdmaInfo,
+}
+
+/// Whether the agent has RDMA.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum RdmaInfo {
+    /// The device it uses.
+    Device {
+        /// Its name.
+        device: String,
+    },
+    /// Why there is none.
+    Unavailable {
+        /// The reason.
+        unavailable: String,
+    },
+}
+
+/// Reply to [`Request::AttachQemu`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AttachReply {
+    /// The RAM backends found.
+    pub ram: Vec<RamFile>,
+}
+
+/// One VM in [`ListReply`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VmEntry {
+    /// The VM's name.
+    pub name: String,
+    /// Its live state.
+    pub state: VmState,
+}
+
+/// Reply to [`Request::List`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ListReply {
+    /// The VMs.
+    pub vms: Vec<VmEntry>,
+}
+
+/// Reply to [`Request::Migrate`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MigrateReply {
+    /// The migration's id.
+    pub migration: String,
+}
+
+/// Reply to [`Request::Retarget`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RetargetReply {
+    /// The new destination, ready.
+    pub retargeted_to: String,
+}
+
+/// Reply to [`Request::Status`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StatusReply {
+    /// The migrations.
+    pub migrations: Vec<MigrationStatus>,
+}
+
+/// A reply without data.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Done {}
+
+/// A call to the agent failed.
 #[derive(Debug, Error)]
 pub enum ApiError {
-    #[error("agent API {path}: {source} (is `dcmigrate agent` running?)")]
-    Connect { path: String, source: std::io::Error },
-    #[error("agent API: {0}")]
+    /// The socket does not answer.
+    #[error("agent API {path} (is `dcmigrate agent` running?)")]
+    Connect {
+        /// The socket.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed.
+    #[error("agent API")]
     Io(#[from] std::io::Error),
-    #[error("agent API: bad reply: {0}")]
-    Decode(String),
+    /// A reply that is not what the request's type says.
+    #[error("agent API: bad reply {reply:?}")]
+    Decode {
+        /// The reply line.
+        reply: String,
+        /// Why it does not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The agent refused the request.
     #[error("{0}")]
     Agent(String),
 }
 
-/// Sends one request and returns the reply (an `ok: false` reply becomes an error).
-pub fn call(socket: &Path, req: &Request) -> Result<Value, ApiError> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|source| ApiError::Connect { path: socket.display().to_string(), source })?;
-    let mut line = serde_json::to_vec(req).expect("json");
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut resp = String::new();
-    BufReader::new(&s).read_line(&mut resp)?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| ApiError::Decode(format!("{e}: {resp:?}")))?;
-    if v["ok"] != Value::Bool(true) {
-        return Err(ApiError::Agent(v["error"].as_str().unwrap_or("request failed").to_owned()));
+/// Typed calls to an agent's API socket (one connection per call).
+#[derive(Clone, Debug)]
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    /// A client of the agent at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
     }
-    Ok(v)
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends one request and returns the reply's fields (an `ok: false`
+    /// reply becomes an error).
+    pub fn call_value(&self, req: &Request) -> Result<Value, ApiError> {
+        let mut s = UnixStream::connect(&self.path)
+            .map_err(|source| ApiError::Connect { path: self.path.display().to_string(), source })?;
+        let mut line = serde_json::to_vec(req).map_err(|source| ApiError::Decode { reply: String::new(), source })?;
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut resp = String::new();
+        BufReader::new((&s).take(MAX_LINE as u64)).read_line(&mut resp)?;
+        let v: Value =
+            serde_json::from_str(&resp).map_err(|source| ApiError::Decode { reply: resp.clone(), source })?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(ApiError::Agent(v["error"].as_str().unwrap_or("request failed").to_owned()));
+        }
+        Ok(v)
+    }
+
+    fn call<R: DeserializeOwned>(&self, req: &Request) -> Result<R, ApiError> {
+        let v = self.call_value(req)?;
+        serde_json::from_value(v.clone()).map_err(|source| ApiError::Decode { reply: v.to_string(), source })
+    }
+
+    /// [`Request::Info`].
+    pub fn info(&self) -> Result<InfoReply, ApiError> {
+        self.call(&Request::Info)
+    }
+
+    /// [`Request::Register`].
+    pub fn register(&self, vm: VmRecord) -> Result<(), ApiError> {
+        self.call::<Done>(&Request::Register { vm }).map(|_| ())
+    }
+
+    /// [`Request::AttachQemu`].
+    pub fn attach_qemu(&self, name: &str, qmp: PathBuf, launch: Option<LaunchSpec>) -> Result<AttachReply, ApiError> {
+        self.call(&Request::AttachQemu { name: name.into(), qmp, launch })
+    }
+
+    /// [`Request::List`].
+    pub fn list(&self) -> Result<Vec<VmEntry>, ApiError> {
+        self.call::<ListReply>(&Request::List).map(|r| r.vms)
+    }
+
+    /// [`Request::Migrate`].
+    pub fn migrate(&self, vm: &str, to: &str, options: MigrateOptions) -> Result<MigrateReply, ApiError> {
+        self.call(&Request::Migrate { vm: vm.into(), to: to.into(), options })
+    }
+
+    /// [`Request::Retarget`].
+    pub fn retarget(&self, vm: &str, to: &str, forward: bool) -> Result<RetargetReply, ApiError> {
+        self.call(&Request::Retarget { vm: vm.into(), to: to.into(), forward })
+    }
+
+    /// [`Request::Status`].
+    pub fn status(&self, vm: Option<&str>) -> Result<Vec<MigrationStatus>, ApiError> {
+        self.call::<StatusReply>(&Request::Status { vm: vm.map(str::to_owned) }).map(|r| r.migrations)
+    }
+
+    /// [`Request::Wait`].
+    pub fn wait(&self, vm: &str) -> Result<MigrationStatus, ApiError> {
+        self.call(&Request::Wait { vm: vm.into() })
+    }
+
+    /// [`Request::Cancel`].
+    pub fn cancel(&self, vm: &str) -> Result<MigrationStatus, ApiError> {
+        self.call(&Request::Cancel { vm: vm.into() })
+    }
+
+    /// [`Request::Resume`].
+    pub fn resume(&self, vm: &str) -> Result<(), ApiError> {
+        self.call::<Done>(&Request::Resume { vm: vm.into() }).map(|_| ())
+    }
+
+    /// [`Request::Shutdown`].
+    pub fn shutdown(&self) -> Result<(), ApiError> {
+        self.call::<Done>(&Request::Shutdown).map(|_| ())
+    }
+
+    /// [`Request::Release`] (test builds).
+    #[cfg(feature = "test-hooks")]
+    pub fn release(&self, vm: &str) -> Result<(), ApiError> {
+        self.call::<Done>(&Request::Release { vm: vm.into() }).map(|_| ())
+    }
 }

@@ -1,44 +1,64 @@
 //! The per-host daemon: owns the VMs registered on this host, runs
-//! migrations as their source, serves peers as a destination, and exposes the
-//! local API ([`api`]) that the CLI and orchestrators use.
+//! migrations as their source, serves peers as a destination
+//! ([`incoming`]), and exposes the local API ([`api`], one handler per
+//! request in `handlers`) that the CLI and orchestrators use.
 
 pub mod api;
-pub mod incoming;
-pub mod peer;
+mod handlers;
 
-use crate::engine::{self, MigrationHandle};
+pub use handlers::RequestError;
+pub mod incoming;
+
+use crate::engine::MigrationHandle;
 use crate::tls::TlsConfig;
-use crate::transport::tcp::Receiver;
+use crate::transport::Receiver;
 use crate::vm::synthetic::SyntheticVm;
 use crate::vm::{LaunchSpec, SourceVm, VmRecord};
-use api::Request;
+use api::{Request, MAX_LINE};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+/// The agent could not start.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("binding {what} {addr}: {source}")]
-    Bind { what: &'static str, addr: String, source: std::io::Error },
-    #[error("data dir {0}: {1}")]
-    DataDir(PathBuf, std::io::Error),
+    /// A listener could not be bound.
+    #[error("binding {what} {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("data dir {0}")]
+    DataDir(PathBuf, #[source] std::io::Error),
 }
 
+/// An agent's configuration.
 #[derive(Clone)]
 pub struct AgentConfig {
+    /// This host's name (must be the DNS name in its certificate).
     pub name: String,
     /// Control channel (mTLS) address.
     pub listen: SocketAddr,
     /// Data plane address; port 0 picks one.
     pub data_listen: SocketAddr,
+    /// The local API socket.
     pub api: PathBuf,
+    /// The TLS identity.
     pub tls: TlsConfig,
+    /// Hosts this agent may migrate to.
     pub peers: HashMap<String, SocketAddr>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
@@ -48,13 +68,16 @@ pub struct AgentConfig {
     pub no_rdma: bool,
 }
 
+/// A running agent.
 pub struct Agent {
+    /// Its configuration.
     pub cfg: AgentConfig,
+    /// Its data plane's sessions.
     pub receiver: Receiver,
     data_addr: Mutex<Option<SocketAddr>>,
     vms: Mutex<HashMap<String, VmRecord>>,
     /// VMs with an incoming session here (at most one each).
-    incoming: Mutex<std::collections::HashSet<String>>,
+    incoming: Mutex<HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
     shutdown: CancellationToken,
     /// This host's RDMA device, or why there is none.
@@ -62,6 +85,7 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An agent with this configuration (it does nothing until [`run`](Self::run)).
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
         let rdma = if cfg.no_rdma {
             Err("disabled (--no-rdma)".to_string())
@@ -78,7 +102,7 @@ impl Agent {
             receiver: Receiver::default(),
             data_addr: Mutex::new(None),
             vms: Mutex::new(HashMap::new()),
-            incoming: Mutex::new(Default::default()),
+            incoming: Mutex::new(HashSet::new()),
             migrations: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         })
@@ -89,10 +113,12 @@ impl Agent {
         self.shutdown.cancel();
     }
 
+    /// The data listener's port (0 before `run` bound it).
     pub fn data_port(&self) -> u16 {
         self.data_addr.lock().unwrap().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// Whether a VM of this name is registered here.
     pub fn has_vm(&self, name: &str) -> bool {
         self.vms.lock().unwrap().contains_key(name)
     }
@@ -102,10 +128,12 @@ impl Agent {
         self.incoming.lock().unwrap().insert(vm.to_owned())
     }
 
+    /// Gives the claim of [`begin_incoming`](Self::begin_incoming) back.
     pub fn end_incoming(&self, vm: &str) {
         self.incoming.lock().unwrap().remove(vm);
     }
 
+    /// Registers a VM that now lives on this host.
     pub fn add_vm(&self, rec: VmRecord) {
         tracing::info!(vm = %rec.name, "VM registered");
         self.vms.lock().unwrap().insert(rec.name.clone(), rec);
@@ -139,31 +167,16 @@ impl Agent {
         })?;
         tracing::info!(name = %self.cfg.name, control = %self.cfg.listen, data = ?data.local_addr().ok(), api = %self.cfg.api.display(), "agent up");
         tokio::spawn(self.receiver.clone().serve(data));
-        {
-            let me = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((tcp, addr)) = control.accept().await else {
-                        continue;
-                    };
-                    tcp.set_nodelay(true).ok();
-                    let me = me.clone();
-                    tokio::spawn(async move {
-                        match peer::accept(&me.cfg.tls, &me.cfg.name, tcp).await {
-                            Ok((stream, host)) => incoming::serve(me, stream, host).await,
-                            Err(e) => tracing::warn!(%addr, "refused peer: {e}"),
-                        }
-                    });
-                }
-            });
-        }
+        tokio::spawn(self.clone().serve_peers(control));
         loop {
             tokio::select! {
-                conn = api.accept() => {
-                    if let Ok((s, _)) = conn {
-                        tokio::spawn(self.clone().serve_api(s));
+                conn = api.accept() => match conn {
+                    Ok((s, _)) => drop(tokio::spawn(self.clone().serve_api(s))),
+                    Err(e) => {
+                        tracing::warn!("API socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                }
+                },
                 _ = self.shutdown.cancelled() => break,
             }
         }
@@ -174,17 +187,52 @@ impl Agent {
         Ok(())
     }
 
+    /// Accepts control connections from peers; each becomes an incoming session.
+    async fn serve_peers(self: Arc<Self>, control: TcpListener) {
+        loop {
+            let (tcp, addr) = match control.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!("control listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            tcp.set_nodelay(true).ok();
+            let me = self.clone();
+            tokio::spawn(async move {
+                match crate::control::accept(&me.cfg.tls, &me.cfg.name, tcp).await {
+                    Ok(conn) => incoming::serve(me, conn).await,
+                    Err(e) => tracing::warn!(%addr, "refused peer: {}", crate::error_chain(&e)),
+                }
+            });
+        }
+    }
+
+    /// One API connection: a request per line, a reply per line.
     async fn serve_api(self: Arc<Self>, s: UnixStream) {
         let (rd, mut wr) = s.into_split();
-        let mut lines = BufReader::new(rd).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut lines = BufReader::new(rd.take(u64::MAX));
+        loop {
+            let mut line = String::new();
+            // A line may not exceed MAX_LINE: the limit is reset per line.
+            lines.get_mut().set_limit(MAX_LINE as u64 + 1);
+            match lines.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) if n > MAX_LINE => {
+                    let _ = wr.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n").await;
+                    return;
+                }
+                Ok(_) => {}
+            }
             let reply = match serde_json::from_str::<Request>(&line) {
                 Ok(req) => match self.clone().handle(req).await {
                     Ok(mut v) => {
                         v["ok"] = json!(true);
                         v
                     }
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Err(e) => json!({"ok": false, "error": crate::error_chain(&e)}),
                 },
                 Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
             };
@@ -196,165 +244,20 @@ impl Agent {
         }
     }
 
-    fn peer_addr(&self, host: &str) -> Result<SocketAddr, String> {
-        self.cfg
-            .peers
-            .get(host)
-            .copied()
-            .ok_or_else(|| format!("unknown host {host:?}: start the agent with --peer {host}=ADDR"))
+    fn peer_addr(&self, host: &str) -> Result<SocketAddr, RequestError> {
+        self.cfg.peers.get(host).copied().ok_or_else(|| RequestError::UnknownHost(host.into()))
     }
 
-    fn migration(&self, vm: &str) -> Result<Arc<MigrationHandle>, String> {
-        self.migrations.lock().unwrap().get(vm).cloned().ok_or_else(|| format!("no migration of {vm:?} on this host"))
+    fn migration(&self, vm: &str) -> Result<Arc<MigrationHandle>, RequestError> {
+        self.migrations.lock().unwrap().get(vm).cloned().ok_or_else(|| RequestError::NoMigration(vm.into()))
     }
 
-    async fn handle(self: Arc<Self>, req: Request) -> Result<Value, String> {
-        match req {
-            Request::Info => Ok(json!({
-                "name": self.cfg.name, "control": self.cfg.listen.to_string(),
-                "data_port": self.data_port(), "peers": self.cfg.peers.keys().collect::<Vec<_>>(),
-                "rdma": match &self.rdma { Ok(r) => json!({"device": r.name()}), Err(e) => json!({"unavailable": e}) },
-            })),
-            Request::Register { vm } => {
-                if self.has_vm(&vm.name) {
-                    return Err(format!("a VM named {:?} is already registered here", vm.name));
-                }
-                self.add_vm(vm);
-                Ok(json!({}))
-            }
-            Request::AttachQemu { name, qmp, launch } => {
-                if !crate::vm::qemu::valid_id(&name) {
-                    return Err(format!("invalid VM name {name:?}: use letters, digits, '-', '_' or '.'"));
-                }
-                if self.has_vm(&name) {
-                    return Err(format!("a VM named {name:?} is already registered here"));
-                }
-                let rec = tokio::task::spawn_blocking(move || crate::vm::qemu::attach(&name, &qmp, launch))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
-                let out = json!({ "ram": rec.ram });
-                self.add_vm(rec);
-                Ok(out)
-            }
-            Request::List => {
-                let vms: Vec<VmRecord> = self.vms.lock().unwrap().values().cloned().collect();
-                let mut out = vec![];
-                for rec in vms {
-                    let name = rec.name.clone();
-                    let st = tokio::task::spawn_blocking(move || Self::source_vm(rec).status()).await.ok();
-                    let state = match st {
-                        Some(Ok(v)) => v,
-                        Some(Err(e)) => json!({"error": e.to_string()}),
-                        None => Value::Null,
-                    };
-                    out.push(json!({"name": name, "state": state}));
-                }
-                Ok(json!({ "vms": out }))
-            }
-            Request::Migrate { vm, to, options } => {
-                let rec = self
-                    .vms
-                    .lock()
-                    .unwrap()
-                    .get(&vm)
-                    .cloned()
-                    .ok_or_else(|| format!("no VM named {vm:?} on {}", self.cfg.name))?;
-                if to == self.cfg.name {
-                    return Err(format!("{vm} already runs on {to}"));
-                }
-                let addr = self.peer_addr(&to)?;
-                if let Ok(m) = self.migration(&vm) {
-                    if !m.is_done() {
-                        return Err(format!("{vm} is already migrating to {}", m.to));
-                    }
-                }
-                if !(1..=64).contains(&options.streams) {
-                    return Err(format!("streams must be 1 to 64, not {}", options.streams));
-                }
-                if options.max_bandwidth_mbps.is_some_and(|b| !(b >= 0.1 && b.is_finite())) {
-                    return Err("max_bandwidth_mbps must be at least 0.1".into());
-                }
-                let ctx = engine::Context {
-                    me: self.cfg.name.clone(),
-                    tls: self.cfg.tls.clone(),
-                    unordered: crate::hooks::unordered().is_some(),
-                    rdma: self.rdma.clone(),
-                };
-                let handle = MigrationHandle::new(&vm, &to);
-                self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
-                let me = self.clone();
-                let h = handle.clone();
-                tokio::spawn(async move {
-                    let vm_name = rec.name.clone();
-                    let run =
-                        tokio::spawn(engine::run(ctx, Self::source_vm(rec), to.clone(), addr, options, h.clone()));
-                    // Whatever happens, the handle gets a report: waiters never hang.
-                    let report = run.await.unwrap_or_else(|e| engine::Report {
-                        vm: vm_name,
-                        destination: to,
-                        error: Some(format!("internal error: {e}; check where the VM runs")),
-                        ..Default::default()
-                    });
-                    if report.result == engine::Outcome::Completed {
-                        me.vms.lock().unwrap().remove(&report.vm);
-                    }
-                    h.finish(report);
-                });
-                Ok(json!({ "migration": handle.id }))
-            }
-            Request::Retarget { vm, to, forward } => {
-                let m = self.migration(&vm)?;
-                if m.is_done() {
-                    return Err(format!("the migration of {vm} has already finished"));
-                }
-                if to == self.cfg.name {
-                    return Err(format!("{to} is the source of this migration"));
-                }
-                let addr = self.peer_addr(&to)?;
-                m.retarget(to.clone(), addr, forward).await?;
-                Ok(json!({ "retargeted_to": to }))
-            }
-            Request::Status { vm } => {
-                let all: Vec<Arc<MigrationHandle>> = match vm {
-                    Some(v) => vec![self.migration(&v)?],
-                    None => self.migrations.lock().unwrap().values().cloned().collect(),
-                };
-                Ok(json!({ "migrations": all.iter().map(|m| m.snapshot()).collect::<Vec<_>>() }))
-            }
-            Request::Wait { vm } => {
-                let m = self.migration(&vm)?;
-                m.wait().await;
-                Ok(m.snapshot())
-            }
-            Request::Cancel { vm } => {
-                let m = self.migration(&vm)?;
-                if m.is_done() {
-                    return Err(format!("the migration of {vm} has already finished"));
-                }
-                m.cancel.cancel();
-                m.wait().await;
-                Ok(m.snapshot())
-            }
-            Request::Resume { vm } => {
-                let rec =
-                    self.vms.lock().unwrap().get(&vm).cloned().ok_or_else(|| format!("no VM named {vm:?} here"))?;
-                tokio::task::spawn_blocking(move || Self::source_vm(rec).resume())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                Ok(json!({}))
-            }
-            Request::Shutdown => {
-                self.shutdown.cancel();
-                Ok(json!({}))
-            }
-            #[cfg(feature = "test-hooks")]
-            Request::Release { vm } => {
-                self.migration(&vm)?.released.send_replace(true);
-                Ok(json!({}))
-            }
-        }
+    fn vm_record(&self, vm: &str) -> Option<VmRecord> {
+        self.vms.lock().unwrap().get(vm).cloned()
+    }
+
+    /// Serializes a handler's reply as the API's object.
+    fn reply<T: serde::Serialize>(r: T) -> Result<Value, RequestError> {
+        Ok(serde_json::to_value(r)?)
     }
 }

@@ -4,14 +4,17 @@
 
 use super::parse_size;
 use super::progress;
-use crate::agent::api::Request;
-use crate::engine::MigrateOptions;
+use crate::agent::api::Client;
+use crate::engine::options::{DEFAULT_DOWNTIME_MS, DEFAULT_STREAMS};
+use crate::engine::{MigrateOptions, Report};
 use crate::testbed::qemu::{self, heartbeats};
 use crate::testbed::Testbed;
 use crate::vm::synthetic::{Pattern, Workload};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::path::{Path, PathBuf};
 
+/// The kind of VM the demo migrates.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DemoVm {
     /// The synthetic guest (no QEMU needed).
@@ -20,8 +23,10 @@ pub enum DemoVm {
     Qemu,
 }
 
+/// `dcmigrate demo` arguments.
 #[derive(Args)]
 pub struct DemoArgs {
+    /// The kind of VM to migrate.
     #[arg(long, value_enum, default_value_t = DemoVm::Synthetic)]
     pub vm: DemoVm,
     /// Guest RAM size.
@@ -38,15 +43,18 @@ pub struct DemoArgs {
     /// guest holds little data, so that there is time to retarget).
     #[arg(long)]
     pub max_bandwidth: Option<f64>,
-    #[arg(long, default_value_t = 300)]
+    /// Largest acceptable downtime, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
-    #[arg(long, default_value_t = 4)]
+    /// Parallel data streams per migration.
+    #[arg(long, default_value_t = DEFAULT_STREAMS)]
     pub streams: usize,
     /// Print only the JSON report.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Runs the demo; returns the exit code of the migration it shows.
 pub fn run(a: DemoArgs) -> Result<i32> {
     if let Some(f) = a.retarget_at {
         if !(0.0..1.0).contains(&f) {
@@ -63,8 +71,30 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     for h in &tb.hosts {
         say(format!("agent {} up: control {}, API {}", h.name, h.control, h.api.display()));
     }
-    let mut serial_a = None;
-    let mut cap = a.max_bandwidth;
+    let (serial_a, cap) = start_vm(&a, &mut tb, &say)?;
+    let options = MigrateOptions {
+        downtime_ms: a.downtime_ms,
+        streams: a.streams,
+        max_bandwidth_mbps: cap,
+        ..Default::default()
+    };
+    say("migrating demo-vm from hostA to hostB".into());
+    let client = tb.client("hostA");
+    client.migrate("demo-vm", "hostB", options)?;
+    let report = follow(&client, a.retarget_at, a.json)?;
+    progress::print_report(&report, a.json);
+    let on: Vec<_> =
+        tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();
+    say(format!("demo-vm is registered on: {}", on.join(", ")));
+    if let (Some(serial_a), Some(host)) = (serial_a, report.vm_runs_on.as_deref()) {
+        say(heartbeat_line(&tb, &serial_a, host));
+    }
+    Ok(progress::exit_code(&report))
+}
+
+/// Starts the demo's VM on hostA; returns its serial console (QEMU) and the
+/// rate cap to migrate it with.
+fn start_vm(a: &DemoArgs, tb: &mut Testbed, say: &impl Fn(String)) -> Result<(Option<PathBuf>, Option<f64>)> {
     match a.vm {
         DemoVm::Synthetic => {
             let w = Workload { dirty_rate_mbps: a.dirty_rate, hot_fraction: 1.0, pattern: Pattern::Random, seed: 7 };
@@ -74,6 +104,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
                 a.dirty_rate
             ));
             tb.start_guest("hostA", "demo-vm", a.guest_size, &w, false, &[])?;
+            Ok((None, a.max_bandwidth))
         }
         DemoVm::Qemu => {
             if !qemu::qemu_available() {
@@ -90,38 +121,29 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             });
             booted.context("the guest did not print its heartbeat within 120 s")?;
             say(format!("guest booted; its serial console: {}", g.serial().display()));
-            serial_a = Some(g.serial());
-            cap = cap.or(Some(40.0));
+            Ok((Some(g.serial()), a.max_bandwidth.or(Some(40.0))))
         }
     }
-    let options = MigrateOptions {
-        downtime_ms: a.downtime_ms,
-        streams: a.streams,
-        max_bandwidth_mbps: cap,
-        ..Default::default()
-    };
-    say("migrating demo-vm from hostA to hostB".into());
-    tb.call("hostA", &Request::Migrate { vm: "demo-vm".into(), to: "hostB".into(), options })?;
-    // Follow the migration; once hostB holds the chosen share, retarget to hostC.
-    let api_a = tb.host("hostA").api.clone();
-    let mut pending = a.retarget_at;
+}
+
+/// Follows the migration; once hostB holds the chosen share, retargets to hostC.
+fn follow(client: &Client, retarget_at: Option<f64>, json: bool) -> Result<Report> {
+    let mut pending = retarget_at;
     let mut to_send = None;
-    let report = progress::follow_with(&api_a, "demo-vm", a.json, |m| {
+    progress::follow_with(client, "demo-vm", json, |m| {
         let f = pending?;
-        let p = &m["progress"];
-        let sent = p["bytes_sent"].as_f64()?;
+        let sent = m.progress.bytes_sent as f64;
         if sent <= 0.0 {
             return None;
         }
         // What there was to send: fixed at the first look, once holes are known.
-        let total = *to_send.get_or_insert(sent + p["remaining_bytes"].as_f64()?);
+        let total = *to_send.get_or_insert(sent + m.progress.remaining_bytes as f64);
         let frac = sent / f64::max(total, 1.0);
-        if m["done"] == true || frac < f {
+        if m.done || frac < f {
             return None;
         }
         pending = None;
-        let req = Request::Retarget { vm: "demo-vm".into(), to: "hostC".into(), forward: true };
-        Some(match crate::agent::api::call(&api_a, &req) {
+        Some(match client.retarget("demo-vm", "hostC", true) {
             Ok(_) => {
                 format!(
                     "{:.0}% of the RAM reached hostB: retargeted to hostC; hostB forwards what it holds",
@@ -130,23 +152,20 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             }
             Err(e) => format!("retarget to hostC failed: {e}"),
         })
-    })?;
-    progress::print_report(&report, a.json);
-    let on: Vec<_> =
-        tb.hosts.iter().filter(|h| tb.vm_on(&h.name, "demo-vm").is_some()).map(|h| h.name.clone()).collect();
-    say(format!("demo-vm is registered on: {}", on.join(", ")));
-    if let (Some(serial_a), Some(host)) = (serial_a, report["vm_runs_on"].as_str()) {
-        let last = heartbeats(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied();
-        let dest = tb.host(host).data_dir.join("demo-vm.qemu/serial.log");
-        let next = crate::testbed::wait_for(20, || {
-            let b = heartbeats(&std::fs::read_to_string(&dest).unwrap_or_default());
-            (b.len() >= 2).then_some(b)
-        });
-        say(format!(
-            "guest heartbeat: last on hostA {}, then on {host} {}",
-            last.map_or("none".into(), |n| n.to_string()),
-            next.map_or("nothing yet".into(), |b| format!("{b:?}"))
-        ));
-    }
-    Ok(progress::exit_code(&report))
+    })
+}
+
+/// The QEMU guest's heartbeat before and after the move.
+fn heartbeat_line(tb: &Testbed, serial_a: &Path, host: &str) -> String {
+    let last = heartbeats(&std::fs::read_to_string(serial_a).unwrap_or_default()).last().copied();
+    let dest = tb.host(host).data_dir.join("demo-vm.qemu/serial.log");
+    let next = crate::testbed::wait_for(20, || {
+        let b = heartbeats(&std::fs::read_to_string(&dest).unwrap_or_default());
+        (b.len() >= 2).then_some(b)
+    });
+    format!(
+        "guest heartbeat: last on hostA {}, then on {host} {}",
+        last.map_or("none".into(), |n| n.to_string()),
+        next.map_or("nothing yet".into(), |b| format!("{b:?}"))
+    )
 }

@@ -4,11 +4,14 @@
 pub mod demo;
 pub mod progress;
 
-use crate::agent::api::{self, Request};
+use crate::agent::api::Client;
 use crate::agent::{Agent, AgentConfig};
 use crate::dirty::TrackerKind;
-use crate::engine::{BudgetAction, MigrateOptions, TransportKind};
+use crate::engine::options::VerifyMode;
+use crate::engine::options::{DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_TIME_S, DEFAULT_STREAMS};
+use crate::engine::{BudgetAction, MigrateOptions};
 use crate::guest::GuestOptions;
+use crate::protocol::TransportKind;
 use crate::tls::TlsConfig;
 use crate::vm::synthetic::{Pattern, Workload};
 use anyhow::{bail, Context as _, Result};
@@ -19,13 +22,16 @@ use std::path::PathBuf;
 
 const DEFAULT_API: &str = "/run/dcmigrate/agent.sock";
 
+/// The whole command line.
 #[derive(Parser)]
 #[command(name = "dcmigrate", version, about = "Live VM migration whose destination can change while it runs")]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub cmd: Cmd,
 }
 
+/// `--api`, for the commands that talk to the local agent.
 #[derive(Args, Clone)]
 pub struct ApiArg {
     /// The local agent's API socket.
@@ -33,12 +39,14 @@ pub struct ApiArg {
     pub api: PathBuf,
 }
 
+/// The commands.
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Run the per-host agent (daemon).
     Agent(AgentArgs),
     /// TLS material for agents.
     Certs {
+        /// What to do with them.
         #[command(subcommand)]
         cmd: CertsCmd,
     },
@@ -48,6 +56,7 @@ pub enum Cmd {
     Migrate(MigrateArgs),
     /// Change the destination of a running migration.
     Retarget {
+        /// The VM being migrated.
         vm: String,
         /// The new destination host.
         #[arg(long)]
@@ -56,42 +65,55 @@ pub enum Cmd {
         /// (cancel-and-restart, for comparison).
         #[arg(long)]
         no_forward: bool,
+        /// Print the agent's answer as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
     /// Progress or result of migrations on the local agent.
     Status {
+        /// Only this VM's migration (default: all of them).
         vm: Option<String>,
+        /// Print the migrations as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
     /// Cancel a migration: the VM keeps running here.
     Cancel {
+        /// The VM whose migration to cancel.
         vm: String,
+        /// Print the final report as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
     /// Start a VM that `migrate --suspend` left paused on this host.
     Resume {
+        /// The paused VM to start.
         vm: String,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
     /// VMs on the local agent.
     Vms {
+        /// Print the VMs and their state as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
     /// Manage the local agent's VMs.
     Vm {
+        /// What to do.
         #[command(subcommand)]
         cmd: VmCmd,
     },
@@ -99,11 +121,13 @@ pub enum Cmd {
     Demo(demo::DemoArgs),
 }
 
+/// `dcmigrate vm` commands.
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// Put a running QEMU under the local agent (its RAM must be in shared
     /// memory backends; see the README).
     Add {
+        /// The name the VM gets at the agent.
         name: String,
         /// The QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), for the agent alone.
         #[arg(long)]
@@ -113,8 +137,10 @@ pub enum VmCmd {
         /// Default: the QEMU's own command line.
         #[arg(long)]
         launch_spec: Option<PathBuf>,
+        /// Print the agent's answer (the RAM backends found) as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
         #[command(flatten)]
         api: ApiArg,
     },
@@ -124,20 +150,25 @@ pub enum VmCmd {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchSpecFile {
+    /// The QEMU program destinations run.
     pub binary: String,
+    /// Its arguments; `{dir}` stands for the VM's directory there.
     pub args: Vec<String>,
 }
 
+/// Reads a `vm add --launch-spec` file into a QEMU launch spec.
 pub fn read_launch_spec(path: &std::path::Path) -> Result<crate::vm::LaunchSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let f: LaunchSpecFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(crate::vm::LaunchSpec::Qemu { binary: f.binary, args: f.args })
 }
 
+/// `dcmigrate certs` commands.
 #[derive(Subcommand)]
 pub enum CertsCmd {
     /// Make a CA and one certificate per host in DIR.
     Init {
+        /// Where to write ca.pem, ca.key and HOST.pem/HOST.key (created if missing).
         dir: PathBuf,
         /// Comma-separated host names.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -145,6 +176,7 @@ pub enum CertsCmd {
     },
 }
 
+/// `dcmigrate agent` arguments.
 #[derive(Args)]
 pub struct AgentArgs {
     /// This host's name (must match its certificate).
@@ -171,6 +203,7 @@ pub struct AgentArgs {
     /// Use TCP only, even where RDMA is available.
     #[arg(long, env = "DCMIGRATE_NO_RDMA")]
     pub no_rdma: bool,
+    /// Where the agent serves its API.
     #[command(flatten)]
     pub api: ApiArg,
 }
@@ -197,6 +230,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// `dcmigrate guest` arguments.
 #[derive(Args)]
 pub struct GuestArgs {
     /// The VM's name.
@@ -211,8 +245,10 @@ pub struct GuestArgs {
     /// Fraction of RAM that receives the writes.
     #[arg(long, default_value_t = 1.0)]
     pub hot_fraction: f64,
+    /// Which pages the writes go to.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
     pub pattern: Pattern,
+    /// Seed of the initial RAM content and of the random page choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Where the RAM file, dirty log and control socket go.
@@ -234,37 +270,51 @@ pub struct GuestArgs {
     /// (agents) wait for device state on an existing RAM file.
     #[arg(long, hide = true)]
     pub incoming: bool,
+    /// (agents) the RAM file an incoming guest maps, created by the agent.
     #[arg(long, hide = true)]
     pub ram_file: Option<PathBuf>,
+    /// (agents) quit if the agent that started the guest dies before it is committed.
     #[arg(long, hide = true)]
     pub exit_with_parent: bool,
+    /// (test builds) leave every Nth write out of the dirty log, like a
+    /// tracker that misses writes.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_miss_every: u64,
 }
 
+/// `dcmigrate migrate` arguments.
 #[derive(Args)]
 pub struct MigrateArgs {
+    /// The VM to migrate.
     pub vm: String,
     /// Destination host (a peer of the local agent).
     #[arg(long)]
     pub to: String,
     /// Largest acceptable downtime; rounds continue until the estimate fits.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
     /// Parallel data streams.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_STREAMS)]
     pub streams: usize,
     /// Data plane: RDMA where both ends can (auto), or only TCP, or only RDMA.
     #[arg(long, value_enum, default_value_t = TransportKind::Auto)]
     pub transport: TransportKind,
     /// Round budget before `--on-budget` applies.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = DEFAULT_MAX_ROUNDS)]
     pub max_rounds: u32,
     /// Time budget in seconds before `--on-budget` applies.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = DEFAULT_MAX_TIME_S)]
     pub max_time: u64,
     /// What to do when the budget runs out before convergence.
     #[arg(long, value_enum, default_value_t = BudgetAction::Force)]
     pub on_budget: BudgetAction,
-    /// Skip the end-to-end checksum comparison before the destination resumes.
+    /// How both ends' RAM is compared before the destination resumes: `live`
+    /// (every chunk while the guest runs, the pause only what changed since),
+    /// `full` (every chunk in the pause), `off`.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Live)]
+    pub verify: VerifyMode,
+    /// The same as `--verify off`.
     #[arg(long)]
     pub no_verify: bool,
     /// Leave the VM paused on the destination.
@@ -282,11 +332,13 @@ pub struct MigrateArgs {
     /// Start the migration and return; follow it with `status`.
     #[arg(long)]
     pub detach: bool,
+    /// The local agent, which runs the migration.
     #[command(flatten)]
     pub api: ApiArg,
 }
 
 impl MigrateArgs {
+    /// The migration options these arguments ask for (defaults elsewhere).
     pub fn options(&self) -> MigrateOptions {
         MigrateOptions {
             downtime_ms: self.downtime_ms,
@@ -295,7 +347,7 @@ impl MigrateArgs {
             max_rounds: self.max_rounds,
             max_time_s: self.max_time,
             on_budget: self.on_budget,
-            verify: !self.no_verify,
+            verify: if self.no_verify { VerifyMode::Off } else { self.verify },
             suspend: self.suspend,
             tracker: self.tracker,
             max_bandwidth_mbps: self.max_bandwidth,
@@ -304,6 +356,7 @@ impl MigrateArgs {
     }
 }
 
+/// Runs a parsed command line; returns the process's exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Agent(a) => run_agent(a).map(|_| 0),
@@ -313,56 +366,41 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Guest(g) => run_guest(g).map(|_| 0),
-        Cmd::Migrate(m) => {
-            let req = Request::Migrate { vm: m.vm.clone(), to: m.to.clone(), options: m.options() };
-            api::call(&m.api.api, &req)?;
-            if m.detach {
-                println!("migration of {} to {} started", m.vm, m.to);
-                return Ok(0);
-            }
-            let report = progress::follow(&m.api.api, &m.vm, m.json)?;
-            progress::print_report(&report, m.json);
-            Ok(progress::exit_code(&report))
-        }
+        Cmd::Migrate(m) => migrate(m),
         Cmd::Retarget { vm, to, no_forward, json, api } => {
-            let v = api::call(&api.api, &Request::Retarget { vm: vm.clone(), to: to.clone(), forward: !no_forward })?;
-            if json {
-                println!("{v}");
-            } else {
-                println!("{vm} now migrates to {to}");
+            let r = Client::new(api.api).retarget(&vm, &to, !no_forward)?;
+            match json {
+                true => println!("{}", serde_json::to_string(&r)?),
+                false => println!("{vm} now migrates to {to}"),
             }
             Ok(0)
         }
         Cmd::Status { vm, json, api } => {
-            let v = api::call(&api.api, &Request::Status { vm })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v["migrations"])?);
-            } else {
-                progress::print_status(&v["migrations"]);
+            let all = Client::new(api.api).status(vm.as_deref())?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&all)?),
+                false => progress::print_status(&all),
             }
             Ok(0)
         }
         Cmd::Cancel { vm, json, api } => {
-            let v = api::call(&api.api, &Request::Cancel { vm })?;
-            progress::print_report(&v["report"], json);
+            let m = Client::new(api.api).cancel(&vm)?;
+            if let Some(r) = &m.report {
+                progress::print_report(r, json);
+            }
             Ok(0)
         }
         Cmd::Resume { vm, api } => {
-            api::call(&api.api, &Request::Resume { vm: vm.clone() })?;
+            Client::new(api.api).resume(&vm)?;
             println!("{vm} resumed");
             Ok(0)
         }
         Cmd::Vms { json, api } => {
-            let v = api::call(&api.api, &Request::List)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v["vms"])?);
-            } else {
-                for vm in v["vms"].as_array().into_iter().flatten() {
-                    println!(
-                        "{}\t{}",
-                        vm["name"].as_str().unwrap_or("?"),
-                        vm["state"]["phase"].as_str().unwrap_or("unknown")
-                    );
+            let vms = Client::new(api.api).list()?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&vms)?),
+                false => {
+                    vms.iter().for_each(|v| println!("{}\t{}", v.name, v.state.phase.as_deref().unwrap_or("unknown")))
                 }
             }
             Ok(0)
@@ -370,24 +408,31 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Vm { cmd: VmCmd::Add { name, qmp, launch_spec, json, api } } => {
             let launch = launch_spec.as_deref().map(read_launch_spec).transpose()?;
             let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
-            let v = api::call(&api.api, &Request::AttachQemu { name: name.clone(), qmp, launch })?;
+            let r = Client::new(api.api).attach_qemu(&name, qmp, launch)?;
             if json {
-                println!("{v}");
-            } else {
-                for r in v["ram"].as_array().into_iter().flatten() {
-                    println!(
-                        "  RAM {} ({} MiB): {}",
-                        r["id"].as_str().unwrap_or("?"),
-                        r["size"].as_u64().unwrap_or(0) >> 20,
-                        r["path"].as_str().unwrap_or("?")
-                    );
-                }
-                println!("{name} added");
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(0);
             }
+            for f in &r.ram {
+                println!("  RAM {} ({} MiB): {}", f.id, f.size >> 20, f.path.display());
+            }
+            println!("{name} added");
             Ok(0)
         }
         Cmd::Demo(d) => demo::run(d),
     }
+}
+
+fn migrate(m: MigrateArgs) -> Result<i32> {
+    let client = Client::new(m.api.api.clone());
+    client.migrate(&m.vm, &m.to, m.options())?;
+    if m.detach {
+        println!("migration of {} to {} started", m.vm, m.to);
+        return Ok(0);
+    }
+    let report = progress::follow(&client, &m.vm, m.json)?;
+    progress::print_report(&report, m.json);
+    Ok(progress::exit_code(&report))
 }
 
 fn run_agent(a: AgentArgs) -> Result<()> {
@@ -438,6 +483,8 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         incoming_ram: if g.incoming { g.ram_file } else { None },
         exit_with_parent: g.exit_with_parent,
         zero_every: g.zero_every,
+        #[cfg(feature = "test-hooks")]
+        miss_every: g.test_miss_every,
     };
     let (agent, incoming, no_log) = (g.agent, g.incoming, g.no_dirty_log);
     crate::guest::run(opts, |rec| match &agent {
@@ -446,7 +493,7 @@ fn run_guest(g: GuestArgs) -> Result<()> {
             if no_log {
                 vm.dirty_log = None;
             }
-            api::call(api_path, &Request::Register { vm }).map_err(|e| e.to_string())?;
+            Client::new(api_path).register(vm).map_err(|e| crate::error_chain(&e))?;
             eprintln!("guest {} registered with {}", rec.name, api_path.display());
             Ok(())
         }

@@ -36,6 +36,8 @@ impl DirtyLog {
         (HEADER + pages.div_ceil(64) * 8) as u64
     }
 
+    /// Creates (or truncates) the log for `pages` pages, all clean: the
+    /// guest's side.
     pub fn create(path: &Path, pages: usize) -> Result<Self, DirtyError> {
         let f = OpenOptions::new()
             .read(true)
@@ -54,6 +56,8 @@ impl DirtyLog {
         Ok(Self { map, pages, path: path.to_owned() })
     }
 
+    /// Opens an existing log and checks that it was made for `pages` pages:
+    /// the tracker's side.
     pub fn open(path: &Path, pages: usize) -> Result<Self, DirtyError> {
         let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Self::err(path, e))?;
         let len = f.metadata().map_err(|e| Self::err(path, e))?.len();
@@ -69,6 +73,7 @@ impl DirtyLog {
         Ok(Self { map, pages, path: path.to_owned() })
     }
 
+    /// The log file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -88,6 +93,7 @@ impl DirtyLog {
         }
     }
 
+    /// The pages marked since the previous drain; clears their marks.
     pub fn drain(&self) -> Bitmap {
         let mut out = Bitmap::new(self.pages);
         for (i, w) in self.words().iter().enumerate() {
@@ -99,6 +105,7 @@ impl DirtyLog {
     }
 }
 
+/// Tracks a guest that marks its own writes in a [`DirtyLog`].
 pub struct CooperativeTracker {
     log: DirtyLog,
 }

@@ -19,36 +19,64 @@ struct State {
     pending: AtomicBitmap,
 }
 
+/// Tracks any RAM by comparing per-page hashes with those of the previous
+/// sync (and with what senders read).
 pub struct HashTracker {
     state: Arc<State>,
 }
 
 impl HashTracker {
+    /// Self-tests, then takes every page's hash as the baseline: a scan of
+    /// all of `ram` (holes count as zeros without being read).
     pub fn start(ram: &GuestRam) -> Result<Self, DirtyError> {
         self_test()?;
         let data = data_pages(ram);
         Ok(Self::baseline(ram.layout().total_pages(), |p| page_hash(ram, &data, p)))
     }
 
-    fn baseline(pages: usize, hash: impl Fn(usize) -> u64) -> Self {
-        Self {
-            state: Arc::new(State {
-                baseline: (0..pages).map(|p| AtomicU64::new(hash(p))).collect(),
-                pending: AtomicBitmap::new(pages),
-            }),
-        }
+    fn baseline(pages: usize, hash: impl Fn(usize) -> u64 + Sync) -> Self {
+        let baseline: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(0)).collect();
+        on_all_cores(pages, |range| range.for_each(|p| baseline[p].store(hash(p), Ordering::Relaxed)));
+        Self { state: Arc::new(State { baseline, pending: AtomicBitmap::new(pages) }) }
     }
 
-    fn sync_with(&mut self, pages: usize, hash: impl Fn(usize) -> u64) -> Bitmap {
+    /// Hashes every page (on all cores); the pages whose hash changed, and
+    /// those senders saw change, are dirty.
+    fn sync_with(&mut self, pages: usize, hash: impl Fn(usize) -> u64 + Sync) -> Bitmap {
         let mut dirty = self.state.pending.drain();
-        for p in 0..pages {
-            let h = hash(p);
-            if self.state.baseline[p].swap(h, Ordering::Relaxed) != h {
-                dirty.set(p);
+        let baseline = &self.state.baseline;
+        let parts = on_all_cores(pages, |range| {
+            let first_word = range.start / 64;
+            let mut words = vec![0u64; range.len().div_ceil(64)];
+            for p in range {
+                let h = hash(p);
+                if baseline[p].swap(h, Ordering::Relaxed) != h {
+                    words[p / 64 - first_word] |= 1 << (p % 64);
+                }
+            }
+            (first_word, words)
+        });
+        for (first_word, words) in parts {
+            for (i, w) in words.into_iter().enumerate().filter(|(_, w)| *w != 0) {
+                dirty.or_word(first_word + i, w);
             }
         }
         dirty
     }
+}
+
+/// Runs `f` over `0..pages` cut into one range per core (each a whole
+/// number of 64-page words); returns the results in order.
+fn on_all_cores<T: Send>(pages: usize, f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+    let words = pages.div_ceil(64);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, words.max(1));
+    let per = words.div_ceil(threads) * 64;
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..pages).step_by(per.max(64)).map(|a| s.spawn(move || f(a..(a + per).min(pages)))).collect();
+        handles.into_iter().map(|h| h.join().expect("hashing thread")).collect()
+    })
 }
 
 fn data_pages(ram: &GuestRam) -> Bitmap {
@@ -61,7 +89,8 @@ fn data_pages(ram: &GuestRam) -> Bitmap {
 fn page_hash(ram: &GuestRam, data: &Bitmap, page: usize) -> u64 {
     static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     if data.get(page) {
-        xxh3_64(ram.page_bytes(page))
+        // In bounds: `page` comes from the RAM's own layout.
+        ram.page_hash(page).unwrap_or_default()
     } else {
         *ZERO.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
     }
@@ -113,8 +142,24 @@ impl DirtyTracker for HashTracker {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn self_test_passes() {
-        super::self_test().unwrap();
+        self_test().unwrap();
+    }
+
+    #[test]
+    fn parallel_sync_reports_exactly_the_changed_pages() {
+        // Enough pages for several threads and a partial last word.
+        let pages = 64 * 37 + 5;
+        let mut content: Vec<u64> = (0..pages as u64).collect();
+        let mut t = HashTracker::baseline(pages, |p| content[p]);
+        for p in [0, 63, 64, 1000, pages - 1] {
+            content[p] += 1;
+        }
+        let d = t.sync_with(pages, |p| content[p]);
+        assert_eq!(d.iter_ones().collect::<Vec<_>>(), vec![0, 63, 64, 1000, pages - 1]);
+        assert_eq!(t.sync_with(pages, |p| content[p]).count(), 0, "nothing changed since");
     }
 }

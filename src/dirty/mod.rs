@@ -5,6 +5,7 @@
 //! without it, say) would make a migration copy stale memory.
 
 pub mod cooperative;
+pub mod freeze;
 pub mod hash;
 pub mod softdirty;
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// The ways of finding a VM's dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrackerKind {
@@ -26,6 +28,7 @@ pub enum TrackerKind {
 }
 
 impl TrackerKind {
+    /// Its name in logs, reports and on the command line (`soft-dirty`).
     pub fn name(self) -> &'static str {
         match self {
             TrackerKind::Cooperative => "cooperative",
@@ -35,21 +38,43 @@ impl TrackerKind {
     }
 }
 
+/// A dirty tracker could not start or sync.
 #[derive(Debug, Error)]
 pub enum DirtyError {
+    /// The dirty log, or the /proc files soft-dirty reads, could not be used.
     #[error("dirty log {path}: {msg}")]
-    Log { path: String, msg: String },
+    Log {
+        /// The file (`soft-dirty` for the tracked process's /proc files).
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The tracker did not report a page it was shown being written.
     #[error("{tracker} tracker failed its self-test: {msg}")]
-    SelfTest { tracker: &'static str, msg: String },
+    SelfTest {
+        /// The tracker's name.
+        tracker: &'static str,
+        /// What the test saw.
+        msg: String,
+    },
+    /// The VM cannot be tracked this way (e.g. cooperative for QEMU); holds
+    /// the tracker's name.
     #[error("{0} tracking is not available for this VM")]
     Unavailable(&'static str),
 }
 
+/// Finds the pages of a VM's RAM written between syncs.
 pub trait DirtyTracker: Send + Sync {
+    /// Which kind of tracker this is.
     fn kind(&self) -> TrackerKind;
 
     /// Pages written since the previous sync (the first: since the tracker started).
     fn sync(&mut self, ram: &GuestRam) -> Result<Bitmap, DirtyError>;
+
+    /// How long the last sync stopped the guest (trackers that freeze it).
+    fn last_stop(&self) -> Option<std::time::Duration> {
+        None
+    }
 
     /// Trackers that compare contents want to see what senders read, so a
     /// page that changed between the sync and the read is reported again.
@@ -60,5 +85,7 @@ pub trait DirtyTracker: Send + Sync {
 
 /// Told what a sender read from the source's RAM.
 pub trait SendObserver: Send + Sync {
+    /// `bytes` is the content of `page` (a page number in the RAM layout) as
+    /// a sender read it to send it.
     fn observe(&self, page: usize, bytes: &[u8]);
 }

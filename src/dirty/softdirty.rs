@@ -3,9 +3,11 @@
 //! (QEMU, or the synthetic guest).
 //!
 //! Reading the bits and clearing them are two system calls; a write between
-//! them would be lost. So each sync freezes the process (SIGSTOP, wait until
-//! every thread stopped), reads, clears and lets it go (SIGCONT): a stall of
-//! about the pagemap read, 2 MiB of pagemap per GiB of RAM.
+//! them would be lost. So each sync freezes the process's threads with
+//! ptrace ([`super::freeze`]), reads, clears and lets them go: a stall of
+//! about the pagemap read, 2 MiB of pagemap per GiB of RAM. An agent killed
+//! meanwhile never leaves the VM stopped (the kernel detaches it), and a VM
+//! an operator had stopped stays stopped.
 //!
 //! Limits: a kernel without `CONFIG_MEM_SOFT_DIRTY` accepts `clear_refs` and
 //! reports nothing (the self-test catches it); writes that do not go through
@@ -19,8 +21,8 @@ use crate::memory::{GuestRam, RegionSpec, PAGE_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 const SOFT_DIRTY: u64 = 1 << 55;
 
@@ -35,13 +37,20 @@ struct Mapping {
     vaddr: u64,
 }
 
+/// Tracks the RAM of a process (QEMU, the synthetic guest) through the
+/// kernel's soft-dirty bits in `/proc/PID/pagemap`.
 pub struct SoftDirtyTracker {
     pid: u32,
     pagemap: File,
     clear_refs: File,
     maps: Vec<Mapping>,
     buf: Vec<u8>,
+    /// How long the last sync kept the process frozen.
+    last_stop: Option<Duration>,
 }
+
+/// How long freezing a process's threads may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl SoftDirtyTracker {
     /// Tracks `ram` as process `pid` maps it; `files` are the RAM's backing
@@ -64,7 +73,7 @@ impl SoftDirtyTracker {
             maps.push(Mapping { first_page, pages, vaddr });
             first_page += pages;
         }
-        let mut t = Self { pid, pagemap, clear_refs, maps, buf: Vec::new() };
+        let mut t = Self { pid, pagemap, clear_refs, maps, buf: Vec::new(), last_stop: None };
         t.frozen(|t| t.clear())?;
         Ok(t)
     }
@@ -89,21 +98,11 @@ impl SoftDirtyTracker {
 
     /// Runs `f` while every thread of the process is stopped.
     fn frozen<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, DirtyError>) -> Result<T, DirtyError> {
-        let pid = self.pid as libc::pid_t;
-        // SAFETY: plain signal to a pid we were given; errors checked.
-        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
-            return Err(err(format!("stopping pid {pid}: {}", std::io::Error::last_os_error())));
-        }
-        struct Cont(libc::pid_t);
-        impl Drop for Cont {
-            fn drop(&mut self) {
-                // SAFETY: as above; resuming is best effort once the process is gone.
-                unsafe { libc::kill(self.0, libc::SIGCONT) };
-            }
-        }
-        let _cont = Cont(pid);
-        wait_stopped(self.pid, Duration::from_secs(2))?;
-        f(self)
+        let frozen = super::freeze::Frozen::new(self.pid, FREEZE_TIMEOUT)?;
+        let r = f(self);
+        self.last_stop = Some(frozen.elapsed());
+        drop(frozen);
+        r
     }
 }
 
@@ -134,33 +133,13 @@ fn find_mapping(maps: &str, ino: u64, size: u64) -> Option<u64> {
     })
 }
 
-fn wait_stopped(pid: u32, timeout: Duration) -> Result<(), DirtyError> {
-    let end = Instant::now() + timeout;
-    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
-    loop {
-        let entries = std::fs::read_dir(&tasks).map_err(|e| err(format!("pid {pid}: {e}")))?;
-        let all = entries.flatten().all(|t| task_stopped(&t.path().join("stat")));
-        if all {
-            return Ok(());
-        }
-        if Instant::now() > end {
-            return Err(err(format!("pid {pid} did not stop within {timeout:?}")));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-fn task_stopped(stat: &Path) -> bool {
-    // The state follows the parenthesised command name, which may contain spaces.
-    std::fs::read_to_string(stat)
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
-        .is_some_and(|c| c == 'T' || c == 't')
-}
-
 impl DirtyTracker for SoftDirtyTracker {
     fn kind(&self) -> TrackerKind {
         TrackerKind::SoftDirty
+    }
+
+    fn last_stop(&self) -> Option<Duration> {
+        self.last_stop
     }
 
     fn sync(&mut self, ram: &GuestRam) -> Result<Bitmap, DirtyError> {

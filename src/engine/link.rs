@@ -4,147 +4,197 @@
 //! asynchronous `Forwarded` reports can interleave, plus the source's own
 //! data sender to that host.
 
-use super::EngineError;
-use crate::agent::peer::{self, ClientStream};
+use crate::control::{self, Inbox, PeerError};
+use crate::dirty::SendObserver;
 use crate::ledger::HostId;
 use crate::memory::GuestRam;
-use crate::protocol::data::Token;
-use crate::protocol::{read_message, write_message, Message, ProtocolError};
+use crate::protocol::{
+    write_message, DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind,
+};
 use crate::tls::TlsConfig;
-use crate::transport::rdma::{Rdma, RdmaRegion};
-use crate::transport::{Batch, Completion, PageSender, Run, TransportKind};
+use crate::transport::rdma::Rdma;
+use crate::transport::{Batch, Completion, OpenError, PageSender, SenderSpec, StreamSpec};
 use crate::vm::VmRecord;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a peer may take to answer a control request.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an aborted peer may take to confirm it discarded its session.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct Link {
+/// A control request to a peer failed.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The control connection could not be made.
+    #[error("connecting")]
+    Connect(#[source] PeerError),
+    /// The peer refused the session.
+    #[error("{0}")]
+    Refused(String),
+    /// No data plane could be opened.
+    #[error("data plane")]
+    DataPlane(#[source] OpenError),
+    /// The control connection ended.
+    #[error("control connection closed")]
+    Closed,
+    /// Reading or writing it failed.
+    #[error("control connection")]
+    Protocol(#[source] ProtocolError),
+    /// No reply in time (the link is given up: a late reply would answer the next request).
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered with an error.
+    #[error("{0}")]
+    Peer(String),
+    /// A reply of the wrong kind.
+    #[error("{request}: unexpected reply {got}")]
+    Unexpected {
+        /// What was asked.
+        request: &'static str,
+        /// What came back.
+        got: &'static str,
+    },
+}
+
+/// How to open a link (owned: it is opened on a task of its own).
+pub struct LinkSpec {
+    /// This agent's TLS identity.
+    pub tls: TlsConfig,
+    /// This host's name.
+    pub me: String,
+    /// The peer.
     pub host: String,
+    /// The peer's host id in the migration.
+    pub id: HostId,
+    /// Its control address.
+    pub addr: SocketAddr,
+    /// The VM.
+    pub vm: VmRecord,
+    /// The layout's chunk size.
+    pub chunk_size: u64,
+    /// Data streams.
+    pub streams: usize,
+    /// The source's RAM.
+    pub ram: Arc<GuestRam>,
+    /// Sees every page the source reads.
+    pub observer: Option<Arc<dyn SendObserver>>,
+    /// Where completions go.
+    pub completions: mpsc::UnboundedSender<Completion>,
+    /// Which data plane may be used.
+    pub transport: TransportKind,
+    /// This host's RDMA device, or why there is none.
+    pub rdma: Result<Arc<Rdma>, String>,
+}
+
+/// The source's connection to one peer.
+pub struct Link {
+    /// The peer's name.
+    pub host: String,
+    /// Its host id in the migration.
     pub id: HostId,
     /// The session's data endpoint on this host.
     pub data_addr: SocketAddr,
+    /// The session's token.
     pub token: Token,
+    /// The negotiated protocol version.
+    pub version: u32,
     out: mpsc::UnboundedSender<Message>,
-    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
+    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Message, String>>>,
     /// Batches this host forwards, until it reports them; `None` once the
     /// connection is gone (so no batch can be added after the last report).
     forwarding: Arc<Mutex<Option<HashMap<u64, Batch>>>>,
-    /// Bytes this host reported having forwarded.
-    pub forwarded_bytes: Arc<AtomicU64>,
+    forwarded_bytes: Arc<AtomicU64>,
     /// Set when the control connection is gone.
     pub closed: CancellationToken,
     /// The source's own data sender to this host (None once released).
     sender: Mutex<Option<Box<dyn PageSender>>>,
-    /// "rdma" or "tcp": the source's data plane to this host.
-    pub transport: &'static str,
+    /// The source's data plane to this host.
+    pub transport: DataPlane,
     /// This host's RAM registered for RDMA writes, if it offered RDMA.
     pub rdma_offer: Option<Vec<RdmaRegion>>,
     sent_before_close: AtomicU64,
 }
 
-pub struct OpenArgs<'a> {
-    pub tls: &'a TlsConfig,
-    pub me: &'a str,
-    pub host: &'a str,
-    pub id: HostId,
-    pub addr: SocketAddr,
-    pub vm: &'a VmRecord,
-    pub chunk_size: u64,
-    pub streams: usize,
-    pub ram: Arc<GuestRam>,
-    pub observer: Option<Arc<dyn crate::dirty::SendObserver>>,
-    pub completions: mpsc::UnboundedSender<Completion>,
-    pub transport: TransportKind,
-    pub rdma: Result<Arc<Rdma>, String>,
-}
-
 impl Link {
     /// Connects, opens a session for the VM and the source's data streams.
-    pub async fn open(a: OpenArgs<'_>) -> Result<Arc<Link>, EngineError> {
-        let host = a.host.to_owned();
-        let setup = |e: String| EngineError::Setup(e);
-        let mut ctrl: ClientStream =
-            peer::connect(a.tls, a.me, a.host, a.addr).await.map_err(|e| setup(e.to_string()))?;
+    pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
+        let conn = control::connect(&a.tls, &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
+        let version = conn.version;
+        let (mut w, mut inbox, reader) = control::spawn_reader(conn.stream);
         let open = Message::OpenSession {
             vm: a.vm.name.clone(),
             regions: a.vm.regions(),
             chunk_size: a.chunk_size,
             launch: a.vm.launch.clone(),
         };
-        let lost = |why: String| EngineError::DestinationLost { host: host.clone(), why };
-        write_message(&mut ctrl, &open).await.map_err(|e| lost(e.to_string()))?;
-        let reply = tokio::time::timeout(CONTROL_TIMEOUT, read_message(&mut ctrl))
-            .await
-            .map_err(|_| lost("no answer to open session".into()))?;
-        let (port, token, rdma_offer) = match reply {
-            Ok(Message::SessionOpened { data_port, token, rdma }) => (data_port, token, rdma),
-            Ok(other) => return Err(lost(format!("unexpected {}", other.name()))),
-            Err(ProtocolError::Peer(m)) => return Err(setup(format!("{host} refused the migration: {m}"))),
-            Err(e) => return Err(lost(e.to_string())),
+        write_message(&mut w, &open).await.map_err(LinkError::Protocol)?;
+        let (port, token, rdma_offer) = match next_reply(&mut inbox, CONTROL_TIMEOUT).await? {
+            Message::SessionOpened { data_port, token, rdma } => (data_port, token, rdma),
+            Message::Error { message } => return Err(LinkError::Refused(message)),
+            other => return Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
         };
-        let token: Token =
-            hex::decode(&token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| lost("bad session token".into()))?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
-        let sender = crate::transport::open_sender(
-            &host,
-            a.transport,
-            &a.rdma,
-            rdma_offer.as_deref(),
-            data_addr,
-            token,
-            0,
-            a.streams,
-            a.ram,
-            a.observer,
-            a.completions.clone(),
-        )
-        .await;
-        let sender = match sender {
+        let spec = SenderSpec {
+            host: &a.host,
+            transport: a.transport,
+            rdma: &a.rdma,
+            offer: rdma_offer.as_deref(),
+            streams: StreamSpec {
+                addr: data_addr,
+                token,
+                sender: 0,
+                streams: a.streams,
+                ram: a.ram,
+                observer: a.observer,
+                completions: a.completions.clone(),
+            },
+        };
+        let sender = match crate::transport::open_sender(spec).await {
             Ok(s) => s,
             Err(e) => {
                 // Wait for the answer: the host has cleaned up once it replies,
                 // so a retry right away finds no leftover session.
-                let _ = write_message(&mut ctrl, &Message::Abort { reason: e.clone() }).await;
-                let _ = tokio::time::timeout(Duration::from_secs(10), read_message(&mut ctrl)).await;
-                return Err(if a.transport == TransportKind::Rdma { setup(e) } else { lost(e) });
+                let abort = Message::Abort { reason: crate::error_chain(&e) };
+                let _ = write_message(&mut w, &abort).await;
+                let _ = next_reply(&mut inbox, ABORT_TIMEOUT).await;
+                reader.abort();
+                return Err(LinkError::DataPlane(e));
             }
         };
-        let transport = sender.kind();
         let (out, out_rx) = mpsc::unbounded_channel();
         let (replies_tx, replies) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
-            host: host.clone(),
+            host: a.host,
             id: a.id,
             data_addr,
             token,
+            version,
             out,
             replies: tokio::sync::Mutex::new(replies),
             forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
             closed: CancellationToken::new(),
+            transport: sender.kind(),
             sender: Mutex::new(Some(sender)),
-            transport,
             rdma_offer,
             sent_before_close: AtomicU64::new(0),
         });
-        link.spawn_io(ctrl, out_rx, replies_tx, a.completions);
+        link.spawn_writer(w, out_rx);
+        link.spawn_dispatch(inbox, replies_tx, a.completions);
         Ok(link)
     }
 
-    fn spawn_io(
-        &self,
-        ctrl: ClientStream,
-        mut out_rx: mpsc::UnboundedReceiver<Message>,
-        replies: mpsc::UnboundedSender<Message>,
-        completions: mpsc::UnboundedSender<Completion>,
-    ) {
-        let (mut r, mut w) = tokio::io::split(ctrl);
+    fn spawn_writer<W>(&self, mut w: W, mut out_rx: mpsc::UnboundedReceiver<Message>)
+    where
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let closed = self.closed.clone();
         tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
@@ -154,33 +204,44 @@ impl Link {
             }
             closed.cancel();
         });
+    }
+
+    /// Sorts what the peer sends: `Forwarded` reports complete batches, the
+    /// rest are replies. When the connection ends, every forwarded batch
+    /// still out fails.
+    fn spawn_dispatch(
+        &self,
+        mut inbox: Inbox,
+        replies: mpsc::UnboundedSender<Result<Message, String>>,
+        completions: mpsc::UnboundedSender<Completion>,
+    ) {
         let (closed, forwarding, bytes) = (self.closed.clone(), self.forwarding.clone(), self.forwarded_bytes.clone());
         tokio::spawn(async move {
             let why = loop {
                 let m = tokio::select! {
-                    m = read_message(&mut r) => m,
+                    m = inbox.recv() => m,
                     _ = closed.cancelled() => break "control connection closed".to_string(),
                 };
                 match m {
-                    Ok(Message::Forwarded { batch, applied, error, bytes: b }) => {
+                    Some(Ok(Message::Forwarded { batch, applied, error, bytes: b })) => {
                         bytes.fetch_max(b, Ordering::Relaxed);
                         let Some(batch) = forwarding.lock().unwrap().as_mut().and_then(|m| m.remove(&batch)) else {
                             continue;
                         };
-                        let c = if applied {
-                            Completion::Applied(batch)
-                        } else {
-                            Completion::Failed(batch, error.unwrap_or_else(|| "forward failed".into()))
+                        let c = match applied {
+                            true => Completion::Applied(batch),
+                            false => Completion::Failed(batch, error.unwrap_or_else(|| "forward failed".into())),
                         };
                         let _ = completions.send(c);
                     }
-                    Ok(m) => {
-                        let _ = replies.send(m);
+                    Some(Ok(m)) => {
+                        let _ = replies.send(Ok(m));
                     }
-                    Err(ProtocolError::Peer(message)) => {
-                        let _ = replies.send(Message::Error { message });
+                    Some(Err(ProtocolError::Peer(message))) => {
+                        let _ = replies.send(Err(message));
                     }
-                    Err(e) => break e.to_string(),
+                    Some(Err(e)) => break crate::error_chain(&e),
+                    None => break "control connection closed".to_string(),
                 }
             };
             closed.cancel();
@@ -192,48 +253,54 @@ impl Link {
     }
 
     /// Sends a request and waits for its reply (an `Error` reply is an error).
-    pub async fn request(&self, m: Message) -> Result<Message, EngineError> {
-        let lost = |why: String| EngineError::DestinationLost { host: self.host.clone(), why };
+    pub async fn request(&self, m: Message) -> Result<Message, LinkError> {
+        self.request_within(m, CONTROL_TIMEOUT).await
+    }
+
+    /// [`request`](Self::request) for work that takes longer than an ordinary
+    /// call (checksums of a large RAM): the reply may take `timeout`.
+    pub async fn request_within(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
         let mut replies = self.replies.lock().await;
-        self.out.send(m).map_err(|_| lost("control connection closed".into()))?;
+        self.out.send(m).map_err(|_| LinkError::Closed)?;
         let reply = tokio::select! {
             biased;
-            r = tokio::time::timeout(CONTROL_TIMEOUT, replies.recv()) => match r {
+            r = tokio::time::timeout(timeout, replies.recv()) => match r {
                 Ok(r) => r,
                 Err(_) => {
                     // A late reply would answer the next request: give up the link.
                     self.closed.cancel();
-                    return Err(lost("no answer".into()));
+                    return Err(LinkError::Timeout(timeout));
                 }
             },
             // A reply may have arrived just before the connection closed.
             _ = self.closed.cancelled() => replies.try_recv().ok(),
         };
         match reply {
-            Some(Message::Error { message }) => Err(lost(message)),
-            Some(m) => Ok(m),
-            None => Err(lost("control connection closed".into())),
+            Some(Ok(m)) => Ok(m),
+            Some(Err(message)) => Err(LinkError::Peer(message)),
+            None => Err(LinkError::Closed),
         }
     }
 
-    /// A request whose only acceptable reply is the message named `expected`.
-    pub async fn call(&self, m: Message, expected: &str) -> Result<(), EngineError> {
-        let what = m.name();
+    /// A request whose only acceptable reply is of kind `expected`.
+    pub async fn call(&self, m: Message, expected: MessageKind) -> Result<Message, LinkError> {
+        let request = m.name();
         let reply = self.request(m).await?;
-        if reply.name() != expected {
-            return Err(EngineError::DestinationLost {
-                host: self.host.clone(),
-                why: format!("{what}: unexpected reply {}", reply.name()),
-            });
+        if reply.kind() != expected {
+            return Err(LinkError::Unexpected { request, got: reply.name() });
         }
-        Ok(())
+        Ok(reply)
+    }
+
+    /// Sends a message that has no reply of its own.
+    pub fn send(&self, m: Message) -> Result<(), LinkError> {
+        self.out.send(m).map_err(|_| LinkError::Closed)
     }
 
     /// Tells the host to discard its session, and waits (briefly) until it did.
     pub async fn abort(&self, reason: &str) {
         self.close_sender();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(10), self.request(Message::Abort { reason: reason.into() })).await;
+        let _ = tokio::time::timeout(ABORT_TIMEOUT, self.request(Message::Abort { reason: reason.into() })).await;
         self.closed.cancel();
     }
 
@@ -251,7 +318,7 @@ impl Link {
         // connection ends, and none can be added after that.
         let mut map = self.forwarding.lock().unwrap();
         let Some(m) = map.as_mut() else { return Err(b) };
-        let runs: Vec<(usize, usize)> = b.runs.iter().map(|r: &Run| (r.first_page, r.pages)).collect();
+        let runs: Vec<(usize, usize)> = b.runs.iter().map(|r| (r.first_page, r.pages)).collect();
         let id = b.id;
         if self.out.send(Message::Forward { batch: id, to: to.to_owned(), runs }).is_err() {
             return Err(b);
@@ -266,11 +333,27 @@ impl Link {
         live + self.sent_before_close.load(Ordering::Relaxed)
     }
 
+    /// Payload bytes this host reported having forwarded.
+    pub fn forwarded_bytes(&self) -> u64 {
+        self.forwarded_bytes.load(Ordering::Relaxed)
+    }
+
     /// Stops the source's data streams to this host (in-flight batches fail).
     pub fn close_sender(&self) {
         if let Some(s) = self.sender.lock().unwrap().take() {
             self.sent_before_close.fetch_add(s.bytes_sent(), Ordering::Relaxed);
             s.close();
         }
+    }
+}
+
+/// The next message on a fresh connection, within `timeout`.
+async fn next_reply(inbox: &mut Inbox, timeout: Duration) -> Result<Message, LinkError> {
+    match tokio::time::timeout(timeout, inbox.recv()).await {
+        Err(_) => Err(LinkError::Timeout(timeout)),
+        Ok(None) => Err(LinkError::Closed),
+        Ok(Some(Ok(m))) => Ok(m),
+        Ok(Some(Err(ProtocolError::Peer(message)))) => Ok(Message::Error { message }),
+        Ok(Some(Err(e))) => Err(LinkError::Protocol(e)),
     }
 }

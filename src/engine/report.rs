@@ -1,14 +1,13 @@
-//! What a migration tells the world: live progress while it runs, the final
-//! report when it ends, and the handle the agent's API reads both from.
+//! What a migration tells the world when it ends: the [`Report`], for
+//! people (the CLI prints it) and machines (`--json`, the API).
 
+use super::options::VerifyMode;
+use crate::dirty::TrackerKind;
+use crate::protocol::DataPlane;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
+/// How a migration ended.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -23,63 +22,198 @@ pub enum Outcome {
     Failed,
 }
 
+/// How the switchover was reached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Switchover {
+    /// The downtime estimate fitted the limit.
+    Converged,
+    /// The budget ran out with `--on-budget force`.
+    Forced,
+}
+
+/// The data planes a migration used, summed up.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportUsed {
+    /// No data plane was opened.
+    #[default]
+    None,
+    /// TCP only.
+    Tcp,
+    /// RDMA only.
+    Rdma,
+    /// Some pairs one, some the other: see `senders`.
+    Mixed,
+}
+
+impl TransportUsed {
+    /// The summary of these pairs' data planes.
+    pub fn of(planes: impl IntoIterator<Item = DataPlane>) -> Self {
+        let set: std::collections::BTreeSet<DataPlane> = planes.into_iter().collect();
+        match (set.contains(&DataPlane::Tcp), set.contains(&DataPlane::Rdma)) {
+            (false, false) => Self::None,
+            (true, false) => Self::Tcp,
+            (false, true) => Self::Rdma,
+            (true, true) => Self::Mixed,
+        }
+    }
+}
+
+/// When a verification pass ran.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyWhen {
+    /// While the guest ran (`--verify live`).
+    #[default]
+    Live,
+    /// In the pause.
+    Pause,
+}
+
+/// One comparison of both ends' checksums.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct VerifyPass {
+    /// When it ran.
+    pub when: VerifyWhen,
+    /// Blocks compared.
+    pub blocks: u64,
+    /// How long it took.
+    pub ms: f64,
+    /// Blocks that differed (in a live pass, also those the guest wrote meanwhile).
+    pub mismatched: u64,
+    /// Of those, blocks the tracker had not reported: resent.
+    pub tracker_misses: u64,
+}
+
+/// What verification did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct VerifyReport {
+    /// The mode that ran.
+    pub mode: VerifyMode,
+    /// Bytes per block (the unit compared).
+    pub block_bytes: u64,
+    /// Every pass, in order.
+    pub passes: Vec<VerifyPass>,
+    /// Blocks that differed although the tracker reported none of their
+    /// pages (a tracker that misses writes, or corruption): resent.
+    pub tracker_misses: u64,
+    /// Why the pause compared every chunk, if it did.
+    pub full_pause_reason: Option<String>,
+}
+
 /// Time from pausing the VM to it running on the destination, by phase.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Downtime {
+    /// Pausing the VM.
     pub pause_ms: f64,
+    /// The final dirty sync.
     pub final_sync_ms: f64,
+    /// The final round.
     pub final_send_ms: f64,
+    /// Verification.
     pub verify_ms: f64,
+    /// Saving, sending and loading the device state.
     pub device_state_ms: f64,
+    /// Resuming on the destination.
     pub resume_ms: f64,
 }
 
+/// One round of dirty pages.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct RoundReport {
+    /// Its number (0: everything).
     pub round: u32,
+    /// Pages applied at the target.
     pub pages: u64,
+    /// Their bytes.
     pub bytes: u64,
+    /// Its duration.
     pub ms: f64,
     /// Pages the dirty sync after this round found written.
     pub dirty_pages: u64,
     /// How long that sync took (the tracker's cost per round).
     #[serde(default)]
     pub sync_ms: f64,
+    /// How long that sync stopped the guest (soft-dirty freezes it).
+    #[serde(default)]
+    pub guest_stop_ms: Option<f64>,
 }
 
 /// One sending host's data plane to one destination.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SenderTransport {
+    /// The sender.
     pub from: String,
+    /// The destination.
     pub to: String,
-    pub transport: String,
+    /// The data plane.
+    pub transport: DataPlane,
 }
 
+/// One change of destination.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RetargetReport {
+    /// Milliseconds after the migration started.
+    pub at_ms: f64,
+    /// The old destination.
+    pub from: String,
+    /// The new destination.
+    pub to: String,
+    /// Whether the old destination forwarded what it held.
+    pub forwarding: bool,
+    /// Bytes of current RAM the old destination held at the retarget.
+    pub at_old_destination_bytes: u64,
+    /// What each host had sent before it (to compute `bytes_after`).
+    #[serde(skip)]
+    pub sent_before: BTreeMap<String, u64>,
+    /// Payload bytes each host sent after this retarget.
+    pub bytes_after: BTreeMap<String, u64>,
+}
+
+/// Everything a migration did, as it ended.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Report {
+    /// How it ended.
     pub result: Outcome,
+    /// What went wrong, and where the VM is, if it did not complete.
     pub error: Option<String>,
+    /// The VM.
     pub vm: String,
+    /// The source host.
     pub source: String,
+    /// The (last) destination.
     pub destination: String,
+    /// The VM's RAM.
     pub ram_bytes: u64,
+    /// From start to end.
     pub total_ms: f64,
     /// None if the VM was never paused.
     pub downtime_ms: Option<f64>,
+    /// The downtime by phase.
     pub downtime: Downtime,
-    /// "converged" or "forced" (budget ran out with `--on-budget force`).
-    pub switchover: Option<String>,
+    /// How the switchover was reached, if it was.
+    pub switchover: Option<Switchover>,
+    /// Every round, in order (the final, paused one included).
     pub rounds: Vec<RoundReport>,
     /// Payload bytes each sending host put on the wire.
     pub bytes_by_sender: BTreeMap<String, u64>,
-    pub tracker: Option<String>,
-    /// "tcp", "rdma", or "mixed": see `senders`.
-    pub transport: String,
+    /// The dirty tracker that ran.
+    pub tracker: Option<TrackerKind>,
+    /// The data planes used: see `senders`.
+    pub transport: TransportUsed,
     /// Which data plane each sending host used to each destination.
     pub senders: Vec<SenderTransport>,
+    /// Streams per sender.
     pub streams: usize,
+    /// Whether both ends' checksums were compared before the resume.
     pub verified: bool,
+    /// Blocks (see `verification.block_bytes`) that differed in the pause
+    /// and were resent.
     pub verify_mismatched_chunks: u32,
+    /// Verification's passes, their costs and the tracker misses found.
+    pub verification: VerifyReport,
+    /// Bytes of device state.
     pub device_state_bytes: u64,
     /// Pages never sent because they are holes (unallocated, zero) at the
     /// source, summed over destinations.
@@ -94,123 +228,23 @@ pub struct Report {
     pub forwarders_lost: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct RetargetReport {
-    /// Milliseconds after the migration started.
-    pub at_ms: f64,
-    pub from: String,
-    pub to: String,
-    /// Whether the old destination forwarded what it held.
-    pub forwarding: bool,
-    /// Bytes of current RAM the old destination held at the retarget.
-    pub at_old_destination_bytes: u64,
-    #[serde(skip)]
-    pub sent_before: BTreeMap<String, u64>,
-    /// Payload bytes each host sent after this retarget.
-    pub bytes_after: BTreeMap<String, u64>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A request to change the destination of a running migration.
-pub struct RetargetRequest {
-    pub to: String,
-    pub addr: std::net::SocketAddr,
-    /// false: the old destination is dropped (cancel-and-restart).
-    pub forward: bool,
-    pub reply: oneshot::Sender<Result<(), String>>,
-}
-
-#[derive(Serialize, Clone, Debug, Default)]
-pub struct Progress {
-    pub phase: String,
-    pub round: u32,
-    pub ram_bytes: u64,
-    pub bytes_sent: u64,
-    /// Bytes of RAM whose current content the destination holds.
-    pub at_destination_bytes: u64,
-    pub remaining_bytes: u64,
-    pub rate_mbps: f64,
-    pub dirty_rate_mbps: f64,
-    pub eta_s: Option<f64>,
-    pub elapsed_ms: f64,
-    /// The current destination.
-    pub target: String,
-    pub retargets: u32,
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Shared between the engine task and the agent's API.
-pub struct MigrationHandle {
-    pub id: String,
-    pub vm: String,
-    pub to: String,
-    pub cancel: CancellationToken,
-    pub progress: Mutex<Progress>,
-    report: Mutex<Option<Report>>,
-    done: watch::Sender<bool>,
-    retarget_tx: mpsc::UnboundedSender<RetargetRequest>,
-    retarget_rx: Mutex<Option<mpsc::UnboundedReceiver<RetargetRequest>>>,
-    /// Test builds: set by the API's `release` (see `MigrateOptions::hold_switchover`).
-    #[cfg(feature = "test-hooks")]
-    pub released: watch::Sender<bool>,
-}
-
-impl MigrationHandle {
-    pub fn new(vm: &str, to: &str) -> Arc<Self> {
-        let (retarget_tx, rx) = mpsc::unbounded_channel();
-        Arc::new(Self {
-            retarget_tx,
-            retarget_rx: Mutex::new(Some(rx)),
-            id: format!("m{}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed), std::process::id()),
-            vm: vm.to_owned(),
-            to: to.to_owned(),
-            cancel: CancellationToken::new(),
-            progress: Mutex::new(Progress { phase: "starting".into(), target: to.to_owned(), ..Default::default() }),
-            report: Mutex::new(None),
-            done: watch::channel(false).0,
-            #[cfg(feature = "test-hooks")]
-            released: watch::channel(false).0,
-        })
-    }
-
-    /// The engine's end of the retarget channel (taken once).
-    pub fn take_retargets(&self) -> mpsc::UnboundedReceiver<RetargetRequest> {
-        self.retarget_rx.lock().unwrap().take().unwrap_or_else(|| mpsc::unbounded_channel().1)
-    }
-
-    /// Asks the engine to change destination; waits for the outcome.
-    pub async fn retarget(&self, to: String, addr: std::net::SocketAddr, forward: bool) -> Result<(), String> {
-        let (reply, rx) = oneshot::channel();
-        self.retarget_tx
-            .send(RetargetRequest { to, addr, forward, reply })
-            .map_err(|_| "the migration has ended".to_string())?;
-        rx.await.map_err(|_| "the migration has ended".to_string())?
-    }
-
-    pub fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut self.progress.lock().unwrap());
-    }
-
-    pub fn finish(&self, report: Report) {
-        self.progress.lock().unwrap().phase = "done".into();
-        *self.report.lock().unwrap() = Some(report);
-        self.done.send_replace(true);
-    }
-
-    pub fn is_done(&self) -> bool {
-        *self.done.borrow()
-    }
-
-    pub async fn wait(&self) {
-        let mut rx = self.done.subscribe();
-        let _ = rx.wait_for(|d| *d).await;
-    }
-
-    pub fn snapshot(&self) -> Value {
-        json!({
-            "id": self.id, "vm": self.vm, "to": self.progress.lock().unwrap().target, "done": self.is_done(),
-            "progress": *self.progress.lock().unwrap(),
-            "report": *self.report.lock().unwrap(),
-        })
+    #[test]
+    fn closed_sets_serialize_as_before() {
+        let r = Report {
+            switchover: Some(Switchover::Converged),
+            tracker: Some(TrackerKind::SoftDirty),
+            transport: TransportUsed::of([DataPlane::Tcp, DataPlane::Rdma]),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (&v["switchover"], &v["tracker"], &v["transport"]),
+            (&"converged".into(), &"soft-dirty".into(), &"mixed".into())
+        );
+        assert_eq!(TransportUsed::of([]), TransportUsed::None);
     }
 }

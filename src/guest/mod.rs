@@ -17,42 +17,70 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// The synthetic guest could not start.
 #[derive(Debug, Error)]
 pub enum GuestError {
+    /// Creating, mapping or filling the RAM file failed.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    /// The RAM size makes no valid layout.
+    #[error(transparent)]
+    Layout(#[from] crate::memory::LayoutError),
+    /// Creating the dirty log failed.
     #[error(transparent)]
     Dirty(#[from] crate::dirty::DirtyError),
+    /// A file, socket or signal setup failed: what, and the OS error.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// Options that cannot work (a bad size, a RAM file already there), or
+    /// the caller's `ready` refused the guest.
     #[error("{0}")]
     Invalid(String),
 }
 
+/// How to run a synthetic guest (see [`run`]).
 pub struct GuestOptions {
+    /// The VM's name; its files in `dir` are named after it.
     pub name: String,
+    /// Where the RAM file, dirty log and control socket go.
     pub dir: PathBuf,
+    /// RAM bytes, a positive multiple of the page size (incoming: taken from
+    /// the RAM file instead).
     pub size: u64,
+    /// How the guest dirties its memory while it runs.
     pub workload: Workload,
     /// Keep the RAM file when the guest quits (tests compare it afterwards).
     pub keep_ram: bool,
     /// Incoming mode: map this existing RAM file, wait for device state.
     pub incoming_ram: Option<PathBuf>,
+    /// Quit and remove the guest's files if the parent process (the agent
+    /// that launched it) dies before the guest is committed.
     pub exit_with_parent: bool,
     /// Leave every Nth page unwritten at start (a hole: zero, unallocated),
     /// as free memory in a real guest is; 0 writes every page.
     pub zero_every: usize,
+    /// Test builds only: every Nth write is not marked in the dirty log, like
+    /// a tracker that misses writes (0: none).
+    #[cfg(feature = "test-hooks")]
+    pub miss_every: u64,
 }
 
 /// The device state that travels at switchover, with a checksum of its own.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct DeviceState {
+    /// The VM's name.
     pub name: String,
+    /// Pages written since the guest first started, on any host.
     pub writes: u64,
+    /// Ticks of the guest's clock, one per 100 ms of running.
     pub heartbeat: u64,
+    /// State of the random page choice, so that it continues where it was.
     pub rng: u64,
+    /// The page the sequential pattern wrote last.
     pub cursor: u64,
+    /// The workload, which goes on on the destination.
     pub workload: Workload,
+    /// xxh3 of the other fields; a load with a wrong one is refused.
     pub checksum: u64,
 }
 
@@ -90,6 +118,8 @@ struct Guest {
     keep_ram: bool,
     files: Vec<PathBuf>,
     exiting: AtomicBool,
+    #[cfg(feature = "test-hooks")]
+    miss_every: u64,
 }
 
 fn xorshift(x: &mut u64) -> u64 {
@@ -105,9 +135,14 @@ impl Guest {
     fn write_page(&self, page: usize, counter: u64) {
         let (region, offset) = self.ram.layout().locate(page);
         let at = counter.wrapping_mul(16) % PAGE_SIZE as u64;
-        if let Ok(b) = self.ram.target(region, offset + at, 16) {
-            b[..8].copy_from_slice(&counter.to_le_bytes());
-            b[8..].copy_from_slice(&(page as u64).to_le_bytes());
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&counter.to_le_bytes());
+        b[8..].copy_from_slice(&(page as u64).to_le_bytes());
+        // In bounds: `page` comes from the RAM's own layout.
+        let _ = self.ram.store(region, offset + at, &b);
+        #[cfg(feature = "test-hooks")]
+        if self.miss_every > 0 && counter.is_multiple_of(self.miss_every) {
+            return;
         }
         self.log.mark(page);
     }
@@ -196,12 +231,8 @@ impl Guest {
                 if page >= self.ram.layout().total_pages() {
                     return Err("page out of range".into());
                 }
-                // Rewrite the page's first word with its own value: contents
-                // stay the same, but the write is real and marked.
-                let (region, offset) = self.ram.layout().locate(page);
-                let b = self.ram.target(region, offset, 8).map_err(|e| e.to_string())?;
-                let v = unsafe { std::ptr::read_volatile(b.as_ptr() as *const u64) };
-                unsafe { std::ptr::write_volatile(b.as_mut_ptr() as *mut u64, v) };
+                // Contents stay the same, but the write is real and marked.
+                self.ram.touch(page).map_err(|e| e.to_string())?;
                 self.log.mark(page);
                 Ok(json!({}))
             }
@@ -313,20 +344,14 @@ fn fill(ram: &GuestRam, seed: u64, zero_every: usize) -> Result<(), GuestError> 
             w.copy_from_slice(&xorshift(&mut x).to_le_bytes());
         }
         let (region, offset) = ram.layout().locate(p);
-        ram.target(region, offset, PAGE_SIZE as u64)?.copy_from_slice(&buf);
+        ram.store(region, offset, &buf)?;
     }
     Ok(())
 }
 
-/// Runs the guest until it is told to quit. Returns the record an agent
-/// needs to manage it (printed or registered by the caller) through `ready`.
-pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
-    let (default_ram, dirty_path, sock) = guest_paths(&opts.dir, &opts.name);
-    let io = |what: &str| {
-        let what = what.to_owned();
-        move |e| GuestError::Io(what, e)
-    };
-    std::fs::create_dir_all(&opts.dir).map_err(io("data dir"))?;
+/// The guest's RAM: an existing file (incoming) or a new, filled one.
+fn map_ram(opts: &GuestOptions, default_ram: PathBuf) -> Result<(GuestRam, PathBuf, u64), GuestError> {
+    let io = |what: &'static str| move |e| GuestError::Io(what.into(), e);
     let (ram_path, size) = match &opts.incoming_ram {
         Some(p) => (p.clone(), std::fs::metadata(p).map_err(io("incoming RAM"))?.len()),
         None => (default_ram, opts.size),
@@ -335,24 +360,20 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
         return Err(GuestError::Invalid(format!("guest size {size} must be a positive multiple of 4096")));
     }
     let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size }], DEFAULT_CHUNK_SIZE)?;
-    let ram = if opts.incoming_ram.is_some() {
-        GuestRam::open(layout.clone(), std::slice::from_ref(&ram_path))?
-    } else {
-        if ram_path.exists() {
-            return Err(GuestError::Invalid(format!(
-                "{} exists: is a guest named {} running?",
-                ram_path.display(),
-                opts.name
-            )));
-        }
-        let ram = GuestRam::create(layout.clone(), std::slice::from_ref(&ram_path))?;
-        fill(&ram, opts.workload.seed, opts.zero_every)?;
-        ram
-    };
-    let log = DirtyLog::create(&dirty_path, layout.total_pages())?;
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(io("control socket"))?;
-    let phase = if opts.incoming_ram.is_some() { Phase::Incoming } else { Phase::Running };
+    if opts.incoming_ram.is_some() {
+        let ram = GuestRam::open(layout, std::slice::from_ref(&ram_path))?;
+        return Ok((ram, ram_path, size));
+    }
+    if ram_path.exists() {
+        let why = format!("{} exists: is a guest named {} running?", ram_path.display(), opts.name);
+        return Err(GuestError::Invalid(why));
+    }
+    let ram = GuestRam::create(layout, std::slice::from_ref(&ram_path))?;
+    fill(&ram, opts.workload.seed, opts.zero_every)?;
+    Ok((ram, ram_path, size))
+}
+
+fn initial_state(opts: &GuestOptions) -> State {
     let mut dev = DeviceState {
         name: opts.name.clone(),
         writes: 0,
@@ -363,20 +384,37 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
         checksum: 0,
     };
     dev.checksum = dev.compute_checksum();
+    let phase = if opts.incoming_ram.is_some() { Phase::Incoming } else { Phase::Running };
+    State { phase, parked: false, quit: false, committed: opts.incoming_ram.is_none(), dev }
+}
+
+/// Runs the guest until it is told to quit. Returns the record an agent
+/// needs to manage it (printed or registered by the caller) through `ready`.
+pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
+    let (default_ram, dirty_path, sock) = guest_paths(&opts.dir, &opts.name);
+    let io = |what: &'static str| move |e| GuestError::Io(what.into(), e);
+    std::fs::create_dir_all(&opts.dir).map_err(io("data dir"))?;
+    let (ram, ram_path, size) = map_ram(&opts, default_ram)?;
+    let log = DirtyLog::create(&dirty_path, ram.layout().total_pages())?;
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(io("control socket"))?;
     let guest = Arc::new(Guest {
         ram,
         log,
-        state: Mutex::new(State { phase, parked: false, quit: false, committed: opts.incoming_ram.is_none(), dev }),
+        state: Mutex::new(initial_state(&opts)),
         cv: Condvar::new(),
         keep_ram: opts.keep_ram,
         files: vec![ram_path.clone(), dirty_path.clone(), sock.clone()],
         exiting: AtomicBool::new(false),
+        #[cfg(feature = "test-hooks")]
+        miss_every: opts.miss_every,
     });
     // SIGTERM/SIGINT: leave like `quit` would (an uncommitted incoming guest also drops its RAM).
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, term.clone()).map_err(io("signal handler"))?;
     }
+    // SAFETY: plain syscall.
     let parent = unsafe { libc::getppid() };
     {
         let g = guest.clone();
@@ -401,6 +439,7 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let committed = guest.state.lock().unwrap().committed;
+        // SAFETY: plain syscall.
         let orphaned = opts.exit_with_parent && !committed && unsafe { libc::getppid() } != parent;
         if term.load(Ordering::SeqCst) || orphaned {
             tracing::info!(orphaned, "guest {} leaving", opts.name);

@@ -1,11 +1,21 @@
-//! The agent-to-agent control protocol: versioned messages over a mutually
-//! authenticated TLS stream, framed as a big-endian u32 length and JSON.
-//! It carries session setup, checksums, device state and switchover; never
-//! bulk pages (those go over the data plane, see [`data`]).
+//! The agent-to-agent control protocol: versioned messages ([`Message`])
+//! over a mutually authenticated TLS stream, framed as a big-endian u32
+//! length and JSON, with raw bytes after the JSON for the few messages that
+//! carry bulk data (device state). It carries session setup, checksums,
+//! device state and switchover; never pages (those go over the data plane,
+//! see [`data`]). DESIGN.md explains the protocol's invariant and failure
+//! handling; the diagrams here are the message order.
+//!
+//! Versions: an agent speaks [`MIN_VERSION`]..=[`VERSION`]. The client's
+//! `Hello` gives its range (oldest in `version`, which is all a version-1
+//! agent reads, newest in `max_version`), the server answers with the
+//! highest version both speak, and each side then uses only what that
+//! version has: a rolling upgrade can still migrate and retarget between old
+//! and new agents.
 //!
 //! ```text
 //!  source agent (S)                               destination agent (D)
-//!   | --- Hello{version, host} ------------------------> |  cert checked against CA,
+//!   | --- Hello{version, max_version, host} -----------> |  cert checked against CA,
 //!   | <-- Welcome{version, host} ----------------------- |  host name against cert
 //!   | --- OpenSession{vm, regions, launch} ------------> |  create + map RAM files,
 //!   | <-- SessionOpened{data_port, token, rdma?} ------- |  launch incoming VM paused
@@ -13,9 +23,10 @@
 //!   | === data streams: hello(token), pages, batch ends ===> (acks <===)
 //!   |        ... rounds of dirty pages ...               |
 //!   |  [pause VM, final round]                           |
-//!   | --- ChecksumRequest ------------------------------> |
+//!   | --- ChecksumRequest{blocks?} ----------------------> |
 //!   | <-- Checksums{per chunk} ------------------------- |  (mismatching chunks resent)
-//!   | --- DeviceState{state} --------------------------> |  loaded into incoming VM
+//!   | --- DeviceStateChunk{len} + bytes (repeated) ----> |  (v1: one DeviceState{base64})
+//!   | --- DeviceStateEnd{total} -----------------------> |  loaded into incoming VM
 //!   | <-- Ok ------------------------------------------- |
 //!   | --- Resume{start} -------------------------------> |  VM runs on D now
 //!   | <-- Resumed -------------------------------------- |
@@ -41,142 +52,91 @@
 //! If a forward fails, S first has N fence O's streams (`Fence`), and only
 //! then lets anyone else write those pages.
 
+pub mod control;
 pub mod data;
+pub mod types;
 
-use crate::memory::RegionSpec;
-use crate::vm::LaunchSpec;
-use serde::{Deserialize, Serialize};
+pub use control::{Message, MessageKind};
+pub use types::{DataPlane, RdmaRegion, Token, TransportKind, TOKEN_LEN};
+
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub const VERSION: u32 = 1;
-/// Control messages are small; anything bigger is refused before allocation.
+/// The newest protocol version this agent speaks.
+pub const VERSION: u32 = 2;
+/// The oldest protocol version this agent still speaks.
+pub const MIN_VERSION: u32 = 1;
+/// The first version that sends device state in raw chunks.
+pub const CHUNKED_DEVICE_STATE: u32 = 2;
+/// Control messages are small; anything bigger is refused before allocation
+/// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest raw payload after one message.
+pub const MAX_BULK: u32 = 4 << 20;
 
+/// The newest version this agent speaks (lower in a test build that plays
+/// an older release).
+pub fn max_version() -> u32 {
+    crate::hooks::max_protocol().map_or(VERSION, |v| v.clamp(MIN_VERSION, VERSION))
+}
+
+/// The version two agents speak: the highest in both ranges, if any.
+pub fn negotiate(peer_min: u32, peer_max: u32) -> Option<u32> {
+    let v = peer_max.min(max_version());
+    (v >= peer_min.max(MIN_VERSION)).then_some(v)
+}
+
+/// Reading or writing a control message failed.
 #[derive(Debug, Error)]
 pub enum ProtocolError {
+    /// The peer closed the connection between messages.
     #[error("connection closed")]
     Closed,
-    #[error("i/o: {0}")]
+    /// The stream failed.
+    #[error("control connection")]
     Io(#[from] std::io::Error),
+    /// A length prefix above the limit (nothing was allocated).
     #[error("message of {0} bytes exceeds the limit")]
     TooLarge(usize),
-    #[error("malformed message: {0}")]
-    Decode(String),
-    #[error("peer speaks protocol version {0}, this agent {VERSION}")]
-    Version(u32),
-    #[error("unexpected message: {0}")]
-    Unexpected(String),
-    #[error("peer error: {0}")]
+    /// The JSON does not decode as a message.
+    #[error("malformed message")]
+    Decode(#[source] serde_json::Error),
+    /// No protocol version in common.
+    #[error("peer speaks protocol versions {min}..={max}, this agent {MIN_VERSION}..={VERSION}")]
+    Version {
+        /// The peer's lowest version.
+        min: u32,
+        /// The peer's highest version.
+        max: u32,
+    },
+    /// A message that makes no sense at this point.
+    #[error("unexpected message {0}")]
+    Unexpected(&'static str),
+    /// The peer answered with an error.
+    #[error("peer: {0}")]
     Peer(String),
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Message {
-    Hello {
-        version: u32,
-        host: String,
-    },
-    Welcome {
-        version: u32,
-        host: String,
-    },
-    OpenSession {
-        vm: String,
-        regions: Vec<RegionSpec>,
-        chunk_size: u64,
-        launch: LaunchSpec,
-    },
-    SessionOpened {
-        data_port: u16,
-        token: String,
-        /// The destination's RAM registered for RDMA writes, if it offers RDMA.
-        #[serde(default)]
-        rdma: Option<Vec<crate::transport::rdma::RdmaRegion>>,
-    },
-    ChecksumRequest,
-    Checksums {
-        sums: Vec<u64>,
-    },
-    DeviceState {
-        /// base64
-        state: String,
-    },
-    Resume {
-        /// false: leave the VM paused on the destination (`--suspend`).
-        start: bool,
-    },
-    Resumed,
-    Abort {
-        reason: String,
-    },
-    /// S to an old destination: open data streams to the new one, as
-    /// sender `sender` (its host id in the migration).
-    ForwardTo {
-        host: String,
-        data_addr: std::net::SocketAddr,
-        token: String,
-        streams: usize,
-        sender: u8,
-        /// The new destination's registered RAM, if it offers RDMA.
-        #[serde(default)]
-        rdma: Option<Vec<crate::transport::rdma::RdmaRegion>>,
-        #[serde(default)]
-        transport: crate::transport::TransportKind,
-    },
-    /// A forwarder's answer to `ForwardTo`: its streams are open.
-    ForwardReady {
-        transport: String,
-    },
-    /// S to a forwarder: send these page runs (global page, count) to `to`.
-    /// Answered by `Forwarded` once `to` applied them; refused if the
-    /// forwarder is not (or no longer) forwarding to `to`.
-    Forward {
-        batch: u64,
-        to: String,
-        runs: Vec<(usize, usize)>,
-    },
-    /// S to the destination: cut every data stream of `sender` and answer
-    /// `Ok` once none of its frames can still be written. After a sender
-    /// failed, its last frames could otherwise land on top of newer pages.
-    Fence {
-        sender: u8,
-    },
-    Forwarded {
-        batch: u64,
-        applied: bool,
-        #[serde(default)]
-        error: Option<String>,
-        /// Payload bytes this forwarder has sent so far.
-        bytes: u64,
-    },
-    Ok,
-    Error {
-        message: String,
-    },
-}
-
-impl Message {
-    pub fn name(&self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
-            .unwrap_or_default()
-    }
-}
-
+/// Writes one message (and its raw bytes, if it carries any).
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), ProtocolError> {
-    let body = serde_json::to_vec(m).map_err(|e| ProtocolError::Decode(e.to_string()))?;
+    let body = serde_json::to_vec(m).map_err(ProtocolError::Decode)?;
     if body.len() > MAX_MESSAGE {
         return Err(ProtocolError::TooLarge(body.len()));
     }
     w.write_all(&(body.len() as u32).to_be_bytes()).await?;
     w.write_all(&body).await?;
+    if let Message::DeviceStateChunk { len, bytes } = m {
+        if bytes.len() != *len as usize || *len > MAX_BULK {
+            return Err(ProtocolError::TooLarge(bytes.len()));
+        }
+        w.write_all(bytes).await?;
+    }
     w.flush().await?;
     Ok(())
 }
 
+/// Reads one message (and its raw bytes); an `Error` message becomes
+/// [`ProtocolError::Peer`]. Every length is checked before allocating.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, ProtocolError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -189,9 +149,17 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Pr
     }
     let mut body = vec![0; len];
     r.read_exact(&mut body).await?;
-    let m: Message = serde_json::from_slice(&body).map_err(|e| ProtocolError::Decode(e.to_string()))?;
-    if let Message::Error { message } = m {
-        return Err(ProtocolError::Peer(message));
+    let mut m: Message = serde_json::from_slice(&body).map_err(ProtocolError::Decode)?;
+    match &mut m {
+        Message::Error { message } => return Err(ProtocolError::Peer(std::mem::take(message))),
+        Message::DeviceStateChunk { len, bytes } => {
+            if *len > MAX_BULK {
+                return Err(ProtocolError::TooLarge(*len as usize));
+            }
+            bytes.resize(*len as usize, 0);
+            r.read_exact(bytes).await?;
+        }
+        _ => {}
     }
     Ok(m)
 }
@@ -213,5 +181,35 @@ mod tests {
         assert!(matches!(read_message(&mut b).await, Err(ProtocolError::Decode(_))));
         drop(a);
         assert!(matches!(read_message(&mut b).await, Err(ProtocolError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn bulk_bytes_follow_their_message() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let m = Message::DeviceStateChunk { len: bytes.len() as u32, bytes: bytes.clone() };
+        let w = tokio::spawn(async move {
+            write_message(&mut a, &m).await.unwrap();
+            write_message(&mut a, &Message::Ok).await.unwrap();
+        });
+        match read_message(&mut b).await.unwrap() {
+            Message::DeviceStateChunk { bytes: got, .. } => assert!(got == bytes),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(read_message(&mut b).await.unwrap(), Message::Ok));
+        w.await.unwrap();
+        // A declared length above the cap is refused before reading it.
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let body = format!(r#"{{"type":"device_state_chunk","len":{}}}"#, MAX_BULK + 1);
+        a.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+        a.write_all(body.as_bytes()).await.unwrap();
+        assert!(matches!(read_message(&mut b).await, Err(ProtocolError::TooLarge(_))));
+    }
+
+    #[test]
+    fn versions_are_negotiated() {
+        assert_eq!(negotiate(1, 1), Some(1), "a version-1 peer");
+        assert_eq!(negotiate(1, 9), Some(VERSION), "a newer peer that still speaks ours");
+        assert_eq!(negotiate(VERSION + 1, VERSION + 3), None, "a peer that dropped our versions");
     }
 }

@@ -7,7 +7,7 @@
 pub mod net;
 pub mod qemu;
 
-use crate::agent::api::{self, Request};
+use crate::agent::api::{Client, Request, VmEntry};
 use crate::vm::synthetic::Workload;
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener};
@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// Starting or driving a test bed failed; says what.
 #[derive(Debug, Error)]
 #[error("test bed: {0}")]
 pub struct TestbedError(pub String);
@@ -24,18 +25,27 @@ fn err(e: impl std::fmt::Display) -> TestbedError {
     TestbedError(e.to_string())
 }
 
+/// One agent of a test bed.
 pub struct Host {
+    /// The host's name (its agent's `--name` and certificate).
     pub name: String,
+    /// The agent's API socket.
     pub api: PathBuf,
+    /// Where the agent puts incoming VMs' RAM (`--data-dir`).
     pub data_dir: PathBuf,
+    /// The agent's control channel (mTLS) address.
     pub control: SocketAddr,
+    /// The agent's stdout and stderr.
     pub log: PathBuf,
     child: Option<Child>,
 }
 
+/// Agents (and guests) started together; stopped and removed on drop.
 pub struct Testbed {
     exe: PathBuf,
+    /// Holds the certificates and one directory per host; removed on drop.
     pub dir: tempfile::TempDir,
+    /// The agents, in the order their names were given.
     pub hosts: Vec<Host>,
     guests: Vec<Child>,
     env: Vec<(String, String)>,
@@ -119,7 +129,7 @@ impl Testbed {
             tb.spawn_agent(i, &certs)?;
         }
         for h in &tb.hosts {
-            wait_for(20, || api::call(&h.api, &Request::Info).ok())
+            wait_for(20, || Client::new(&h.api).info().ok())
                 .ok_or_else(|| TestbedError(format!("agent {} did not come up; see {}", h.name, h.log.display())))?;
         }
         Ok(tb)
@@ -138,6 +148,10 @@ impl Testbed {
     }
 
     fn spawn_agent(&mut self, i: usize, certs: &Path) -> Result<(), TestbedError> {
+        self.spawn_agent_with(i, certs, &[])
+    }
+
+    fn spawn_agent_with(&mut self, i: usize, certs: &Path, extra: &[(&str, &str)]) -> Result<(), TestbedError> {
         let h = &self.hosts[i];
         let mut cmd = self.command(&h.name, &self.exe);
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
@@ -151,15 +165,32 @@ impl Testbed {
         cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(extra.iter().copied());
         let child = cmd.spawn().map_err(err)?;
         self.hosts[i].child = Some(child);
         Ok(())
     }
 
+    /// Stops `host`'s agent (SIGKILL) and starts it again with `extra`
+    /// environment on top of the test bed's; waits until it answers.
+    pub fn restart_agent(&mut self, host: &str, extra: &[(&str, &str)]) -> Result<(), TestbedError> {
+        self.kill_agent(host);
+        let i =
+            self.hosts.iter().position(|h| h.name == host).ok_or_else(|| TestbedError(format!("no host {host}")))?;
+        let certs = self.certs_dir();
+        self.spawn_agent_with(i, &certs, extra)?;
+        let h = &self.hosts[i];
+        wait_for(20, || Client::new(&h.api).info().ok())
+            .map(|_| ())
+            .ok_or_else(|| TestbedError(format!("agent {host} did not come back; see {}", h.log.display())))
+    }
+
+    /// The host named `name`; panics if there is none.
     pub fn host(&self, name: &str) -> &Host {
         self.hosts.iter().find(|h| h.name == name).expect("host in test bed")
     }
 
+    /// The CA and the hosts' certificates and keys (`certs init` layout).
     pub fn certs_dir(&self) -> PathBuf {
         self.dir.path().join("certs")
     }
@@ -208,24 +239,29 @@ impl Testbed {
             .ok_or_else(|| TestbedError(format!("guest {name} did not register with {host}")))
     }
 
-    fn vm(&self, api_path: &Path, name: &str) -> Option<Value> {
-        let v = api::call(api_path, &Request::List).ok()?;
-        v["vms"].as_array()?.iter().find(|x| x["name"] == name).cloned()
+    fn vm(&self, api_path: &Path, name: &str) -> Option<VmEntry> {
+        Client::new(api_path).list().ok()?.into_iter().find(|v| v.name == name)
     }
 
     /// The VM's entry in `host`'s list (with its live state), if it is there.
-    pub fn vm_on(&self, host: &str, name: &str) -> Option<Value> {
+    pub fn vm_on(&self, host: &str, name: &str) -> Option<VmEntry> {
         self.vm(&self.host(host).api, name)
     }
 
+    /// A typed client of `host`'s agent.
+    pub fn client(&self, host: &str) -> Client {
+        Client::new(&self.host(host).api)
+    }
+
+    /// One request to `host`'s agent; the reply's fields.
     pub fn call(&self, host: &str, req: &Request) -> Result<Value, TestbedError> {
-        api::call(&self.host(host).api, req).map_err(err)
+        self.client(host).call_value(req).map_err(|e| err(crate::error_chain(&e)))
     }
 
     /// Stops a VM that runs on `host` (SIGTERM to its process) and waits
     /// until its agent no longer lists it.
     pub fn stop_vm(&self, host: &str, name: &str) {
-        if let Some(pid) = self.vm_on(host, name).and_then(|v| v["state"]["pid"].as_i64()) {
+        if let Some(pid) = self.vm_on(host, name).and_then(|v| v.state.pid) {
             // SAFETY: plain syscall.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             wait_for(10, || self.vm_on(host, name).map_or(Some(()), |_| None));
@@ -265,11 +301,10 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         // Guests first (wherever they run now), then agents.
         for h in &self.hosts {
-            if let Ok(v) = api::call(&h.api, &Request::List) {
-                for vm in v["vms"].as_array().into_iter().flatten() {
-                    if let Some(pid) = vm["state"]["pid"].as_i64() {
-                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                    }
+            for vm in Client::new(&h.api).list().unwrap_or_default() {
+                if let Some(pid) = vm.state.pid {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
                 }
             }
         }
@@ -278,7 +313,7 @@ impl Drop for Testbed {
             let _ = g.wait();
         }
         for h in &mut self.hosts {
-            let _ = api::call(&h.api, &Request::Shutdown);
+            let _ = Client::new(&h.api).shutdown();
             if let Some(mut c) = h.child.take() {
                 if wait_for(3, || c.try_wait().ok().flatten()).is_none() {
                     let _ = c.kill();

@@ -10,14 +10,20 @@ use std::process::Command;
 
 const PREFIX: &str = "dcm-";
 
+/// Network namespaces for test hosts on a shared bridge; removed on drop.
 pub struct Net {
     tag: String,
+    /// The hosts, in the order their names were given.
     pub hosts: Vec<NetHost>,
 }
 
+/// One host's namespace and address.
 pub struct NetHost {
+    /// The host's name (its agent's `--name`).
     pub name: String,
+    /// Its network namespace (for `ip netns exec`).
     pub ns: String,
+    /// Its address on the bridge: 10.77.0.N/24, N counted from 1.
     pub ip: IpAddr,
 }
 
@@ -116,6 +122,7 @@ impl Net {
         Ok(net)
     }
 
+    /// The host named `name`, if it is one of these.
     pub fn host(&self, name: &str) -> Option<&NetHost> {
         self.hosts.iter().find(|h| h.name == name)
     }

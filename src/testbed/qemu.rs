@@ -3,11 +3,11 @@
 //! that host's agent with a launch spec whose paths use `{dir}`.
 
 use super::{err, wait_for, Testbed, TestbedError};
-use crate::agent::api::Request;
 use crate::vm::LaunchSpec;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// The QEMU program the test bed runs unless `DCMIGRATE_QEMU` names another.
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// The QEMU binary the test bed runs: `DCMIGRATE_QEMU` (for example a QEMU
@@ -16,16 +16,24 @@ pub fn qemu_binary() -> String {
     std::env::var("DCMIGRATE_QEMU").unwrap_or_else(|_| QEMU.into())
 }
 
+/// The kind of shared memory backend that holds a RAM region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
+    /// `memory-backend-file,share=on` on `{dir}/ID.ram`, created by the test bed.
     File,
+    /// `memory-backend-memfd,share=on`: no file name; the agent finds it
+    /// through QEMU's process.
     Memfd,
 }
 
 /// What to boot: RAM backends (id, size, kind) and an optional guest image
 /// (a directory with `vmlinuz` and `initrd.gz`, from `tests/guest-image/build`).
 pub struct QemuSpec {
+    /// RAM regions: backend id, size in bytes, backend kind; several become
+    /// one NUMA node each.
     pub ram: Vec<(String, u64, Backend)>,
+    /// The guest image to boot; without one, QEMU runs its firmware with
+    /// nothing to boot.
     pub image: Option<PathBuf>,
 }
 
@@ -37,6 +45,7 @@ pub fn guest_image() -> Option<PathBuf> {
     (dir.join("vmlinuz").is_file() && dir.join("initrd.gz").is_file()).then_some(dir)
 }
 
+/// Whether the test bed's QEMU ([`qemu_binary`]) runs here.
 pub fn qemu_available() -> bool {
     Command::new(qemu_binary())
         .arg("--version")
@@ -97,12 +106,15 @@ pub fn heartbeats(text: &str) -> Vec<u64> {
 
 /// A QEMU started on a test host.
 pub struct QemuGuest {
+    /// The VM's name at the agents.
     pub name: String,
     /// Its directory on the source host (`{dir}` there).
     pub dir: PathBuf,
 }
 
 impl QemuGuest {
+    /// Its serial console log on the source host (the guest prints its
+    /// heartbeats there until it migrates).
     pub fn serial(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
@@ -132,7 +144,7 @@ impl Testbed {
         wait_for(30, || qmp.exists().then_some(()))
             .ok_or_else(|| TestbedError(format!("QEMU on {host} did not open its QMP socket: see {ds}/qemu.log")))?;
         let launch = LaunchSpec::Qemu { binary: qemu_binary(), args: spec.args() };
-        self.call(host, &Request::AttachQemu { name: name.into(), qmp, launch: Some(launch) })?;
+        self.client(host).attach_qemu(name, qmp, Some(launch)).map_err(|e| err(crate::error_chain(&e)))?;
         Ok(QemuGuest { name: name.into(), dir })
     }
 

@@ -13,14 +13,30 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use thiserror::Error;
 
+/// Controlling a VM failed.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// Talking to the VM's control socket failed (connect, I/O, bad reply).
     #[error("VM control {path}: {msg}")]
-    Control { path: String, msg: String },
+    Control {
+        /// The control socket (QMP, or the synthetic guest's).
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The VM answered but refused or failed a command.
     #[error("VM refused {cmd}: {msg}")]
-    Refused { cmd: String, msg: String },
+    Refused {
+        /// The command (a QMP command name, or the step that needed it).
+        cmd: String,
+        /// The VM's reason.
+        msg: String,
+    },
+    /// Launching the incoming VM failed, or the QEMU backend refused to take
+    /// a VM on (attach checks, launch spec checks, loading the device state).
     #[error("launching the incoming VM: {0}")]
     Launch(String),
+    /// Starting or self-testing a dirty tracker failed.
     #[error(transparent)]
     Dirty(#[from] crate::dirty::DirtyError),
 }
@@ -28,8 +44,11 @@ pub enum VmError {
 /// One RAM backing file of a VM.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RamFile {
+    /// The region's name (QEMU's memory backend id; `ram0` for the synthetic guest).
     pub id: String,
+    /// The file that holds the region's bytes, shared with the VM.
     pub path: PathBuf,
+    /// Bytes, a multiple of the page size.
     pub size: u64,
 }
 
@@ -37,14 +56,19 @@ pub struct RamFile {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LaunchSpec {
+    /// The synthetic guest, started as `dcmigrate guest --incoming`.
     Synthetic {
+        /// How the guest keeps dirtying memory once it runs there.
         workload: synthetic::Workload,
     },
     /// A QEMU command line (without -qmp/-incoming/-S/-daemonize/-pidfile,
     /// which the agent adds); `{dir}` stands for the VM's directory on the
     /// host that runs it.
     Qemu {
+        /// The QEMU program: `qemu-system-*` from `PATH`, or a path the
+        /// destination allows (see [`qemu::check_launch`]).
         binary: String,
+        /// Its arguments.
         args: Vec<String>,
     },
 }
@@ -52,13 +76,16 @@ pub enum LaunchSpec {
 /// What an agent knows of a VM on its host (registered through the API).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct VmRecord {
+    /// The VM's name, unique on its host.
     pub name: String,
+    /// Its RAM backing files, in layout order.
     pub ram: Vec<RamFile>,
     /// The VM's control socket (the synthetic guest's; QEMU's QMP).
     pub control: PathBuf,
     /// Shared dirty log, for guests that keep one.
     #[serde(default)]
     pub dirty_log: Option<PathBuf>,
+    /// How a destination starts this VM's incoming side.
     pub launch: LaunchSpec,
     /// A directory the agent created for this VM (RAM included), removed
     /// when the VM leaves this host.
@@ -67,13 +94,51 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// The RAM regions to announce to a destination, one per RAM file.
     pub fn regions(&self) -> Vec<RegionSpec> {
         self.ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect()
     }
 }
 
+/// A VM's live state, for `list` and `status` (the fields its kind knows).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct VmState {
+    /// `running`, `paused`, `incoming` or `other`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The process that runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Synthetic guest: pages written so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes: Option<u64>,
+    /// Synthetic guest: ticks of its clock (it travels with the device state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<u64>,
+    /// Synthetic guest: committed on this host (not an incoming copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<bool>,
+    /// QEMU: its run state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_state: Option<String>,
+    /// `qemu` for QEMU guests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Why the state could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl VmState {
+    /// A state that could not be read.
+    pub fn error(why: String) -> Self {
+        Self { error: Some(why), ..Default::default() }
+    }
+}
+
 /// A running VM on the source host.
 pub trait SourceVm: Send + Sync {
+    /// What the agent knows of this VM.
     fn record(&self) -> &VmRecord;
     /// Trackers this VM supports, best first.
     fn trackers(&self) -> Vec<TrackerKind>;
@@ -81,17 +146,19 @@ pub trait SourceVm: Send + Sync {
     fn start_tracker(&self, kind: TrackerKind, ram: &GuestRam) -> Result<Box<dyn DirtyTracker>, VmError>;
     /// Stops the guest from running; returns once it no longer writes memory.
     fn pause(&self) -> Result<(), VmError>;
+    /// Lets the paused guest run again (a failed migration, `dcmigrate resume`).
     fn resume(&self) -> Result<(), VmError>;
     /// The paused VM's device state.
     fn device_state(&self) -> Result<Vec<u8>, VmError>;
     /// The VM runs elsewhere now: stop it here for good.
     fn stop(&self) -> Result<(), VmError>;
-    /// A short state description for `status` (running, paused…).
-    fn status(&self) -> Result<serde_json::Value, VmError>;
+    /// Its live state (running, paused…).
+    fn status(&self) -> Result<VmState, VmError>;
 }
 
 /// The paused VM on a destination, waiting for RAM and device state.
 pub trait IncomingVm: Send + Sync {
+    /// Loads the device state the source saved; the VM stays paused.
     fn load_device_state(&self, state: &[u8]) -> Result<(), VmError>;
     /// Runs the VM (`start`), or keeps it paused but committed (`!start`).
     fn commit(&self, start: bool) -> Result<VmRecord, VmError>;

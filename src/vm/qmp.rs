@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
 
+/// An open QMP connection to one QEMU, capabilities negotiated.
 pub struct Qmp {
     qmp: qapi::Qmp<Stream>,
     path: PathBuf,
@@ -35,6 +36,8 @@ impl Qmp {
         Ok(Self { qmp, path: path.to_owned(), pid })
     }
 
+    /// Runs one command; QEMU's error reply becomes [`VmError::Refused`],
+    /// a broken connection [`VmError::Control`].
     pub fn execute<C: qapi::Command>(&mut self, cmd: &C) -> Result<C::Ok, VmError> {
         self.qmp.execute(cmd).map_err(|e| match e {
             qapi::ExecuteError::Qapi(q) => VmError::Refused { cmd: C::NAME.into(), msg: q.desc },
@@ -44,6 +47,7 @@ impl Qmp {
         })
     }
 
+    /// QEMU's run state (`running`, `paused`, `inmigrate`…).
     pub fn status(&mut self) -> Result<qmp::RunState, VmError> {
         Ok(self.execute(&qmp::query_status {})?.status)
     }
@@ -68,6 +72,7 @@ impl Qmp {
         }
     }
 
+    /// A string property of a QOM object (`qom-get`); any other type is an error.
     pub fn qom_get_string(&mut self, path: &str, property: &str) -> Result<String, VmError> {
         let v = self.execute(&qmp::qom_get { path: path.into(), property: property.into() })?;
         let v = serde_json::to_value(v).unwrap_or_default();
@@ -88,6 +93,7 @@ impl Qmp {
         Ok(())
     }
 
+    /// Lifts QEMU's migration bandwidth cap for the device state transfer.
     pub fn uncap_bandwidth(&mut self) -> Result<(), VmError> {
         // QEMU's default cap (32 MiB/s) would stretch the downtime.
         self.execute(&qmp::migrate_set_parameters(qmp::MigrateSetParameters {
@@ -97,6 +103,7 @@ impl Qmp {
         Ok(())
     }
 
+    /// The state of QEMU's own migration (`query-migrate`).
     pub fn query_migrate(&mut self) -> Result<qmp::MigrationInfo, VmError> {
         self.execute(&qmp::query_migrate {})
     }

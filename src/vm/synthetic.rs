@@ -1,7 +1,7 @@
 //! The synthetic guest as a VM backend: a client of the guest's control
 //! socket (JSON lines), and the launcher of incoming guests on destinations.
 
-use super::{IncomingVm, LaunchSpec, RamFile, SourceVm, VmError, VmRecord};
+use super::{IncomingVm, LaunchSpec, RamFile, SourceVm, VmError, VmRecord, VmState};
 use crate::dirty::cooperative::CooperativeTracker;
 use crate::dirty::hash::HashTracker;
 use crate::dirty::{DirtyError, DirtyTracker, TrackerKind};
@@ -15,11 +15,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Which pages the synthetic guest writes next.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Pattern {
+    /// Pages picked at random in the hot part of RAM.
     #[default]
     Random,
+    /// Pages in order through the hot part of RAM, wrapping around.
     Sequential,
 }
 
@@ -30,7 +33,9 @@ pub struct Workload {
     pub dirty_rate_mbps: f64,
     /// Fraction of RAM (from the start) that receives the writes.
     pub hot_fraction: f64,
+    /// Which pages receive the writes.
     pub pattern: Pattern,
+    /// Seed of the initial RAM content and of the random page choice.
     pub seed: u64,
 }
 
@@ -60,11 +65,13 @@ pub fn guest_call(socket: &Path, req: Value) -> Result<Value, VmError> {
     Ok(v)
 }
 
+/// A running synthetic guest on the source host.
 pub struct SyntheticVm {
     rec: VmRecord,
 }
 
 impl SyntheticVm {
+    /// The guest the agent knows from `rec`.
     pub fn new(rec: VmRecord) -> Self {
         Self { rec }
     }
@@ -129,8 +136,12 @@ impl SourceVm for SyntheticVm {
         self.call(json!({"cmd": "quit"})).map(|_| ())
     }
 
-    fn status(&self) -> Result<Value, VmError> {
-        self.call(json!({"cmd": "status"}))
+    fn status(&self) -> Result<VmState, VmError> {
+        let v = self.call(json!({"cmd": "status"}))?;
+        serde_json::from_value(v).map_err(|e| VmError::Control {
+            path: self.rec.control.display().to_string(),
+            msg: format!("bad status: {e}"),
+        })
     }
 }
 

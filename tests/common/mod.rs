@@ -1,11 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use dcmigrate::agent::api::Request;
-use dcmigrate::engine::MigrateOptions;
+use dcmigrate::engine::{MigrateOptions, Report};
 use dcmigrate::testbed::{wait_for, Testbed};
 use dcmigrate::vm::synthetic::{Pattern, Workload};
-use serde_json::Value;
+use dcmigrate::vm::VmState;
 use std::path::{Path, PathBuf};
 
 pub const MIB: u64 = 1 << 20;
@@ -22,10 +21,9 @@ pub fn workload(mbps: f64) -> Workload {
     Workload { dirty_rate_mbps: mbps, hot_fraction: 1.0, pattern: Pattern::Random, seed: 42 }
 }
 
-pub fn migrate(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) -> Value {
-    tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options }).expect("migrate accepted");
-    let v = tb.call(from, &Request::Wait { vm: vm.into() }).expect("wait");
-    v["report"].clone()
+pub fn migrate(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) -> Report {
+    start_migration(tb, from, vm, to, options);
+    wait_report(tb, from, vm)
 }
 
 pub fn ram_file(tb: &Testbed, host: &str, vm: &str) -> PathBuf {
@@ -44,16 +42,21 @@ pub fn vm_files(tb: &Testbed, host: &str, vm: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub fn state(tb: &Testbed, host: &str, vm: &str) -> Option<Value> {
-    tb.vm_on(host, vm).map(|v| v["state"].clone())
+pub fn state(tb: &Testbed, host: &str, vm: &str) -> Option<VmState> {
+    tb.vm_on(host, vm).map(|v| v.state)
+}
+
+/// The VM's phase on `host` (`running`, `paused`), if it is there.
+pub fn phase(tb: &Testbed, host: &str, vm: &str) -> Option<String> {
+    state(tb, host, vm)?.phase
 }
 
 /// The guest runs on `host`: it is there, running, and its write counter moves.
 pub fn assert_running_on(tb: &Testbed, host: &str, vm: &str) {
     let s0 = state(tb, host, vm).unwrap_or_else(|| panic!("{vm} not on {host}"));
-    assert_eq!(s0["phase"], "running", "{vm} on {host}: {s0}");
-    let w0 = s0["writes"].as_u64().unwrap();
-    let moved = wait_for(10, || (state(tb, host, vm)?["writes"].as_u64()? > w0).then_some(()));
+    assert_eq!(s0.phase.as_deref(), Some("running"), "{vm} on {host}: {s0:?}");
+    let w0 = s0.writes.unwrap();
+    let moved = wait_for(10, || (state(tb, host, vm)?.writes? > w0).then_some(()));
     assert!(moved.is_some(), "{vm} on {host} does not make progress");
 }
 
@@ -78,20 +81,17 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
 /// migration ended), then retargets to `to`. Returns false if it ended first.
 pub fn retarget_when(tb: &Testbed, from: &str, vm: &str, to: &str, frac: f64, forward: bool) -> bool {
     let reached = wait_for(120, || {
-        let v = tb.call(from, &Request::Status { vm: Some(vm.into()) }).ok()?;
-        let m = &v["migrations"][0];
-        if m["done"] == true {
+        let m = tb.client(from).status(Some(vm)).ok()?.pop()?;
+        if m.done {
             return Some(false);
         }
-        let p = &m["progress"];
-        let at = p["at_destination_bytes"].as_f64()?;
-        let ram = p["ram_bytes"].as_f64()?;
+        let (at, ram) = (m.progress.at_destination_bytes as f64, m.progress.ram_bytes as f64);
         (ram > 0.0 && at >= frac * ram).then_some(true)
     });
     if reached != Some(true) {
         return false;
     }
-    tb.call(from, &Request::Retarget { vm: vm.into(), to: to.into(), forward }).expect("retarget accepted");
+    tb.client(from).retarget(vm, to, forward).expect("retarget accepted");
     true
 }
 
@@ -107,7 +107,7 @@ pub fn held(opts: MigrateOptions) -> MigrateOptions {
 /// Lets a migration started with [`held`] options switch over.
 pub fn release(tb: &Testbed, from: &str, vm: &str) {
     #[cfg(feature = "test-hooks")]
-    tb.call(from, &Request::Release { vm: vm.into() }).expect("release");
+    tb.client(from).release(vm).expect("release");
     #[cfg(not(feature = "test-hooks"))]
     let _ = (tb, from, vm);
 }
@@ -122,11 +122,17 @@ pub fn hooks_or_skip(test: &str) -> bool {
 }
 
 pub fn start_migration(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) {
-    tb.call(from, &Request::Migrate { vm: vm.into(), to: to.into(), options }).expect("migrate accepted");
+    tb.client(from).migrate(vm, to, options).expect("migrate accepted");
 }
 
-pub fn wait_report(tb: &Testbed, from: &str, vm: &str) -> Value {
-    tb.call(from, &Request::Wait { vm: vm.into() }).expect("wait")["report"].clone()
+pub fn wait_report(tb: &Testbed, from: &str, vm: &str) -> Report {
+    tb.client(from).wait(vm).expect("wait").report.expect("a finished migration has a report")
+}
+
+/// How far the VM's migration on `from` is: (round, bytes at the destination).
+pub fn progress(tb: &Testbed, from: &str, vm: &str) -> Option<(u32, u64, bool)> {
+    let m = tb.client(from).status(Some(vm)).ok()?.pop()?;
+    Some((m.progress.round, m.progress.at_destination_bytes, m.done))
 }
 
 /// Pages that differ between two RAM files.

@@ -1,0 +1,241 @@
+//! One handler per API request, each returning its reply type (see
+//! [`super::api`]); `handle` only dispatches.
+
+use super::api::{
+    AttachReply, Done, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, VmEntry,
+};
+use super::Agent;
+use crate::engine::{self, MigrateOptions, MigrationHandle, MigrationStatus};
+use crate::vm::{LaunchSpec, VmRecord, VmState};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Why the agent refused an API request (the client gets the message).
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// No such VM here.
+    #[error("no VM named {vm:?} on {host}")]
+    NoVm {
+        /// The VM.
+        vm: String,
+        /// This host.
+        host: String,
+    },
+    /// A VM of that name is registered already.
+    #[error("a VM named {0:?} is already registered here")]
+    Exists(String),
+    /// A name that cannot name files.
+    #[error("invalid VM name {0:?}: use letters, digits, '-', '_' or '.'")]
+    Name(String),
+    /// A destination this agent has no address for.
+    #[error("unknown host {0:?}: start the agent with --peer {0}=ADDR")]
+    UnknownHost(String),
+    /// Migrating a VM to where it is.
+    #[error("{vm} already runs on {host}")]
+    AlreadyHere {
+        /// The VM.
+        vm: String,
+        /// This host.
+        host: String,
+    },
+    /// A migration of the VM is running.
+    #[error("{vm} is already migrating to {to}")]
+    Migrating {
+        /// The VM.
+        vm: String,
+        /// Where to.
+        to: String,
+    },
+    /// No migration of the VM here.
+    #[error("no migration of {0:?} on this host")]
+    NoMigration(String),
+    /// The migration ended.
+    #[error("the migration of {0} has already finished")]
+    Finished(String),
+    /// Retargeting to the source.
+    #[error("{0} is the source of this migration")]
+    IsSource(String),
+    /// Options no migration can run with.
+    #[error("invalid options")]
+    Options(#[from] crate::engine::options::OptionsError),
+    /// The engine refused the retarget.
+    #[error("retarget refused: {0}")]
+    Retarget(String),
+    /// The VM failed the request.
+    #[error("the VM")]
+    Vm(#[from] crate::vm::VmError),
+    /// A blocking task failed.
+    #[error("internal")]
+    Task(#[from] tokio::task::JoinError),
+    /// A reply that does not serialize.
+    #[error("internal: the reply does not serialize")]
+    Reply(#[from] serde_json::Error),
+}
+
+impl Agent {
+    /// Runs one API request; the reply's fields, or why it was refused.
+    pub(super) async fn handle(self: Arc<Self>, req: Request) -> Result<Value, RequestError> {
+        match req {
+            Request::Info => Self::reply(self.info()),
+            Request::Register { vm } => Self::reply(self.register(vm)?),
+            Request::AttachQemu { name, qmp, launch } => Self::reply(self.attach_qemu(name, qmp, launch).await?),
+            Request::List => Self::reply(self.list().await),
+            Request::Migrate { vm, to, options } => Self::reply(self.migrate(vm, to, options)?),
+            Request::Retarget { vm, to, forward } => Self::reply(self.retarget(vm, to, forward).await?),
+            Request::Status { vm } => Self::reply(self.status(vm)?),
+            Request::Wait { vm } => Self::reply(self.wait(&vm).await?),
+            Request::Cancel { vm } => Self::reply(self.cancel(&vm).await?),
+            Request::Resume { vm } => Self::reply(self.resume(&vm).await?),
+            Request::Shutdown => {
+                self.shutdown.cancel();
+                Self::reply(Done {})
+            }
+            #[cfg(feature = "test-hooks")]
+            Request::Release { vm } => {
+                self.migration(&vm)?.released.send_replace(true);
+                Self::reply(Done {})
+            }
+        }
+    }
+
+    fn info(&self) -> InfoReply {
+        InfoReply {
+            name: self.cfg.name.clone(),
+            control: self.cfg.listen.to_string(),
+            data_port: self.data_port(),
+            peers: self.cfg.peers.keys().cloned().collect(),
+            rdma: match &self.rdma {
+                Ok(r) => RdmaInfo::Device { device: r.name() },
+                Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
+            },
+        }
+    }
+
+    fn register(&self, vm: VmRecord) -> Result<Done, RequestError> {
+        if self.has_vm(&vm.name) {
+            return Err(RequestError::Exists(vm.name));
+        }
+        self.add_vm(vm);
+        Ok(Done {})
+    }
+
+    async fn attach_qemu(
+        &self,
+        name: String,
+        qmp: PathBuf,
+        launch: Option<LaunchSpec>,
+    ) -> Result<AttachReply, RequestError> {
+        if !crate::vm::qemu::valid_id(&name) {
+            return Err(RequestError::Name(name));
+        }
+        if self.has_vm(&name) {
+            return Err(RequestError::Exists(name));
+        }
+        let rec = tokio::task::spawn_blocking(move || crate::vm::qemu::attach(&name, &qmp, launch)).await??;
+        tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
+        let reply = AttachReply { ram: rec.ram.clone() };
+        self.add_vm(rec);
+        Ok(reply)
+    }
+
+    async fn list(&self) -> ListReply {
+        let vms: Vec<VmRecord> = self.vms.lock().unwrap().values().cloned().collect();
+        let mut out = vec![];
+        for rec in vms {
+            let name = rec.name.clone();
+            let state = match tokio::task::spawn_blocking(move || Self::source_vm(rec).status()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => VmState::error(crate::error_chain(&e)),
+                Err(e) => VmState::error(e.to_string()),
+            };
+            out.push(VmEntry { name, state });
+        }
+        ListReply { vms: out }
+    }
+
+    fn migrate(self: Arc<Self>, vm: String, to: String, options: MigrateOptions) -> Result<MigrateReply, RequestError> {
+        let rec =
+            self.vm_record(&vm).ok_or_else(|| RequestError::NoVm { vm: vm.clone(), host: self.cfg.name.clone() })?;
+        if to == self.cfg.name {
+            return Err(RequestError::AlreadyHere { vm, host: to });
+        }
+        let addr = self.peer_addr(&to)?;
+        if let Ok(m) = self.migration(&vm) {
+            if !m.is_done() {
+                return Err(RequestError::Migrating { vm, to: m.to.clone() });
+            }
+        }
+        options.check()?;
+        let ctx = engine::Context {
+            me: self.cfg.name.clone(),
+            tls: self.cfg.tls.clone(),
+            unordered: crate::hooks::unordered().is_some(),
+            rdma: self.rdma.clone(),
+        };
+        let handle = MigrationHandle::new(&vm, &to);
+        self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
+        let (me, h) = (self.clone(), handle.clone());
+        tokio::spawn(async move {
+            let vm_name = rec.name.clone();
+            let run = tokio::spawn(engine::run(ctx, Self::source_vm(rec), to.clone(), addr, options, h.clone()));
+            // Whatever happens, the handle gets a report: waiters never hang.
+            let report = run.await.unwrap_or_else(|e| engine::Report {
+                vm: vm_name,
+                destination: to,
+                error: Some(format!("internal error: {e}; check where the VM runs")),
+                ..Default::default()
+            });
+            if report.result == engine::Outcome::Completed {
+                me.vms.lock().unwrap().remove(&report.vm);
+            }
+            h.finish(report);
+        });
+        Ok(MigrateReply { migration: handle.id.clone() })
+    }
+
+    async fn retarget(&self, vm: String, to: String, forward: bool) -> Result<RetargetReply, RequestError> {
+        let m = self.migration(&vm)?;
+        if m.is_done() {
+            return Err(RequestError::Finished(vm));
+        }
+        if to == self.cfg.name {
+            return Err(RequestError::IsSource(to));
+        }
+        let addr = self.peer_addr(&to)?;
+        m.retarget(to.clone(), addr, forward).await.map_err(RequestError::Retarget)?;
+        Ok(RetargetReply { retargeted_to: to })
+    }
+
+    fn status(&self, vm: Option<String>) -> Result<StatusReply, RequestError> {
+        let all: Vec<Arc<MigrationHandle>> = match vm {
+            Some(v) => vec![self.migration(&v)?],
+            None => self.migrations.lock().unwrap().values().cloned().collect(),
+        };
+        Ok(StatusReply { migrations: all.iter().map(|m| m.status()).collect() })
+    }
+
+    async fn wait(&self, vm: &str) -> Result<MigrationStatus, RequestError> {
+        let m = self.migration(vm)?;
+        m.wait().await;
+        Ok(m.status())
+    }
+
+    async fn cancel(&self, vm: &str) -> Result<MigrationStatus, RequestError> {
+        let m = self.migration(vm)?;
+        if m.is_done() {
+            return Err(RequestError::Finished(vm.into()));
+        }
+        m.cancel.cancel();
+        m.wait().await;
+        Ok(m.status())
+    }
+
+    async fn resume(&self, vm: &str) -> Result<Done, RequestError> {
+        let rec =
+            self.vm_record(vm).ok_or_else(|| RequestError::NoVm { vm: vm.into(), host: self.cfg.name.clone() })?;
+        tokio::task::spawn_blocking(move || Self::source_vm(rec).resume()).await??;
+        Ok(Done {})
+    }
+}

@@ -1,0 +1,140 @@
+//! The forwarder role of an old destination: after a retarget the source
+//! points it at the new destination (`ForwardTo`), then hands it batches of
+//! page runs (`Forward`) to send from its own RAM there; each is reported
+//! (`Forwarded`) once the new destination applied it.
+
+use super::super::Agent;
+use super::Session;
+use crate::protocol::{DataPlane, RdmaRegion, Token, TransportKind};
+use crate::transport::{Batch, Completion, OpenError, Run, SenderSpec, StreamSpec};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+/// Where a forwarder sends: the new destination's data endpoint.
+pub(super) struct Target {
+    pub host: String,
+    pub addr: SocketAddr,
+    pub token: Token,
+    pub sender: u8,
+    pub streams: usize,
+    pub rdma: Option<Vec<RdmaRegion>>,
+    pub transport: TransportKind,
+}
+
+/// Why a forward was refused.
+#[derive(Debug, Error)]
+pub(super) enum ForwardError {
+    /// No data plane to the new destination.
+    #[error("forwarding to {host}")]
+    Open {
+        /// The new destination.
+        host: String,
+        /// Why.
+        #[source]
+        source: OpenError,
+    },
+    /// `Forward` before `ForwardTo`.
+    #[error("not forwarding")]
+    NotForwarding,
+    /// `Forward` for another destination than the one set up.
+    #[error("forwarding to {current}, not {asked}")]
+    OtherTarget {
+        /// Where this host forwards.
+        current: String,
+        /// Where the source thinks it does.
+        asked: String,
+    },
+    /// A run outside the RAM, or crossing a region or chunk.
+    #[error("bad page run: {0}")]
+    Run(&'static str),
+    /// The streams to the new destination are gone.
+    #[error("forward streams closed")]
+    Closed,
+}
+
+/// Opens (or re-points) this host's data streams to a new destination;
+/// returns the data plane used (RDMA writes straight from this host's
+/// registered RAM into the new destination's).
+pub(super) async fn forward_to(
+    agent: &Agent,
+    sess: &mut Session,
+    t: Target,
+    completions: mpsc::UnboundedSender<Completion>,
+) -> Result<DataPlane, ForwardError> {
+    if let Some((_, old)) = sess.forward.take() {
+        old.close();
+    }
+    let spec = SenderSpec {
+        host: &t.host,
+        transport: t.transport,
+        rdma: &agent.rdma,
+        offer: t.rdma.as_deref(),
+        streams: StreamSpec {
+            addr: t.addr,
+            token: t.token,
+            sender: t.sender,
+            streams: t.streams.clamp(1, 64),
+            ram: sess.ram.clone(),
+            observer: None,
+            completions,
+        },
+    };
+    let s = crate::transport::open_sender(spec)
+        .await
+        .map_err(|source| ForwardError::Open { host: t.host.clone(), source })?;
+    let kind = s.kind();
+    sess.forward = Some((t.host, Arc::from(s)));
+    Ok(kind)
+}
+
+/// Checks page runs that came from the network: each must lie inside one
+/// chunk (so inside one region, and a data plane's lengths cannot overflow).
+fn check_runs(sess: &Session, runs: Vec<(usize, usize)>) -> Result<Vec<Run>, ForwardError> {
+    let layout = sess.ram.layout();
+    runs.into_iter()
+        .map(|(first, pages)| {
+            let last = first
+                .checked_add(pages)
+                .filter(|&e| pages > 0 && e <= layout.total_pages())
+                .ok_or(ForwardError::Run("out of range"))?;
+            if layout.locate(first).0 != layout.locate(last - 1).0 {
+                return Err(ForwardError::Run("crosses a region boundary"));
+            }
+            if layout.chunk_of(first) != layout.chunk_of(last - 1) {
+                return Err(ForwardError::Run("crosses a chunk boundary"));
+            }
+            Ok(Run { first_page: first, pages })
+        })
+        .collect()
+}
+
+/// Queues page runs from this host's RAM to the forward destination.
+pub(super) fn forward(
+    sess: &Session,
+    batch: u64,
+    to: &str,
+    runs: Vec<(usize, usize)>,
+    completions: mpsc::UnboundedSender<Completion>,
+) -> Result<(), ForwardError> {
+    let (host, sender) = sess.forward.clone().ok_or(ForwardError::NotForwarding)?;
+    if host != to {
+        return Err(ForwardError::OtherTarget { current: host, asked: to.into() });
+    }
+    let b = Batch { id: batch, chunk: 0, from: 0, to: 0, runs: check_runs(sess, runs)?, epochs: vec![] };
+    // Test hook: a slow forwarder (its pages land late), to exercise ordering.
+    match crate::hooks::forward_delay_ms() {
+        Some(ms) => {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Err(b) = sender.submit(b) {
+                    let _ = completions.send(Completion::Failed(b, "forward streams closed".into()));
+                }
+            });
+            Ok(())
+        }
+        None => sender.submit(b).map_err(|_| ForwardError::Closed),
+    }
+}

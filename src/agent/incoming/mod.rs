@@ -1,0 +1,320 @@
+//! The destination role: one control connection from a source agent opens a
+//! session, which owns the new RAM files, the data-plane registration and the
+//! paused incoming VM until switchover commits it (or anything else discards
+//! it: abort, error, or the connection closing). After a retarget the same
+//! session may forward what it holds (`forward`).
+
+mod forward;
+mod open;
+
+use super::Agent;
+use crate::control::{Connected, ServerStream};
+use crate::memory::{Blocks, GuestRam};
+use crate::protocol::{write_message, Message, ProtocolError, Token};
+use crate::transport::{Completion, PageSender, Receiving};
+use crate::vm::IncomingVm;
+use base64::Engine as _;
+use std::sync::Arc;
+use tokio::io::WriteHalf;
+use tokio::sync::mpsc;
+
+/// Largest device state a destination accepts (a VM with a lot of video RAM fits).
+pub const MAX_DEVICE_STATE: usize = 512 << 20;
+
+/// One incoming migration on this host.
+pub(crate) struct Session {
+    vm: String,
+    token: Token,
+    ram: Arc<GuestRam>,
+    incoming: Arc<dyn IncomingVm>,
+    receiving: Arc<Receiving>,
+    /// Set once the source made this host a forwarder (retarget): where to
+    /// and the streams.
+    forward: Option<(String, Arc<dyn PageSender>)>,
+    /// Device state received so far (protocol 2 sends it in chunks).
+    device_state: DeviceState,
+}
+
+/// Device state arriving in chunks, bounded by [`MAX_DEVICE_STATE`].
+#[derive(Default)]
+pub(crate) struct DeviceState {
+    bytes: Vec<u8>,
+    /// Bytes offered in all, kept even past the limit (to say how many).
+    offered: u64,
+}
+
+impl DeviceState {
+    fn add(&mut self, chunk: &[u8]) {
+        self.offered += chunk.len() as u64;
+        // Past the limit nothing more is kept: refused at the end, where the
+        // source waits for an answer.
+        if self.offered <= MAX_DEVICE_STATE as u64 {
+            self.bytes.extend_from_slice(chunk);
+        }
+    }
+
+    /// The whole state, if it is complete and within the limit.
+    fn take(&mut self, total: u64) -> Result<Vec<u8>, String> {
+        let offered = std::mem::take(&mut self.offered);
+        let bytes = std::mem::take(&mut self.bytes);
+        if offered > MAX_DEVICE_STATE as u64 {
+            return Err(format!("device state of {offered} bytes exceeds the limit of {MAX_DEVICE_STATE}"));
+        }
+        if offered != total {
+            return Err(format!("device state: {offered} bytes received, {total} announced"));
+        }
+        Ok(bytes)
+    }
+}
+
+/// What a message asks of the session loop.
+enum Step {
+    /// Send this reply and go on.
+    Reply(Message),
+    /// Nothing to answer; go on.
+    Quiet,
+    /// The session is over (committed or aborted; the answer was sent).
+    End,
+}
+
+type Writer = WriteHalf<ServerStream>;
+
+/// Serves one source's control connection until its session ends.
+pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
+    let peer = conn.host.clone();
+    tracing::info!(%peer, version = conn.version, "control session accepted");
+    let (mut w, mut inbox, reader) = crate::control::spawn_reader(conn.stream);
+    let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
+    let mut session: Option<Session> = None;
+    let outcome = async {
+        loop {
+            let msg = tokio::select! {
+                m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
+                Some(c) = forwarded.recv() => {
+                    write_message(&mut w, &forwarded_report(&session, c)).await?;
+                    continue;
+                }
+            };
+            match step(&agent, &mut w, msg, &mut session, &peer, &fwd_tx).await? {
+                Step::Reply(m) => write_message(&mut w, &m).await?,
+                Step::Quiet => {}
+                Step::End => return Ok::<(), ProtocolError>(()),
+            }
+        }
+    }
+    .await;
+    reader.abort();
+    if let Err(e) = &outcome {
+        tracing::warn!(%peer, "control session: {}", crate::error_chain(e));
+    }
+    if let Some(sess) = session {
+        // Anything but a committed switchover leaves nothing behind.
+        let why = outcome.map_or_else(|e| crate::error_chain(&e), |()| "session ended".into());
+        discard(&agent, sess, &peer, &why).await;
+    }
+}
+
+fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
+    let bytes = session.as_ref().and_then(|s| s.forward.as_ref()).map_or(0, |(_, f)| f.bytes_sent());
+    match c {
+        Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes },
+        Completion::Failed(b, e) => Message::Forwarded { batch: b.id, applied: false, error: Some(e), bytes },
+    }
+}
+
+async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
+    agent.receiver.remove(&sess.token);
+    if let Some((_, f)) = &sess.forward {
+        f.close();
+    }
+    tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
+    let inc = sess.incoming.clone();
+    let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
+    agent.end_incoming(&sess.vm);
+}
+
+fn error(e: impl std::error::Error + 'static) -> Message {
+    Message::Error { message: crate::error_chain(&e) }
+}
+
+/// Handles one message from the source.
+async fn step(
+    agent: &Agent,
+    w: &mut Writer,
+    msg: Message,
+    session: &mut Option<Session>,
+    peer: &str,
+    fwd_tx: &mpsc::UnboundedSender<Completion>,
+) -> Result<Step, ProtocolError> {
+    let reply = match (msg, session.as_mut()) {
+        (Message::OpenSession { vm, regions, chunk_size, launch }, None) => {
+            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch)).await
+        }
+        (Message::ForwardTo { host, data_addr, token, streams, sender, rdma, transport }, Some(sess)) => {
+            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, transport };
+            forward_to(agent, sess, t, fwd_tx).await
+        }
+        (Message::Forward { batch, to, runs }, Some(sess)) => {
+            match forward::forward(sess, batch, &to, runs, fwd_tx.clone()) {
+                Ok(()) => return Ok(Step::Quiet),
+                Err(e) => Message::Forwarded { batch, applied: false, error: Some(crate::error_chain(&e)), bytes: 0 },
+            }
+        }
+        (Message::Fence { sender }, Some(sess)) => match sess.receiving.fence(sender).await {
+            Ok(()) => {
+                tracing::info!(vm = %sess.vm, sender, "fenced a sender's data streams");
+                Message::Ok
+            }
+            Err(e) => error(e),
+        },
+        (Message::ChecksumRequest { blocks, block_pages }, Some(sess)) => checksums(sess, blocks, block_pages).await,
+        (Message::DeviceState { state }, Some(sess)) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(state);
+            match bytes {
+                Ok(b) => load_device_state(sess, b).await,
+                Err(e) => error(e),
+            }
+        }
+        (Message::DeviceStateChunk { bytes, .. }, Some(sess)) => {
+            sess.device_state.add(&bytes);
+            return Ok(Step::Quiet);
+        }
+        (Message::DeviceStateEnd { total }, Some(sess)) => match sess.device_state.take(total) {
+            Ok(state) => load_device_state(sess, state).await,
+            Err(message) => Message::Error { message },
+        },
+        (Message::Resume { start }, Some(_)) => return resume(agent, w, session, start).await,
+        (Message::Abort { reason }, _) => {
+            // Clean up before answering: the source then knows nothing is left here.
+            if let Some(sess) = session.take() {
+                discard(agent, sess, peer, &format!("aborted by source: {reason}")).await;
+            }
+            write_message(w, &Message::Ok).await?;
+            return Ok(Step::End);
+        }
+        (other, _) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+    };
+    Ok(Step::Reply(reply))
+}
+
+async fn open_session(
+    agent: &Agent,
+    session: &mut Option<Session>,
+    peer: &str,
+    (vm, regions, chunk_size, launch): (&str, Vec<crate::memory::RegionSpec>, u64, &crate::vm::LaunchSpec),
+) -> Message {
+    match open::open(agent, vm, regions, chunk_size, launch).await {
+        Ok(sess) => {
+            tracing::info!(%vm, %peer, "incoming session opened");
+            let m = Message::SessionOpened {
+                data_port: agent.data_port(),
+                token: sess.token,
+                rdma: sess.receiving.rdma_offer(),
+            };
+            *session = Some(sess);
+            m
+        }
+        Err(e) => error(e),
+    }
+}
+
+async fn forward_to(
+    agent: &Agent,
+    sess: &mut Session,
+    t: forward::Target,
+    fwd_tx: &mpsc::UnboundedSender<Completion>,
+) -> Message {
+    let to = t.host.clone();
+    match forward::forward_to(agent, sess, t, fwd_tx.clone()).await {
+        Ok(kind) => {
+            tracing::info!(vm = %sess.vm, %to, transport = kind.name(), "forwarding to the new destination");
+            Message::ForwardReady { transport: kind }
+        }
+        Err(e) => error(e),
+    }
+}
+
+/// Checksums of the blocks asked for (of every chunk, whole, without a
+/// list). The request comes from the network: the block size and every
+/// index are checked, and the list is no longer than there are blocks.
+async fn checksums(sess: &Session, blocks: Option<Vec<u32>>, block_pages: Option<u32>) -> Message {
+    let ram = sess.ram.clone();
+    if let Some(chunk) = crate::hooks::corrupt_chunk() {
+        corrupt_once(&ram, chunk);
+    }
+    let chunk_pages = (ram.layout().chunk_size() / crate::memory::PAGE_SIZE as u64) as u32;
+    let list = match (blocks, block_pages) {
+        (None, _) => None,
+        (Some(list), Some(bp)) if (1..=chunk_pages).contains(&bp) => {
+            let b = Blocks::new(ram.layout(), bp as usize);
+            if list.len() > b.len() || list.iter().any(|&i| i as usize >= b.len()) {
+                return Message::Error {
+                    message: format!("checksum request outside the {} blocks of this session", b.len()),
+                };
+            }
+            Some((b, list.into_iter().map(|i| i as usize).collect::<Vec<_>>()))
+        }
+        (Some(_), bp) => return Message::Error { message: format!("checksum request with block size {bp:?}") },
+    };
+    let sums = tokio::task::spawn_blocking(move || match list {
+        Some((b, l)) => ram.block_checksums(&b, &l),
+        None => ram.checksums(),
+    });
+    match sums.await {
+        Ok(sums) => Message::Checksums { sums },
+        Err(e) => error(e),
+    }
+}
+
+async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
+    let inc = sess.incoming.clone();
+    match tokio::task::spawn_blocking(move || inc.load_device_state(&state)).await {
+        Ok(Ok(())) => Message::Ok,
+        Ok(Err(e)) => error(e),
+        Err(e) => error(e),
+    }
+}
+
+/// Commits the switchover: the VM lives here from now on.
+async fn resume(
+    agent: &Agent,
+    w: &mut Writer,
+    session: &mut Option<Session>,
+    start: bool,
+) -> Result<Step, ProtocolError> {
+    let Some(sess) = session.take() else { return Ok(Step::Reply(Message::Error { message: "no session".into() })) };
+    agent.receiver.remove(&sess.token);
+    let inc = sess.incoming.clone();
+    let committed = match tokio::task::spawn_blocking(move || inc.commit(start)).await {
+        Ok(Ok(rec)) => rec,
+        Ok(Err(e)) => {
+            *session = Some(sess);
+            return Ok(Step::Reply(error(e)));
+        }
+        Err(e) => {
+            *session = Some(sess);
+            return Ok(Step::Reply(error(e)));
+        }
+    };
+    tracing::info!(vm = %committed.name, start, "switchover: VM now lives here");
+    agent.add_vm(committed);
+    agent.end_incoming(&sess.vm);
+    write_message(w, &Message::Resumed).await?;
+    Ok(Step::End)
+}
+
+/// Test hook ([`crate::hooks::corrupt_chunk`]): flips a byte of chunk `c`
+/// before the first verification, to prove mismatches are found and resent.
+fn corrupt_once(ram: &GuestRam, c: usize) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(ch) = ram.layout().chunks().get(c).copied() else {
+        return;
+    };
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let (region, offset) = ram.layout().locate(ch.first_page);
+    if ram.write_at(region, offset + 123, &[0x5a]).is_ok() {
+        tracing::warn!(chunk = c, "test hook: corrupted one byte before verification");
+    }
+}

@@ -1,0 +1,182 @@
+//! Opening an incoming session: check what the source asks for, create the
+//! RAM files, launch the incoming VM paused, register the session with the
+//! data plane (and RAM with the RDMA device). Whatever fails on the way is
+//! undone before the error goes back.
+
+use super::super::Agent;
+use super::Session;
+use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
+use crate::protocol::Token;
+use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
+use crate::vm::{qemu, IncomingVm, LaunchSpec, RamFile, VmError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Why a destination refused a session.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// A VM name that cannot name files.
+    #[error("invalid VM name {0:?}")]
+    Name(String),
+    /// A memory backend id that cannot name a file.
+    #[error("invalid memory backend id {0:?}")]
+    BackendId(String),
+    /// The VM already runs here.
+    #[error("a VM named {vm} already exists on {host}")]
+    Exists {
+        /// The VM.
+        vm: String,
+        /// This host.
+        host: String,
+    },
+    /// Another session is receiving it.
+    #[error("{vm} is already being migrated to {host}")]
+    Busy {
+        /// The VM.
+        vm: String,
+        /// This host.
+        host: String,
+    },
+    /// Files of another session are in the way.
+    #[error("{0} exists: another incoming session for this VM?")]
+    Leftover(PathBuf),
+    /// The layout is not usable.
+    #[error("RAM layout")]
+    Layout(#[from] LayoutError),
+    /// A synthetic guest has one region.
+    #[error("{0} RAM regions for a synthetic guest")]
+    Regions(usize),
+    /// Creating the VM's directory failed.
+    #[error("{0}")]
+    Dir(PathBuf, #[source] std::io::Error),
+    /// Creating the RAM files failed.
+    #[error("creating the RAM files")]
+    Ram(#[from] MemoryError),
+    /// The incoming VM did not start.
+    #[error("launching the incoming VM")]
+    Launch(#[from] VmError),
+    /// A blocking task failed.
+    #[error("internal")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Opens a session for `vm`; on error nothing is left behind.
+pub(super) async fn open(
+    agent: &Agent,
+    vm: &str,
+    regions: Vec<RegionSpec>,
+    chunk_size: u64,
+    launch: &LaunchSpec,
+) -> Result<Session, OpenError> {
+    if vm.is_empty() || !vm.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || vm.starts_with('.') {
+        return Err(OpenError::Name(vm.to_owned()));
+    }
+    if agent.has_vm(vm) {
+        return Err(OpenError::Exists { vm: vm.into(), host: agent.cfg.name.clone() });
+    }
+    if !agent.begin_incoming(vm) {
+        return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
+    }
+    let r = prepare(agent, vm, regions, chunk_size, launch).await;
+    if r.is_err() {
+        agent.end_incoming(vm);
+    }
+    r
+}
+
+/// Where the RAM files go: the synthetic guest's conventional file in the
+/// data dir, or one file per backend in the VM's own directory (QEMU).
+fn ram_paths(
+    data_dir: &Path,
+    vm: &str,
+    regions: &[RegionSpec],
+    launch: &LaunchSpec,
+) -> Result<(PathBuf, Vec<PathBuf>), OpenError> {
+    match launch {
+        LaunchSpec::Synthetic { .. } => match regions.len() {
+            1 => Ok((data_dir.to_owned(), vec![guest_paths(data_dir, vm).0])),
+            n => Err(OpenError::Regions(n)),
+        },
+        LaunchSpec::Qemu { .. } => {
+            if let Some(r) = regions.iter().find(|r| !qemu::valid_id(&r.id)) {
+                return Err(OpenError::BackendId(r.id.clone()));
+            }
+            let dir = qemu::vm_dir(data_dir, vm);
+            Ok((dir.clone(), regions.iter().map(|r| qemu::ram_path(&dir, &r.id)).collect()))
+        }
+    }
+}
+
+async fn prepare(
+    agent: &Agent,
+    vm: &str,
+    regions: Vec<RegionSpec>,
+    chunk_size: u64,
+    launch: &LaunchSpec,
+) -> Result<Session, OpenError> {
+    let layout = Layout::new(regions.clone(), chunk_size)?;
+    let (dir, paths) = ram_paths(&agent.cfg.data_dir, vm, &regions, launch)?;
+    let owned_dir = matches!(launch, LaunchSpec::Qemu { .. }).then(|| dir.clone());
+    if let Some(d) = &owned_dir {
+        if d.exists() {
+            return Err(OpenError::Leftover(d.clone()));
+        }
+        std::fs::create_dir_all(d).map_err(|e| OpenError::Dir(d.clone(), e))?;
+    }
+    let cleanup = |paths: &[PathBuf]| {
+        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+        if let Some(d) = &owned_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    };
+    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(OpenError::Leftover(p.clone()));
+    }
+    let made = async {
+        let ram = Arc::new(GuestRam::create(layout, &paths)?);
+        let files: Vec<RamFile> = regions
+            .iter()
+            .zip(&paths)
+            .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
+            .collect();
+        let incoming = launch_incoming(vm, &dir, files, launch).await?;
+        Ok::<_, OpenError>((ram, incoming))
+    };
+    let (ram, incoming) = match made.await {
+        Ok(x) => x,
+        Err(e) => {
+            cleanup(&paths);
+            return Err(e);
+        }
+    };
+    let token = Token::random();
+    let receiving = agent.receiver.add(token, ram.clone());
+    if let Ok(r) = &agent.rdma {
+        // Registration pins (and allocates) the whole RAM: off the event loop.
+        let (r, ram2) = (r.clone(), ram.clone());
+        match tokio::task::spawn_blocking(move || r.register_target(&ram2)).await {
+            Ok(Ok(t)) => receiving.set_rdma(t),
+            Ok(Err(e)) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
+            Err(e) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
+        }
+    }
+    Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None, device_state: Default::default() })
+}
+
+async fn launch_incoming(
+    vm: &str,
+    dir: &Path,
+    files: Vec<RamFile>,
+    launch: &LaunchSpec,
+) -> Result<Arc<dyn IncomingVm>, OpenError> {
+    let (name, dir, launch) = (vm.to_owned(), dir.to_owned(), launch.clone());
+    let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
+        Ok(match &launch {
+            LaunchSpec::Synthetic { .. } => Arc::new(SyntheticIncoming::launch(&name, &dir, &files, &launch)?),
+            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(&name, &dir, &files, &launch)?),
+        })
+    })
+    .await??;
+    Ok(i)
+}

@@ -1,0 +1,193 @@
+//! Agent-to-agent control connections: mutual TLS, then the protocol
+//! handshake, which checks that a peer's claimed host name is one its
+//! CA-signed certificate was issued for and agrees on a protocol version.
+//! Both ends then read messages on a task of their own ([`spawn_reader`]),
+//! so that a session can wait for a message and for other events at once.
+
+use crate::protocol::{self, read_message, write_message, Message, ProtocolError, MIN_VERSION};
+use crate::tls::{cert_host_names, TlsConfig};
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The client end of a control connection.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+/// The server end of a control connection.
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// How long connecting plus TLS plus the protocol handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages read ahead of their consumer (then the reader waits: TCP pushes back).
+const INBOX: usize = 64;
+
+/// Control sessions can be idle for long (a forwarder, a destination during
+/// long rounds); keepalive makes a vanished peer end them within ~25 s, so
+/// a destination discards a session whose source is gone.
+pub fn keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::warn!("TCP keepalive: {e}");
+    }
+}
+
+/// A control connection could not be set up.
+#[derive(Debug, Error)]
+pub enum PeerError {
+    /// A host name that cannot be a TLS server name.
+    #[error("invalid host name {0:?}")]
+    HostName(String),
+    /// TCP connect failed.
+    #[error("connecting to {host} at {addr}")]
+    Connect {
+        /// The peer.
+        host: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS failed (certificate refused, either way).
+    #[error("TLS with {host}")]
+    Tls {
+        /// The peer (or its address).
+        host: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The protocol handshake failed.
+    #[error("handshake with {host}")]
+    Protocol {
+        /// The peer (or its address).
+        host: String,
+        /// Why.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The peer's certificate is not for the name it claims.
+    #[error("peer claims to be {claimed:?} but its certificate is for {names:?}")]
+    Identity {
+        /// The name it claimed.
+        claimed: String,
+        /// The names in its certificate.
+        names: Vec<String>,
+    },
+    /// No answer within [`HANDSHAKE_TIMEOUT`].
+    #[error("{host} did not answer within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout {
+        /// The peer.
+        host: String,
+    },
+}
+
+/// An established control connection and the protocol version it speaks.
+pub struct Connected<S> {
+    /// The TLS stream.
+    pub stream: S,
+    /// The negotiated protocol version.
+    pub version: u32,
+    /// The peer's verified host name.
+    pub host: String,
+}
+
+/// Connects to `host` at `addr` as `me`.
+pub async fn connect(
+    tls: &TlsConfig,
+    me: &str,
+    host: &str,
+    addr: SocketAddr,
+) -> Result<Connected<ClientStream>, PeerError> {
+    let fut = async {
+        let tcp =
+            TcpStream::connect(addr).await.map_err(|source| PeerError::Connect { host: host.into(), addr, source })?;
+        tcp.set_nodelay(true).ok();
+        keepalive(&tcp);
+        let name = ServerName::try_from(host.to_owned()).map_err(|_| PeerError::HostName(host.into()))?;
+        let mut s = TlsConnector::from(tls.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|source| PeerError::Tls { host: host.into(), source })?;
+        let proto = |source| PeerError::Protocol { host: host.into(), source };
+        let max = protocol::max_version();
+        // A version-1 server accepts only `version: 1`: the range's top goes apart.
+        let max_version = (max > MIN_VERSION).then_some(max);
+        let hello = Message::Hello { version: MIN_VERSION, host: me.into(), max_version };
+        write_message(&mut s, &hello).await.map_err(proto)?;
+        match read_message(&mut s).await.map_err(proto)? {
+            Message::Welcome { version, .. } if (MIN_VERSION..=max).contains(&version) => {
+                Ok(Connected { stream: s, version, host: host.to_owned() })
+            }
+            Message::Welcome { version, .. } => Err(proto(ProtocolError::Version { min: version, max: version })),
+            other => Err(proto(ProtocolError::Unexpected(other.name()))),
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| PeerError::Timeout { host: host.into() })?
+}
+
+/// Accepts a peer; returns the stream, the version and the peer's verified name.
+pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<Connected<ServerStream>, PeerError> {
+    keepalive(&tcp);
+    let fut = async {
+        let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut s = TlsAcceptor::from(tls.server.clone())
+            .accept(tcp)
+            .await
+            .map_err(|source| PeerError::Tls { host: addr.clone(), source })?;
+        let proto = |source| PeerError::Protocol { host: addr.clone(), source };
+        let (max, min, claimed) = match read_message(&mut s).await.map_err(proto)? {
+            Message::Hello { version, host, max_version } => (max_version.unwrap_or(version), version, host),
+            other => return Err(proto(ProtocolError::Unexpected(other.name()))),
+        };
+        let names = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(cert_host_names).unwrap_or_default();
+        if !names.contains(&claimed) {
+            return Err(PeerError::Identity { claimed, names });
+        }
+        let Some(version) = protocol::negotiate(min, max) else {
+            let ours = protocol::max_version();
+            let message =
+                format!("protocol versions {min}..={max} not supported, this agent speaks {MIN_VERSION}..={ours}");
+            let _ = write_message(&mut s, &Message::Error { message }).await;
+            return Err(proto(ProtocolError::Version { min, max }));
+        };
+        write_message(&mut s, &Message::Welcome { version, host: me.into() }).await.map_err(proto)?;
+        Ok(Connected { stream: s, version, host: claimed })
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| PeerError::Timeout { host: "incoming peer".into() })?
+}
+
+/// Messages read from a control connection by [`spawn_reader`]; the last
+/// item is the error that ended it.
+pub type Inbox = mpsc::Receiver<Result<Message, ProtocolError>>;
+
+/// Splits a connection: a task reads messages into the returned inbox until
+/// the connection fails (that error is the inbox's last item), and the
+/// write half stays with the caller.
+pub fn spawn_reader<S>(stream: S) -> (WriteHalf<S>, Inbox, tokio::task::JoinHandle<()>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut r, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
+    let (tx, inbox) = mpsc::channel(INBOX);
+    let task = tokio::spawn(async move {
+        loop {
+            let m = read_message(&mut r).await;
+            // A peer's error message is an answer, not the end of the connection.
+            let end = matches!(&m, Err(e) if !matches!(e, ProtocolError::Peer(_)));
+            if tx.send(m).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    (w, inbox, task)
+}

@@ -1,0 +1,147 @@
+//! Pre-copy: rounds of dirty pages while the VM runs, until the estimated
+//! downtime fits the limit (converged) or the budget runs out (forced, or
+//! given up).
+
+use super::report::Switchover;
+use super::schedule::SOURCE;
+use super::{BudgetAction, EngineError, Migration};
+use std::time::Duration;
+
+impl Migration {
+    /// Rounds of dirty pages; returns how the switchover was reached.
+    pub(super) async fn precopy(&mut self) -> Result<Switchover, EngineError> {
+        let limit = Duration::from_millis(self.job.opts.downtime_ms);
+        let budget = Duration::from_secs(self.job.opts.max_time_s);
+        let mut counted = 0u32;
+        self.begin_round();
+        loop {
+            self.fill()?;
+            if !self.round_over() {
+                self.wait_event().await?;
+                continue;
+            }
+            self.end_round();
+            self.measure_verification().await?;
+            let dirty = self.dirty_sync().await?.count();
+            let estimate = self.close_round(dirty);
+            // Forwarders' work is done while the VM still runs: their rate
+            // is not in the estimate, and they have nothing dirty to wait for.
+            let forwarding =
+                !self.sched.pools_empty() || self.hosts.forwarders.iter().any(|&f| self.sched.outstanding(f) > 0);
+            if estimate <= limit && !forwarding {
+                if self.verifier.live_pass_due(self.hosts.target) {
+                    // Compared while the guest runs; then a round for what
+                    // it found and what the guest wrote meanwhile.
+                    self.live_pass().await?;
+                    self.begin_round();
+                    continue;
+                }
+                if self.held().await? {
+                    self.begin_round();
+                    continue;
+                }
+                return Ok(Switchover::Converged);
+            }
+            // Rounds cut short while forwarders still hold work do not count
+            // against the round budget (the time budget still applies).
+            if self.sched.pools_empty() {
+                counted += 1;
+            }
+            if counted >= self.job.opts.max_rounds || self.start.elapsed() >= budget {
+                if self.held().await? {
+                    self.begin_round();
+                    continue;
+                }
+                let why = format!(
+                    "after {counted} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",
+                    self.start.elapsed().as_secs_f64(),
+                    self.remaining_bytes() / 1_000_000,
+                    estimate.as_millis(),
+                    limit.as_millis()
+                );
+                return match self.job.opts.on_budget {
+                    BudgetAction::Force => {
+                        tracing::warn!("forcing switchover: {why}");
+                        Ok(Switchover::Forced)
+                    }
+                    BudgetAction::Abort => Err(EngineError::GaveUp(why)),
+                };
+            }
+            self.begin_round();
+        }
+    }
+
+    /// Records the round just ended with the sync's findings; returns the
+    /// downtime estimate.
+    fn close_round(&mut self, dirty: usize) -> Duration {
+        let last = self.report.rounds.last_mut().expect("round recorded");
+        last.dirty_pages = dirty as u64;
+        last.sync_ms = self.acct.last_sync_cost.as_secs_f64() * 1e3;
+        last.guest_stop_ms = self.acct.last_guest_stop.map(|d| d.as_secs_f64() * 1e3);
+        tracing::info!(round = last.round, pages = last.pages, ms = last.ms, dirty, "round done");
+        let last = last.clone();
+        let stale = self.stale_blocks();
+        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, &stale)
+    }
+
+    /// A round is over when the source has nothing left to send and nothing
+    /// in flight, and either it sent something or the forwarders are idle
+    /// too (so it does not spin through empty rounds while they work).
+    fn round_over(&self) -> bool {
+        let forwarding: usize = self.hosts.forwarders.iter().map(|f| self.sched.outstanding(*f)).sum();
+        let may_steal = super::schedule::Schedule::may_steal(
+            self.phase.paused(),
+            self.acct.round_elapsed(),
+            self.acct.last_sync_cost,
+        );
+        self.sched.queue_empty()
+            && (self.sched.pools_empty() || !may_steal)
+            && self.sched.outstanding(SOURCE) == 0
+            && self.acct.paced_until().is_none()
+            && self.rt.fences_pending() == 0
+            && (self.acct.round.pages > 0 || forwarding == 0)
+    }
+
+    pub(super) fn begin_round(&mut self) {
+        let n = self.report.rounds.len() as u32;
+        self.acct.begin_round(n);
+        if !self.phase.paused() {
+            self.set_phase(&format!("round {n}"));
+        }
+        self.job.handle.set_progress(|p| p.round = n);
+        self.plan();
+    }
+
+    pub(super) fn end_round(&mut self) {
+        let r = self.acct.end_round();
+        self.report.rounds.push(r);
+    }
+
+    /// Test builds: waits at the switchover until the test releases the
+    /// migration; true if a retarget was installed meanwhile (there is then
+    /// more to send first).
+    #[cfg(feature = "test-hooks")]
+    async fn held(&mut self) -> Result<bool, EngineError> {
+        if !self.job.opts.hold_switchover {
+            return Ok(false);
+        }
+        let retargets = self.report.retargets.len();
+        let mut released = self.job.handle.released.subscribe();
+        while !*released.borrow() {
+            tokio::select! {
+                r = self.wait_event() => r?,
+                _ = released.changed() => {}
+            }
+            if self.report.retargets.len() != retargets {
+                return Ok(true);
+            }
+        }
+        tracing::info!("test hold released: switching over");
+        Ok(false)
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    async fn held(&mut self) -> Result<bool, EngineError> {
+        Ok(false)
+    }
+}

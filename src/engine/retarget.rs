@@ -1,0 +1,267 @@
+//! Retargeting: opening the new destination (on a task of its own, so a
+//! slow host does not stall the migration), installing it (a dirty sync,
+//! then every old destination that holds pages is pointed at it as a
+//! forwarder), fencing a forwarder whose forward failed (its pages stay
+//! locked until the target confirms none of its frames can still land), and
+//! releasing old destinations once they hold nothing the target lacks.
+
+use super::handle::RetargetRequest;
+use super::link::{Link, LinkError};
+use super::report::{RetargetReport, SenderTransport};
+use super::setup::{link_spec, open_error};
+use super::{EngineError, Migration};
+use crate::ledger::{HostId, MAX_HOSTS};
+use crate::memory::PAGE_SIZE;
+use crate::protocol::{Message, MessageKind};
+use crate::transport::Batch;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A retarget whose new destination is being prepared.
+pub(super) struct Opening {
+    to: String,
+    forward: bool,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The outcome of opening a new destination.
+pub(super) type Opened = Result<Arc<Link>, EngineError>;
+/// The outcome of fencing a forwarder at the target.
+pub(super) type Fenced = (HostId, Result<(), LinkError>);
+
+/// Retargets under way, and forwarders being fenced.
+pub(super) struct Retargeting {
+    /// Requests from the API.
+    pub requests: mpsc::UnboundedReceiver<RetargetRequest>,
+    opening: Option<Opening>,
+    opened_tx: mpsc::UnboundedSender<Opened>,
+    /// New destinations that finished opening.
+    pub opened: mpsc::UnboundedReceiver<Opened>,
+    /// Failed forwards whose pages stay locked until the target fenced
+    /// their sender (its late frames could otherwise land on newer pages).
+    fencing: HashMap<HostId, (HostId, Vec<Batch>)>,
+    fenced: HashSet<HostId>,
+    fenced_tx: mpsc::UnboundedSender<Fenced>,
+    /// Fences that finished.
+    pub fenced_rx: mpsc::UnboundedReceiver<Fenced>,
+}
+
+impl Retargeting {
+    pub(super) fn new(requests: mpsc::UnboundedReceiver<RetargetRequest>) -> Self {
+        let (opened_tx, opened) = mpsc::unbounded_channel();
+        let (fenced_tx, fenced_rx) = mpsc::unbounded_channel();
+        Self {
+            requests,
+            opening: None,
+            opened_tx,
+            opened,
+            fencing: HashMap::new(),
+            fenced: HashSet::new(),
+            fenced_tx,
+            fenced_rx,
+        }
+    }
+
+    /// Refuses a retarget still being prepared.
+    pub(super) fn end(&mut self, why: &str) {
+        if let Some(o) = self.opening.take() {
+            let _ = o.reply.send(Err(why.into()));
+        }
+    }
+
+    /// Forwarders being fenced.
+    pub(super) fn fences_pending(&self) -> usize {
+        self.fencing.len()
+    }
+}
+
+impl Migration {
+    pub(super) fn start_retarget(&mut self, r: RetargetRequest) {
+        let why = if self.phase.committing() {
+            Some("too late: the switchover has started".to_owned())
+        } else if self.rt.opening.is_some() {
+            Some("another retarget is being prepared".to_owned())
+        } else if self.hosts.names.contains(&r.to) {
+            Some(format!("{} already takes part in this migration", r.to))
+        } else if self.hosts.names.len() >= MAX_HOSTS {
+            Some(format!("at most {MAX_HOSTS} hosts take part in one migration"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let _ = r.reply.send(Err(why));
+            return;
+        }
+        let id = self.hosts.names.len() as HostId;
+        let spec = link_spec(&self.job, (&r.to, id, r.addr), &self.ram, &self.observer, &self.completions_tx);
+        let (tx, to) = (self.rt.opened_tx.clone(), r.to.clone());
+        tracing::info!(to = %r.to, forward = r.forward, "retarget: preparing the new destination");
+        tokio::spawn(async move {
+            let _ = tx.send(Link::open(spec).await.map_err(|e| open_error(&to, e)));
+        });
+        self.rt.opening = Some(Opening { to: r.to, forward: r.forward, reply: r.reply });
+    }
+
+    pub(super) async fn install_target(&mut self, opened: Opened) {
+        let Some(opening) = self.rt.opening.take() else { return };
+        let link = match opened {
+            Ok(l) => l,
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                tracing::warn!(to = %opening.to, "retarget failed, continuing to {}: {why}", self.target_name());
+                let _ = opening.reply.send(Err(why));
+                return;
+            }
+        };
+        if self.phase.committing() {
+            link.abort("too late: switchover started").await;
+            let _ = opening.reply.send(Err("too late: the switchover has started".into()));
+            return;
+        }
+        let old = self.hosts.target;
+        // Sync first: pages the guest wrote since the last sync are not
+        // current at the old destination, however the ledger saw them. The
+        // new destination's work split (what the old one forwards, what only
+        // the source has) then starts from the truth.
+        if let Err(e) = self.dirty_sync().await {
+            tracing::warn!("dirty sync at the retarget failed: {}", crate::error_chain(&e));
+        }
+        let at_old = self.ledger.fresh_count(old) as u64 * PAGE_SIZE as u64;
+        self.hosts.names.push(opening.to.clone());
+        self.note_transport(&link);
+        self.hosts.links.insert(link.id, link.clone());
+        self.hosts.target = link.id;
+        self.verifier.new_target();
+        // The source stops feeding the old destination.
+        self.hosts.links[&old].close_sender();
+        self.point_forwarders(old, &link, opening.forward).await;
+        let forwarding = self.hosts.forwarders.contains(&old);
+        tracing::info!(from = %self.hosts.names[old as usize], to = %opening.to, forwarding, at_old, "retargeted");
+        self.report.retargets.push(RetargetReport {
+            at_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            from: self.hosts.names[old as usize].clone(),
+            to: opening.to.clone(),
+            forwarding,
+            at_old_destination_bytes: at_old,
+            sent_before: self.sender_bytes(),
+            bytes_after: BTreeMap::new(),
+        });
+        self.report.destination = opening.to.clone();
+        self.skip_holes();
+        let to = opening.to.clone();
+        self.job.handle.set_progress(|p| {
+            p.target = to;
+            p.retargets += 1;
+        });
+        self.plan();
+        self.update_progress();
+        let _ = opening.reply.send(Ok(()));
+    }
+
+    /// Points every host that may forward (the old target and the older
+    /// forwarders) at the new target. Done here, not earlier: from now on
+    /// every batch names the new target, and a forwarder refuses batches
+    /// for any other.
+    async fn point_forwarders(&mut self, old: HostId, link: &Link, forward: bool) {
+        let mut candidates = vec![old];
+        candidates.extend(std::mem::take(&mut self.hosts.forwarders));
+        for h in candidates {
+            let pointed = forward && self.forward_to(h, link).await;
+            if pointed {
+                self.hosts.forwarders.push(h);
+            } else {
+                self.release(h, if forward { "it cannot forward" } else { "--no-forward" });
+            }
+        }
+    }
+
+    /// Asks host `h` to forward to `link`'s host; whether it can.
+    async fn forward_to(&mut self, h: HostId, link: &Link) -> bool {
+        let m = Message::ForwardTo {
+            host: link.host.clone(),
+            data_addr: link.data_addr,
+            token: link.token,
+            streams: self.job.opts.streams,
+            sender: h,
+            rdma: link.rdma_offer.clone(),
+            transport: self.job.opts.transport,
+        };
+        match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
+            Ok(Message::ForwardReady { transport }) => {
+                let from = self.hosts.names[h as usize].clone();
+                self.report.senders.push(SenderTransport { from, to: link.host.clone(), transport });
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                let host = &self.hosts.names[h as usize];
+                tracing::warn!(%host, "cannot forward to {}: {}", link.host, crate::error_chain(&e));
+                false
+            }
+        }
+    }
+
+    /// A forwarder is no longer needed (or no longer usable): its session is
+    /// discarded and nothing counts on its pages any more.
+    pub(super) fn release(&mut self, f: HostId, why: &str) {
+        self.hosts.forwarders.retain(|&x| x != f);
+        self.sched.drop_pool(f);
+        self.ledger.invalidate(0..self.ledger.pages(), f);
+        if let Some(l) = self.hosts.links.get(&f).cloned() {
+            tracing::info!(host = %l.host, "releasing old destination: {why}");
+            let reason = format!("no longer needed: {why}");
+            tokio::spawn(async move { l.abort(&reason).await });
+        }
+    }
+
+    pub(super) fn forwarder_lost(&mut self, f: HostId, why: &str) {
+        if !self.hosts.forwarders.contains(&f) {
+            return;
+        }
+        tracing::warn!(host = %self.hosts.names[f as usize], "forwarder lost ({why}); the source sends its pages");
+        self.report.forwarders_lost.push(self.hosts.names[f as usize].clone());
+        self.release(f, "it failed");
+        self.plan();
+    }
+
+    /// A forward to the target failed: its frames may still be in flight.
+    /// Its pages stay locked, the forwarder is dropped, and the target
+    /// fences it before anyone may rewrite those pages. Returns false if
+    /// this failure needs no fence (the batch is an ordinary failure).
+    pub(super) fn fence_failed_forward(&mut self, b: Batch, why: &str) -> Result<(), Batch> {
+        if b.from == super::schedule::SOURCE || b.to != self.hosts.target || self.rt.fenced.contains(&b.from) {
+            return Err(b);
+        }
+        let f = b.from;
+        let first = !self.rt.fencing.contains_key(&f);
+        self.rt.fencing.entry(f).or_insert_with(|| (b.to, vec![])).1.push(b);
+        if first {
+            self.forwarder_lost(f, why);
+            let (target, tx) = (self.target_link(), self.rt.fenced_tx.clone());
+            tokio::spawn(async move {
+                let r = target.call(Message::Fence { sender: f }, MessageKind::Ok).await.map(|_| ());
+                let _ = tx.send((f, r));
+            });
+        }
+        Ok(())
+    }
+
+    /// The target confirmed (or failed) a fence: the forwarder's pages unlock.
+    pub(super) fn on_fenced(&mut self, (host, r): Fenced) -> Result<(), EngineError> {
+        let (at, batches) = self.rt.fencing.remove(&host).unwrap_or_default();
+        // A fence that failed at a host that is no longer the target does
+        // not matter: nothing writes there any more.
+        if let Err(e) = r {
+            if at == self.hosts.target {
+                return Err(self.lost(at, e));
+            }
+        }
+        for b in batches {
+            self.abandon(&b);
+        }
+        self.rt.fenced.insert(host);
+        self.plan();
+        Ok(())
+    }
+}

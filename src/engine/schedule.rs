@@ -1,0 +1,190 @@
+//! Scheduling: which chunks each sender works on. The source has a queue of
+//! chunks with pages only it holds; every forwarder has a pool of chunks it
+//! can send, taken from the front by the forwarder and stolen from the back
+//! by the source, so that both finish together. Batches are begun in the
+//! [`Ledger`], which refuses any page that may not move now.
+
+use crate::ledger::{HostId, Ledger};
+use crate::memory::Layout;
+use crate::transport::{Batch, Run};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// The source's own id in every migration.
+pub const SOURCE: HostId = 0;
+/// Batches in flight per stream (kept below the sender's queue bound).
+pub const PER_STREAM: usize = 6;
+/// A forwarder's claims in flight per stream: small, because claimed chunks
+/// cannot be taken back, so they bound how long the others wait at the end.
+pub const FORWARD_PER_STREAM: usize = 2;
+/// How long into a round the source may take pool chunks from forwarders.
+/// Only the source can send pages the guest dirties, so it must not spend a
+/// long round on work a forwarder can do while dirty pages pile up: it
+/// steals for a bounded time, then syncs and sends what is newly dirty.
+const STEAL_WINDOW: Duration = Duration::from_millis(250);
+
+/// Work waiting for senders, and work in flight.
+#[derive(Default)]
+pub struct Schedule {
+    /// Chunks with pages only the source holds, this round.
+    queue: VecDeque<usize>,
+    /// Chunks a forwarder can send (front: the forwarder; back: the source steals).
+    pools: HashMap<HostId, VecDeque<usize>>,
+    /// Batches in flight by sending host.
+    outstanding: HashMap<HostId, usize>,
+    next_batch: u64,
+}
+
+impl Schedule {
+    /// Sorts the chunks with pages `target` lacks: into the pool of the
+    /// first forwarder (newest first) holding some of them, and into the
+    /// source's queue if some are held by no forwarder. Returns the
+    /// forwarders with nothing left to do.
+    pub fn plan(&mut self, ledger: &Ledger, layout: &Layout, target: HostId, forwarders: &[HostId]) -> Vec<HostId> {
+        self.queue.clear();
+        self.pools.clear();
+        for (ci, c) in layout.chunks().iter().enumerate() {
+            let (mut own, mut pool) = (false, None);
+            for p in c.first_page..c.first_page + c.pages {
+                if ledger.is_fresh(p, target) || ledger.is_busy(p, target) {
+                    continue;
+                }
+                match forwarders.iter().find(|&&f| ledger.is_fresh(p, f)) {
+                    Some(&f) => pool = pool.or(Some(f)),
+                    None => own = true,
+                }
+            }
+            if own {
+                self.queue.push_back(ci);
+            }
+            if let Some(f) = pool {
+                self.pools.entry(f).or_default().push_back(ci);
+            }
+        }
+        forwarders.iter().copied().filter(|&f| !self.has_work(f) && self.outstanding(f) == 0).collect()
+    }
+
+    /// Pages of chunk `ci` that `from` sends to `to` now, begun in the
+    /// ledger (busy pages are skipped: one writer per page at a time). With
+    /// `only_own`, the source leaves out pages a forwarder holds.
+    pub fn make_batch(
+        &mut self,
+        ledger: &mut Ledger,
+        layout: &Layout,
+        (ci, from, to): (usize, HostId, HostId),
+        only_own: bool,
+        forwarders: &[HostId],
+    ) -> Option<Batch> {
+        let c = layout.chunks()[ci];
+        let (mut runs, mut epochs): (Vec<Run>, Vec<u32>) = (vec![], vec![]);
+        for p in c.first_page..c.first_page + c.pages {
+            if ledger.is_fresh(p, to) {
+                continue;
+            }
+            if from == SOURCE && only_own && forwarders.iter().any(|&f| ledger.is_fresh(p, f)) {
+                continue;
+            }
+            let Some(e) = ledger.begin(p, from, to) else { continue };
+            epochs.push(e);
+            match runs.last_mut() {
+                Some(r) if r.first_page + r.pages == p => r.pages += 1,
+                _ => runs.push(Run { first_page: p, pages: 1 }),
+            }
+        }
+        if runs.is_empty() {
+            return None;
+        }
+        self.next_batch += 1;
+        Some(Batch { id: self.next_batch, chunk: ci, from, to, runs, epochs })
+    }
+
+    /// The source's next own chunk.
+    pub fn next_own(&mut self) -> Option<usize> {
+        self.queue.pop_front()
+    }
+
+    /// Forwarder `f`'s next chunk, from the front of its pool.
+    pub fn next_forward(&mut self, f: HostId) -> Option<usize> {
+        self.pools.get_mut(&f).and_then(|p| p.pop_front())
+    }
+
+    /// A chunk from the back of the longest forwarder pool, for the source.
+    pub fn steal(&mut self) -> Option<usize> {
+        self.pools.values_mut().filter(|p| !p.is_empty()).max_by_key(|p| p.len())?.pop_back()
+    }
+
+    /// Paused, nothing gets dirty: steal freely. Running: for a bounded part
+    /// of each round (longer if syncs are slow, as with the hash tracker).
+    pub fn may_steal(paused: bool, round_elapsed: Duration, sync_cost: Duration) -> bool {
+        paused || round_elapsed < STEAL_WINDOW.max(sync_cost * 4)
+    }
+
+    /// Batches `h` has in flight.
+    pub fn outstanding(&self, h: HostId) -> usize {
+        self.outstanding.get(&h).copied().unwrap_or(0)
+    }
+
+    /// Batches in flight from every host.
+    pub fn in_flight(&self) -> usize {
+        self.outstanding.values().sum()
+    }
+
+    /// `h` put a batch in flight.
+    pub fn started(&mut self, h: HostId) {
+        *self.outstanding.entry(h).or_default() += 1;
+    }
+
+    /// A batch of `h` completed, either way.
+    pub fn ended(&mut self, h: HostId) {
+        if let Some(n) = self.outstanding.get_mut(&h) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Forwarder `f` still has chunks in its pool.
+    pub fn has_work(&self, f: HostId) -> bool {
+        self.pools.get(&f).is_some_and(|p| !p.is_empty())
+    }
+
+    /// No forwarder has chunks left in its pool.
+    pub fn pools_empty(&self) -> bool {
+        self.pools.values().all(|p| p.is_empty())
+    }
+
+    /// The source's queue is empty.
+    pub fn queue_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Forgets forwarder `f`'s pool.
+    pub fn drop_pool(&mut self, f: HostId) {
+        self.pools.remove(&f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{RegionSpec, PAGE_SIZE};
+
+    #[test]
+    fn forwarder_pools_and_source_queue() {
+        let layout =
+            Layout::new(vec![RegionSpec { id: "r".into(), size: 8 * PAGE_SIZE as u64 }], 2 * PAGE_SIZE as u64).unwrap();
+        let mut ledger = Ledger::new(8, SOURCE);
+        // Host 1 (old destination) holds pages 0..4; host 2 is the new target.
+        for p in 0..4 {
+            let e = ledger.begin(p, SOURCE, 1).unwrap();
+            ledger.finish(p, SOURCE, 1, e, true);
+        }
+        let mut s = Schedule::default();
+        assert!(s.plan(&ledger, &layout, 2, &[1]).is_empty(), "host 1 has work");
+        assert_eq!((s.next_forward(1), s.steal(), s.next_forward(1)), (Some(0), Some(1), None));
+        assert_eq!((s.next_own(), s.next_own(), s.next_own()), (Some(2), Some(3), None));
+        let b = s.make_batch(&mut ledger, &layout, (0, 1, 2), false, &[1]).unwrap();
+        assert_eq!(b.runs, vec![Run { first_page: 0, pages: 2 }]);
+        assert!(s.make_batch(&mut ledger, &layout, (0, SOURCE, 2), false, &[1]).is_none(), "pages busy");
+        assert!(Schedule::may_steal(false, Duration::ZERO, Duration::ZERO));
+        assert!(!Schedule::may_steal(false, Duration::from_secs(1), Duration::ZERO));
+    }
+}

@@ -1,0 +1,146 @@
+//! Before the first round: map the VM's RAM, start the best dirty tracker
+//! that passes its self-test, find the holes, and open the first
+//! destination's session and data plane.
+
+use super::link::{Link, LinkError, LinkSpec};
+use super::schedule::SOURCE;
+use super::{EngineError, Job, Prepared, Report};
+use crate::bitmap::Bitmap;
+use crate::dirty::{DirtyTracker, SendObserver};
+use crate::ledger::{HostId, Ledger};
+use crate::memory::{GuestRam, Layout};
+use crate::transport::Completion;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Everything up to a running first round's prerequisites.
+pub(super) async fn prepare(
+    job: &Job,
+    report: &mut Report,
+    to: &str,
+    addr: SocketAddr,
+) -> Result<Prepared, EngineError> {
+    job.handle.set_progress(|p| p.phase = "setup".into());
+    tracing::info!(vm = %report.vm, "phase: setup");
+    let rec = job.vm.record().clone();
+    let layout = Layout::new(rec.regions(), job.opts.chunk_size).map_err(EngineError::Layout)?;
+    let paths: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
+    let ram = Arc::new(GuestRam::open(layout.clone(), &paths).map_err(EngineError::Ram)?);
+    let mut ledger = Ledger::new(layout.total_pages(), SOURCE);
+    ledger.set_unordered(job.ctx.unordered);
+    if job.ctx.unordered {
+        tracing::warn!("test switch: the one-writer rule is OFF; pages may arrive stale");
+    }
+    job.handle.set_progress(|p| {
+        p.ram_bytes = layout.total_bytes();
+        p.remaining_bytes = layout.total_bytes();
+        p.target = to.to_owned();
+    });
+    let mut tracker = start_tracker(job, &ram).await?;
+    report.tracker = Some(tracker.kind());
+    let observer = tracker.observer();
+    check_cancel(job)?;
+
+    // Everything is unsent: start tracking from here. Then find the holes,
+    // before the data plane opens (registering RAM for RDMA allocates them).
+    let r = ram.clone();
+    let (tracker, first) = tokio::task::spawn_blocking(move || {
+        let d = tracker.sync(&r);
+        (tracker, d)
+    })
+    .await
+    .map_err(EngineError::Task)?;
+    first.map_err(EngineError::Sync)?;
+    let zero_pages = holes(&ram).await;
+    let completions = mpsc::unbounded_channel();
+    let spec = link_spec(job, (to, 1, addr), &ram, &observer, &completions.0);
+    let link = Link::open(spec).await.map_err(|e| open_error(to, e))?;
+    if let Err(e) = check_cancel(job) {
+        link.abort("cancelled").await;
+        return Err(e);
+    }
+    Ok(Prepared { ram, ledger, tracker, zero_pages, observer, link, completions })
+}
+
+fn check_cancel(job: &Job) -> Result<(), EngineError> {
+    match job.handle.cancel.is_cancelled() {
+        true => Err(EngineError::Cancelled),
+        false => Ok(()),
+    }
+}
+
+/// The tracker asked for, else the VM's best that passes its self-test.
+async fn start_tracker(job: &Job, ram: &Arc<GuestRam>) -> Result<Box<dyn DirtyTracker>, EngineError> {
+    let kinds = match job.opts.tracker {
+        Some(k) => vec![k],
+        None => job.vm.trackers(),
+    };
+    let mut errors = vec![];
+    for kind in kinds {
+        let (vm, r) = (job.vm.clone(), ram.clone());
+        match tokio::task::spawn_blocking(move || vm.start_tracker(kind, &r)).await.map_err(EngineError::Task)? {
+            Ok(t) => {
+                tracing::info!(tracker = kind.name(), "dirty tracker ready");
+                return Ok(t);
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                tracing::warn!(tracker = kind.name(), "tracker unusable: {why}");
+                errors.push(format!("{}: {why}", kind.name()));
+            }
+        }
+    }
+    Err(EngineError::NoTracker(errors.join("; ")))
+}
+
+/// Pages that are holes in the source's RAM files (never written: zero).
+async fn holes(ram: &Arc<GuestRam>) -> Option<Bitmap> {
+    let r = ram.clone();
+    match tokio::task::spawn_blocking(move || r.data_pages()).await {
+        Ok(Ok(data)) => {
+            let mut zero = Bitmap::new(data.len());
+            (0..data.len()).filter(|&p| !data.get(p)).for_each(|p| zero.set(p));
+            Some(zero)
+        }
+        other => {
+            tracing::info!("not skipping zero pages: {other:?}");
+            None
+        }
+    }
+}
+
+/// How to open a session on `host` as host id `id`.
+pub(super) fn link_spec(
+    job: &Job,
+    (host, id, addr): (&str, HostId, SocketAddr),
+    ram: &Arc<GuestRam>,
+    observer: &Option<Arc<dyn SendObserver>>,
+    completions: &mpsc::UnboundedSender<Completion>,
+) -> LinkSpec {
+    LinkSpec {
+        tls: job.ctx.tls.clone(),
+        me: job.ctx.me.clone(),
+        host: host.to_owned(),
+        id,
+        addr,
+        vm: job.vm.record().clone(),
+        chunk_size: job.opts.chunk_size,
+        streams: job.opts.streams,
+        ram: ram.clone(),
+        observer: observer.clone(),
+        completions: completions.clone(),
+        transport: job.opts.transport,
+        rdma: job.ctx.rdma.clone(),
+    }
+}
+
+/// A session that could not be opened on `host`.
+pub(super) fn open_error(host: &str, e: LinkError) -> EngineError {
+    let host = host.to_owned();
+    match e {
+        LinkError::Refused(_) => EngineError::Refused { host, source: e },
+        LinkError::DataPlane(_) => EngineError::NoDataPlane { host, source: e },
+        e => EngineError::DestinationLost { host, source: e },
+    }
+}

@@ -1,0 +1,115 @@
+//! The switchover: pause the VM, send the final round with every sender,
+//! verify, move the device state, and resume the VM on the destination.
+
+use super::phase::Phase;
+use super::report::Downtime;
+use super::{EngineError, Migration};
+use crate::protocol::{Message, MessageKind, CHUNKED_DEVICE_STATE, MAX_BULK};
+use base64::Engine as _;
+use std::time::Instant;
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl Migration {
+    pub(super) async fn switchover(&mut self) -> Result<(), EngineError> {
+        self.check_cancel()?;
+        let mut d = Downtime::default();
+        let t_pause = Instant::now();
+        self.set_phase("switchover: pause");
+        self.blocking(|vm| vm.pause()).await?;
+        self.phase.advance(Phase::Paused);
+        d.pause_ms = ms(t_pause);
+
+        let t = Instant::now();
+        self.dirty_sync().await?;
+        d.final_sync_ms = ms(t);
+
+        self.set_phase("switchover: final round");
+        let t = Instant::now();
+        self.drain().await?;
+        d.final_send_ms = ms(t);
+        // The destination may change until here (a retarget during the final
+        // round costs downtime, but the operator asked for it); from now on
+        // it is fixed.
+        self.phase.advance(Phase::Committing);
+        self.rt.end("too late: the switchover has started");
+        self.check_cancel()?;
+
+        if self.verifier.on() {
+            self.set_phase("switchover: verify");
+            let t = Instant::now();
+            self.verify_in_pause().await?;
+            d.verify_ms = ms(t);
+            self.report.verified = true;
+        }
+        self.check_cancel()?;
+
+        self.set_phase("switchover: device state");
+        let t = Instant::now();
+        self.send_device_state().await?;
+        d.device_state_ms = ms(t);
+        self.check_cancel()?;
+
+        self.set_phase("switchover: resume on destination");
+        let t = Instant::now();
+        self.phase.advance(Phase::ResumeSent);
+        let target = self.target_link();
+        let resume = Message::Resume { start: !self.job.opts.suspend };
+        target.call(resume, MessageKind::Resumed).await.map_err(|e| self.lost(target.id, e))?;
+        d.resume_ms = ms(t);
+        self.report.downtime_ms = Some(ms(t_pause));
+        self.report.downtime = d;
+        self.report.vm_runs_on = Some(target.host.clone());
+        if let Err(e) = self.blocking(|vm| vm.stop()).await {
+            tracing::warn!("the VM runs on {} but stopping it here failed: {}", target.host, crate::error_chain(&e));
+        }
+        Ok(())
+    }
+
+    /// Reads the paused VM's device state and hands it to the target: in raw
+    /// chunks (protocol 2), or in one base64 message to a version-1 peer.
+    async fn send_device_state(&mut self) -> Result<(), EngineError> {
+        let state = self.blocking(|vm| vm.device_state()).await?;
+        self.report.device_state_bytes = state.len() as u64;
+        let target = self.target_link();
+        let lost = |e| self.lost(target.id, e);
+        if target.version < CHUNKED_DEVICE_STATE {
+            let state = base64::engine::general_purpose::STANDARD.encode(&state);
+            target.call(Message::DeviceState { state }, MessageKind::Ok).await.map_err(lost)?;
+            return Ok(());
+        }
+        for piece in state.chunks(MAX_BULK as usize) {
+            let m = Message::DeviceStateChunk { len: piece.len() as u32, bytes: piece.to_vec() };
+            target.send(m).map_err(lost)?;
+        }
+        let end = Message::DeviceStateEnd { total: state.len() as u64 };
+        target.call(end, MessageKind::Ok).await.map_err(lost)?;
+        Ok(())
+    }
+
+    /// Sends everything the target lacks, with every sender, until it has
+    /// all of it (the VM is paused: nothing gets dirty meanwhile).
+    pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
+        self.begin_round();
+        loop {
+            self.fill()?;
+            let in_flight = self.sched.in_flight() + self.rt.fences_pending();
+            if in_flight == 0 && self.sched.queue_empty() && self.sched.pools_empty() {
+                if self.remaining_bytes() == 0 {
+                    break;
+                }
+                // Pages skipped while another writer had them: plan again.
+                self.plan();
+                if self.sched.queue_empty() && self.sched.pools_empty() {
+                    return Err(EngineError::Stranded(self.remaining_bytes()));
+                }
+                continue;
+            }
+            self.wait_event().await?;
+        }
+        self.end_round();
+        Ok(())
+    }
+}

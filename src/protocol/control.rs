@@ -1,0 +1,217 @@
+//! The control messages agents exchange (see the sequence diagrams in
+//! [`super`]). JSON-tagged by `type`; the tags and fields of protocol
+//! version 1 are kept, so a version-1 peer still understands every message
+//! it knew.
+
+use super::types::{DataPlane, RdmaRegion, Token, TransportKind};
+use crate::memory::RegionSpec;
+use crate::vm::LaunchSpec;
+use serde::{Deserialize, Serialize};
+
+/// One control message. [`MessageKind`] names its variant without the data.
+#[derive(Serialize, Deserialize, Debug, Clone, strum::IntoStaticStr, strum::EnumDiscriminants)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+#[strum_discriminants(name(MessageKind), derive(strum::IntoStaticStr), strum(serialize_all = "snake_case"))]
+pub enum Message {
+    /// Client's first message: who it is and which versions it speaks.
+    /// A version-1 agent sends only `version` and refuses any other answer
+    /// than that version; newer agents send their oldest version there (so
+    /// an old server accepts them) and their newest in `max_version`.
+    Hello {
+        /// The oldest protocol version the client speaks.
+        version: u32,
+        /// The client's host name (checked against its certificate).
+        host: String,
+        /// The newest version it speaks (absent from version-1 peers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_version: Option<u32>,
+    },
+    /// Server's answer to `Hello`: the version both will speak.
+    Welcome {
+        /// The negotiated protocol version.
+        version: u32,
+        /// The server's host name.
+        host: String,
+    },
+    /// Source to destination: prepare RAM and an incoming VM.
+    OpenSession {
+        /// The VM's name.
+        vm: String,
+        /// Its RAM regions.
+        regions: Vec<RegionSpec>,
+        /// Chunk size of the migration's layout.
+        chunk_size: u64,
+        /// How to start the incoming VM.
+        launch: LaunchSpec,
+    },
+    /// Destination: the session is ready.
+    SessionOpened {
+        /// Its data-plane port (same address as the control channel).
+        data_port: u16,
+        /// What data streams of this session must present.
+        token: Token,
+        /// The destination's RAM registered for RDMA writes, if it offers RDMA.
+        #[serde(default)]
+        rdma: Option<Vec<RdmaRegion>>,
+    },
+    /// Source: per-chunk checksums of the destination's RAM, please.
+    ChecksumRequest {
+        /// Version 2: only these blocks (in this order): each chunk cut into
+        /// blocks of `block_pages` pages (`memory::Blocks`). Absent: every
+        /// chunk, whole.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocks: Option<Vec<u32>>,
+        /// Version 2: pages per block.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        block_pages: Option<u32>,
+    },
+    /// Destination: xxh3 of the blocks asked for, in that order (of every
+    /// chunk, in layout order, when no list was given).
+    Checksums {
+        /// One per chunk.
+        sums: Vec<u64>,
+    },
+    /// Version 1: the whole device state, base64, in one message.
+    DeviceState {
+        /// base64 of the device state.
+        state: String,
+    },
+    /// Version 2: a piece of the device state; `len` raw bytes follow the message.
+    DeviceStateChunk {
+        /// Bytes that follow (at most [`super::MAX_BULK`]).
+        len: u32,
+        /// The bytes (carried after the JSON, not in it).
+        #[serde(skip)]
+        bytes: Vec<u8>,
+    },
+    /// Version 2: the device state is complete; load it (answered `Ok`).
+    DeviceStateEnd {
+        /// Total bytes sent in chunks.
+        total: u64,
+    },
+    /// Source: the switchover is committed; run the VM.
+    Resume {
+        /// false: leave the VM paused on the destination (`--suspend`).
+        start: bool,
+    },
+    /// Destination: the VM is committed here.
+    Resumed,
+    /// Source: discard the session (any time before `Resume`).
+    Abort {
+        /// Why, for the destination's log.
+        reason: String,
+    },
+    /// S to an old destination: open data streams to the new one, as
+    /// sender `sender` (its host id in the migration).
+    ForwardTo {
+        /// The new destination's name.
+        host: String,
+        /// Its data endpoint.
+        data_addr: std::net::SocketAddr,
+        /// Its session token.
+        token: Token,
+        /// Streams to open.
+        streams: usize,
+        /// This forwarder's host id in the migration.
+        sender: u8,
+        /// The new destination's registered RAM, if it offers RDMA.
+        #[serde(default)]
+        rdma: Option<Vec<RdmaRegion>>,
+        /// Which data plane the migration may use.
+        #[serde(default)]
+        transport: TransportKind,
+    },
+    /// A forwarder's answer to `ForwardTo`: its streams are open.
+    ForwardReady {
+        /// The data plane it uses.
+        transport: DataPlane,
+    },
+    /// S to a forwarder: send these page runs (global page, count) to `to`.
+    /// Answered by `Forwarded` once `to` applied them; refused if the
+    /// forwarder is not (or no longer) forwarding to `to`.
+    Forward {
+        /// Batch id (echoed in `Forwarded`).
+        batch: u64,
+        /// The destination the source believes this host forwards to.
+        to: String,
+        /// (first global page, pages) runs, each inside one chunk.
+        runs: Vec<(usize, usize)>,
+    },
+    /// S to the destination: cut every data stream of `sender` and answer
+    /// `Ok` once none of its frames can still be written. After a sender
+    /// failed, its last frames could otherwise land on top of newer pages.
+    Fence {
+        /// The sender's host id.
+        sender: u8,
+    },
+    /// A forwarder: what became of a `Forward`.
+    Forwarded {
+        /// The batch id.
+        batch: u64,
+        /// Whether the new destination applied it.
+        applied: bool,
+        /// Why not, if not.
+        #[serde(default)]
+        error: Option<String>,
+        /// Payload bytes this forwarder has sent so far.
+        bytes: u64,
+    },
+    /// Success without data.
+    Ok,
+    /// The request failed; the message says why.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+impl Message {
+    /// The message's tag (`"session_opened"`), without serializing it.
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+
+    /// Which variant this is.
+    pub fn kind(&self) -> MessageKind {
+        self.into()
+    }
+}
+
+impl MessageKind {
+    /// The variant's tag.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_the_wire_tags() {
+        let m = Message::SessionOpened { data_port: 1, token: Token([1; 32]), rdma: None };
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["type"], m.name());
+        assert_eq!(Message::ChecksumRequest { blocks: None, block_pages: None }.name(), "checksum_request");
+        let v1 = serde_json::from_str::<Message>(r#"{"type":"checksum_request"}"#).unwrap();
+        assert!(matches!(v1, Message::ChecksumRequest { blocks: None, .. }), "a version-1 request still decodes");
+        assert_eq!(Message::Ok.kind(), MessageKind::Ok);
+        assert_eq!(MessageKind::ForwardReady.name(), "forward_ready");
+    }
+
+    #[test]
+    fn version_1_messages_still_decode() {
+        let v1 = r#"{"type":"hello","version":1,"host":"a"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Message>(v1).unwrap(),
+            Message::Hello { version: 1, max_version: None, .. }
+        ));
+        let ready = r#"{"type":"forward_ready","transport":"rdma"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Message>(ready).unwrap(),
+            Message::ForwardReady { transport: DataPlane::Rdma }
+        ));
+    }
+}

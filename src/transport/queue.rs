@@ -1,0 +1,140 @@
+//! The sending side's shared parts: the [`PageSender`] trait the engine
+//! submits batches to, and [`SendQueue`], the one implementation both data
+//! planes use (their stream tasks pull batches from its [`Feed`]).
+
+use super::batch::{Batch, Completion};
+use super::inflight::InFlight;
+use super::TransportError;
+use crate::dirty::SendObserver;
+use crate::memory::GuestRam;
+use crate::protocol::{DataPlane, Token};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+/// One sender's connection to one destination.
+pub trait PageSender: Send + Sync {
+    /// Queues a batch; its [`Completion`] arrives on the channel the sender
+    /// was created with. Returns the batch back if the sender is closed.
+    fn submit(&self, batch: Batch) -> Result<(), Batch>;
+    /// Bytes written so far (payload only).
+    fn bytes_sent(&self) -> u64;
+    /// Stops sending; batches not yet started are reported as failed.
+    fn close(&self);
+    /// The data plane it uses.
+    fn kind(&self) -> DataPlane;
+}
+
+/// What a sender's streams need: where to, as whom, and from which RAM.
+#[derive(Clone)]
+pub struct StreamSpec {
+    /// The destination's data endpoint.
+    pub addr: SocketAddr,
+    /// The destination session's token.
+    pub token: Token,
+    /// This sender's host id within the migration.
+    pub sender: u8,
+    /// Streams to open (at least one).
+    pub streams: usize,
+    /// The RAM pages are read from.
+    pub ram: Arc<GuestRam>,
+    /// Sees every page read (trackers that compare contents).
+    pub observer: Option<Arc<dyn SendObserver>>,
+    /// Where completions go.
+    pub completions: UnboundedSender<Completion>,
+}
+
+/// What a sender's streams share: the queue they pull batches from, where
+/// completions go, the byte count and the token that stops them all.
+#[derive(Clone)]
+pub struct Feed {
+    /// Batches waiting for a stream.
+    pub backlog: async_channel::Receiver<Batch>,
+    /// Where completions go.
+    pub completions: UnboundedSender<Completion>,
+    /// Payload bytes written by all streams.
+    pub bytes: Arc<AtomicU64>,
+    /// Stops every stream.
+    pub cancel: CancellationToken,
+}
+
+impl Feed {
+    /// A stream died, which breaks the sender: stop the other streams and
+    /// fail what this one had in flight and everything queued, so no batch
+    /// waits for a stream that is gone.
+    pub fn fail(&self, inflight: impl IntoIterator<Item = Batch>, why: &str) {
+        self.cancel.cancel();
+        self.backlog.close();
+        let queued: Vec<Batch> = std::iter::from_fn(|| self.backlog.try_recv().ok()).collect();
+        for b in inflight.into_iter().chain(queued) {
+            let _ = self.completions.send(Completion::Failed(b, why.to_owned()));
+        }
+    }
+
+    /// Ends a stream: whatever it had in flight fails with the reason.
+    pub fn end_stream(&self, inflight: &InFlight, result: Result<(), TransportError>) {
+        let why = match result {
+            Ok(()) => "stream ended".to_owned(),
+            Err(e) => crate::error_chain(&e),
+        };
+        if !self.cancel.is_cancelled() {
+            tracing::warn!("data stream failed: {why}");
+        }
+        self.fail(inflight.drain(), &why);
+    }
+
+    /// Counts payload bytes written.
+    pub fn sent(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The sending end of a [`Feed`], owned by the sender; dropping it closes.
+pub struct SendQueue {
+    queue: async_channel::Sender<Batch>,
+    /// The streams' side.
+    pub feed: Feed,
+    kind: DataPlane,
+}
+
+impl SendQueue {
+    /// A queue of at most `capacity` batches for streams of `kind`.
+    pub fn new(kind: DataPlane, capacity: usize, completions: UnboundedSender<Completion>) -> Self {
+        let (queue, backlog) = async_channel::bounded(capacity);
+        let feed = Feed { backlog, completions, bytes: Default::default(), cancel: Default::default() };
+        Self { queue, feed, kind }
+    }
+}
+
+impl PageSender for SendQueue {
+    /// The queue is bounded; callers keep their own window below it, so a
+    /// full queue only happens when every stream died.
+    fn submit(&self, batch: Batch) -> Result<(), Batch> {
+        self.queue.try_send(batch).map_err(|e| e.into_inner())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.feed.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stops the streams; batches not yet started are reported as failed.
+    fn close(&self) {
+        self.feed.cancel.cancel();
+        self.queue.close();
+        while let Ok(b) = self.feed.backlog.try_recv() {
+            let _ = self.feed.completions.send(Completion::Failed(b, "sender closed".into()));
+        }
+    }
+
+    fn kind(&self) -> DataPlane {
+        self.kind
+    }
+}
+
+impl Drop for SendQueue {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

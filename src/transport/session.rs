@@ -1,0 +1,172 @@
+//! The receiving side: one data listener per agent, sessions found by their
+//! token. A [`Receiving`] session owns what its streams write into (the RAM,
+//! its RDMA registration) and can fence one sender: cut its streams, refuse
+//! new ones, and confirm only once none of its frames can still land.
+
+use super::handshake;
+use super::rdma::Target;
+use super::{rdma, tcp, Stop, TransportError};
+use crate::memory::GuestRam;
+use crate::protocol::data::{HelloStatus, StreamMode, DATA_VERSION};
+use crate::protocol::{RdmaRegion, Token};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a fence may wait for a sender's streams to stop.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A destination's view of one session: where its frames go.
+pub struct Receiving {
+    ram: Arc<GuestRam>,
+    cancel: CancellationToken,
+    /// The RAM registered for RDMA writes, when this session offers RDMA.
+    rdma: OnceLock<Arc<Target>>,
+    senders: Mutex<HashMap<u8, SenderStreams>>,
+}
+
+/// The streams of one sending host: a token to cut them, and a liveness
+/// count (every stream task holds clones of `live` until it returns).
+#[derive(Clone)]
+struct SenderStreams {
+    cut: CancellationToken,
+    live: Arc<()>,
+}
+
+impl Receiving {
+    fn sender(&self, id: u8) -> SenderStreams {
+        self.senders
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_insert_with(|| SenderStreams { cut: CancellationToken::new(), live: Arc::new(()) })
+            .clone()
+    }
+
+    /// The RAM streams write into.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Offers RDMA: `target` is this session's RAM, registered.
+    pub fn set_rdma(&self, target: Arc<Target>) {
+        let _ = self.rdma.set(target);
+    }
+
+    /// What senders need for RDMA writes, if this session offers RDMA.
+    pub fn rdma_offer(&self) -> Option<Vec<RdmaRegion>> {
+        self.rdma.get().map(|t| t.offer())
+    }
+
+    /// Cuts every stream of `sender` (and refuses new ones) and returns once
+    /// none of its frames can still be written: a frame is written only
+    /// after it was read whole, and never across an await, so a cut stream
+    /// task stops between frames.
+    pub async fn fence(&self, sender: u8) -> Result<(), TransportError> {
+        let s = self.sender(sender);
+        s.cut.cancel();
+        let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+        // Our own clone plus the registry's: anything more is a live stream.
+        while Arc::strong_count(&s.live) > 2 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(TransportError::FenceTimeout(sender));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Every session of this agent, by token.
+#[derive(Default, Clone)]
+pub struct Receiver {
+    sessions: Arc<Mutex<HashMap<Token, Arc<Receiving>>>>,
+}
+
+impl Receiver {
+    /// Registers a session writing into `ram`.
+    pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
+        let r = Arc::new(Receiving {
+            ram,
+            cancel: CancellationToken::new(),
+            rdma: OnceLock::new(),
+            senders: Mutex::new(HashMap::new()),
+        });
+        self.sessions.lock().unwrap().insert(token, r.clone());
+        r
+    }
+
+    /// Forgets a session and cuts its streams.
+    pub fn remove(&self, token: &Token) {
+        if let Some(r) = self.sessions.lock().unwrap().remove(token) {
+            r.cancel.cancel();
+        }
+    }
+
+    /// Accepts data streams forever. Accept errors (no file descriptors
+    /// left, say) back off instead of spinning.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (s, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("data listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.serve_stream(s).await {
+                    tracing::warn!(%peer, "data stream: {}", crate::error_chain(&e));
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut s: TcpStream) -> Result<(), TransportError> {
+        s.set_nodelay(true).ok();
+        let hello = handshake::read_hello(&mut s).await?;
+        let refuse = |status| TransportError::Refused(status);
+        if hello.version != DATA_VERSION {
+            handshake::answer(&mut s, HelloStatus::BadVersion).await.ok();
+            return Err(TransportError::Version(hello.version));
+        }
+        let Some(sess) = self.sessions.lock().unwrap().get(&hello.token).cloned() else {
+            handshake::answer(&mut s, HelloStatus::BadToken).await.ok();
+            return Err(refuse(HelloStatus::BadToken));
+        };
+        let streams = sess.sender(hello.sender);
+        // Counted as live before the check: a fence that cut this sender
+        // after the check still waits for this stream.
+        let _alive = streams.live.clone();
+        if streams.cut.is_cancelled() {
+            handshake::answer(&mut s, HelloStatus::Fenced).await.ok();
+            return Err(refuse(HelloStatus::Fenced));
+        }
+        let stop = Stop { session: sess.cancel.clone(), sender: streams.cut.clone() };
+        match StreamMode::try_from(hello.mode) {
+            Ok(StreamMode::Tcp) => {
+                handshake::answer(&mut s, HelloStatus::Ok).await?;
+                tokio::select! {
+                    r = tcp::receive(&sess.ram, &mut s) => r,
+                    _ = stop.wait() => Ok(()),
+                }
+            }
+            // Pairs a queue pair; answers the hello itself.
+            Ok(StreamMode::Rdma) => match sess.rdma.get() {
+                Some(t) => rdma::serve(t, s, stop).await,
+                None => {
+                    handshake::answer(&mut s, HelloStatus::NoRdma).await.ok();
+                    Err(refuse(HelloStatus::NoRdma))
+                }
+            },
+            Err(_) => {
+                handshake::answer(&mut s, HelloStatus::BadVersion).await.ok();
+                Err(TransportError::Mode(hello.mode))
+            }
+        }
+    }
+}

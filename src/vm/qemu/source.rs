@@ -1,0 +1,265 @@
+//! The source side: attaching a running QEMU (finding its shared RAM
+//! backends over QMP) and what a migration asks of it: trackers, pause,
+//! device state through QEMU's own migration (`x-ignore-shared`), quit.
+
+use super::launch::launch_from_process;
+use super::{kill, valid_id, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, HOW_TO_SHARE, QMP_TIMEOUT};
+use crate::dirty::hash::HashTracker;
+use crate::dirty::softdirty::{self, SoftDirtyTracker};
+use crate::dirty::{DirtyTracker, TrackerKind};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::vm::qmp::Qmp;
+use crate::vm::{LaunchSpec, RamFile, SourceVm, VmError, VmRecord, VmState};
+use qapi::qmp;
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Finds a running QEMU's RAM backends and checks that dcmigrate can share them.
+pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result<VmRecord, VmError> {
+    let mut q = Qmp::connect(qmp_path, QMP_TIMEOUT)?;
+    let state = q.status()?;
+    if matches!(state, qmp::RunState::inmigrate | qmp::RunState::postmigrate | qmp::RunState::shutdown) {
+        return Err(vm_err(format!("QEMU is {state:?}: only a running or paused VM can be added")));
+    }
+    let version = q.execute(&qmp::query_version {})?.qemu;
+    let memdevs = q.execute(&qmp::query_memdev {})?;
+    if memdevs.is_empty() {
+        return Err(vm_err(format!("QEMU has no memory backend objects: {HOW_TO_SHARE}")));
+    }
+    let mut ram = Vec::new();
+    for m in memdevs {
+        let id = m.id.clone().ok_or_else(|| vm_err(format!("a memory backend without id: {HOW_TO_SHARE}")))?;
+        if !valid_id(&id) {
+            return Err(vm_err(format!("memory backend id {id:?}: use letters, digits, '-', '_' or '.'")));
+        }
+        let ty = q.qom_get_string(&format!("/objects/{id}"), "type")?;
+        if !m.share || ty == "memory-backend-ram" {
+            return Err(vm_err(format!(
+                "memory backend {id} ({ty}) is not shared with other processes: {HOW_TO_SHARE}"
+            )));
+        }
+        if m.size % PAGE_SIZE as u64 != 0 || m.size == 0 {
+            return Err(vm_err(format!("memory backend {id}: size {} is not a multiple of 4 KiB", m.size)));
+        }
+        let path = match ty.as_str() {
+            "memory-backend-file" => {
+                let p = PathBuf::from(q.qom_get_string(&format!("/objects/{id}"), "mem-path")?);
+                if !p.is_file() {
+                    return Err(vm_err(format!(
+                        "memory backend {id}: mem-path {} is not a file (a directory makes QEMU use a hidden file); \
+                         give mem-path a file name",
+                        p.display()
+                    )));
+                }
+                p
+            }
+            // QEMU 10.0 was found to send memfd RAM in its migration stream
+            // despite x-ignore-shared (7.2 skips it); refused from 8.0 on.
+            "memory-backend-memfd" if version.major >= 8 => {
+                return Err(vm_err(format!(
+                    "memory backend {id} is memfd, which QEMU {}.{} migrates itself despite x-ignore-shared: \
+                     use memory-backend-file,share=on with mem-path on /dev/shm or hugetlbfs",
+                    version.major, version.minor
+                )))
+            }
+            "memory-backend-memfd" => find_memfd(q.pid, m.size, &id)?,
+            other => return Err(vm_err(format!("memory backend {id} is a {other}: {HOW_TO_SHARE}"))),
+        };
+        ram.push(RamFile { id, path, size: m.size });
+    }
+    ram.sort_by(|a, b| a.id.cmp(&b.id));
+    let launch = match launch {
+        Some(l) => l,
+        None => launch_from_process(q.pid)?,
+    };
+    Ok(VmRecord { name: name.to_owned(), ram, control: qmp_path.to_owned(), dirty_log: None, launch, owned_dir: None })
+}
+
+/// A memfd backend is reachable through QEMU's open file descriptor. QEMU
+/// names all of them alike, so they are told apart by size.
+fn find_memfd(pid: u32, size: u64, id: &str) -> Result<PathBuf, VmError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let entries = std::fs::read_dir(&dir).map_err(|e| vm_err(format!("{}: {e}", dir.display())))?;
+    let found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:")))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == size))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(vm_err(format!("memory backend {id}: no memfd of {size} bytes among QEMU's open files"))),
+        _ => Err(vm_err(format!(
+            "memory backend {id}: {} memfds of {size} bytes, cannot tell which is which; use memory-backend-file",
+            found.len()
+        ))),
+    }
+}
+
+fn qemu_pid(rec: &VmRecord) -> Result<u32, VmError> {
+    Ok(Qmp::connect(&rec.control, QMP_TIMEOUT)?.pid)
+}
+
+/// A running QEMU on the source host.
+pub struct QemuVm {
+    rec: VmRecord,
+}
+
+impl QemuVm {
+    /// A QEMU the agent knows from `rec` (see [`attach`]).
+    pub fn new(rec: VmRecord) -> Self {
+        Self { rec }
+    }
+
+    fn qmp(&self) -> Result<Qmp, VmError> {
+        Qmp::connect(&self.rec.control, QMP_TIMEOUT)
+    }
+}
+
+impl SourceVm for QemuVm {
+    fn record(&self) -> &VmRecord {
+        &self.rec
+    }
+
+    fn trackers(&self) -> Vec<TrackerKind> {
+        match softdirty::self_test() {
+            Ok(()) => vec![TrackerKind::SoftDirty, TrackerKind::Hash],
+            Err(e) => {
+                tracing::info!("soft-dirty not offered: {e}");
+                vec![TrackerKind::Hash]
+            }
+        }
+    }
+
+    fn start_tracker(&self, kind: TrackerKind, ram: &GuestRam) -> Result<Box<dyn DirtyTracker>, VmError> {
+        Ok(match kind {
+            TrackerKind::SoftDirty => {
+                let files: Vec<PathBuf> = self.rec.ram.iter().map(|r| r.path.clone()).collect();
+                Box::new(SoftDirtyTracker::start(qemu_pid(&self.rec)?, &files, ram)?)
+            }
+            TrackerKind::Hash => Box::new(HashTracker::start(ram)?),
+            TrackerKind::Cooperative => return Err(crate::dirty::DirtyError::Unavailable("cooperative").into()),
+        })
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        let mut q = self.qmp()?;
+        q.execute(&qmp::stop {})?;
+        q.wait_status("stop", QMP_TIMEOUT, |s| s != qmp::RunState::running)?;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        // `cont` also brings back a source whose device state was already sent (postmigrate).
+        self.qmp()?.execute(&qmp::cont {})?;
+        Ok(())
+    }
+
+    fn device_state(&self) -> Result<Vec<u8>, VmError> {
+        let mut q = self.qmp()?;
+        q.prepare_device_migration()?;
+        q.uncap_bandwidth()?;
+        let dir = tempfile::Builder::new().prefix("dcmigrate-devstate").tempdir().map_err(|e| vm_err(e.to_string()))?;
+        let sock = dir.path().join("s");
+        let listener = UnixListener::bind(&sock).map_err(|e| vm_err(format!("{}: {e}", sock.display())))?;
+        q.execute(&qmp::migrate {
+            uri: Some(format!("unix:{}", sock.display())),
+            channels: None,
+            detach: None,
+            resume: None,
+        })?;
+        // Read the stream without touching QMP meanwhile: QEMU may hold its
+        // big lock while it writes, so a monitor command could wait for a
+        // reader that waits for the monitor (seen with QEMU 10).
+        let read = (|| -> std::io::Result<Vec<u8>> {
+            listener.set_nonblocking(true)?;
+            let end = Instant::now() + DEVICE_STATE_TIMEOUT;
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            conn.set_nonblocking(false)?;
+            conn.set_read_timeout(Some(DEVICE_STATE_TIMEOUT))?;
+            let mut state = Vec::new();
+            conn.read_to_end(&mut state)?;
+            Ok(state)
+        })();
+        let done_by = Instant::now() + DEVICE_STATE_TIMEOUT;
+        let state = match read {
+            Ok(s) => s,
+            Err(e) => {
+                // Say why QEMU did not send, and leave the source migratable.
+                let why = migration_failed(&mut q).ok().flatten().unwrap_or_else(|| e.to_string());
+                let _ = q.execute(&qmp::migrate_cancel {});
+                return Err(vm_err(format!("QEMU's device state: {why}")));
+            }
+        };
+        loop {
+            let info = q.query_migrate()?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => break,
+                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+                    return Err(VmError::Refused {
+                        cmd: "migrate".into(),
+                        msg: info.error_desc.unwrap_or_else(|| "device state migration failed".into()),
+                    })
+                }
+                _ if Instant::now() > done_by => return Err(vm_err("QEMU's device state migration did not complete")),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        tracing::info!(bytes = state.len(), "QEMU device state saved");
+        Ok(state)
+    }
+
+    fn stop(&self) -> Result<(), VmError> {
+        let mut q = self.qmp()?;
+        let pid = q.pid;
+        // QEMU may close the socket before answering `quit`.
+        let _ = q.execute(&qmp::quit {});
+        drop(q);
+        if !wait_exit(pid, Duration::from_secs(20)) {
+            tracing::warn!(pid, "QEMU did not quit; killing it");
+            kill(pid);
+        }
+        if let Some(d) = &self.rec.owned_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Result<VmState, VmError> {
+        let mut q = self.qmp()?;
+        let s = q.status()?;
+        let phase = match s {
+            qmp::RunState::running => "running",
+            qmp::RunState::paused | qmp::RunState::postmigrate | qmp::RunState::prelaunch => "paused",
+            _ => "other",
+        };
+        let qemu_state = serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned));
+        Ok(VmState {
+            phase: Some(phase.into()),
+            pid: Some(q.pid),
+            qemu_state,
+            kind: Some("qemu".into()),
+            ..Default::default()
+        })
+    }
+}
+
+fn migration_failed(q: &mut Qmp) -> Result<Option<String>, VmError> {
+    let info = q.query_migrate()?;
+    Ok(match info.status {
+        Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+            Some(info.error_desc.unwrap_or_else(|| "migration failed".into()))
+        }
+        _ => None,
+    })
+}
