@@ -42,5 +42,19 @@ hook!(
     max_protocol: u32 = "DCMIGRATE_TEST_MAX_PROTOCOL"
 );
 
+hook!(
+    /// `DCMIGRATE_TEST_DROP_AFTER_COMMIT=1` (destination agent): after
+    /// committing a switchover, closes the connection instead of answering,
+    /// so the source cannot know the outcome.
+    drop_after_commit: u8 = "DCMIGRATE_TEST_DROP_AFTER_COMMIT"
+);
+
+hook!(
+    /// `DCMIGRATE_TEST_STALL_DEVICE_STATE_MS=MS` (destination agent): waits
+    /// this long before loading the device state, like a destination that
+    /// hangs in the middle of the pause.
+    stall_device_state_ms: u64 = "DCMIGRATE_TEST_STALL_DEVICE_STATE_MS"
+);
+
 /// Whether this build has the test switches.
 pub const ENABLED: bool = cfg!(feature = "test-hooks");

@@ -18,6 +18,11 @@
 
 use crate::bitmap::Bitmap;
 
+/// A page's sync counter. It only has to tell "synced since the transfer
+/// began" from "not", and 2^16 syncs of one page during one transfer
+/// cannot happen: two bytes per page instead of four.
+pub type Epoch = u16;
+
 /// A host's index in a migration's host table (at most [`MAX_HOSTS`]).
 pub type HostId = u8;
 /// Hosts one migration can involve (source included): a page's freshness
@@ -32,7 +37,7 @@ pub struct Ledger {
     fresh: Vec<u8>,
     /// Bit h set: a transfer into (or out of) host h is in flight for the page.
     busy: Vec<u8>,
-    epoch: Vec<u32>,
+    epoch: Vec<Epoch>,
     fresh_count: [usize; MAX_HOSTS],
     /// Test-only switch that disables the one-writer rule, to prove the
     /// stress test detects what it guards against.
@@ -116,7 +121,7 @@ impl Ledger {
     /// hand back to [`finish`](Self::finish), or `None` when the transfer may
     /// not start now: `from` holds no current copy, or a transfer touching
     /// either end is in flight (the caller retries after it finished).
-    pub fn begin(&mut self, page: usize, from: HostId, to: HostId) -> Option<u32> {
+    pub fn begin(&mut self, page: usize, from: HostId, to: HostId) -> Option<Epoch> {
         debug_assert!(to != self.source && from != to);
         if !self.is_fresh(page, from) {
             return None;
@@ -139,7 +144,7 @@ impl Ledger {
     /// receiver confirmed the bytes are in its memory; the page becomes fresh
     /// there unless a dirty sync happened since the transfer began. Returns
     /// whether it did.
-    pub fn finish(&mut self, page: usize, from: HostId, to: HostId, epoch: u32, applied: bool) -> bool {
+    pub fn finish(&mut self, page: usize, from: HostId, to: HostId, epoch: Epoch, applied: bool) -> bool {
         self.busy[page] &= !(1 << to);
         if from != self.source {
             self.busy[page] &= !(1 << from);
@@ -198,7 +203,7 @@ mod tests {
         page: usize,
         from: u8,
         to: u8,
-        epoch: u32,
+        epoch: Epoch,
         /// Version read from `from` (None until the sender read the bytes).
         read: Option<u64>,
         delivered: bool,

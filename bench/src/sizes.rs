@@ -66,6 +66,13 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
     let exe = exe()?;
     ensure_iperf3()?;
     cleanup_stale("s");
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            cleanup_stale("s");
+            std::process::exit(130);
+        }
+    });
     let net = Net::create("s", &["hostA", "hostB"], rate_mbit, None)?;
     let (a, b) = (&net.hosts[0], &net.hosts[1]);
     let goodput =
@@ -80,6 +87,9 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
         for &gib in sizes {
             n += 1;
             let vm = format!("s{n}");
+            // Fresh agents: each case's peak memory is its own.
+            tb.restart_agent("hostA", &[])?;
+            tb.restart_agent("hostB", &[])?;
             let w = Workload { dirty_rate_mbps: dirty, hot_fraction: 1.0, pattern: Pattern::Random, seed: n };
             let mut args = vec!["--zero-every", "0"];
             args.extend_from_slice(extra);
@@ -107,6 +117,8 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
 
 /// A guest of `gib` GiB that is almost all holes: a hot 1 % written at 10 MB/s.
 fn sparse(tb: &mut Testbed, gib: u64) -> Result<Value> {
+    tb.restart_agent("hostA", &[])?;
+    tb.restart_agent("hostB", &[])?;
     let w = Workload { dirty_rate_mbps: 10.0, hot_fraction: 0.01, pattern: Pattern::Random, seed: 99 };
     // Every page a hole at start ("--zero-every 1"); the workload writes some.
     tb.start_guest("hostA", "sparse", gib << 30, &w, false, &["--zero-every", "1"])?;

@@ -82,7 +82,15 @@ pub enum Request {
         /// The VM.
         vm: String,
     },
-    /// Stops the agent.
+    /// Settles a VM whose migration's outcome is unknown: it runs on
+    /// `runs_on` (a host name: stopped and forgotten here) or `here` (resumed).
+    Resolve {
+        /// The VM.
+        vm: String,
+        /// Where the operator found it running.
+        runs_on: String,
+    },
+    /// Stops the agent (migrations are cancelled first).
     Shutdown,
     /// Test builds only: lets a migration started with `hold_switchover` switch over.
     #[cfg(feature = "test-hooks")]
@@ -109,6 +117,9 @@ pub struct InfoReply {
     pub peers: Vec<String>,
     /// Its RDMA device, or why there is none.
     pub rdma: RdmaInfo,
+    /// VMs with an incoming session here (being migrated to this host).
+    #[serde(default)]
+    pub incoming: Vec<String>,
 }
 
 /// Whether the agent has RDMA.
@@ -292,6 +303,11 @@ impl Client {
     /// [`Request::Resume`].
     pub fn resume(&self, vm: &str) -> Result<(), ApiError> {
         self.call::<Done>(&Request::Resume { vm: vm.into() }).map(|_| ())
+    }
+
+    /// [`Request::Resolve`].
+    pub fn resolve(&self, vm: &str, runs_on: &str) -> Result<(), ApiError> {
+        self.call::<Done>(&Request::Resolve { vm: vm.into(), runs_on: runs_on.into() }).map(|_| ())
     }
 
     /// [`Request::Shutdown`].

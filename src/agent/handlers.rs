@@ -4,6 +4,8 @@
 use super::api::{
     AttachReply, Done, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, VmEntry,
 };
+use super::journal::MigrationEntry;
+use super::outcome::Settled;
 use super::Agent;
 use crate::engine::{self, MigrateOptions, MigrationHandle, MigrationStatus};
 use crate::vm::{LaunchSpec, VmRecord, VmState};
@@ -57,6 +59,17 @@ pub enum RequestError {
     /// Retargeting to the source.
     #[error("{0} is the source of this migration")]
     IsSource(String),
+    /// The VM's last migration has an unknown outcome.
+    #[error("{vm}'s migration to {destination} has an unknown outcome: it may run there; it stays paused here until the outcome is settled (asked of {destination} until it answers, or `dcmigrate resolve {vm} --runs-on HOST|here`)")]
+    OutcomeUnknown {
+        /// The VM.
+        vm: String,
+        /// The destination that may run it.
+        destination: String,
+    },
+    /// `resolve` for a VM whose outcome is known.
+    #[error("{0}'s outcome is not unknown: nothing to resolve")]
+    NotUnknown(String),
     /// Options no migration can run with.
     #[error("invalid options")]
     Options(#[from] crate::engine::options::OptionsError),
@@ -88,6 +101,7 @@ impl Agent {
             Request::Wait { vm } => Self::reply(self.wait(&vm).await?),
             Request::Cancel { vm } => Self::reply(self.cancel(&vm).await?),
             Request::Resume { vm } => Self::reply(self.resume(&vm).await?),
+            Request::Resolve { vm, runs_on } => Self::reply(self.resolve(&vm, &runs_on).await?),
             Request::Shutdown => {
                 self.shutdown.cancel();
                 Self::reply(Done {})
@@ -110,6 +124,7 @@ impl Agent {
                 Ok(r) => RdmaInfo::Device { device: r.name() },
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
+            incoming: self.incoming.lock().unwrap().iter().cloned().collect(),
         }
     }
 
@@ -158,6 +173,7 @@ impl Agent {
     fn migrate(self: Arc<Self>, vm: String, to: String, options: MigrateOptions) -> Result<MigrateReply, RequestError> {
         let rec =
             self.vm_record(&vm).ok_or_else(|| RequestError::NoVm { vm: vm.clone(), host: self.cfg.name.clone() })?;
+        self.refuse_unknown(&vm)?;
         if to == self.cfg.name {
             return Err(RequestError::AlreadyHere { vm, host: to });
         }
@@ -173,9 +189,15 @@ impl Agent {
             tls: self.cfg.tls.clone(),
             unordered: crate::hooks::unordered().is_some(),
             rdma: self.rdma.clone(),
+            peer_timeout: self.cfg.peer_timeout,
         };
         let handle = MigrationHandle::new(&vm, &to);
         self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
+        let journal = self.clone();
+        handle.on_phase(Box::new(move |vm, destination, phase| {
+            let e = MigrationEntry { vm: vm.into(), destination: destination.into(), phase: phase.into() };
+            journal.journal_migration(vm, Some(e));
+        }));
         let (me, h) = (self.clone(), handle.clone());
         tokio::spawn(async move {
             let vm_name = rec.name.clone();
@@ -187,9 +209,12 @@ impl Agent {
                 error: Some(format!("internal error: {e}; check where the VM runs")),
                 ..Default::default()
             });
-            if report.result == engine::Outcome::Completed {
-                me.vms.lock().unwrap().remove(&report.vm);
+            match report.result {
+                engine::Outcome::Completed => me.remove_vm(&report.vm),
+                engine::Outcome::Unknown => me.outcome_unknown(&report.vm, &report.destination),
+                _ => {}
             }
+            me.journal_migration(&report.vm, None);
             h.finish(report);
         });
         Ok(MigrateReply { migration: handle.id.clone() })
@@ -235,7 +260,28 @@ impl Agent {
     async fn resume(&self, vm: &str) -> Result<Done, RequestError> {
         let rec =
             self.vm_record(vm).ok_or_else(|| RequestError::NoVm { vm: vm.into(), host: self.cfg.name.clone() })?;
+        self.refuse_unknown(vm)?;
         tokio::task::spawn_blocking(move || Self::source_vm(rec).resume()).await??;
+        Ok(Done {})
+    }
+}
+
+impl Agent {
+    fn refuse_unknown(&self, vm: &str) -> Result<(), RequestError> {
+        match self.unknown_outcome(vm) {
+            Some(u) => Err(RequestError::OutcomeUnknown { vm: vm.into(), destination: u.destination }),
+            None => Ok(()),
+        }
+    }
+
+    /// An operator settles an unknown outcome: the VM runs on `runs_on`
+    /// (stopped and forgotten here) or here (resumed).
+    async fn resolve(&self, vm: &str, runs_on: &str) -> Result<Done, RequestError> {
+        if self.unknown_outcome(vm).is_none() {
+            return Err(RequestError::NotUnknown(vm.into()));
+        }
+        let how = if runs_on == "here" || runs_on == self.cfg.name { Settled::Here } else { Settled::Moved };
+        self.settle(vm, how).await?;
         Ok(Done {})
     }
 }

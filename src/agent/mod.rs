@@ -5,6 +5,8 @@
 
 pub mod api;
 mod handlers;
+pub mod journal;
+mod outcome;
 
 pub use handlers::RequestError;
 pub mod incoming;
@@ -25,6 +27,9 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+
+/// How long shutting down waits for migrations to end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
 /// The agent could not start.
 #[derive(Debug, Error)]
@@ -66,6 +71,10 @@ pub struct AgentConfig {
     pub rdma_device: Option<String>,
     /// Never use RDMA.
     pub no_rdma: bool,
+    /// A peer silent this long (no heartbeat, no acknowledgement) is lost.
+    pub peer_timeout: Duration,
+    /// Where the journal lives (VMs, migrations, incoming sessions).
+    pub state_dir: PathBuf,
 }
 
 /// A running agent.
@@ -79,6 +88,8 @@ pub struct Agent {
     /// VMs with an incoming session here (at most one each).
     incoming: Mutex<HashSet<String>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
+    /// VMs whose migration's outcome is unknown (see `outcome`).
+    unknown: Mutex<HashMap<String, outcome::Unknown>>,
     shutdown: CancellationToken,
     /// This host's RDMA device, or why there is none.
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
@@ -104,6 +115,7 @@ impl Agent {
             vms: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashSet::new()),
             migrations: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         })
     }
@@ -133,10 +145,30 @@ impl Agent {
         self.incoming.lock().unwrap().remove(vm);
     }
 
+    /// What this host knows of `vm`, for a source that lost the answer to
+    /// its `Resume`.
+    pub fn outcome_of(&self, vm: &str) -> crate::protocol::RemoteOutcome {
+        use crate::protocol::RemoteOutcome;
+        if self.has_vm(vm) {
+            RemoteOutcome::Committed
+        } else if self.incoming.lock().unwrap().contains(vm) {
+            RemoteOutcome::Pending
+        } else {
+            RemoteOutcome::NotHere
+        }
+    }
+
     /// Registers a VM that now lives on this host.
     pub fn add_vm(&self, rec: VmRecord) {
         tracing::info!(vm = %rec.name, "VM registered");
         self.vms.lock().unwrap().insert(rec.name.clone(), rec);
+        self.journal_vms();
+    }
+
+    /// The VM left this host.
+    fn remove_vm(&self, name: &str) {
+        self.vms.lock().unwrap().remove(name);
+        self.journal_vms();
     }
 
     fn source_vm(rec: VmRecord) -> Arc<dyn SourceVm> {
@@ -149,7 +181,9 @@ impl Agent {
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
         std::fs::create_dir_all(&self.cfg.data_dir).map_err(|e| AgentError::DataDir(self.cfg.data_dir.clone(), e))?;
+        self.journal_init().map_err(|e| AgentError::DataDir(self.cfg.state_dir.clone(), e))?;
         crate::vm::qemu::clean_leftovers(&self.cfg.data_dir);
+        self.recover().await;
         let bind = |what, addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr: addr.to_string(), source })
         };
@@ -180,11 +214,34 @@ impl Agent {
                 _ = self.shutdown.cancelled() => break,
             }
         }
-        for m in self.migrations.lock().unwrap().values() {
-            m.cancel.cancel();
-        }
+        self.stop_migrations().await;
         let _ = std::fs::remove_file(&self.cfg.api);
         Ok(())
+    }
+
+    /// On shutdown: every migration is cancelled (the VM keeps running here,
+    /// destinations discard) and waited for, within a bound; one past
+    /// `Resume` cannot be cancelled and is waited for too.
+    async fn stop_migrations(&self) {
+        let running: Vec<Arc<MigrationHandle>> =
+            self.migrations.lock().unwrap().values().filter(|m| !m.is_done()).cloned().collect();
+        if running.is_empty() {
+            return;
+        }
+        tracing::info!(n = running.len(), "shutting down: cancelling migrations");
+        for m in &running {
+            m.cancel.cancel();
+        }
+        // The migrations run on tasks of their own: waiting for each in turn
+        // ends when the last has.
+        let all = async {
+            for m in &running {
+                m.wait().await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_WAIT, all).await.is_err() {
+            tracing::warn!("migrations did not end within {SHUTDOWN_WAIT:?}; leaving the rest to the journal");
+        }
     }
 
     /// Accepts control connections from peers; each becomes an incoming session.

@@ -102,6 +102,19 @@ pub enum Cmd {
         #[command(flatten)]
         api: ApiArg,
     },
+    /// Settle a VM whose migration's outcome is unknown (its `Resume` was
+    /// sent and the answer lost): say where it runs.
+    Resolve {
+        /// The VM.
+        vm: String,
+        /// Where it runs: the destination's host name (it is then stopped
+        /// and forgotten here), or `here` (it is resumed here).
+        #[arg(long)]
+        runs_on: String,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// VMs on the local agent.
     Vms {
         /// Print the VMs and their state as JSON.
@@ -197,12 +210,21 @@ pub struct AgentArgs {
     /// Where incoming VMs' RAM files go (tmpfs recommended).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Where the agent keeps its journal (VMs, migrations, incoming
+    /// sessions), so that a restart settles what was in flight. Default:
+    /// /var/lib/dcmigrate/NAME.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// RDMA device for the data plane (default: the first with an active port).
     #[arg(long)]
     pub rdma_device: Option<String>,
     /// Use TCP only, even where RDMA is available.
     #[arg(long, env = "DCMIGRATE_NO_RDMA")]
     pub no_rdma: bool,
+    /// Seconds after which a peer that sends nothing (not even a heartbeat
+    /// or an acknowledgement) is declared lost.
+    #[arg(long, env = "DCMIGRATE_PEER_TIMEOUT", default_value_t = 10.0)]
+    pub peer_timeout: f64,
     /// Where the agent serves its API.
     #[command(flatten)]
     pub api: ApiArg,
@@ -267,6 +289,10 @@ pub struct GuestArgs {
     /// Leave every Nth page of RAM unwritten (zero) at start; 0: none.
     #[arg(long, default_value_t = 8)]
     pub zero_every: usize,
+    /// Make the device state this large (MiB), as a VM with a lot of device
+    /// memory (video RAM) has.
+    #[arg(long, default_value_t = 0)]
+    pub device_state_mb: u64,
     /// (agents) wait for device state on an existing RAM file.
     #[arg(long, hide = true)]
     pub incoming: bool,
@@ -326,6 +352,11 @@ pub struct MigrateArgs {
     /// Cap the sending rate (MB/s).
     #[arg(long)]
     pub max_bandwidth: Option<f64>,
+    /// Milliseconds the pause may take before `Resume`; past it the VM
+    /// resumes here and the destination discards everything (default: the
+    /// larger of the downtime limit and the estimate, plus 5 s).
+    #[arg(long)]
+    pub switchover_timeout: Option<u64>,
     /// Print only the final report, as JSON.
     #[arg(long)]
     pub json: bool,
@@ -351,6 +382,7 @@ impl MigrateArgs {
             suspend: self.suspend,
             tracker: self.tracker,
             max_bandwidth_mbps: self.max_bandwidth,
+            switchover_timeout_ms: self.switchover_timeout,
             ..Default::default()
         }
     }
@@ -393,6 +425,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Resume { vm, api } => {
             Client::new(api.api).resume(&vm)?;
             println!("{vm} resumed");
+            Ok(0)
+        }
+        Cmd::Resolve { vm, runs_on, api } => {
+            Client::new(api.api).resolve(&vm, &runs_on)?;
+            println!("{vm}: settled, it runs on {runs_on}");
             Ok(0)
         }
         Cmd::Vms { json, api } => {
@@ -440,6 +477,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
     let tls = TlsConfig::load_dir(&a.certs, &a.name)
         .with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
     let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/dcmigrate/{}", a.name)));
     let cfg = AgentConfig {
         data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{}", a.name))),
         name: a.name,
@@ -450,14 +488,27 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
         rdma_device: a.rdma_device,
         no_rdma: a.no_rdma,
+        peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),
+        state_dir,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let agent = Agent::new(cfg);
         let stop = agent.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("interrupted: stopping");
+            // SIGTERM (systemd, kill) and SIGINT (Ctrl-C) stop the agent the
+            // same way: migrations are cancelled first.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match term.as_mut() {
+                    Some(t) => drop(t.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+                _ = terminated => tracing::info!("terminated: stopping"),
+            }
             stop.shutdown();
         });
         agent.run().await
@@ -483,6 +534,7 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         incoming_ram: if g.incoming { g.ram_file } else { None },
         exit_with_parent: g.exit_with_parent,
         zero_every: g.zero_every,
+        device_state_bytes: g.device_state_mb << 20,
         #[cfg(feature = "test-hooks")]
         miss_every: g.test_miss_every,
     };

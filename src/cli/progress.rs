@@ -86,11 +86,17 @@ pub fn follow_with(
     }
 }
 
-/// The CLI's exit code for a migration's outcome.
+/// The CLI's exit code for a migration's outcome: 0 completed, 3
+/// cancelled, 4 gave up (budget), 5 failed (the VM runs on the source), 6
+/// outcome unknown (see `dcmigrate resolve`). 1 and 2 are the CLI's own
+/// errors.
 pub fn exit_code(report: &Report) -> i32 {
     match report.result {
         Outcome::Completed => 0,
-        _ => 1,
+        Outcome::Cancelled => 3,
+        Outcome::GaveUp => 4,
+        Outcome::Failed => 5,
+        Outcome::Unknown => 6,
     }
 }
 

@@ -1,8 +1,10 @@
 //! Agent-to-agent control connections: mutual TLS, then the protocol
 //! handshake, which checks that a peer's claimed host name is one its
 //! CA-signed certificate was issued for and agrees on a protocol version.
-//! Both ends then read messages on a task of their own ([`spawn_reader`]),
-//! so that a session can wait for a message and for other events at once.
+//! Both ends then run the connection as a [`Channel`]: a writer task and a
+//! reader task, with heartbeats (protocol 2) so that a peer that died, froze
+//! or went silent is declared lost within a bound, and a peer busy with long
+//! work still answers.
 
 use crate::protocol::{self, read_message, write_message, Message, ProtocolError, MIN_VERSION};
 use crate::tls::{cert_host_names, TlsConfig};
@@ -166,28 +168,114 @@ pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<Connect
         .map_err(|_| PeerError::Timeout { host: "incoming peer".into() })?
 }
 
-/// Messages read from a control connection by [`spawn_reader`]; the last
-/// item is the error that ended it.
+/// Messages read from a control connection by [`Channel`]; the last item
+/// is the error that ended it.
 pub type Inbox = mpsc::Receiver<Result<Message, ProtocolError>>;
 
-/// Splits a connection: a task reads messages into the returned inbox until
-/// the connection fails (that error is the inbox's last item), and the
-/// write half stays with the caller.
-pub fn spawn_reader<S>(stream: S) -> (WriteHalf<S>, Inbox, tokio::task::JoinHandle<()>)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut r, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
-    let (tx, inbox) = mpsc::channel(INBOX);
-    let task = tokio::spawn(async move {
-        loop {
-            let m = read_message(&mut r).await;
-            // A peer's error message is an answer, not the end of the connection.
-            let end = matches!(&m, Err(e) if !matches!(e, ProtocolError::Peer(_)));
-            if tx.send(m).await.is_err() || end {
-                break;
-            }
+/// Heartbeats on a control connection (protocol version 2 and later).
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat {
+    /// Send a `Ping` this often (the source of a session does).
+    pub ping_every: Option<Duration>,
+    /// The peer is lost after this long without a message from it.
+    pub timeout: Duration,
+}
+
+impl Heartbeat {
+    /// What the side that sends pings uses: pings four times per timeout.
+    pub fn pinging(timeout: Duration) -> Self {
+        Self { ping_every: Some((timeout / 4).max(Duration::from_millis(50))), timeout }
+    }
+
+    /// What the answering side uses: no pings of its own, the same timeout.
+    pub fn answering(timeout: Duration) -> Self {
+        Self { ping_every: None, timeout }
+    }
+}
+
+/// A control connection run by two tasks: a writer (messages from `out`,
+/// and pings) and a reader (answers pings itself, so a peer busy with long
+/// work still answers; passes everything else to `inbox`; declares the peer
+/// lost when it is silent for the heartbeat's timeout).
+pub struct Channel {
+    /// Messages to send, in order.
+    pub out: mpsc::UnboundedSender<Message>,
+    /// Messages received.
+    pub inbox: Inbox,
+    /// Cancelled when the connection is over (either task ended).
+    pub closed: tokio_util::sync::CancellationToken,
+}
+
+impl Channel {
+    /// Runs `stream` with heartbeats if `heartbeat` is given (the version
+    /// both speak must have them).
+    pub fn new<S>(stream: S, heartbeat: Option<Heartbeat>) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let closed = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(write_loop(w, out_rx, heartbeat.and_then(|h| h.ping_every), closed.clone()));
+        tokio::spawn(read_loop(r, tx, out.clone(), heartbeat.map(|h| h.timeout), closed.clone()));
+        Self { out, inbox, closed }
+    }
+}
+
+async fn write_loop<W: AsyncWrite>(
+    mut w: WriteHalf<W>,
+    mut out: mpsc::UnboundedReceiver<Message>,
+    ping_every: Option<Duration>,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let m = tokio::select! {
+            m = out.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = tick.tick(), if ping_every.is_some() => Message::Ping,
+            _ = closed.cancelled() => break,
+        };
+        if write_message(&mut w, &m).await.is_err() {
+            break;
         }
-    });
-    (w, inbox, task)
+    }
+    closed.cancel();
+}
+
+async fn read_loop<R: AsyncRead>(
+    mut r: ReadHalf<R>,
+    tx: mpsc::Sender<Result<Message, ProtocolError>>,
+    out: mpsc::UnboundedSender<Message>,
+    timeout: Option<Duration>,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    let silent = timeout.unwrap_or(Duration::from_secs(u32::MAX as u64));
+    loop {
+        let m = tokio::select! {
+            m = tokio::time::timeout(silent, read_message(&mut r)) => match m {
+                Ok(m) => m,
+                Err(_) => Err(ProtocolError::Silent(silent)),
+            },
+            _ = closed.cancelled() => break,
+        };
+        match m {
+            Ok(Message::Ping) => {
+                let _ = out.send(Message::Pong);
+                continue;
+            }
+            Ok(Message::Pong) => continue,
+            _ => {}
+        }
+        // A peer's error message is an answer, not the end of the connection.
+        let end = matches!(&m, Err(e) if !matches!(e, ProtocolError::Peer(_)));
+        if tx.send(m).await.is_err() || end {
+            break;
+        }
+    }
+    closed.cancel();
 }

@@ -7,7 +7,7 @@ use super::{EngineError, Migration};
 use crate::ledger::HostId;
 use crate::memory::PAGE_SIZE;
 use crate::transport::{Batch, Completion};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 impl Migration {
     /// Sorts the chunks the target lacks onto the senders, and releases the
@@ -81,10 +81,17 @@ impl Migration {
     /// Waits for the next event and handles it.
     pub(super) async fn wait_event(&mut self) -> Result<(), EngineError> {
         let pace = self.acct.paced_until();
+        // The time budget binds the rounds; the switchover has its own deadline.
+        let budget = (self.phase == super::phase::Phase::Precopy)
+            .then(|| tokio::time::Instant::from_std(self.start) + Duration::from_secs(self.job.opts.max_time_s));
         let committing = self.phase.committing();
         let cancellable = !self.phase.resume_sent();
         let cancel = self.job.handle.cancel.clone();
+        // A target whose control connection ended (it died, froze past the
+        // peer timeout, or lost its incoming VM) fails the migration now.
+        let target = self.target_link();
         tokio::select! {
+            _ = target.closed.cancelled() => Err(self.lost(target.id, target.lost_why())),
             // The migration holds a sender of this channel: it never closes.
             Some(c) = self.completions.recv() => self.on_completion(c),
             r = self.rt.requests.recv(), if !committing => {
@@ -108,6 +115,9 @@ impl Migration {
                 Ok(())
             }
             _ = cancel.cancelled(), if cancellable => Err(EngineError::Cancelled),
+            _ = tokio::time::sleep_until(budget.unwrap_or_else(tokio::time::Instant::now)), if budget.is_some() => {
+                Err(EngineError::TimeBudget)
+            }
         }
     }
 

@@ -83,10 +83,15 @@ pub struct MigrationHandle {
     done: watch::Sender<bool>,
     retarget_tx: mpsc::UnboundedSender<RetargetRequest>,
     retarget_rx: Mutex<Option<mpsc::UnboundedReceiver<RetargetRequest>>>,
+    /// Told of every phase change (the agent journals it).
+    on_phase: Mutex<Option<PhaseHook>>,
     /// Test builds: set by the API's `release` (see `MigrateOptions::hold_switchover`).
     #[cfg(feature = "test-hooks")]
     pub released: watch::Sender<bool>,
 }
+
+/// What is told of a migration's phase changes: (VM, destination, phase).
+pub type PhaseHook = Box<dyn Fn(&str, &str, super::phase::Phase) + Send + Sync>;
 
 impl MigrationHandle {
     /// A handle for migrating `vm` to `to`.
@@ -102,6 +107,7 @@ impl MigrationHandle {
             progress: Mutex::new(Progress { phase: "starting".into(), target: to.to_owned(), ..Default::default() }),
             report: Mutex::new(None),
             done: watch::channel(false).0,
+            on_phase: Mutex::new(None),
             #[cfg(feature = "test-hooks")]
             released: watch::channel(false).0,
         })
@@ -119,6 +125,18 @@ impl MigrationHandle {
             .send(RetargetRequest { to, addr, forward, reply })
             .map_err(|_| "the migration has ended".to_string())?;
         rx.await.map_err(|_| "the migration has ended".to_string())?
+    }
+
+    /// Sets what is told of phase changes.
+    pub fn on_phase(&self, hook: PhaseHook) {
+        *self.on_phase.lock().unwrap() = Some(hook);
+    }
+
+    /// The engine reached `phase`, with `destination` the current one.
+    pub fn phase_changed(&self, destination: &str, phase: super::phase::Phase) {
+        if let Some(h) = self.on_phase.lock().unwrap().as_ref() {
+            h(&self.vm, destination, phase);
+        }
     }
 
     /// Updates the live progress.

@@ -4,13 +4,11 @@
 //! asynchronous `Forwarded` reports can interleave, plus the source's own
 //! data sender to that host.
 
-use crate::control::{self, Inbox, PeerError};
+use crate::control::{self, Channel, Heartbeat, Inbox, PeerError};
 use crate::dirty::SendObserver;
 use crate::ledger::HostId;
 use crate::memory::GuestRam;
-use crate::protocol::{
-    write_message, DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind,
-};
+use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind, HEARTBEATS};
 use crate::tls::TlsConfig;
 use crate::transport::rdma::Rdma;
 use crate::transport::{Batch, Completion, OpenError, PageSender, SenderSpec, StreamSpec};
@@ -44,6 +42,9 @@ pub enum LinkError {
     /// The control connection ended.
     #[error("control connection closed")]
     Closed,
+    /// The control connection ended, for this reason.
+    #[error("{0}")]
+    Lost(String),
     /// Reading or writing it failed.
     #[error("control connection")]
     Protocol(#[source] ProtocolError),
@@ -91,6 +92,8 @@ pub struct LinkSpec {
     pub transport: TransportKind,
     /// This host's RDMA device, or why there is none.
     pub rdma: Result<Arc<Rdma>, String>,
+    /// A peer silent this long (heartbeats, acknowledgements) is lost.
+    pub peer_timeout: Duration,
 }
 
 /// The source's connection to one peer.
@@ -113,6 +116,8 @@ pub struct Link {
     forwarded_bytes: Arc<AtomicU64>,
     /// Set when the control connection is gone.
     pub closed: CancellationToken,
+    /// Why it is gone.
+    why: Arc<Mutex<Option<String>>>,
     /// The source's own data sender to this host (None once released).
     sender: Mutex<Option<Box<dyn PageSender>>>,
     /// The source's data plane to this host.
@@ -127,15 +132,20 @@ impl Link {
     pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
         let conn = control::connect(&a.tls, &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
         let version = conn.version;
-        let (mut w, mut inbox, reader) = control::spawn_reader(conn.stream);
+        let heartbeat = (version >= HEARTBEATS).then(|| Heartbeat::pinging(a.peer_timeout));
+        let mut ch = Channel::new(conn.stream, heartbeat);
         let open = Message::OpenSession {
             vm: a.vm.name.clone(),
             regions: a.vm.regions(),
             chunk_size: a.chunk_size,
             launch: a.vm.launch.clone(),
         };
-        write_message(&mut w, &open).await.map_err(LinkError::Protocol)?;
-        let (port, token, rdma_offer) = match next_reply(&mut inbox, CONTROL_TIMEOUT).await? {
+        ch.out.send(open).map_err(|_| LinkError::Closed)?;
+        // Preparing RAM (and pinning it for RDMA) takes time that grows with
+        // its size; heartbeats prove the host alive meanwhile.
+        let ram_gib = a.ram.layout().total_bytes() >> 30;
+        let open_timeout = CONTROL_TIMEOUT + Duration::from_secs(2 * ram_gib);
+        let (port, token, rdma_offer) = match next_reply(&mut ch.inbox, open_timeout).await? {
             Message::SessionOpened { data_port, token, rdma } => (data_port, token, rdma),
             Message::Error { message } => return Err(LinkError::Refused(message)),
             other => return Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
@@ -154,6 +164,7 @@ impl Link {
                 ram: a.ram,
                 observer: a.observer,
                 completions: a.completions.clone(),
+                stall_timeout: a.peer_timeout,
             },
         };
         let sender = match crate::transport::open_sender(spec).await {
@@ -161,14 +172,12 @@ impl Link {
             Err(e) => {
                 // Wait for the answer: the host has cleaned up once it replies,
                 // so a retry right away finds no leftover session.
-                let abort = Message::Abort { reason: crate::error_chain(&e) };
-                let _ = write_message(&mut w, &abort).await;
-                let _ = next_reply(&mut inbox, ABORT_TIMEOUT).await;
-                reader.abort();
+                let _ = ch.out.send(Message::Abort { reason: crate::error_chain(&e) });
+                let _ = next_reply(&mut ch.inbox, ABORT_TIMEOUT).await;
+                ch.closed.cancel();
                 return Err(LinkError::DataPlane(e));
             }
         };
-        let (out, out_rx) = mpsc::unbounded_channel();
         let (replies_tx, replies) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             host: a.host,
@@ -176,34 +185,19 @@ impl Link {
             data_addr,
             token,
             version,
-            out,
+            out: ch.out,
             replies: tokio::sync::Mutex::new(replies),
             forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
-            closed: CancellationToken::new(),
+            closed: ch.closed,
+            why: Arc::new(Mutex::new(None)),
             transport: sender.kind(),
             sender: Mutex::new(Some(sender)),
             rdma_offer,
             sent_before_close: AtomicU64::new(0),
         });
-        link.spawn_writer(w, out_rx);
-        link.spawn_dispatch(inbox, replies_tx, a.completions);
+        link.spawn_dispatch(ch.inbox, replies_tx, a.completions);
         Ok(link)
-    }
-
-    fn spawn_writer<W>(&self, mut w: W, mut out_rx: mpsc::UnboundedReceiver<Message>)
-    where
-        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let closed = self.closed.clone();
-        tokio::spawn(async move {
-            while let Some(m) = out_rx.recv().await {
-                if write_message(&mut w, &m).await.is_err() {
-                    break;
-                }
-            }
-            closed.cancel();
-        });
     }
 
     /// Sorts what the peer sends: `Forwarded` reports complete batches, the
@@ -216,6 +210,7 @@ impl Link {
         completions: mpsc::UnboundedSender<Completion>,
     ) {
         let (closed, forwarding, bytes) = (self.closed.clone(), self.forwarding.clone(), self.forwarded_bytes.clone());
+        let why_slot = self.why.clone();
         tokio::spawn(async move {
             let why = loop {
                 let m = tokio::select! {
@@ -244,12 +239,21 @@ impl Link {
                     None => break "control connection closed".to_string(),
                 }
             };
+            why_slot.lock().unwrap().get_or_insert(why.clone());
             closed.cancel();
             let left = forwarding.lock().unwrap().take().unwrap_or_default();
             for (_, b) in left {
                 let _ = completions.send(Completion::Failed(b, why.clone()));
             }
         });
+    }
+
+    /// Why the control connection ended (once it has).
+    pub fn lost_why(&self) -> LinkError {
+        match self.why.lock().unwrap().clone() {
+            Some(w) => LinkError::Lost(w),
+            None => LinkError::Closed,
+        }
     }
 
     /// Sends a request and waits for its reply (an `Error` reply is an error).

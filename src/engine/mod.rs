@@ -64,6 +64,8 @@ pub struct Context {
     pub unordered: bool,
     /// This host's RDMA device, if it has a usable one (else why not).
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
+    /// A peer silent this long is lost.
+    pub peer_timeout: std::time::Duration,
 }
 
 /// Why a migration did not complete.
@@ -114,6 +116,14 @@ pub enum EngineError {
     /// The budget ran out with `--on-budget abort`.
     #[error("budget exhausted: {0}")]
     GaveUp(String),
+    /// The time budget ran out in the middle of a round (handled by the
+    /// rounds: it becomes a forced switchover or `GaveUp`).
+    #[error("the time budget ran out")]
+    TimeBudget,
+    /// The pause took longer than the switchover deadline before `Resume`:
+    /// the VM resumed on the source.
+    #[error("the switchover did not finish within {0:?}: the VM resumed on the source")]
+    SwitchoverTimeout(std::time::Duration),
     /// The VM failed a request.
     #[error("the VM")]
     Vm(#[from] VmError),
@@ -257,7 +267,14 @@ impl Migration {
             completions: p.completions.1,
         };
         m.skip_holes();
+        m.job.handle.phase_changed(&m.hosts.names[1], m.phase);
         m
+    }
+
+    /// Moves the phase forward, and tells the handle (the agent journals it).
+    fn advance(&mut self, to: Phase) {
+        self.phase.advance(to);
+        self.job.handle.phase_changed(&self.hosts.names[self.hosts.target as usize], self.phase);
     }
 
     fn set_phase(&self, phase: &str) {
@@ -294,9 +311,9 @@ impl Migration {
     }
 
     async fn execute(&mut self) -> Result<(), EngineError> {
-        let switchover = self.precopy().await?;
+        let (switchover, estimate) = self.precopy().await?;
         self.report.switchover = Some(switchover);
-        self.switchover().await
+        self.switchover(estimate).await
     }
 
     /// A destination's RAM starts as a new zero-filled file, so pages that
@@ -395,16 +412,29 @@ impl Migration {
         self.report.result = outcome_of(&e);
         let why = crate::error_chain(&e);
         if self.phase.resume_sent() {
+            self.report.result = Outcome::Unknown;
             // We asked the destination to run the VM and do not know
             // whether it did: running it here too could corrupt it.
             self.report.error = Some(format!(
-                "{why}; the switchover outcome is unknown, so the VM stays paused on {}: check {} before resuming it",
+                "{why}; the switchover outcome is unknown, so the VM stays paused on {} until {} says whether it runs there (or an operator says, with `dcmigrate resolve`)",
                 self.job.ctx.me,
                 self.target_name()
             ));
             self.report.vm_runs_on = None;
         } else {
-            // Every destination, old or new, discards what it has.
+            // No destination got `Resume`, so none can run the VM: it
+            // resumes here first (its pause ends now), then every
+            // destination, old or new, discards what it has.
+            let mut err = why.clone();
+            if self.phase.paused() {
+                if let Err(re) = self.blocking(|vm| vm.resume()).await {
+                    err = format!(
+                        "{err}; resuming the VM on {} failed too: {}",
+                        self.job.ctx.me,
+                        crate::error_chain(&re)
+                    );
+                }
+            }
             let aborts: Vec<_> = self
                 .hosts
                 .links
@@ -416,16 +446,6 @@ impl Migration {
                 .collect();
             for a in aborts {
                 let _ = a.await;
-            }
-            let mut err = why;
-            if self.phase.paused() {
-                if let Err(re) = self.blocking(|vm| vm.resume()).await {
-                    err = format!(
-                        "{err}; resuming the VM on {} failed too: {}",
-                        self.job.ctx.me,
-                        crate::error_chain(&re)
-                    );
-                }
             }
             self.report.error = Some(err);
             self.report.vm_runs_on = Some(self.job.ctx.me.clone());

@@ -95,6 +95,10 @@ pub struct MigrateOptions {
     pub chunk_size: u64,
     /// Cap on the source's sending rate in MB/s (like QEMU's max-bandwidth).
     pub max_bandwidth_mbps: Option<f64>,
+    /// The pause's deadline before `Resume`: past it the VM resumes on the
+    /// source and the destination discards everything. Default: the larger
+    /// of the downtime limit and the estimate, plus 5 s.
+    pub switchover_timeout_ms: Option<u64>,
     /// Test builds only: do not start the switchover before the API's
     /// `release` (retargets are still served meanwhile), so that a test can
     /// act on a migration that is certain not to have ended.
@@ -116,6 +120,7 @@ impl Default for MigrateOptions {
             tracker: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             max_bandwidth_mbps: None,
+            switchover_timeout_ms: None,
             #[cfg(feature = "test-hooks")]
             hold_switchover: false,
         }

@@ -8,31 +8,45 @@ use super::{BudgetAction, EngineError, Migration};
 use std::time::Duration;
 
 impl Migration {
-    /// Rounds of dirty pages; returns how the switchover was reached.
-    pub(super) async fn precopy(&mut self) -> Result<Switchover, EngineError> {
+    /// Rounds of dirty pages; returns how the switchover was reached and
+    /// the downtime estimate at that point.
+    pub(super) async fn precopy(&mut self) -> Result<(Switchover, Duration), EngineError> {
         let limit = Duration::from_millis(self.job.opts.downtime_ms);
         let budget = Duration::from_secs(self.job.opts.max_time_s);
         let mut counted = 0u32;
+        let mut estimate = Duration::MAX;
         self.begin_round();
         loop {
             self.fill()?;
             if !self.round_over() {
-                self.wait_event().await?;
+                match self.wait_event().await {
+                    // `--max-time` is a hard budget: it ends a round midway.
+                    Err(EngineError::TimeBudget) => {
+                        let why = format!(
+                            "the time budget of {} s ran out in round {}",
+                            budget.as_secs(),
+                            self.acct.round.round
+                        );
+                        return self.budget_spent(why).map(|s| (s, estimate));
+                    }
+                    r => r?,
+                }
                 continue;
             }
             self.end_round();
             self.measure_verification().await?;
             let dirty = self.dirty_sync().await?.count();
-            let estimate = self.close_round(dirty);
+            let stale = self.stale_blocks();
+            estimate = self.close_round(dirty, &stale);
             // Forwarders' work is done while the VM still runs: their rate
             // is not in the estimate, and they have nothing dirty to wait for.
             let forwarding =
                 !self.sched.pools_empty() || self.hosts.forwarders.iter().any(|&f| self.sched.outstanding(f) > 0);
             if estimate <= limit && !forwarding {
-                if self.verifier.live_pass_due(self.hosts.target) {
+                if self.verifier.live_pass_due(self.hosts.target, &stale, limit) {
                     // Compared while the guest runs; then a round for what
                     // it found and what the guest wrote meanwhile.
-                    self.live_pass().await?;
+                    self.live_pass(&stale).await?;
                     self.begin_round();
                     continue;
                 }
@@ -40,7 +54,7 @@ impl Migration {
                     self.begin_round();
                     continue;
                 }
-                return Ok(Switchover::Converged);
+                return Ok((Switchover::Converged, estimate));
             }
             // Rounds cut short while forwarders still hold work do not count
             // against the round budget (the time budget still applies).
@@ -59,29 +73,33 @@ impl Migration {
                     estimate.as_millis(),
                     limit.as_millis()
                 );
-                return match self.job.opts.on_budget {
-                    BudgetAction::Force => {
-                        tracing::warn!("forcing switchover: {why}");
-                        Ok(Switchover::Forced)
-                    }
-                    BudgetAction::Abort => Err(EngineError::GaveUp(why)),
-                };
+                return self.budget_spent(why).map(|s| (s, estimate));
             }
             self.begin_round();
         }
     }
 
+    /// The budget ran out: switch over anyway, or give up, as asked.
+    fn budget_spent(&self, why: String) -> Result<Switchover, EngineError> {
+        match self.job.opts.on_budget {
+            BudgetAction::Force => {
+                tracing::warn!("forcing switchover: {why}");
+                Ok(Switchover::Forced)
+            }
+            BudgetAction::Abort => Err(EngineError::GaveUp(why)),
+        }
+    }
+
     /// Records the round just ended with the sync's findings; returns the
     /// downtime estimate.
-    fn close_round(&mut self, dirty: usize) -> Duration {
+    fn close_round(&mut self, dirty: usize, stale: &crate::bitmap::Bitmap) -> Duration {
         let last = self.report.rounds.last_mut().expect("round recorded");
         last.dirty_pages = dirty as u64;
         last.sync_ms = self.acct.last_sync_cost.as_secs_f64() * 1e3;
         last.guest_stop_ms = self.acct.last_guest_stop.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(round = last.round, pages = last.pages, ms = last.ms, dirty, "round done");
         let last = last.clone();
-        let stale = self.stale_blocks();
-        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, &stale)
+        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, stale)
     }
 
     /// A round is over when the source has nothing left to send and nothing

@@ -20,6 +20,11 @@ pub enum Outcome {
     /// Something broke; `error` says what and where the VM is.
     #[default]
     Failed,
+    /// `Resume` was sent and its answer lost: the VM may run on the
+    /// destination. It stays paused on the source, neither migrated again
+    /// nor resumed there, until the source learns the outcome from the
+    /// destination or an operator settles it (`dcmigrate resolve`).
+    Unknown,
 }
 
 /// How the switchover was reached.

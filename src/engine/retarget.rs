@@ -133,6 +133,7 @@ impl Migration {
         self.hosts.links.insert(link.id, link.clone());
         self.hosts.target = link.id;
         self.verifier.new_target();
+        self.job.handle.phase_changed(&opening.to, self.phase);
         // The source stops feeding the old destination.
         self.hosts.links[&old].close_sender();
         self.point_forwarders(old, &link, opening.forward).await;

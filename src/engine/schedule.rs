@@ -76,7 +76,7 @@ impl Schedule {
         forwarders: &[HostId],
     ) -> Option<Batch> {
         let c = layout.chunks()[ci];
-        let (mut runs, mut epochs): (Vec<Run>, Vec<u32>) = (vec![], vec![]);
+        let (mut runs, mut epochs): (Vec<Run>, Vec<crate::ledger::Epoch>) = (vec![], vec![]);
         for p in c.first_page..c.first_page + c.pages {
             if ledger.is_fresh(p, to) {
                 continue;

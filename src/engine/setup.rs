@@ -132,6 +132,7 @@ pub(super) fn link_spec(
         completions: completions.clone(),
         transport: job.opts.transport,
         rdma: job.ctx.rdma.clone(),
+        peer_timeout: job.ctx.peer_timeout,
     }
 }
 

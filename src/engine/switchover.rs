@@ -6,22 +6,62 @@ use super::report::Downtime;
 use super::{EngineError, Migration};
 use crate::protocol::{Message, MessageKind, CHUNKED_DEVICE_STATE, MAX_BULK};
 use base64::Engine as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// What the default switchover deadline allows beyond the expected pause.
+const DEFAULT_SWITCHOVER_SLACK: Duration = Duration::from_secs(5);
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
 impl Migration {
-    pub(super) async fn switchover(&mut self) -> Result<(), EngineError> {
+    /// Pauses the VM and moves it; `estimate` is the downtime the rounds
+    /// predicted (the switchover deadline allows for it).
+    pub(super) async fn switchover(&mut self, estimate: Duration) -> Result<(), EngineError> {
         self.check_cancel()?;
         let mut d = Downtime::default();
         let t_pause = Instant::now();
         self.set_phase("switchover: pause");
         self.blocking(|vm| vm.pause()).await?;
-        self.phase.advance(Phase::Paused);
+        self.advance(Phase::Paused);
         d.pause_ms = ms(t_pause);
+        // Everything the pause needs before `Resume` has a deadline: past it
+        // the VM resumes on the source and every destination discards.
+        let deadline = self.switchover_deadline(estimate);
+        match tokio::time::timeout(deadline, self.before_resume(&mut d)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(EngineError::SwitchoverTimeout(deadline)),
+        }
+        self.set_phase("switchover: resume on destination");
+        let t = Instant::now();
+        self.advance(Phase::ResumeSent);
+        let target = self.target_link();
+        let resume = Message::Resume { start: !self.job.opts.suspend };
+        target.call(resume, MessageKind::Resumed).await.map_err(|e| self.lost(target.id, e))?;
+        d.resume_ms = ms(t);
+        self.report.downtime_ms = Some(ms(t_pause));
+        self.report.downtime = d;
+        self.report.vm_runs_on = Some(target.host.clone());
+        if let Err(e) = self.blocking(|vm| vm.stop()).await {
+            tracing::warn!("the VM runs on {} but stopping it here failed: {}", target.host, crate::error_chain(&e));
+        }
+        Ok(())
+    }
 
+    /// `--switchover-timeout`, or by default the larger of the downtime limit
+    /// and the estimate, plus five seconds.
+    fn switchover_deadline(&self, estimate: Duration) -> Duration {
+        let limit = Duration::from_millis(self.job.opts.downtime_ms);
+        match self.job.opts.switchover_timeout_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => limit.max(estimate.min(Duration::from_secs(3600))) + DEFAULT_SWITCHOVER_SLACK,
+        }
+    }
+
+    /// The paused part before `Resume`: final sync and round, verification,
+    /// device state.
+    async fn before_resume(&mut self, d: &mut Downtime) -> Result<(), EngineError> {
         let t = Instant::now();
         self.dirty_sync().await?;
         d.final_sync_ms = ms(t);
@@ -33,7 +73,7 @@ impl Migration {
         // The destination may change until here (a retarget during the final
         // round costs downtime, but the operator asked for it); from now on
         // it is fixed.
-        self.phase.advance(Phase::Committing);
+        self.advance(Phase::Committing);
         self.rt.end("too late: the switchover has started");
         self.check_cancel()?;
 
@@ -50,22 +90,7 @@ impl Migration {
         let t = Instant::now();
         self.send_device_state().await?;
         d.device_state_ms = ms(t);
-        self.check_cancel()?;
-
-        self.set_phase("switchover: resume on destination");
-        let t = Instant::now();
-        self.phase.advance(Phase::ResumeSent);
-        let target = self.target_link();
-        let resume = Message::Resume { start: !self.job.opts.suspend };
-        target.call(resume, MessageKind::Resumed).await.map_err(|e| self.lost(target.id, e))?;
-        d.resume_ms = ms(t);
-        self.report.downtime_ms = Some(ms(t_pause));
-        self.report.downtime = d;
-        self.report.vm_runs_on = Some(target.host.clone());
-        if let Err(e) = self.blocking(|vm| vm.stop()).await {
-            tracing::warn!("the VM runs on {} but stopping it here failed: {}", target.host, crate::error_chain(&e));
-        }
-        Ok(())
+        self.check_cancel()
     }
 
     /// Reads the paused VM's device state and hands it to the target: in raw

@@ -27,10 +27,14 @@ use std::time::{Duration, Instant};
 
 /// Blocks hashed to measure what comparing one costs.
 const SAMPLE_BLOCKS: usize = 1024;
+/// Blocks compared per request (a few hundred KiB of checksums each way).
+const COMPARE_BATCH: usize = 1 << 15;
 /// Resends the pause tries before it gives up.
 const PAUSE_TRIES: usize = 3;
-/// Pages per block, at least (64 KiB).
-const BLOCK_PAGES: usize = 16;
+/// Pages per block, at least (16 KiB): a page written taints this much.
+const BLOCK_PAGES: usize = 4;
+/// Live passes after the first, at most, to shrink what the pause compares.
+const MORE_LIVE_PASSES: usize = 3;
 /// Most blocks a RAM is cut into (the checksum messages stay a few MiB).
 const MAX_BLOCKS: usize = 1 << 20;
 
@@ -46,6 +50,8 @@ pub(super) struct Verifier {
     full_pause: Option<String>,
     /// Time to compare one block (both ends hash in parallel).
     per_block: Option<Duration>,
+    /// Live passes so far for the current target.
+    live_passes: usize,
     /// What the report says.
     pub report: VerifyReport,
 }
@@ -59,7 +65,7 @@ impl Verifier {
         (0..blocks.len()).for_each(|b| unverified.set(b));
         let full_pause = (mode == VerifyMode::Full).then(|| "--verify full".to_owned());
         let report = VerifyReport { mode, block_bytes: bp as u64 * 4096, ..Default::default() };
-        Self { mode, blocks, unverified, live_target: None, full_pause, per_block: None, report }
+        Self { mode, blocks, unverified, live_target: None, full_pause, per_block: None, live_passes: 0, report }
     }
 
     /// Page `p` changed at the target (or may have): its block must be compared again.
@@ -71,11 +77,22 @@ impl Verifier {
     pub(super) fn new_target(&mut self) {
         (0..self.unverified.len()).for_each(|b| self.unverified.set(b));
         self.live_target = None;
+        self.live_passes = 0;
     }
 
-    /// Whether the live pass must run (now that the rounds converged).
-    pub(super) fn live_pass_due(&self, target: HostId) -> bool {
-        self.mode == VerifyMode::Live && self.full_pause.is_none() && self.live_target != Some(target)
+    /// Whether a live pass should run now that the rounds converged: the
+    /// first one always; more (a few) while what the pause would compare of
+    /// the blocks the target holds would take over a quarter of `limit`
+    /// (the guest keeps writing between the pass and the pause).
+    pub(super) fn live_pass_due(&self, target: HostId, stale: &Bitmap, limit: Duration) -> bool {
+        if self.mode != VerifyMode::Live || self.full_pause.is_some() {
+            return false;
+        }
+        if self.live_target != Some(target) {
+            return true;
+        }
+        let pending = (0..self.unverified.len()).filter(|&b| self.unverified.get(b) && !stale.get(b)).count();
+        self.live_passes <= MORE_LIVE_PASSES && self.per_block.unwrap_or_default() * pending as u32 > limit / 4
     }
 
     /// The blocks the pause compares now: every block, or those not proven
@@ -162,9 +179,21 @@ impl Migration {
         Ok(sums)
     }
 
-    /// Compares `list`'s blocks on both ends (hashed in parallel); returns
-    /// the blocks that differ.
+    /// Compares `list`'s blocks on both ends, a batch at a time (what it
+    /// holds stays small whatever the RAM's size); returns those that differ.
     async fn compare(&self, list: Vec<usize>) -> Result<Vec<usize>, EngineError> {
+        let mut differ = vec![];
+        // A version-1 peer hashes every chunk per request: one request.
+        let v1 = self.target_link().version < CHUNKED_DEVICE_STATE;
+        let per = if v1 { list.len().max(1) } else { COMPARE_BATCH };
+        for batch in list.chunks(per) {
+            differ.extend(self.compare_batch(batch.to_vec()).await?);
+        }
+        Ok(differ)
+    }
+
+    /// Compares `list`'s blocks on both ends (hashed in parallel).
+    async fn compare_batch(&self, list: Vec<usize>) -> Result<Vec<usize>, EngineError> {
         let v1 = self.target_link().version < CHUNKED_DEVICE_STATE;
         let (ram, blocks, l) = (self.ram.clone(), self.verifier.blocks.clone(), list.clone());
         let local = tokio::task::spawn_blocking(move || match v1 {
@@ -182,13 +211,14 @@ impl Migration {
         Ok(list.iter().zip(local.iter().zip(&remote)).filter(|(_, (a, b))| a != b).map(|(&b, _)| b).collect())
     }
 
-    /// The live pass: every block the target holds whole, compared while
-    /// the guest runs, between the round's dirty sync and one more.
-    pub(super) async fn live_pass(&mut self) -> Result<(), EngineError> {
+    /// A live pass: every block the target holds whole and that is not
+    /// proven yet (the first time: all of them), compared while the guest
+    /// runs, between the round's dirty sync and one more.
+    pub(super) async fn live_pass(&mut self, stale: &Bitmap) -> Result<(), EngineError> {
         self.set_phase("verify (live)");
         let t = Instant::now();
-        let stale = self.stale_blocks();
-        let candidates: Vec<usize> = (0..stale.len()).filter(|&b| !stale.get(b)).collect();
+        let unverified = &self.verifier.unverified;
+        let candidates: Vec<usize> = (0..stale.len()).filter(|&b| !stale.get(b) && unverified.get(b)).collect();
         let differ = self.compare(candidates.clone()).await?;
         let written = self.dirty_sync().await?;
         let mut dirtied = Bitmap::new(stale.len());
@@ -205,6 +235,7 @@ impl Migration {
             self.verifier.full_pause = Some(format!("the tracker missed writes in {} blocks", misses.len()));
         }
         self.verifier.live_target = Some(self.hosts.target);
+        self.verifier.live_passes += 1;
         self.verifier.report.tracker_misses += misses.len() as u64;
         self.verifier.report.passes.push(VerifyPass {
             when: VerifyWhen::Live,

@@ -59,6 +59,8 @@ pub struct GuestOptions {
     /// Leave every Nth page unwritten at start (a hole: zero, unallocated),
     /// as free memory in a real guest is; 0 writes every page.
     pub zero_every: usize,
+    /// Bytes of filler in the device state (a VM with device memory).
+    pub device_state_bytes: u64,
     /// Test builds only: every Nth write is not marked in the dirty log, like
     /// a tracker that misses writes (0: none).
     #[cfg(feature = "test-hooks")]
@@ -80,6 +82,10 @@ pub struct DeviceState {
     pub cursor: u64,
     /// The workload, which goes on on the destination.
     pub workload: Workload,
+    /// Filler that makes the device state as large as a VM's with lots of
+    /// device memory (video RAM, say): `--device-state-mb`.
+    #[serde(default)]
+    pub filler: String,
     /// xxh3 of the other fields; a load with a wrong one is refused.
     pub checksum: u64,
 }
@@ -87,8 +93,14 @@ pub struct DeviceState {
 impl DeviceState {
     fn compute_checksum(&self) -> u64 {
         let s = format!(
-            "{}:{}:{}:{}:{}:{:?}",
-            self.name, self.writes, self.heartbeat, self.rng, self.cursor, self.workload
+            "{}:{}:{}:{}:{}:{:?}:{:x}",
+            self.name,
+            self.writes,
+            self.heartbeat,
+            self.rng,
+            self.cursor,
+            self.workload,
+            xxhash_rust::xxh3::xxh3_64(self.filler.as_bytes())
         );
         xxhash_rust::xxh3::xxh3_64(s.as_bytes())
     }
@@ -108,6 +120,10 @@ struct State {
     quit: bool,
     committed: bool,
     dev: DeviceState,
+    /// Since when the guest is paused (on this host, after it ran here).
+    paused_since: Option<Instant>,
+    /// The longest pause so far on this host, in ms.
+    longest_pause_ms: f64,
 }
 
 struct Guest {
@@ -198,6 +214,7 @@ impl Guest {
         let mut st = self.state.lock().unwrap();
         if st.phase == Phase::Running {
             st.phase = Phase::Paused;
+            st.paused_since = Some(Instant::now());
         }
         self.cv.notify_all();
         while !st.parked {
@@ -210,8 +227,10 @@ impl Guest {
         match cmd {
             "status" => {
                 let st = self.state.lock().unwrap();
+                let now = st.paused_since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
                 Ok(json!({"phase": st.phase, "writes": st.dev.writes, "heartbeat": st.dev.heartbeat,
-                          "pid": std::process::id(), "committed": st.committed}))
+                          "pid": std::process::id(), "committed": st.committed,
+                          "longest_pause_ms": st.longest_pause_ms.max(now)}))
             }
             "pause" => {
                 self.pause();
@@ -221,6 +240,9 @@ impl Guest {
                 let mut st = self.state.lock().unwrap();
                 if st.phase == Phase::Incoming {
                     return Err("no device state loaded yet".into());
+                }
+                if let Some(t) = st.paused_since.take() {
+                    st.longest_pause_ms = st.longest_pause_ms.max(t.elapsed().as_secs_f64() * 1e3);
                 }
                 st.phase = Phase::Running;
                 self.cv.notify_all();
@@ -381,11 +403,19 @@ fn initial_state(opts: &GuestOptions) -> State {
         rng: opts.workload.seed | 1,
         cursor: 0,
         workload: opts.workload.clone(),
+        filler: filler(opts.device_state_bytes, opts.workload.seed),
         checksum: 0,
     };
     dev.checksum = dev.compute_checksum();
     let phase = if opts.incoming_ram.is_some() { Phase::Incoming } else { Phase::Running };
-    State { phase, parked: false, quit: false, committed: opts.incoming_ram.is_none(), dev }
+    let committed = opts.incoming_ram.is_none();
+    State { phase, parked: false, quit: false, committed, dev, paused_since: None, longest_pause_ms: 0.0 }
+}
+
+/// `n` bytes of printable filler, different for every seed.
+fn filler(n: u64, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..n).map(|_| (b'a' + (xorshift(&mut x) % 26) as u8) as char).collect()
 }
 
 /// Runs the guest until it is told to quit. Returns the record an agent

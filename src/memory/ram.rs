@@ -164,8 +164,21 @@ impl GuestRam {
     /// go; `is_data(i)` false: page i is a hole, hashed as zeros unread.
     fn hash_pages(&self, region: u32, offset: u64, pages: usize, is_data: impl Fn(usize) -> bool) -> u64 {
         static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        thread_local! {
+            // One copy buffer per hashing thread, not one per call.
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; HASH_BLOCK]);
+        }
+        BUF.with_borrow_mut(|buf| self.hash_with(buf, (region, offset, pages), is_data, &ZERO))
+    }
+
+    fn hash_with(
+        &self,
+        buf: &mut [u8],
+        (region, offset, pages): (u32, u64, usize),
+        is_data: impl Fn(usize) -> bool,
+        zero: &[u8; PAGE_SIZE],
+    ) -> u64 {
         let mut h = Xxh3::new();
-        let mut buf = vec![0u8; HASH_BLOCK];
         let mut i = 0;
         // Runs of data pages are copied and hashed a block at a time.
         while i < pages {
@@ -185,7 +198,7 @@ impl GuestRam {
                 }
                 h.update(block);
             } else {
-                (start..i).for_each(|_| h.update(&ZERO));
+                (start..i).for_each(|_| h.update(zero));
             }
         }
         h.digest()

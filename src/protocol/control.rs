@@ -8,6 +8,18 @@ use crate::memory::RegionSpec;
 use crate::vm::LaunchSpec;
 use serde::{Deserialize, Serialize};
 
+/// What a destination knows of a VM a source asks about.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteOutcome {
+    /// The VM is committed here (it runs, or waits, here).
+    Committed,
+    /// An incoming session for it is still open: ask again.
+    Pending,
+    /// Nothing of it is here: the switchover did not commit.
+    NotHere,
+}
+
 /// One control message. [`MessageKind`] names its variant without the data.
 #[derive(Serialize, Deserialize, Debug, Clone, strum::IntoStaticStr, strum::EnumDiscriminants)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -156,6 +168,25 @@ pub enum Message {
         error: Option<String>,
         /// Payload bytes this forwarder has sent so far.
         bytes: u64,
+    },
+    /// Version 2: "I am alive" (sent every fraction of the peer timeout);
+    /// answered by `Pong`. A peer heard from by neither within the timeout
+    /// is lost, whether it died, froze, or its link went silent.
+    Ping,
+    /// Version 2: the answer to `Ping`.
+    Pong,
+    /// Version 2: a source that lost a migration's answer after `Resume`
+    /// asks the destination whether it committed the VM.
+    OutcomeQuery {
+        /// The VM.
+        vm: String,
+    },
+    /// Version 2: the destination's answer to `OutcomeQuery`.
+    OutcomeAnswer {
+        /// The VM.
+        vm: String,
+        /// What the destination knows.
+        outcome: RemoteOutcome,
     },
     /// Success without data.
     Ok,

@@ -56,7 +56,7 @@ pub mod control;
 pub mod data;
 pub mod types;
 
-pub use control::{Message, MessageKind};
+pub use control::{Message, MessageKind, RemoteOutcome};
 pub use types::{DataPlane, RdmaRegion, Token, TransportKind, TOKEN_LEN};
 
 use thiserror::Error;
@@ -66,8 +66,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const VERSION: u32 = 2;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u32 = 1;
-/// The first version that sends device state in raw chunks.
+/// The first version that sends device state in raw chunks, checksums of
+/// blocks, heartbeats (`Ping`) and outcome queries.
 pub const CHUNKED_DEVICE_STATE: u32 = 2;
+/// The first version with heartbeats and outcome queries.
+pub const HEARTBEATS: u32 = 2;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -109,6 +112,9 @@ pub enum ProtocolError {
         /// The peer's highest version.
         max: u32,
     },
+    /// Nothing came from the peer (not even a heartbeat) for this long.
+    #[error("peer silent for {0:?}: lost")]
+    Silent(std::time::Duration),
     /// A message that makes no sense at this point.
     #[error("unexpected message {0}")]
     Unexpected(&'static str),

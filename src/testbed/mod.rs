@@ -156,6 +156,7 @@ impl Testbed {
         let mut cmd = self.command(&h.name, &self.exe);
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
+        cmd.arg("--state-dir").arg(h.log.with_file_name("state"));
         for p in &self.hosts {
             if p.name != h.name {
                 cmd.arg("--peer").arg(format!("{}={}", p.name, p.control));
@@ -234,7 +235,9 @@ impl Testbed {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let api_path = h.api.clone();
         self.guests.push(cmd.spawn().map_err(err)?);
-        wait_for(60, || self.vm(&api_path, name))
+        // Filling RAM is first-touch of tmpfs, which some machines back slowly.
+        let secs = 60 + (size >> 30) * 30;
+        wait_for(secs, || self.vm(&api_path, name))
             .map(|_| ())
             .ok_or_else(|| TestbedError(format!("guest {name} did not register with {host}")))
     }
@@ -276,6 +279,28 @@ impl Testbed {
                 let _ = c.wait();
             }
         }
+    }
+
+    /// Sends `sig` to `host`'s agent (SIGSTOP freezes it, SIGCONT thaws it,
+    /// SIGTERM asks it to stop); false if it is not running.
+    pub fn signal_agent(&self, host: &str, sig: i32) -> bool {
+        let Some(pid) = self.hosts.iter().find(|h| h.name == host).and_then(|h| h.child.as_ref()).map(|c| c.id())
+        else {
+            return false;
+        };
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(pid as i32, sig) == 0 }
+    }
+
+    /// Waits up to `secs` for `host`'s agent to exit; whether it did.
+    pub fn wait_agent_exit(&mut self, host: &str, secs: u64) -> bool {
+        let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) else { return true };
+        let Some(c) = h.child.as_mut() else { return true };
+        let exited = wait_for(secs, || c.try_wait().ok().flatten()).is_some();
+        if exited {
+            h.child = None;
+        }
+        exited
     }
 
     /// Every agent's and guest's log, for test failure messages.

@@ -27,7 +27,7 @@ pub struct Batch {
     /// The pages, in order.
     pub runs: Vec<Run>,
     /// The ledger's epoch of each page when the transfer began.
-    pub epochs: Vec<u32>,
+    pub epochs: Vec<crate::ledger::Epoch>,
 }
 
 impl Batch {

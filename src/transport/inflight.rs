@@ -7,12 +7,13 @@ use super::batch::Batch;
 use super::TransportError;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 /// In-flight batches of one stream, keyed by what the receiver echoes
 /// (the batch id on TCP, the write sequence number on RDMA).
 pub struct InFlight {
-    queue: Mutex<VecDeque<(u64, Batch)>>,
+    queue: Mutex<VecDeque<(u64, Batch, Instant)>>,
     window: Semaphore,
 }
 
@@ -32,7 +33,7 @@ impl InFlight {
 
     /// A batch went on the wire under `key` (after [`reserve`](Self::reserve)).
     pub fn push(&self, key: u64, b: Batch) {
-        self.queue.lock().unwrap().push_back((key, b));
+        self.queue.lock().unwrap().push_back((key, b, Instant::now()));
     }
 
     /// The receiver applied the batch sent under `key`, which must be the
@@ -40,8 +41,8 @@ impl InFlight {
     pub fn ack(&self, key: u64) -> Result<Batch, TransportError> {
         let mut q = self.queue.lock().unwrap();
         match q.front() {
-            Some((k, _)) if *k == key => {
-                let (_, b) = q.pop_front().expect("checked");
+            Some((k, _, _)) if *k == key => {
+                let (_, b, _) = q.pop_front().expect("checked");
                 self.window.add_permits(1);
                 Ok(b)
             }
@@ -52,7 +53,21 @@ impl InFlight {
 
     /// Everything still in flight (the stream ended).
     pub fn drain(&self) -> Vec<Batch> {
-        self.queue.lock().unwrap().drain(..).map(|(_, b)| b).collect()
+        self.queue.lock().unwrap().drain(..).map(|(_, b, _)| b).collect()
+    }
+
+    /// Resolves with an error once the oldest batch in flight has waited
+    /// `timeout` for its acknowledgement: the receiver froze, or the path
+    /// went silent. (Writes that block count too: the batch is in flight.)
+    pub async fn watchdog(&self, timeout: Duration) -> TransportError {
+        let check = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(check).await;
+            let oldest = self.queue.lock().unwrap().front().map(|(_, _, t)| t.elapsed());
+            if oldest.is_some_and(|age| age > timeout) {
+                return TransportError::Timeout { what: "the receiver's acknowledgement" };
+            }
+        }
     }
 }
 

@@ -44,6 +44,9 @@ pub struct StreamSpec {
     pub observer: Option<Arc<dyn SendObserver>>,
     /// Where completions go.
     pub completions: UnboundedSender<Completion>,
+    /// A batch in flight this long without its acknowledgement breaks the
+    /// stream (the receiver froze, or the path went silent).
+    pub stall_timeout: std::time::Duration,
 }
 
 /// What a sender's streams share: the queue they pull batches from, where

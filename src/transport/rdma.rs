@@ -259,6 +259,7 @@ mod imp {
                 observer: spec.observer.clone(),
                 feed: q.feed.clone(),
                 inflight: InFlight::new(window),
+                stall: spec.stall_timeout,
             };
             tokio::spawn(stream.run(s));
         }
@@ -288,6 +289,7 @@ mod imp {
         observer: Option<Arc<dyn crate::dirty::SendObserver>>,
         feed: Feed,
         inflight: InFlight,
+        stall: std::time::Duration,
     }
 
     impl Stream {
@@ -320,6 +322,7 @@ mod imp {
                 r = self.acks(rd) => r,
                 r = self.local_completions() => r,
                 r = self.post() => r,
+                e = self.inflight.watchdog(self.stall) => Err(e),
                 _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
             };
             // Nothing more leaves this queue pair; fail what it had.

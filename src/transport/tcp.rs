@@ -7,7 +7,7 @@ use super::inflight::InFlight;
 use super::queue::{Feed, SendQueue, StreamSpec};
 use super::TransportError;
 use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN, MAX_PAYLOAD, REPLY_LEN};
+use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN, REPLY_LEN};
 use crate::protocol::DataPlane;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +16,9 @@ use tokio::net::TcpStream;
 
 /// Batches a stream may have sent but not yet seen applied.
 const WINDOW: usize = 8;
+/// Largest frame this sender writes (the wire allows `MAX_PAYLOAD`): the
+/// copy buffer per stream, on both ends, is this big.
+const PIECE: usize = 1 << 20;
 
 /// The receiving side of one accepted stream: applies frames until the
 /// sender closes it (Ok) or sends something wrong (Err, after telling it).
@@ -66,6 +69,7 @@ pub async fn connect(spec: StreamSpec) -> Result<SendQueue, TransportError> {
             observer: spec.observer.clone(),
             feed: q.feed.clone(),
             inflight: InFlight::new(WINDOW),
+            stall: spec.stall_timeout,
         };
         tokio::spawn(stream.run(s));
     }
@@ -77,6 +81,7 @@ struct Stream {
     observer: Option<Arc<dyn crate::dirty::SendObserver>>,
     feed: Feed,
     inflight: InFlight,
+    stall: std::time::Duration,
 }
 
 impl Stream {
@@ -85,6 +90,7 @@ impl Stream {
         let result = tokio::select! {
             r = self.acks(rd) => r,
             r = self.write(wr) => r,
+            e = self.inflight.watchdog(self.stall) => Err(e),
             _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
         };
         self.feed.end_stream(&self.inflight, result);
@@ -111,8 +117,8 @@ impl Stream {
     /// the queue closes; the acknowledgements still come in meanwhile.
     async fn write(&self, mut wr: OwnedWriteHalf) -> Result<(), TransportError> {
         let io = |source| TransportError::Io { what: "writing pages", source };
-        let mut buf = Vec::with_capacity(MAX_PAYLOAD as usize);
-        let max_pages = MAX_PAYLOAD as usize / PAGE_SIZE;
+        let mut buf = Vec::with_capacity(PIECE);
+        let max_pages = PIECE / PAGE_SIZE;
         loop {
             self.inflight.reserve().await;
             let Ok(batch) = self.feed.backlog.recv().await else {

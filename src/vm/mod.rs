@@ -118,6 +118,9 @@ pub struct VmState {
     /// Synthetic guest: committed on this host (not an incoming copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed: Option<bool>,
+    /// Synthetic guest: its longest pause on this host so far, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_pause_ms: Option<f64>,
     /// QEMU: its run state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_state: Option<String>,
@@ -164,4 +167,7 @@ pub trait IncomingVm: Send + Sync {
     fn commit(&self, start: bool) -> Result<VmRecord, VmError>;
     /// Kills the incoming VM and removes what it left (migration aborted).
     fn discard(&self);
+    /// Whether the incoming VM's process still runs (a VM that died during
+    /// pre-copy fails the migration at once, not at the switchover).
+    fn alive(&self) -> bool;
 }

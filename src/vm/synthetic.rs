@@ -237,6 +237,11 @@ impl IncomingVm for SyntheticIncoming {
         Ok(self.rec.clone())
     }
 
+    fn alive(&self) -> bool {
+        // Taken at commit: then it is no longer ours to watch.
+        self.child.lock().unwrap().as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     fn discard(&self) {
         let _ = self.call(json!({"cmd": "discard"}));
         if let Some(mut c) = self.child.lock().unwrap().take() {

@@ -30,6 +30,11 @@ pub fn ram_file(tb: &Testbed, host: &str, vm: &str) -> PathBuf {
     tb.host(host).data_dir.join(format!("{vm}-ram0.ram"))
 }
 
+/// Whether `host` has an incoming session for `vm`.
+pub fn incoming_on(tb: &Testbed, host: &str, vm: &str) -> bool {
+    tb.client(host).info().map(|i| i.incoming.iter().any(|v| v == vm)).unwrap_or(false)
+}
+
 /// Files a VM left in a host's data dir.
 pub fn vm_files(tb: &Testbed, host: &str, vm: &str) -> Vec<String> {
     std::fs::read_dir(&tb.host(host).data_dir)

@@ -80,6 +80,7 @@ pub(super) async fn forward_to(
             ram: sess.ram.clone(),
             observer: None,
             completions,
+            stall_timeout: agent.cfg.peer_timeout,
         },
     };
     let s = crate::transport::open_sender(spec)

@@ -8,15 +8,17 @@ mod forward;
 mod open;
 
 use super::Agent;
-use crate::control::{Connected, ServerStream};
+use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
-use crate::protocol::{write_message, Message, ProtocolError, Token};
+use crate::protocol::{Message, ProtocolError, Token, HEARTBEATS};
 use crate::transport::{Completion, PageSender, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
 use std::sync::Arc;
-use tokio::io::WriteHalf;
 use tokio::sync::mpsc;
+
+/// How often a session checks that its incoming VM still runs.
+const VM_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Largest device state a destination accepts (a VM with a lot of video RAM fits).
 pub const MAX_DEVICE_STATE: usize = 512 << 20;
@@ -77,33 +79,39 @@ enum Step {
     End,
 }
 
-type Writer = WriteHalf<ServerStream>;
-
 /// Serves one source's control connection until its session ends.
 pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let peer = conn.host.clone();
     tracing::info!(%peer, version = conn.version, "control session accepted");
-    let (mut w, mut inbox, reader) = crate::control::spawn_reader(conn.stream);
+    let heartbeat = (conn.version >= HEARTBEATS).then(|| Heartbeat::answering(agent.cfg.peer_timeout));
+    let Channel { out, mut inbox, closed } = Channel::new(conn.stream, heartbeat);
     let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     let mut session: Option<Session> = None;
+    let mut watch = tokio::time::interval(VM_CHECK);
     let outcome = async {
         loop {
             let msg = tokio::select! {
                 m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
                 Some(c) = forwarded.recv() => {
-                    write_message(&mut w, &forwarded_report(&session, c)).await?;
+                    send(&out, forwarded_report(&session, c))?;
+                    continue;
+                }
+                _ = watch.tick() => {
+                    // The incoming VM died: the migration cannot complete here.
+                    if session.as_ref().is_some_and(|s| !s.incoming.alive()) {
+                        return Err(ProtocolError::Peer("the incoming VM exited".into()));
+                    }
                     continue;
                 }
             };
-            match step(&agent, &mut w, msg, &mut session, &peer, &fwd_tx).await? {
-                Step::Reply(m) => write_message(&mut w, &m).await?,
+            match step(&agent, &out, msg, &mut session, &peer, &fwd_tx).await? {
+                Step::Reply(m) => send(&out, m)?,
                 Step::Quiet => {}
                 Step::End => return Ok::<(), ProtocolError>(()),
             }
         }
     }
     .await;
-    reader.abort();
     if let Err(e) = &outcome {
         tracing::warn!(%peer, "control session: {}", crate::error_chain(e));
     }
@@ -112,6 +120,14 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
         let why = outcome.map_or_else(|e| crate::error_chain(&e), |()| "session ended".into());
         discard(&agent, sess, &peer, &why).await;
     }
+    // What was queued goes out (the last answer), then the connection closes.
+    drop(out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closed.cancelled()).await;
+    closed.cancel();
+}
+
+fn send(out: &mpsc::UnboundedSender<Message>, m: Message) -> Result<(), ProtocolError> {
+    out.send(m).map_err(|_| ProtocolError::Closed)
 }
 
 fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
@@ -130,6 +146,7 @@ async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
     let inc = sess.incoming.clone();
     let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
+    agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);
 }
 
@@ -140,7 +157,7 @@ fn error(e: impl std::error::Error + 'static) -> Message {
 /// Handles one message from the source.
 async fn step(
     agent: &Agent,
-    w: &mut Writer,
+    out: &mpsc::UnboundedSender<Message>,
     msg: Message,
     session: &mut Option<Session>,
     peer: &str,
@@ -183,14 +200,18 @@ async fn step(
             Ok(state) => load_device_state(sess, state).await,
             Err(message) => Message::Error { message },
         },
-        (Message::Resume { start }, Some(_)) => return resume(agent, w, session, start).await,
+        (Message::Resume { start }, Some(_)) => return resume(agent, out, session, start).await,
         (Message::Abort { reason }, _) => {
             // Clean up before answering: the source then knows nothing is left here.
             if let Some(sess) = session.take() {
                 discard(agent, sess, peer, &format!("aborted by source: {reason}")).await;
             }
-            write_message(w, &Message::Ok).await?;
+            send(out, Message::Ok)?;
             return Ok(Step::End);
+        }
+        (Message::OutcomeQuery { vm }, _) => {
+            let outcome = agent.outcome_of(&vm);
+            Message::OutcomeAnswer { vm, outcome }
         }
         (other, _) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
     };
@@ -267,6 +288,10 @@ async fn checksums(sess: &Session, blocks: Option<Vec<u32>>, block_pages: Option
 }
 
 async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
+    if let Some(ms) = crate::hooks::stall_device_state_ms() {
+        tracing::warn!(ms, "test hook: stalling before the device state");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let inc = sess.incoming.clone();
     match tokio::task::spawn_blocking(move || inc.load_device_state(&state)).await {
         Ok(Ok(())) => Message::Ok,
@@ -278,7 +303,7 @@ async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
 /// Commits the switchover: the VM lives here from now on.
 async fn resume(
     agent: &Agent,
-    w: &mut Writer,
+    out: &mpsc::UnboundedSender<Message>,
     session: &mut Option<Session>,
     start: bool,
 ) -> Result<Step, ProtocolError> {
@@ -298,8 +323,13 @@ async fn resume(
     };
     tracing::info!(vm = %committed.name, start, "switchover: VM now lives here");
     agent.add_vm(committed);
+    agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);
-    write_message(w, &Message::Resumed).await?;
+    if crate::hooks::drop_after_commit().is_some() {
+        tracing::warn!("test hook: dropping the connection after the commit, before answering");
+        return Err(ProtocolError::Closed);
+    }
+    send(out, Message::Resumed)?;
     Ok(Step::End)
 }
 

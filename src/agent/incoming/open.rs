@@ -3,6 +3,7 @@
 //! data plane (and RAM with the RDMA device). Whatever fails on the way is
 //! undone before the error goes back.
 
+use super::super::journal::IncomingEntry;
 use super::super::Agent;
 use super::Session;
 use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
@@ -150,6 +151,9 @@ async fn prepare(
             return Err(e);
         }
     };
+    let mut leftovers: Vec<PathBuf> = paths.clone();
+    leftovers.extend(owned_dir.clone());
+    agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
     let receiving = agent.receiver.add(token, ram.clone());
     if let Ok(r) = &agent.rdma {

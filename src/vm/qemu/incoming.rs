@@ -169,6 +169,10 @@ impl IncomingVm for QemuIncoming {
         })
     }
 
+    fn alive(&self) -> bool {
+        !self.exited()
+    }
+
     fn discard(&self) {
         if let Ok(mut q) = Qmp::connect(&self.qmp, Duration::from_secs(2)) {
             let _ = q.execute(&qmp::quit {});

@@ -1,0 +1,126 @@
+//! VMs whose migration's outcome is unknown: `Resume` went to the
+//! destination and its answer was lost, so the VM may run there. Such a VM
+//! stays paused here and is neither migrated nor resumed until the outcome
+//! is settled: by asking the destination (it knows whether it committed),
+//! again and again until it answers, or by an operator (`dcmigrate
+//! resolve`). The VM never runs twice.
+
+use super::Agent;
+use crate::control::{self, Channel, Heartbeat};
+use crate::protocol::{Message, RemoteOutcome, HEARTBEATS};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the destination is asked, at most.
+const ASK_EVERY_MAX: Duration = Duration::from_secs(30);
+
+/// A VM waiting for its outcome.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Unknown {
+    /// The destination that may run it.
+    pub destination: String,
+}
+
+/// How an outcome was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The VM runs on the destination: stopped and forgotten here.
+    Moved,
+    /// The destination never committed it: resumed here.
+    Here,
+}
+
+impl Agent {
+    /// The migration of `vm` to `destination` ended with its outcome
+    /// unknown: refuse to touch the VM, and ask the destination until it says.
+    pub(super) fn outcome_unknown(self: &Arc<Self>, vm: &str, destination: &str) {
+        tracing::warn!(%vm, %destination, "switchover outcome unknown: the VM stays paused here until it is settled");
+        self.unknown.lock().unwrap().insert(vm.to_owned(), Unknown { destination: destination.to_owned() });
+        self.journal_vms();
+        let (me, vm) = (self.clone(), vm.to_owned());
+        tokio::spawn(async move { me.settle_by_asking(&vm).await });
+    }
+
+    /// Why `vm` may not be touched, if its outcome is unknown.
+    pub(super) fn unknown_outcome(&self, vm: &str) -> Option<Unknown> {
+        self.unknown.lock().unwrap().get(vm).cloned()
+    }
+
+    /// Asks the destination until it knows, with a growing pause between tries.
+    async fn settle_by_asking(self: Arc<Self>, vm: &str) {
+        // The destination may still be committing: give it a peer timeout first.
+        let mut wait = self.cfg.peer_timeout;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            wait = (wait * 2).min(ASK_EVERY_MAX);
+            let Some(u) = self.unknown_outcome(vm) else { return };
+            match self.ask(vm, &u.destination).await {
+                Ok(RemoteOutcome::Committed) => {
+                    let _ = self.settle(vm, Settled::Moved).await;
+                    return;
+                }
+                Ok(RemoteOutcome::NotHere) => {
+                    let _ = self.settle(vm, Settled::Here).await;
+                    return;
+                }
+                Ok(RemoteOutcome::Pending) => {
+                    tracing::info!(%vm, "the destination still has the session open; asking again")
+                }
+                Err(e) => tracing::info!(%vm, destination = %u.destination, "cannot ask about the outcome yet: {e}"),
+            }
+        }
+    }
+
+    /// One question to the destination.
+    async fn ask(&self, vm: &str, destination: &str) -> Result<RemoteOutcome, String> {
+        let addr = self.cfg.peers.get(destination).copied().ok_or("not a configured peer")?;
+        let conn = control::connect(&self.cfg.tls, &self.cfg.name, destination, addr)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        if conn.version < HEARTBEATS {
+            return Err(format!(
+                "{destination} speaks protocol {}, which cannot answer; settle it with `dcmigrate resolve`",
+                conn.version
+            ));
+        }
+        let mut ch = Channel::new(conn.stream, Some(Heartbeat::pinging(self.cfg.peer_timeout)));
+        ch.out.send(Message::OutcomeQuery { vm: vm.to_owned() }).map_err(|_| "connection closed")?;
+        let answer = tokio::time::timeout(self.cfg.peer_timeout * 2, ch.inbox.recv()).await;
+        ch.closed.cancel();
+        match answer {
+            Ok(Some(Ok(Message::OutcomeAnswer { outcome, .. }))) => Ok(outcome),
+            Ok(Some(Ok(other))) => Err(format!("unexpected {}", other.name())),
+            Ok(Some(Err(e))) => Err(crate::error_chain(&e)),
+            Ok(None) => Err("connection closed".into()),
+            Err(_) => Err("no answer".into()),
+        }
+    }
+
+    /// Settles `vm`'s outcome: stops it here (it runs on the destination) or
+    /// resumes it here (the destination never committed it).
+    pub(super) async fn settle(&self, vm: &str, how: Settled) -> Result<(), crate::vm::VmError> {
+        let Some(rec) = self.vm_record(vm) else {
+            self.unknown.lock().unwrap().remove(vm);
+            return Ok(());
+        };
+        let src = Self::source_vm(rec);
+        let r = match how {
+            Settled::Moved => tokio::task::spawn_blocking(move || src.stop()).await,
+            Settled::Here => tokio::task::spawn_blocking(move || src.resume()).await,
+        };
+        let r = r.unwrap_or_else(|e| Err(crate::vm::VmError::Launch(format!("internal: {e}"))));
+        if r.is_ok() {
+            self.unknown.lock().unwrap().remove(vm);
+            if how == Settled::Moved {
+                self.vms.lock().unwrap().remove(vm);
+            }
+            self.journal_vms();
+            tracing::info!(%vm, ?how, "switchover outcome settled");
+        }
+        r
+    }
+}
