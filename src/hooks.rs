@@ -56,5 +56,37 @@ hook!(
     stall_device_state_ms: u64 = "DCMIGRATE_TEST_STALL_DEVICE_STATE_MS"
 );
 
+/// `DCMIGRATE_TEST_GATE=POINT[,POINT…]` with `DCMIGRATE_TEST_GATE_DIR=DIR`
+/// (any agent): at each listed point, agent `host` creates
+/// `DIR/HOST.POINT.reached` and waits (at most a minute) for
+/// `DIR/HOST.POINT.open`, so a test acts at exactly that moment. Points:
+/// `incoming-open` (destination, before answering `Open`),
+/// `retarget-install` (source, the new destination is open), `final-round`,
+/// `verify`, `device-state` (source, in the pause, before each), `commit`
+/// (destination, after committing, before answering `Resume`).
+pub async fn gate(host: &str, point: &str) {
+    #[cfg(feature = "test-hooks")]
+    {
+        use std::time::Duration;
+        let (Ok(points), Ok(dir)) = (std::env::var("DCMIGRATE_TEST_GATE"), std::env::var("DCMIGRATE_TEST_GATE_DIR"))
+        else {
+            return;
+        };
+        if !points.split(',').any(|p| p == point) {
+            return;
+        }
+        let dir = std::path::Path::new(&dir);
+        let _ = std::fs::write(dir.join(format!("{host}.{point}.reached")), b"");
+        tracing::warn!(point, "test hook: waiting at a gate");
+        let open = dir.join(format!("{host}.{point}.open"));
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !open.exists() && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = (host, point);
+}
+
 /// Whether this build has the test switches.
 pub const ENABLED: bool = cfg!(feature = "test-hooks");

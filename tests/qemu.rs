@@ -186,3 +186,66 @@ fn private_ram_is_refused_with_the_options_to_use() {
         assert!(tb.vm_on("A", &format!("p{i}")).is_none());
     }
 }
+
+/// A QEMU whose migration setup would break the switchover (here multifd,
+/// which needs several channels) is refused at `vm add`, with the fix.
+#[test]
+fn migration_capabilities_that_break_the_switchover_are_refused() {
+    const T: &str = "migration_capabilities_that_break_the_switchover_are_refused";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let tb = testbed(&["A"]);
+    let dir = tb.host("A").data_dir.join("caps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let qmp = dir.join("qmp.sock");
+    let ram = dir.join("ram0");
+    std::fs::File::create(&ram).unwrap().set_len(64 * MIB).unwrap();
+    let _qemu = KillOnDrop(
+        std::process::Command::new(dcmigrate::testbed::qemu::qemu_binary())
+            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64M"])
+            .arg("-object")
+            .arg(format!("memory-backend-file,id=ram0,size=64M,mem-path={},share=on", ram.display()))
+            .args(["-machine", "memory-backend=ram0"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(30, || qmp.exists().then_some(())).expect("QMP socket");
+    {
+        let mut c = dcmigrate::vm::qmp::Qmp::connect(&qmp, std::time::Duration::from_secs(10)).unwrap();
+        c.execute(&qapi::qmp::migrate_set_capabilities {
+            capabilities: vec![qapi::qmp::MigrationCapabilityStatus {
+                capability: qapi::qmp::MigrationCapability::multifd,
+                state: true,
+            }],
+        })
+        .unwrap();
+    }
+    let e = tb.client("A").attach_qemu("caps", qmp.clone(), None).unwrap_err().to_string();
+    assert!(e.contains("multifd") && e.contains("migrate-set-capabilities"), "{e}");
+    assert!(tb.vm_on("A", "caps").is_none());
+    // The same QEMU with multifd off is accepted (so the check can pass).
+    {
+        let mut c = dcmigrate::vm::qmp::Qmp::connect(&qmp, std::time::Duration::from_secs(10)).unwrap();
+        c.execute(&qapi::qmp::migrate_set_capabilities {
+            capabilities: vec![qapi::qmp::MigrationCapabilityStatus {
+                capability: qapi::qmp::MigrationCapability::multifd,
+                state: false,
+            }],
+        })
+        .unwrap();
+    }
+    tb.client("A").attach_qemu("caps", qmp, None).expect("accepted without multifd");
+}
+
+/// A QEMU the test started, killed however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -20,6 +20,7 @@ mod retarget;
 mod scale;
 mod sizes;
 mod throughput;
+mod trackers;
 mod transport;
 
 use anyhow::Result;
@@ -90,6 +91,32 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         sparse_gib: u64,
     },
+    /// What a dirty sync costs per GiB, per tracker, against reading the
+    /// RAM once (soft-dirty only where the kernel has it: see
+    /// bench/trackers-in-vm).
+    Trackers {
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        gib: Vec<u64>,
+        #[arg(long, default_value_t = 50.0)]
+        dirty_mbps: f64,
+        /// Where the RAM files go (tmpfs).
+        #[arg(long, default_value = "/dev/shm")]
+        dir: std::path::PathBuf,
+        /// Print the result as one JSON line instead of saving it (a
+        /// read-only tree, as in the test VM).
+        #[arg(long)]
+        print: bool,
+    },
+    /// The trackers scenario's "VM": fills a RAM file, then dirties it.
+    #[command(hide = true)]
+    Dirtier {
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        rate_mbps: f64,
+    },
     /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
     Retarget {
         #[arg(long, default_value_t = 2.0)]
@@ -152,6 +179,17 @@ fn main() -> Result<()> {
             save(&results, "sizes", &mut v)?;
             report::update(bench_dir)?;
         }
+        Cmd::Trackers { gib, dirty_mbps, dir, print } => {
+            let mut v = trackers::trackers(&gib, dirty_mbps, &dir)?;
+            if print {
+                v["machine"] = machine();
+                println!("RESULT-JSON {}", serde_json::to_string(&v)?);
+            } else {
+                save(&results, "trackers", &mut v)?;
+                report::update(bench_dir)?;
+            }
+        }
+        Cmd::Dirtier { file, size, rate_mbps } => trackers::dirtier(&file, size, rate_mbps)?,
         Cmd::Report => report::update(bench_dir)?,
         Cmd::All { no_qemu } => {
             let t = std::time::Instant::now();
@@ -163,6 +201,8 @@ fn main() -> Result<()> {
             save(&results, "scale", &mut v)?;
             let mut v = sizes::sizes(&[1, 2, 4, 8], 1000, 64)?;
             save(&results, "sizes", &mut v)?;
+            let mut v = trackers::trackers(&[1, 2, 4], 50.0, Path::new("/dev/shm"))?;
+            save(&results, "trackers", &mut v)?;
             let mut v = retarget::retarget(2.0, 1000, &[0.1, 0.3, 0.5, 0.7, 0.9], &[0.0, 50.0], !no_qemu)?;
             save(&results, "retarget", &mut v)?;
             report::update(bench_dir)?;

@@ -272,6 +272,37 @@ fn sizes(v: &Value, out: &Path) -> Result<String> {
     Ok(s)
 }
 
+fn trackers(host: Option<&Value>, vm: Option<&Value>) -> String {
+    let mut s = String::new();
+    for (where_, v) in [("this machine", host), ("the test VM (TCG)", vm)] {
+        let Some(v) = v else { continue };
+        let _ = writeln!(s, "On {where_}: {}", machine_line(v).trim_end());
+        s += "\n| guest GiB | read once, ms per GiB | hash sync, ms per GiB (× read) | soft-dirty sync, ms per GiB (× read) | soft-dirty freeze, ms per GiB |\n|---|---|---|---|---|\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let g = f(r, "guest_gib");
+            let read = f(r, "read_floor_ms") / g;
+            let sd = if r["softdirty_sync_ms"].is_null() {
+                "not on this kernel".to_string()
+            } else {
+                format!("{:.1} ({:.2})", f(r, "softdirty_sync_ms") / g, f(r, "softdirty_sync_ms") / g / read)
+            };
+            let stop = if r["softdirty_stop_ms"].is_null() {
+                "-".into()
+            } else {
+                format!("{:.1}", f(r, "softdirty_stop_ms") / g)
+            };
+            let _ = writeln!(
+                s,
+                "| {g} | {read:.0} | {:.0} ({:.2}) | {sd} | {stop} |",
+                f(r, "hash_sync_ms") / g,
+                f(r, "hash_sync_ms") / g / read
+            );
+        }
+        s += "\n";
+    }
+    s
+}
+
 /// Rewrites the marked sections of bench/README.md and draws the plots.
 pub fn update(bench_dir: &Path) -> Result<()> {
     let results = bench_dir.join("results");
@@ -292,6 +323,10 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "sizes") {
         sections.push(("sizes", sizes(&v, &results)?));
+    }
+    let (th, tv) = (load(&results, "trackers"), load(&results, "trackers-vm"));
+    if th.is_some() || tv.is_some() {
+        sections.push(("trackers", trackers(th.as_ref(), tv.as_ref())));
     }
     if let Some(v) = load(&results, "transport") {
         sections.push(("transport", transport(&v)));

@@ -62,6 +62,13 @@ impl Migration {
                 counted += 1;
             }
             if counted >= self.job.opts.max_rounds || self.start.elapsed() >= budget {
+                if self.start.elapsed() < budget && self.verifier.first_live_pass_due(self.hosts.target) {
+                    // Forced, but one live pass first: the pause then compares
+                    // only what changed since, not every block.
+                    self.live_pass(&stale).await?;
+                    self.begin_round();
+                    continue;
+                }
                 if self.held().await? {
                     self.begin_round();
                     continue;
@@ -99,7 +106,9 @@ impl Migration {
         last.guest_stop_ms = self.acct.last_guest_stop.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(round = last.round, pages = last.pages, ms = last.ms, dirty, "round done");
         let last = last.clone();
-        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, stale)
+        // The pause also takes a final dirty sync, as long as a round's.
+        let sync = self.acct.last_sync_cost;
+        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, stale) + sync
     }
 
     /// A round is over when the source has nothing left to send and nothing

@@ -114,6 +114,7 @@ impl Migration {
                 return;
             }
         };
+        crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
         if self.phase.committing() {
             link.abort("too late: switchover started").await;
             let _ = opening.reply.send(Err("too late: the switchover has started".into()));

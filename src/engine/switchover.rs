@@ -67,6 +67,7 @@ impl Migration {
         d.final_sync_ms = ms(t);
 
         self.set_phase("switchover: final round");
+        crate::hooks::gate(&self.job.ctx.me, "final-round").await;
         let t = Instant::now();
         self.drain().await?;
         d.final_send_ms = ms(t);
@@ -79,6 +80,7 @@ impl Migration {
 
         if self.verifier.on() {
             self.set_phase("switchover: verify");
+            crate::hooks::gate(&self.job.ctx.me, "verify").await;
             let t = Instant::now();
             self.verify_in_pause().await?;
             d.verify_ms = ms(t);
@@ -87,6 +89,7 @@ impl Migration {
         self.check_cancel()?;
 
         self.set_phase("switchover: device state");
+        crate::hooks::gate(&self.job.ctx.me, "device-state").await;
         let t = Instant::now();
         self.send_device_state().await?;
         d.device_state_ms = ms(t);

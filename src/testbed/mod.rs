@@ -93,9 +93,20 @@ impl Testbed {
 
     /// One agent per host of `net`, each inside its host's namespace.
     pub fn start_net(exe: &Path, net: net::Net) -> Result<Self, TestbedError> {
+        Self::start_net_with_env(exe, net, &[])
+    }
+
+    /// Like [`start_net`](Self::start_net), with extra environment for the agents.
+    pub fn start_net_with_env(exe: &Path, net: net::Net, env: &[(&str, &str)]) -> Result<Self, TestbedError> {
         let names: Vec<String> = net.hosts.iter().map(|h| h.name.clone()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        Self::start_in(exe, &names, &[], Some(net))
+        Self::start_in(exe, &names, env, Some(net))
+    }
+
+    /// Cuts `host`'s link (or mends it): only for a test bed in namespaces.
+    pub fn set_link(&self, host: &str, up: bool) -> Result<(), TestbedError> {
+        let net = self.net.as_ref().ok_or_else(|| TestbedError("this test bed has no links to cut".into()))?;
+        net.set_link(host, up)
     }
 
     fn start_in(exe: &Path, names: &[&str], env: &[(&str, &str)], net: Option<net::Net>) -> Result<Self, TestbedError> {

@@ -122,6 +122,18 @@ impl Net {
         Ok(net)
     }
 
+    /// Takes `name`'s port on the bridge down (the link is cut: nothing
+    /// passes either way, no error is seen) or up again.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<(), TestbedError> {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| TestbedError(format!("no host {name} in this network")))?;
+        let sw = format!("{PREFIX}{}-sw", self.tag);
+        run(&["ip", "-n", &sw, "link", "set", &format!("ds{i}{}", self.tag), if up { "up" } else { "down" }])
+    }
+
     /// The host named `name`, if it is one of these.
     pub fn host(&self, name: &str) -> Option<&NetHost> {
         self.hosts.iter().find(|h| h.name == name)

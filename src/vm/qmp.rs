@@ -84,10 +84,15 @@ impl Qmp {
 
     /// Device state only: shared RAM stays where it is, and nothing is capped.
     pub fn prepare_device_migration(&mut self) -> Result<(), VmError> {
+        self.set_ignore_shared(true)
+    }
+
+    /// Turns QEMU's `x-ignore-shared` capability on or off.
+    pub fn set_ignore_shared(&mut self, on: bool) -> Result<(), VmError> {
         self.execute(&qmp::migrate_set_capabilities {
             capabilities: vec![qmp::MigrationCapabilityStatus {
                 capability: qmp::MigrationCapability::x_ignore_shared,
-                state: true,
+                state: on,
             }],
         })?;
         Ok(())
@@ -96,17 +101,50 @@ impl Qmp {
     /// Lifts QEMU's migration bandwidth cap for the device state transfer.
     pub fn uncap_bandwidth(&mut self) -> Result<(), VmError> {
         // QEMU's default cap (32 MiB/s) would stretch the downtime.
+        self.set_bandwidth(u32::MAX as u64)
+    }
+
+    /// Sets QEMU's migration bandwidth cap (bytes per second).
+    pub fn set_bandwidth(&mut self, bytes_per_s: u64) -> Result<(), VmError> {
         self.execute(&qmp::migrate_set_parameters(qmp::MigrateSetParameters {
-            max_bandwidth: Some(u32::MAX as u64),
+            max_bandwidth: Some(bytes_per_s),
             ..Default::default()
         }))?;
         Ok(())
+    }
+
+    /// QEMU's migration bandwidth cap (bytes per second), if it says.
+    pub fn bandwidth(&mut self) -> Result<Option<u64>, VmError> {
+        Ok(self.execute(&qmp::query_migrate_parameters {})?.max_bandwidth)
+    }
+
+    /// The migration capabilities that are on, by name (read as names:
+    /// QEMU releases differ in the set they know).
+    pub fn enabled_capabilities(&mut self) -> Result<Vec<String>, VmError> {
+        Ok(self.execute(&QueryCapabilities {})?.into_iter().filter(|c| c.state).map(|c| c.capability).collect())
     }
 
     /// The state of QEMU's own migration (`query-migrate`).
     pub fn query_migrate(&mut self) -> Result<qmp::MigrationInfo, VmError> {
         self.execute(&qmp::query_migrate {})
     }
+}
+
+/// `query-migrate-capabilities` with the capabilities as plain names.
+#[derive(serde::Serialize)]
+struct QueryCapabilities {}
+
+/// One capability and whether it is on.
+#[derive(serde::Deserialize)]
+struct CapabilityState {
+    capability: String,
+    state: bool,
+}
+
+impl qapi::Command for QueryCapabilities {
+    type Ok = Vec<CapabilityState>;
+    const NAME: &'static str = "query-migrate-capabilities";
+    const ALLOW_OOB: bool = false;
 }
 
 fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {

@@ -154,8 +154,9 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIP {test}: {reason}");
     if let Some(p) = std::env::var_os("DCMIGRATE_SKIP_LOG") {
         use std::io::Write;
+        // One write per line: tests running in parallel append to the same file.
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            let _ = writeln!(f, "{test}: {reason}");
+            let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
         }
     }
 }

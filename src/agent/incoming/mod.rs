@@ -325,6 +325,7 @@ async fn resume(
     agent.add_vm(committed);
     agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);
+    crate::hooks::gate(&agent.cfg.name, "commit").await;
     if crate::hooks::drop_after_commit().is_some() {
         tracing::warn!("test hook: dropping the connection after the commit, before answering");
         return Err(ProtocolError::Closed);

@@ -79,6 +79,7 @@ pub(super) async fn open(
     if !agent.begin_incoming(vm) {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
+    crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
     let r = prepare(agent, vm, regions, chunk_size, launch).await;
     if r.is_err() {
         agent.end_incoming(vm);

@@ -23,6 +23,7 @@ pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result
     if matches!(state, qmp::RunState::inmigrate | qmp::RunState::postmigrate | qmp::RunState::shutdown) {
         return Err(vm_err(format!("QEMU is {state:?}: only a running or paused VM can be added")));
     }
+    check_migration_setup(&mut q)?;
     let version = q.execute(&qmp::query_version {})?.qemu;
     let memdevs = q.execute(&qmp::query_memdev {})?;
     if memdevs.is_empty() {
@@ -77,6 +78,39 @@ pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result
     Ok(VmRecord { name: name.to_owned(), ram, control: qmp_path.to_owned(), dirty_log: None, launch, owned_dir: None })
 }
 
+/// QEMU's own migration carries the device state at the switchover, over a
+/// unix socket the agent only reads: capabilities that need more (a return
+/// path, several channels, postcopy, a pause QEMU waits in) would break it,
+/// and a migration blocker would fail it only after the pause.
+const REFUSED_CAPABILITIES: [&str; 10] = [
+    "postcopy-ram",
+    "postcopy-preempt",
+    "multifd",
+    "return-path",
+    "pause-before-switchover",
+    "switchover-ack",
+    "x-colo",
+    "background-snapshot",
+    "mapped-ram",
+    "zero-copy-send",
+];
+
+/// Refuses a QEMU whose migration setup would break the switchover.
+fn check_migration_setup(q: &mut Qmp) -> Result<(), VmError> {
+    let on = q.enabled_capabilities()?;
+    if let Some(c) = on.iter().find(|c| REFUSED_CAPABILITIES.contains(&c.as_str())) {
+        return Err(vm_err(format!(
+            "QEMU has the migration capability {c} on, which dcmigrate's switchover (device state over one \
+             read-only stream) cannot use: turn it off (migrate-set-capabilities) and add the VM again"
+        )));
+    }
+    let blocked = q.query_migrate()?.blocked_reasons.unwrap_or_default();
+    if !blocked.is_empty() {
+        return Err(vm_err(format!("QEMU cannot migrate this VM: {}", blocked.join("; "))));
+    }
+    Ok(())
+}
+
 /// A memfd backend is reachable through QEMU's open file descriptor. QEMU
 /// names all of them alike, so they are told apart by size.
 fn find_memfd(pid: u32, size: u64, id: &str) -> Result<PathBuf, VmError> {
@@ -105,12 +139,15 @@ fn qemu_pid(rec: &VmRecord) -> Result<u32, VmError> {
 /// A running QEMU on the source host.
 pub struct QemuVm {
     rec: VmRecord,
+    /// What the device-state transfer changed (`x-ignore-shared`, the
+    /// bandwidth cap): put back if the VM resumes here after a failure.
+    saved: std::sync::Mutex<Option<(bool, Option<u64>)>>,
 }
 
 impl QemuVm {
     /// A QEMU the agent knows from `rec` (see [`attach`]).
     pub fn new(rec: VmRecord) -> Self {
-        Self { rec }
+        Self { rec, saved: std::sync::Mutex::new(None) }
     }
 
     fn qmp(&self) -> Result<Qmp, VmError> {
@@ -152,13 +189,25 @@ impl SourceVm for QemuVm {
     }
 
     fn resume(&self) -> Result<(), VmError> {
+        let mut q = self.qmp()?;
+        // The source gets back the migration setup it had; best effort, as
+        // running the guest again matters more.
+        if let Some((ignore_shared, bandwidth)) = self.saved.lock().unwrap().take() {
+            let restored =
+                q.set_ignore_shared(ignore_shared).and_then(|()| bandwidth.map_or(Ok(()), |b| q.set_bandwidth(b)));
+            if let Err(e) = restored {
+                tracing::warn!(vm = %self.rec.name, "could not restore QEMU's migration settings: {e}");
+            }
+        }
         // `cont` also brings back a source whose device state was already sent (postmigrate).
-        self.qmp()?.execute(&qmp::cont {})?;
+        q.execute(&qmp::cont {})?;
         Ok(())
     }
 
     fn device_state(&self) -> Result<Vec<u8>, VmError> {
         let mut q = self.qmp()?;
+        let ignore_shared = q.enabled_capabilities()?.iter().any(|c| c == "x-ignore-shared");
+        *self.saved.lock().unwrap() = Some((ignore_shared, q.bandwidth()?));
         q.prepare_device_migration()?;
         q.uncap_bandwidth()?;
         let dir = tempfile::Builder::new().prefix("dcmigrate-devstate").tempdir().map_err(|e| vm_err(e.to_string()))?;
