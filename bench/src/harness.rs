@@ -121,6 +121,25 @@ pub fn agent_pid(api: &Path) -> Option<u32> {
     })
 }
 
+/// Kills the agents and guests this benchmark started (interrupted: their
+/// network namespaces go, but processes inside a namespace outlive it).
+pub fn kill_strays() {
+    let Ok(exe) = exe() else { return };
+    let prefix = format!("{}\0", exe.display());
+    for pid in std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmd.starts_with(prefix.as_bytes()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// CPU seconds (user + system) used so far by every `dcmigrate agent` process.
 pub fn agents_cpu_s() -> f64 {
     std::fs::read_dir("/proc")

@@ -114,6 +114,7 @@ pub fn retarget(guest_gib: f64, rate_mbit: u64, at: &[f64], dirty: &[f64], with_
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
+            kill_strays();
             cleanup_stale("b");
             std::process::exit(130);
         }

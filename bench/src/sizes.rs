@@ -69,6 +69,7 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
+            kill_strays();
             cleanup_stale("s");
             std::process::exit(130);
         }
@@ -97,11 +98,11 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
             let (r, mem) = peak_anon(&tb, || migrate(&tb, "hostA", &vm, "hostB", MigrateOptions::default()))?;
             let row = row(&r, case, gib << 30, &mem, json!({}));
             eprintln!(
-                "{case}, {gib} GiB: downtime {:.0} ms ({} rounds, {}), verify in the pause {:.0} ms, sync {:.1} ms/GiB, agents {:?} MiB",
+                "{case}, {gib} GiB: downtime {:.0} ms ({} rounds, {}), pause {}, sync {:.1} ms/GiB, agents {:?} MiB",
                 row["downtime_ms"].as_f64().unwrap_or(f64::NAN),
                 row["rounds"],
                 row["switchover"],
-                row["verify_ms"].as_f64().unwrap_or(0.0),
+                r["downtime"],
                 row["sync_ms_per_gib"].as_f64().unwrap_or(f64::NAN),
                 mem
             );

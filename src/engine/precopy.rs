@@ -42,36 +42,32 @@ impl Migration {
             // is not in the estimate, and they have nothing dirty to wait for.
             let forwarding =
                 !self.sched.pools_empty() || self.hosts.forwarders.iter().any(|&f| self.sched.outstanding(f) > 0);
-            if estimate <= limit && !forwarding {
-                if self.verifier.live_pass_due(self.hosts.target, &stale, limit) {
-                    // Compared while the guest runs; then a round for what
-                    // it found and what the guest wrote meanwhile.
-                    self.live_pass(&stale).await?;
-                    self.begin_round();
-                    continue;
-                }
-                if self.held().await? {
-                    self.begin_round();
-                    continue;
-                }
-                return Ok((Switchover::Converged, estimate));
-            }
+            let converged = estimate <= limit && !forwarding;
             // Rounds cut short while forwarders still hold work do not count
             // against the round budget (the time budget still applies).
-            if self.sched.pools_empty() {
+            if !converged && self.sched.pools_empty() {
                 counted += 1;
             }
-            if counted >= self.job.opts.max_rounds || self.start.elapsed() >= budget {
-                if self.start.elapsed() < budget && self.verifier.first_live_pass_due(self.hosts.target) {
-                    // Forced, but one live pass first: the pause then compares
-                    // only what changed since, not every block.
+            let in_time = self.start.elapsed() < budget;
+            if converged || counted >= self.job.opts.max_rounds || !in_time {
+                // A live pass first: after convergence while the pause would
+                // still compare a lot; before a forced switchover, once, so
+                // the pause compares only what changed since, not every block.
+                let live = if converged {
+                    self.verifier.live_pass_due(self.hosts.target, &stale, limit)
+                } else {
+                    in_time && self.verifier.first_live_pass_due(self.hosts.target)
+                };
+                if live {
+                    // Then a round for what it found and what the guest wrote meanwhile.
                     self.live_pass(&stale).await?;
+                }
+                if live || self.held().await? {
                     self.begin_round();
                     continue;
                 }
-                if self.held().await? {
-                    self.begin_round();
-                    continue;
+                if converged {
+                    return Ok((Switchover::Converged, estimate));
                 }
                 let why = format!(
                     "after {counted} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",

@@ -34,6 +34,9 @@ impl Migration {
             Err(_) => return Err(EngineError::SwitchoverTimeout(deadline)),
         }
         self.set_phase("switchover: resume on destination");
+        // Nothing more is sent: the streams end here, before the destination
+        // closes its side (which would look like a failure).
+        self.hosts.links.values().for_each(|l| l.close_sender());
         let t = Instant::now();
         self.advance(Phase::ResumeSent);
         let target = self.target_link();

@@ -37,6 +37,28 @@ unsafe impl Send for GuestRam {}
 // SAFETY: as above: no method hands out references into the mappings.
 unsafe impl Sync for GuestRam {}
 
+/// Above this much mapped RAM, unmapping is left to a thread of its own.
+const UNMAP_ASIDE: u64 = 64 << 20;
+
+impl Drop for GuestRam {
+    /// Unmapping a large mapping tears down one page-table entry per
+    /// resident page (~80 ms per GiB here). The last owner is often an async
+    /// task, such as the destination's session right after it answered
+    /// `Resume`: its worker would hold that answer back (and the guest's
+    /// downtime with it) while the kernel works, so a large RAM is unmapped
+    /// by a short-lived thread instead.
+    fn drop(&mut self) {
+        let maps = std::mem::take(&mut self.maps);
+        if maps.iter().map(|m| m.len).sum::<u64>() > UNMAP_ASIDE {
+            let spawned = std::thread::Builder::new().name("unmap".into()).spawn(move || drop(maps));
+            // No thread to be had: unmap here, late rather than never.
+            if let Err(e) = spawned {
+                tracing::debug!("unmapping in place: {e}");
+            }
+        }
+    }
+}
+
 impl GuestRam {
     /// Maps existing RAM files (one per region, in layout order).
     pub fn open(layout: Layout, paths: &[PathBuf]) -> Result<Self, MemoryError> {

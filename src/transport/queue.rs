@@ -7,10 +7,13 @@ use super::inflight::InFlight;
 use super::TransportError;
 use crate::dirty::SendObserver;
 use crate::memory::GuestRam;
+use crate::protocol::data::{Reply, REPLY_LEN};
 use crate::protocol::{DataPlane, Token};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +89,25 @@ impl Feed {
             tracing::warn!("data stream failed: {why}");
         }
         self.fail(inflight.drain(), &why);
+    }
+
+    /// Reads a stream's acknowledgements (TCP's, or RDMA's side channel),
+    /// completing the batches they name, until the stream breaks or the
+    /// receiver rejects a batch.
+    pub async fn read_acks(&self, inflight: &InFlight, mut rd: OwnedReadHalf) -> Result<(), TransportError> {
+        let mut reply = [0u8; REPLY_LEN];
+        loop {
+            rd.read_exact(&mut reply)
+                .await
+                .map_err(|source| TransportError::Io { what: "reading acknowledgements", source })?;
+            match Reply::decode(&reply)? {
+                Reply::Applied { batch } => {
+                    let b = inflight.ack(batch)?;
+                    let _ = self.completions.send(Completion::Applied(b));
+                }
+                Reply::Rejected { code } => return Err(TransportError::Rejected(code)),
+            }
+        }
     }
 
     /// Counts payload bytes written.

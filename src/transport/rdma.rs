@@ -84,9 +84,9 @@ mod off {
 mod imp {
     use super::*;
     use crate::memory::PAGE_SIZE;
-    use crate::protocol::data::{Hello, HelloStatus, Reply, StreamMode, REPLY_LEN};
+    use crate::protocol::data::{Hello, HelloStatus, Reply, StreamMode};
     use crate::protocol::DataPlane;
-    use crate::transport::batch::{Batch, Completion};
+    use crate::transport::batch::Batch;
     use crate::transport::handshake::{self, HANDSHAKE_TIMEOUT};
     use crate::transport::inflight::InFlight;
     use crate::transport::queue::Feed;
@@ -319,7 +319,7 @@ mod imp {
         async fn run(self, s: TcpStream) {
             let (rd, _wr) = s.into_split();
             let result = tokio::select! {
-                r = self.acks(rd) => r,
+                r = self.feed.read_acks(&self.inflight, rd) => r,
                 r = self.local_completions() => r,
                 r = self.post() => r,
                 e = self.inflight.watchdog(self.stall) => Err(e),
@@ -328,22 +328,6 @@ mod imp {
             // Nothing more leaves this queue pair; fail what it had.
             let _ = self.qp.set_error();
             self.feed.end_stream(&self.inflight, result);
-        }
-
-        async fn acks(&self, mut rd: tokio::net::tcp::OwnedReadHalf) -> Result<(), TransportError> {
-            let mut reply = [0u8; REPLY_LEN];
-            loop {
-                rd.read_exact(&mut reply)
-                    .await
-                    .map_err(|source| TransportError::Io { what: "reading acknowledgements", source })?;
-                match Reply::decode(&reply)? {
-                    Reply::Applied { batch } => {
-                        let b = self.inflight.ack(batch)?;
-                        let _ = self.feed.completions.send(Completion::Applied(b));
-                    }
-                    Reply::Rejected { code } => return Err(TransportError::Rejected(code)),
-                }
-            }
         }
 
         async fn local_completions(&self) -> Result<(), TransportError> {

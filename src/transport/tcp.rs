@@ -7,11 +7,11 @@ use super::inflight::InFlight;
 use super::queue::{Feed, SendQueue, StreamSpec};
 use super::TransportError;
 use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN, REPLY_LEN};
+use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN};
 use crate::protocol::DataPlane;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 /// Batches a stream may have sent but not yet seen applied.
@@ -88,29 +88,12 @@ impl Stream {
     async fn run(self, s: TcpStream) {
         let (rd, wr) = s.into_split();
         let result = tokio::select! {
-            r = self.acks(rd) => r,
+            r = self.feed.read_acks(&self.inflight, rd) => r,
             r = self.write(wr) => r,
             e = self.inflight.watchdog(self.stall) => Err(e),
             _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
         };
         self.feed.end_stream(&self.inflight, result);
-    }
-
-    /// Applied batches, in order, until the stream breaks.
-    async fn acks(&self, mut rd: OwnedReadHalf) -> Result<(), TransportError> {
-        let mut reply = [0u8; REPLY_LEN];
-        loop {
-            rd.read_exact(&mut reply)
-                .await
-                .map_err(|source| TransportError::Io { what: "reading acknowledgements", source })?;
-            match Reply::decode(&reply)? {
-                Reply::Applied { batch } => {
-                    let b = self.inflight.ack(batch)?;
-                    let _ = self.feed.completions.send(super::Completion::Applied(b));
-                }
-                Reply::Rejected { code } => return Err(TransportError::Rejected(code)),
-            }
-        }
     }
 
     /// Batches from the queue, as frames, within the window. Returns when
