@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use dcmigrate::engine::{MigrateOptions, Outcome};
-use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
+use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, qmp_listening, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::Path;
 
@@ -178,7 +178,7 @@ fn private_ram_is_refused_with_the_options_to_use() {
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .spawn()
             .unwrap();
-        wait_for(30, || qmp.exists().then_some(())).expect("QMP socket");
+        qmp_listening(&qmp, 30).expect("QMP socket");
         let e = tb.client("A").attach_qemu(&format!("p{i}"), qmp, None).unwrap_err().to_string();
         let _ = q.kill();
         let _ = q.wait();
@@ -212,7 +212,7 @@ fn migration_capabilities_that_break_the_switchover_are_refused() {
             .spawn()
             .unwrap(),
     );
-    wait_for(30, || qmp.exists().then_some(())).expect("QMP socket");
+    qmp_listening(&qmp, 30).expect("QMP socket");
     {
         let mut c = dcmigrate::vm::qmp::Qmp::connect(&qmp, std::time::Duration::from_secs(10)).unwrap();
         c.execute(&qapi::qmp::migrate_set_capabilities {

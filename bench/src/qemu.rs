@@ -41,7 +41,8 @@ pub fn start(ns: &str, dir: &Path, name: &str, ram: &Path, size: u64, incoming: 
     let child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("starting QEMU")?;
     let p = QemuProc { child, qmp };
     let end = Instant::now() + Duration::from_secs(30);
-    while !p.qmp.exists() {
+    // The socket file appears a moment before QEMU listens on it.
+    while std::os::unix::net::UnixStream::connect(&p.qmp).is_err() {
         if Instant::now() > end {
             bail!("QEMU in {ns} did not open its QMP socket");
         }

@@ -56,7 +56,10 @@ impl Migration {
                 let live = if converged {
                     self.verifier.live_pass_due(self.hosts.target, &stale, limit)
                 } else {
-                    in_time && self.verifier.first_live_pass_due(self.hosts.target)
+                    // Not when the migration is about to give up.
+                    in_time
+                        && self.job.opts.on_budget == BudgetAction::Force
+                        && self.verifier.first_live_pass_due(self.hosts.target)
                 };
                 if live {
                     // Then a round for what it found and what the guest wrote meanwhile.

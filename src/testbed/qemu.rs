@@ -10,6 +10,14 @@ use std::process::{Command, Stdio};
 /// The QEMU program the test bed runs unless `DCMIGRATE_QEMU` names another.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// Waits until QEMU accepts connections on its QMP socket: the socket file
+/// appears at bind(), a moment before listen(), and a connect in between
+/// is refused. The probe connection is closed at once; QEMU then takes the
+/// next client.
+pub fn qmp_listening(qmp: &Path, secs: u64) -> Option<()> {
+    wait_for(secs, || std::os::unix::net::UnixStream::connect(qmp).ok().map(drop))
+}
+
 /// The QEMU binary the test bed runs: `DCMIGRATE_QEMU` (for example a QEMU
 /// 10 unpacked from bookworm-backports), else `qemu-system-x86_64` on PATH.
 pub fn qemu_binary() -> String {
@@ -141,7 +149,7 @@ impl Testbed {
         cmd.args(&args).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
         cmd.stdin(Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log);
         self.guests.push(cmd.spawn().map_err(|e| TestbedError(format!("starting {}: {e}", qemu_binary())))?);
-        wait_for(30, || qmp.exists().then_some(()))
+        qmp_listening(&qmp, 30)
             .ok_or_else(|| TestbedError(format!("QEMU on {host} did not open its QMP socket: see {ds}/qemu.log")))?;
         let launch = LaunchSpec::Qemu { binary: qemu_binary(), args: spec.args() };
         self.client(host).attach_qemu(name, qmp, Some(launch)).map_err(|e| err(crate::error_chain(&e)))?;
