@@ -278,11 +278,7 @@ fn incoming_guest_dying_fails_at_once() {
 /// The pid of the process whose command line names `ram` (an incoming guest).
 fn incoming_pid(ram: &std::path::Path) -> Option<i32> {
     let needle = ram.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        String::from_utf8_lossy(&cmd).contains(&needle).then_some(pid)
-    })
+    dcmigrate::testbed::pids_by_cmdline(|cmd| cmd.contains(&needle)).first().map(|&p| p as i32)
 }
 
 /// A VM whose device state is large (as with lots of video RAM) migrates:

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use dcmigrate::agent::api::Request;
 use dcmigrate::engine::MigrateOptions;
-use dcmigrate::testbed::Testbed;
+use dcmigrate::testbed::{pids_by_cmdline, Testbed};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -114,11 +114,7 @@ pub fn cpu_s(pid: u32) -> f64 {
 /// The pid of the agent whose command line names `api`.
 pub fn agent_pid(api: &Path) -> Option<u32> {
     let needle = api.display().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
-        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
-        (cmd.contains("\0agent\0") && cmd.contains(&needle)).then_some(pid)
-    })
+    pids_by_cmdline(|cmd| cmd.contains("\0agent\0") && cmd.contains(&needle)).first().copied()
 }
 
 /// Kills the agents and guests this benchmark started (interrupted: their
@@ -126,33 +122,15 @@ pub fn agent_pid(api: &Path) -> Option<u32> {
 pub fn kill_strays() {
     let Ok(exe) = exe() else { return };
     let prefix = format!("{}\0", exe.display());
-    for pid in std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-    {
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmd.starts_with(prefix.as_bytes()) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    for pid in pids_by_cmdline(|cmd| cmd.starts_with(&prefix)) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
 }
 
 /// CPU seconds (user + system) used so far by every `dcmigrate agent` process.
 pub fn agents_cpu_s() -> f64 {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains("dcmigrate\0agent")
-        })
-        .map(cpu_s)
-        .sum()
+    pids_by_cmdline(|cmd| cmd.contains("dcmigrate\0agent")).into_iter().map(cpu_s).sum()
 }
 
 pub fn machine() -> Value {

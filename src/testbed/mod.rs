@@ -66,6 +66,16 @@ fn free_port() -> Result<u16, TestbedError> {
     Err(TestbedError("no free port in 20000..32000".into()))
 }
 
+/// Pids of the processes whose command line (arguments joined by NULs)
+/// satisfies `pred`; processes that end meanwhile are left out.
+pub fn pids_by_cmdline(pred: impl Fn(&str) -> bool) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| pred(&String::from_utf8_lossy(&c))))
+        .collect()
+}
+
 /// Polls `f` until it returns Some or `secs` pass.
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + Duration::from_secs(secs);

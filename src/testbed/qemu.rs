@@ -159,17 +159,12 @@ impl Testbed {
     /// Pids of QEMU processes whose command line mentions `needle` (a path).
     pub fn qemu_pids(needle: &Path) -> Vec<u32> {
         let n = needle.display().to_string();
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd);
-                let prog = cmd.split('\0').next().unwrap_or_default();
-                prog.ends_with("qemu-system-x86_64") && cmd.contains(&n) && crate::vm::qemu::alive(*pid)
-            })
-            .collect()
+        super::pids_by_cmdline(|cmd| {
+            let prog = cmd.split('\0').next().unwrap_or_default();
+            prog.ends_with("qemu-system-x86_64") && cmd.contains(&n)
+        })
+        .into_iter()
+        .filter(|pid| crate::vm::qemu::alive(*pid))
+        .collect()
     }
 }
