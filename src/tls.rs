@@ -66,13 +66,21 @@ pub fn init_certs(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
     Ok(())
 }
 
+/// Writes `name` in `dir` through a new file moved into place: a key is
+/// 0600 from its first byte, and an existing file (or a symlink planted in
+/// its place) is replaced, not written through.
 fn write(dir: &Path, name: &str, body: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
-    std::fs::write(&p, body).map_err(io(&p))?;
-    if name.ends_with(".key") {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(io(&p))?;
-    }
+    let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+    let mut f = tempfile::Builder::new()
+        .prefix(".new-")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(io(&p))?;
+    f.write_all(body.as_bytes()).map_err(io(&p))?;
+    f.persist(&p).map_err(|e| e.error).map_err(io(&p))?;
     Ok(())
 }
 

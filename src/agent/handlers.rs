@@ -28,6 +28,9 @@ pub enum RequestError {
     /// A VM of that name is registered already.
     #[error("a VM named {0:?} is already registered here")]
     Exists(String),
+    /// A record or path the caller may not hand over.
+    #[error("refused")]
+    Record(#[from] super::access::RecordError),
     /// A name that cannot name files.
     #[error("invalid VM name {0:?}: use letters, digits, '-', '_' or '.'")]
     Name(String),
@@ -89,11 +92,14 @@ pub enum RequestError {
 
 impl Agent {
     /// Runs one API request; the reply's fields, or why it was refused.
-    pub(super) async fn handle(self: Arc<Self>, req: Request) -> Result<Value, RequestError> {
+    /// Dispatches a request from a client running as `caller` (a uid).
+    pub(super) async fn handle_from(self: Arc<Self>, caller: u32, req: Request) -> Result<Value, RequestError> {
         match req {
             Request::Info => Self::reply(self.info()),
-            Request::Register { vm } => Self::reply(self.register(vm)?),
-            Request::AttachQemu { name, qmp, launch } => Self::reply(self.attach_qemu(name, qmp, launch).await?),
+            Request::Register { vm } => Self::reply(self.register(caller, vm)?),
+            Request::AttachQemu { name, qmp, launch } => {
+                Self::reply(self.attach_qemu(caller, name, qmp, launch).await?)
+            }
             Request::List => Self::reply(self.list().await),
             Request::Migrate { vm, to, options } => Self::reply(self.migrate(vm, to, options)?),
             Request::Retarget { vm, to, forward } => Self::reply(self.retarget(vm, to, forward).await?),
@@ -128,7 +134,8 @@ impl Agent {
         }
     }
 
-    fn register(&self, vm: VmRecord) -> Result<Done, RequestError> {
+    fn register(&self, caller: u32, vm: VmRecord) -> Result<Done, RequestError> {
+        super::access::check_record(&vm, caller)?;
         if self.has_vm(&vm.name) {
             return Err(RequestError::Exists(vm.name));
         }
@@ -138,17 +145,25 @@ impl Agent {
 
     async fn attach_qemu(
         &self,
+        caller: u32,
         name: String,
         qmp: PathBuf,
         launch: Option<LaunchSpec>,
     ) -> Result<AttachReply, RequestError> {
-        if !crate::vm::qemu::valid_id(&name) {
+        if !crate::vm::valid_name(&name) {
             return Err(RequestError::Name(name));
         }
+        // Only the owner of a QEMU's monitor (or root) may hand it over.
+        super::access::check_socket(&qmp, caller)?;
         if self.has_vm(&name) {
             return Err(RequestError::Exists(name));
         }
         let rec = tokio::task::spawn_blocking(move || crate::vm::qemu::attach(&name, &qmp, launch)).await??;
+        // Whatever answers on that socket names the RAM: an unprivileged
+        // caller's own files only (root's QEMU may use a memfd or symlink).
+        if !super::access::privileged(caller) {
+            super::access::check_record(&rec, caller)?;
+        }
         tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
         let reply = AttachReply { ram: rec.ram.clone() };
         self.add_vm(rec);

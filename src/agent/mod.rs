@@ -3,6 +3,7 @@
 //! ([`incoming`]), and exposes the local API ([`api`], one handler per
 //! request in `handlers`) that the CLI and orchestrators use.
 
+pub mod access;
 pub mod api;
 mod handlers;
 pub mod journal;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 /// How long shutting down waits for migrations to end.
@@ -48,6 +49,9 @@ pub enum AgentError {
     /// The data directory could not be created.
     #[error("data dir {0}")]
     DataDir(PathBuf, #[source] std::io::Error),
+    /// A directory or the API socket cannot be set up safely.
+    #[error("setting up the agent's files")]
+    Access(#[from] access::AccessError),
 }
 
 /// An agent's configuration.
@@ -61,6 +65,8 @@ pub struct AgentConfig {
     pub data_listen: SocketAddr,
     /// The local API socket.
     pub api: PathBuf,
+    /// Who may use the API besides root and the agent's user.
+    pub api_access: access::ApiAccess,
     /// The TLS identity.
     pub tls: TlsConfig,
     /// Hosts this agent may migrate to.
@@ -180,7 +186,8 @@ impl Agent {
 
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
-        std::fs::create_dir_all(&self.cfg.data_dir).map_err(|e| AgentError::DataDir(self.cfg.data_dir.clone(), e))?;
+        access::own_dir(&self.cfg.data_dir)?;
+        access::own_dir(&self.cfg.state_dir)?;
         self.journal_init().map_err(|e| AgentError::DataDir(self.cfg.state_dir.clone(), e))?;
         crate::vm::qemu::clean_leftovers(&self.cfg.data_dir);
         self.recover().await;
@@ -190,15 +197,7 @@ impl Agent {
         let control = bind("control listener", self.cfg.listen).await?;
         let data = bind("data listener", self.cfg.data_listen).await?;
         *self.data_addr.lock().unwrap() = data.local_addr().ok();
-        if let Some(dir) = self.cfg.api.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let _ = std::fs::remove_file(&self.cfg.api);
-        let api = UnixListener::bind(&self.cfg.api).map_err(|source| AgentError::Bind {
-            what: "API socket",
-            addr: self.cfg.api.display().to_string(),
-            source,
-        })?;
+        let api = self.cfg.api_access.bind(&self.cfg.api)?;
         tracing::info!(name = %self.cfg.name, control = %self.cfg.listen, data = ?data.local_addr().ok(), api = %self.cfg.api.display(), "agent up");
         tokio::spawn(self.receiver.clone().serve(data));
         tokio::spawn(self.clone().serve_peers(control));
@@ -269,7 +268,27 @@ impl Agent {
 
     /// One API connection: a request per line, a reply per line.
     async fn serve_api(self: Arc<Self>, s: UnixStream) {
+        let cred = s.peer_cred();
         let (rd, mut wr) = s.into_split();
+        let uid = match cred {
+            Ok(c) if self.cfg.api_access.allows(c.uid(), c.gid(), c.pid()) => c.uid(),
+            other => {
+                let who = other.map_or("unknown".into(), |c| c.uid().to_string());
+                tracing::warn!(uid = %who, "API connection refused: not root, the agent's user or --api-group");
+                let msg =
+                    json!({"ok": false, "error": format!("permission denied: uid {who} may not use this agent's API")});
+                let _ = wr.write_all(format!("{msg}\n").as_bytes()).await;
+                // Read (and drop) what the client sends for a moment, so its
+                // request is not cut off by a reset before it reads the reply.
+                let mut sink = tokio::io::sink();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::copy(&mut rd.take(MAX_LINE as u64), &mut sink),
+                )
+                .await;
+                return;
+            }
+        };
         let mut lines = BufReader::new(rd.take(u64::MAX));
         loop {
             let mut line = String::new();
@@ -284,7 +303,7 @@ impl Agent {
                 Ok(_) => {}
             }
             let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => match self.clone().handle(req).await {
+                Ok(req) => match self.clone().handle_from(uid, req).await {
                     Ok(mut v) => {
                         v["ok"] = json!(true);
                         v

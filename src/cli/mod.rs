@@ -228,6 +228,10 @@ pub struct AgentArgs {
     /// Where the agent serves its API.
     #[command(flatten)]
     pub api: ApiArg,
+    /// Members of this group (a name or a gid) may use the API too; by
+    /// default only root and the agent's own user may (the socket is 0600).
+    #[arg(long, env = "DCMIGRATE_API_GROUP")]
+    pub api_group: Option<String>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -484,6 +488,7 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         listen: a.listen,
         data_listen,
         api: a.api.api,
+        api_access: crate::agent::access::ApiAccess::with_group(a.api_group.as_deref())?,
         tls,
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
         rdma_device: a.rdma_device,

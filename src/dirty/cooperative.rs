@@ -10,6 +10,7 @@ use crate::bitmap::Bitmap;
 use crate::memory::GuestRam;
 use memmap2::MmapRaw;
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,6 +45,9 @@ impl DirtyLog {
             .write(true)
             .create(true)
             .truncate(true)
+            // The guest's alone, and never written through a planted symlink.
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Self::err(path, e))?;
         f.set_len(Self::file_len(pages)).map_err(|e| Self::err(path, e))?;

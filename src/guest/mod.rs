@@ -421,7 +421,13 @@ fn filler(n: u64, seed: u64) -> String {
 /// Runs the guest until it is told to quit. Returns the record an agent
 /// needs to manage it (printed or registered by the caller) through `ready`.
 pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
-    let (default_ram, dirty_path, sock) = guest_paths(&opts.dir, &opts.name);
+    if !crate::vm::valid_name(&opts.name) {
+        let why = format!("guest name {:?}: use letters, digits, '-', '_' and '.' (not first)", opts.name);
+        return Err(GuestError::Invalid(why));
+    }
+    // Absolute: the record's paths are opened by the agent, elsewhere.
+    let dir = std::path::absolute(&opts.dir).map_err(|e| GuestError::Io("data dir".into(), e))?;
+    let (default_ram, dirty_path, sock) = guest_paths(&dir, &opts.name);
     let io = |what: &'static str| move |e| GuestError::Io(what.into(), e);
     std::fs::create_dir_all(&opts.dir).map_err(io("data dir"))?;
     let (ram, ram_path, size) = map_ram(&opts, default_ram)?;

@@ -12,6 +12,7 @@ use super::{MemoryError, PAGE_SIZE};
 use crate::bitmap::Bitmap;
 use memmap2::MmapRaw;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -77,7 +78,15 @@ impl GuestRam {
         let mut maps = Vec::new();
         for (p, r) in paths.iter().zip(layout.regions()) {
             let io = |source| MemoryError::Io { path: p.clone(), source };
-            let f = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(p).map_err(io)?;
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if create {
+                // A new file of this process's alone: never an existing one,
+                // never through a symlink someone planted, never readable by
+                // others (guest RAM holds the guest's secrets).
+                o.create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+            }
+            let f = o.open(p).map_err(io)?;
             if create {
                 f.set_len(r.size).map_err(io)?;
             }

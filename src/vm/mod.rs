@@ -100,6 +100,15 @@ impl VmRecord {
     }
 }
 
+/// Whether `name` can name a VM (or a RAM region) and the files made for
+/// it: letters, digits, '-', '_' and '.', not first, so never a path.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// A VM's live state, for `list` and `status` (the fields its kind knows).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct VmState {

@@ -70,7 +70,7 @@ pub(super) async fn open(
     chunk_size: u64,
     launch: &LaunchSpec,
 ) -> Result<Session, OpenError> {
-    if vm.is_empty() || !vm.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || vm.starts_with('.') {
+    if !crate::vm::valid_name(vm) {
         return Err(OpenError::Name(vm.to_owned()));
     }
     if agent.has_vm(vm) {
@@ -124,7 +124,10 @@ async fn prepare(
         if d.exists() {
             return Err(OpenError::Leftover(d.clone()));
         }
-        std::fs::create_dir_all(d).map_err(|e| OpenError::Dir(d.clone(), e))?;
+        // The VM's own directory, for the agent's user alone.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(d)
+            .map_err(|e| OpenError::Dir(d.clone(), e))?;
     }
     let cleanup = |paths: &[PathBuf]| {
         paths.iter().for_each(|p| drop(std::fs::remove_file(p)));

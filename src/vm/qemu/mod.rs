@@ -50,7 +50,7 @@ pub const HOW_TO_SHARE: &str = "start QEMU with its RAM in a shared backend, for
 
 /// A memory backend id that can name a file.
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && !id.starts_with('.') && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    super::valid_name(id)
 }
 
 /// The per-VM directory on a destination (`{dir}` in launch specs).

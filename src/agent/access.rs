@@ -1,0 +1,293 @@
+//! What a local user can do to the agent: who may open its API socket (its
+//! mode, and every caller's uid checked with `SO_PEERCRED`), which
+//! directories it trusts (its own, not writable by others), and what a
+//! client's `Register` may hand it (files the caller owns, never a
+//! directory for the agent to remove). README "Security".
+
+use crate::vm::VmRecord;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use tokio::net::UnixListener;
+
+/// The agent cannot set up its API socket or directories safely.
+#[derive(Debug, Error)]
+pub enum AccessError {
+    /// A filesystem call failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something already answers on the API socket's path.
+    #[error("{0} is served by a running process (another agent?)")]
+    InUse(PathBuf),
+    /// The API socket's path holds something other than a stale socket.
+    #[error("{0} exists and is not a socket: refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A directory the agent would trust is not its own.
+    #[error("{path}: {why}")]
+    Untrusted {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `--api-group` names no group.
+    #[error("no group named {0:?}")]
+    NoGroup(String),
+}
+
+/// A `Register` that hands the agent something it must not take.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    /// The caller asked the agent to remove a directory later.
+    #[error("a client cannot give the agent a directory to remove (owned_dir)")]
+    OwnedDir,
+    /// A path is relative, a symlink, the wrong kind of file, or another user's.
+    #[error("{path}: {why}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// Why it is refused.
+        why: String,
+    },
+    /// The VM's name cannot name files.
+    #[error("VM name {0:?}: use letters, digits, '-', '_' and '.' (not first)")]
+    Name(String),
+}
+
+/// Who may use the API: the agent's own user, root, and members of `group`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApiAccess {
+    /// Members of this group may use the API too (the socket is 0660 then).
+    pub group: Option<u32>,
+}
+
+impl ApiAccess {
+    /// Resolves `--api-group` (a name or a numeric gid).
+    pub fn with_group(group: Option<&str>) -> Result<Self, AccessError> {
+        let Some(g) = group else { return Ok(Self::default()) };
+        if let Ok(gid) = g.parse::<u32>() {
+            return Ok(Self { group: Some(gid) });
+        }
+        let c = std::ffi::CString::new(g).map_err(|_| AccessError::NoGroup(g.into()))?;
+        // SAFETY: getgrnam reads a NUL-terminated name; the result is read at
+        // once, before any other call could reuse its static buffer.
+        let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+        if gr.is_null() {
+            return Err(AccessError::NoGroup(g.into()));
+        }
+        // SAFETY: non-null, points to a valid group entry.
+        Ok(Self { group: Some(unsafe { (*gr).gr_gid }) })
+    }
+
+    /// Whether the process at the other end of an API connection may use it.
+    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if privileged(uid) {
+            return true;
+        }
+        let Some(group) = self.group else { return false };
+        gid == group || pid.is_some_and(|p| supplementary_groups(p).contains(&group))
+    }
+
+    /// Binds the API socket at `path` with mode 0600 (0660 and the group,
+    /// with a group) from the start: it is bound in a private directory
+    /// and moved into place, so no one can connect while it is more open.
+    /// A stale socket at `path` is replaced; a live one or any other file
+    /// is left alone and refused.
+    pub fn bind(&self, path: &Path) -> Result<UnixListener, AccessError> {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        let m = std::fs::metadata(parent).map_err(io("checking", parent))?;
+        // Others may not replace the socket: the directory is not writable
+        // by them, or sticky (like /run, /tmp).
+        if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+            let why = format!("writable by other users and not sticky (mode {:o})", m.mode() & 0o7777);
+            return Err(AccessError::Untrusted { path: parent.to_owned(), why });
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    // Nobody listens: left by an agent that was killed.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        std::fs::remove_file(path).map_err(io("removing the stale socket", path))?
+                    }
+                    _ => return Err(AccessError::InUse(path.to_owned())),
+                }
+            }
+            Ok(_) => return Err(AccessError::NotASocket(path.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("checking", path)(e)),
+        }
+        let private = tempfile::Builder::new()
+            .prefix(".dcmigrate-api-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
+            .map_err(io("creating a private directory in", parent))?;
+        let tmp = private.path().join("sock");
+        let listener = UnixListener::bind(&tmp).map_err(io("binding", &tmp))?;
+        let mode = if self.group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(io("setting the mode of", &tmp))?;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::lchown(&tmp, None, Some(gid)).map_err(io("setting the group of", &tmp))?;
+        }
+        // A second name for the socket, which fails rather than replace
+        // whatever appeared at `path` meanwhile; the private one goes with
+        // its directory.
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(AccessError::InUse(path.to_owned())),
+            r => r.map(|()| listener).map_err(io("placing the socket at", path)),
+        }
+    }
+}
+
+fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> AccessError {
+    let path = p.to_owned();
+    move |source| AccessError::Io { what, path, source }
+}
+
+/// Root and the agent's own user: they could do anything the agent does.
+pub fn privileged(uid: u32) -> bool {
+    uid == 0 || uid == euid()
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A process's supplementary groups, from /proc (none if it is gone).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Creates `dir` (mode 0700) if it is missing, and checks that it is a
+/// directory (not a symlink) of this user's that nobody else can write to:
+/// otherwise another local user could plant files or links where the
+/// agent creates guests' RAM.
+pub fn own_dir(dir: &Path) -> Result<(), AccessError> {
+    let untrusted = |why: String| AccessError::Untrusted { path: dir.to_owned(), why };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+    }
+    match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating", dir)(e)),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(io("checking", dir))?;
+    if !m.file_type().is_dir() {
+        return Err(untrusted("not a directory (a symlink?): refusing to use it".into()));
+    }
+    if m.uid() != euid() {
+        let why = format!("owned by uid {}, not by this agent's uid {}: refusing to use it", m.uid(), euid());
+        return Err(untrusted(why));
+    }
+    if m.mode() & 0o022 != 0 {
+        let why = format!("writable by other users (mode {:o}): refusing to use it", m.mode() & 0o7777);
+        return Err(untrusted(why));
+    }
+    Ok(())
+}
+
+/// Checks what a client registers: a usable name, no directory for the
+/// agent to remove, and files that are what they claim (no symlinks) and
+/// belong to the caller (root and the agent's user may name anyone's).
+pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<(), RecordError> {
+    if !crate::vm::valid_name(&vm.name) {
+        return Err(RecordError::Name(vm.name.clone()));
+    }
+    if vm.owned_dir.is_some() {
+        return Err(RecordError::OwnedDir);
+    }
+    let files = vm.ram.iter().map(|r| &r.path).chain(vm.dirty_log.iter());
+    for path in files {
+        check_path(path, false, caller_uid)?;
+    }
+    check_socket(&vm.control, caller_uid)
+}
+
+/// Checks that `path` is a socket the caller owns (root may name anyone's).
+pub fn check_socket(path: &Path, caller_uid: u32) -> Result<(), RecordError> {
+    check_path(path, true, caller_uid)
+}
+
+fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<(), RecordError> {
+    let refuse = |why: String| RecordError::Path { path: path.to_owned(), why };
+    if !path.is_absolute() {
+        return Err(refuse("not an absolute path".into()));
+    }
+    let m = std::fs::symlink_metadata(path).map_err(|e| refuse(e.to_string()))?;
+    let kind_ok =
+        if socket { std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) } else { m.file_type().is_file() };
+    if !kind_ok {
+        let kind = if socket { "socket" } else { "regular file" };
+        return Err(refuse(format!("not a {kind} (symlinks are refused)")));
+    }
+    if !privileged(caller_uid) && m.uid() != caller_uid {
+        return Err(refuse(format!("owned by uid {}, not by the caller (uid {caller_uid})", m.uid())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{LaunchSpec, RamFile};
+
+    fn record(dir: &Path) -> VmRecord {
+        let ram = dir.join("ram");
+        std::fs::write(&ram, [0u8; 4096]).unwrap();
+        let control = dir.join("sock");
+        std::mem::forget(std::os::unix::net::UnixListener::bind(&control).unwrap());
+        VmRecord {
+            name: "vm".into(),
+            ram: vec![RamFile { id: "ram0".into(), path: ram, size: 4096 }],
+            control,
+            dirty_log: None,
+            launch: LaunchSpec::Synthetic { workload: Default::default() },
+            owned_dir: None,
+        }
+    }
+
+    #[test]
+    fn a_caller_registers_only_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = record(dir.path());
+        let owner = std::fs::metadata(&rec.ram[0].path).unwrap().uid();
+        assert!(check_record(&rec, owner).is_ok());
+        let other = owner.wrapping_add(4242).max(1);
+        let e = check_record(&rec, other).unwrap_err().to_string();
+        assert!(e.contains("not by the caller"), "{e}");
+        let relative = VmRecord { control: "sock".into(), ..rec.clone() };
+        assert!(check_record(&relative, owner).unwrap_err().to_string().contains("absolute"));
+        let not_a_socket = VmRecord { control: rec.ram[0].path.clone(), ..rec };
+        assert!(check_record(&not_a_socket, owner).unwrap_err().to_string().contains("not a socket"));
+    }
+
+    #[test]
+    fn the_api_admits_root_the_agents_user_and_the_group() {
+        let me = euid();
+        let other = me.wrapping_add(4242).max(1);
+        assert!(ApiAccess::default().allows(0, 0, None));
+        assert!(ApiAccess::default().allows(me, 12345, None));
+        assert!(!ApiAccess::default().allows(other, 777, None));
+        assert!(ApiAccess { group: Some(777) }.allows(other, 777, None));
+        assert!(!ApiAccess { group: Some(778) }.allows(other, 777, None));
+        assert!(matches!(ApiAccess::with_group(Some("no-such-group-here")), Err(AccessError::NoGroup(_))));
+        assert_eq!(ApiAccess::with_group(Some("4321")).unwrap().group, Some(4321));
+    }
+}
