@@ -86,6 +86,20 @@ impl Ledger {
         !self.unordered && self.busy[page] & (1 << host) != 0
     }
 
+    /// Whether every page in `pages` is fresh at `host` or has a transfer
+    /// touching it in flight: nothing to plan there. Eight pages at a time,
+    /// since planning a round looks at every page of the RAM.
+    pub fn all_settled(&self, pages: std::ops::Range<usize>, host: HostId) -> bool {
+        let (fresh, busy) = (&self.fresh[pages.clone()], &self.busy[pages]);
+        let busy_mask = if self.unordered { 0 } else { 1u8 << host };
+        let (fw, bw) = (fresh.chunks_exact(8), busy.chunks_exact(8));
+        let tail = fw.remainder().iter().zip(bw.remainder()).all(|(f, b)| (f | (b & busy_mask)) & (1 << host) != 0);
+        let mask = u64::from_ne_bytes([1u8 << host; 8]);
+        let busy_mask = u64::from_ne_bytes([busy_mask; 8]);
+        let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+        tail && fw.zip(bw).all(|(f, b)| (word(f) | (word(b) & busy_mask)) & mask == mask)
+    }
+
     /// How many pages are fresh at `host`.
     pub fn fresh_count(&self, host: HostId) -> usize {
         self.fresh_count[host as usize]
@@ -341,5 +355,23 @@ mod tests {
         assert_eq!(l.begin(0, 0, 1), None, "host 1 is being read");
         assert!(l.finish(0, 1, 2, e, true));
         assert_eq!(l.fresh_count(2), 1);
+    }
+
+    #[test]
+    fn all_settled_agrees_with_the_pages_one_by_one() {
+        let mut l = Ledger::new(29, 0);
+        for p in [0, 3, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23, 28] {
+            let e = l.begin(p, 0, 1).unwrap();
+            if p % 2 == 0 {
+                assert!(l.finish(p, 0, 1, e, true)); // fresh at 1; odd pages stay busy
+            }
+        }
+        for start in 0..29 {
+            for end in start..=29 {
+                let one_by_one = (start..end).all(|p| l.is_fresh(p, 1) || l.is_busy(p, 1));
+                assert_eq!(l.all_settled(start..end, 1), one_by_one, "{start}..{end}");
+                assert!(l.all_settled(start..end, 0));
+            }
+        }
     }
 }

@@ -37,18 +37,31 @@ impl Migration {
             self.measure_verification().await?;
             let dirty = self.dirty_sync().await?.count();
             let stale = self.stale_blocks();
-            estimate = self.close_round(dirty, &stale);
+            let verify;
+            (estimate, verify) = self.close_round(dirty, &stale);
             // Forwarders' work is done while the VM still runs: their rate
             // is not in the estimate, and they have nothing dirty to wait for.
             let forwarding =
                 !self.sched.pools_empty() || self.hosts.forwarders.iter().any(|&f| self.sched.outstanding(f) > 0);
             let converged = estimate <= limit && !forwarding;
+            // Only the pause's comparisons (blocks the guest wrote during or
+            // since the last live pass) keep it from converging: another
+            // live pass proves them while the guest runs.
+            let verify_bound = !converged
+                && !forwarding
+                && estimate.saturating_sub(verify) <= limit
+                && self.verifier.another_live_pass_allowed(self.hosts.target);
             // Rounds cut short while forwarders still hold work do not count
             // against the round budget (the time budget still applies).
             if !converged && self.sched.pools_empty() {
                 counted += 1;
             }
             let in_time = self.start.elapsed() < budget;
+            if verify_bound && in_time && counted < self.job.opts.max_rounds {
+                self.live_pass(&stale).await?;
+                self.begin_round();
+                continue;
+            }
             if converged || counted >= self.job.opts.max_rounds || !in_time {
                 // A live pass first: after convergence while the pause would
                 // still compare a lot; before a forced switchover, once, so
@@ -97,8 +110,8 @@ impl Migration {
     }
 
     /// Records the round just ended with the sync's findings; returns the
-    /// downtime estimate.
-    fn close_round(&mut self, dirty: usize, stale: &crate::bitmap::Bitmap) -> Duration {
+    /// downtime estimate, and the part of it the pause's comparisons take.
+    fn close_round(&mut self, dirty: usize, stale: &crate::bitmap::Bitmap) -> (Duration, Duration) {
         let last = self.report.rounds.last_mut().expect("round recorded");
         last.dirty_pages = dirty as u64;
         last.sync_ms = self.acct.last_sync_cost.as_secs_f64() * 1e3;
@@ -107,7 +120,12 @@ impl Migration {
         let last = last.clone();
         // The pause also takes a final dirty sync, as long as a round's.
         let sync = self.acct.last_sync_cost;
-        self.acct.estimate(self.remaining_bytes(), &last) + self.verifier.pause_cost(self.hosts.target, stale) + sync
+        let send = self.acct.estimate(self.remaining_bytes(), &last);
+        let verify = self.verifier.pause_cost(self.hosts.target, stale);
+        tracing::debug!(?send, ?verify, ?sync, "downtime estimate");
+        let estimate = send + verify + sync;
+        self.report.rounds.last_mut().expect("round recorded").estimate_ms = Some(estimate.as_secs_f64() * 1e3);
+        (estimate, verify)
     }
 
     /// A round is over when the source has nothing left to send and nothing

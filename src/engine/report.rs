@@ -143,6 +143,11 @@ pub struct RoundReport {
     /// How long that sync stopped the guest (soft-dirty freezes it).
     #[serde(default)]
     pub guest_stop_ms: Option<f64>,
+    /// The downtime the pause would have taken after this round: the final
+    /// send, the pause's comparisons and the final sync (what convergence
+    /// is judged by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<f64>,
 }
 
 /// One sending host's data plane to one destination.

@@ -44,6 +44,9 @@ impl Schedule {
         self.queue.clear();
         self.pools.clear();
         for (ci, c) in layout.chunks().iter().enumerate() {
+            if ledger.all_settled(c.first_page..c.first_page + c.pages, target) {
+                continue;
+            }
             let (mut own, mut pool) = (false, None);
             for p in c.first_page..c.first_page + c.pages {
                 if ledger.is_fresh(p, target) || ledger.is_busy(p, target) {

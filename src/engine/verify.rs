@@ -95,6 +95,15 @@ impl Verifier {
         self.live_passes <= MORE_LIVE_PASSES && self.per_block.unwrap_or_default() * pending as u32 > limit / 4
     }
 
+    /// Whether one more live pass may run against `target`, which a pass
+    /// already compared (the pause's backlog is what the guest wrote since).
+    pub(super) fn another_live_pass_allowed(&self, target: HostId) -> bool {
+        self.mode == VerifyMode::Live
+            && self.full_pause.is_none()
+            && self.live_target == Some(target)
+            && self.live_passes <= MORE_LIVE_PASSES
+    }
+
     /// Whether no live pass ran against `target` yet, though one could:
     /// before a forced switchover, one pass keeps the pause from comparing
     /// every block.
@@ -243,6 +252,12 @@ impl Migration {
         }
         self.verifier.live_target = Some(self.hosts.target);
         self.verifier.live_passes += 1;
+        // What a comparison really costs, both ends in parallel, batched:
+        // better than the first sample (one end, serial, cold) once the
+        // pass was large enough to tell.
+        if candidates.len() >= SAMPLE_BLOCKS {
+            self.verifier.per_block = Some(t.elapsed() / candidates.len() as u32);
+        }
         self.verifier.report.tracker_misses += misses.len() as u64;
         self.verifier.report.passes.push(VerifyPass {
             when: VerifyWhen::Live,
