@@ -17,21 +17,14 @@ impl Migration {
         let mut estimate = Duration::MAX;
         self.begin_round();
         loop {
-            self.fill()?;
-            if !self.round_over() {
-                match self.wait_event().await {
-                    // `--max-time` is a hard budget: it ends a round midway.
-                    Err(EngineError::TimeBudget) => {
-                        let why = format!(
-                            "the time budget of {} s ran out in round {}",
-                            budget.as_secs(),
-                            self.acct.round.round
-                        );
-                        return self.budget_spent(why).map(|s| (s, estimate));
-                    }
-                    r => r?,
+            match self.send_round().await {
+                // `--max-time` is a hard budget: it ends a round midway.
+                Err(EngineError::TimeBudget) => {
+                    let why =
+                        format!("the time budget of {} s ran out in round {}", budget.as_secs(), self.acct.round.round);
+                    return self.budget_spent(why).map(|s| (s, estimate));
                 }
-                continue;
+                r => r?,
             }
             self.end_round();
             self.measure_verification().await?;
@@ -85,17 +78,33 @@ impl Migration {
                 if converged {
                     return Ok((Switchover::Converged, estimate));
                 }
-                let why = format!(
-                    "after {counted} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",
-                    self.start.elapsed().as_secs_f64(),
-                    self.remaining_bytes() / 1_000_000,
-                    estimate.as_millis(),
-                    limit.as_millis()
-                );
+                let why = self.rounds_spent(counted, estimate, limit);
                 return self.budget_spent(why).map(|s| (s, estimate));
             }
             self.begin_round();
         }
+    }
+
+    /// Sends until the round is over (or fails, or the time budget ends it).
+    async fn send_round(&mut self) -> Result<(), EngineError> {
+        loop {
+            self.fill()?;
+            if self.round_over() {
+                return Ok(());
+            }
+            self.wait_event().await?;
+        }
+    }
+
+    /// Why the round budget ran out.
+    fn rounds_spent(&self, counted: u32, estimate: Duration, limit: Duration) -> String {
+        format!(
+            "after {counted} rounds and {:.1} s, {} MB still dirty (estimated downtime {} ms > {} ms)",
+            self.start.elapsed().as_secs_f64(),
+            self.remaining_bytes() / 1_000_000,
+            estimate.as_millis(),
+            limit.as_millis()
+        )
     }
 
     /// The budget ran out: switch over anyway, or give up, as asked.
