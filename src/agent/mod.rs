@@ -246,15 +246,7 @@ impl Agent {
     /// Accepts control connections from peers; each becomes an incoming session.
     async fn serve_peers(self: Arc<Self>, control: TcpListener) {
         loop {
-            let (tcp, addr) = match control.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    tracing::warn!("control listener: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, addr) = crate::transport::session::accept(&control, "control listener").await;
             tcp.set_nodelay(true).ok();
             let me = self.clone();
             tokio::spawn(async move {

@@ -105,18 +105,10 @@ impl Receiver {
         }
     }
 
-    /// Accepts data streams forever. Accept errors (no file descriptors
-    /// left, say) back off instead of spinning.
+    /// Accepts data streams forever.
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let (s, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("data listener: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (s, peer) = accept(&listener, "data listener").await;
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.serve_stream(s).await {
@@ -166,6 +158,20 @@ impl Receiver {
             Err(_) => {
                 handshake::answer(&mut s, HelloStatus::BadVersion).await.ok();
                 Err(TransportError::Mode(hello.mode))
+            }
+        }
+    }
+}
+
+/// The next connection on `listener`. Accept errors (no file descriptors
+/// left, say) are logged and back off instead of spinning.
+pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!("{what}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
