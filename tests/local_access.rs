@@ -50,6 +50,24 @@ fn vms_as_nobody(api: &Path) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Starts an agent that must refuse to start; its error output.
+fn refused_agent(certs: &Path, api: &Path, data: &Path, state: &Path) -> String {
+    let out = Command::new(exe())
+        .args(["agent", "--name", "hostA", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(certs)
+        .arg("--api")
+        .arg(api)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the agent started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Lets other users reach (not list or write) the test bed's directories.
 fn open_path_to(p: &Path) {
     for d in p.ancestors().skip(1).take_while(|d| d.starts_with("/dev/shm") && *d != Path::new("/dev/shm")) {
@@ -85,22 +103,7 @@ fn the_api_is_for_root_the_agents_user_and_its_group() {
 fn the_api_socket_path_is_not_taken_over() {
     let tb = testbed(&["hostA"]);
     let dir = tempfile::tempdir().unwrap();
-    let run = |api: &Path| {
-        let out = Command::new(exe())
-            .args(["agent", "--name", "hostA", "--listen", "127.0.0.1:0", "--certs"])
-            .arg(tb.certs_dir())
-            .arg("--api")
-            .arg(api)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |api: &Path| refused_agent(&tb.certs_dir(), api, &dir.path().join("data"), &dir.path().join("state"));
     // A live agent's socket is not stolen.
     let e = run(&tb.host("hostA").api);
     assert!(e.contains("served by a running process"), "{e}");
@@ -124,14 +127,7 @@ fn directories_others_control_are_refused() {
     }
     let tb = testbed(&["hostA"]);
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let start = |data: &Path, state: &Path| {
-        let mut c = Command::new(exe());
-        c.args(["agent", "--name", "hostA", "--listen", "127.0.0.1:0", "--certs"]).arg(tb.certs_dir());
-        c.arg("--api").arg(dir.path().join("api.sock")).arg("--data-dir").arg(data).arg("--state-dir").arg(state);
-        let out = c.stdin(Stdio::null()).output().unwrap();
-        assert!(!out.status.success(), "the agent started");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let start = |data: &Path, state: &Path| refused_agent(&tb.certs_dir(), &dir.path().join("api.sock"), data, state);
     let theirs = dir.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();

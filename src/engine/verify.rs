@@ -85,30 +85,30 @@ impl Verifier {
     /// the blocks the target holds would take over a quarter of `limit`
     /// (the guest keeps writing between the pass and the pause).
     pub(super) fn live_pass_due(&self, target: HostId, stale: &Bitmap, limit: Duration) -> bool {
-        if self.mode != VerifyMode::Live || self.full_pause.is_some() {
-            return false;
-        }
-        if self.live_target != Some(target) {
+        if self.first_live_pass_due(target) {
             return true;
         }
         let pending = (0..self.unverified.len()).filter(|&b| self.unverified.get(b) && !stale.get(b)).count();
-        self.live_passes <= MORE_LIVE_PASSES && self.per_block.unwrap_or_default() * pending as u32 > limit / 4
+        self.another_live_pass_allowed(target) && self.per_block.unwrap_or_default() * pending as u32 > limit / 4
+    }
+
+    /// Live passes can prove anything: the mode is `live` and no tracker
+    /// miss made the pause compare every block anyway.
+    fn live_passes_help(&self) -> bool {
+        self.mode == VerifyMode::Live && self.full_pause.is_none()
     }
 
     /// Whether one more live pass may run against `target`, which a pass
     /// already compared (the pause's backlog is what the guest wrote since).
     pub(super) fn another_live_pass_allowed(&self, target: HostId) -> bool {
-        self.mode == VerifyMode::Live
-            && self.full_pause.is_none()
-            && self.live_target == Some(target)
-            && self.live_passes <= MORE_LIVE_PASSES
+        self.live_passes_help() && self.live_target == Some(target) && self.live_passes <= MORE_LIVE_PASSES
     }
 
     /// Whether no live pass ran against `target` yet, though one could:
     /// before a forced switchover, one pass keeps the pause from comparing
     /// every block.
     pub(super) fn first_live_pass_due(&self, target: HostId) -> bool {
-        self.mode == VerifyMode::Live && self.full_pause.is_none() && self.live_target != Some(target)
+        self.live_passes_help() && self.live_target != Some(target)
     }
 
     /// The blocks the pause compares now: every block, or those not proven
