@@ -249,3 +249,70 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A launch spec that would have the destination's QEMU write or read host
+/// files, or listen on the network, fails the migration at session open
+/// with the option named; the VM stays on the source and the destination
+/// keeps nothing. The same QEMU with a clean spec migrates (so the refusals
+/// can fail).
+#[test]
+fn launch_specs_outside_the_allow_list_fail_the_migration_cleanly() {
+    const T: &str = "launch_specs_outside_the_allow_list_fail_the_migration_cleanly";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let tb = testbed(&["A", "B"]);
+    let dir = tb.host("A").data_dir.join("attacks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let qmp = dir.join("qmp.sock");
+    let ram = dir.join("ram0");
+    std::fs::File::create(&ram).unwrap().set_len(64 * MIB).unwrap();
+    let base: Vec<String> = ["-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64M", "-object"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("memory-backend-file,id=ram0,size=64M,mem-path={},share=on", ram.display())])
+        .chain(["-machine".to_string(), "memory-backend=ram0".to_string()])
+        .collect();
+    let _qemu = KillOnDrop(
+        std::process::Command::new(dcmigrate::testbed::qemu::qemu_binary())
+            .args(&base)
+            .arg("-S")
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .spawn()
+            .unwrap(),
+    );
+    qmp_listening(&qmp, 30).expect("QMP socket");
+    let attacks: &[(&[&str], &str)] = &[
+        (&["-serial", "file:/etc/cron.d/dcmigrate-test"], "-serial"),
+        (&["-D", "/tmp/dcmigrate-qemu.log"], "-D"),
+        (&["-drive", "file=/etc/shadow,format=raw,if=none,id=d"], "-drive"),
+        (&["-fsdev", "local,path=/,security_model=none,id=f"], "-fsdev"),
+        (&["-monitor", "tcp:0.0.0.0:4444,server=on,wait=off"], "-monitor"),
+        (&["-netdev", r#"{"type":"tap","id":"n","script":"/tmp/x"}"#], "script"),
+        (&["-chardev", "socket,id=c,host=0.0.0.0,port=4445,server=on,wait=off"], "host"),
+        (&["-plugin", "file=/tmp/x.so"], "-plugin"),
+    ];
+    let binary = dcmigrate::testbed::qemu::qemu_binary();
+    let spec = |extra: &[&str]| dcmigrate::vm::LaunchSpec::Qemu {
+        binary: binary.clone(),
+        args: base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect(),
+    };
+    for (i, (extra, named)) in attacks.iter().enumerate() {
+        let vm = format!("atk{i}");
+        tb.client("A").attach_qemu(&vm, qmp.clone(), Some(spec(extra))).expect("attach");
+        let report = migrate(&tb, "A", &vm, "B", MigrateOptions::default());
+        assert_eq!(report.result, Outcome::Failed, "{extra:?}: {report:#?}");
+        let err = report.error.clone().unwrap_or_default();
+        assert!(err.contains("launch spec") && err.contains(named), "{extra:?}: {err}");
+        assert!(tb.vm_on("A", &vm).is_some(), "{extra:?}: the VM left the source");
+        assert!(tb.vm_on("B", &vm).is_none() && !incoming_on(&tb, "B", &vm), "{extra:?}: B kept a session");
+        assert!(!tb.host("B").data_dir.join(format!("{vm}.qemu")).exists(), "{extra:?}: B created the VM's dir");
+    }
+    assert!(!Path::new("/etc/cron.d/dcmigrate-test").exists());
+    // The same QEMU with a clean launch spec migrates.
+    tb.client("A").attach_qemu("clean", qmp, Some(spec(&["-serial", "file:{dir}/serial.log"]))).expect("attach");
+    let report = migrate(&tb, "A", "clean", "B", suspended());
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}");
+    assert!(tb.vm_on("B", "clean").is_some());
+}

@@ -5,11 +5,14 @@ use common::*;
 use dcmigrate::control as peer;
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, PAGE_SIZE};
 use dcmigrate::protocol::data::*;
-use dcmigrate::protocol::{Token, TOKEN_LEN};
+use dcmigrate::protocol::{read_message, write_message, Message, ProtocolError, Token, TOKEN_LEN};
 use dcmigrate::tls::{init_certs, TlsConfig};
+use dcmigrate::transport::secure::{ClientTls, DataStream};
 use dcmigrate::transport::Receiver;
+use dcmigrate::transport::TransportError;
+use dcmigrate::vm::LaunchSpec;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn rogue_tls(host: &str) -> (tempfile::TempDir, TlsConfig) {
@@ -39,7 +42,7 @@ async fn agents_refuse_peers_outside_the_ca() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         if let Ok((s, _)) = l.accept().await {
-            let _ = peer::accept(&rogue_server, "hostC", s).await;
+            let _ = peer::accept(&rogue_server, "hostC", |_: &str| true, s).await;
         }
     });
     let legit_a = TlsConfig::load_dir(&tb.certs_dir(), "hostA").unwrap();
@@ -92,10 +95,15 @@ async fn open(r: &Rig, token: &Token) -> (TcpStream, HelloStatus) {
 }
 
 /// Sends a pages frame with payload, then a batch end; returns the reply.
-async fn send(s: &mut TcpStream, header: [u8; HEADER_LEN], payload_len: usize) -> Option<Reply> {
+async fn send(
+    s: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    header: [u8; HEADER_LEN],
+    payload_len: usize,
+) -> Option<Reply> {
     let _ = s.write_all(&header).await;
     let _ = s.write_all(&vec![0xAB; payload_len]).await;
     let _ = s.write_all(&Frame::BatchEnd { batch: 9 }.encode()).await;
+    let _ = s.flush().await;
     let mut b = [0u8; REPLY_LEN];
     s.read_exact(&mut b).await.ok()?;
     Reply::decode(&b).ok()
@@ -151,4 +159,129 @@ async fn data_plane_rejects_bad_tokens_and_frames_and_writes_nothing() {
     assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
     assert!(region(&r.ram, 1)[7 * PAGE_SIZE..].iter().all(|&b| b == 0xAB));
     assert!(region(&r.ram, 0).iter().all(|&b| b == 0));
+}
+
+/// A source played by hand: `me`'s real certificate, the control protocol
+/// spoken message by message.
+async fn as_source(tb: &dcmigrate::testbed::Testbed, me: &str, to: &str) -> peer::Connected<peer::ClientStream> {
+    let tls = TlsConfig::load_dir(&tb.certs_dir(), me).unwrap();
+    peer::connect(&tls, me, to, tb.host(to).control).await.expect("connect as a source")
+}
+
+async fn ask(c: &mut peer::Connected<peer::ClientStream>, m: Message) -> Result<Message, ProtocolError> {
+    write_message(&mut c.stream, &m).await.unwrap();
+    read_message(&mut c.stream).await
+}
+
+fn synthetic_session(vm: &str, size: u64) -> Message {
+    Message::OpenSession {
+        vm: vm.into(),
+        regions: vec![RegionSpec { id: "ram0".into(), size }],
+        chunk_size: 2 << 20,
+        launch: LaunchSpec::Synthetic { workload: Default::default() },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_takes_migrations_only_from_the_peers_it_accepts() {
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    tb.restart_agent("hostA", &[("DCMIGRATE_ACCEPT_FROM", "hostC")]).unwrap();
+    let a = tb.host("hostA").control;
+    let b = TlsConfig::load_dir(&tb.certs_dir(), "hostB").unwrap();
+    let e = peer::connect(&b, "hostB", "hostA", a).await.err().expect("hostB accepted");
+    let msg = dcmigrate::error_chain(&e);
+    assert!(msg.contains("does not accept migrations from hostB"), "{msg}");
+    // The peer it does accept gets in (so the refusal can fail).
+    let c = TlsConfig::load_dir(&tb.certs_dir(), "hostC").unwrap();
+    assert!(peer::connect(&c, "hostC", "hostA", a).await.is_ok(), "hostC refused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_larger_than_the_data_dir_is_refused_without_allocating() {
+    let tb = testbed(&["hostA", "hostB"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    match ask(&mut c, synthetic_session("huge", 16 << 40)).await {
+        Err(ProtocolError::Peer(msg)) => assert!(msg.contains("do not fit"), "{msg}"),
+        other => panic!("16 TiB session: {other:?}"),
+    }
+    assert!(vm_files(&tb, "hostA", "huge").is_empty(), "files left: {:?}", vm_files(&tb, "hostA", "huge"));
+    // One that fits opens on the same connection (so the refusal can fail).
+    let opened = ask(&mut c, synthetic_session("small", 8 * MIB)).await;
+    assert!(matches!(opened, Ok(Message::SessionOpened { .. })), "{opened:?}");
+}
+
+/// Once the pause's verification began, a stream with the session's token
+/// is refused (a sniffed token cannot write a page the verification did not
+/// see); streams already open stay usable for the pause's resends.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_streams_are_refused_once_the_pause_verification_began() {
+    let tb = testbed(&["hostA", "hostB"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (port, token) = match ask(&mut c, synthetic_session("sealed", 8 * MIB)).await {
+        Ok(Message::SessionOpened { data_port, token, .. }) => (data_port, token),
+        other => panic!("open: {other:?}"),
+    };
+    let addr = std::net::SocketAddr::new(tb.host("hostA").control.ip(), port);
+    let tls = data_tls(&tb, "hostB", "hostA");
+    let mut before = stream(addr, &token, Some(&tls)).await.expect("a stream before the pause");
+    // A live pass does not seal.
+    let live = Message::ChecksumRequest { blocks: Some(vec![0]), block_pages: Some(4), pause: false };
+    assert!(matches!(ask(&mut c, live).await, Ok(Message::Checksums { .. })));
+    assert!(stream(addr, &token, Some(&tls)).await.is_ok(), "sealed before the pause");
+    let paused = Message::ChecksumRequest { blocks: Some(vec![0]), block_pages: Some(4), pause: true };
+    assert!(matches!(ask(&mut c, paused).await, Ok(Message::Checksums { .. })));
+    let e = stream(addr, &token, Some(&tls)).await.err().expect("a stream after the pause's verification began");
+    assert!(matches!(e, TransportError::Refused(HelloStatus::Sealed)), "{e}");
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut before, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }), "an open stream was cut");
+}
+
+/// The TCP data plane is encrypted by default: a plain stream is refused
+/// even with the right token (one seen on the path is useless), and so is a
+/// TLS stream from outside the CA; an agent set to `--data-encryption off`
+/// takes plain streams, and one that encrypts sends to it in TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_streams_must_be_encrypted_by_a_peer_unless_the_operator_says_off() {
+    let mut tb = testbed(&["hostA", "hostB"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (port, token) = match ask(&mut c, synthetic_session("wire", 8 * MIB)).await {
+        Ok(Message::SessionOpened { data_port, token, .. }) => (data_port, token),
+        other => panic!("open: {other:?}"),
+    };
+    let addr = std::net::SocketAddr::new(tb.host("hostA").control.ip(), port);
+    let e = stream(addr, &token, None).await.err().expect("a plain stream was accepted");
+    assert!(matches!(e, TransportError::Refused(HelloStatus::EncryptionRequired)), "{e}");
+    let (_d, rogue) = rogue_tls("hostB");
+    let outsider = ClientTls { config: rogue.client, host: "hostA".into() };
+    assert!(stream(addr, &token, Some(&outsider)).await.is_err(), "a certificate outside the CA was accepted");
+    let mut s = stream(addr, &token, Some(&data_tls(&tb, "hostB", "hostA"))).await.expect("a peer's TLS stream");
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
+    drop(c);
+
+    // Encryption off on the destination: plain streams are taken, TLS too.
+    tb.restart_agent("hostA", &[("DCMIGRATE_DATA_ENCRYPTION", "off")]).unwrap();
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (port, token) = match ask(&mut c, synthetic_session("plain", 8 * MIB)).await {
+        Ok(Message::SessionOpened { data_port, token, .. }) => (data_port, token),
+        other => panic!("open: {other:?}"),
+    };
+    let addr = std::net::SocketAddr::new(tb.host("hostA").control.ip(), port);
+    let mut s = stream(addr, &token, None).await.expect("a plain stream with encryption off");
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
+    assert!(stream(addr, &token, Some(&data_tls(&tb, "hostB", "hostA"))).await.is_ok());
+}
+
+fn data_tls(tb: &dcmigrate::testbed::Testbed, me: &str, to: &str) -> ClientTls {
+    ClientTls { config: TlsConfig::load_dir(&tb.certs_dir(), me).unwrap().client, host: to.into() }
+}
+
+/// A data stream to `addr` for `token`, over TLS when `tls` is given.
+async fn stream(
+    addr: std::net::SocketAddr,
+    token: &Token,
+    tls: Option<&ClientTls>,
+) -> Result<DataStream, TransportError> {
+    dcmigrate::transport::handshake::open(addr, Hello::new(*token, 0, StreamMode::Tcp), tls).await
 }

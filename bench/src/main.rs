@@ -8,10 +8,12 @@
 //! Scenarios: `retarget` (retarget vs restart vs stock QEMU on shaped links
 //! in network namespaces), `throughput` (loopback vs iperf3, 1/2/4 streams),
 //! `downtime` (rising dirty rates on a shaped link), `scale` (a large guest,
-//! three agents: memory, CPU per GiB, tracker cost), `transport` (TCP vs
+//! three agents: memory, CPU per GiB, tracker cost), `encryption` (TLS data
+//! streams vs `--data-encryption off` on loopback), `transport` (TCP vs
 //! RDMA, run inside the SoftRoCE VM by `bench/transport-in-vm`).
 
 mod downtime;
+mod encryption;
 mod harness;
 mod plot;
 mod qemu;
@@ -45,6 +47,14 @@ enum Cmd {
     },
     /// Plots and README tables from the existing results, without running anything.
     Report,
+    /// Encrypted (TLS) against plain data streams on loopback, same run.
+    Encryption {
+        #[arg(long, default_value_t = 1)]
+        guest_gib: u64,
+        /// Runs of each kind per stream count (medians are compared).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Loopback throughput of an idle guest with 1, 2 and 4 streams vs iperf3.
     Throughput {
         #[arg(long, default_value_t = 4)]
@@ -169,6 +179,11 @@ fn main() -> Result<()> {
             save(&results, "throughput", &mut v)?;
             report::update(bench_dir)?;
         }
+        Cmd::Encryption { guest_gib, reps } => {
+            let mut v = encryption::encryption(guest_gib, reps)?;
+            save(&results, "encryption", &mut v)?;
+            report::update(bench_dir)?;
+        }
         Cmd::Scale { guest_gib, dirty_mbps } => {
             let mut v = scale::scale(guest_gib, dirty_mbps)?;
             save(&results, "scale", &mut v)?;
@@ -195,6 +210,8 @@ fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let mut v = throughput::throughput(4)?;
             save(&results, "throughput", &mut v)?;
+            let mut v = encryption::encryption(1, 3)?;
+            save(&results, "encryption", &mut v)?;
             let mut v = downtime::downtime(1.0, 1000, &[0.0, 25.0, 50.0, 100.0, 150.0], 60)?;
             save(&results, "downtime", &mut v)?;
             let mut v = scale::scale(6, 50.0)?;

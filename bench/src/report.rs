@@ -170,6 +170,27 @@ fn throughput(v: &Value, out: &Path) -> Result<String> {
     Ok(s)
 }
 
+fn encryption(v: &Value) -> String {
+    let mut s = machine_line(v);
+    let _ = writeln!(
+        s,
+        "Idle {} GiB guest, two agents on loopback, first round's throughput, median of {} runs each, taking turns:\n",
+        v["guest_gib"], v["reps"]
+    );
+    s += "| streams | plain MB/s | TLS MB/s | TLS / plain |\n|---|---|---|---|\n";
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.2} |",
+            r["streams"],
+            f(r, "plain_mbps"),
+            f(r, "tls_mbps"),
+            f(r, "ratio")
+        );
+    }
+    s
+}
+
 fn scale(v: &Value) -> String {
     let mut s = machine_line(v);
     let _ = writeln!(
@@ -317,6 +338,9 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "throughput") {
         sections.push(("throughput", throughput(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "encryption") {
+        sections.push(("encryption", encryption(&v)));
     }
     if let Some(v) = load(&results, "scale") {
         sections.push(("scale", scale(&v)));

@@ -130,7 +130,7 @@ impl Agent {
                 Ok(r) => RdmaInfo::Device { device: r.name() },
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
-            incoming: self.incoming.lock().unwrap().iter().cloned().collect(),
+            incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
         }
     }
 
@@ -202,6 +202,7 @@ impl Agent {
         let ctx = engine::Context {
             me: self.cfg.name.clone(),
             tls: self.cfg.tls.clone(),
+            data_encryption: self.cfg.data_encryption,
             unordered: crate::hooks::unordered().is_some(),
             rdma: self.rdma.clone(),
             peer_timeout: self.cfg.peer_timeout,

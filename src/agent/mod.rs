@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod api;
+pub mod capacity;
 mod handlers;
 pub mod journal;
 mod outcome;
@@ -69,8 +70,17 @@ pub struct AgentConfig {
     pub api_access: access::ApiAccess,
     /// The TLS identity.
     pub tls: TlsConfig,
-    /// Hosts this agent may migrate to.
+    /// Hosts this agent may migrate and forward to.
     pub peers: HashMap<String, SocketAddr>,
+    /// Hosts that may migrate VMs to this one (`None`: every peer).
+    pub accept_from: Option<HashSet<String>>,
+    /// Directories a peer's launch spec may name files under (disk images,
+    /// kernels), besides the VM's own directory.
+    pub storage: Vec<PathBuf>,
+    /// Limits on incoming RAM.
+    pub limits: capacity::Limits,
+    /// Encrypt TCP data streams, and refuse plain ones.
+    pub data_encryption: bool,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
     /// RDMA device to use (default: the first with an active port).
@@ -83,6 +93,23 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 }
 
+impl AgentConfig {
+    /// Hosts that may send data streams here: sources this host accepts,
+    /// and its peers (forwarders).
+    fn data_senders(&self) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+        let hosts: HashSet<String> = self.peers.keys().chain(self.accept_from.iter().flatten()).cloned().collect();
+        Arc::new(move |h: &str| hosts.contains(h))
+    }
+
+    /// Whether `host` (a verified peer name) may open sessions here.
+    pub fn accepts_from(&self, host: &str) -> bool {
+        match &self.accept_from {
+            Some(hosts) => hosts.contains(host),
+            None => self.peers.contains_key(host),
+        }
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     /// Its configuration.
@@ -91,8 +118,9 @@ pub struct Agent {
     pub receiver: Receiver,
     data_addr: Mutex<Option<SocketAddr>>,
     vms: Mutex<HashMap<String, VmRecord>>,
-    /// VMs with an incoming session here (at most one each).
-    incoming: Mutex<HashSet<String>>,
+    /// VMs with an incoming session here (at most one each), and the room
+    /// each holds in the data dir.
+    incoming: Mutex<HashMap<String, capacity::Reservation>>,
     migrations: Mutex<HashMap<String, Arc<MigrationHandle>>>,
     /// VMs whose migration's outcome is unknown (see `outcome`).
     unknown: Mutex<HashMap<String, outcome::Unknown>>,
@@ -113,13 +141,18 @@ impl Agent {
             Ok(r) => tracing::info!(device = %r.name(), "RDMA available"),
             Err(e) => tracing::info!("RDMA unavailable, TCP only: {e}"),
         }
+        let receiver = Receiver::new(crate::transport::secure::ServerTls {
+            config: cfg.tls.server.clone(),
+            required: cfg.data_encryption,
+            allowed: cfg.data_senders(),
+        });
         Arc::new(Self {
             rdma,
             cfg,
-            receiver: Receiver::default(),
+            receiver,
             data_addr: Mutex::new(None),
             vms: Mutex::new(HashMap::new()),
-            incoming: Mutex::new(HashSet::new()),
+            incoming: Mutex::new(HashMap::new()),
             migrations: Mutex::new(HashMap::new()),
             unknown: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -141,9 +174,16 @@ impl Agent {
         self.vms.lock().unwrap().contains_key(name)
     }
 
-    /// Claims the right to receive `vm`; false if a session already has it.
-    pub fn begin_incoming(&self, vm: &str) -> bool {
-        self.incoming.lock().unwrap().insert(vm.to_owned())
+    /// Claims the right to receive `vm` into `room`: refused if a session
+    /// already has it (`Ok(false)`), or if it does not fit beside the others.
+    pub fn begin_incoming(&self, vm: &str, room: capacity::Reservation) -> Result<bool, capacity::CapacityError> {
+        let mut incoming = self.incoming.lock().unwrap();
+        if incoming.contains_key(vm) {
+            return Ok(false);
+        }
+        capacity::admit(&self.cfg.limits, &self.cfg.data_dir, room.bytes, incoming.values())?;
+        incoming.insert(vm.to_owned(), room);
+        Ok(true)
     }
 
     /// Gives the claim of [`begin_incoming`](Self::begin_incoming) back.
@@ -157,7 +197,7 @@ impl Agent {
         use crate::protocol::RemoteOutcome;
         if self.has_vm(vm) {
             RemoteOutcome::Committed
-        } else if self.incoming.lock().unwrap().contains(vm) {
+        } else if self.incoming.lock().unwrap().contains_key(vm) {
             RemoteOutcome::Pending
         } else {
             RemoteOutcome::NotHere
@@ -245,15 +285,19 @@ impl Agent {
 
     /// Accepts control connections from peers; each becomes an incoming session.
     async fn serve_peers(self: Arc<Self>, control: TcpListener) {
+        use crate::transport::session::{Listener, MAX_CONNECTIONS};
+        let control = Listener::new(control, "control listener", MAX_CONNECTIONS);
         loop {
-            let (tcp, addr) = crate::transport::session::accept(&control, "control listener").await;
+            let (tcp, addr, slot) = control.accept().await;
             tcp.set_nodelay(true).ok();
             let me = self.clone();
             tokio::spawn(async move {
-                match crate::control::accept(&me.cfg.tls, &me.cfg.name, tcp).await {
+                let allowed = |host: &str| me.cfg.accepts_from(host);
+                match crate::control::accept(&me.cfg.tls, &me.cfg.name, allowed, tcp).await {
                     Ok(conn) => incoming::serve(me, conn).await,
                     Err(e) => tracing::warn!(%addr, "refused peer: {}", crate::error_chain(&e)),
                 }
+                drop(slot);
             });
         }
     }

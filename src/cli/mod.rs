@@ -43,7 +43,7 @@ pub struct ApiArg {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Run the per-host agent (daemon).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// TLS material for agents.
     Certs {
         /// What to do with them.
@@ -207,9 +207,31 @@ pub struct AgentArgs {
     /// A peer agent, NAME=ADDR (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, SocketAddr)>,
+    /// Peers that may migrate VMs to this host (repeat for each; default:
+    /// every --peer). Others are refused after their certificate is checked.
+    #[arg(long = "accept-from", env = "DCMIGRATE_ACCEPT_FROM", value_delimiter = ',')]
+    pub accept_from: Vec<String>,
+    /// A directory a peer's QEMU launch spec may name files under (disk
+    /// images, kernels), besides the VM's own directory (repeat for each;
+    /// or colon-separated in DCMIGRATE_STORAGE).
+    #[arg(long = "storage", env = "DCMIGRATE_STORAGE", value_delimiter = ':', value_parser = parse_storage)]
+    pub storage: Vec<PathBuf>,
     /// Where incoming VMs' RAM files go (tmpfs recommended).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Largest RAM of one incoming migration (e.g. 256G); larger ones are
+    /// refused at session open. Sessions must always fit in the data dir's
+    /// free space.
+    #[arg(long, value_parser = parse_size)]
+    pub max_session_ram: Option<u64>,
+    /// Encrypt TCP data streams with TLS (the agents' certificates), and
+    /// take only encrypted ones; `off` for trusted fabrics (then on both
+    /// ends). RDMA is never encrypted.
+    #[arg(long, env = "DCMIGRATE_DATA_ENCRYPTION", default_value = "on", value_parser = ["on", "off"])]
+    pub data_encryption: String,
+    /// Largest RAM of all incoming migrations at once.
+    #[arg(long, value_parser = parse_size)]
+    pub max_incoming_ram: Option<u64>,
     /// Where the agent keeps its journal (VMs, migrations, incoming
     /// sessions), so that a restart settles what was in flight. Default:
     /// /var/lib/dcmigrate/NAME.
@@ -232,6 +254,14 @@ pub struct AgentArgs {
     /// default only root and the agent's own user may (the socket is 0600).
     #[arg(long, env = "DCMIGRATE_API_GROUP")]
     pub api_group: Option<String>,
+}
+
+fn parse_storage(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("{s}: a storage prefix is an absolute path without '..'"));
+    }
+    Ok(p)
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -395,7 +425,7 @@ impl MigrateArgs {
 /// Runs a parsed command line; returns the process's exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Agent(a) => run_agent(a).map(|_| 0),
+        Cmd::Agent(a) => run_agent(*a).map(|_| 0),
         Cmd::Certs { cmd: CertsCmd::Init { dir, hosts } } => {
             crate::tls::init_certs(&dir, &hosts)?;
             println!("CA and certificates for {} written to {}", hosts.join(", "), dir.display());
@@ -491,6 +521,10 @@ fn run_agent(a: AgentArgs) -> Result<()> {
         api_access: crate::agent::access::ApiAccess::with_group(a.api_group.as_deref())?,
         tls,
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
+        accept_from: (!a.accept_from.is_empty()).then(|| a.accept_from.into_iter().collect()),
+        storage: a.storage,
+        data_encryption: a.data_encryption == "on",
+        limits: crate::agent::capacity::Limits { per_session: a.max_session_ram, total: a.max_incoming_ram },
         rdma_device: a.rdma_device,
         no_rdma: a.no_rdma,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),

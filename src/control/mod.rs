@@ -10,6 +10,8 @@ use crate::protocol::{self, read_message, write_message, Message, ProtocolError,
 use crate::tls::{cert_host_names, TlsConfig};
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -26,6 +28,11 @@ pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages read ahead of their consumer (then the reader waits: TCP pushes back).
 const INBOX: usize = 64;
+/// Replies waiting to be sent on a serving connection, at most: a peer that
+/// stops reading while it keeps asking (or pinging) loses its connection
+/// instead of growing this host's memory. (What a source queues is its own
+/// doing: its connections are not bounded.)
+pub const OUTBOX: usize = 4096;
 
 /// Control sessions can be idle for long (a forwarder, a destination during
 /// long rounds); keepalive makes a vanished peer end them within ~25 s, so
@@ -83,6 +90,12 @@ pub enum PeerError {
         /// The names in its certificate.
         names: Vec<String>,
     },
+    /// A certified peer this host does not accept sessions from.
+    #[error("{host} is not a peer this host accepts migrations from (--peer, --accept-from)")]
+    NotAllowed {
+        /// The peer's verified name.
+        host: String,
+    },
     /// No answer within [`HANDSHAKE_TIMEOUT`].
     #[error("{host} did not answer within {HANDSHAKE_TIMEOUT:?}")]
     Timeout {
@@ -135,8 +148,14 @@ pub async fn connect(
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| PeerError::Timeout { host: host.into() })?
 }
 
-/// Accepts a peer; returns the stream, the version and the peer's verified name.
-pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<Connected<ServerStream>, PeerError> {
+/// Accepts a peer whose verified name `allowed` admits; returns the stream,
+/// the version and that name.
+pub async fn accept(
+    tls: &TlsConfig,
+    me: &str,
+    allowed: impl Fn(&str) -> bool,
+    tcp: TcpStream,
+) -> Result<Connected<ServerStream>, PeerError> {
     keepalive(&tcp);
     let fut = async {
         let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -152,6 +171,11 @@ pub async fn accept(tls: &TlsConfig, me: &str, tcp: TcpStream) -> Result<Connect
         let names = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(cert_host_names).unwrap_or_default();
         if !names.contains(&claimed) {
             return Err(PeerError::Identity { claimed, names });
+        }
+        if !allowed(&claimed) {
+            let message = format!("{me} does not accept migrations from {claimed}");
+            let _ = write_message(&mut s, &Message::Error { message }).await;
+            return Err(PeerError::NotAllowed { host: claimed });
         }
         let Some(version) = protocol::negotiate(min, max) else {
             let ours = protocol::max_version();
@@ -199,11 +223,42 @@ impl Heartbeat {
 /// lost when it is silent for the heartbeat's timeout).
 pub struct Channel {
     /// Messages to send, in order.
-    pub out: mpsc::UnboundedSender<Message>,
+    pub out: Outbox,
     /// Messages received.
     pub inbox: Inbox,
     /// Cancelled when the connection is over (either task ended).
     pub closed: tokio_util::sync::CancellationToken,
+}
+
+/// The control connection is over: a message was not queued.
+#[derive(Debug, Error)]
+#[error("control connection closed")]
+pub struct Closed;
+
+/// The sending side of a [`Channel`], bounded by [`OUTBOX`].
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Message>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+    closed: tokio_util::sync::CancellationToken,
+}
+
+impl Outbox {
+    /// Queues `m`; fails once the connection is over, or when the peer has
+    /// let its limit of messages pile up (the connection is then closed).
+    pub fn send(&self, m: Message) -> Result<(), Closed> {
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("control connection: the peer does not read what it asked for; closing");
+            self.closed.cancel();
+            return Err(Closed);
+        }
+        self.tx.send(m).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            Closed
+        })
+    }
 }
 
 impl Channel {
@@ -213,11 +268,28 @@ impl Channel {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::with_outbox(stream, heartbeat, usize::MAX)
+    }
+
+    /// A channel serving a peer's requests: at most [`OUTBOX`] replies wait.
+    pub fn serving<S>(stream: S, heartbeat: Option<Heartbeat>) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Self::with_outbox(stream, heartbeat, OUTBOX)
+    }
+
+    fn with_outbox<S>(stream: S, heartbeat: Option<Heartbeat>, limit: usize) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (r, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
-        let (out, out_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (tx, inbox) = mpsc::channel(INBOX);
         let closed = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(write_loop(w, out_rx, heartbeat.and_then(|h| h.ping_every), closed.clone()));
+        let out = Outbox { tx: out_tx, queued: Arc::new(AtomicUsize::new(0)), limit, closed: closed.clone() };
+        let queued = out.queued.clone();
+        tokio::spawn(write_loop(w, (out_rx, queued), heartbeat.and_then(|h| h.ping_every), closed.clone()));
         tokio::spawn(read_loop(r, tx, out.clone(), heartbeat.map(|h| h.timeout), closed.clone()));
         Self { out, inbox, closed }
     }
@@ -225,7 +297,7 @@ impl Channel {
 
 async fn write_loop<W: AsyncWrite>(
     mut w: WriteHalf<W>,
-    mut out: mpsc::UnboundedReceiver<Message>,
+    (mut out, queued): (mpsc::UnboundedReceiver<Message>, Arc<AtomicUsize>),
     ping_every: Option<Duration>,
     closed: tokio_util::sync::CancellationToken,
 ) {
@@ -234,7 +306,10 @@ async fn write_loop<W: AsyncWrite>(
     loop {
         let m = tokio::select! {
             m = out.recv() => match m {
-                Some(m) => m,
+                Some(m) => {
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                    m
+                }
                 None => break,
             },
             _ = tick.tick(), if ping_every.is_some() => Message::Ping,
@@ -250,7 +325,7 @@ async fn write_loop<W: AsyncWrite>(
 async fn read_loop<R: AsyncRead>(
     mut r: ReadHalf<R>,
     tx: mpsc::Sender<Result<Message, ProtocolError>>,
-    out: mpsc::UnboundedSender<Message>,
+    out: Outbox,
     timeout: Option<Duration>,
     closed: tokio_util::sync::CancellationToken,
 ) {

@@ -11,6 +11,7 @@ use crate::memory::GuestRam;
 use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind, HEARTBEATS};
 use crate::tls::TlsConfig;
 use crate::transport::rdma::Rdma;
+use crate::transport::secure::ClientTls;
 use crate::transport::{Batch, Completion, OpenError, PageSender, SenderSpec, StreamSpec};
 use crate::vm::VmRecord;
 use std::collections::HashMap;
@@ -68,6 +69,8 @@ pub enum LinkError {
 pub struct LinkSpec {
     /// This agent's TLS identity.
     pub tls: TlsConfig,
+    /// Encrypt the TCP data streams.
+    pub data_encryption: bool,
     /// This host's name.
     pub me: String,
     /// The peer.
@@ -108,7 +111,7 @@ pub struct Link {
     pub token: Token,
     /// The negotiated protocol version.
     pub version: u32,
-    out: mpsc::UnboundedSender<Message>,
+    out: crate::control::Outbox,
     replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Message, String>>>,
     /// Batches this host forwards, until it reports them; `None` once the
     /// connection is gone (so no batch can be added after the last report).
@@ -165,6 +168,7 @@ impl Link {
                 observer: a.observer,
                 completions: a.completions.clone(),
                 stall_timeout: a.peer_timeout,
+                tls: a.data_encryption.then(|| ClientTls { config: a.tls.client.clone(), host: a.host.clone() }),
             },
         };
         let sender = match crate::transport::open_sender(spec).await {

@@ -60,6 +60,8 @@ pub struct Context {
     pub me: String,
     /// Its TLS identity, to open sessions on peers.
     pub tls: TlsConfig,
+    /// Encrypt TCP data streams (TLS with that identity).
+    pub data_encryption: bool,
     /// Test-only: disables the ledger's one-writer rule.
     pub unordered: bool,
     /// This host's RDMA device, if it has a usable one (else why not).

@@ -120,6 +120,7 @@ pub(super) fn link_spec(
 ) -> LinkSpec {
     LinkSpec {
         tls: job.ctx.tls.clone(),
+        data_encryption: job.ctx.data_encryption,
         me: job.ctx.me.clone(),
         host: host.to_owned(),
         id,

@@ -176,12 +176,14 @@ impl Migration {
         let lost = |e| self.lost(target.id, e);
         let v2 = target.version >= CHUNKED_DEVICE_STATE;
         let bp = self.verifier.blocks.block_pages();
+        let pause = self.phase.paused();
         let m = match v2 {
             true => Message::ChecksumRequest {
                 blocks: Some(list.iter().map(|&b| b as u32).collect()),
                 block_pages: Some(bp as u32),
+                pause,
             },
-            false => Message::ChecksumRequest { blocks: None, block_pages: None },
+            false => Message::ChecksumRequest { blocks: None, block_pages: None, pause },
         };
         let bytes = list.len() as u64 * bp as u64 * 4096;
         let sums = match target.request_within(m, hashing_time(bytes)).await.map_err(lost)? {

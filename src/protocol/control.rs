@@ -77,6 +77,10 @@ pub enum Message {
         /// Version 2: pages per block.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         block_pages: Option<u32>,
+        /// The VM is paused and its final round sent: the destination takes
+        /// no new data streams from now on (older peers ignore the field).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pause: bool,
     },
     /// Destination: xxh3 of the blocks asked for, in that order (of every
     /// chunk, in layout order, when no list was given).
@@ -225,7 +229,10 @@ mod tests {
         let m = Message::SessionOpened { data_port: 1, token: Token([1; 32]), rdma: None };
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["type"], m.name());
-        assert_eq!(Message::ChecksumRequest { blocks: None, block_pages: None }.name(), "checksum_request");
+        assert_eq!(
+            Message::ChecksumRequest { blocks: None, block_pages: None, pause: false }.name(),
+            "checksum_request"
+        );
         let v1 = serde_json::from_str::<Message>(r#"{"type":"checksum_request"}"#).unwrap();
         assert!(matches!(v1, Message::ChecksumRequest { blocks: None, .. }), "a version-1 request still decodes");
         assert_eq!(Message::Ok.kind(), MessageKind::Ok);

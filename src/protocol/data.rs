@@ -47,6 +47,10 @@ pub enum HelloStatus {
     Fenced = 3,
     /// RDMA was asked for and the session offers none.
     NoRdma = 4,
+    /// The pause's verification began: no new streams for this session.
+    Sealed = 5,
+    /// This receiver takes encrypted (TLS) streams only.
+    EncryptionRequired = 6,
 }
 
 /// What a data stream carries.
@@ -271,7 +275,8 @@ mod tests {
             assert_eq!(Reply::decode(&r.encode()), Ok(r));
         }
         assert_eq!(HelloStatus::try_from(4u8), Ok(HelloStatus::NoRdma));
-        assert!(HelloStatus::try_from(5u8).is_err());
+        assert_eq!(HelloStatus::try_from(6u8), Ok(HelloStatus::EncryptionRequired));
+        assert!(HelloStatus::try_from(7u8).is_err());
     }
 
     #[test]

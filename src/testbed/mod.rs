@@ -178,6 +178,10 @@ impl Testbed {
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
         cmd.arg("--state-dir").arg(h.log.with_file_name("state"));
+        if let Some(img) = qemu::guest_image() {
+            // Launch specs boot the test guest's kernel from there.
+            cmd.arg("--storage").arg(img);
+        }
         for p in &self.hosts {
             if p.name != h.name {
                 cmd.arg("--peer").arg(format!("{}={}", p.name, p.control));

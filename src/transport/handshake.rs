@@ -2,15 +2,14 @@
 //! session token, its host id, the stream's mode); the receiver reads the
 //! hello and answers with a [`HelloStatus`]. Every step has a deadline.
 
+use super::secure::{self, ClientTls, DataStream};
 use super::TransportError;
 use crate::protocol::data::{Hello, HelloStatus, HELLO_LEN};
 use std::net::SocketAddr;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// How long connecting, and each hello step, may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use super::HANDSHAKE_TIMEOUT;
 
 /// A data-plane connection to `addr` (no Nagle delay).
 pub async fn dial(addr: SocketAddr) -> Result<TcpStream, TransportError> {
@@ -22,12 +21,17 @@ pub async fn dial(addr: SocketAddr) -> Result<TcpStream, TransportError> {
     Ok(s)
 }
 
-/// Dials `addr` and says `hello`; returns the stream once the receiver
-/// accepted it.
-pub async fn open(addr: SocketAddr, hello: Hello) -> Result<TcpStream, TransportError> {
-    let mut s = dial(addr).await?;
+/// Dials `addr` (over TLS when `tls` is given) and says `hello`; returns
+/// the stream once the receiver accepted it.
+pub async fn open(addr: SocketAddr, hello: Hello, tls: Option<&ClientTls>) -> Result<DataStream, TransportError> {
+    let tcp = dial(addr).await?;
+    let mut s = match tls {
+        Some(t) => secure::client(tcp, t).await?,
+        None => Box::new(tcp),
+    };
     let io = |what| move |source| TransportError::Io { what, source };
     s.write_all(&hello.encode()).await.map_err(io("sending the hello"))?;
+    s.flush().await.map_err(io("sending the hello"))?;
     let mut status = [0u8; 1];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut status))
         .await
@@ -41,7 +45,7 @@ pub async fn open(addr: SocketAddr, hello: Hello) -> Result<TcpStream, Transport
 }
 
 /// Reads a sender's hello (within the deadline).
-pub async fn read_hello(s: &mut TcpStream) -> Result<Hello, TransportError> {
+pub async fn read_hello(s: &mut (impl AsyncRead + Unpin)) -> Result<Hello, TransportError> {
     let mut b = [0u8; HELLO_LEN];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut b))
         .await
@@ -51,6 +55,8 @@ pub async fn read_hello(s: &mut TcpStream) -> Result<Hello, TransportError> {
 }
 
 /// Answers a hello.
-pub async fn answer(s: &mut TcpStream, status: HelloStatus) -> Result<(), TransportError> {
-    s.write_all(&[status.into()]).await.map_err(|source| TransportError::Io { what: "answering a hello", source })
+pub async fn answer(s: &mut (impl AsyncWrite + Unpin), status: HelloStatus) -> Result<(), TransportError> {
+    let io = |source| TransportError::Io { what: "answering a hello", source };
+    s.write_all(&[status.into()]).await.map_err(io)?;
+    s.flush().await.map_err(io)
 }

@@ -3,7 +3,7 @@
 //! they left the sender).
 //!
 //! One neutral session layer serves both data planes: [`handshake`] (dial,
-//! hello, status), [`session`] (a destination's sessions by token, fences),
+//! hello, status), [`secure`] (TLS on data streams), [`session`] (a destination's sessions by token, fences),
 //! [`queue`] (the [`PageSender`] the engine submits to) and [`inflight`]
 //! (the in-order acknowledgement tracker of one stream). The data planes
 //! themselves: [`tcp`] and [`rdma`] (the `rdma/` crate, with the `rdma`
@@ -15,6 +15,7 @@ pub mod inflight;
 pub mod open;
 pub mod queue;
 pub mod rdma;
+pub mod secure;
 pub mod session;
 pub mod tcp;
 
@@ -28,6 +29,9 @@ use crate::protocol::data::{FrameError, HelloStatus, RejectCode};
 use std::net::SocketAddr;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
+
+/// How long connecting, the TLS handshake and each hello step may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A data stream failed or was refused.
 #[derive(Debug, Error)]
@@ -59,6 +63,9 @@ pub enum TransportError {
     /// The receiver refused the hello.
     #[error("data stream refused: {0:?}")]
     Refused(HelloStatus),
+    /// A TLS sender whose certificate names no host this one accepts.
+    #[error("data stream from {0:?}, not a peer of this host")]
+    NotAPeer(Vec<String>),
     /// The receiver answered the hello with an unknown status.
     #[error("data stream refused with unknown status {0}")]
     Status(u8),

@@ -12,8 +12,7 @@ use crate::protocol::{DataPlane, Token};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +49,8 @@ pub struct StreamSpec {
     /// A batch in flight this long without its acknowledgement breaks the
     /// stream (the receiver froze, or the path went silent).
     pub stall_timeout: std::time::Duration,
+    /// Encrypt the streams (TLS to the destination), or not.
+    pub tls: Option<super::secure::ClientTls>,
 }
 
 /// What a sender's streams share: the queue they pull batches from, where
@@ -94,7 +95,7 @@ impl Feed {
     /// Reads a stream's acknowledgements (TCP's, or RDMA's side channel),
     /// completing the batches they name, until the stream breaks or the
     /// receiver rejects a batch.
-    pub async fn read_acks(&self, inflight: &InFlight, mut rd: OwnedReadHalf) -> Result<(), TransportError> {
+    pub async fn read_acks(&self, inflight: &InFlight, mut rd: impl AsyncRead + Unpin) -> Result<(), TransportError> {
         let mut reply = [0u8; REPLY_LEN];
         loop {
             rd.read_exact(&mut reply)

@@ -19,11 +19,11 @@
 //! sender, which errors its own queue pairs and fails what was in flight.
 
 use super::queue::{SendQueue, StreamSpec};
+use super::secure::DataStream;
 use super::{Stop, TransportError};
 use crate::memory::GuestRam;
 use crate::protocol::RdmaRegion;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 #[cfg(feature = "rdma")]
 pub use imp::*;
@@ -75,7 +75,7 @@ mod off {
     }
 
     /// Serves one RDMA stream at a destination.
-    pub async fn serve(target: &Target, _s: TcpStream, _stop: Stop) -> Result<(), TransportError> {
+    pub async fn serve(target: &Target, _s: DataStream, _stop: Stop) -> Result<(), TransportError> {
         match *target {}
     }
 }
@@ -166,7 +166,7 @@ mod imp {
     }
 
     /// Reads the peer's endpoint from the pairing connection.
-    async fn read_endpoint(s: &mut TcpStream) -> Result<Endpoint, TransportError> {
+    async fn read_endpoint(s: &mut DataStream) -> Result<Endpoint, TransportError> {
         let mut ep = [0u8; ENDPOINT_LEN];
         tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut ep))
             .await
@@ -175,31 +175,31 @@ mod imp {
         Endpoint::decode(&ep).map_err(rdma_err)
     }
 
-    async fn write_endpoint(s: &mut TcpStream, qp: &QueuePair) -> Result<(), TransportError> {
-        s.write_all(&qp.endpoint().encode())
-            .await
-            .map_err(|source| TransportError::Io { what: "sending a queue pair endpoint", source })
+    async fn write_endpoint(s: &mut DataStream, qp: &QueuePair) -> Result<(), TransportError> {
+        let io = |source| TransportError::Io { what: "sending a queue pair endpoint", source };
+        s.write_all(&qp.endpoint().encode()).await.map_err(io)?;
+        s.flush().await.map_err(io)
     }
 
     /// A destination's side of one RDMA stream (after the hello was checked):
     /// acknowledges each batch when its WRITE_WITH_IMM arrives, until the
     /// sender leaves or `stop` says so; then nothing more can land.
-    pub async fn serve(t: &Target, mut s: TcpStream, stop: Stop) -> Result<(), TransportError> {
+    pub async fn serve(t: &Target, mut s: DataStream, stop: Stop) -> Result<(), TransportError> {
         let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true).map_err(rdma_err)?;
         handshake::answer(&mut s, HelloStatus::Ok).await?;
         let remote = read_endpoint(&mut s).await?;
         qp.connect(&remote).map_err(rdma_err)?;
         qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
         write_endpoint(&mut s, &qp).await?;
-        let (mut rd, mut wr) = s.split();
+        let (mut rd, mut wr) = tokio::io::split(s);
         let acks = async {
             loop {
                 for c in qp.completions().await.map_err(rdma_err)? {
                     match c.result {
                         Ok(CompletionKind::Received { imm }) => {
-                            wr.write_all(&Reply::Applied { batch: imm as u64 }.encode())
-                                .await
-                                .map_err(|source| TransportError::Io { what: "acknowledging a batch", source })?;
+                            let io = |source| TransportError::Io { what: "acknowledging a batch", source };
+                            wr.write_all(&Reply::Applied { batch: imm as u64 }.encode()).await.map_err(io)?;
+                            wr.flush().await.map_err(io)?;
                             qp.post_recvs(0, 1).map_err(rdma_err)?;
                         }
                         Ok(CompletionKind::Sent) => {}
@@ -271,8 +271,9 @@ mod imp {
         device: &Arc<Device>,
         spec: &StreamSpec,
         depth: u32,
-    ) -> Result<(QueuePair, TcpStream), TransportError> {
-        let mut s = handshake::open(spec.addr, Hello::new(spec.token, spec.sender, StreamMode::Rdma)).await?;
+    ) -> Result<(QueuePair, DataStream), TransportError> {
+        let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
+        let mut s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
         let qp = QueuePair::new(device, depth, 1, false).map_err(rdma_err)?;
         write_endpoint(&mut s, &qp).await?;
         qp.connect(&read_endpoint(&mut s).await?).map_err(rdma_err)?;
@@ -316,8 +317,8 @@ mod imp {
                 .collect()
         }
 
-        async fn run(self, s: TcpStream) {
-            let (rd, _wr) = s.into_split();
+        async fn run(self, s: DataStream) {
+            let (rd, _wr) = tokio::io::split(s);
             let result = tokio::select! {
                 r = self.feed.read_acks(&self.inflight, rd) => r,
                 r = self.local_completions() => r,

@@ -5,6 +5,7 @@
 
 use super::handshake;
 use super::rdma::Target;
+use super::secure::{self, Accepted, ServerTls};
 use super::{rdma, tcp, Stop, TransportError};
 use crate::memory::GuestRam;
 use crate::protocol::data::{HelloStatus, StreamMode, DATA_VERSION};
@@ -25,6 +26,8 @@ pub struct Receiving {
     /// The RAM registered for RDMA writes, when this session offers RDMA.
     rdma: OnceLock<Arc<Target>>,
     senders: Mutex<HashMap<u8, SenderStreams>>,
+    /// Set once the pause's verification began: new streams are refused.
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 /// The streams of one sending host: a token to cut them, and a liveness
@@ -43,6 +46,12 @@ impl Receiving {
             .entry(id)
             .or_insert_with(|| SenderStreams { cut: CancellationToken::new(), live: Arc::new(()) })
             .clone()
+    }
+
+    /// Refuses every new stream from now on (streams already open go on:
+    /// the pause's resends use them).
+    pub fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The RAM streams write into.
@@ -79,13 +88,21 @@ impl Receiving {
     }
 }
 
-/// Every session of this agent, by token.
+/// Every session of this agent, by token, and its encryption policy
+/// (none: plain streams only, as in unit tests).
 #[derive(Default, Clone)]
 pub struct Receiver {
     sessions: Arc<Mutex<HashMap<Token, Arc<Receiving>>>>,
+    tls: Option<ServerTls>,
 }
 
 impl Receiver {
+    /// A receiver taking TLS streams from the hosts `tls` allows (and plain
+    /// ones unless it requires TLS).
+    pub fn new(tls: ServerTls) -> Self {
+        Self { sessions: Default::default(), tls: Some(tls) }
+    }
+
     /// Registers a session writing into `ram`.
     pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
         let r = Arc::new(Receiving {
@@ -93,6 +110,7 @@ impl Receiver {
             cancel: CancellationToken::new(),
             rdma: OnceLock::new(),
             senders: Mutex::new(HashMap::new()),
+            sealed: Default::default(),
         });
         self.sessions.lock().unwrap().insert(token, r.clone());
         r
@@ -107,24 +125,31 @@ impl Receiver {
 
     /// Accepts data streams forever.
     pub async fn serve(self, listener: TcpListener) {
+        let listener = Listener::new(listener, "data listener", MAX_CONNECTIONS);
         loop {
-            let (s, peer) = accept(&listener, "data listener").await;
+            let (s, peer, slot) = listener.accept().await;
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.serve_stream(s).await {
                     tracing::warn!(%peer, "data stream: {}", crate::error_chain(&e));
                 }
+                drop(slot);
             });
         }
     }
 
-    async fn serve_stream(&self, mut s: TcpStream) -> Result<(), TransportError> {
-        s.set_nodelay(true).ok();
+    async fn serve_stream(&self, tcp: TcpStream) -> Result<(), TransportError> {
+        tcp.set_nodelay(true).ok();
+        let Accepted { stream: mut s, peer } = secure::server(tcp, self.tls.as_ref()).await?;
         let hello = handshake::read_hello(&mut s).await?;
         let refuse = |status| TransportError::Refused(status);
         if hello.version != DATA_VERSION {
             handshake::answer(&mut s, HelloStatus::BadVersion).await.ok();
             return Err(TransportError::Version(hello.version));
+        }
+        if peer.is_none() && self.tls.as_ref().is_some_and(|t| t.required) {
+            handshake::answer(&mut s, HelloStatus::EncryptionRequired).await.ok();
+            return Err(refuse(HelloStatus::EncryptionRequired));
         }
         let Some(sess) = self.sessions.lock().unwrap().get(&hello.token).cloned() else {
             handshake::answer(&mut s, HelloStatus::BadToken).await.ok();
@@ -137,6 +162,10 @@ impl Receiver {
         if streams.cut.is_cancelled() {
             handshake::answer(&mut s, HelloStatus::Fenced).await.ok();
             return Err(refuse(HelloStatus::Fenced));
+        }
+        if sess.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            handshake::answer(&mut s, HelloStatus::Sealed).await.ok();
+            return Err(refuse(HelloStatus::Sealed));
         }
         let stop = Stop { session: sess.cancel.clone(), sender: streams.cut.clone() };
         match StreamMode::try_from(hello.mode) {
@@ -163,15 +192,49 @@ impl Receiver {
     }
 }
 
-/// The next connection on `listener`. Accept errors (no file descriptors
-/// left, say) are logged and back off instead of spinning.
-pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(c) => return c,
-            Err(e) => {
-                tracing::warn!("{what}: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+/// Connections one listener serves at once; more are closed at once, so a
+/// flood can neither exhaust file descriptors nor starve the event loop
+/// (handshakes have deadlines, so slots come back).
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// A listener with a bounded number of live connections.
+pub struct Listener {
+    inner: TcpListener,
+    what: &'static str,
+    max: usize,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A slot of a [`Listener`], held while its connection is served.
+pub type Slot = tokio::sync::OwnedSemaphorePermit;
+
+impl Listener {
+    /// Serves at most `max` connections of `inner` at once.
+    pub fn new(inner: TcpListener, what: &'static str, max: usize) -> Self {
+        Self { inner, what, max, slots: Arc::new(tokio::sync::Semaphore::new(max)) }
+    }
+
+    /// The next connection, with its slot. Accept errors (no file
+    /// descriptors left, say) are logged and back off instead of spinning;
+    /// connections beyond the cap are closed unread.
+    pub async fn accept(&self) -> (TcpStream, std::net::SocketAddr, Slot) {
+        let mut refused = 0u64;
+        loop {
+            match self.inner.accept().await {
+                Ok((s, addr)) => match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => return (s, addr, slot),
+                    Err(_) => {
+                        drop(s);
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            tracing::warn!(%addr, refused, "{}: {} connections open, closing new ones", self.what, self.max);
+                        }
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("{}: {e}", self.what);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }

@@ -5,14 +5,13 @@
 use super::handshake;
 use super::inflight::InFlight;
 use super::queue::{Feed, SendQueue, StreamSpec};
+use super::secure::DataStream;
 use super::TransportError;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN};
 use crate::protocol::DataPlane;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Batches a stream may have sent but not yet seen applied.
 const WINDOW: usize = 8;
@@ -22,7 +21,7 @@ const PIECE: usize = 1 << 20;
 
 /// The receiving side of one accepted stream: applies frames until the
 /// sender closes it (Ok) or sends something wrong (Err, after telling it).
-pub async fn receive(ram: &GuestRam, s: &mut TcpStream) -> Result<(), TransportError> {
+pub async fn receive(ram: &GuestRam, s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> Result<(), TransportError> {
     let io = |what| move |source| TransportError::Io { what, source };
     let mut header = [0u8; HEADER_LEN];
     let mut buf = Vec::new();
@@ -34,14 +33,14 @@ pub async fn receive(ram: &GuestRam, s: &mut TcpStream) -> Result<(), TransportE
         let frame = match Frame::decode(&header) {
             Ok(f) => f,
             Err(e) => {
-                s.write_all(&Reply::Rejected { code: RejectCode::BadFrame }.encode()).await.ok();
+                reply(s, Reply::Rejected { code: RejectCode::BadFrame }).await.ok();
                 return Err(e.into());
             }
         };
         match frame {
             Frame::Pages { region, offset, len } => {
                 if let Err(e) = ram.check(region, offset, len as u64) {
-                    s.write_all(&Reply::Rejected { code: RejectCode::OutOfBounds }.encode()).await.ok();
+                    reply(s, Reply::Rejected { code: RejectCode::OutOfBounds }).await.ok();
                     return Err(e.into());
                 }
                 // Into a buffer, then pwrite: see GuestRam::write_at.
@@ -50,10 +49,16 @@ pub async fn receive(ram: &GuestRam, s: &mut TcpStream) -> Result<(), TransportE
                 ram.write_at(region, offset, &buf)?;
             }
             Frame::BatchEnd { batch } => {
-                s.write_all(&Reply::Applied { batch }.encode()).await.map_err(io("acknowledging a batch"))?;
+                reply(s, Reply::Applied { batch }).await.map_err(io("acknowledging a batch"))?;
             }
         }
     }
+}
+
+/// Sends a reply now (a TLS stream may otherwise hold it in its buffer).
+async fn reply(s: &mut (impl AsyncWrite + Unpin), r: Reply) -> std::io::Result<()> {
+    s.write_all(&r.encode()).await?;
+    s.flush().await
 }
 
 /// The sending side: opens `spec.streams` authenticated data streams (one
@@ -63,7 +68,8 @@ pub async fn connect(spec: StreamSpec) -> Result<SendQueue, TransportError> {
     let streams = spec.streams.max(1);
     let q = SendQueue::new(DataPlane::Tcp, streams * WINDOW, spec.completions.clone());
     for _ in 0..streams {
-        let s = handshake::open(spec.addr, Hello::new(spec.token, spec.sender, StreamMode::Tcp)).await?;
+        let hello = Hello::new(spec.token, spec.sender, StreamMode::Tcp);
+        let s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
         let stream = Stream {
             ram: spec.ram.clone(),
             observer: spec.observer.clone(),
@@ -85,8 +91,8 @@ struct Stream {
 }
 
 impl Stream {
-    async fn run(self, s: TcpStream) {
-        let (rd, wr) = s.into_split();
+    async fn run(self, s: DataStream) {
+        let (rd, wr) = tokio::io::split(s);
         let result = tokio::select! {
             r = self.feed.read_acks(&self.inflight, rd) => r,
             r = self.write(wr) => r,
@@ -98,7 +104,7 @@ impl Stream {
 
     /// Batches from the queue, as frames, within the window. Returns when
     /// the queue closes; the acknowledgements still come in meanwhile.
-    async fn write(&self, mut wr: OwnedWriteHalf) -> Result<(), TransportError> {
+    async fn write(&self, mut wr: impl AsyncWrite + Unpin) -> Result<(), TransportError> {
         let io = |source| TransportError::Io { what: "writing pages", source };
         let mut buf = Vec::with_capacity(PIECE);
         let max_pages = PIECE / PAGE_SIZE;
@@ -131,6 +137,8 @@ impl Stream {
                 self.feed.sent(buf.len() as u64);
             }
             wr.write_all(&Frame::BatchEnd { batch: id }.encode()).await.map_err(io)?;
+            // The batch's last bytes leave now, not with the next batch.
+            wr.flush().await.map_err(io)?;
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum VmError {
     /// a VM on (attach checks, launch spec checks, loading the device state).
     #[error("launching the incoming VM: {0}")]
     Launch(String),
+    /// A destination refused the launch spec (its allow-list).
+    #[error("launch spec refused")]
+    Spec(#[source] crate::vm::qemu::SpecError),
     /// Starting or self-testing a dirty tracker failed.
     #[error(transparent)]
     Dirty(#[from] crate::dirty::DirtyError),

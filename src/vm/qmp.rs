@@ -5,7 +5,7 @@
 
 use super::VmError;
 use qapi::qmp;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ impl Qmp {
         let pid = peer_pid(&s).map_err(|e| err(format!("peer credentials: {e}")))?;
         let r = s.try_clone().map_err(|e| err(e.to_string()))?;
         let mut qmp = qapi::Qmp::new(qapi::Stream::new(BufReader::new(r), s));
-        qmp.handshake().map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
+        handshake(&mut qmp).map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
         Ok(Self { qmp, path: path.to_owned(), pid })
     }
 
@@ -130,13 +130,27 @@ impl Qmp {
     }
 }
 
-/// `query-migrate-capabilities` with the capabilities as plain names.
+/// QEMU's greeting, then capabilities negotiation. `qapi` panics on a
+/// stream that ends before the greeting (a QEMU exiting as we connect): an
+/// error here. Public for the fuzz target `qmp_reply` (tests/fuzz).
+#[doc(hidden)]
+pub fn handshake<S: BufRead + Write>(qmp: &mut qapi::Qmp<S>) -> Result<qmp::QMP, qapi::ExecuteError> {
+    if qmp.inner_mut().fill_buf()?.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before QEMU's greeting").into());
+    }
+    qmp.handshake()
+}
+
+/// `query-migrate-capabilities` with the capabilities as plain names
+/// (public, hidden, for the fuzz target `qmp_reply`).
+#[doc(hidden)]
 #[derive(serde::Serialize)]
-struct QueryCapabilities {}
+pub struct QueryCapabilities {}
 
 /// One capability and whether it is on.
+#[doc(hidden)]
 #[derive(serde::Deserialize)]
-struct CapabilityState {
+pub struct CapabilityState {
     capability: String,
     state: bool,
 }

@@ -36,6 +36,9 @@ pub(super) enum ForwardError {
         #[source]
         source: OpenError,
     },
+    /// The source named a host this one does not forward to.
+    #[error("{0} is not a peer of this host (--peer): not forwarding there")]
+    NotAPeer(String),
     /// `Forward` before `ForwardTo`.
     #[error("not forwarding")]
     NotForwarding,
@@ -64,6 +67,10 @@ pub(super) async fn forward_to(
     t: Target,
     completions: mpsc::UnboundedSender<Completion>,
 ) -> Result<DataPlane, ForwardError> {
+    // Guest RAM goes only to this host's own peers, at the address this host
+    // knows them by: the source chooses the port, never where to.
+    let peer_ip = agent.cfg.peers.get(&t.host).ok_or_else(|| ForwardError::NotAPeer(t.host.clone()))?.ip();
+    let addr = SocketAddr::new(peer_ip, t.addr.port());
     if let Some((_, old)) = sess.forward.take() {
         old.close();
     }
@@ -73,7 +80,7 @@ pub(super) async fn forward_to(
         rdma: &agent.rdma,
         offer: t.rdma.as_deref(),
         streams: StreamSpec {
-            addr: t.addr,
+            addr,
             token: t.token,
             sender: t.sender,
             streams: t.streams.clamp(1, 64),
@@ -81,6 +88,10 @@ pub(super) async fn forward_to(
             observer: None,
             completions,
             stall_timeout: agent.cfg.peer_timeout,
+            tls: agent.cfg.data_encryption.then(|| crate::transport::secure::ClientTls {
+                config: agent.cfg.tls.client.clone(),
+                host: t.host.clone(),
+            }),
         },
     };
     let s = crate::transport::open_sender(spec)

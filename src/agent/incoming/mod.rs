@@ -84,7 +84,7 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let peer = conn.host.clone();
     tracing::info!(%peer, version = conn.version, "control session accepted");
     let heartbeat = (conn.version >= HEARTBEATS).then(|| Heartbeat::answering(agent.cfg.peer_timeout));
-    let Channel { out, mut inbox, closed } = Channel::new(conn.stream, heartbeat);
+    let Channel { out, mut inbox, closed } = Channel::serving(conn.stream, heartbeat);
     let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     let mut session: Option<Session> = None;
     let mut watch = tokio::time::interval(VM_CHECK);
@@ -126,7 +126,7 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     closed.cancel();
 }
 
-fn send(out: &mpsc::UnboundedSender<Message>, m: Message) -> Result<(), ProtocolError> {
+fn send(out: &crate::control::Outbox, m: Message) -> Result<(), ProtocolError> {
     out.send(m).map_err(|_| ProtocolError::Closed)
 }
 
@@ -157,7 +157,7 @@ fn error(e: impl std::error::Error + 'static) -> Message {
 /// Handles one message from the source.
 async fn step(
     agent: &Agent,
-    out: &mpsc::UnboundedSender<Message>,
+    out: &crate::control::Outbox,
     msg: Message,
     session: &mut Option<Session>,
     peer: &str,
@@ -184,7 +184,14 @@ async fn step(
             }
             Err(e) => error(e),
         },
-        (Message::ChecksumRequest { blocks, block_pages }, Some(sess)) => checksums(sess, blocks, block_pages).await,
+        (Message::ChecksumRequest { blocks, block_pages, pause }, Some(sess)) => {
+            if pause {
+                // What is verified now must stay as verified: a sniffed token
+                // can no longer open a stream.
+                sess.receiving.seal();
+            }
+            checksums(sess, blocks, block_pages).await
+        }
         (Message::DeviceState { state }, Some(sess)) => {
             let bytes = base64::engine::general_purpose::STANDARD.decode(state);
             match bytes {
@@ -303,7 +310,7 @@ async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
 /// Commits the switchover: the VM lives here from now on.
 async fn resume(
     agent: &Agent,
-    out: &mpsc::UnboundedSender<Message>,
+    out: &crate::control::Outbox,
     session: &mut Option<Session>,
     start: bool,
 ) -> Result<Step, ProtocolError> {

@@ -3,6 +3,7 @@
 //! data plane (and RAM with the RDMA device). Whatever fails on the way is
 //! undone before the error goes back.
 
+use super::super::capacity::Reservation;
 use super::super::journal::IncomingEntry;
 use super::super::Agent;
 use super::Session;
@@ -48,6 +49,9 @@ pub enum OpenError {
     /// A synthetic guest has one region.
     #[error("{0} RAM regions for a synthetic guest")]
     Regions(usize),
+    /// It does not fit on this host.
+    #[error("no room on this host")]
+    Capacity(#[from] crate::agent::capacity::CapacityError),
     /// Creating the VM's directory failed.
     #[error("{0}")]
     Dir(PathBuf, #[source] std::io::Error),
@@ -76,11 +80,18 @@ pub(super) async fn open(
     if agent.has_vm(vm) {
         return Err(OpenError::Exists { vm: vm.into(), host: agent.cfg.name.clone() });
     }
-    if !agent.begin_incoming(vm) {
+    let layout = Layout::new(regions.clone(), chunk_size)?;
+    let (dir, paths) = ram_paths(&agent.cfg.data_dir, vm, &regions, launch)?;
+    if let LaunchSpec::Qemu { binary, args } = launch {
+        // Refused before anything is created for it.
+        qemu::check_spec(binary, args, &dir, &agent.cfg.storage)?;
+    }
+    let room = Reservation { bytes: layout.total_bytes(), files: paths.clone() };
+    if !agent.begin_incoming(vm, room)? {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
-    let r = prepare(agent, vm, regions, chunk_size, launch).await;
+    let r = prepare(agent, vm, (layout, regions), (dir, paths), launch).await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
@@ -113,12 +124,10 @@ fn ram_paths(
 async fn prepare(
     agent: &Agent,
     vm: &str,
-    regions: Vec<RegionSpec>,
-    chunk_size: u64,
+    (layout, regions): (Layout, Vec<RegionSpec>),
+    (dir, paths): (PathBuf, Vec<PathBuf>),
     launch: &LaunchSpec,
 ) -> Result<Session, OpenError> {
-    let layout = Layout::new(regions.clone(), chunk_size)?;
-    let (dir, paths) = ram_paths(&agent.cfg.data_dir, vm, &regions, launch)?;
     let owned_dir = matches!(launch, LaunchSpec::Qemu { .. }).then(|| dir.clone());
     if let Some(d) = &owned_dir {
         if d.exists() {
@@ -145,7 +154,7 @@ async fn prepare(
             .zip(&paths)
             .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
             .collect();
-        let incoming = launch_incoming(vm, &dir, files, launch).await?;
+        let incoming = launch_incoming(vm, &dir, &agent.cfg.storage, files, launch).await?;
         Ok::<_, OpenError>((ram, incoming))
     };
     let (ram, incoming) = match made.await {
@@ -175,14 +184,15 @@ async fn prepare(
 async fn launch_incoming(
     vm: &str,
     dir: &Path,
+    storage: &[PathBuf],
     files: Vec<RamFile>,
     launch: &LaunchSpec,
 ) -> Result<Arc<dyn IncomingVm>, OpenError> {
-    let (name, dir, launch) = (vm.to_owned(), dir.to_owned(), launch.clone());
+    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), storage.to_vec(), launch.clone());
     let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
         Ok(match &launch {
             LaunchSpec::Synthetic { .. } => Arc::new(SyntheticIncoming::launch(&name, &dir, &files, &launch)?),
-            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(&name, &dir, &files, &launch)?),
+            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(&name, &dir, &storage, &files, &launch)?),
         })
     })
     .await??;

@@ -2,7 +2,8 @@
 //! defer` on the RAM files the agent fills, fed the device state at
 //! switchover, then committed (it runs here) or discarded.
 
-use super::launch::{check_launch, destination_args};
+use super::allow::Confine;
+use super::launch::{check_binary, destination_args};
 use super::{kill, ram_path, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, QMP_TIMEOUT};
 use crate::memory::RegionSpec;
 use crate::vm::qmp::Qmp;
@@ -34,11 +35,18 @@ const INCOMING_MARK: &str = "incoming";
 impl QemuIncoming {
     /// Starts QEMU paused (`-incoming defer -S`) from the launch spec, on the
     /// RAM files the agent created in `dir`; returns once its QMP answers.
-    pub fn launch(name: &str, dir: &Path, ram: &[RamFile], launch: &LaunchSpec) -> Result<Self, VmError> {
+    /// Files the spec names must be in `dir` or under `storage`.
+    pub fn launch(
+        name: &str,
+        dir: &Path,
+        storage: &[PathBuf],
+        ram: &[RamFile],
+        launch: &LaunchSpec,
+    ) -> Result<Self, VmError> {
         let LaunchSpec::Qemu { binary, args } = launch else {
             return Err(vm_err("not a QEMU launch spec"));
         };
-        check_launch(binary, args)?;
+        check_binary(binary)?;
         let qmp_path = dir.join("qmp.sock");
         for p in [&qmp_path, &dir.join("incoming.sock")] {
             // sockaddr_un holds 107 bytes of path: fail now, not at switchover.
@@ -50,11 +58,10 @@ impl QemuIncoming {
             }
         }
         let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
-        let mut argv = destination_args(args, dir, &regions, |id| ram_path(dir, id), &qmp_path)?;
+        let confine = Confine { dir, storage };
+        let mut argv = destination_args(args, &confine, &regions, |id| ram_path(dir, id), &qmp_path)?;
         let pidfile = dir.join("qemu.pid");
         argv.extend(["-pidfile".to_owned(), pidfile.display().to_string()]);
-        // QEMU's seccomp filter: no fork/exec from the incoming VM.
-        argv.extend(["-sandbox".to_owned(), "on,spawn=deny".to_owned()]);
         std::fs::write(dir.join(INCOMING_MARK), b"").map_err(|e| vm_err(e.to_string()))?;
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| vm_err(e.to_string()))?;
         let log2 = log.try_clone().map_err(|e| vm_err(e.to_string()))?;

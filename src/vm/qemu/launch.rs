@@ -1,18 +1,26 @@
 //! The launch spec: how a destination starts a VM's incoming QEMU. It is
 //! the source QEMU's own command line (or a file the operator gave), with
-//! the options the agent owns taken out; a destination checks it, then
-//! rewrites every RAM backend onto the files it created.
+//! the options the agent owns and its monitors taken out; a destination
+//! checks it against its allow-list ([`super::allow`]), then rewrites every
+//! RAM backend onto the files it created.
 
+use super::allow::{self, parse_qemu_size, split_keyval, Confine, SpecError};
 use super::vm_err;
 use crate::memory::RegionSpec;
 use crate::vm::{LaunchSpec, VmError};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-/// Options the agent owns on a destination: taken out of a launch spec.
-const CONTROL_OPTS_WITH_ARG: [&str; 4] = ["qmp", "qmp-pretty", "pidfile", "incoming"];
+/// Options the agent owns on a destination: taken out of a launch spec
+/// (the destination sets its own QMP socket, pidfile, incoming mode and
+/// sandbox).
+const CONTROL_OPTS_WITH_ARG: [&str; 5] = ["qmp", "qmp-pretty", "pidfile", "incoming", "sandbox"];
 const CONTROL_FLAGS: [&str; 2] = ["daemonize", "S"];
 const MEMORY_BACKENDS: [&str; 3] = ["memory-backend-file", "memory-backend-memfd", "memory-backend-ram"];
+
+/// QEMU's seccomp sandbox with every deny flag: no obsolete syscalls, no
+/// privilege changes, no fork/exec, no scheduler or affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// A QEMU command line without the options the agent adds itself.
 pub fn strip_control(args: &[String]) -> Vec<String> {
@@ -29,17 +37,40 @@ pub fn strip_control(args: &[String]) -> Vec<String> {
     out
 }
 
-/// Options a destination refuses in a launch spec: they would let the peer
-/// that sent it run code or take over the destination (plugins, config
-/// files, inherited fds, privileges), or switch off the sandbox.
-const REFUSED_OPTS: [&str; 6] = ["plugin", "readconfig", "add-fd", "sandbox", "runas", "chroot"];
+/// A source QEMU's command line without its monitors (`-monitor`, `-mon`
+/// and the chardev a `-mon` uses): they belong to the source host, and a
+/// destination refuses them.
+fn strip_monitors(args: &[String]) -> Vec<String> {
+    let opt = |a: &str, n: &str| a.starts_with('-') && a.trim_start_matches('-') == n;
+    let mut mon_chardevs = Vec::new();
+    for w in args.windows(2) {
+        if opt(&w[0], "mon") {
+            let props = split_keyval(&w[1]);
+            mon_chardevs.extend(props.iter().filter_map(|p| p.strip_prefix("chardev=")).map(str::to_owned));
+        }
+    }
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if opt(a, "monitor") || opt(a, "mon") {
+            it.next();
+        } else if opt(a, "chardev") {
+            let Some(v) = it.next() else { break };
+            let id = split_keyval(v).into_iter().find_map(|p| p.strip_prefix("id=").map(str::to_owned));
+            if !id.is_some_and(|id| mon_chardevs.contains(&id)) {
+                out.extend([a.clone(), v.clone()]);
+            }
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
 
 /// A destination runs only QEMU: `qemu-system-*` from PATH, or a path the
 /// operator allowed in `DCMIGRATE_QEMU_ALLOW` (colon-separated) or
-/// `DCMIGRATE_QEMU` (the test bed's QEMU), and refuses the options above and
-/// network helper scripts. The launch spec comes from an authenticated peer,
-/// but a peer is not trusted with arbitrary commands on this host.
-pub fn check_launch(binary: &str, args: &[String]) -> Result<(), VmError> {
+/// `DCMIGRATE_QEMU` (the test bed's QEMU).
+pub fn check_binary(binary: &str) -> Result<(), VmError> {
     let bare = binary
         .strip_prefix("qemu-system-")
         .is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
@@ -54,20 +85,26 @@ pub fn check_launch(binary: &str, args: &[String]) -> Result<(), VmError> {
              DCMIGRATE_QEMU_ALLOW on this host"
         )));
     }
-    for a in args {
-        let name = a.trim_start_matches('-');
-        if a.starts_with('-') && REFUSED_OPTS.contains(&name) {
-            return Err(vm_err(format!("refusing the launch spec option {a}")));
-        }
-        for part in split_keyval(a) {
-            if let Some((k, v)) = part.split_once('=') {
-                if (k == "script" || k == "downscript" || k == "helper") && v != "no" {
-                    return Err(vm_err(format!("refusing the launch spec option {part}: no helper scripts")));
-                }
-            }
-        }
-    }
     Ok(())
+}
+
+/// The launch spec as a destination will run it: the agent's options taken
+/// out, `{dir}` replaced by the VM's directory.
+fn resolved(args: &[String], dir: &Path) -> Vec<String> {
+    let dir_s = dir.to_string_lossy();
+    strip_control(args).iter().map(|a| a.replace("{dir}", &dir_s)).collect()
+}
+
+/// Checks a peer's launch spec before anything is created for it: the
+/// binary, and every option against the allow-list, with files confined to
+/// `dir` (the VM's directory here) and `storage`.
+pub fn check_spec(binary: &str, args: &[String], dir: &Path, storage: &[PathBuf]) -> Result<(), VmError> {
+    check_binary(binary)?;
+    allow::check_args(&resolved(args, dir), &Confine { dir, storage }).map_err(spec_err)
+}
+
+fn spec_err(e: SpecError) -> VmError {
+    VmError::Spec(e)
 }
 
 /// The launch spec of a running QEMU: its own command line, control options removed.
@@ -79,40 +116,7 @@ pub fn launch_from_process(pid: u32) -> Result<LaunchSpec, VmError> {
         return Err(vm_err(format!("pid {pid} has no command line")));
     }
     let binary = args.remove(0);
-    Ok(LaunchSpec::Qemu { binary, args: strip_control(&args) })
-}
-
-/// QEMU's size syntax: a number with an optional k/M/G/T suffix (binary units).
-fn parse_qemu_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
-        (i, 'm' | 'M') => (&s[..i], 1 << 20),
-        (i, 'g' | 'G') => (&s[..i], 1 << 30),
-        (i, 't' | 'T') => (&s[..i], 1 << 40),
-        (i, 'b' | 'B') => (&s[..i], 1),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
-/// Splits QEMU's `key=value,key=value` syntax (`,,` is a literal comma).
-fn split_keyval(s: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                parts.last_mut().expect("non-empty").push(',');
-            } else {
-                parts.push(String::new());
-            }
-        } else {
-            parts.last_mut().expect("non-empty").push(c);
-        }
-    }
-    parts
+    Ok(LaunchSpec::Qemu { binary, args: strip_monitors(&strip_control(&args)) })
 }
 
 /// One `-object` option as a JSON object (QEMU accepts both spellings).
@@ -147,19 +151,19 @@ fn prop_str(m: &Map<String, Value>, k: &str) -> Option<String> {
 }
 
 /// The destination's QEMU command line: `{dir}` replaced by the VM's
-/// directory there, every RAM backend turned into a shared file backend on
+/// directory there, checked against the allow-list, every RAM backend turned into a shared file backend on
 /// `ram_path(id)` (same id and size: QEMU matches RAM blocks by id), no
 /// preallocation (it would race with the agent's writes), and the agent's
-/// QMP socket, `-incoming defer` and `-S` added.
+/// QMP socket, `-incoming defer`, `-S` and the sandbox added.
 pub fn destination_args(
     args: &[String],
-    dir: &Path,
+    confine: &Confine,
     regions: &[RegionSpec],
     ram_path: impl Fn(&str) -> PathBuf,
     qmp: &Path,
 ) -> Result<Vec<String>, VmError> {
-    let dir_s = dir.to_string_lossy();
-    let args: Vec<String> = strip_control(args).iter().map(|a| a.replace("{dir}", &dir_s)).collect();
+    let args = resolved(args, confine.dir);
+    allow::check_args(&args, confine).map_err(spec_err)?;
     let mut out = Vec::with_capacity(args.len() + 6);
     let mut seen = Vec::new();
     let mut it = args.into_iter();
@@ -214,6 +218,8 @@ pub fn destination_args(
         "-incoming".into(),
         "defer".into(),
         "-S".into(),
+        "-sandbox".into(),
+        SANDBOX.into(),
     ]);
     Ok(out)
 }
@@ -260,37 +266,67 @@ mod tests {
             "iothread,id=io0",
         ]);
         let dir = Path::new("/data/vm.qemu");
-        let out = destination_args(&a, dir, &regions, |id| ram_path(dir, id), &dir.join("qmp.sock")).unwrap();
+        let confine = Confine { dir, storage: &[] };
+        let out = destination_args(&a, &confine, &regions, |id| ram_path(dir, id), &dir.join("qmp.sock")).unwrap();
         assert_eq!(out[1], "memory-backend-file,id=n0,size=67108864,share=on,mem-path=/data/vm.qemu/n0.ram");
         assert_eq!(out[3], "memory-backend-file,id=n1,size=67108864,share=on,mem-path=/data/vm.qemu/n1.ram,merge=off");
         assert_eq!(out[5], "file:/data/vm.qemu/serial.log");
         assert_eq!(&out[6..8], &s(&["-object", "iothread,id=io0"]));
         assert_eq!(
             &out[8..],
-            &s(&["-qmp", "unix:/data/vm.qemu/qmp.sock,server=on,wait=off", "-incoming", "defer", "-S"])
+            &s(&[
+                "-qmp",
+                "unix:/data/vm.qemu/qmp.sock,server=on,wait=off",
+                "-incoming",
+                "defer",
+                "-S",
+                "-sandbox",
+                SANDBOX
+            ])
         );
     }
 
     #[test]
-    fn destinations_run_only_qemu_without_dangerous_options() {
-        assert!(check_launch("qemu-system-x86_64", &s(&["-m", "1G", "-netdev", "tap,id=n,script=no"])).is_ok());
-        assert!(check_launch("/bin/sh", &[]).is_err());
-        assert!(check_launch("qemu-system-x86_64; rm", &[]).is_err());
-        assert!(check_launch("qemu-system-x86_64", &s(&["-plugin", "file=/tmp/x.so"])).is_err());
-        assert!(check_launch("qemu-system-x86_64", &s(&["--readconfig", "/etc/x"])).is_err());
-        assert!(check_launch("qemu-system-x86_64", &s(&["-netdev", "tap,id=n,script=/tmp/x"])).is_err());
+    fn destinations_run_only_qemu_from_an_allowed_spec() {
+        assert!(check_binary("qemu-system-x86_64").is_ok());
+        assert!(check_binary("/bin/sh").is_err());
+        assert!(check_binary("qemu-system-x86_64; rm").is_err());
         let dir = Path::new("/d");
+        let e = check_spec("qemu-system-x86_64", &s(&["-plugin", "file=/tmp/x.so"]), dir, &[]).unwrap_err();
+        assert!(e.to_string().contains("refused") && crate::error_chain(&e).contains("-plugin"), "{e}");
+        assert!(check_spec("qemu-system-x86_64", &s(&["-serial", "file:{dir}/s.log"]), dir, &[]).is_ok());
         let regions = vec![RegionSpec { id: "ram0".into(), size: 64 << 20 }];
         let smuggled =
             s(&["-object", r#"{"qom-type":"memory-backend-file","id":"ram0","size":67108864,"a=b,prealloc":"on"}"#]);
-        assert!(destination_args(&smuggled, dir, &regions, |id| ram_path(dir, id), Path::new("/q")).is_err());
+        let confine = Confine { dir, storage: &[] };
+        assert!(destination_args(&smuggled, &confine, &regions, |id| ram_path(dir, id), Path::new("/q")).is_err());
+    }
+
+    #[test]
+    fn source_monitors_and_sandbox_are_not_part_of_the_spec() {
+        let a = s(&[
+            "-chardev",
+            "socket,id=charmonitor,fd=27,server=on,wait=off",
+            "-mon",
+            "chardev=charmonitor,id=monitor,mode=control",
+            "-monitor",
+            "stdio",
+            "-sandbox",
+            "on,obsolete=deny",
+            "-chardev",
+            "null,id=c1",
+            "-m",
+            "1G",
+        ]);
+        assert_eq!(strip_monitors(&strip_control(&a)), s(&["-chardev", "null,id=c1", "-m", "1G"]));
     }
 
     #[test]
     fn refuses_launch_specs_that_do_not_match_the_ram() {
         let regions = vec![RegionSpec { id: "ram0".into(), size: 64 << 20 }];
         let dir = Path::new("/d");
-        let run = |a: &[&str]| destination_args(&s(a), dir, &regions, |id| ram_path(dir, id), Path::new("/q"));
+        let confine = Confine { dir, storage: &[] };
+        let run = |a: &[&str]| destination_args(&s(a), &confine, &regions, |id| ram_path(dir, id), Path::new("/q"));
         assert!(run(&["-m", "64M"]).unwrap_err().to_string().contains("no memory backend \"ram0\""));
         let e = run(&["-object", "memory-backend-file,id=ram0,size=32M,mem-path=/x,share=on"]).unwrap_err();
         assert!(e.to_string().contains("size"), "{e}");

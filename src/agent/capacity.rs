@@ -1,0 +1,142 @@
+//! What a destination can take in. An incoming session's RAM must fit in the
+//! data dir's free space, less what other incoming sessions reserved and
+//! have not filled yet (their files are sparse until the pages arrive), and
+//! under the operator's limits per session and in total. Checked before
+//! anything is allocated: a tmpfs that fills up kills the VMs already
+//! running from it (SIGBUS on their next new page).
+
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The operator's limits on incoming RAM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// Largest RAM of one incoming session.
+    pub per_session: Option<u64>,
+    /// Largest RAM of all incoming sessions at once.
+    pub total: Option<u64>,
+}
+
+/// Room an incoming session holds in the data dir.
+#[derive(Clone, Debug)]
+pub struct Reservation {
+    /// Its RAM's size.
+    pub bytes: u64,
+    /// Its RAM files (allocated as pages arrive).
+    pub files: Vec<PathBuf>,
+}
+
+impl Reservation {
+    /// What its files will still take from the free space.
+    fn unfilled(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let allocated: u64 =
+            self.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks().saturating_mul(512)).sum();
+        self.bytes.saturating_sub(allocated)
+    }
+}
+
+/// Why a session does not fit on this host.
+#[derive(Debug, Error)]
+pub enum CapacityError {
+    /// Above the limit per session.
+    #[error("{need} bytes of RAM exceed this host's limit of {limit} per incoming session (--max-session-ram)")]
+    Session {
+        /// The session's RAM.
+        need: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Above the limit for all sessions.
+    #[error(
+        "{need} bytes of RAM, with {incoming} already incoming, exceed this host's limit of {limit} (--max-incoming-ram)"
+    )]
+    Total {
+        /// The session's RAM.
+        need: u64,
+        /// Other incoming sessions' RAM.
+        incoming: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Not enough free space in the data dir.
+    #[error("{need} bytes of RAM do not fit in {dir}: {free} bytes free, {reserved} of them promised to other incoming sessions")]
+    Space {
+        /// The session's RAM.
+        need: u64,
+        /// The data dir.
+        dir: PathBuf,
+        /// Its free space.
+        free: u64,
+        /// What other sessions will still fill.
+        reserved: u64,
+    },
+    /// The data dir's free space could not be read.
+    #[error("reading the free space of {0}")]
+    Statvfs(PathBuf, #[source] std::io::Error),
+}
+
+/// Whether `need` more bytes of incoming RAM fit beside `others`.
+pub fn admit<'a>(
+    limits: &Limits,
+    data_dir: &Path,
+    need: u64,
+    others: impl Iterator<Item = &'a Reservation> + Clone,
+) -> Result<(), CapacityError> {
+    if let Some(limit) = limits.per_session.filter(|&l| need > l) {
+        return Err(CapacityError::Session { need, limit });
+    }
+    let incoming: u64 = others.clone().map(|r| r.bytes).sum();
+    if let Some(limit) = limits.total.filter(|&l| need.saturating_add(incoming) > l) {
+        return Err(CapacityError::Total { need, incoming, limit });
+    }
+    let free = free_bytes(data_dir).map_err(|e| CapacityError::Statvfs(data_dir.to_owned(), e))?;
+    let reserved: u64 = others.map(Reservation::unfilled).sum();
+    if need.saturating_add(reserved) > free {
+        return Err(CapacityError::Space { need, dir: data_dir.to_owned(), free, reserved });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still allocate in `dir`'s file system.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer statvfs fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // Both are u64 on Linux x86_64 and aarch64, narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
+    Ok(avail.saturating_mul(frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        assert!(free > 0);
+        let none: [Reservation; 0] = [];
+        assert!(admit(&Limits::default(), dir.path(), 1 << 20, none.iter()).is_ok());
+        let e = admit(&Limits::default(), dir.path(), 64 << 40, none.iter()).unwrap_err();
+        assert!(matches!(e, CapacityError::Space { .. }), "{e}");
+        let per = Limits { per_session: Some(1 << 20), total: None };
+        assert!(matches!(admit(&per, dir.path(), 2 << 20, none.iter()), Err(CapacityError::Session { .. })));
+        // Another session's unfilled RAM is promised to it.
+        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")] }];
+        assert!(matches!(
+            admit(&Limits::default(), dir.path(), 1 << 20, other.iter()),
+            Err(CapacityError::Space { .. })
+        ));
+        let total = Limits { per_session: None, total: Some(free + (1 << 20)) };
+        assert!(matches!(admit(&total, dir.path(), 2 << 20, other.iter()), Err(CapacityError::Total { .. })));
+    }
+}
