@@ -316,3 +316,63 @@ fn launch_specs_outside_the_allow_list_fail_the_migration_cleanly() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}");
     assert!(tb.vm_on("B", "clean").is_some());
 }
+
+/// With `--qemu-user`, a destination's incoming QEMU runs as that user, not
+/// as the agent's root; it owns only its VM's directory and RAM files, and
+/// the migration completes with the RAM byte for byte.
+#[test]
+fn incoming_qemu_runs_as_the_configured_user() {
+    const T: &str = "incoming_qemu_runs_as_the_configured_user";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let nobody = match dcmigrate::vm::qemu::QemuUser::lookup("nobody") {
+        Ok(u) => u,
+        Err(e) => {
+            skip(T, &format!("cannot run QEMU as nobody here: {e}"));
+            return;
+        }
+    };
+    let mut tb = testbed(&["A", "B"]);
+    // The test bed's directories are private: let the user through to B's data dir.
+    use std::os::unix::fs::PermissionsExt;
+    let b_data = tb.host("B").data_dir.clone();
+    for d in b_data.ancestors().skip(1).take_while(|d| d.starts_with(tb.dir.path())) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    tb.restart_agent("B", &[("DCMIGRATE_QEMU_USER", "nobody")]).unwrap();
+    let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None };
+    let _g = tb.start_qemu("A", "vm3", &spec).expect("QEMU on A");
+    let a_ram = tb.host("A").data_dir.join("vm3.src").join("ram0.ram");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&a_ram).expect("A's RAM file");
+        let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i * 13) as u8).collect();
+        for off in (0..64 * MIB).step_by(8 * MIB as usize) {
+            f.write_all_at(&pattern, off).unwrap();
+        }
+    }
+    let report = migrate(&tb, "A", "vm3", "B", suspended());
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let b_dir = b_data.join("vm3.qemu");
+    let pid = Testbed::qemu_pids(&b_dir)[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(uid, nobody.uid, "B's QEMU runs as uid {uid}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(b_dir.join("ram0.ram")).unwrap().uid(), nobody.uid);
+    assert_eq!(std::fs::metadata(&b_data).unwrap().mode() & 0o777, 0o711);
+    // A's QEMU is gone; its RAM file holds the RAM as of the switchover.
+    assert!(
+        std::fs::read(b_dir.join("ram0.ram")).unwrap() == std::fs::read(&a_ram).unwrap(),
+        "B's RAM differs from A's"
+    );
+}

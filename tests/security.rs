@@ -285,3 +285,46 @@ async fn stream(
 ) -> Result<DataStream, TransportError> {
     dcmigrate::transport::handshake::open(addr, Hello::new(*token, 0, StreamMode::Tcp), tls).await
 }
+
+/// CPU seconds `pid` has used (user + system).
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime, stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / hz
+}
+
+/// A connection flood on both listeners, under a low file-descriptor
+/// limit, neither spins the agent nor locks it up: it uses little CPU
+/// during the flood, its API answers, and once the flood ends a migration
+/// to it completes byte for byte.
+#[test]
+fn a_connection_flood_under_a_low_fd_limit_leaves_the_agent_usable() {
+    let mut tb = testbed(&["hostA", "hostB"]);
+    tb.start_guest("hostA", "flooded", 16 * MIB, &workload(1.0), false, &[]).unwrap();
+    let pid = tb.agent_pid("hostB").expect("hostB's agent");
+    let lim = libc::rlimit { rlim_cur: 128, rlim_max: 128 };
+    // SAFETY: sets the limit of our own child process; `lim` outlives the call.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) }, 0);
+    let control = tb.host("hostB").control;
+    let data = std::net::SocketAddr::new(control.ip(), tb.client("hostB").info().unwrap().data_port);
+    // Twice the limit, held open and silent (a TLS handshake that never comes).
+    let flood: Vec<std::net::TcpStream> = (0..256)
+        .flat_map(|_| [control, data])
+        .filter_map(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).ok())
+        .collect();
+    assert!(flood.len() > 128, "only {} flood connections", flood.len());
+    let (cpu0, t0) = (cpu_s(pid), std::time::Instant::now());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let busy = (cpu_s(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    assert!(busy < 0.5, "the agent used {:.0} % of a core during the flood", busy * 100.0);
+    assert!(tb.client("hostB").info().is_ok(), "the API did not answer during the flood");
+    drop(flood);
+    let r = migrate(&tb, "hostA", "flooded", "hostB", Default::default());
+    assert_eq!(r.result, dcmigrate::engine::Outcome::Completed, "{r:#?}");
+    assert!(r.verified);
+    assert_eq!(state(&tb, "hostB", "flooded").map(|s| s.phase.is_some()), Some(true));
+}

@@ -53,6 +53,9 @@ pub enum AgentError {
     /// A directory or the API socket cannot be set up safely.
     #[error("setting up the agent's files")]
     Access(#[from] access::AccessError),
+    /// The data dir cannot be opened to `--qemu-user`.
+    #[error("preparing the data dir for QEMU's user")]
+    QemuUser(#[from] crate::vm::qemu::UserError),
 }
 
 /// An agent's configuration.
@@ -81,6 +84,8 @@ pub struct AgentConfig {
     pub limits: capacity::Limits,
     /// Encrypt TCP data streams, and refuse plain ones.
     pub data_encryption: bool,
+    /// The user incoming QEMUs run as (else the agent's).
+    pub qemu_user: Option<crate::vm::qemu::QemuUser>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
     /// RDMA device to use (default: the first with an active port).
@@ -227,6 +232,9 @@ impl Agent {
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
         access::own_dir(&self.cfg.data_dir)?;
+        if let Some(u) = &self.cfg.qemu_user {
+            u.open_data_dir(&self.cfg.data_dir)?;
+        }
         access::own_dir(&self.cfg.state_dir)?;
         self.journal_init().map_err(|e| AgentError::DataDir(self.cfg.state_dir.clone(), e))?;
         crate::vm::qemu::clean_leftovers(&self.cfg.data_dir);
@@ -285,8 +293,7 @@ impl Agent {
 
     /// Accepts control connections from peers; each becomes an incoming session.
     async fn serve_peers(self: Arc<Self>, control: TcpListener) {
-        use crate::transport::session::{Listener, MAX_CONNECTIONS};
-        let control = Listener::new(control, "control listener", MAX_CONNECTIONS);
+        let control = crate::transport::session::Listener::new(control, "control listener");
         loop {
             let (tcp, addr, slot) = control.accept().await;
             tcp.set_nodelay(true).ok();

@@ -1,23 +1,20 @@
 //! Command-line interface: argument definitions and the commands that talk
 //! to an agent's API. The daemon itself lives in [`crate::agent`].
 
+pub mod agent;
 pub mod demo;
 pub mod progress;
 
 use crate::agent::api::Client;
-use crate::agent::{Agent, AgentConfig};
 use crate::dirty::TrackerKind;
 use crate::engine::options::VerifyMode;
 use crate::engine::options::{DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_TIME_S, DEFAULT_STREAMS};
 use crate::engine::{BudgetAction, MigrateOptions};
 use crate::guest::GuestOptions;
 use crate::protocol::TransportKind;
-use crate::tls::TlsConfig;
 use crate::vm::synthetic::{Pattern, Workload};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 const DEFAULT_API: &str = "/run/dcmigrate/agent.sock";
@@ -43,7 +40,7 @@ pub struct ApiArg {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Run the per-host agent (daemon).
-    Agent(Box<AgentArgs>),
+    Agent(Box<agent::AgentArgs>),
     /// TLS material for agents.
     Certs {
         /// What to do with them.
@@ -187,86 +184,6 @@ pub enum CertsCmd {
         #[arg(long, value_delimiter = ',', required = true)]
         hosts: Vec<String>,
     },
-}
-
-/// `dcmigrate agent` arguments.
-#[derive(Args)]
-pub struct AgentArgs {
-    /// This host's name (must match its certificate).
-    #[arg(long)]
-    pub name: String,
-    /// Control channel (mTLS) listen address.
-    #[arg(long, default_value = "127.0.0.1:4710")]
-    pub listen: SocketAddr,
-    /// Data plane listen address (default: the control IP, any port).
-    #[arg(long)]
-    pub data_listen: Option<SocketAddr>,
-    /// Directory with ca.pem, NAME.pem and NAME.key (from `certs init`).
-    #[arg(long)]
-    pub certs: PathBuf,
-    /// A peer agent, NAME=ADDR (repeat for each).
-    #[arg(long = "peer", value_parser = parse_peer)]
-    pub peers: Vec<(String, SocketAddr)>,
-    /// Peers that may migrate VMs to this host (repeat for each; default:
-    /// every --peer). Others are refused after their certificate is checked.
-    #[arg(long = "accept-from", env = "DCMIGRATE_ACCEPT_FROM", value_delimiter = ',')]
-    pub accept_from: Vec<String>,
-    /// A directory a peer's QEMU launch spec may name files under (disk
-    /// images, kernels), besides the VM's own directory (repeat for each;
-    /// or colon-separated in DCMIGRATE_STORAGE).
-    #[arg(long = "storage", env = "DCMIGRATE_STORAGE", value_delimiter = ':', value_parser = parse_storage)]
-    pub storage: Vec<PathBuf>,
-    /// Where incoming VMs' RAM files go (tmpfs recommended).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Largest RAM of one incoming migration (e.g. 256G); larger ones are
-    /// refused at session open. Sessions must always fit in the data dir's
-    /// free space.
-    #[arg(long, value_parser = parse_size)]
-    pub max_session_ram: Option<u64>,
-    /// Encrypt TCP data streams with TLS (the agents' certificates), and
-    /// take only encrypted ones; `off` for trusted fabrics (then on both
-    /// ends). RDMA is never encrypted.
-    #[arg(long, env = "DCMIGRATE_DATA_ENCRYPTION", default_value = "on", value_parser = ["on", "off"])]
-    pub data_encryption: String,
-    /// Largest RAM of all incoming migrations at once.
-    #[arg(long, value_parser = parse_size)]
-    pub max_incoming_ram: Option<u64>,
-    /// Where the agent keeps its journal (VMs, migrations, incoming
-    /// sessions), so that a restart settles what was in flight. Default:
-    /// /var/lib/dcmigrate/NAME.
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// RDMA device for the data plane (default: the first with an active port).
-    #[arg(long)]
-    pub rdma_device: Option<String>,
-    /// Use TCP only, even where RDMA is available.
-    #[arg(long, env = "DCMIGRATE_NO_RDMA")]
-    pub no_rdma: bool,
-    /// Seconds after which a peer that sends nothing (not even a heartbeat
-    /// or an acknowledgement) is declared lost.
-    #[arg(long, env = "DCMIGRATE_PEER_TIMEOUT", default_value_t = 10.0)]
-    pub peer_timeout: f64,
-    /// Where the agent serves its API.
-    #[command(flatten)]
-    pub api: ApiArg,
-    /// Members of this group (a name or a gid) may use the API too; by
-    /// default only root and the agent's own user may (the socket is 0600).
-    #[arg(long, env = "DCMIGRATE_API_GROUP")]
-    pub api_group: Option<String>,
-}
-
-fn parse_storage(s: &str) -> Result<PathBuf, String> {
-    let p = PathBuf::from(s);
-    if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(format!("{s}: a storage prefix is an absolute path without '..'"));
-    }
-    Ok(p)
-}
-
-fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
-    let (n, a) = s.split_once('=').ok_or("expected NAME=ADDR")?;
-    Ok((n.to_owned(), a.parse().map_err(|e| format!("{a}: {e}"))?))
 }
 
 /// Parses sizes like 256M, 1G, 4GiB, 65536 (binary units).
@@ -425,7 +342,7 @@ impl MigrateArgs {
 /// Runs a parsed command line; returns the process's exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Agent(a) => run_agent(*a).map(|_| 0),
+        Cmd::Agent(a) => agent::run_agent(*a).map(|_| 0),
         Cmd::Certs { cmd: CertsCmd::Init { dir, hosts } } => {
             crate::tls::init_certs(&dir, &hosts)?;
             println!("CA and certificates for {} written to {}", hosts.join(", "), dir.display());
@@ -504,55 +421,6 @@ fn migrate(m: MigrateArgs) -> Result<i32> {
     let report = progress::follow(&client, &m.vm, m.json)?;
     progress::print_report(&report, m.json);
     Ok(progress::exit_code(&report))
-}
-
-fn run_agent(a: AgentArgs) -> Result<()> {
-    crate::vm::synthetic::own_exe().context("locating this program")?;
-    let tls = TlsConfig::load_dir(&a.certs, &a.name)
-        .with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
-    let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
-    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/dcmigrate/{}", a.name)));
-    let cfg = AgentConfig {
-        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{}", a.name))),
-        name: a.name,
-        listen: a.listen,
-        data_listen,
-        api: a.api.api,
-        api_access: crate::agent::access::ApiAccess::with_group(a.api_group.as_deref())?,
-        tls,
-        peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
-        accept_from: (!a.accept_from.is_empty()).then(|| a.accept_from.into_iter().collect()),
-        storage: a.storage,
-        data_encryption: a.data_encryption == "on",
-        limits: crate::agent::capacity::Limits { per_session: a.max_session_ram, total: a.max_incoming_ram },
-        rdma_device: a.rdma_device,
-        no_rdma: a.no_rdma,
-        peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),
-        state_dir,
-    };
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let agent = Agent::new(cfg);
-        let stop = agent.clone();
-        tokio::spawn(async move {
-            // SIGTERM (systemd, kill) and SIGINT (Ctrl-C) stop the agent the
-            // same way: migrations are cancelled first.
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let terminated = async {
-                match term.as_mut() {
-                    Some(t) => drop(t.recv().await),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
-                _ = terminated => tracing::info!("terminated: stopping"),
-            }
-            stop.shutdown();
-        });
-        agent.run().await
-    })?;
-    Ok(())
 }
 
 fn run_guest(g: GuestArgs) -> Result<()> {

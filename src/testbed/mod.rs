@@ -306,11 +306,15 @@ impl Testbed {
         }
     }
 
+    /// The pid of `host`'s agent, if it runs.
+    pub fn agent_pid(&self, host: &str) -> Option<u32> {
+        self.hosts.iter().find(|h| h.name == host).and_then(|h| h.child.as_ref()).map(|c| c.id())
+    }
+
     /// Sends `sig` to `host`'s agent (SIGSTOP freezes it, SIGCONT thaws it,
     /// SIGTERM asks it to stop); false if it is not running.
     pub fn signal_agent(&self, host: &str, sig: i32) -> bool {
-        let Some(pid) = self.hosts.iter().find(|h| h.name == host).and_then(|h| h.child.as_ref()).map(|c| c.id())
-        else {
+        let Some(pid) = self.agent_pid(host) else {
             return false;
         };
         // SAFETY: a signal to our own child process.

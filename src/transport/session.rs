@@ -125,7 +125,7 @@ impl Receiver {
 
     /// Accepts data streams forever.
     pub async fn serve(self, listener: TcpListener) {
-        let listener = Listener::new(listener, "data listener", MAX_CONNECTIONS);
+        let listener = Listener::new(listener, "data listener");
         loop {
             let (s, peer, slot) = listener.accept().await;
             let me = self.clone();
@@ -192,45 +192,69 @@ impl Receiver {
     }
 }
 
-/// Connections one listener serves at once; more are closed at once, so a
-/// flood can neither exhaust file descriptors nor starve the event loop
-/// (handshakes have deadlines, so slots come back).
+/// Connections one listener serves at once, at most; fewer when the
+/// process's file descriptor limit is low (see [`connection_cap`]). More are
+/// closed at once, so a flood can neither exhaust file descriptors nor
+/// starve the event loop (handshakes have deadlines, so slots come back).
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// File descriptors kept for everything but the two listeners' connections
+/// (RAM files, QMP and API sockets, the journal).
+const RESERVED_FDS: u64 = 64;
+
+/// How many connections one listener may serve now: a quarter of the file
+/// descriptors left after [`RESERVED_FDS`] (read each time: an operator may
+/// change the limit of a running agent), at least 8, at most
+/// [`MAX_CONNECTIONS`].
+pub fn connection_cap() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 1024 };
+    (soft.saturating_sub(RESERVED_FDS) / 4).clamp(8, MAX_CONNECTIONS as u64) as usize
+}
 
 /// A listener with a bounded number of live connections.
 pub struct Listener {
     inner: TcpListener,
     what: &'static str,
-    max: usize,
-    slots: Arc<tokio::sync::Semaphore>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A slot of a [`Listener`], held while its connection is served.
-pub type Slot = tokio::sync::OwnedSemaphorePermit;
+/// A connection's place in its [`Listener`], held while it is served.
+pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 impl Listener {
-    /// Serves at most `max` connections of `inner` at once.
-    pub fn new(inner: TcpListener, what: &'static str, max: usize) -> Self {
-        Self { inner, what, max, slots: Arc::new(tokio::sync::Semaphore::new(max)) }
+    /// Serves at most [`connection_cap`] connections of `inner` at once.
+    pub fn new(inner: TcpListener, what: &'static str) -> Self {
+        Self { inner, what, live: Default::default() }
     }
 
     /// The next connection, with its slot. Accept errors (no file
     /// descriptors left, say) are logged and back off instead of spinning;
     /// connections beyond the cap are closed unread.
     pub async fn accept(&self) -> (TcpStream, std::net::SocketAddr, Slot) {
+        use std::sync::atomic::Ordering;
         let mut refused = 0u64;
         loop {
             match self.inner.accept().await {
-                Ok((s, addr)) => match self.slots.clone().try_acquire_owned() {
-                    Ok(slot) => return (s, addr, slot),
-                    Err(_) => {
-                        drop(s);
-                        refused += 1;
-                        if refused.is_power_of_two() {
-                            tracing::warn!(%addr, refused, "{}: {} connections open, closing new ones", self.what, self.max);
-                        }
+                Ok((s, addr)) => {
+                    let cap = connection_cap();
+                    if self.live.fetch_add(1, Ordering::SeqCst) < cap {
+                        return (s, addr, Slot(self.live.clone()));
                     }
-                },
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                    drop(s);
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(%addr, refused, "{}: {cap} connections open, closing new ones", self.what);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("{}: {e}", self.what);
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -49,6 +49,9 @@ pub enum OpenError {
     /// A synthetic guest has one region.
     #[error("{0} RAM regions for a synthetic guest")]
     Regions(usize),
+    /// The VM's files could not be handed to QEMU's user.
+    #[error("QEMU's user")]
+    User(#[from] qemu::UserError),
     /// It does not fit on this host.
     #[error("no room on this host")]
     Capacity(#[from] crate::agent::capacity::CapacityError),
@@ -149,12 +152,17 @@ async fn prepare(
     }
     let made = async {
         let ram = Arc::new(GuestRam::create(layout, &paths)?);
+        if let (Some(u), Some(d)) = (&agent.cfg.qemu_user, &owned_dir) {
+            // QEMU opens its RAM files and makes its sockets there as that user.
+            std::iter::once(d).chain(&paths).try_for_each(|p| u.give(p))?;
+        }
         let files: Vec<RamFile> = regions
             .iter()
             .zip(&paths)
             .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
             .collect();
-        let incoming = launch_incoming(vm, &dir, &agent.cfg.storage, files, launch).await?;
+        let incoming =
+            launch_incoming(vm, (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref()), files, launch).await?;
         Ok::<_, OpenError>((ram, incoming))
     };
     let (ram, incoming) = match made.await {
@@ -183,16 +191,18 @@ async fn prepare(
 
 async fn launch_incoming(
     vm: &str,
-    dir: &Path,
-    storage: &[PathBuf],
+    (dir, storage, user): (&Path, &[PathBuf], Option<&qemu::QemuUser>),
     files: Vec<RamFile>,
     launch: &LaunchSpec,
 ) -> Result<Arc<dyn IncomingVm>, OpenError> {
     let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), storage.to_vec(), launch.clone());
+    let user = user.cloned();
     let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
         Ok(match &launch {
             LaunchSpec::Synthetic { .. } => Arc::new(SyntheticIncoming::launch(&name, &dir, &files, &launch)?),
-            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(&name, &dir, &storage, &files, &launch)?),
+            LaunchSpec::Qemu { .. } => {
+                Arc::new(qemu::QemuIncoming::launch(&name, (&dir, &storage, user.as_ref()), &files, &launch)?)
+            }
         })
     })
     .await??;

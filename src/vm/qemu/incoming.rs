@@ -4,6 +4,7 @@
 
 use super::allow::Confine;
 use super::launch::{check_binary, destination_args};
+use super::user::QemuUser;
 use super::{kill, ram_path, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, QMP_TIMEOUT};
 use crate::memory::RegionSpec;
 use crate::vm::qmp::Qmp;
@@ -35,11 +36,11 @@ const INCOMING_MARK: &str = "incoming";
 impl QemuIncoming {
     /// Starts QEMU paused (`-incoming defer -S`) from the launch spec, on the
     /// RAM files the agent created in `dir`; returns once its QMP answers.
-    /// Files the spec names must be in `dir` or under `storage`.
+    /// Files the spec names must be in `dir` or under `storage`; QEMU runs
+    /// as `user` when one is given.
     pub fn launch(
         name: &str,
-        dir: &Path,
-        storage: &[PathBuf],
+        (dir, storage, user): (&Path, &[PathBuf], Option<&QemuUser>),
         ram: &[RamFile],
         launch: &LaunchSpec,
     ) -> Result<Self, VmError> {
@@ -67,15 +68,17 @@ impl QemuIncoming {
         let log2 = log.try_clone().map_err(|e| vm_err(e.to_string()))?;
         tracing::info!(vm = name, "launching incoming QEMU: {binary} {}", argv.join(" "));
         use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(binary)
-            .args(&argv)
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(&argv)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Its own process group: a Ctrl-C aimed at the agent must not kill the VM.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| vm_err(format!("starting {binary}: {e}")))?;
+            .process_group(0);
+        if let Some(u) = user {
+            u.apply(&mut cmd);
+        }
+        let mut child = cmd.spawn().map_err(|e| vm_err(format!("starting {binary}: {e}")))?;
         let pid = child.id();
         let reaper = std::thread::spawn(move || drop(child.wait()));
         let me = Self {

@@ -21,17 +21,20 @@
 //! Parts: [`launch`] (the launch spec a destination starts QEMU from),
 //! [`allow`] (what a destination lets a peer's launch spec contain),
 //! [`source`] (attaching a running QEMU, and the source side of a
-//! migration), [`incoming`] (the paused QEMU on a destination).
+//! migration), [`incoming`] (the paused QEMU on a destination), [`user`]
+//! (the unprivileged user it runs as).
 
 pub mod allow;
 pub mod incoming;
 pub mod launch;
 pub mod source;
+pub mod user;
 
 pub use allow::SpecError;
 pub use incoming::{clean_leftovers, QemuIncoming};
 pub use launch::{check_spec, destination_args, launch_from_process, strip_control};
 pub use source::{attach, QemuVm};
+pub use user::{QemuUser, UserError};
 
 use super::VmError;
 use std::path::{Path, PathBuf};
