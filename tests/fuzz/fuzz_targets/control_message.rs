@@ -67,7 +67,6 @@ fuzz_target!(|data: &[u8]| {
         let before = stream.len();
         match now(read_message(&mut stream)) {
             Ok(m) => {
-                eprintln!("DEBUGSEED {}", m.name());
                 assert!(stream.len() < before, "a message consumed nothing");
                 check_roundtrip(&m);
             }

@@ -325,16 +325,23 @@ pub(super) fn split_keyval(s: &str) -> Vec<String> {
     parts
 }
 
+/// Deepest dotted key accepted (`file.cache.direct` is 3): a peer's
+/// `a.a.a…` cannot nest the map, or the checks, thousands of levels deep.
+const MAX_KEY_DEPTH: usize = 8;
+
 /// Nests `a.b.c=v` as QEMU's keyval does; `None` when a key is both a
-/// value and an object, or given twice.
+/// value and an object, is given twice, or is nested too deep.
 fn insert_dotted(m: &mut Map<String, Value>, key: &str, v: Value) -> Option<()> {
-    match key.split_once('.') {
-        None => m.insert(key.to_owned(), v).is_none().then_some(()),
-        Some((head, rest)) => {
-            let inner = m.entry(head.to_owned()).or_insert_with(|| Value::Object(Map::new()));
-            insert_dotted(inner.as_object_mut()?, rest, v)
-        }
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() > MAX_KEY_DEPTH {
+        return None;
     }
+    let (last, path) = parts.split_last()?;
+    let mut m = m;
+    for head in path {
+        m = m.entry(head.to_string()).or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
+    }
+    m.insert(last.to_string(), v).is_none().then_some(())
 }
 
 fn is_id(s: &str) -> bool {
@@ -419,6 +426,7 @@ mod tests {
             (&["-drive", "file=/srv/images/../../etc/shadow"], "outside"),
             (&["-drive", "file=json:{\"driver\":\"nbd\"}"], "outside"),
             (&["-drive", "file.driver=nbd,file.host=x"], "file"),
+            (&["-blockdev", &format!("driver=raw,{}=x", vec!["a"; 2000].join("."))], "cannot parse"),
             (&["-fsdev", "local,path=/,security_model=none,id=f"], "-fsdev"),
             (&["-monitor", "tcp:0.0.0.0:4444,server=on,wait=off"], "-monitor"),
             (&["-netdev", r#"{"type":"tap","id":"n","script":"/tmp/x"}"#], "script"),
