@@ -310,7 +310,10 @@ mod imp {
                         local_addr: l.addr() + offset,
                         len: len as u32,
                         lkey: l.lkey(),
-                        remote_addr: rem.addr + offset,
+                        remote_addr: rem
+                            .addr
+                            .checked_add(offset)
+                            .ok_or(TransportError::RunOutside { page: r.first_page, region })?,
                         rkey: rem.rkey,
                     })
                 })
