@@ -255,8 +255,13 @@ async fn data_streams_must_be_encrypted_by_a_peer_unless_the_operator_says_off()
     let outsider = ClientTls { config: rogue.client, host: "hostA".into() };
     assert!(stream(addr, &token, Some(&outsider)).await.is_err(), "a certificate outside the CA was accepted");
     let mut s = stream(addr, &token, Some(&data_tls(&tb, "hostB", "hostA"))).await.expect("a peer's TLS stream");
+    assert!(matches!(s, DataStream::Sealed(_)), "both ends offer sealed records: they are used");
     let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
     assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
+    // A sender of an earlier release (TLS without ALPN) keeps TLS's records.
+    let mut old = legacy_tls_stream(addr, &token, &data_tls(&tb, "hostB", "hostA")).await;
+    let h = Frame::Pages { region: 0, offset: PAGE_SIZE as u64, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut old, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
     drop(c);
 
     // Encryption off on the destination: plain streams are taken, TLS too.
@@ -275,6 +280,24 @@ async fn data_streams_must_be_encrypted_by_a_peer_unless_the_operator_says_off()
 
 fn data_tls(tb: &dcmigrate::testbed::Testbed, me: &str, to: &str) -> ClientTls {
     ClientTls { config: TlsConfig::load_dir(&tb.certs_dir(), me).unwrap().client, host: to.into() }
+}
+
+/// A TLS data stream as agents before sealed records opened it (no ALPN).
+async fn legacy_tls_stream(
+    addr: std::net::SocketAddr,
+    token: &Token,
+    tls: &ClientTls,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(tls.host.clone()).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(name, tcp).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), None);
+    s.write_all(&Hello::new(*token, 0, StreamMode::Tcp).encode()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut st = [0u8; 1];
+    s.read_exact(&mut st).await.unwrap();
+    assert_eq!(HelloStatus::try_from(st[0]), Ok(HelloStatus::Ok));
+    s
 }
 
 /// A data stream to `addr` for `token`, over TLS when `tls` is given.

@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         guest_gib: u64,
         /// Runs of each kind per stream count (medians are compared).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         reps: usize,
     },
     /// Loopback throughput of an idle guest with 1, 2 and 4 streams vs iperf3.
@@ -198,6 +198,7 @@ fn main() -> Result<()> {
             let mut v = trackers::trackers(&gib, dirty_mbps, &dir)?;
             if print {
                 v["machine"] = machine();
+                v["command"] = json!("bench/trackers-in-vm");
                 println!("RESULT-JSON {}", serde_json::to_string(&v)?);
             } else {
                 save(&results, "trackers", &mut v)?;

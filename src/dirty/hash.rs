@@ -9,10 +9,9 @@
 
 use super::{DirtyError, DirtyTracker, SendObserver, TrackerKind};
 use crate::bitmap::{AtomicBitmap, Bitmap};
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{digest, GuestRam, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use xxhash_rust::xxh3::xxh3_64;
 
 struct State {
     baseline: Vec<AtomicU64>,
@@ -31,29 +30,28 @@ impl HashTracker {
     pub fn start(ram: &GuestRam) -> Result<Self, DirtyError> {
         self_test()?;
         let data = data_pages(ram);
-        Ok(Self::baseline(ram.layout().total_pages(), |p| page_hash(ram, &data, p)))
+        Ok(Self::baseline(ram.layout().total_pages(), ram_hasher(ram, &data)))
     }
 
-    fn baseline(pages: usize, hash: impl Fn(usize) -> u64 + Sync) -> Self {
+    fn baseline(pages: usize, hash: impl HashRange) -> Self {
         let baseline: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(0)).collect();
-        on_all_cores(pages, |range| range.for_each(|p| baseline[p].store(hash(p), Ordering::Relaxed)));
+        on_all_cores(pages, |range| hash(range, &mut |p, h| baseline[p].store(h, Ordering::Relaxed)));
         Self { state: Arc::new(State { baseline, pending: AtomicBitmap::new(pages) }) }
     }
 
     /// Hashes every page (on all cores); the pages whose hash changed, and
     /// those senders saw change, are dirty.
-    fn sync_with(&mut self, pages: usize, hash: impl Fn(usize) -> u64 + Sync) -> Bitmap {
+    fn sync_with(&mut self, pages: usize, hash: impl HashRange) -> Bitmap {
         let mut dirty = self.state.pending.drain();
         let baseline = &self.state.baseline;
         let parts = on_all_cores(pages, |range| {
             let first_word = range.start / 64;
             let mut words = vec![0u64; range.len().div_ceil(64)];
-            for p in range {
-                let h = hash(p);
+            hash(range, &mut |p, h| {
                 if baseline[p].swap(h, Ordering::Relaxed) != h {
                     words[p / 64 - first_word] |= 1 << (p % 64);
                 }
-            }
+            });
             (first_word, words)
         });
         for (first_word, words) in parts {
@@ -86,13 +84,19 @@ fn data_pages(ram: &GuestRam) -> Bitmap {
     })
 }
 
-fn page_hash(ram: &GuestRam, data: &Bitmap, page: usize) -> u64 {
-    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if data.get(page) {
-        // In bounds: `page` comes from the RAM's own layout.
-        ram.page_hash(page).unwrap_or_default()
-    } else {
-        *ZERO.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+/// Hashes a range of pages, giving each page's hash to the callback.
+trait HashRange: Fn(std::ops::Range<usize>, &mut dyn FnMut(usize, u64)) + Sync {}
+impl<F: Fn(std::ops::Range<usize>, &mut dyn FnMut(usize, u64)) + Sync> HashRange for F {}
+
+/// Hashes pages of `ram` (holes in `data` as zeros, unread).
+fn ram_hasher<'a>(ram: &'a GuestRam, data: &'a Bitmap) -> impl HashRange + 'a {
+    move |range, each| {
+        if let Err(e) = ram.hash_each_page(range.clone(), |p| data.get(p), &mut *each) {
+            // Cannot happen for pages of the RAM's own layout; if it did,
+            // reporting every page dirty is the safe answer.
+            tracing::warn!("hashing pages: {e}");
+            range.for_each(|p| each(p, 0));
+        }
     }
 }
 
@@ -101,15 +105,19 @@ fn page_hash(ram: &GuestRam, data: &Bitmap, page: usize) -> u64 {
 fn self_test() -> Result<(), DirtyError> {
     let fail = |msg: &str| DirtyError::SelfTest { tracker: "hash", msg: msg.into() };
     let mut mem = vec![7u8; 4 * PAGE_SIZE];
-    let page = |m: &[u8], p: usize| xxh3_64(&m[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
-    let mut t = HashTracker::baseline(4, |p| page(&mem, p));
+    let page = |m: &[u8], p: usize| digest::of(&m[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+    let pages = |m: &[u8]| {
+        let m = m.to_vec();
+        move |r: std::ops::Range<usize>, each: &mut dyn FnMut(usize, u64)| r.for_each(|p| each(p, page(&m, p)))
+    };
+    let mut t = HashTracker::baseline(4, pages(&mem));
     mem[2 * PAGE_SIZE + 100] ^= 1;
-    let d = t.sync_with(4, |p| page(&mem, p));
+    let d = t.sync_with(4, pages(&mem));
     if d.iter_ones().collect::<Vec<_>>() != vec![2] {
         return Err(fail("a one-byte change was not reported exactly"));
     }
     t.state.observe(1, &[0u8; PAGE_SIZE]);
-    if !t.sync_with(4, |p| page(&mem, p)).get(1) {
+    if !t.sync_with(4, pages(&mem)).get(1) {
         return Err(fail("a sent copy that differs from the baseline was not reported"));
     }
     Ok(())
@@ -118,7 +126,7 @@ fn self_test() -> Result<(), DirtyError> {
 impl SendObserver for State {
     fn observe(&self, page: usize, bytes: &[u8]) {
         if let Some(b) = self.baseline.get(page) {
-            if b.load(Ordering::Relaxed) != xxh3_64(bytes) {
+            if b.load(Ordering::Relaxed) != digest::of(bytes) {
                 self.pending.set(page);
             }
         }
@@ -132,7 +140,7 @@ impl DirtyTracker for HashTracker {
 
     fn sync(&mut self, ram: &GuestRam) -> Result<Bitmap, DirtyError> {
         let data = data_pages(ram);
-        Ok(self.sync_with(ram.layout().total_pages(), |p| page_hash(ram, &data, p)))
+        Ok(self.sync_with(ram.layout().total_pages(), ram_hasher(ram, &data)))
     }
 
     fn observer(&self) -> Option<Arc<dyn SendObserver>> {
@@ -154,12 +162,16 @@ mod tests {
         // Enough pages for several threads and a partial last word.
         let pages = 64 * 37 + 5;
         let mut content: Vec<u64> = (0..pages as u64).collect();
-        let mut t = HashTracker::baseline(pages, |p| content[p]);
+        let hashes = |c: &[u64]| {
+            let c = c.to_vec();
+            move |r: std::ops::Range<usize>, each: &mut dyn FnMut(usize, u64)| r.for_each(|p| each(p, c[p]))
+        };
+        let mut t = HashTracker::baseline(pages, hashes(&content));
         for p in [0, 63, 64, 1000, pages - 1] {
             content[p] += 1;
         }
-        let d = t.sync_with(pages, |p| content[p]);
+        let d = t.sync_with(pages, hashes(&content));
         assert_eq!(d.iter_ones().collect::<Vec<_>>(), vec![0, 63, 64, 1000, pages - 1]);
-        assert_eq!(t.sync_with(pages, |p| content[p]).count(), 0, "nothing changed since");
+        assert_eq!(t.sync_with(pages, hashes(&content)).count(), 0, "nothing changed since");
     }
 }

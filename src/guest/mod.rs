@@ -100,9 +100,9 @@ impl DeviceState {
             self.rng,
             self.cursor,
             self.workload,
-            xxhash_rust::xxh3::xxh3_64(self.filler.as_bytes())
+            crate::memory::digest::of(self.filler.as_bytes())
         );
-        xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+        crate::memory::digest::of(s.as_bytes())
     }
 }
 

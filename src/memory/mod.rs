@@ -6,6 +6,7 @@
 //! remote writers): their bytes change under us, the way device DMA does,
 //! so they are only ever copied, never borrowed.
 
+pub mod digest;
 mod layout;
 mod ram;
 

@@ -7,6 +7,7 @@
 //! the caller's bytes, or through the file with `pwrite`); hashing copies
 //! small blocks first. Raw pointers leave only for RDMA registration.
 
+use super::digest::{self, Digest};
 use super::layout::{Blocks, Layout};
 use super::{MemoryError, PAGE_SIZE};
 use crate::bitmap::Bitmap;
@@ -14,7 +15,6 @@ use memmap2::MmapRaw;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 /// Bytes hashed per copy when checksumming a chunk (fits in L2).
 const HASH_BLOCK: usize = 64 << 10;
@@ -178,7 +178,45 @@ impl GuestRam {
         let mut buf = [0u8; PAGE_SIZE];
         let (region, offset) = self.layout.locate(page);
         self.read_at(region, offset, &mut buf)?;
-        Ok(xxh3_64(&buf))
+        Ok(digest::of(&buf))
+    }
+
+    /// Calls `each(page, xxh3 of its bytes)` for every page of `pages`, in
+    /// order. Data pages are copied a block at a time (one bounds check and
+    /// one copy per block, not per page); pages for which `is_data` is
+    /// false are holes, hashed as zeros without being read.
+    pub fn hash_each_page(
+        &self,
+        pages: std::ops::Range<usize>,
+        is_data: impl Fn(usize) -> bool,
+        mut each: impl FnMut(usize, u64),
+    ) -> Result<(), MemoryError> {
+        let zero = digest::of(&[0u8; PAGE_SIZE]);
+        let per_copy = HASH_BLOCK / PAGE_SIZE;
+        let mut buf = vec![0u8; HASH_BLOCK];
+        let mut p = pages.start;
+        while p < pages.end {
+            if !is_data(p) {
+                each(p, zero);
+                p += 1;
+                continue;
+            }
+            // A run of data pages within one region, at most a block.
+            let (region, offset) = self.layout.locate(p);
+            let region_end = self.layout.region_first_page(region)
+                + (self.layout.regions()[region as usize].size / PAGE_SIZE as u64) as usize;
+            let mut end = p + 1;
+            while end < pages.end && end < region_end && end - p < per_copy && is_data(end) {
+                end += 1;
+            }
+            let block = &mut buf[..(end - p) * PAGE_SIZE];
+            self.read_at(region, offset, block)?;
+            for (i, page) in block.chunks_exact(PAGE_SIZE).enumerate() {
+                each(p + i, digest::of(page));
+            }
+            p = end;
+        }
+        Ok(())
     }
 
     /// xxh3 of a chunk's current bytes, for end-to-end verification. Pages
@@ -209,7 +247,21 @@ impl GuestRam {
         is_data: impl Fn(usize) -> bool,
         zero: &[u8; PAGE_SIZE],
     ) -> u64 {
-        let mut h = Xxh3::new();
+        // Small enough for the buffer (the usual block): copied, holes
+        // zeroed, hashed in one go.
+        if pages * PAGE_SIZE <= buf.len() {
+            let all = &mut buf[..pages * PAGE_SIZE];
+            for (i, page) in all.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                let at = offset + (i * PAGE_SIZE) as u64;
+                // A read outside the RAM cannot happen for a chunk of its
+                // layout; if it did, the zeros would fail the comparison.
+                if !is_data(i) || self.read_at(region, at, page).is_err() {
+                    page.fill(0);
+                }
+            }
+            return digest::of(all);
+        }
+        let mut h = Digest::new();
         let mut i = 0;
         // Runs of data pages are copied and hashed a block at a time.
         while i < pages {
@@ -232,7 +284,7 @@ impl GuestRam {
                 (start..i).for_each(|_| h.update(zero));
             }
         }
-        h.digest()
+        h.finish()
     }
 
     /// Checksums of `list`'s blocks (in that order), hashed on all cores.
@@ -304,22 +356,20 @@ impl GuestRam {
     /// hold data; a page that is not resident is a hole only if SEEK_DATA
     /// says so (it may be swapped out).
     pub fn data_pages(&self) -> Result<Bitmap, MemoryError> {
+        // A window at a time: what is held besides the bitmap stays small.
+        const WINDOW: usize = 1 << 16;
         let mut out = Bitmap::new(self.layout.total_pages());
         for (r, m) in self.maps.iter().enumerate() {
             let first = self.layout.region_first_page(r as u32);
-            for pg in data_pages_of(m).map_err(|source| MemoryError::Io { path: m.path.clone(), source })? {
-                out.set(first + pg);
+            let pages = (m.len / PAGE_SIZE as u64) as usize;
+            for w in (0..pages).step_by(WINDOW) {
+                let data = data_in(m, w, WINDOW.min(pages - w))
+                    .map_err(|source| MemoryError::Io { path: m.path.clone(), source })?;
+                data.iter().enumerate().filter(|(_, d)| **d).for_each(|(i, _)| out.set(first + w + i));
             }
         }
         Ok(out)
     }
-}
-
-/// Data pages of one mapping (region-relative).
-fn data_pages_of(m: &Mapped) -> std::io::Result<Vec<usize>> {
-    let pages = (m.len / PAGE_SIZE as u64) as usize;
-    let data = data_in(m, 0, pages)?;
-    Ok((0..pages).filter(|&p| data[p]).collect())
 }
 
 /// Which of `n` pages from page `first` of a mapping hold data: resident
@@ -389,7 +439,25 @@ mod tests {
         );
         let mut whole = vec![];
         ram.read_pages(0, 2, &mut whole).unwrap();
-        assert_eq!(serial[0], xxh3_64(&whole), "a chunk's checksum is the xxh3 of its bytes");
+        assert_eq!(serial[0], digest::of(&whole), "a chunk's checksum is the xxh3 of its bytes");
+    }
+
+    #[test]
+    fn pages_hashed_in_blocks_match_one_by_one() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let paths = vec![dir.path().join("a"), dir.path().join("b")];
+        let ram = GuestRam::create(layout(), &paths).unwrap();
+        for (region, page) in [(0, 0), (0, 4), (1, 0), (1, 2)] {
+            ram.store(region, page * PAGE_SIZE as u64 + 9, &[region as u8 + 1; 3]).unwrap();
+        }
+        let data = ram.data_pages().unwrap();
+        // Across the region boundary (page 5), holes included.
+        let mut got = vec![];
+        ram.hash_each_page(2..8, |p| data.get(p), |p, h| got.push((p, h))).unwrap();
+        assert_eq!(ram.data_pages().unwrap().count(), 4, "holes were not read");
+        // page_hash reads every page it is given (allocating holes): last.
+        let want: Vec<(usize, u64)> = (2..8).map(|p| (p, ram.page_hash(p).unwrap())).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -414,6 +482,6 @@ mod tests {
         ram.read_at(0, 8, &mut two).unwrap();
         assert_eq!(&two, b"xy");
         ram.touch(0).unwrap();
-        assert_eq!(ram.page_hash(5).unwrap(), xxh3_64(&out[..PAGE_SIZE]));
+        assert_eq!(ram.page_hash(5).unwrap(), digest::of(&out[..PAGE_SIZE]));
     }
 }

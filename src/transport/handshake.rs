@@ -27,7 +27,7 @@ pub async fn open(addr: SocketAddr, hello: Hello, tls: Option<&ClientTls>) -> Re
     let tcp = dial(addr).await?;
     let mut s = match tls {
         Some(t) => secure::client(tcp, t).await?,
-        None => Box::new(tcp),
+        None => DataStream::plain(tcp),
     };
     let io = |what| move |source| TransportError::Io { what, source };
     s.write_all(&hello.encode()).await.map_err(io("sending the hello"))?;

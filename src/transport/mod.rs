@@ -15,6 +15,7 @@ pub mod inflight;
 pub mod open;
 pub mod queue;
 pub mod rdma;
+pub mod seal;
 pub mod secure;
 pub mod session;
 pub mod tcp;
@@ -78,6 +79,9 @@ pub enum TransportError {
     /// A header or reply that does not decode.
     #[error("bad frame")]
     Frame(#[from] FrameError),
+    /// A sealed record ended inside a frame.
+    #[error("a frame cut by the end of its record")]
+    FrameCut,
     /// The receiver rejected a frame.
     #[error("the receiver rejected a frame: {0:?}")]
     Rejected(RejectCode),

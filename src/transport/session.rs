@@ -172,7 +172,7 @@ impl Receiver {
             Ok(StreamMode::Tcp) => {
                 handshake::answer(&mut s, HelloStatus::Ok).await?;
                 tokio::select! {
-                    r = tcp::receive(&sess.ram, &mut s) => r,
+                    r = tcp::serve(&sess.ram, &mut s) => r,
                     _ = stop.wait() => Ok(()),
                 }
             }

@@ -5,7 +5,8 @@
 use super::handshake;
 use super::inflight::InFlight;
 use super::queue::{Feed, SendQueue, StreamSpec};
-use super::secure::DataStream;
+use super::seal;
+use super::secure::{DataStream, DataWriter, Sealed};
 use super::TransportError;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN};
@@ -19,8 +20,64 @@ const WINDOW: usize = 8;
 /// copy buffer per stream, on both ends, is this big.
 const PIECE: usize = 1 << 20;
 
-/// The receiving side of one accepted stream: applies frames until the
-/// sender closes it (Ok) or sends something wrong (Err, after telling it).
+/// The receiving side of one accepted stream (after the hello): applies
+/// frames until the sender closes it (Ok) or sends something wrong (Err,
+/// after telling it).
+pub async fn serve(ram: &GuestRam, s: &mut DataStream) -> Result<(), TransportError> {
+    match s {
+        DataStream::Stream(s) => receive(ram, s).await,
+        DataStream::Sealed(s) => receive_sealed(ram, s).await,
+    }
+}
+
+/// [`serve`] on sealed records: each holds whole frames (a sender writes a
+/// page frame as a record of its own), opened in the buffer the pages are
+/// written from. A frame cut by a record's end is refused.
+async fn receive_sealed(ram: &GuestRam, s: &mut Sealed) -> Result<(), TransportError> {
+    let mut buf = Vec::new();
+    loop {
+        let record =
+            s.rd.read_record(&mut buf)
+                .await
+                .map_err(|source| TransportError::Io { what: "reading a record", source })?;
+        let Some(mut rest) = record else { return Ok(()) };
+        while !rest.is_empty() {
+            let frame = match rest.get(..HEADER_LEN).map(|h| Frame::decode(h.try_into().expect("header length"))) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    reply(&mut s.wr, Reply::Rejected { code: RejectCode::BadFrame }).await.ok();
+                    return Err(e.into());
+                }
+                None => {
+                    reply(&mut s.wr, Reply::Rejected { code: RejectCode::BadFrame }).await.ok();
+                    return Err(TransportError::FrameCut);
+                }
+            };
+            rest = &rest[HEADER_LEN..];
+            match frame {
+                Frame::Pages { region, offset, len } => {
+                    if let Err(e) = ram.check(region, offset, len as u64) {
+                        reply(&mut s.wr, Reply::Rejected { code: RejectCode::OutOfBounds }).await.ok();
+                        return Err(e.into());
+                    }
+                    let Some(pages) = rest.get(..len as usize) else {
+                        reply(&mut s.wr, Reply::Rejected { code: RejectCode::BadFrame }).await.ok();
+                        return Err(TransportError::FrameCut);
+                    };
+                    ram.write_at(region, offset, pages)?;
+                    rest = &rest[len as usize..];
+                }
+                Frame::BatchEnd { batch } => {
+                    reply(&mut s.wr, Reply::Applied { batch })
+                        .await
+                        .map_err(|source| TransportError::Io { what: "acknowledging a batch", source })?;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side of a plain or TLS stream: see [`serve`].
 pub async fn receive(ram: &GuestRam, s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> Result<(), TransportError> {
     let io = |what| move |source| TransportError::Io { what, source };
     let mut header = [0u8; HEADER_LEN];
@@ -92,7 +149,7 @@ struct Stream {
 
 impl Stream {
     async fn run(self, s: DataStream) {
-        let (rd, wr) = tokio::io::split(s);
+        let (rd, wr) = s.split();
         let result = tokio::select! {
             r = self.feed.read_acks(&self.inflight, rd) => r,
             r = self.write(wr) => r,
@@ -104,9 +161,12 @@ impl Stream {
 
     /// Batches from the queue, as frames, within the window. Returns when
     /// the queue closes; the acknowledgements still come in meanwhile.
-    async fn write(&self, mut wr: impl AsyncWrite + Unpin) -> Result<(), TransportError> {
+    async fn write(&self, mut wr: DataWriter) -> Result<(), TransportError> {
         let io = |source| TransportError::Io { what: "writing pages", source };
-        let mut buf = Vec::with_capacity(PIECE);
+        // A frame is built after room for a sealed record's prefix, and
+        // leaves room for its tag: sealing happens in place.
+        let at = seal::PREFIX + HEADER_LEN;
+        let mut buf = Vec::with_capacity(at + PIECE + seal::TAG);
         let max_pages = PIECE / PAGE_SIZE;
         loop {
             self.inflight.reserve().await;
@@ -124,17 +184,18 @@ impl Stream {
             self.inflight.push(id, batch);
             for (first, pages) in pieces {
                 buf.clear();
+                buf.resize(at, 0);
                 self.ram.read_pages(first, pages, &mut buf)?;
                 if let Some(o) = &self.observer {
-                    for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                    for (i, page) in buf[at..].chunks_exact(PAGE_SIZE).enumerate() {
                         o.observe(first + i, page);
                     }
                 }
+                let len = buf.len() - at;
                 let (region, offset) = self.ram.layout().locate(first);
-                let h = Frame::Pages { region, offset, len: buf.len() as u32 }.encode();
-                wr.write_all(&h).await.map_err(io)?;
-                wr.write_all(&buf).await.map_err(io)?;
-                self.feed.sent(buf.len() as u64);
+                buf[seal::PREFIX..at].copy_from_slice(&Frame::Pages { region, offset, len: len as u32 }.encode());
+                wr.write_frame(&mut buf).await.map_err(io)?;
+                self.feed.sent(len as u64);
             }
             wr.write_all(&Frame::BatchEnd { batch: id }.encode()).await.map_err(io)?;
             // The batch's last bytes leave now, not with the next batch.
