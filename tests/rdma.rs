@@ -10,7 +10,7 @@ use dcmigrate::protocol::{DataPlane, TransportKind};
 use dcmigrate::testbed::Testbed;
 
 fn rdma_or_skip(test: &str) -> bool {
-    let rdma = dcmigrate::transport::rdma::open(None).map(|_| ());
+    let rdma = dcmigrate::transport::rdma::open(&Default::default()).map(|_| ());
     can_run(test, rdma, true, "tests/softroce/run runs it on SoftRoCE")
 }
 
@@ -49,6 +49,11 @@ fn retarget_over_rdma_is_byte_exact() {
         );
     }
     assert!(report.bytes_by_sender.get("B").copied().unwrap_or(0) > 0, "B forwarded: {report:#?}");
+    // Every pair says which path it took, the forwarder's included.
+    for s in &report.senders {
+        let p = s.rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path for {} to {}: {report:#?}", s.from, s.to));
+        assert!(!p.device.is_empty() && p.port >= 1 && [1024, 4096].contains(&p.path_mtu), "{p:?}");
+    }
     assert_same_bytes(&ram_file(&tb, "A", "r1"), &ram_file(&tb, "C", "r1"));
     tb.client("C").resume("r1").unwrap();
     assert_running_on(&tb, "C", "r1");
@@ -68,6 +73,57 @@ fn auto_picks_rdma_when_both_ends_can() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     assert_running_on(&tb, "B", "r2");
+}
+
+/// The netdev under the first RDMA device's port 1 (rxe0's is the VM's NIC).
+fn rdma_netdev() -> Option<String> {
+    let dev = std::fs::read_dir("/sys/class/infiniband").ok()?.flatten().next()?.path();
+    std::fs::read_to_string(dev.join("ports/1/gid_attrs/ndevs/0")).ok().map(|s| s.trim().to_owned())
+}
+
+/// Sets a netdev's MTU for as long as it lives, then puts the old one back.
+struct Mtu(String, String);
+
+impl Mtu {
+    fn set(dev: &str, mtu: u32) -> Mtu {
+        let old = std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).unwrap().trim().to_owned();
+        let st = std::process::Command::new("ip").args(["link", "set", dev, "mtu", &mtu.to_string()]).status().unwrap();
+        assert!(st.success(), "ip link set {dev} mtu {mtu}");
+        Mtu(dev.to_owned(), old)
+    }
+}
+
+impl Drop for Mtu {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "set", &self.0, "mtu", &self.1]).status();
+    }
+}
+
+/// Queue pairs use the smaller active MTU of the two ports, which RoCE
+/// derives from the netdev's MTU: 1024 at Ethernet's 1500, 4096 at 9000.
+/// (Both agents here share one rxe device; ends that differ are the
+/// attributes' unit tests.)
+#[test]
+fn queue_pairs_take_the_path_mtu_of_the_ports() {
+    const T: &str = "queue_pairs_take_the_path_mtu_of_the_ports";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let Some(netdev) = rdma_netdev() else { panic!("an RDMA device without a netdev") };
+    for (mtu, want) in [(1500, 1024), (9000, 4096)] {
+        let _mtu = Mtu::set(&netdev, mtu);
+        let mut tb = testbed(&["A", "B"]);
+        let vm = format!("m{mtu}");
+        tb.start_guest("A", &vm, 32 * MIB, &workload(5.0), true, &[]).unwrap();
+        let opts = MigrateOptions { transport: TransportKind::Rdma, suspend: true, ..Default::default() };
+        let report = migrate(&tb, "A", &vm, "B", opts);
+        assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+        let path = report.senders[0].rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path: {report:#?}"));
+        assert_eq!(path.path_mtu, want, "{netdev} at MTU {mtu}: {path:?}");
+        assert_same_bytes(&ram_file(&tb, "A", &vm), &ram_file(&tb, "B", &vm));
+        tb.client("B").resume(&vm).unwrap();
+        assert_running_on(&tb, "B", &vm);
+    }
 }
 
 /// Where RDMA is impossible, `--transport rdma` fails with the reason and

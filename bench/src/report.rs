@@ -260,12 +260,22 @@ fn sizes(v: &Value, out: &Path) -> Result<String> {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
             r["case"].as_str().unwrap_or("?"),
             r["guest_gib"],
             r["rounds"],
             r["switchover"].as_str().unwrap_or("?"),
-            f(r, "downtime_ms"),
+            match r["downtime_ms_runs"].as_array() {
+                Some(runs) => format!(
+                    "{:.0} (median of {})",
+                    f(r, "downtime_ms"),
+                    runs.iter()
+                        .map(|x| format!("{:.0}", x.as_f64().unwrap_or(f64::NAN)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => format!("{:.0}", f(r, "downtime_ms")),
+            },
             pass(r, "pause_passes"),
             pass(r, "live_passes"),
             r["tracker"].as_str().unwrap_or("?"),

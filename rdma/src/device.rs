@@ -1,10 +1,10 @@
 //! Opening a device and registering memory.
 
-use crate::{chain, RdmaError};
+use crate::{chain, Link, PathMtu, PortInfo, RdmaError};
 use serde::{Deserialize, Serialize};
 use sideway::ibverbs::address::{Gid, GidType};
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
-use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, PortState};
+use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu, PortState};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::AccessFlags;
@@ -18,12 +18,23 @@ pub struct Device {
     pub(crate) gid_index: u8,
     pub(crate) gid: Gid,
     pub(crate) lid: u16,
+    link: Link,
     name: String,
 }
 
+/// Limits of a device that size queues.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceCaps {
+    /// Work requests a queue pair's queue may hold.
+    pub max_qp_wr: u32,
+    /// Entries a completion queue may hold.
+    pub max_cqe: u32,
+}
+
 impl Device {
-    /// Opens `name`, or the first device with an active port.
-    pub fn open(name: Option<&str>) -> Result<Arc<Device>, RdmaError> {
+    /// Opens `name`, or the first device with an active port; on RoCE,
+    /// GID `gid_index` if given, else the port's best RoCEv2 GID.
+    pub fn open(name: Option<&str>, gid_index: Option<u8>) -> Result<Arc<Device>, RdmaError> {
         let un = |m: String| RdmaError::Unavailable(m);
         let list = DeviceList::new()
             .map_err(|e| un(format!("cannot list devices (no rdma-core, or no RDMA in the kernel): {}", chain(&e))))?;
@@ -33,7 +44,7 @@ impl Device {
             if name.is_some_and(|n| n != dname) {
                 continue;
             }
-            match Self::open_one(&dev, &dname) {
+            match Self::open_one(&dev, &dname, gid_index) {
                 Ok(d) => return Ok(Arc::new(d)),
                 Err(e) => why.push(format!("{dname}: {e}")),
             }
@@ -45,7 +56,7 @@ impl Device {
         }))
     }
 
-    fn open_one(dev: &sideway::ibverbs::device::Device<'_>, name: &str) -> Result<Device, String> {
+    fn open_one(dev: &sideway::ibverbs::device::Device<'_>, name: &str, want: Option<u8>) -> Result<Device, String> {
         let ctx = dev.open().map_err(|e| chain(&e))?;
         let ports = ctx.query_device().map_err(|e| chain(&e))?.phys_port_cnt();
         for port in 1..=ports {
@@ -53,7 +64,10 @@ impl Device {
             if attr.port_state() != PortState::Active {
                 continue;
             }
-            let gid_index = if attr.link_layer() == LinkLayer::Ethernet {
+            let link = if attr.link_layer() == LinkLayer::Ethernet { Link::Ethernet } else { Link::InfiniBand };
+            let gid_index = if let Some(i) = want {
+                i
+            } else if link == Link::Ethernet {
                 // RoCE: a RoCEv2 GID of the port, preferring one derived from an
                 // IPv4 address, then a global IPv6 one; link-local last (its
                 // address may still be tentative, and routes need it resolved).
@@ -74,7 +88,10 @@ impl Device {
             };
             let gid = ctx.query_gid(port, gid_index as u32).map_err(|e| chain(&e))?;
             let pd = ctx.alloc_pd().map_err(|e| chain(&e))?;
-            return Ok(Device { ctx, pd, port, gid_index, gid, lid: attr.lid(), name: name.to_owned() });
+            if gid.is_zero() && link == Link::Ethernet {
+                return Err(format!("GID {gid_index} of port {port} is empty"));
+            }
+            return Ok(Device { ctx, pd, port, gid_index, gid, lid: attr.lid(), link, name: name.to_owned() });
         }
         Err("no active port with a usable GID".into())
     }
@@ -94,21 +111,52 @@ impl Device {
             gid_index: self.gid_index,
             gid: self.gid,
             lid: self.lid,
+            link: self.link,
             name: self.name.clone(),
         }))
     }
 
-    /// Registers `len` bytes at `addr` for local reads and writes, and for
-    /// remote writes if `remote_write`.
+    /// The port it uses.
+    pub fn port(&self) -> u8 {
+        self.port
+    }
+
+    /// The GID index it uses.
+    pub fn gid_index(&self) -> u8 {
+        self.gid_index
+    }
+
+    /// The port's link layer and active MTU, asked now (an operator may
+    /// have changed the netdev's MTU since the device was opened).
+    pub fn port_info(&self) -> Result<PortInfo, RdmaError> {
+        let attr =
+            self.ctx.query_port(self.port).map_err(|e| RdmaError::Verbs { op: "ibv_query_port", msg: chain(&e) })?;
+        let active_mtu = match attr.active_mtu() {
+            Mtu::Mtu256 => PathMtu::M256,
+            Mtu::Mtu512 => PathMtu::M512,
+            Mtu::Mtu1024 => PathMtu::M1024,
+            Mtu::Mtu2048 => PathMtu::M2048,
+            Mtu::Mtu4096 => PathMtu::M4096,
+        };
+        Ok(PortInfo { link: self.link, active_mtu })
+    }
+
+    /// Its queue limits.
+    pub fn caps(&self) -> Result<DeviceCaps, RdmaError> {
+        let a = self.ctx.query_device().map_err(|e| RdmaError::Verbs { op: "ibv_query_device", msg: chain(&e) })?;
+        Ok(DeviceCaps { max_qp_wr: a.max_qp_wr().max(1) as u32, max_cqe: a.max_cqe().max(1) as u32 })
+    }
+
+    /// Registers `len` bytes at `addr`: for remote writes if
+    /// `remote_write` (with the local write access the verbs require for
+    /// it), else for the NIC's local reads only (a sender's).
     ///
     /// # Safety
     /// The memory must stay mapped until the [`Region`] and every work
     /// request that uses it are gone.
     pub unsafe fn register(&self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, RdmaError> {
-        let mut access = AccessFlags::LocalWrite;
-        if remote_write {
-            access |= AccessFlags::RemoteWrite;
-        }
+        let access =
+            if remote_write { AccessFlags::LocalWrite | AccessFlags::RemoteWrite } else { AccessFlags::none() };
         // SAFETY: forwarded to the caller's contract.
         let mr = unsafe { self.pd.reg_mr(addr as usize, len, access) }
             .map_err(|e| RdmaError::Verbs { op: "ibv_reg_mr", msg: chain(&e) })?;

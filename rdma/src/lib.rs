@@ -14,10 +14,12 @@
 //! Completions are polled with plain `ibv_poll_cq` (the extended polling API
 //! returned duplicate completions on rxe with rdma-core 44).
 
+mod attrs;
 mod device;
 mod qp;
 
-pub use device::{Device, Region, RemoteRegion};
+pub use attrs::{qp_attrs, Link, PathMtu, PortInfo, QpAttrs, QpOptions, MAX_SERVICE_LEVEL};
+pub use device::{Device, DeviceCaps, Region, RemoteRegion};
 pub use qp::{Completion, CompletionKind, Endpoint, QueuePair, Write, ENDPOINT_LEN};
 
 use thiserror::Error;
@@ -29,6 +31,9 @@ pub enum RdmaError {
     Unavailable(String),
     #[error("{op}: {msg}")]
     Verbs { op: &'static str, msg: String },
+    /// Options or ports that cannot make a queue pair.
+    #[error("queue pair settings: {0}")]
+    Config(String),
     #[error("invalid endpoint: {0}")]
     Endpoint(String),
     #[error("work request {wr_id} failed: {status}")]

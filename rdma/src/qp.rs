@@ -1,7 +1,7 @@
 //! Reliable-connected queue pairs: endpoint exchange, posting writes, and
 //! event-driven completion polling.
 
-use crate::{chain, Device, RdmaError};
+use crate::{chain, Device, PathMtu, QpAttrs, RdmaError};
 use rdma_mummy_sys::{ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_sge};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
@@ -30,27 +30,49 @@ pub struct Endpoint {
     pub psn: u32,
     pub lid: u16,
     pub gid: [u8; 16],
+    /// The port's active MTU (version 1); None: an endpoint of version 0,
+    /// from a peer that uses 1024.
+    pub mtu: Option<PathMtu>,
 }
 
 impl Endpoint {
-    /// `qpn u32 | psn u32 | lid u16 | 0 [2] | gid [16] | 0 [4]`, little-endian.
+    /// `qpn u32 | psn u32 | lid u16 | 0 [2] | gid [16] | version u8 | mtu u8 | 0 [2]`,
+    /// little-endian. Version 0 (no MTU) is what peers before version 1
+    /// send and accept: send version 1 only to a peer known to read it.
     pub fn encode(&self) -> [u8; ENDPOINT_LEN] {
         let mut b = [0u8; ENDPOINT_LEN];
         b[..4].copy_from_slice(&self.qpn.to_le_bytes());
         b[4..8].copy_from_slice(&self.psn.to_le_bytes());
         b[8..10].copy_from_slice(&self.lid.to_le_bytes());
         b[12..28].copy_from_slice(&self.gid);
+        if let Some(m) = self.mtu {
+            b[28] = 1;
+            b[29] = m.code();
+        }
         b
     }
 
-    /// Decodes a peer's endpoint; queue pair numbers and PSNs are 24-bit.
+    /// Decodes a peer's endpoint (either version); queue pair numbers and
+    /// PSNs are 24-bit, reserved bytes zero.
     pub fn decode(b: &[u8; ENDPOINT_LEN]) -> Result<Self, RdmaError> {
         let u = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4 bytes"));
         let (qpn, psn) = (u(0..4), u(4..8));
-        if qpn == 0 || qpn >= 1 << 24 || psn >= 1 << 24 || b[10..12] != [0, 0] || b[28..] != [0; 4] {
-            return Err(RdmaError::Endpoint(format!("qpn {qpn:#x}, psn {psn:#x}")));
+        let mtu = match (b[28], b[29]) {
+            (0, 0) => Ok(None),
+            (1, code) => PathMtu::from_code(code).map(Some).ok_or(()),
+            _ => Err(()),
+        };
+        let bad = qpn == 0 || qpn >= 1 << 24 || psn >= 1 << 24 || b[10..12] != [0, 0] || b[30..] != [0; 2];
+        match mtu {
+            Ok(mtu) if !bad => Ok(Self {
+                qpn,
+                psn,
+                lid: u16::from_le_bytes([b[8], b[9]]),
+                gid: b[12..28].try_into().expect("16 bytes"),
+                mtu,
+            }),
+            _ => Err(RdmaError::Endpoint(format!("qpn {qpn:#x}, psn {psn:#x}, version {}, mtu code {}", b[28], b[29]))),
         }
-        Ok(Self { qpn, psn, lid: u16::from_le_bytes([b[8], b[9]]), gid: b[12..28].try_into().expect("16 bytes") })
     }
 }
 
@@ -93,7 +115,13 @@ impl QueuePair {
     /// A queue pair in INIT state; `remote_write` lets the peer write into
     /// this side's registered memory (a receiver's), else the peer may not
     /// touch it (a sender's). Must be called inside a tokio runtime.
-    pub fn new(dev: &Arc<Device>, send_depth: u32, recv_depth: u32, remote_write: bool) -> Result<Self, RdmaError> {
+    pub fn new(
+        dev: &Arc<Device>,
+        send_depth: u32,
+        recv_depth: u32,
+        remote_write: bool,
+        pkey_index: u16,
+    ) -> Result<Self, RdmaError> {
         let ch = dev.ctx.create_comp_channel().map_err(|e| verr("ibv_create_comp_channel", &e))?;
         ch.set_nonblocking(true).map_err(|e| verr("completion channel", &e))?;
         let cq = dev
@@ -120,41 +148,56 @@ impl QueuePair {
             .map_err(|e| RdmaError::Verbs { op: "registering the completion channel", msg: e.to_string() })?;
         let me = Self { qp: Mutex::new(qp), cq, events, dev: dev.clone(), psn: rand::random::<u32>() & 0xff_ffff };
         let mut a = QueuePairAttribute::new();
-        a.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(dev.port).setup_access_flags(
+        a.setup_state(QueuePairState::Init).setup_pkey_index(pkey_index).setup_port(dev.port).setup_access_flags(
             if remote_write { AccessFlags::LocalWrite | AccessFlags::RemoteWrite } else { AccessFlags::LocalWrite },
         );
         me.qp.lock().unwrap().modify(&a).map_err(|e| verr("queue pair to INIT", &e))?;
         Ok(me)
     }
 
-    pub fn endpoint(&self) -> Endpoint {
-        Endpoint { qpn: self.qp.lock().unwrap().qp_number(), psn: self.psn, lid: self.dev.lid, gid: self.dev.gid.raw }
+    /// This end's endpoint; with the port's active MTU (version 1) if
+    /// `mtu`, else version 0.
+    pub fn endpoint(&self, mtu: Option<PathMtu>) -> Endpoint {
+        Endpoint {
+            qpn: self.qp.lock().unwrap().qp_number(),
+            psn: self.psn,
+            lid: self.dev.lid,
+            gid: self.dev.gid.raw,
+            mtu,
+        }
     }
 
-    /// Moves to RTR and RTS, connected to `remote`.
-    pub fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
+    /// Moves to RTR and RTS, connected to `remote`, with `attrs` (see
+    /// [`crate::qp_attrs`]).
+    pub fn connect(&self, remote: &Endpoint, attrs: &QpAttrs) -> Result<(), RdmaError> {
         let mut ah = AddressHandleAttribute::new();
-        ah.setup_dest_lid(remote.lid).setup_port(self.dev.port).setup_service_level(0);
-        let rgid = Gid { raw: remote.gid };
-        if !rgid.is_zero() {
-            ah.setup_grh_dest_gid(&rgid).setup_grh_src_gid_index(self.dev.gid_index).setup_grh_hop_limit(64);
+        ah.setup_dest_lid(remote.lid).setup_port(self.dev.port).setup_service_level(attrs.service_level);
+        if attrs.global {
+            ah.setup_grh(&Gid { raw: remote.gid }, 0, self.dev.gid_index, attrs.hop_limit, attrs.traffic_class);
         }
+        let mtu = match attrs.path_mtu {
+            PathMtu::M256 => Mtu::Mtu256,
+            PathMtu::M512 => Mtu::Mtu512,
+            PathMtu::M1024 => Mtu::Mtu1024,
+            PathMtu::M2048 => Mtu::Mtu2048,
+            PathMtu::M4096 => Mtu::Mtu4096,
+        };
         let mut qp = self.qp.lock().unwrap();
         let mut a = QueuePairAttribute::new();
         a.setup_state(QueuePairState::ReadyToReceive)
-            .setup_path_mtu(Mtu::Mtu1024)
+            .setup_path_mtu(mtu)
             .setup_dest_qp_num(remote.qpn)
             .setup_rq_psn(remote.psn)
             .setup_max_dest_read_atomic(1)
-            .setup_min_rnr_timer(20)
+            .setup_min_rnr_timer(attrs.min_rnr_timer)
             .setup_address_vector(&ah);
         qp.modify(&a).map_err(|e| verr("queue pair to RTR", &e))?;
         let mut a = QueuePairAttribute::new();
         a.setup_state(QueuePairState::ReadyToSend)
             .setup_sq_psn(self.psn)
-            .setup_timeout(14)
-            .setup_retry_cnt(7)
-            .setup_rnr_retry(6)
+            .setup_timeout(attrs.timeout)
+            .setup_retry_cnt(attrs.retry_cnt)
+            .setup_rnr_retry(attrs.rnr_retry)
             .setup_max_read_atomic(1);
         qp.modify(&a).map_err(|e| verr("queue pair to RTS", &e))?;
         Ok(())
@@ -286,8 +329,20 @@ mod tests {
 
     #[test]
     fn endpoint_round_trip_and_bounds() {
-        let e = Endpoint { qpn: 0x11, psn: 0xabcdef, lid: 3, gid: [7; 16] };
+        let e = Endpoint { qpn: 0x11, psn: 0xabcdef, lid: 3, gid: [7; 16], mtu: None };
         assert_eq!(Endpoint::decode(&e.encode()).unwrap(), e);
+        assert_eq!(e.encode()[28..], [0; 4], "version 0, as peers before version 1 read it");
+        let v1 = Endpoint { mtu: Some(PathMtu::M4096), ..e };
+        assert_eq!(Endpoint::decode(&v1.encode()).unwrap(), v1);
+        let mut b = v1.encode();
+        b[29] = 9; // no such MTU
+        assert!(Endpoint::decode(&b).is_err());
+        let mut b = v1.encode();
+        b[28] = 2; // a version not spoken here
+        assert!(Endpoint::decode(&b).is_err());
+        let mut b = e.encode();
+        b[29] = 5; // an MTU in a version-0 endpoint
+        assert!(Endpoint::decode(&b).is_err());
         let mut b = e.encode();
         b[3] = 1; // qpn beyond 24 bits
         assert!(Endpoint::decode(&b).is_err());

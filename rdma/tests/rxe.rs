@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn device_or_skip(test: &str) -> Option<Arc<Device>> {
-    match Device::open(None) {
+    match Device::open(None, None) {
         Ok(d) => Some(d),
         Err(e) if std::env::var_os("DCMIGRATE_IN_VM").is_some() => panic!("{test}: no RDMA device in the test VM: {e}"),
         Err(e) => {
@@ -41,10 +41,14 @@ fn reg(dev: &Device, m: &mut memmap2::MmapMut, remote: bool) -> Region {
 }
 
 fn pair(dev: &Arc<Device>) -> (QueuePair, QueuePair) {
-    let (a, b) = (QueuePair::new(dev, 64, 16, false).unwrap(), QueuePair::new(dev, 64, 16, true).unwrap());
-    let (ea, eb) = (a.endpoint(), b.endpoint());
-    a.connect(&eb).unwrap();
-    b.connect(&ea).unwrap();
+    let (a, b) = (QueuePair::new(dev, 64, 16, false, 0).unwrap(), QueuePair::new(dev, 64, 16, true, 0).unwrap());
+    let mtu = dev.port_info().unwrap().active_mtu;
+    let (ea, eb) = (a.endpoint(Some(mtu)), b.endpoint(Some(mtu)));
+    let attrs = |e: &dcmigrate_rdma::Endpoint| {
+        dcmigrate_rdma::qp_attrs(&dev.port_info().unwrap(), e.mtu, e.gid == [0; 16], &Default::default()).unwrap()
+    };
+    a.connect(&eb, &attrs(&eb)).unwrap();
+    b.connect(&ea, &attrs(&ea)).unwrap();
     (a, b)
 }
 
@@ -138,7 +142,7 @@ async fn a_queue_pair_in_error_stops_writes_and_a_new_one_works() {
 #[tokio::test]
 async fn without_a_device_open_explains_why() {
     // Meaningful outside the VM: a host without RDMA gets a reason, not a crash.
-    if let Err(e) = Device::open(Some("no-such-device")) {
+    if let Err(e) = Device::open(Some("no-such-device"), None) {
         assert!(e.to_string().contains("RDMA unavailable"), "{e}");
     } else {
         panic!("a device named no-such-device opened");

@@ -130,6 +130,9 @@ pub enum RdmaInfo {
     Device {
         /// Its name.
         device: String,
+        /// What limits its use (a low locked-memory limit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
     },
     /// Why there is none.
     Unavailable {

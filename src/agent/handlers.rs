@@ -127,7 +127,7 @@ impl Agent {
             data_port: self.data_port(),
             peers: self.cfg.peers.keys().cloned().collect(),
             rdma: match &self.rdma {
-                Ok(r) => RdmaInfo::Device { device: r.name() },
+                Ok(r) => RdmaInfo::Device { device: r.name(), warning: r.warning() },
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),

@@ -88,8 +88,8 @@ pub struct AgentConfig {
     pub qemu_user: Option<crate::vm::qemu::QemuUser>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
-    /// RDMA device to use (default: the first with an active port).
-    pub rdma_device: Option<String>,
+    /// RDMA device, GID and queue-pair settings.
+    pub rdma: crate::transport::rdma::RdmaOptions,
     /// Never use RDMA.
     pub no_rdma: bool,
     /// A peer silent this long (no heartbeat, no acknowledgement) is lost.
@@ -137,13 +137,15 @@ pub struct Agent {
 impl Agent {
     /// An agent with this configuration (it does nothing until [`run`](Self::run)).
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        let rdma = if cfg.no_rdma {
-            Err("disabled (--no-rdma)".to_string())
-        } else {
-            crate::transport::rdma::open(cfg.rdma_device.as_deref())
-        };
+        let rdma =
+            if cfg.no_rdma { Err("disabled (--no-rdma)".to_string()) } else { crate::transport::rdma::open(&cfg.rdma) };
         match &rdma {
-            Ok(r) => tracing::info!(device = %r.name(), "RDMA available"),
+            Ok(r) => {
+                tracing::info!(device = %r.name(), "RDMA available");
+                if let Some(w) = r.warning() {
+                    tracing::warn!("RDMA: {w}");
+                }
+            }
             Err(e) => tracing::info!("RDMA unavailable, TCP only: {e}"),
         }
         let receiver = Receiver::new(crate::transport::secure::ServerTls {

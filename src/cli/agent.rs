@@ -63,8 +63,22 @@ pub struct AgentArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// RDMA device for the data plane (default: the first with an active port).
-    #[arg(long)]
+    #[arg(long, env = "DCMIGRATE_RDMA_DEVICE")]
     pub rdma_device: Option<String>,
+    /// RoCE: the GID index to use (default: the port's RoCEv2 GID of an
+    /// IPv4 address, else a global IPv6 one, else link-local).
+    #[arg(long, env = "DCMIGRATE_RDMA_GID_INDEX")]
+    pub rdma_gid_index: Option<u8>,
+    /// Traffic class of RDMA packets (RoCE: DSCP << 2 | ECN; e.g. 106 for
+    /// DSCP 26 with ECN), so that they land in the fabric's lossless class.
+    #[arg(long, env = "DCMIGRATE_RDMA_TRAFFIC_CLASS", default_value_t = 0)]
+    pub rdma_traffic_class: u8,
+    /// InfiniBand service level (0-15).
+    #[arg(long, env = "DCMIGRATE_RDMA_SL", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=15))]
+    pub rdma_sl: u8,
+    /// InfiniBand P_Key index.
+    #[arg(long, env = "DCMIGRATE_RDMA_PKEY_INDEX", default_value_t = 0)]
+    pub rdma_pkey_index: u16,
     /// Use TCP only, even where RDMA is available.
     #[arg(long, env = "DCMIGRATE_NO_RDMA")]
     pub no_rdma: bool,
@@ -115,7 +129,13 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
         data_encryption: a.data_encryption == "on",
         qemu_user: a.qemu_user.as_deref().map(crate::vm::qemu::QemuUser::lookup).transpose()?,
         limits: crate::agent::capacity::Limits { per_session: a.max_session_ram, total: a.max_incoming_ram },
-        rdma_device: a.rdma_device,
+        rdma: crate::transport::rdma::RdmaOptions {
+            device: a.rdma_device,
+            gid_index: a.rdma_gid_index,
+            traffic_class: a.rdma_traffic_class,
+            service_level: a.rdma_sl,
+            pkey_index: a.rdma_pkey_index,
+        },
         no_rdma: a.no_rdma,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),
         state_dir,

@@ -127,6 +127,10 @@ pub struct Link {
     pub transport: DataPlane,
     /// This host's RAM registered for RDMA writes, if it offered RDMA.
     pub rdma_offer: Option<Vec<RdmaRegion>>,
+    /// The queue-pair endpoint version this host reads.
+    pub rdma_endpoint: u8,
+    /// The source's RDMA path to this host, if its data plane is RDMA.
+    pub rdma_path: Option<crate::protocol::RdmaPath>,
     sent_before_close: AtomicU64,
 }
 
@@ -148,8 +152,10 @@ impl Link {
         // its size; heartbeats prove the host alive meanwhile.
         let ram_gib = a.ram.layout().total_bytes() >> 30;
         let open_timeout = CONTROL_TIMEOUT + Duration::from_secs(2 * ram_gib);
-        let (port, token, rdma_offer) = match next_reply(&mut ch.inbox, open_timeout).await? {
-            Message::SessionOpened { data_port, token, rdma } => (data_port, token, rdma),
+        let (port, token, (rdma_offer, rdma_endpoint)) = match next_reply(&mut ch.inbox, open_timeout).await? {
+            Message::SessionOpened { data_port, token, rdma, rdma_endpoint } => {
+                (data_port, token, (rdma, rdma_endpoint))
+            }
             Message::Error { message } => return Err(LinkError::Refused(message)),
             other => return Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
         };
@@ -159,6 +165,7 @@ impl Link {
             transport: a.transport,
             rdma: &a.rdma,
             offer: rdma_offer.as_deref(),
+            rdma_endpoint,
             streams: StreamSpec {
                 addr: data_addr,
                 token,
@@ -196,8 +203,10 @@ impl Link {
             closed: ch.closed,
             why: Arc::new(Mutex::new(None)),
             transport: sender.kind(),
+            rdma_path: sender.rdma_path(),
             sender: Mutex::new(Some(sender)),
             rdma_offer,
+            rdma_endpoint,
             sent_before_close: AtomicU64::new(0),
         });
         link.spawn_dispatch(ch.inbox, replies_tx, a.completions);

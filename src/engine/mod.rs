@@ -241,7 +241,12 @@ impl Migration {
     fn new(job: Job, report: Report, start: Instant, to: String, p: Prepared) -> Self {
         let retargets = job.handle.take_retargets();
         let mut report = report;
-        report.senders.push(SenderTransport { from: job.ctx.me.clone(), to: to.clone(), transport: p.link.transport });
+        report.senders.push(SenderTransport {
+            from: job.ctx.me.clone(),
+            to: to.clone(),
+            transport: p.link.transport,
+            rdma: p.link.rdma_path.clone(),
+        });
         let hosts = Hosts {
             names: vec![job.ctx.me.clone(), to],
             links: HashMap::from([(p.link.id, p.link)]),
@@ -377,6 +382,7 @@ impl Migration {
             from: self.job.ctx.me.clone(),
             to: link.host.clone(),
             transport: link.transport,
+            rdma: link.rdma_path.clone(),
         });
     }
 

@@ -3,7 +3,7 @@
 
 use super::options::VerifyMode;
 use crate::dirty::TrackerKind;
-use crate::protocol::DataPlane;
+use crate::protocol::{DataPlane, RdmaPath};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -159,6 +159,9 @@ pub struct SenderTransport {
     pub to: String,
     /// The data plane.
     pub transport: DataPlane,
+    /// The RDMA path, when the data plane is RDMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RdmaPath>,
 }
 
 /// One change of destination.

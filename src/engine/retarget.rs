@@ -187,12 +187,13 @@ impl Migration {
             streams: self.job.opts.streams,
             sender: h,
             rdma: link.rdma_offer.clone(),
+            rdma_endpoint: link.rdma_endpoint,
             transport: self.job.opts.transport,
         };
         match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
-            Ok(Message::ForwardReady { transport }) => {
+            Ok(Message::ForwardReady { transport, rdma }) => {
                 let from = self.hosts.names[h as usize].clone();
-                self.report.senders.push(SenderTransport { from, to: link.host.clone(), transport });
+                self.report.senders.push(SenderTransport { from, to: link.host.clone(), transport, rdma });
                 true
             }
             Ok(_) => false,

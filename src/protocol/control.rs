@@ -3,7 +3,7 @@
 //! version 1 are kept, so a version-1 peer still understands every message
 //! it knew.
 
-use super::types::{DataPlane, RdmaRegion, Token, TransportKind};
+use super::types::{DataPlane, RdmaPath, RdmaRegion, Token, TransportKind};
 use crate::memory::RegionSpec;
 use crate::vm::LaunchSpec;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,10 @@ pub enum Message {
         /// The destination's RAM registered for RDMA writes, if it offers RDMA.
         #[serde(default)]
         rdma: Option<Vec<RdmaRegion>>,
+        /// The queue-pair endpoint version it reads (0: only the first,
+        /// without the port's MTU).
+        #[serde(default)]
+        rdma_endpoint: u8,
     },
     /// Source: per-chunk checksums of the destination's RAM, please.
     ChecksumRequest {
@@ -134,6 +138,9 @@ pub enum Message {
         /// The new destination's registered RAM, if it offers RDMA.
         #[serde(default)]
         rdma: Option<Vec<RdmaRegion>>,
+        /// The endpoint version the new destination reads (see `SessionOpened`).
+        #[serde(default)]
+        rdma_endpoint: u8,
         /// Which data plane the migration may use.
         #[serde(default)]
         transport: TransportKind,
@@ -142,6 +149,9 @@ pub enum Message {
     ForwardReady {
         /// The data plane it uses.
         transport: DataPlane,
+        /// Its RDMA path, when it uses RDMA.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rdma: Option<RdmaPath>,
     },
     /// S to a forwarder: send these page runs (global page, count) to `to`.
     /// Answered by `Forwarded` once `to` applied them; refused if the
@@ -226,7 +236,7 @@ mod tests {
 
     #[test]
     fn names_match_the_wire_tags() {
-        let m = Message::SessionOpened { data_port: 1, token: Token([1; 32]), rdma: None };
+        let m = Message::SessionOpened { data_port: 1, token: Token([1; 32]), rdma: None, rdma_endpoint: 0 };
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["type"], m.name());
         assert_eq!(
@@ -249,7 +259,7 @@ mod tests {
         let ready = r#"{"type":"forward_ready","transport":"rdma"}"#;
         assert!(matches!(
             serde_json::from_str::<Message>(ready).unwrap(),
-            Message::ForwardReady { transport: DataPlane::Rdma }
+            Message::ForwardReady { transport: DataPlane::Rdma, rdma: None }
         ));
     }
 }

@@ -57,7 +57,7 @@ pub mod data;
 pub mod types;
 
 pub use control::{Message, MessageKind, RemoteOutcome};
-pub use types::{DataPlane, RdmaRegion, Token, TransportKind, TOKEN_LEN};
+pub use types::{DataPlane, RdmaPath, RdmaRegion, Token, TransportKind, TOKEN_LEN};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -58,6 +58,19 @@ pub struct RdmaRegion {
     pub rkey: u32,
 }
 
+/// The RDMA path one sender's queue pairs took to a destination.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RdmaPath {
+    /// The sender's device.
+    pub device: String,
+    /// Its port.
+    pub port: u8,
+    /// Its GID index.
+    pub gid_index: u8,
+    /// The queue pairs' path MTU in bytes (the smaller active MTU of the two ports).
+    pub path_mtu: u32,
+}
+
 /// Which data plane a migration may use.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

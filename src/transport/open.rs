@@ -18,6 +18,8 @@ pub struct SenderSpec<'a> {
     pub rdma: &'a Result<Arc<Rdma>, String>,
     /// The destination's registered RAM, if it offers RDMA.
     pub offer: Option<&'a [RdmaRegion]>,
+    /// The queue-pair endpoint version the destination reads.
+    pub rdma_endpoint: u8,
     /// The streams.
     pub streams: StreamSpec,
 }
@@ -51,7 +53,7 @@ pub async fn open_sender(spec: SenderSpec<'_>) -> Result<Box<dyn PageSender>, Op
         let why_not = match (spec.rdma, spec.offer) {
             (Err(e), _) => format!("not on this host: {e}"),
             (Ok(_), None) => format!("{host} offers no RDMA"),
-            (Ok(r), Some(offer)) => match rdma::connect(r, spec.streams.clone(), offer).await {
+            (Ok(r), Some(offer)) => match rdma::connect(r, spec.streams.clone(), offer, spec.rdma_endpoint).await {
                 Ok(q) => {
                     tracing::info!(to = host, device = %r.name(), "data plane: RDMA");
                     return Ok(Box::new(q));

@@ -27,6 +27,10 @@ pub trait PageSender: Send + Sync {
     fn close(&self);
     /// The data plane it uses.
     fn kind(&self) -> DataPlane;
+    /// The RDMA path its queue pairs took, if it uses RDMA.
+    fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
+        None
+    }
 }
 
 /// What a sender's streams need: where to, as whom, and from which RAM.
@@ -123,6 +127,8 @@ pub struct SendQueue {
     /// The streams' side.
     pub feed: Feed,
     kind: DataPlane,
+    /// The RDMA path, for RDMA streams.
+    pub rdma: Option<crate::protocol::RdmaPath>,
 }
 
 impl SendQueue {
@@ -130,7 +136,7 @@ impl SendQueue {
     pub fn new(kind: DataPlane, capacity: usize, completions: UnboundedSender<Completion>) -> Self {
         let (queue, backlog) = async_channel::bounded(capacity);
         let feed = Feed { backlog, completions, bytes: Default::default(), cancel: Default::default() };
-        Self { queue, feed, kind }
+        Self { queue, feed, kind, rdma: None }
     }
 }
 
@@ -156,6 +162,9 @@ impl PageSender for SendQueue {
 
     fn kind(&self) -> DataPlane {
         self.kind
+    }
+    fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
+        self.rdma.clone()
     }
 }
 

@@ -25,6 +25,75 @@ use crate::memory::GuestRam;
 use crate::protocol::RdmaRegion;
 use std::sync::Arc;
 
+/// The queue-pair endpoint version this build reads: 1 carries the port's
+/// active MTU, so that both ends use the smaller (0 did not: 1024).
+pub const ENDPOINT_VERSION: u8 = 1;
+
+/// The operator's RDMA settings (agent options).
+#[derive(Clone, Debug, Default)]
+pub struct RdmaOptions {
+    /// Device to use (default: the first with an active port).
+    pub device: Option<String>,
+    /// GID index to use on RoCE (default: the port's best RoCEv2 GID).
+    pub gid_index: Option<u8>,
+    /// Traffic class of the GRH (RoCE: DSCP << 2 | ECN).
+    pub traffic_class: u8,
+    /// InfiniBand service level (0–15).
+    pub service_level: u8,
+    /// P_Key index.
+    pub pkey_index: u16,
+}
+
+/// What is wrong with this process's locked-memory limit for RDMA, if
+/// anything: registering guest RAM pins all of it, which the kernel allows
+/// beyond RLIMIT_MEMLOCK only with CAP_IPC_LOCK (root has it).
+pub fn memlock_problem() -> Option<String> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    let limit = match unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } {
+        0 if lim.rlim_cur == libc::RLIM_INFINITY => None,
+        0 => Some(lim.rlim_cur),
+        _ => return None,
+    };
+    memlock_note(limit, has_cap_ipc_lock())
+}
+
+/// Whether CAP_IPC_LOCK is in this process's effective set.
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_owned())))
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// The warning for a locked-memory `limit` in bytes (None: unlimited).
+fn memlock_note(limit: Option<u64>, cap_ipc_lock: bool) -> Option<String> {
+    let limit = limit?;
+    (!cap_ipc_lock).then(|| {
+        format!(
+            "the locked-memory limit is {} KiB and the agent lacks CAP_IPC_LOCK: registering a guest's RAM for \
+             RDMA pins all of it, so RAM larger than that cannot use RDMA (`auto` then uses TCP); raise it \
+             (`ulimit -l unlimited`, systemd `LimitMEMLOCK=infinity`) or grant CAP_IPC_LOCK",
+            limit >> 10
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memlock_note;
+
+    #[test]
+    fn memlock_warning_only_when_it_binds() {
+        assert_eq!(memlock_note(None, false), None, "unlimited");
+        assert_eq!(memlock_note(Some(64 << 10), true), None, "CAP_IPC_LOCK ignores the limit");
+        let w = memlock_note(Some(64 << 10), false).unwrap();
+        assert!(w.contains("64 KiB") && w.contains("LimitMEMLOCK"), "{w}");
+    }
+}
+
 #[cfg(feature = "rdma")]
 pub use imp::*;
 #[cfg(not(feature = "rdma"))]
@@ -43,13 +112,17 @@ mod off {
     pub enum Target {}
 
     /// Always fails: this build has no RDMA.
-    pub fn open(_device: Option<&str>) -> Result<Arc<Rdma>, String> {
+    pub fn open(_opts: &RdmaOptions) -> Result<Arc<Rdma>, String> {
         Err(WHY.into())
     }
 
     impl Rdma {
         /// The device's name.
         pub fn name(&self) -> String {
+            match *self {}
+        }
+        /// What limits its use on this host.
+        pub fn warning(&self) -> Option<String> {
             match *self {}
         }
         /// Registers a destination's RAM for remote writes.
@@ -70,6 +143,7 @@ mod off {
         rdma: &Arc<Rdma>,
         _spec: StreamSpec,
         _remote: &[RdmaRegion],
+        _endpoint_version: u8,
     ) -> Result<SendQueue, TransportError> {
         match **rdma {}
     }
@@ -86,11 +160,15 @@ mod imp {
     use crate::memory::PAGE_SIZE;
     use crate::protocol::data::{Hello, HelloStatus, Reply, StreamMode};
     use crate::protocol::DataPlane;
+    use crate::protocol::RdmaPath;
     use crate::transport::batch::Batch;
     use crate::transport::handshake::{self, HANDSHAKE_TIMEOUT};
     use crate::transport::inflight::InFlight;
     use crate::transport::queue::Feed;
-    use dcmigrate_rdma::{CompletionKind, Device, Endpoint, QueuePair, RdmaError, Region, Write, ENDPOINT_LEN};
+    use dcmigrate_rdma::{
+        qp_attrs, CompletionKind, Device, DeviceCaps, Endpoint, PathMtu, QpAttrs, QpOptions, QueuePair, RdmaError,
+        Region, Write, ENDPOINT_LEN,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Batches a queue pair may have posted but not yet seen applied.
@@ -104,11 +182,24 @@ mod imp {
 
     /// Work requests of one batch at worst (runs alternate with gaps: one
     /// write per two pages), plus its WRITE_WITH_IMM; and how many batches
-    /// fit a send queue of at most [`MAX_SEND_DEPTH`].
-    fn send_sizing(chunk_size: u64) -> (usize, u32) {
+    /// fit a send queue of at most [`MAX_SEND_DEPTH`] and what the device
+    /// allows (its queue and completion queue limits). A chunk whose worst
+    /// batch does not fit is refused (`auto` then uses TCP).
+    pub(crate) fn send_sizing(chunk_size: u64, caps: DeviceCaps) -> Result<(usize, u32), String> {
         let per_batch = (chunk_size as usize / PAGE_SIZE).div_ceil(2) + 1;
-        let window = (MAX_SEND_DEPTH / per_batch).clamp(1, WINDOW);
-        (window, (window * per_batch) as u32)
+        // The completion queue also holds the one receive a sender posts.
+        let limit = MAX_SEND_DEPTH.min(caps.max_qp_wr as usize).min(caps.max_cqe.saturating_sub(2) as usize);
+        if per_batch > limit {
+            return Err(format!(
+                "a chunk of {} KiB needs up to {per_batch} work requests per batch; the device allows {} per queue \
+                 and {} completions (use smaller chunks)",
+                chunk_size >> 10,
+                caps.max_qp_wr,
+                caps.max_cqe
+            ));
+        }
+        let window = (limit / per_batch).clamp(1, WINDOW);
+        Ok((window, (window * per_batch) as u32))
     }
 
     fn rdma_err(e: RdmaError) -> TransportError {
@@ -118,11 +209,19 @@ mod imp {
     /// This host's RDMA device.
     pub struct Rdma {
         device: Arc<Device>,
+        qp: QpOptions,
+        memlock: Option<String>,
     }
 
-    /// Opens the named device, or the first with an active port.
-    pub fn open(device: Option<&str>) -> Result<Arc<Rdma>, String> {
-        Device::open(device).map(|device| Arc::new(Rdma { device })).map_err(|e| e.to_string())
+    /// Opens the configured device, or the first with an active port.
+    pub fn open(o: &RdmaOptions) -> Result<Arc<Rdma>, String> {
+        let qp = QpOptions { traffic_class: o.traffic_class, service_level: o.service_level, pkey_index: o.pkey_index };
+        if qp.service_level > dcmigrate_rdma::MAX_SERVICE_LEVEL {
+            return Err(format!("service level {} is above {}", qp.service_level, dcmigrate_rdma::MAX_SERVICE_LEVEL));
+        }
+        Device::open(o.device.as_deref(), o.gid_index)
+            .map(|device| Arc::new(Rdma { device, qp, memlock: memlock_problem() }))
+            .map_err(|e| e.to_string())
     }
 
     impl Rdma {
@@ -131,11 +230,16 @@ mod imp {
             self.device.name().to_owned()
         }
 
+        /// What limits its use on this host (the locked-memory limit).
+        pub fn warning(&self) -> Option<String> {
+            self.memlock.clone()
+        }
+
         /// Registers a destination's RAM for remote writes.
         pub fn register_target(&self, ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
             // A protection domain per session: another session's queue pairs cannot write here.
             let device = self.device.session().map_err(|e| e.to_string())?;
-            Ok(Arc::new(Target { regions: register(&device, ram, true)?, device, _ram: ram.clone() }))
+            Ok(Arc::new(Target { regions: register(&device, ram, true)?, device, qp: self.qp, _ram: ram.clone() }))
         }
     }
 
@@ -153,6 +257,7 @@ mod imp {
     /// A destination's registered RAM.
     pub struct Target {
         device: Arc<Device>,
+        qp: QpOptions,
         // Before `_ram`: the registrations go first.
         regions: Vec<Region>,
         _ram: Arc<GuestRam>,
@@ -175,22 +280,32 @@ mod imp {
         Endpoint::decode(&ep).map_err(rdma_err)
     }
 
-    async fn write_endpoint(s: &mut DataStream, qp: &QueuePair) -> Result<(), TransportError> {
+    async fn write_endpoint(s: &mut DataStream, ep: Endpoint) -> Result<(), TransportError> {
         let io = |source| TransportError::Io { what: "sending a queue pair endpoint", source };
-        s.write_all(&qp.endpoint().encode()).await.map_err(io)?;
+        s.write_all(&ep.encode()).await.map_err(io)?;
         s.flush().await.map_err(io)
+    }
+
+    /// The attributes for a queue pair on `device` to `remote`.
+    fn attrs(device: &Device, remote: &Endpoint, opts: &QpOptions) -> Result<(QpAttrs, PathMtu), TransportError> {
+        let port = device.port_info().map_err(rdma_err)?;
+        let a = qp_attrs(&port, remote.mtu, remote.gid == [0; 16], opts).map_err(rdma_err)?;
+        Ok((a, port.active_mtu))
     }
 
     /// A destination's side of one RDMA stream (after the hello was checked):
     /// acknowledges each batch when its WRITE_WITH_IMM arrives, until the
     /// sender leaves or `stop` says so; then nothing more can land.
     pub async fn serve(t: &Target, mut s: DataStream, stop: Stop) -> Result<(), TransportError> {
-        let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true).map_err(rdma_err)?;
+        let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
         handshake::answer(&mut s, HelloStatus::Ok).await?;
         let remote = read_endpoint(&mut s).await?;
-        qp.connect(&remote).map_err(rdma_err)?;
+        let (attrs, mtu) = attrs(&t.device, &remote, &t.qp)?;
+        qp.connect(&remote, &attrs).map_err(rdma_err)?;
         qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
-        write_endpoint(&mut s, &qp).await?;
+        // The version the sender spoke: an MTU only to one that sent its own.
+        write_endpoint(&mut s, qp.endpoint(remote.mtu.map(|_| mtu))).await?;
+        tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
         let (mut rd, mut wr) = tokio::io::split(s);
         let acks = async {
             loop {
@@ -232,6 +347,7 @@ mod imp {
         rdma: &Arc<Rdma>,
         spec: StreamSpec,
         remote: &[RdmaRegion],
+        endpoint_version: u8,
     ) -> Result<SendQueue, TransportError> {
         let regions = spec.ram.layout().regions();
         if remote.len() != regions.len() || remote.iter().zip(regions).any(|(r, l)| r.len != l.size) {
@@ -246,11 +362,18 @@ mod imp {
         };
         let local = Arc::new(local);
         let streams = spec.streams.max(1);
-        let (window, depth) = send_sizing(spec.ram.layout().chunk_size());
+        let caps = rdma.device.caps().map_err(rdma_err)?;
+        let (window, depth) = send_sizing(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
         // Room for what callers keep outstanding (more than the posting window).
-        let q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
+        let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
         for _ in 0..streams {
-            let (qp, s) = pair(&rdma.device, &spec, depth).await?;
+            let (qp, s, attrs) = pair(rdma, &spec, depth, endpoint_version).await?;
+            q.rdma.get_or_insert_with(|| RdmaPath {
+                device: rdma.device.name().to_owned(),
+                port: rdma.device.port(),
+                gid_index: rdma.device.gid_index(),
+                path_mtu: attrs.path_mtu.bytes(),
+            });
             let stream = Stream {
                 qp,
                 local: local.clone(),
@@ -268,16 +391,23 @@ mod imp {
 
     /// Hello, then the endpoint exchange: a connected queue pair.
     async fn pair(
-        device: &Arc<Device>,
+        rdma: &Rdma,
         spec: &StreamSpec,
         depth: u32,
-    ) -> Result<(QueuePair, DataStream), TransportError> {
+        endpoint_version: u8,
+    ) -> Result<(QueuePair, DataStream, QpAttrs), TransportError> {
+        let device = &rdma.device;
         let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
         let mut s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
-        let qp = QueuePair::new(device, depth, 1, false).map_err(rdma_err)?;
-        write_endpoint(&mut s, &qp).await?;
-        qp.connect(&read_endpoint(&mut s).await?).map_err(rdma_err)?;
-        Ok((qp, s))
+        let qp = QueuePair::new(device, depth, 1, false, rdma.qp.pkey_index).map_err(rdma_err)?;
+        // Our port's MTU only to a destination that reads it.
+        let mtu =
+            (endpoint_version >= 1).then(|| device.port_info().map(|p| p.active_mtu)).transpose().map_err(rdma_err)?;
+        write_endpoint(&mut s, qp.endpoint(mtu)).await?;
+        let remote = read_endpoint(&mut s).await?;
+        let (attrs, _) = attrs(device, &remote, &rdma.qp)?;
+        qp.connect(&remote, &attrs).map_err(rdma_err)?;
+        Ok((qp, s, attrs))
     }
 
     // Field order is drop order: the queue pair and the registrations go

@@ -21,6 +21,7 @@ pub(super) struct Target {
     pub sender: u8,
     pub streams: usize,
     pub rdma: Option<Vec<RdmaRegion>>,
+    pub rdma_endpoint: u8,
     pub transport: TransportKind,
 }
 
@@ -59,14 +60,14 @@ pub(super) enum ForwardError {
 }
 
 /// Opens (or re-points) this host's data streams to a new destination;
-/// returns the data plane used (RDMA writes straight from this host's
+/// returns the data plane used and its RDMA path (RDMA writes straight from this host's
 /// registered RAM into the new destination's).
 pub(super) async fn forward_to(
     agent: &Agent,
     sess: &mut Session,
     t: Target,
     completions: mpsc::UnboundedSender<Completion>,
-) -> Result<DataPlane, ForwardError> {
+) -> Result<(DataPlane, Option<crate::protocol::RdmaPath>), ForwardError> {
     // Guest RAM goes only to this host's own peers, at the address this host
     // knows them by: the source chooses the port, never where to.
     let peer_ip = agent.cfg.peers.get(&t.host).ok_or_else(|| ForwardError::NotAPeer(t.host.clone()))?.ip();
@@ -79,6 +80,7 @@ pub(super) async fn forward_to(
         transport: t.transport,
         rdma: &agent.rdma,
         offer: t.rdma.as_deref(),
+        rdma_endpoint: t.rdma_endpoint,
         streams: StreamSpec {
             addr,
             token: t.token,
@@ -97,9 +99,9 @@ pub(super) async fn forward_to(
     let s = crate::transport::open_sender(spec)
         .await
         .map_err(|source| ForwardError::Open { host: t.host.clone(), source })?;
-    let kind = s.kind();
+    let (kind, path) = (s.kind(), s.rdma_path());
     sess.forward = Some((t.host, Arc::from(s)));
-    Ok(kind)
+    Ok((kind, path))
 }
 
 /// Checks page runs that came from the network: each must lie inside one

@@ -167,8 +167,11 @@ async fn step(
         (Message::OpenSession { vm, regions, chunk_size, launch }, None) => {
             open_session(agent, session, peer, (&vm, regions, chunk_size, &launch)).await
         }
-        (Message::ForwardTo { host, data_addr, token, streams, sender, rdma, transport }, Some(sess)) => {
-            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, transport };
+        (
+            Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport },
+            Some(sess),
+        ) => {
+            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, rdma_endpoint, transport };
             forward_to(agent, sess, t, fwd_tx).await
         }
         (Message::Forward { batch, to, runs }, Some(sess)) => {
@@ -238,6 +241,7 @@ async fn open_session(
                 data_port: agent.data_port(),
                 token: sess.token,
                 rdma: sess.receiving.rdma_offer(),
+                rdma_endpoint: crate::transport::rdma::ENDPOINT_VERSION,
             };
             *session = Some(sess);
             m
@@ -254,9 +258,9 @@ async fn forward_to(
 ) -> Message {
     let to = t.host.clone();
     match forward::forward_to(agent, sess, t, fwd_tx.clone()).await {
-        Ok(kind) => {
+        Ok((kind, rdma)) => {
             tracing::info!(vm = %sess.vm, %to, transport = kind.name(), "forwarding to the new destination");
-            Message::ForwardReady { transport: kind }
+            Message::ForwardReady { transport: kind, rdma }
         }
         Err(e) => error(e),
     }

@@ -3,8 +3,9 @@
 //! on 32 arbitrary bytes.
 //!
 //! Checks: never panics; only 24-bit, non-zero queue pair numbers and 24-bit
-//! PSNs are accepted, with the reserved bytes zero; and whatever decodes
-//! encodes to exactly the bytes it came from.
+//! PSNs are accepted, with the reserved bytes zero, in version 0 (no MTU)
+//! or 1 (a known MTU code); and whatever decodes encodes to exactly the
+//! bytes it came from.
 //!
 //! (The sender's check of a destination's offered `RdmaRegion`s is inline
 //! in `transport::rdma::imp::connect`, behind a verbs device: not reachable
