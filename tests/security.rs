@@ -258,6 +258,10 @@ async fn data_streams_must_be_encrypted_by_a_peer_unless_the_operator_says_off()
     assert!(matches!(s, DataStream::Sealed(_)), "both ends offer sealed records: they are used");
     let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
     assert_eq!(send(&mut s, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }));
+    // Bounds are checked inside sealed records too.
+    let mut s = stream(addr, &token, Some(&data_tls(&tb, "hostB", "hostA"))).await.expect("a peer's TLS stream");
+    let outside = Frame::Pages { region: 0, offset: 8 * MIB, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut s, outside, PAGE_SIZE).await, Some(Reply::Rejected { code: RejectCode::OutOfBounds }));
     // A sender of an earlier release (TLS without ALPN) keeps TLS's records.
     let mut old = legacy_tls_stream(addr, &token, &data_tls(&tb, "hostB", "hostA")).await;
     let h = Frame::Pages { region: 0, offset: PAGE_SIZE as u64, len: PAGE_SIZE as u32 }.encode();

@@ -97,8 +97,10 @@ enum Cmd {
         gib: Vec<u64>,
         #[arg(long, default_value_t = 1000)]
         rate_mbit: u64,
-        /// The sparse guest's size (0: none).
-        #[arg(long, default_value_t = 64)]
+        /// The sparse guest's size (0: none). Its whole size must fit the
+        /// destination's data dir (a session that does not is refused),
+        /// a 24 GiB tmpfs on the project's machine.
+        #[arg(long, default_value_t = 20)]
         sparse_gib: u64,
     },
     /// What a dirty sync costs per GiB, per tracker, against reading the

@@ -107,6 +107,9 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
                 let left = |host: &str| tb.host(host).data_dir.join(format!("{vm}-ram0.ram"));
                 for (from, to) in [("hostB", "hostA"), ("hostA", "hostB")] {
                     let _ = std::fs::remove_file(left(to));
+                    // The source that just handed the guest over frees its
+                    // RAM once it has quit: wait for the room.
+                    wait_for_room(&tb.host(to).data_dir, gib << 30)?;
                     let again = migrate(&tb, from, &vm, to, MigrateOptions::default())?;
                     runs.push(again["downtime_ms"].as_f64().unwrap_or(f64::NAN));
                     on = to;
@@ -131,6 +134,27 @@ pub fn sizes(sizes: &[u64], rate_mbit: u64, sparse_gib: u64) -> Result<Value> {
         rows.push(sparse(&mut tb, sparse_gib)?);
     }
     Ok(json!({"rows": rows, "rate_mbit": rate_mbit, "link_goodput_mbps": goodput}))
+}
+
+/// Waits (up to a minute) until `dir`'s file system has `bytes` free.
+fn wait_for_room(dir: &std::path::Path, bytes: u64) -> Result<()> {
+    let free = || {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let f = free().unwrap_or(0);
+        if f >= bytes + (64 << 20) {
+            return Ok(());
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            bail!("{} has {f} bytes free after a minute; {bytes} needed", dir.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// A guest of `gib` GiB that is almost all holes: a hot 1 % written at 10 MB/s.

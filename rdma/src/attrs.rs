@@ -106,8 +106,9 @@ pub struct QpAttrs {
 }
 
 /// The attributes for a queue pair from this end's port to a peer whose
-/// port's active MTU is `remote_mtu` (None: a peer that does not say, which
-/// uses 1024) and whose GID is zero or not.
+/// port's active MTU is `remote_mtu` and whose GID is zero or not. None: a
+/// peer that does not say, which uses 1024 whatever its port; both ends of
+/// a connection must agree, so this end does too.
 pub fn qp_attrs(
     local: &PortInfo,
     remote_mtu: Option<PathMtu>,
@@ -125,7 +126,7 @@ pub fn qp_attrs(
         Link::InfiniBand => !remote_gid_zero,
     };
     Ok(QpAttrs {
-        path_mtu: local.active_mtu.min(remote_mtu.unwrap_or(PathMtu::M1024)),
+        path_mtu: remote_mtu.map_or(PathMtu::M1024, |r| local.active_mtu.min(r)),
         timeout: 14,
         retry_cnt: 7,
         rnr_retry: 6,
@@ -156,9 +157,12 @@ mod tests {
         assert_eq!(qp_attrs(&roce9000, Some(PathMtu::M4096), false, &o).unwrap().path_mtu, PathMtu::M4096);
         assert_eq!(qp_attrs(&roce9000, Some(PathMtu::M1024), false, &o).unwrap().path_mtu, PathMtu::M1024);
         assert_eq!(qp_attrs(&roce1500, Some(PathMtu::M4096), false, &o).unwrap().path_mtu, PathMtu::M1024);
-        // A peer that does not say uses 1024: so must we, whatever our port.
+        // A peer that does not say uses 1024: so must we, whatever our port
+        // (both ends of a connection must agree).
         assert_eq!(qp_attrs(&roce9000, None, false, &o).unwrap().path_mtu, PathMtu::M1024);
-        assert_eq!(qp_attrs(&port(Link::Ethernet, PathMtu::M512), None, false, &o).unwrap().path_mtu, PathMtu::M512);
+        assert_eq!(qp_attrs(&port(Link::Ethernet, PathMtu::M512), None, false, &o).unwrap().path_mtu, PathMtu::M1024);
+        let small = port(Link::Ethernet, PathMtu::M512);
+        assert_eq!(qp_attrs(&small, Some(PathMtu::M4096), false, &o).unwrap().path_mtu, PathMtu::M512);
     }
 
     #[test]

@@ -15,7 +15,8 @@ fn device_or_skip(test: &str) -> Option<Arc<Device>> {
             if let Some(p) = std::env::var_os("DCMIGRATE_SKIP_LOG") {
                 use std::io::Write as _;
                 let f = std::fs::OpenOptions::new().create(true).append(true).open(p);
-                let _ = f.and_then(|mut f| writeln!(f, "{test}: {e}"));
+                // One write per line: tests running in parallel append here.
+                let _ = f.and_then(|mut f| f.write_all(format!("{test}: {e}\n").as_bytes()));
             }
             None
         }

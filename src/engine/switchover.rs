@@ -23,8 +23,11 @@ impl Migration {
         let mut d = Downtime::default();
         let t_pause = Instant::now();
         self.set_phase("switchover: pause");
-        self.blocking(|vm| vm.pause()).await?;
+        // Journaled before the pause, not after: an agent killed between the
+        // two must find "paused" on restart and resume the VM (resuming one
+        // that never paused is harmless; leaving one paused is not).
         self.advance(Phase::Paused);
+        self.blocking(|vm| vm.pause()).await?;
         d.pause_ms = ms(t_pause);
         // Everything the pause needs before `Resume` has a deadline: past it
         // the VM resumes on the source and every destination discards.

@@ -166,7 +166,7 @@ mod imp {
     use crate::transport::inflight::InFlight;
     use crate::transport::queue::Feed;
     use dcmigrate_rdma::{
-        qp_attrs, CompletionKind, Device, DeviceCaps, Endpoint, PathMtu, QpAttrs, QpOptions, QueuePair, RdmaError,
+        qp_attrs, CompletionKind, Device, DeviceCaps, Endpoint, PortInfo, QpAttrs, QpOptions, QueuePair, RdmaError,
         Region, Write, ENDPOINT_LEN,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -286,11 +286,9 @@ mod imp {
         s.flush().await.map_err(io)
     }
 
-    /// The attributes for a queue pair on `device` to `remote`.
-    fn attrs(device: &Device, remote: &Endpoint, opts: &QpOptions) -> Result<(QpAttrs, PathMtu), TransportError> {
-        let port = device.port_info().map_err(rdma_err)?;
-        let a = qp_attrs(&port, remote.mtu, remote.gid == [0; 16], opts).map_err(rdma_err)?;
-        Ok((a, port.active_mtu))
+    /// The attributes for a queue pair from `port` to `remote`.
+    fn attrs(port: &PortInfo, remote: &Endpoint, opts: &QpOptions) -> Result<QpAttrs, TransportError> {
+        qp_attrs(port, remote.mtu, remote.gid == [0; 16], opts).map_err(rdma_err)
     }
 
     /// A destination's side of one RDMA stream (after the hello was checked):
@@ -300,11 +298,13 @@ mod imp {
         let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
         handshake::answer(&mut s, HelloStatus::Ok).await?;
         let remote = read_endpoint(&mut s).await?;
-        let (attrs, mtu) = attrs(&t.device, &remote, &t.qp)?;
+        // The port is asked once: what is used is what is told.
+        let port = t.device.port_info().map_err(rdma_err)?;
+        let attrs = attrs(&port, &remote, &t.qp)?;
         qp.connect(&remote, &attrs).map_err(rdma_err)?;
         qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
         // The version the sender spoke: an MTU only to one that sent its own.
-        write_endpoint(&mut s, qp.endpoint(remote.mtu.map(|_| mtu))).await?;
+        write_endpoint(&mut s, qp.endpoint(remote.mtu.map(|_| port.active_mtu))).await?;
         tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
         let (mut rd, mut wr) = tokio::io::split(s);
         let acks = async {
@@ -400,12 +400,12 @@ mod imp {
         let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
         let mut s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
         let qp = QueuePair::new(device, depth, 1, false, rdma.qp.pkey_index).map_err(rdma_err)?;
-        // Our port's MTU only to a destination that reads it.
-        let mtu =
-            (endpoint_version >= 1).then(|| device.port_info().map(|p| p.active_mtu)).transpose().map_err(rdma_err)?;
-        write_endpoint(&mut s, qp.endpoint(mtu)).await?;
+        // The port is asked once: what is used is what is told. Its MTU
+        // goes only to a destination that reads it.
+        let port = device.port_info().map_err(rdma_err)?;
+        write_endpoint(&mut s, qp.endpoint((endpoint_version >= 1).then_some(port.active_mtu))).await?;
         let remote = read_endpoint(&mut s).await?;
-        let (attrs, _) = attrs(device, &remote, &rdma.qp)?;
+        let attrs = attrs(&port, &remote, &rdma.qp)?;
         qp.connect(&remote, &attrs).map_err(rdma_err)?;
         Ok((qp, s, attrs))
     }

@@ -190,10 +190,14 @@ impl<R: AsyncRead + Unpin> SealedReader<R> {
             return Err(bad("a record read while another was half read".into()));
         }
         buf.resize(PREFIX, 0);
-        match self.io.read_exact(&mut buf[..PREFIX]).await {
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            r => r?,
-        };
+        let mut got = 0;
+        while got < PREFIX {
+            match self.io.read(&mut buf[got..PREFIX]).await? {
+                0 if got == 0 => return Ok(None), // the end, between records
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
         let len = record_len(buf)?;
         buf.resize(PREFIX + len + TAG, 0);
         self.io.read_exact(&mut buf[PREFIX..]).await?;
@@ -315,6 +319,11 @@ mod tests {
         let swapped = [&wire[one..], &wire[..one]].concat();
         assert!(read(swapped).await.is_err(), "records reordered");
         assert!(read(wire[..one + 3].to_vec()).await.is_err(), "a record cut short");
+        assert!(read(wire[..one + 2].to_vec()).await.is_err(), "a prefix cut short");
+        let mut r = SealedReader::new(&wire[..one + 2], keys(&m, false).1);
+        let mut buf = Vec::new();
+        assert_eq!(r.read_record(&mut buf).await.unwrap().unwrap(), b"page");
+        assert!(r.read_record(&mut buf).await.is_err(), "a prefix cut short, read as a record");
         let mut huge = wire.clone();
         huge[..PREFIX].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read(huge).await.is_err(), "a length beyond the bound");

@@ -201,7 +201,7 @@ pub async fn client(tcp: TcpStream, tls: &ClientTls) -> Result<DataStream, Trans
         .await
         .map_err(|_| TransportError::Timeout { what: "the TLS handshake of a data stream" })?
         .map_err(tls_err)?;
-    if s.get_ref().1.alpn_protocol() != Some(ALPN_SEALED) {
+    if !sealing(s.get_ref().1.alpn_protocol(), s.get_ref().1.protocol_version()) {
         return Ok(DataStream::Stream(Box::new(s))); // a receiver that keeps TLS's records
     }
     let keys = exported(s.get_ref().1.export_keying_material([0u8; 64], seal::EXPORTER_LABEL, None))?;
@@ -217,6 +217,13 @@ pub async fn client(tcp: TcpStream, tls: &ClientTls) -> Result<DataStream, Trans
         return Err(tls_err(std::io::Error::other("the receiver's first sealed record is not the expected one")));
     }
     Ok(DataStream::Sealed(Box::new(sealed)))
+}
+
+/// Whether a finished handshake switches to sealed records: both ends
+/// offered them, over TLS 1.3 (in 1.2 the server speaks last in the
+/// handshake, so its first record could reach rustls's buffers).
+fn sealing(alpn: Option<&[u8]>, version: Option<rustls::ProtocolVersion>) -> bool {
+    alpn == Some(ALPN_SEALED) && version == Some(rustls::ProtocolVersion::TLSv1_3)
 }
 
 /// What a receiver's first sealed record holds.
@@ -269,7 +276,7 @@ pub async fn server(tcp: TcpStream, tls: Option<&ServerTls>) -> Result<Accepted,
     let Some(peer) = names.iter().find(|n| (tls.allowed)(n)).cloned() else {
         return Err(TransportError::NotAPeer(names));
     };
-    if s.get_ref().1.alpn_protocol() != Some(ALPN_SEALED) {
+    if !sealing(s.get_ref().1.alpn_protocol(), s.get_ref().1.protocol_version()) {
         return Ok(Accepted { peer: Some(peer), stream: DataStream::Stream(Box::new(s)) });
     }
     let keys = exported(s.get_ref().1.export_keying_material([0u8; 64], seal::EXPORTER_LABEL, None))?;
