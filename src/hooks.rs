@@ -56,6 +56,28 @@ hook!(
     stall_device_state_ms: u64 = "DCMIGRATE_TEST_STALL_DEVICE_STATE_MS"
 );
 
+hook!(
+    /// `DCMIGRATE_TEST_RDMA_QP_ERROR_AFTER=N` (sending agent): the first RDMA
+    /// stream of the process to post its Nth batch then moves its queue pair
+    /// to the error state, once, as a link flap past the retry budget would.
+    rdma_qp_error_after: u64 = "DCMIGRATE_TEST_RDMA_QP_ERROR_AFTER"
+);
+
+hook!(
+    /// `DCMIGRATE_TEST_RDMA_TARGET_QP_ERROR_AFTER=N` (destination agent): the
+    /// first RDMA stream of the process to receive its Nth batch then moves
+    /// its queue pair to the error state, once.
+    rdma_target_qp_error_after: u64 = "DCMIGRATE_TEST_RDMA_TARGET_QP_ERROR_AFTER"
+);
+
+hook!(
+    /// `DCMIGRATE_TEST_RDMA_UNREACHABLE=1` (destination agent): every RDMA
+    /// queue pair is moved to the error state as soon as it is connected, so
+    /// nothing a sender writes arrives, as when RoCE traffic is dropped on
+    /// the path.
+    rdma_unreachable: u8 = "DCMIGRATE_TEST_RDMA_UNREACHABLE"
+);
+
 /// `DCMIGRATE_TEST_GATE=POINT[,POINT…]` with `DCMIGRATE_TEST_GATE_DIR=DIR`
 /// (any agent): at each listed point, agent `host` creates
 /// `DIR/HOST.POINT.reached` and waits (at most a minute) for

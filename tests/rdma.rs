@@ -8,6 +8,7 @@ use common::*;
 use dcmigrate::engine::{MigrateOptions, Outcome, Report, TransportUsed};
 use dcmigrate::protocol::{DataPlane, TransportKind};
 use dcmigrate::testbed::Testbed;
+use dcmigrate::vm::synthetic::{Pattern, Workload};
 
 fn rdma_or_skip(test: &str) -> bool {
     let rdma = dcmigrate::transport::rdma::open(&Default::default()).map(|_| ());
@@ -124,6 +125,85 @@ fn queue_pairs_take_the_path_mtu_of_the_ports() {
         tb.client("B").resume(&vm).unwrap();
         assert_running_on(&tb, "B", &vm);
     }
+}
+
+/// A queue pair that fails mid-migration (on the source's side, then on the
+/// destination's) is replaced: the stream re-pairs, sends again what was in
+/// flight, and the migration completes byte-exact, saying how often.
+#[test]
+fn a_failed_queue_pair_is_re_paired() {
+    const T: &str = "a_failed_queue_pair_is_re_paired";
+    if !rdma_or_skip(T) || !hooks_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    // 48 chunks of 2 MiB, one batch each in round 0: the source's pair fails
+    // at its 5th batch, the next pair at the 20th the destination receives.
+    tb.restart_agent("A", &[("DCMIGRATE_TEST_RDMA_QP_ERROR_AFTER", "5")]).unwrap();
+    tb.restart_agent("B", &[("DCMIGRATE_TEST_RDMA_TARGET_QP_ERROR_AFTER", "20")]).unwrap();
+    tb.start_guest("A", "q1", 96 * MIB, &workload(5.0), true, &[]).unwrap();
+    let opts = MigrateOptions { transport: TransportKind::Rdma, suspend: true, streams: 1, ..Default::default() };
+    let report = migrate(&tb, "A", "q1", "B", opts);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
+    assert_eq!(report.senders[0].re_pairs, 2, "{report:#?}");
+    assert_same_bytes(&ram_file(&tb, "A", "q1"), &ram_file(&tb, "B", "q1"));
+    tb.client("B").resume("q1").unwrap();
+    assert_running_on(&tb, "B", "q1");
+}
+
+/// The largest chunks (64 MiB) with a guest dirtying every other page:
+/// batches of thousands of one-page runs, each a work request, fit the
+/// send queue, and the result is byte-exact.
+#[test]
+fn largest_chunks_with_every_other_page_dirty() {
+    const T: &str = "largest_chunks_with_every_other_page_dirty";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    let w = Workload { pattern: Pattern::Alternate, ..workload(20.0) };
+    tb.start_guest("A", "q3", 128 * MIB, &w, true, &[]).unwrap();
+    let opts = MigrateOptions {
+        transport: TransportKind::Rdma,
+        suspend: true,
+        chunk_size: 64 * MIB,
+        streams: 1,
+        ..Default::default()
+    };
+    let report = migrate(&tb, "A", "q3", "B", opts);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
+    assert!(report.rounds.len() >= 2, "a round after the first sends dirty pages: {report:#?}");
+    assert_same_bytes(&ram_file(&tb, "A", "q3"), &ram_file(&tb, "B", "q3"));
+    tb.client("B").resume("q3").unwrap();
+    assert_running_on(&tb, "B", "q3");
+}
+
+/// Where RDMA traffic does not get through although both ends have RDMA
+/// (a fabric dropping RoCE), the probe write at pairing fails: `auto` uses
+/// TCP and the report says why; `--transport rdma` fails with that reason.
+#[test]
+fn auto_falls_back_to_tcp_when_rdma_traffic_is_dropped() {
+    const T: &str = "auto_falls_back_to_tcp_when_rdma_traffic_is_dropped";
+    if !rdma_or_skip(T) || !hooks_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    tb.restart_agent("B", &[("DCMIGRATE_TEST_RDMA_UNREACHABLE", "1")]).unwrap();
+    tb.start_guest("A", "q2", 32 * MIB, &workload(5.0), false, &[]).unwrap();
+    let opts = MigrateOptions { transport: TransportKind::Rdma, ..Default::default() };
+    let report = migrate(&tb, "A", "q2", "B", opts);
+    assert_eq!(report.result, Outcome::Failed, "{report:#?}");
+    let e = report.error.as_deref().unwrap();
+    assert!(e.contains("--transport rdma") && e.contains("probe"), "{e}");
+    assert_running_on(&tb, "A", "q2");
+    let report = migrate(&tb, "A", "q2", "B", MigrateOptions::default());
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.transport, TransportUsed::Tcp, "{report:#?}");
+    let why = report.senders[0].why_not_rdma.as_deref().unwrap_or_default();
+    assert!(why.contains("probe"), "{report:#?}");
+    assert_running_on(&tb, "B", "q2");
 }
 
 /// Where RDMA is impossible, `--transport rdma` fails with the reason and

@@ -131,7 +131,10 @@ pub struct Link {
     pub rdma_endpoint: u8,
     /// The source's RDMA path to this host, if its data plane is RDMA.
     pub rdma_path: Option<crate::protocol::RdmaPath>,
+    /// Why the source's data plane to this host is not RDMA, if allowed.
+    pub why_not_rdma: Option<String>,
     sent_before_close: AtomicU64,
+    re_pairs_before_close: AtomicU64,
 }
 
 impl Link {
@@ -204,10 +207,12 @@ impl Link {
             why: Arc::new(Mutex::new(None)),
             transport: sender.kind(),
             rdma_path: sender.rdma_path(),
+            why_not_rdma: sender.why_not_rdma(),
             sender: Mutex::new(Some(sender)),
             rdma_offer,
             rdma_endpoint,
             sent_before_close: AtomicU64::new(0),
+            re_pairs_before_close: AtomicU64::new(0),
         });
         link.spawn_dispatch(ch.inbox, replies_tx, a.completions);
         Ok(link)
@@ -350,6 +355,12 @@ impl Link {
         live + self.sent_before_close.load(Ordering::Relaxed)
     }
 
+    /// The source's RDMA streams to this host re-paired so far.
+    pub fn re_pairs(&self) -> u64 {
+        let live = self.sender.lock().unwrap().as_ref().map_or(0, |s| s.re_pairs());
+        live + self.re_pairs_before_close.load(Ordering::Relaxed)
+    }
+
     /// Payload bytes this host reported having forwarded.
     pub fn forwarded_bytes(&self) -> u64 {
         self.forwarded_bytes.load(Ordering::Relaxed)
@@ -359,6 +370,7 @@ impl Link {
     pub fn close_sender(&self) {
         if let Some(s) = self.sender.lock().unwrap().take() {
             self.sent_before_close.fetch_add(s.bytes_sent(), Ordering::Relaxed);
+            self.re_pairs_before_close.fetch_add(s.re_pairs(), Ordering::Relaxed);
             s.close();
         }
     }

@@ -246,6 +246,8 @@ impl Migration {
             to: to.clone(),
             transport: p.link.transport,
             rdma: p.link.rdma_path.clone(),
+            re_pairs: 0,
+            why_not_rdma: p.link.why_not_rdma.clone(),
         });
         let hosts = Hosts {
             names: vec![job.ctx.me.clone(), to],
@@ -383,6 +385,8 @@ impl Migration {
             to: link.host.clone(),
             transport: link.transport,
             rdma: link.rdma_path.clone(),
+            re_pairs: 0,
+            why_not_rdma: link.why_not_rdma.clone(),
         });
     }
 
@@ -395,6 +399,12 @@ impl Migration {
                 bytes.iter().map(|(h, b)| (h.clone(), b - r.sent_before.get(h).copied().unwrap_or(0))).collect();
         }
         self.report.bytes_by_sender = bytes;
+        for l in self.hosts.links.values() {
+            let me = &self.job.ctx.me;
+            if let Some(s) = self.report.senders.iter_mut().rev().find(|s| &s.from == me && s.to == l.host) {
+                s.re_pairs = l.re_pairs();
+            }
+        }
         self.report.verification = std::mem::take(&mut self.verifier.report);
         self.report.transport = TransportUsed::of(self.report.senders.iter().map(|s| s.transport));
         match result {

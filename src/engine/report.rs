@@ -162,6 +162,14 @@ pub struct SenderTransport {
     /// The RDMA path, when the data plane is RDMA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<RdmaPath>,
+    /// RDMA streams re-paired after their queue pair failed (the source's
+    /// own pairs; a forwarder logs its own).
+    #[serde(default)]
+    pub re_pairs: u64,
+    /// Why the pair does not use RDMA although the migration allowed it
+    /// (`--transport auto`), as the source saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_not_rdma: Option<String>,
 }
 
 /// One change of destination.

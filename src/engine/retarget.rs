@@ -193,7 +193,14 @@ impl Migration {
         match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
             Ok(Message::ForwardReady { transport, rdma }) => {
                 let from = self.hosts.names[h as usize].clone();
-                self.report.senders.push(SenderTransport { from, to: link.host.clone(), transport, rdma });
+                self.report.senders.push(SenderTransport {
+                    from,
+                    to: link.host.clone(),
+                    transport,
+                    rdma,
+                    re_pairs: 0,
+                    why_not_rdma: None,
+                });
                 true
             }
             Ok(_) => false,

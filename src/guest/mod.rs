@@ -202,6 +202,10 @@ impl Guest {
                         st.dev.cursor = (st.dev.cursor + 1) % hot as u64;
                         st.dev.cursor as usize
                     }
+                    Pattern::Alternate => {
+                        st.dev.cursor = (st.dev.cursor + 2) % (hot as u64 & !1).max(2);
+                        st.dev.cursor as usize
+                    }
                 };
                 self.write_page(page, st.dev.writes);
             }

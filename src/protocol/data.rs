@@ -71,6 +71,9 @@ pub enum RejectCode {
     BadFrame = 1,
     /// The frame points outside the session's RAM.
     OutOfBounds = 2,
+    /// The receiver's queue pair of this RDMA stream failed; it is in the
+    /// error state (fenced) when this is sent, so the sender may re-pair.
+    QueuePairFailed = 3,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]

@@ -248,6 +248,7 @@ impl Testbed {
             match w.pattern {
                 crate::vm::synthetic::Pattern::Random => "random",
                 crate::vm::synthetic::Pattern::Sequential => "sequential",
+                crate::vm::synthetic::Pattern::Alternate => "alternate",
             },
         ]);
         cmd.arg("--dir").arg(&h.data_dir).arg("--agent").arg(&h.api);

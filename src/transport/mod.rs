@@ -111,6 +111,15 @@ pub enum TransportError {
     /// A verbs call failed (the rdma crate's error, with its causes).
     #[error("RDMA: {0}")]
     Rdma(String),
+    /// A stream's queue pair failed (a write completed in error, a post was
+    /// refused, or the destination's queue pair failed): the stream may
+    /// re-pair.
+    #[error("RDMA queue pair failed: {0}")]
+    QueuePair(String),
+    /// The probe write of a newly paired queue pair did not come back
+    /// acknowledged: RDMA traffic does not get through.
+    #[error("the probe write at pairing failed")]
+    Probe(#[source] Box<TransportError>),
 }
 
 /// What ends a receiving stream: its session ends, or its sender is fenced.

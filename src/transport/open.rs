@@ -49,6 +49,7 @@ pub enum OpenError {
 /// Opens the data plane to a destination.
 pub async fn open_sender(spec: SenderSpec<'_>) -> Result<Box<dyn PageSender>, OpenError> {
     let host = spec.host;
+    let mut why_not_rdma = None;
     if spec.transport != TransportKind::Tcp {
         let why_not = match (spec.rdma, spec.offer) {
             (Err(e), _) => format!("not on this host: {e}"),
@@ -65,7 +66,9 @@ pub async fn open_sender(spec: SenderSpec<'_>) -> Result<Box<dyn PageSender>, Op
             return Err(OpenError::RdmaRequired { host: host.to_owned(), why: why_not });
         }
         tracing::info!(to = host, "data plane: TCP (no RDMA: {why_not})");
+        why_not_rdma = Some(why_not);
     }
-    let q = tcp::connect(spec.streams).await.map_err(|source| OpenError::Tcp { host: host.to_owned(), source })?;
+    let mut q = tcp::connect(spec.streams).await.map_err(|source| OpenError::Tcp { host: host.to_owned(), source })?;
+    q.why_not_rdma = why_not_rdma;
     Ok(Box::new(q))
 }

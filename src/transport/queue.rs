@@ -31,6 +31,14 @@ pub trait PageSender: Send + Sync {
     fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
         None
     }
+    /// Streams re-paired after their queue pair failed (RDMA), so far.
+    fn re_pairs(&self) -> u64 {
+        0
+    }
+    /// Why it does not use RDMA, when RDMA was allowed.
+    fn why_not_rdma(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What a sender's streams need: where to, as whom, and from which RAM.
@@ -69,6 +77,8 @@ pub struct Feed {
     pub bytes: Arc<AtomicU64>,
     /// Stops every stream.
     pub cancel: CancellationToken,
+    /// Streams re-paired after their queue pair failed (RDMA).
+    pub re_pairs: Arc<AtomicU64>,
 }
 
 impl Feed {
@@ -86,6 +96,11 @@ impl Feed {
 
     /// Ends a stream: whatever it had in flight fails with the reason.
     pub fn end_stream(&self, inflight: &InFlight, result: Result<(), TransportError>) {
+        self.end_stream_with(inflight.drain(), result);
+    }
+
+    /// Ends a stream whose unfinished batches are `left`: they fail with the reason.
+    pub fn end_stream_with(&self, left: Vec<Batch>, result: Result<(), TransportError>) {
         let why = match result {
             Ok(()) => "stream ended".to_owned(),
             Err(e) => crate::error_chain(&e),
@@ -93,7 +108,7 @@ impl Feed {
         if !self.cancel.is_cancelled() {
             tracing::warn!("data stream failed: {why}");
         }
-        self.fail(inflight.drain(), &why);
+        self.fail(left, &why);
     }
 
     /// Reads a stream's acknowledgements (TCP's, or RDMA's side channel),
@@ -129,14 +144,22 @@ pub struct SendQueue {
     kind: DataPlane,
     /// The RDMA path, for RDMA streams.
     pub rdma: Option<crate::protocol::RdmaPath>,
+    /// Why TCP streams are not RDMA ones, when RDMA was allowed.
+    pub why_not_rdma: Option<String>,
 }
 
 impl SendQueue {
     /// A queue of at most `capacity` batches for streams of `kind`.
     pub fn new(kind: DataPlane, capacity: usize, completions: UnboundedSender<Completion>) -> Self {
         let (queue, backlog) = async_channel::bounded(capacity);
-        let feed = Feed { backlog, completions, bytes: Default::default(), cancel: Default::default() };
-        Self { queue, feed, kind, rdma: None }
+        let feed = Feed {
+            backlog,
+            completions,
+            bytes: Default::default(),
+            cancel: Default::default(),
+            re_pairs: Default::default(),
+        };
+        Self { queue, feed, kind, rdma: None, why_not_rdma: None }
     }
 }
 
@@ -165,6 +188,12 @@ impl PageSender for SendQueue {
     }
     fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
         self.rdma.clone()
+    }
+    fn re_pairs(&self) -> u64 {
+        self.feed.re_pairs.load(Ordering::Relaxed)
+    }
+    fn why_not_rdma(&self) -> Option<String> {
+        self.why_not_rdma.clone()
     }
 }
 

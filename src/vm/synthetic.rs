@@ -24,6 +24,9 @@ pub enum Pattern {
     Random,
     /// Pages in order through the hot part of RAM, wrapping around.
     Sequential,
+    /// Every other page in order through the hot part of RAM, wrapping
+    /// around: the most page runs a chunk's dirty pages can form.
+    Alternate,
 }
 
 /// How the synthetic guest dirties its memory.
