@@ -1,0 +1,58 @@
+//! What a build without the `rdma` feature offers: nothing, with a reason.
+
+use super::RdmaOptions;
+use crate::memory::GuestRam;
+use crate::protocol::RdmaRegion;
+use crate::transport::queue::{SendQueue, StreamSpec};
+use crate::transport::secure::DataStream;
+use crate::transport::{Stop, TransportError};
+use std::sync::Arc;
+
+const WHY: &str = "this dcmigrate was built without the `rdma` feature";
+
+/// This host's RDMA device (none in this build).
+pub enum Rdma {}
+/// A destination's registered RAM (none in this build).
+pub enum Target {}
+
+/// Always fails: this build has no RDMA.
+pub fn open(_opts: &RdmaOptions) -> Result<Arc<Rdma>, String> {
+    Err(WHY.into())
+}
+
+impl Rdma {
+    /// The device's name.
+    pub fn name(&self) -> String {
+        match *self {}
+    }
+    /// What limits its use on this host.
+    pub fn warning(&self) -> Option<String> {
+        match *self {}
+    }
+    /// Registers a destination's RAM for remote writes.
+    pub fn register_target(&self, _ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
+        match *self {}
+    }
+}
+
+impl Target {
+    /// What senders need to write into it.
+    pub fn offer(&self) -> Vec<RdmaRegion> {
+        match *self {}
+    }
+}
+
+/// Opens the sender's queue pairs.
+pub async fn connect(
+    rdma: &Arc<Rdma>,
+    _spec: StreamSpec,
+    _remote: &[RdmaRegion],
+    _endpoint_version: u8,
+) -> Result<SendQueue, TransportError> {
+    match **rdma {}
+}
+
+/// Serves one RDMA stream at a destination.
+pub async fn serve(target: &Target, _s: DataStream, _stop: Stop) -> Result<(), TransportError> {
+    match *target {}
+}

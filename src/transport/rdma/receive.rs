@@ -1,0 +1,84 @@
+//! A destination's side of an RDMA stream: its queue pair, the
+//! acknowledgements, and the fence when the sender leaves or fails.
+
+use super::device::{attrs, first_time, rdma_err, read_endpoint, write_endpoint, Target};
+use crate::protocol::data::{HelloStatus, RejectCode, Reply};
+use crate::transport::handshake;
+use crate::transport::secure::DataStream;
+use crate::transport::{Stop, TransportError};
+use dcmigrate_rdma::{CompletionKind, QueuePair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Receives kept posted at a destination (each consumes one WRITE_WITH_IMM).
+const RECV_DEPTH: u32 = 64;
+static TARGET_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A destination's side of one RDMA stream (after the hello was checked):
+/// acknowledges each batch when its WRITE_WITH_IMM arrives, until the
+/// sender leaves or `stop` says so; then nothing more can land.
+pub async fn serve(t: &Target, mut s: DataStream, stop: Stop) -> Result<(), TransportError> {
+    let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
+    handshake::answer(&mut s, HelloStatus::Ok).await?;
+    let remote = read_endpoint(&mut s).await?;
+    // The port is asked once: what is used is what is told.
+    let port = t.device.port_info().map_err(rdma_err)?;
+    let attrs = attrs(&port, &remote, &t.qp)?;
+    qp.connect(&remote, &attrs).map_err(rdma_err)?;
+    qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
+    // The version the sender spoke: an MTU only to one that sent its own.
+    write_endpoint(&mut s, qp.endpoint(remote.mtu.map(|_| port.active_mtu))).await?;
+    tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
+    if crate::hooks::rdma_unreachable().is_some() {
+        tracing::warn!("test hook: nothing written to this queue pair arrives");
+        let _ = qp.set_error();
+    }
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let acks = async {
+        let mut received = 0u64;
+        loop {
+            for c in qp.completions().await.map_err(rdma_err)? {
+                let io = |source| TransportError::Io { what: "acknowledging a batch", source };
+                match c.result {
+                    Ok(CompletionKind::Received { imm }) => {
+                        wr.write_all(&Reply::Applied { batch: imm as u64 }.encode()).await.map_err(io)?;
+                        wr.flush().await.map_err(io)?;
+                        qp.post_recvs(0, 1).map_err(rdma_err)?;
+                        received += 1;
+                        if crate::hooks::rdma_target_qp_error_after() == Some(received)
+                            && first_time(&TARGET_HOOK_FIRED)
+                        {
+                            tracing::warn!(received, "test hook: moving the queue pair to the error state");
+                            let _ = qp.set_error();
+                        }
+                    }
+                    Ok(CompletionKind::Sent) => {}
+                    Err(e) => {
+                        // Fenced before the sender hears of it, so it may
+                        // pair a new queue pair at once.
+                        let _ = qp.set_error();
+                        let rejected = Reply::Rejected { code: RejectCode::QueuePairFailed };
+                        let _ = wr.write_all(&rejected.encode()).await;
+                        let _ = wr.flush().await;
+                        return Err(TransportError::QueuePair(format!("receive failed: {e}")));
+                    }
+                }
+            }
+        }
+    };
+    // The sender sends nothing more on TCP: reading only notices it leave.
+    let gone = async {
+        let mut b = [0u8; 1];
+        let _ = rd.read(&mut b).await;
+        Ok::<(), TransportError>(())
+    };
+    let r = tokio::select! {
+        r = acks => r,
+        r = gone => r,
+        _ = stop.wait() => Ok(()),
+    };
+    // Before the fence (or session end) is confirmed: nothing more lands.
+    if let Err(e) = qp.set_error() {
+        tracing::warn!("fencing a queue pair: {e}");
+    }
+    r
+}

@@ -1,0 +1,372 @@
+//! A sender's side of RDMA streams (source or forwarder): registering
+//! its RAM, pairing queue pairs (with a probe), posting batches, and
+//! replacing a queue pair that fails.
+
+use super::device::{attrs, first_time, rdma_err, read_endpoint, register, write_endpoint, Rdma};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::protocol::data::{Hello, RejectCode, Reply, StreamMode, REPLY_LEN};
+use crate::protocol::{DataPlane, RdmaPath, RdmaRegion};
+use crate::transport::batch::Batch;
+use crate::transport::handshake::{self, HANDSHAKE_TIMEOUT};
+use crate::transport::inflight::InFlight;
+use crate::transport::queue::{Feed, SendQueue, StreamSpec};
+use crate::transport::secure::DataStream;
+use crate::transport::TransportError;
+use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Region, Write};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Batches a queue pair may have posted but not yet seen applied.
+const WINDOW: usize = 4;
+/// Batches a stream may queue before posting (callers' windows are smaller).
+const QUEUE_PER_STREAM: usize = 16;
+/// Work requests a send queue is sized for at most: the worst batch of
+/// the largest chunk accepted (64 MiB, every other page: 8193) fits.
+const MAX_SEND_DEPTH: usize = 16384;
+
+/// Work requests of one batch at worst (runs alternate with gaps: one
+/// write per two pages), plus its WRITE_WITH_IMM; and how many batches
+/// fit a send queue of at most [`MAX_SEND_DEPTH`] and what the device
+/// allows (its queue and completion queue limits). A chunk whose worst
+/// batch does not fit is refused (`auto` then uses TCP).
+pub(crate) fn send_sizing(chunk_size: u64, caps: DeviceCaps) -> Result<(usize, u32), String> {
+    let per_batch = (chunk_size as usize / PAGE_SIZE).div_ceil(2) + 1;
+    // The completion queue also holds the one receive a sender posts.
+    let limit = MAX_SEND_DEPTH.min(caps.max_qp_wr as usize).min(caps.max_cqe.saturating_sub(2) as usize);
+    if per_batch > limit {
+        return Err(format!(
+            "a chunk of {} KiB needs up to {per_batch} work requests per batch; the device allows {} per queue \
+             and {} completions (use smaller chunks)",
+            chunk_size >> 10,
+            caps.max_qp_wr,
+            caps.max_cqe
+        ));
+    }
+    let window = (limit / per_batch).clamp(1, WINDOW);
+    Ok((window, (window * per_batch) as u32))
+}
+
+/// Registers the sender's RAM for local reads and opens `spec.streams`
+/// queue pairs to the destination, whose registered RAM is `remote`.
+pub async fn connect(
+    rdma: &Arc<Rdma>,
+    spec: StreamSpec,
+    remote: &[RdmaRegion],
+    endpoint_version: u8,
+) -> Result<SendQueue, TransportError> {
+    let regions = spec.ram.layout().regions();
+    if remote.len() != regions.len() || remote.iter().zip(regions).any(|(r, l)| r.len != l.size) {
+        return Err(TransportError::RdmaLayout);
+    }
+    let local = {
+        let (d, r) = (rdma.device.clone(), spec.ram.clone());
+        tokio::task::spawn_blocking(move || register(&d, &r, false))
+            .await
+            .map_err(|e| TransportError::Rdma(e.to_string()))?
+            .map_err(|e| TransportError::Rdma(format!("registering local RAM: {e}")))?
+    };
+    let local = Arc::new(local);
+    let streams = spec.streams.max(1);
+    let caps = rdma.device.caps().map_err(rdma_err)?;
+    let (window, depth) = send_sizing(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
+    // Room for what callers keep outstanding (more than the posting window).
+    let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
+    let pairing = Arc::new(Pairing { rdma: rdma.clone(), spec, remote: remote.to_vec(), depth, endpoint_version });
+    for _ in 0..streams {
+        let (qp, s, attrs) = pairing.pair().await?;
+        q.rdma.get_or_insert_with(|| RdmaPath {
+            device: rdma.device.name().to_owned(),
+            port: rdma.device.port(),
+            gid_index: rdma.device.gid_index(),
+            path_mtu: attrs.path_mtu.bytes(),
+        });
+        let stream = Stream { local: local.clone(), pairing: pairing.clone(), feed: q.feed.clone(), window };
+        tokio::spawn(stream.run(qp, s));
+    }
+    Ok(q)
+}
+
+/// How long a new queue pair's probe write may take to be acknowledged.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Re-pairs one stream may make within [`RE_PAIR_PERIOD`]; one more
+/// failure means the destination is lost.
+const RE_PAIRS_PER_PERIOD: usize = 3;
+const RE_PAIR_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What pairing a queue pair with the destination takes (again, after a
+/// failure).
+struct Pairing {
+    rdma: Arc<Rdma>,
+    spec: StreamSpec,
+    remote: Vec<RdmaRegion>,
+    depth: u32,
+    endpoint_version: u8,
+}
+
+impl Pairing {
+    /// Hello, the endpoint exchange, and a probe write: a connected queue
+    /// pair whose writes are known to arrive.
+    async fn pair(&self) -> Result<(QueuePair, DataStream, QpAttrs), TransportError> {
+        let (rdma, spec) = (&self.rdma, &self.spec);
+        let device = &rdma.device;
+        let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
+        let mut s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
+        let qp = QueuePair::new(device, self.depth, 1, false, rdma.qp.pkey_index).map_err(rdma_err)?;
+        // The port is asked once: what is used is what is told. Its MTU
+        // goes only to a destination that reads it.
+        let port = device.port_info().map_err(rdma_err)?;
+        write_endpoint(&mut s, qp.endpoint((self.endpoint_version >= 1).then_some(port.active_mtu))).await?;
+        let remote = read_endpoint(&mut s).await?;
+        let attrs = attrs(&port, &remote, &rdma.qp)?;
+        qp.connect(&remote, &attrs).map_err(rdma_err)?;
+        self.probe(&qp, &mut s).await.map_err(|e| TransportError::Probe(Box::new(e)))?;
+        Ok((qp, s, attrs))
+    }
+
+    /// Connecting a queue pair sends nothing: an empty WRITE_WITH_IMM
+    /// acknowledged by the destination proves the path carries RDMA (a
+    /// fabric that drops RoCE traffic fails here, and `auto` uses TCP).
+    async fn probe(&self, qp: &QueuePair, s: &mut DataStream) -> Result<(), TransportError> {
+        let target = (self.remote[0].addr, self.remote[0].rkey);
+        // Sequence 0: batches count from 1.
+        qp.post_batch(0, &[], 0, target).map_err(|e| TransportError::QueuePair(crate::error_chain(&e)))?;
+        let local = async {
+            loop {
+                if let Some(c) = qp.completions().await.map_err(rdma_err)?.into_iter().next() {
+                    return c.result.map(drop).map_err(|e| TransportError::QueuePair(format!("probe write: {e}")));
+                }
+            }
+        };
+        let reply = async {
+            let mut r = [0u8; REPLY_LEN];
+            s.read_exact(&mut r)
+                .await
+                .map_err(|source| TransportError::Io { what: "reading the probe's acknowledgement", source })?;
+            match Reply::decode(&r)? {
+                Reply::Applied { batch: 0 } => Ok(()),
+                Reply::Applied { batch } => Err(TransportError::UnexpectedAck(batch)),
+                Reply::Rejected { code } => Err(TransportError::Rejected(code)),
+            }
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, async { tokio::try_join!(local, reply) }).await {
+            Ok(r) => r.map(drop),
+            Err(_) => {
+                Err(TransportError::Timeout { what: "the probe write's acknowledgement (RDMA traffic dropped?)" })
+            }
+        }
+    }
+}
+
+// Field order is drop order: the registrations go before the mapping
+// they point into (which `pairing.spec` holds).
+struct Stream {
+    local: Arc<Vec<Region>>,
+    pairing: Arc<Pairing>,
+    feed: Feed,
+    window: usize,
+}
+
+/// Whether a stream that failed with `e` may re-pair: only a failed queue
+/// pair, not a destination that rejected, vanished or went silent.
+fn re_pairable(e: &TransportError) -> bool {
+    matches!(e, TransportError::QueuePair(_) | TransportError::Rejected(RejectCode::QueuePairFailed))
+}
+
+impl Stream {
+    fn ram(&self) -> &GuestRam {
+        &self.pairing.spec.ram
+    }
+
+    /// The writes of one batch: one per run (a run is contiguous in both
+    /// RAMs, chunks never span regions).
+    fn writes(&self, b: &Batch) -> Result<Vec<Write>, TransportError> {
+        b.runs
+            .iter()
+            .map(|r| {
+                let (region, offset) = self.ram().layout().locate(r.first_page);
+                let len = (r.pages * PAGE_SIZE) as u64;
+                let (l, rem) = (&self.local[region as usize], self.pairing.remote[region as usize]);
+                if offset + len > l.len() || offset + len > rem.len {
+                    return Err(TransportError::RunOutside { page: r.first_page, region });
+                }
+                Ok(Write {
+                    local_addr: l.addr() + offset,
+                    len: len as u32,
+                    lkey: l.lkey(),
+                    remote_addr: rem
+                        .addr
+                        .checked_add(offset)
+                        .ok_or(TransportError::RunOutside { page: r.first_page, region })?,
+                    rkey: rem.rkey,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends batches over `qp` until something fails. A failed queue
+    /// pair is replaced (re-paired, after the destination confirmed the
+    /// old one can write no more) and what it had in flight is sent
+    /// again; anything else, or too many re-pairs, ends the stream and
+    /// fails its batches.
+    async fn run(self, mut qp: QueuePair, mut s: DataStream) {
+        // Batches to send again before any new one (a failed pair's).
+        let mut again: Vec<Batch> = Vec::new();
+        let mut failures: std::collections::VecDeque<std::time::Instant> = Default::default();
+        loop {
+            let inflight = InFlight::new(self.window);
+            let (mut rd, mut wr) = tokio::io::split(s);
+            let result = tokio::select! {
+                r = self.feed.read_acks(&inflight, &mut rd) => r,
+                r = local_completions(&qp) => r,
+                r = self.post(&qp, &inflight, &mut again) => r,
+                e = inflight.watchdog(self.pairing.spec.stall_timeout) => Err(e),
+                _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
+            };
+            // Nothing more leaves this queue pair.
+            let _ = qp.set_error();
+            let mut left = inflight.drain();
+            left.append(&mut again);
+            let e = match result {
+                Err(e) if re_pairable(&e) && !self.feed.cancel.is_cancelled() => e,
+                r => return self.feed.end_stream_with(left, r),
+            };
+            let now = std::time::Instant::now();
+            failures.retain(|t| now.duration_since(*t) < RE_PAIR_PERIOD);
+            if failures.len() >= RE_PAIRS_PER_PERIOD {
+                let why = format!(
+                    "{} (queue pairs failed {} times within {RE_PAIR_PERIOD:?})",
+                    crate::error_chain(&e),
+                    failures.len() + 1
+                );
+                return self.feed.end_stream_with(left, Err(TransportError::QueuePair(why)));
+            }
+            failures.push_back(now);
+            tracing::warn!(batches = left.len(), "RDMA queue pair failed, re-pairing: {}", crate::error_chain(&e));
+            let fenced = fence(rd, wr.shutdown().await.map(|()| wr)).await;
+            let paired = match fenced {
+                Ok(()) => self.pairing.pair().await,
+                Err(f) => Err(f),
+            };
+            match paired {
+                Ok((q, s2, _)) => {
+                    self.feed.re_pairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(batches = left.len(), "RDMA stream re-paired; sending again what was in flight");
+                    (qp, s, again) = (q, s2, left);
+                }
+                Err(p) => {
+                    let why = format!("{}; re-pairing failed: {}", crate::error_chain(&e), crate::error_chain(&p));
+                    return self.feed.end_stream_with(left, Err(TransportError::QueuePair(why)));
+                }
+            }
+        }
+    }
+
+    /// The NIC reads the memory, not us: show the tracker what it will read.
+    fn observe(&self, batch: &Batch, copy: &mut Vec<u8>) -> Result<(), TransportError> {
+        if let Some(o) = &self.pairing.spec.observer {
+            for p in batch.pages() {
+                copy.clear();
+                self.ram().read_pages(p, 1, copy)?;
+                o.observe(p, copy);
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts `again` first, then what the queue holds.
+    async fn post(&self, qp: &QueuePair, inflight: &InFlight, again: &mut Vec<Batch>) -> Result<(), TransportError> {
+        let mut seq: u32 = 0;
+        let mut copy = Vec::new();
+        again.reverse();
+        loop {
+            inflight.reserve().await;
+            let batch = match again.pop() {
+                Some(b) => b,
+                None => match self.feed.backlog.recv().await {
+                    Ok(b) => b,
+                    // Queue closed: wait for the last acknowledgements.
+                    Err(_) => return std::future::pending().await,
+                },
+            };
+            seq = seq.wrapping_add(1);
+            // Whatever fails from here, the batch is in flight, so the
+            // stream's end fails it (or sends it again): no batch is lost.
+            let writes = self.writes(&batch).and_then(|w| self.observe(&batch, &mut copy).map(|()| w));
+            inflight.push(seq as u64, batch);
+            let writes = writes?;
+            let bytes: u64 = writes.iter().map(|w| w.len as u64).sum();
+            let target = (self.pairing.remote[0].addr, self.pairing.remote[0].rkey);
+            qp.post_batch(seq as u64, &writes, seq, target)
+                .map_err(|e| TransportError::QueuePair(crate::error_chain(&e)))?;
+            self.feed.sent(bytes);
+            if crate::hooks::rdma_qp_error_after() == Some(seq as u64) && first_time(&SENDER_HOOK_FIRED) {
+                tracing::warn!(seq, "test hook: moving the queue pair to the error state");
+                let _ = qp.set_error();
+            }
+        }
+    }
+}
+
+static SENDER_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Fails on the first write that completed in error.
+async fn local_completions(qp: &QueuePair) -> Result<(), TransportError> {
+    loop {
+        for c in qp.completions().await.map_err(rdma_err)? {
+            c.result.map_err(|e| TransportError::QueuePair(format!("RDMA write failed: {e}")))?;
+        }
+    }
+}
+
+/// After our queue pair failed (and was moved to the error state): the
+/// destination moves its own to the error state when we leave, then
+/// closes; its close is the proof that no write of the old pair can land
+/// after the new pair's. Acknowledgements still on the way are dropped:
+/// their batches are sent again, which rewrites the same pages.
+async fn fence(
+    mut rd: tokio::io::ReadHalf<DataStream>,
+    wr: std::io::Result<tokio::io::WriteHalf<DataStream>>,
+) -> Result<(), TransportError> {
+    let closed = async {
+        let _wr = wr?;
+        let mut buf = [0u8; 512];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                // A TLS peer that closes without close_notify, or a socket closed with data unread.
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, closed).await {
+        Ok(r) => r.map_err(|source| TransportError::Io {
+            what: "waiting for the destination to fence a failed queue pair",
+            source,
+        }),
+        Err(_) => Err(TransportError::Timeout { what: "the destination's fence of a failed queue pair" }),
+    }
+}
+
+#[cfg(all(test, feature = "rdma"))]
+mod sizing_tests {
+    use super::send_sizing;
+    use dcmigrate_rdma::DeviceCaps;
+
+    #[test]
+    fn send_queues_hold_the_worst_batch_within_the_device_limits() {
+        // rxe's limits; 2 MiB chunks: 257 requests per batch, four batches.
+        let rxe = DeviceCaps { max_qp_wr: 16384, max_cqe: 32767 };
+        assert_eq!(send_sizing(2 << 20, rxe), Ok((4, 4 * 257)));
+        // The largest chunk, every other page: one batch at a time.
+        assert_eq!(send_sizing(64 << 20, rxe), Ok((1, 8193)));
+        // A device with smaller queues refuses it, with the numbers.
+        let small = DeviceCaps { max_qp_wr: 4096, max_cqe: 65536 };
+        let e = send_sizing(64 << 20, small).unwrap_err();
+        assert!(e.contains("8193 work requests") && e.contains("4096 per queue"), "{e}");
+    }
+}
