@@ -58,7 +58,19 @@ fn retarget_over_rdma_is_byte_exact() {
     assert_same_bytes(&ram_file(&tb, "A", "r1"), &ram_file(&tb, "C", "r1"));
     tb.client("C").resume("r1").unwrap();
     assert_running_on(&tb, "C", "r1");
+    // RAM is registered once per host: the source's for both of its
+    // destinations, B's for receiving and for forwarding from.
+    for (host, target, sender) in [("A", 0, 1), ("B", 1, 0), ("C", 1, 0)] {
+        assert_eq!(registrations(&tb, host), (target, sender), "{host}'s registrations\n{}", tb.agent_log(host));
+    }
     std::fs::remove_file(ram_file(&tb, "A", "r1")).unwrap();
+}
+
+/// How often an agent registered RAM for RDMA: (for remote writes, for reads only).
+fn registrations(tb: &Testbed, host: &str) -> (usize, usize) {
+    let log = tb.agent_log(host);
+    let lines = log.lines().filter(|l| l.contains("guest RAM registered for RDMA"));
+    lines.fold((0, 0), |(t, s), l| if l.contains("remote_write=true") { (t + 1, s) } else { (t, s + 1) })
 }
 
 /// `auto` (the default) picks RDMA when both ends have it.
@@ -125,6 +137,74 @@ fn queue_pairs_take_the_path_mtu_of_the_ports() {
         tb.client("B").resume(&vm).unwrap();
         assert_running_on(&tb, "B", &vm);
     }
+}
+
+/// An address on a netdev for as long as it lives.
+struct Address(String, String);
+
+impl Address {
+    fn add(dev: &str, cidr: &str) -> Address {
+        let st = std::process::Command::new("ip").args(["addr", "add", cidr, "dev", dev]).status().unwrap();
+        assert!(st.success(), "ip addr add {cidr} dev {dev}");
+        Address(dev.to_owned(), cidr.to_owned())
+    }
+}
+
+impl Drop for Address {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["addr", "del", &self.1, "dev", &self.0]).status();
+    }
+}
+
+/// The RoCEv2 GIDs of the first RDMA device's port 1, by index.
+fn roce_v2_gids() -> Vec<(u8, String)> {
+    let Some(dev) = std::fs::read_dir("/sys/class/infiniband").ok().and_then(|mut d| d.next()?.ok()) else {
+        return vec![];
+    };
+    let port = dev.path().join("ports/1");
+    (0..=255u8)
+        .filter(|i| {
+            std::fs::read_to_string(port.join(format!("gid_attrs/types/{i}"))).is_ok_and(|t| t.trim() == "RoCE v2")
+        })
+        .filter_map(|i| Some((i, std::fs::read_to_string(port.join(format!("gids/{i}"))).ok()?.trim().to_owned())))
+        .collect()
+}
+
+/// Queue pairs send from the GID of the address their pairing connection
+/// runs on, not the one chosen at start: agents listening on a second
+/// address of the RDMA netdev use that address's GID (the default is the
+/// first address's), and say so in the report.
+#[test]
+fn queue_pairs_send_from_the_gid_of_the_data_plane_address() {
+    const T: &str = "queue_pairs_send_from_the_gid_of_the_data_plane_address";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let Some(netdev) = rdma_netdev() else { panic!("an RDMA device without a netdev") };
+    let _addr = Address::add(&netdev, "10.99.0.7/32");
+    // The kernel adds the address's GIDs when it sees the address: wait for them.
+    let want = "0000:0000:0000:0000:0000:ffff:0a63:0007";
+    let mut gids = vec![];
+    for _ in 0..100 {
+        gids = roce_v2_gids();
+        if gids.iter().any(|(_, g)| g == want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let idx = gids.iter().find(|(_, g)| g == want).unwrap_or_else(|| panic!("no GID for 10.99.0.7: {gids:?}")).0;
+    let first_v4 = gids.iter().find(|(_, g)| g.starts_with("0000:0000:0000:0000:0000:ffff:")).map(|(i, _)| *i);
+    assert_ne!(first_v4, Some(idx), "the test needs the address's GID not to be the default one: {gids:?}");
+    let mut tb = Testbed::start_at(exe(), &["A", "B"], "10.99.0.7".parse().unwrap()).unwrap();
+    tb.start_guest("A", "g1", 32 * MIB, &workload(5.0), true, &[]).unwrap();
+    let opts = MigrateOptions { transport: TransportKind::Rdma, suspend: true, ..Default::default() };
+    let report = migrate(&tb, "A", "g1", "B", opts);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let path = report.senders[0].rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path: {report:#?}"));
+    assert_eq!(path.gid_index, idx, "GIDs {gids:?}, path {path:?}");
+    assert_same_bytes(&ram_file(&tb, "A", "g1"), &ram_file(&tb, "B", "g1"));
+    tb.client("B").resume("g1").unwrap();
+    assert_running_on(&tb, "B", "g1");
 }
 
 /// A queue pair that fails mid-migration (on the source's side, then on the

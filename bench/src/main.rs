@@ -17,6 +17,8 @@ mod encryption;
 mod harness;
 mod plot;
 mod qemu;
+#[cfg(feature = "rdma")]
+mod registration;
 mod report;
 mod retarget;
 mod scale;

@@ -235,6 +235,28 @@ fn transport(v: &Value) -> String {
     s
 }
 
+fn registration(v: &Value) -> String {
+    let rows = v["registration"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    s += "| RAM | MiB | threads faulting it in | registration ms | ms per GiB | speed-up | pinned per GiB |\n|---|---|---|---|---|---|---|\n";
+    for r in &rows {
+        // The baseline: the same RAM pinned by one thread, same run.
+        let base = rows.iter().find(|b| b["side"] == r["side"] && b["mib"] == r["mib"] && b["threads"] == 1);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.2} GiB |",
+            r["side"].as_str().unwrap_or("?"),
+            r["mib"],
+            if r["threads"] == 1 { "none (pinning faults)".to_owned() } else { r["threads"].to_string() },
+            f(r, "ms"),
+            f(r, "ms") / (f(r, "mib") / 1024.0),
+            base.map_or(f64::NAN, |b| f(b, "ms") / f(r, "ms")),
+            f(r, "pinned_per_gib") / (1u64 << 30) as f64
+        );
+    }
+    s
+}
+
 fn sizes(v: &Value, out: &Path) -> Result<String> {
     let rows = v["rows"].as_array().cloned().unwrap_or_default();
     let mut s = machine_line(v);
@@ -364,6 +386,7 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "transport") {
         sections.push(("transport", transport(&v)));
+        sections.push(("registration", registration(&v)));
     }
     for (name, body) in sections {
         let (open, close) = (format!("<!-- results:{name} -->"), format!("<!-- /results:{name} -->"));

@@ -51,5 +51,9 @@ pub fn transport(guest_mib: u64, streams: usize) -> Result<Value> {
         );
         from = (from.1, from.0);
     }
-    Ok(json!({"rows": rows, "machine": machine()}))
+    #[cfg(feature = "rdma")]
+    let registration = crate::registration::registration(&[256, 1024])?;
+    #[cfg(not(feature = "rdma"))]
+    let registration: Vec<Value> = vec![];
+    Ok(json!({"rows": rows, "registration": registration, "machine": machine(), "command": "bench/transport-in-vm"}))
 }

@@ -8,6 +8,7 @@ use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu, PortState}
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::AccessFlags;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// An RDMA device with an active port, opened once per process.
@@ -20,6 +21,30 @@ pub struct Device {
     pub(crate) lid: u16,
     link: Link,
     name: String,
+}
+
+/// A GID of the device's port, by index: the source address of a queue
+/// pair's packets (RoCE) or its global identifier (InfiniBand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceGid {
+    /// Its index in the port's GID table.
+    pub index: u8,
+    /// Its value.
+    pub gid: [u8; 16],
+}
+
+/// The GID that RoCE derives from an IP address (IPv4 as `::ffff:a.b.c.d`).
+pub fn gid_of_ip(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Whether a RoCE GID stands for an IPv4 address: both ends of a queue
+/// pair must agree (RoCEv2 routes IPv4 or IPv6 packets, not between).
+pub fn gid_is_ipv4(gid: &[u8; 16]) -> bool {
+    gid[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
 /// Limits of a device that size queues.
@@ -116,6 +141,28 @@ impl Device {
         }))
     }
 
+    /// The GID chosen when it was opened (configured, or the port's best
+    /// RoCEv2 GID).
+    pub fn default_gid(&self) -> SourceGid {
+        SourceGid { index: self.gid_index, gid: self.gid.raw }
+    }
+
+    /// The port's RoCEv2 GID for `ip`, asked now (addresses come and go):
+    /// the kernel keeps one per address of the port's netdev, so there is
+    /// one exactly when `ip` is on that netdev. None on InfiniBand.
+    pub fn gid_for(&self, ip: IpAddr) -> Result<Option<SourceGid>, RdmaError> {
+        if self.link != Link::Ethernet {
+            return Ok(None);
+        }
+        let want = gid_of_ip(ip);
+        let table =
+            self.ctx.query_gid_table().map_err(|e| RdmaError::Verbs { op: "ibv_query_gid_table", msg: chain(&e) })?;
+        Ok(table
+            .iter()
+            .find(|e| e.port_num() == self.port as u32 && e.gid_type() == GidType::RoceV2 && e.gid().raw == want)
+            .map(|e| SourceGid { index: e.gid_index() as u8, gid: want }))
+    }
+
     /// The port it uses.
     pub fn port(&self) -> u8 {
         self.port
@@ -197,4 +244,21 @@ pub struct RemoteRegion {
     pub addr: u64,
     pub len: u64,
     pub rkey: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_of_addresses_and_their_family() {
+        let v4 = gid_of_ip("10.0.2.15".parse().unwrap());
+        assert_eq!(v4, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 15]);
+        assert!(gid_is_ipv4(&v4));
+        let v6 = gid_of_ip("fd00::5".parse().unwrap());
+        assert_eq!(v6[0], 0xfd);
+        assert!(!gid_is_ipv4(&v6));
+        // A link-local GID (from the MAC) is IPv6.
+        assert!(!gid_is_ipv4(&gid_of_ip("fe80::1".parse().unwrap())));
+    }
 }

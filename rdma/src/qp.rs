@@ -1,7 +1,7 @@
 //! Reliable-connected queue pairs: endpoint exchange, posting writes, and
 //! event-driven completion polling.
 
-use crate::{chain, Device, PathMtu, QpAttrs, RdmaError};
+use crate::{chain, Device, PathMtu, QpAttrs, RdmaError, SourceGid};
 use rdma_mummy_sys::{ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_sge};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
@@ -108,15 +108,18 @@ pub struct QueuePair {
     cq: Arc<BasicCompletionQueue>,
     events: AsyncFd<Arc<CompletionChannel>>,
     dev: Arc<Device>,
+    gid: SourceGid,
     psn: u32,
 }
 
 impl QueuePair {
     /// A queue pair in INIT state; `remote_write` lets the peer write into
     /// this side's registered memory (a receiver's), else the peer may not
-    /// touch it (a sender's). Must be called inside a tokio runtime.
+    /// touch it (a sender's); its packets leave from `gid`. Must be called
+    /// inside a tokio runtime.
     pub fn new(
         dev: &Arc<Device>,
+        gid: SourceGid,
         send_depth: u32,
         recv_depth: u32,
         remote_write: bool,
@@ -146,7 +149,7 @@ impl QueuePair {
         // SAFETY: the channel's fd stays open while registered: `events` holds the Arc.
         let events = unsafe { AsyncFd::register_with_interest(Arc::clone(&ch), tokio::io::Interest::READABLE) }
             .map_err(|e| RdmaError::Verbs { op: "registering the completion channel", msg: e.to_string() })?;
-        let me = Self { qp: Mutex::new(qp), cq, events, dev: dev.clone(), psn: rand::random::<u32>() & 0xff_ffff };
+        let me = Self { qp: Mutex::new(qp), cq, events, dev: dev.clone(), gid, psn: rand::random::<u32>() & 0xff_ffff };
         let mut a = QueuePairAttribute::new();
         a.setup_state(QueuePairState::Init).setup_pkey_index(pkey_index).setup_port(dev.port).setup_access_flags(
             if remote_write { AccessFlags::LocalWrite | AccessFlags::RemoteWrite } else { AccessFlags::LocalWrite },
@@ -155,16 +158,15 @@ impl QueuePair {
         Ok(me)
     }
 
+    /// The GID its packets leave from.
+    pub fn source_gid(&self) -> SourceGid {
+        self.gid
+    }
+
     /// This end's endpoint; with the port's active MTU (version 1) if
     /// `mtu`, else version 0.
     pub fn endpoint(&self, mtu: Option<PathMtu>) -> Endpoint {
-        Endpoint {
-            qpn: self.qp.lock().unwrap().qp_number(),
-            psn: self.psn,
-            lid: self.dev.lid,
-            gid: self.dev.gid.raw,
-            mtu,
-        }
+        Endpoint { qpn: self.qp.lock().unwrap().qp_number(), psn: self.psn, lid: self.dev.lid, gid: self.gid.gid, mtu }
     }
 
     /// Moves to RTR and RTS, connected to `remote`, with `attrs` (see
@@ -173,7 +175,7 @@ impl QueuePair {
         let mut ah = AddressHandleAttribute::new();
         ah.setup_dest_lid(remote.lid).setup_port(self.dev.port).setup_service_level(attrs.service_level);
         if attrs.global {
-            ah.setup_grh(&Gid { raw: remote.gid }, 0, self.dev.gid_index, attrs.hop_limit, attrs.traffic_class);
+            ah.setup_grh(&Gid { raw: remote.gid }, 0, self.gid.index, attrs.hop_limit, attrs.traffic_class);
         }
         let mtu = match attrs.path_mtu {
             PathMtu::M256 => Mtu::Mtu256,

@@ -42,7 +42,10 @@ fn reg(dev: &Device, m: &mut memmap2::MmapMut, remote: bool) -> Region {
 }
 
 fn pair(dev: &Arc<Device>) -> (QueuePair, QueuePair) {
-    let (a, b) = (QueuePair::new(dev, 64, 16, false, 0).unwrap(), QueuePair::new(dev, 64, 16, true, 0).unwrap());
+    let (a, b) = (
+        QueuePair::new(dev, dev.default_gid(), 64, 16, false, 0).unwrap(),
+        QueuePair::new(dev, dev.default_gid(), 64, 16, true, 0).unwrap(),
+    );
     let mtu = dev.port_info().unwrap().active_mtu;
     let (ea, eb) = (a.endpoint(Some(mtu)), b.endpoint(Some(mtu)));
     let attrs = |e: &dcmigrate_rdma::Endpoint| {

@@ -79,6 +79,10 @@ pub struct AgentArgs {
     /// InfiniBand P_Key index.
     #[arg(long, env = "DCMIGRATE_RDMA_PKEY_INDEX", default_value_t = 0)]
     pub rdma_pkey_index: u16,
+    /// Threads that fault guest RAM in before it is registered for RDMA
+    /// (default: one per core; 1 faults it in while pinning, serially).
+    #[arg(long, env = "DCMIGRATE_RDMA_REGISTER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub rdma_register_threads: Option<u16>,
     /// Use TCP only, even where RDMA is available.
     #[arg(long, env = "DCMIGRATE_NO_RDMA")]
     pub no_rdma: bool,
@@ -135,6 +139,7 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
             traffic_class: a.rdma_traffic_class,
             service_level: a.rdma_sl,
             pkey_index: a.rdma_pkey_index,
+            register_threads: a.rdma_register_threads.map(usize::from),
         },
         no_rdma: a.no_rdma,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),

@@ -10,7 +10,7 @@ use crate::ledger::HostId;
 use crate::memory::GuestRam;
 use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind, HEARTBEATS};
 use crate::tls::TlsConfig;
-use crate::transport::rdma::Rdma;
+use crate::transport::rdma::{LocalRam, Rdma};
 use crate::transport::secure::ClientTls;
 use crate::transport::{Batch, Completion, OpenError, PageSender, SenderSpec, StreamSpec};
 use crate::vm::VmRecord;
@@ -137,6 +137,43 @@ pub struct Link {
     re_pairs_before_close: AtomicU64,
 }
 
+/// Pinning this host's RAM for RDMA takes time that grows with its size:
+/// started while the destination prepares its own RAM.
+fn register_early(a: &LinkSpec) -> Option<tokio::task::JoinHandle<Result<Arc<LocalRam>, String>>> {
+    match (&a.rdma, a.transport) {
+        (Ok(r), t) if t != TransportKind::Tcp => {
+            let (r, ram) = (r.clone(), a.ram.clone());
+            Some(tokio::task::spawn_blocking(move || r.register_sender(&ram)))
+        }
+        _ => None,
+    }
+}
+
+/// Asks the destination for a session: its data port, token and RDMA offer.
+async fn open_session(
+    ch: &mut Channel,
+    a: &LinkSpec,
+) -> Result<(u16, Token, (Option<Vec<RdmaRegion>>, u8)), LinkError> {
+    let open = Message::OpenSession {
+        vm: a.vm.name.clone(),
+        regions: a.vm.regions(),
+        chunk_size: a.chunk_size,
+        launch: a.vm.launch.clone(),
+    };
+    ch.out.send(open).map_err(|_| LinkError::Closed)?;
+    // Preparing RAM (and pinning it for RDMA) takes time that grows with
+    // its size; heartbeats prove the host alive meanwhile.
+    let ram_gib = a.ram.layout().total_bytes() >> 30;
+    let open_timeout = CONTROL_TIMEOUT + Duration::from_secs(2 * ram_gib);
+    match next_reply(&mut ch.inbox, open_timeout).await? {
+        Message::SessionOpened { data_port, token, rdma, rdma_endpoint } => {
+            Ok((data_port, token, (rdma, rdma_endpoint)))
+        }
+        Message::Error { message } => Err(LinkError::Refused(message)),
+        other => Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
+    }
+}
+
 impl Link {
     /// Connects, opens a session for the VM and the source's data streams.
     pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
@@ -144,25 +181,15 @@ impl Link {
         let version = conn.version;
         let heartbeat = (version >= HEARTBEATS).then(|| Heartbeat::pinging(a.peer_timeout));
         let mut ch = Channel::new(conn.stream, heartbeat);
-        let open = Message::OpenSession {
-            vm: a.vm.name.clone(),
-            regions: a.vm.regions(),
-            chunk_size: a.chunk_size,
-            launch: a.vm.launch.clone(),
-        };
-        ch.out.send(open).map_err(|_| LinkError::Closed)?;
-        // Preparing RAM (and pinning it for RDMA) takes time that grows with
-        // its size; heartbeats prove the host alive meanwhile.
-        let ram_gib = a.ram.layout().total_bytes() >> 30;
-        let open_timeout = CONTROL_TIMEOUT + Duration::from_secs(2 * ram_gib);
-        let (port, token, (rdma_offer, rdma_endpoint)) = match next_reply(&mut ch.inbox, open_timeout).await? {
-            Message::SessionOpened { data_port, token, rdma, rdma_endpoint } => {
-                (data_port, token, (rdma, rdma_endpoint))
-            }
-            Message::Error { message } => return Err(LinkError::Refused(message)),
-            other => return Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
-        };
+        let registering = register_early(&a);
+        let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a).await?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
+        // Held until the data plane is open, which then finds it registered
+        // (if it failed, connecting tries again and says why).
+        let _registered = match registering {
+            Some(r) if rdma_offer.is_some() => r.await.ok().and_then(Result::ok),
+            _ => None,
+        };
         let spec = SenderSpec {
             host: &a.host,
             transport: a.transport,

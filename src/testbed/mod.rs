@@ -90,6 +90,14 @@ pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// Where a test bed's agents listen.
+enum Place {
+    /// Each in its host's namespace of this network.
+    Net(net::Net),
+    /// All on this address of this host.
+    At(std::net::IpAddr),
+}
+
 impl Testbed {
     /// Starts one agent per name on loopback, all peers of each other.
     pub fn start(exe: &Path, names: &[&str]) -> Result<Self, TestbedError> {
@@ -98,7 +106,13 @@ impl Testbed {
 
     /// Like [`start`](Self::start), with extra environment for the agents.
     pub fn start_with_env(exe: &Path, names: &[&str], env: &[(&str, &str)]) -> Result<Self, TestbedError> {
-        Self::start_in(exe, names, env, None)
+        Self::start_in(exe, names, env, Place::At([127, 0, 0, 1].into()))
+    }
+
+    /// Like [`start`](Self::start), with the agents listening on `ip` (an
+    /// address of this host) instead of loopback.
+    pub fn start_at(exe: &Path, names: &[&str], ip: std::net::IpAddr) -> Result<Self, TestbedError> {
+        Self::start_in(exe, names, &[], Place::At(ip))
     }
 
     /// One agent per host of `net`, each inside its host's namespace.
@@ -110,7 +124,7 @@ impl Testbed {
     pub fn start_net_with_env(exe: &Path, net: net::Net, env: &[(&str, &str)]) -> Result<Self, TestbedError> {
         let names: Vec<String> = net.hosts.iter().map(|h| h.name.clone()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        Self::start_in(exe, &names, env, Some(net))
+        Self::start_in(exe, &names, env, Place::Net(net))
     }
 
     /// Cuts `host`'s link (or mends it): only for a test bed in namespaces.
@@ -119,7 +133,11 @@ impl Testbed {
         net.set_link(host, up)
     }
 
-    fn start_in(exe: &Path, names: &[&str], env: &[(&str, &str)], net: Option<net::Net>) -> Result<Self, TestbedError> {
+    fn start_in(exe: &Path, names: &[&str], env: &[(&str, &str)], place: Place) -> Result<Self, TestbedError> {
+        let (net, ip) = match place {
+            Place::Net(n) => (Some(n), None),
+            Place::At(ip) => (None, Some(ip)),
+        };
         let shm = Path::new("/dev/shm");
         let dir = tempfile::Builder::new()
             .prefix("dcmigrate-")
@@ -131,7 +149,7 @@ impl Testbed {
         for n in names {
             let control = match net.as_ref().and_then(|net| net.host(n)) {
                 Some(h) => SocketAddr::new(h.ip, 4710),
-                None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                None => SocketAddr::new(ip.unwrap_or([127, 0, 0, 1].into()), free_port()?),
             };
             let hdir = dir.path().join(n);
             std::fs::create_dir_all(&hdir).map_err(err)?;
@@ -331,6 +349,13 @@ impl Testbed {
             h.child = None;
         }
         exited
+    }
+
+    /// One agent's log so far (every run of it since the testbed started
+    /// the last one).
+    pub fn agent_log(&self, host: &str) -> String {
+        let h = self.hosts.iter().find(|h| h.name == host).unwrap_or_else(|| panic!("no host {host}"));
+        std::fs::read_to_string(&h.log).unwrap_or_default()
     }
 
     /// Every agent's and guest's log, for test failure messages.

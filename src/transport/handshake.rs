@@ -24,7 +24,17 @@ pub async fn dial(addr: SocketAddr) -> Result<TcpStream, TransportError> {
 /// Dials `addr` (over TLS when `tls` is given) and says `hello`; returns
 /// the stream once the receiver accepted it.
 pub async fn open(addr: SocketAddr, hello: Hello, tls: Option<&ClientTls>) -> Result<DataStream, TransportError> {
+    open_from(addr, hello, tls).await.map(|(s, _)| s)
+}
+
+/// Like [`open`], also saying which local address the connection left from.
+pub async fn open_from(
+    addr: SocketAddr,
+    hello: Hello,
+    tls: Option<&ClientTls>,
+) -> Result<(DataStream, Option<std::net::IpAddr>), TransportError> {
     let tcp = dial(addr).await?;
+    let local = tcp.local_addr().ok().map(|a| a.ip());
     let mut s = match tls {
         Some(t) => secure::client(tcp, t).await?,
         None => DataStream::plain(tcp),
@@ -38,7 +48,7 @@ pub async fn open(addr: SocketAddr, hello: Hello, tls: Option<&ClientTls>) -> Re
         .map_err(|_| TransportError::Timeout { what: "the receiver's answer to the hello" })?
         .map_err(io("reading the receiver's answer"))?;
     match HelloStatus::try_from(status[0]) {
-        Ok(HelloStatus::Ok) => Ok(s),
+        Ok(HelloStatus::Ok) => Ok((s, local)),
         Ok(refused) => Err(TransportError::Refused(refused)),
         Err(_) => Err(TransportError::Status(status[0])),
     }

@@ -140,6 +140,7 @@ impl Receiver {
 
     async fn serve_stream(&self, tcp: TcpStream) -> Result<(), TransportError> {
         tcp.set_nodelay(true).ok();
+        let local = tcp.local_addr().ok().map(|a| a.ip());
         let Accepted { stream: mut s, peer } = secure::server(tcp, self.tls.as_ref()).await?;
         let hello = handshake::read_hello(&mut s).await?;
         let refuse = |status| TransportError::Refused(status);
@@ -178,7 +179,7 @@ impl Receiver {
             }
             // Pairs a queue pair; answers the hello itself.
             Ok(StreamMode::Rdma) => match sess.rdma.get() {
-                Some(t) => rdma::serve(t, s, stop).await,
+                Some(t) => rdma::serve(t, s, stop, local).await,
                 None => {
                     handshake::answer(&mut s, HelloStatus::NoRdma).await.ok();
                     Err(refuse(HelloStatus::NoRdma))

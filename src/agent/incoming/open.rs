@@ -161,11 +161,25 @@ async fn prepare(
             .zip(&paths)
             .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
             .collect();
-        let incoming =
-            launch_incoming(vm, (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref()), files, launch).await?;
-        Ok::<_, OpenError>((ram, incoming))
+        // Registration pins (and allocates) the whole RAM, which takes time
+        // that grows with its size: while QEMU starts, off the event loop.
+        let registering = agent.rdma.as_ref().ok().map(|r| {
+            let (r, ram) = (r.clone(), ram.clone());
+            tokio::task::spawn_blocking(move || r.register_target(&ram))
+        });
+        let launched = launch_incoming(vm, (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref()), files, launch);
+        match launched.await {
+            Ok(incoming) => Ok((ram, incoming, registering)),
+            Err(e) => {
+                // The RAM is unpinned and unmapped before its files go.
+                if let Some(r) = registering {
+                    let _ = r.await;
+                }
+                Err(e)
+            }
+        }
     };
-    let (ram, incoming) = match made.await {
+    let (ram, incoming, registering) = match made.await {
         Ok(x) => x,
         Err(e) => {
             cleanup(&paths);
@@ -177,10 +191,8 @@ async fn prepare(
     agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
     let receiving = agent.receiver.add(token, ram.clone());
-    if let Ok(r) = &agent.rdma {
-        // Registration pins (and allocates) the whole RAM: off the event loop.
-        let (r, ram2) = (r.clone(), ram.clone());
-        match tokio::task::spawn_blocking(move || r.register_target(&ram2)).await {
+    if let Some(registering) = registering {
+        match registering.await {
             Ok(Ok(t)) => receiving.set_rdma(t),
             Ok(Err(e)) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
             Err(e) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),

@@ -7,8 +7,13 @@ use crate::protocol::RdmaRegion;
 use crate::transport::handshake::HANDSHAKE_TIMEOUT;
 use crate::transport::secure::DataStream;
 use crate::transport::TransportError;
-use dcmigrate_rdma::{qp_attrs, Device, Endpoint, PortInfo, QpAttrs, QpOptions, RdmaError, Region, ENDPOINT_LEN};
-use std::sync::Arc;
+use dcmigrate_rdma::{
+    gid_is_ipv4, qp_attrs, Device, Endpoint, Link, PortInfo, QpAttrs, QpOptions, RdmaError, Region, SourceGid,
+    ENDPOINT_LEN,
+};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub(super) fn rdma_err(e: RdmaError) -> TransportError {
@@ -20,6 +25,13 @@ pub struct Rdma {
     pub(super) device: Arc<Device>,
     pub(super) qp: QpOptions,
     memlock: Option<String>,
+    register_threads: usize,
+    /// The operator chose the GID (`--rdma-gid-index`): no other is used.
+    pub(super) gid_fixed: bool,
+    /// Every RAM registered on this host and still in use, so that it is
+    /// registered once: by all connections of a migration, and by a
+    /// destination's session and the forwarder that sends from it.
+    registered: Mutex<Vec<Weak<LocalRam>>>,
 }
 
 /// Opens the configured device, or the first with an active port.
@@ -28,8 +40,19 @@ pub fn open(o: &RdmaOptions) -> Result<Arc<Rdma>, String> {
     if qp.service_level > dcmigrate_rdma::MAX_SERVICE_LEVEL {
         return Err(format!("service level {} is above {}", qp.service_level, dcmigrate_rdma::MAX_SERVICE_LEVEL));
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let register_threads = o.register_threads.unwrap_or(cores).max(1);
     Device::open(o.device.as_deref(), o.gid_index)
-        .map(|device| Arc::new(Rdma { device, qp, memlock: memlock_problem() }))
+        .map(|device| {
+            Arc::new(Rdma {
+                device,
+                qp,
+                memlock: memlock_problem(),
+                register_threads,
+                gid_fixed: o.gid_index.is_some(),
+                registered: Mutex::default(),
+            })
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -44,38 +67,102 @@ impl Rdma {
         self.memlock.clone()
     }
 
-    /// Registers a destination's RAM for remote writes.
+    /// Registers a destination's RAM for remote writes (blocks while it
+    /// pins all of it).
     pub fn register_target(&self, ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
         // A protection domain per session: another session's queue pairs cannot write here.
         let device = self.device.session().map_err(|e| e.to_string())?;
-        Ok(Arc::new(Target { regions: register(&device, ram, true)?, device, qp: self.qp, _ram: ram.clone() }))
+        let local = LocalRam::register(device, ram, true, self.register_threads)?;
+        self.remember(&local);
+        Ok(Arc::new(Target { local, qp: self.qp, gid_fixed: self.gid_fixed }))
+    }
+
+    /// `ram` registered for a sender's reads: the registration this host
+    /// already has for it if any (an earlier connection's, or the
+    /// destination session's a forwarder sends from), else a new one (this
+    /// blocks while it pins all of it).
+    pub fn register_sender(&self, ram: &Arc<GuestRam>) -> Result<Arc<LocalRam>, String> {
+        if let Some(l) = self.find(ram) {
+            return Ok(l);
+        }
+        let local = LocalRam::register(self.device.clone(), ram, false, self.register_threads)?;
+        self.remember(&local);
+        Ok(local)
+    }
+
+    fn find(&self, ram: &Arc<GuestRam>) -> Option<Arc<LocalRam>> {
+        let known = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+        known.iter().filter_map(Weak::upgrade).find(|l| Arc::ptr_eq(&l.ram, ram))
+    }
+
+    fn remember(&self, l: &Arc<LocalRam>) {
+        let mut known = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|w| w.strong_count() > 0);
+        known.push(Arc::downgrade(l));
     }
 }
 
-pub(super) fn register(device: &Device, ram: &GuestRam, remote_write: bool) -> Result<Vec<Region>, String> {
-    (0..ram.layout().regions().len() as u32)
-        .map(|r| {
-            let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
-            // SAFETY: the mapping lives as long as `ram`, which every
-            // holder of these regions also holds (and drops after them).
-            unsafe { device.register(ptr, len, remote_write) }.map_err(|e| e.to_string())
-        })
-        .collect()
+/// Guest RAM registered with the device, one region per RAM region: for
+/// local reads, and for remote writes if it is a destination's.
+pub struct LocalRam {
+    /// The protection domain of the registrations; queue pairs that use
+    /// them are created in it.
+    pub(super) device: Arc<Device>,
+    // Before `ram`: the registrations go first.
+    pub(super) regions: Vec<Region>,
+    pub(super) ram: Arc<GuestRam>,
+}
+
+impl LocalRam {
+    /// Faults the RAM in on `threads` threads, then pins and registers it.
+    fn register(
+        device: Arc<Device>,
+        ram: &Arc<GuestRam>,
+        remote_write: bool,
+        threads: usize,
+    ) -> Result<Arc<Self>, String> {
+        let started = Instant::now();
+        let n = ram.layout().regions().len() as u32;
+        if threads > 1 {
+            for r in 0..n {
+                // Only time is at stake: pinning faults in what this did not.
+                if let Err(e) = ram.prefault(r, remote_write, threads) {
+                    tracing::debug!("faulting RAM in before registration: {}", crate::error_chain(&e));
+                }
+            }
+        }
+        let faulted = started.elapsed();
+        let regions = (0..n)
+            .map(|r| {
+                let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
+                // SAFETY: the mapping lives as long as `ram`, which every
+                // holder of these regions also holds (and drops after them).
+                unsafe { device.register(ptr, len, remote_write) }.map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        tracing::info!(
+            gib = ram.layout().total_bytes() as f64 / (1u64 << 30) as f64,
+            remote_write,
+            threads,
+            fault_ms = faulted.as_millis() as u64,
+            pin_ms = (started.elapsed() - faulted).as_millis() as u64,
+            "guest RAM registered for RDMA"
+        );
+        Ok(Arc::new(LocalRam { device, regions, ram: ram.clone() }))
+    }
 }
 
 /// A destination's registered RAM.
 pub struct Target {
-    pub(super) device: Arc<Device>,
+    pub(super) local: Arc<LocalRam>,
     pub(super) qp: QpOptions,
-    // Before `_ram`: the registrations go first.
-    regions: Vec<Region>,
-    _ram: Arc<GuestRam>,
+    pub(super) gid_fixed: bool,
 }
 
 impl Target {
     /// What senders need to write into it.
     pub fn offer(&self) -> Vec<RdmaRegion> {
-        self.regions.iter().map(|r| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
+        self.local.regions.iter().map(|r| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
     }
 }
 
@@ -95,9 +182,49 @@ pub(super) async fn write_endpoint(s: &mut DataStream, ep: Endpoint) -> Result<(
     s.flush().await.map_err(io)
 }
 
-/// The attributes for a queue pair from `port` to `remote`.
-pub(super) fn attrs(port: &PortInfo, remote: &Endpoint, opts: &QpOptions) -> Result<QpAttrs, TransportError> {
-    qp_attrs(port, remote.mtu, remote.gid == [0; 16], opts).map_err(rdma_err)
+/// The GID a queue pair whose pairing connection runs from `local`
+/// sends from: the port's GID of that address, so that RDMA takes the
+/// same interface (and VLAN, and address family) as the connection the
+/// peer was reached by; else the one chosen at start, with a warning.
+pub(super) fn source_gid(device: &Device, fixed: bool, local: Option<IpAddr>) -> Result<SourceGid, TransportError> {
+    let default = device.default_gid();
+    let Some(ip) = local.filter(|ip| !fixed && !ip.is_loopback() && !ip.is_unspecified()) else {
+        return Ok(default);
+    };
+    if let Some(g) = device.gid_for(ip).map_err(rdma_err)? {
+        return Ok(g);
+    }
+    if device.port_info().map_err(rdma_err)?.link == Link::Ethernet {
+        tracing::warn!(
+            %ip,
+            device = device.name(),
+            gid_index = default.index,
+            "the data-plane address is not on the RDMA device's port; using the GID chosen at start \
+             (--rdma-device, --rdma-gid-index choose another)"
+        );
+    }
+    Ok(default)
+}
+
+/// The attributes for a queue pair from `port` (sending from `local`) to
+/// `remote`; on RoCE both GIDs must be of one address family.
+pub(super) fn attrs(
+    port: &PortInfo,
+    local: &SourceGid,
+    remote: &Endpoint,
+    opts: &QpOptions,
+) -> Result<QpAttrs, TransportError> {
+    let zero = remote.gid == [0; 16];
+    if port.link == Link::Ethernet && !zero && gid_is_ipv4(&local.gid) != gid_is_ipv4(&remote.gid) {
+        let family = |g: &[u8; 16]| if gid_is_ipv4(g) { "IPv4" } else { "IPv6" };
+        return Err(TransportError::Rdma(format!(
+            "address families differ: this end sends from an {} GID (index {}), the peer from an {} one",
+            family(&local.gid),
+            local.index,
+            family(&remote.gid)
+        )));
+    }
+    qp_attrs(port, remote.mtu, zero, opts).map_err(rdma_err)
 }
 
 /// True the first time it is called on `flag` in this process.

@@ -46,6 +46,9 @@ pub struct RdmaOptions {
     pub service_level: u8,
     /// P_Key index.
     pub pkey_index: u16,
+    /// Threads that fault RAM in before registration (default: one per
+    /// core; 1: none, pinning faults it in).
+    pub register_threads: Option<usize>,
 }
 
 /// What is wrong with this process's locked-memory limit for RDMA, if
@@ -106,11 +109,11 @@ mod receive;
 mod send;
 #[cfg(feature = "rdma")]
 pub use {
-    device::{open, Rdma, Target},
+    device::{open, LocalRam, Rdma, Target},
     receive::serve,
     send::connect,
 };
 #[cfg(not(feature = "rdma"))]
 mod off;
 #[cfg(not(feature = "rdma"))]
-pub use off::{connect, open, serve, Rdma, Target};
+pub use off::{connect, open, serve, LocalRam, Rdma, Target};

@@ -14,6 +14,8 @@ const WHY: &str = "this dcmigrate was built without the `rdma` feature";
 pub enum Rdma {}
 /// A destination's registered RAM (none in this build).
 pub enum Target {}
+/// RAM registered for a sender (none in this build).
+pub enum LocalRam {}
 
 /// Always fails: this build has no RDMA.
 pub fn open(_opts: &RdmaOptions) -> Result<Arc<Rdma>, String> {
@@ -27,6 +29,10 @@ impl Rdma {
     }
     /// What limits its use on this host.
     pub fn warning(&self) -> Option<String> {
+        match *self {}
+    }
+    /// Registers a sender's RAM for local reads.
+    pub fn register_sender(&self, _ram: &Arc<GuestRam>) -> Result<Arc<LocalRam>, String> {
         match *self {}
     }
     /// Registers a destination's RAM for remote writes.
@@ -53,6 +59,11 @@ pub async fn connect(
 }
 
 /// Serves one RDMA stream at a destination.
-pub async fn serve(target: &Target, _s: DataStream, _stop: Stop) -> Result<(), TransportError> {
+pub async fn serve(
+    target: &Target,
+    _s: DataStream,
+    _stop: Stop,
+    _local: Option<std::net::IpAddr>,
+) -> Result<(), TransportError> {
     match *target {}
 }

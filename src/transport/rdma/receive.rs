@@ -1,12 +1,13 @@
 //! A destination's side of an RDMA stream: its queue pair, the
 //! acknowledgements, and the fence when the sender leaves or fails.
 
-use super::device::{attrs, first_time, rdma_err, read_endpoint, write_endpoint, Target};
+use super::device::{attrs, first_time, rdma_err, read_endpoint, source_gid, write_endpoint, Target};
 use crate::protocol::data::{HelloStatus, RejectCode, Reply};
 use crate::transport::handshake;
 use crate::transport::secure::DataStream;
 use crate::transport::{Stop, TransportError};
 use dcmigrate_rdma::{CompletionKind, QueuePair};
+use std::net::IpAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Receives kept posted at a destination (each consumes one WRITE_WITH_IMM).
@@ -16,17 +17,27 @@ static TARGET_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 /// A destination's side of one RDMA stream (after the hello was checked):
 /// acknowledges each batch when its WRITE_WITH_IMM arrives, until the
 /// sender leaves or `stop` says so; then nothing more can land.
-pub async fn serve(t: &Target, mut s: DataStream, stop: Stop) -> Result<(), TransportError> {
-    let qp = QueuePair::new(&t.device, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
+pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAddr>) -> Result<(), TransportError> {
+    let device = &t.local.device;
+    let gid = source_gid(device, t.gid_fixed, local)?;
+    let qp = QueuePair::new(device, gid, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
     handshake::answer(&mut s, HelloStatus::Ok).await?;
     let remote = read_endpoint(&mut s).await?;
     // The port is asked once: what is used is what is told.
-    let port = t.device.port_info().map_err(rdma_err)?;
-    let attrs = attrs(&port, &remote, &t.qp)?;
+    let port = device.port_info().map_err(rdma_err)?;
+    // The version the sender spoke: an MTU only to one that sent its own.
+    let mine = qp.endpoint(remote.mtu.map(|_| port.active_mtu));
+    let attrs = match attrs(&port, &gid, &remote, &t.qp) {
+        Ok(a) => a,
+        Err(e) => {
+            // The sender then finds the same problem and says it.
+            let _ = write_endpoint(&mut s, mine).await;
+            return Err(e);
+        }
+    };
     qp.connect(&remote, &attrs).map_err(rdma_err)?;
     qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
-    // The version the sender spoke: an MTU only to one that sent its own.
-    write_endpoint(&mut s, qp.endpoint(remote.mtu.map(|_| port.active_mtu))).await?;
+    write_endpoint(&mut s, mine).await?;
     tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
     if crate::hooks::rdma_unreachable().is_some() {
         tracing::warn!("test hook: nothing written to this queue pair arrives");

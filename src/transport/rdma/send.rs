@@ -2,7 +2,7 @@
 //! its RAM, pairing queue pairs (with a probe), posting batches, and
 //! replacing a queue pair that fails.
 
-use super::device::{attrs, first_time, rdma_err, read_endpoint, register, write_endpoint, Rdma};
+use super::device::{attrs, first_time, rdma_err, read_endpoint, source_gid, write_endpoint, LocalRam, Rdma};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::{Hello, RejectCode, Reply, StreamMode, REPLY_LEN};
 use crate::protocol::{DataPlane, RdmaPath, RdmaRegion};
@@ -12,7 +12,7 @@ use crate::transport::inflight::InFlight;
 use crate::transport::queue::{Feed, SendQueue, StreamSpec};
 use crate::transport::secure::DataStream;
 use crate::transport::TransportError;
-use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Region, Write};
+use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Write};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -46,7 +46,8 @@ pub(crate) fn send_sizing(chunk_size: u64, caps: DeviceCaps) -> Result<(usize, u
     Ok((window, (window * per_batch) as u32))
 }
 
-/// Registers the sender's RAM for local reads and opens `spec.streams`
+/// Registers the sender's RAM for local reads (unless this host already
+/// has) and opens `spec.streams`
 /// queue pairs to the destination, whose registered RAM is `remote`.
 pub async fn connect(
     rdma: &Arc<Rdma>,
@@ -59,28 +60,28 @@ pub async fn connect(
         return Err(TransportError::RdmaLayout);
     }
     let local = {
-        let (d, r) = (rdma.device.clone(), spec.ram.clone());
-        tokio::task::spawn_blocking(move || register(&d, &r, false))
+        let (r, ram) = (rdma.clone(), spec.ram.clone());
+        tokio::task::spawn_blocking(move || r.register_sender(&ram))
             .await
             .map_err(|e| TransportError::Rdma(e.to_string()))?
             .map_err(|e| TransportError::Rdma(format!("registering local RAM: {e}")))?
     };
-    let local = Arc::new(local);
     let streams = spec.streams.max(1);
     let caps = rdma.device.caps().map_err(rdma_err)?;
     let (window, depth) = send_sizing(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
     // Room for what callers keep outstanding (more than the posting window).
     let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
-    let pairing = Arc::new(Pairing { rdma: rdma.clone(), spec, remote: remote.to_vec(), depth, endpoint_version });
+    let pairing =
+        Arc::new(Pairing { rdma: rdma.clone(), local, spec, remote: remote.to_vec(), depth, endpoint_version });
     for _ in 0..streams {
         let (qp, s, attrs) = pairing.pair().await?;
         q.rdma.get_or_insert_with(|| RdmaPath {
             device: rdma.device.name().to_owned(),
             port: rdma.device.port(),
-            gid_index: rdma.device.gid_index(),
+            gid_index: qp.source_gid().index,
             path_mtu: attrs.path_mtu.bytes(),
         });
-        let stream = Stream { local: local.clone(), pairing: pairing.clone(), feed: q.feed.clone(), window };
+        let stream = Stream { pairing: pairing.clone(), feed: q.feed.clone(), window };
         tokio::spawn(stream.run(qp, s));
     }
     Ok(q)
@@ -97,6 +98,8 @@ const RE_PAIR_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 /// failure).
 struct Pairing {
     rdma: Arc<Rdma>,
+    /// The sender's registered RAM (its queue pairs go in its protection domain).
+    local: Arc<LocalRam>,
     spec: StreamSpec,
     remote: Vec<RdmaRegion>,
     depth: u32,
@@ -110,14 +113,15 @@ impl Pairing {
         let (rdma, spec) = (&self.rdma, &self.spec);
         let device = &rdma.device;
         let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
-        let mut s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
-        let qp = QueuePair::new(device, self.depth, 1, false, rdma.qp.pkey_index).map_err(rdma_err)?;
+        let (mut s, from) = handshake::open_from(spec.addr, hello, spec.tls.as_ref()).await?;
+        let gid = source_gid(device, rdma.gid_fixed, from)?;
+        let qp = QueuePair::new(&self.local.device, gid, self.depth, 1, false, rdma.qp.pkey_index).map_err(rdma_err)?;
         // The port is asked once: what is used is what is told. Its MTU
         // goes only to a destination that reads it.
         let port = device.port_info().map_err(rdma_err)?;
         write_endpoint(&mut s, qp.endpoint((self.endpoint_version >= 1).then_some(port.active_mtu))).await?;
         let remote = read_endpoint(&mut s).await?;
-        let attrs = attrs(&port, &remote, &rdma.qp)?;
+        let attrs = attrs(&port, &gid, &remote, &rdma.qp)?;
         qp.connect(&remote, &attrs).map_err(rdma_err)?;
         self.probe(&qp, &mut s).await.map_err(|e| TransportError::Probe(Box::new(e)))?;
         Ok((qp, s, attrs))
@@ -157,10 +161,8 @@ impl Pairing {
     }
 }
 
-// Field order is drop order: the registrations go before the mapping
-// they point into (which `pairing.spec` holds).
+/// One stream's queue pair, replaced when it fails.
 struct Stream {
-    local: Arc<Vec<Region>>,
     pairing: Arc<Pairing>,
     feed: Feed,
     window: usize,
@@ -185,7 +187,7 @@ impl Stream {
             .map(|r| {
                 let (region, offset) = self.ram().layout().locate(r.first_page);
                 let len = (r.pages * PAGE_SIZE) as u64;
-                let (l, rem) = (&self.local[region as usize], self.pairing.remote[region as usize]);
+                let (l, rem) = (&self.pairing.local.regions[region as usize], self.pairing.remote[region as usize]);
                 if offset + len > l.len() || offset + len > rem.len {
                     return Err(TransportError::RunOutside { page: r.first_page, region });
                 }

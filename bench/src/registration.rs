@@ -1,0 +1,61 @@
+//! Registering guest RAM for RDMA (inside the SoftRoCE VM, run with the
+//! `transport` benchmark): pinned by one thread as it faults pages in
+//! (the baseline) against faulted in on every core first, for a
+//! destination's fresh RAM and for a sender's resident RAM; and how much
+//! memory ends up pinned per GiB.
+
+use anyhow::{anyhow, Result};
+use dcmigrate::memory::{GuestRam, Layout, RegionSpec};
+use dcmigrate::transport::rdma::{self, RdmaOptions};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Pinned memory of this process (VmPin), in bytes.
+fn pinned() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmPin:")).and_then(|v| v.trim().split(' ').next()?.parse().ok());
+    kib.unwrap_or(0u64) << 10
+}
+
+fn ram(mib: u64, filled: bool) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
+    let dir = tempfile::tempdir_in("/dev/shm")?;
+    let layout = Layout::new(vec![RegionSpec { id: "pc.ram".into(), size: mib << 20 }], 2 << 20)?;
+    let ram = GuestRam::create(layout, &[dir.path().join("ram")])?;
+    if filled {
+        let block = vec![0x5au8; 1 << 20];
+        for off in (0..mib << 20).step_by(block.len()) {
+            ram.write_at(0, off, &block)?;
+        }
+    }
+    Ok((dir, Arc::new(ram)))
+}
+
+/// Rows of (side, MiB, threads, ms, pinned bytes per GiB).
+pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = vec![];
+    for &mib in sizes_mib {
+        for side in ["destination", "sender"] {
+            for threads in [1, cores] {
+                let opts = RdmaOptions { register_threads: Some(threads), ..Default::default() };
+                let dev = rdma::open(&opts).map_err(|e| anyhow!("no RDMA device: {e}"))?;
+                let (_dir, ram) = ram(mib, side == "sender")?;
+                let before = pinned();
+                let t = Instant::now();
+                let held: Box<dyn std::any::Any> = if side == "destination" {
+                    Box::new(dev.register_target(&ram).map_err(|e| anyhow!(e))?)
+                } else {
+                    Box::new(dev.register_sender(&ram).map_err(|e| anyhow!(e))?)
+                };
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let per_gib = (pinned() - before) as f64 / (mib as f64 / 1024.0);
+                drop(held);
+                eprintln!("register {side} {mib} MiB on {threads} thread(s): {ms:.0} ms, pinned {per_gib:.0} B/GiB");
+                rows.push(json!({"side": side, "mib": mib, "threads": threads, "ms": ms, "pinned_per_gib": per_gib}));
+            }
+        }
+    }
+    Ok(rows)
+}
