@@ -71,11 +71,11 @@ hook!(
 );
 
 hook!(
-    /// `DCMIGRATE_TEST_RDMA_UNREACHABLE=1` (destination agent): every RDMA
-    /// queue pair is moved to the error state as soon as it is connected, so
-    /// nothing a sender writes arrives, as when RoCE traffic is dropped on
-    /// the path.
-    rdma_unreachable: u8 = "DCMIGRATE_TEST_RDMA_UNREACHABLE"
+    /// `DCMIGRATE_TEST_RDMA_UNREACHABLE=N` (destination agent): from the
+    /// process's Nth RDMA pairing on (1: all), each queue pair is moved to
+    /// the error state as soon as it is connected, so nothing a sender
+    /// writes arrives, as when RoCE traffic is dropped on the path.
+    rdma_unreachable: u64 = "DCMIGRATE_TEST_RDMA_UNREACHABLE"
 );
 
 /// `DCMIGRATE_TEST_GATE=POINT[,POINT…]` with `DCMIGRATE_TEST_GATE_DIR=DIR`

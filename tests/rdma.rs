@@ -232,6 +232,32 @@ fn a_failed_queue_pair_is_re_paired() {
     assert_running_on(&tb, "B", "q1");
 }
 
+/// A stream whose queue pair fails and cannot be replaced (the path stops
+/// carrying RDMA: every later pairing's probe is dropped) goes on over TCP
+/// under `--transport auto`, sending again what was in flight: the
+/// migration completes byte-exact and the report counts the fallback.
+#[test]
+fn a_stream_that_cannot_re_pair_goes_on_over_tcp() {
+    const T: &str = "a_stream_that_cannot_re_pair_goes_on_over_tcp";
+    if !rdma_or_skip(T) || !hooks_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    // The source's pair fails at its 5th batch; B drops RDMA from its 2nd pairing on.
+    tb.restart_agent("A", &[("DCMIGRATE_TEST_RDMA_QP_ERROR_AFTER", "5")]).unwrap();
+    tb.restart_agent("B", &[("DCMIGRATE_TEST_RDMA_UNREACHABLE", "2")]).unwrap();
+    tb.start_guest("A", "q4", 96 * MIB, &workload(5.0), true, &[]).unwrap();
+    let opts = MigrateOptions { suspend: true, streams: 1, ..Default::default() };
+    let report = migrate(&tb, "A", "q4", "B", opts);
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let s = &report.senders[0];
+    assert_eq!(s.transport, DataPlane::Rdma, "it began over RDMA: {report:#?}");
+    assert_eq!((s.re_pairs, s.tcp_fallbacks), (0, 1), "{report:#?}");
+    assert_same_bytes(&ram_file(&tb, "A", "q4"), &ram_file(&tb, "B", "q4"));
+    tb.client("B").resume("q4").unwrap();
+    assert_running_on(&tb, "B", "q4");
+}
+
 /// The largest chunks (64 MiB) with a guest dirtying every other page:
 /// batches of thousands of one-page runs, each a work request, fit the
 /// send queue, and the result is byte-exact.

@@ -12,7 +12,7 @@ use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion
 use crate::tls::TlsConfig;
 use crate::transport::rdma::{LocalRam, Rdma};
 use crate::transport::secure::ClientTls;
-use crate::transport::{Batch, Completion, OpenError, PageSender, SenderSpec, StreamSpec};
+use crate::transport::{Batch, Completion, OpenError, PageSender, Recoveries, SenderSpec, StreamSpec};
 use crate::vm::VmRecord;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -134,7 +134,7 @@ pub struct Link {
     /// Why the source's data plane to this host is not RDMA, if allowed.
     pub why_not_rdma: Option<String>,
     sent_before_close: AtomicU64,
-    re_pairs_before_close: AtomicU64,
+    recoveries_before_close: Mutex<Recoveries>,
 }
 
 /// Pinning this host's RAM for RDMA takes time that grows with its size:
@@ -239,7 +239,7 @@ impl Link {
             rdma_offer,
             rdma_endpoint,
             sent_before_close: AtomicU64::new(0),
-            re_pairs_before_close: AtomicU64::new(0),
+            recoveries_before_close: Mutex::default(),
         });
         link.spawn_dispatch(ch.inbox, replies_tx, a.completions);
         Ok(link)
@@ -382,10 +382,10 @@ impl Link {
         live + self.sent_before_close.load(Ordering::Relaxed)
     }
 
-    /// The source's RDMA streams to this host re-paired so far.
-    pub fn re_pairs(&self) -> u64 {
-        let live = self.sender.lock().unwrap().as_ref().map_or(0, |s| s.re_pairs());
-        live + self.re_pairs_before_close.load(Ordering::Relaxed)
+    /// How the source's RDMA streams to this host recovered so far.
+    pub fn recoveries(&self) -> Recoveries {
+        let live = self.sender.lock().unwrap().as_ref().map(|s| s.recoveries()).unwrap_or_default();
+        live + *self.recoveries_before_close.lock().unwrap()
     }
 
     /// Payload bytes this host reported having forwarded.
@@ -397,7 +397,8 @@ impl Link {
     pub fn close_sender(&self) {
         if let Some(s) = self.sender.lock().unwrap().take() {
             self.sent_before_close.fetch_add(s.bytes_sent(), Ordering::Relaxed);
-            self.re_pairs_before_close.fetch_add(s.re_pairs(), Ordering::Relaxed);
+            let mut before = self.recoveries_before_close.lock().unwrap();
+            *before = *before + s.recoveries();
             s.close();
         }
     }

@@ -247,6 +247,7 @@ impl Migration {
             transport: p.link.transport,
             rdma: p.link.rdma_path.clone(),
             re_pairs: 0,
+            tcp_fallbacks: 0,
             why_not_rdma: p.link.why_not_rdma.clone(),
         });
         let hosts = Hosts {
@@ -386,6 +387,7 @@ impl Migration {
             transport: link.transport,
             rdma: link.rdma_path.clone(),
             re_pairs: 0,
+            tcp_fallbacks: 0,
             why_not_rdma: link.why_not_rdma.clone(),
         });
     }
@@ -402,7 +404,8 @@ impl Migration {
         for l in self.hosts.links.values() {
             let me = &self.job.ctx.me;
             if let Some(s) = self.report.senders.iter_mut().rev().find(|s| &s.from == me && s.to == l.host) {
-                s.re_pairs = l.re_pairs();
+                let r = l.recoveries();
+                (s.re_pairs, s.tcp_fallbacks) = (r.re_pairs, r.tcp_fallbacks);
             }
         }
         self.report.verification = std::mem::take(&mut self.verifier.report);

@@ -166,6 +166,10 @@ pub struct SenderTransport {
     /// own pairs; a forwarder logs its own).
     #[serde(default)]
     pub re_pairs: u64,
+    /// RDMA streams that could not re-pair and went on over TCP
+    /// (`--transport auto`; the source's own streams).
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
     /// Why the pair does not use RDMA although the migration allowed it
     /// (`--transport auto`), as the source saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -199,6 +199,7 @@ impl Migration {
                     transport,
                     rdma,
                     re_pairs: 0,
+                    tcp_fallbacks: 0,
                     why_not_rdma: None,
                 });
                 true

@@ -54,13 +54,16 @@ pub async fn open_sender(spec: SenderSpec<'_>) -> Result<Box<dyn PageSender>, Op
         let why_not = match (spec.rdma, spec.offer) {
             (Err(e), _) => format!("not on this host: {e}"),
             (Ok(_), None) => format!("{host} offers no RDMA"),
-            (Ok(r), Some(offer)) => match rdma::connect(r, spec.streams.clone(), offer, spec.rdma_endpoint).await {
-                Ok(q) => {
-                    tracing::info!(to = host, device = %r.name(), "data plane: RDMA");
-                    return Ok(Box::new(q));
+            (Ok(r), Some(offer)) => {
+                let fallback = spec.transport == TransportKind::Auto;
+                match rdma::connect(r, spec.streams.clone(), offer, spec.rdma_endpoint, fallback).await {
+                    Ok(q) => {
+                        tracing::info!(to = host, device = %r.name(), "data plane: RDMA");
+                        return Ok(Box::new(q));
+                    }
+                    Err(e) => format!("connecting: {}", crate::error_chain(&e)),
                 }
-                Err(e) => format!("connecting: {}", crate::error_chain(&e)),
-            },
+            }
         };
         if spec.transport == TransportKind::Rdma {
             return Err(OpenError::RdmaRequired { host: host.to_owned(), why: why_not });

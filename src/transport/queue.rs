@@ -31,13 +31,29 @@ pub trait PageSender: Send + Sync {
     fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
         None
     }
-    /// Streams re-paired after their queue pair failed (RDMA), so far.
-    fn re_pairs(&self) -> u64 {
-        0
+    /// How its RDMA streams recovered from failed queue pairs, so far.
+    fn recoveries(&self) -> Recoveries {
+        Recoveries::default()
     }
     /// Why it does not use RDMA, when RDMA was allowed.
     fn why_not_rdma(&self) -> Option<String> {
         None
+    }
+}
+
+/// How a sender's RDMA streams recovered from failed queue pairs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recoveries {
+    /// Queue pairs replaced by new ones.
+    pub re_pairs: u64,
+    /// Streams that went on over TCP, unable to re-pair.
+    pub tcp_fallbacks: u64,
+}
+
+impl std::ops::Add for Recoveries {
+    type Output = Recoveries;
+    fn add(self, o: Recoveries) -> Recoveries {
+        Recoveries { re_pairs: self.re_pairs + o.re_pairs, tcp_fallbacks: self.tcp_fallbacks + o.tcp_fallbacks }
     }
 }
 
@@ -79,6 +95,8 @@ pub struct Feed {
     pub cancel: CancellationToken,
     /// Streams re-paired after their queue pair failed (RDMA).
     pub re_pairs: Arc<AtomicU64>,
+    /// RDMA streams that went on over TCP.
+    pub tcp_fallbacks: Arc<AtomicU64>,
 }
 
 impl Feed {
@@ -158,6 +176,7 @@ impl SendQueue {
             bytes: Default::default(),
             cancel: Default::default(),
             re_pairs: Default::default(),
+            tcp_fallbacks: Default::default(),
         };
         Self { queue, feed, kind, rdma: None, why_not_rdma: None }
     }
@@ -189,8 +208,11 @@ impl PageSender for SendQueue {
     fn rdma_path(&self) -> Option<crate::protocol::RdmaPath> {
         self.rdma.clone()
     }
-    fn re_pairs(&self) -> u64 {
-        self.feed.re_pairs.load(Ordering::Relaxed)
+    fn recoveries(&self) -> Recoveries {
+        Recoveries {
+            re_pairs: self.feed.re_pairs.load(Ordering::Relaxed),
+            tcp_fallbacks: self.feed.tcp_fallbacks.load(Ordering::Relaxed),
+        }
     }
     fn why_not_rdma(&self) -> Option<String> {
         self.why_not_rdma.clone()

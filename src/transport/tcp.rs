@@ -2,6 +2,7 @@
 //! [`crate::protocol::data`]), written by the receiver into the mapped guest
 //! RAM, each frame bounds-checked before its payload is read.
 
+use super::batch::Batch;
 use super::handshake;
 use super::inflight::InFlight;
 use super::queue::{Feed, SendQueue, StreamSpec};
@@ -11,7 +12,7 @@ use super::TransportError;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::{Frame, Hello, RejectCode, Reply, StreamMode, HEADER_LEN};
 use crate::protocol::DataPlane;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Batches a stream may have sent but not yet seen applied.
@@ -125,18 +126,27 @@ pub async fn connect(spec: StreamSpec) -> Result<SendQueue, TransportError> {
     let streams = spec.streams.max(1);
     let q = SendQueue::new(DataPlane::Tcp, streams * WINDOW, spec.completions.clone());
     for _ in 0..streams {
-        let hello = Hello::new(spec.token, spec.sender, StreamMode::Tcp);
-        let s = handshake::open(spec.addr, hello, spec.tls.as_ref()).await?;
-        let stream = Stream {
-            ram: spec.ram.clone(),
-            observer: spec.observer.clone(),
-            feed: q.feed.clone(),
-            inflight: InFlight::new(WINDOW),
-            stall: spec.stall_timeout,
-        };
-        tokio::spawn(stream.run(s));
+        let s = open(&spec).await?;
+        tokio::spawn(Stream::new(&spec, q.feed.clone(), vec![]).run(s));
     }
     Ok(q)
+}
+
+async fn open(spec: &StreamSpec) -> Result<DataStream, TransportError> {
+    let hello = Hello::new(spec.token, spec.sender, StreamMode::Tcp);
+    handshake::open(spec.addr, hello, spec.tls.as_ref()).await
+}
+
+/// One TCP stream taking over from a stream of another data plane (an RDMA
+/// stream whose queue pairs cannot be replaced) on the same queue: it
+/// sends `again` (what the other had in flight) first; if it cannot open,
+/// they fail with the reason.
+#[cfg(feature = "rdma")]
+pub(super) async fn take_over(spec: &StreamSpec, feed: Feed, again: Vec<Batch>) {
+    match open(spec).await {
+        Ok(s) => Stream::new(spec, feed, again).run(s).await,
+        Err(e) => feed.end_stream_with(again, Err(e)),
+    }
 }
 
 struct Stream {
@@ -145,9 +155,23 @@ struct Stream {
     feed: Feed,
     inflight: InFlight,
     stall: std::time::Duration,
+    /// Batches to send before any from the queue (last first).
+    again: Mutex<Vec<Batch>>,
 }
 
 impl Stream {
+    fn new(spec: &StreamSpec, feed: Feed, mut again: Vec<Batch>) -> Self {
+        again.reverse();
+        Stream {
+            ram: spec.ram.clone(),
+            observer: spec.observer.clone(),
+            feed,
+            inflight: InFlight::new(WINDOW),
+            stall: spec.stall_timeout,
+            again: Mutex::new(again),
+        }
+    }
+
     async fn run(self, s: DataStream) {
         let (rd, wr) = s.split();
         let result = tokio::select! {
@@ -156,7 +180,9 @@ impl Stream {
             e = self.inflight.watchdog(self.stall) => Err(e),
             _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
         };
-        self.feed.end_stream(&self.inflight, result);
+        let mut left = self.inflight.drain();
+        left.extend(self.again.lock().unwrap().drain(..).rev());
+        self.feed.end_stream_with(left, result);
     }
 
     /// Batches from the queue, as frames, within the window. Returns when
@@ -170,8 +196,14 @@ impl Stream {
         let max_pages = PIECE / PAGE_SIZE;
         loop {
             self.inflight.reserve().await;
-            let Ok(batch) = self.feed.backlog.recv().await else {
-                return std::future::pending().await;
+            let again = self.again.lock().unwrap().pop();
+            let batch = match again {
+                Some(b) => b,
+                None => match self.feed.backlog.recv().await {
+                    Ok(b) => b,
+                    // Queue closed: wait for the last acknowledgements.
+                    Err(_) => return std::future::pending().await,
+                },
             };
             let id = batch.id;
             let pieces: Vec<(usize, usize)> = batch

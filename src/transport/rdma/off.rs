@@ -54,6 +54,7 @@ pub async fn connect(
     _spec: StreamSpec,
     _remote: &[RdmaRegion],
     _endpoint_version: u8,
+    _tcp_fallback: bool,
 ) -> Result<SendQueue, TransportError> {
     match **rdma {}
 }

@@ -12,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Receives kept posted at a destination (each consumes one WRITE_WITH_IMM).
 const RECV_DEPTH: u32 = 64;
+/// Pairings this process served (for a test hook).
+static PAIRINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static TARGET_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A destination's side of one RDMA stream (after the hello was checked):
@@ -39,7 +41,9 @@ pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAd
     qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
     write_endpoint(&mut s, mine).await?;
     tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
-    if crate::hooks::rdma_unreachable().is_some() {
+    let unreachable = crate::hooks::rdma_unreachable()
+        .is_some_and(|from| PAIRINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= from);
+    if unreachable {
         tracing::warn!("test hook: nothing written to this queue pair arrives");
         let _ = qp.set_error();
     }

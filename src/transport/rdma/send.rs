@@ -54,6 +54,7 @@ pub async fn connect(
     spec: StreamSpec,
     remote: &[RdmaRegion],
     endpoint_version: u8,
+    tcp_fallback: bool,
 ) -> Result<SendQueue, TransportError> {
     let regions = spec.ram.layout().regions();
     if remote.len() != regions.len() || remote.iter().zip(regions).any(|(r, l)| r.len != l.size) {
@@ -71,8 +72,15 @@ pub async fn connect(
     let (window, depth) = send_sizing(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
     // Room for what callers keep outstanding (more than the posting window).
     let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
-    let pairing =
-        Arc::new(Pairing { rdma: rdma.clone(), local, spec, remote: remote.to_vec(), depth, endpoint_version });
+    let pairing = Arc::new(Pairing {
+        rdma: rdma.clone(),
+        local,
+        spec,
+        remote: remote.to_vec(),
+        depth,
+        endpoint_version,
+        tcp_fallback,
+    });
     for _ in 0..streams {
         let (qp, s, attrs) = pairing.pair().await?;
         q.rdma.get_or_insert_with(|| RdmaPath {
@@ -104,6 +112,8 @@ struct Pairing {
     remote: Vec<RdmaRegion>,
     depth: u32,
     endpoint_version: u8,
+    /// A stream that cannot re-pair goes on over TCP (else it fails).
+    tcp_fallback: bool,
 }
 
 impl Pairing {
@@ -232,22 +242,21 @@ impl Stream {
                 Err(e) if re_pairable(&e) && !self.feed.cancel.is_cancelled() => e,
                 r => return self.feed.end_stream_with(left, r),
             };
-            let now = std::time::Instant::now();
-            failures.retain(|t| now.duration_since(*t) < RE_PAIR_PERIOD);
-            if failures.len() >= RE_PAIRS_PER_PERIOD {
-                let why = format!(
-                    "{} (queue pairs failed {} times within {RE_PAIR_PERIOD:?})",
-                    crate::error_chain(&e),
-                    failures.len() + 1
-                );
+            tracing::warn!(batches = left.len(), "RDMA queue pair failed: {}", crate::error_chain(&e));
+            // First the fence: nothing of the failed pair may land after
+            // what replaces it (a new pair's writes, or a TCP stream's).
+            if let Err(f) = fence(rd, wr.shutdown().await.map(|()| wr)).await {
+                let why = format!("{}; fencing it failed: {}", crate::error_chain(&e), crate::error_chain(&f));
                 return self.feed.end_stream_with(left, Err(TransportError::QueuePair(why)));
             }
-            failures.push_back(now);
-            tracing::warn!(batches = left.len(), "RDMA queue pair failed, re-pairing: {}", crate::error_chain(&e));
-            let fenced = fence(rd, wr.shutdown().await.map(|()| wr)).await;
-            let paired = match fenced {
-                Ok(()) => self.pairing.pair().await,
-                Err(f) => Err(f),
+            let now = std::time::Instant::now();
+            failures.retain(|t| now.duration_since(*t) < RE_PAIR_PERIOD);
+            let paired = if failures.len() >= RE_PAIRS_PER_PERIOD {
+                let n = failures.len() + 1;
+                Err(TransportError::QueuePair(format!("queue pairs failed {n} times within {RE_PAIR_PERIOD:?}")))
+            } else {
+                failures.push_back(now);
+                self.pairing.pair().await
             };
             match paired {
                 Ok((q, s2, _)) => {
@@ -257,10 +266,23 @@ impl Stream {
                 }
                 Err(p) => {
                     let why = format!("{}; re-pairing failed: {}", crate::error_chain(&e), crate::error_chain(&p));
+                    if self.pairing.tcp_fallback {
+                        return self.fall_back(left, why).await;
+                    }
                     return self.feed.end_stream_with(left, Err(TransportError::QueuePair(why)));
                 }
             }
         }
+    }
+
+    /// Gives RDMA up for this stream (`--transport auto`): a TCP stream to
+    /// the same session sends what was in flight and everything after, so
+    /// a port that stays down or a path that stops carrying RoCE costs the
+    /// stream its speed, not the migration its destination.
+    async fn fall_back(self, left: Vec<Batch>, why: String) {
+        tracing::warn!(batches = left.len(), "RDMA stream continues over TCP: {why}");
+        self.feed.tcp_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::transport::tcp::take_over(&self.pairing.spec, self.feed.clone(), left).await;
     }
 
     /// The NIC reads the memory, not us: show the tracker what it will read.
