@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use dcmigrate::agent::api::RdmaInfo;
 use dcmigrate::engine::{MigrateOptions, Outcome, Report, TransportUsed};
 use dcmigrate::protocol::{DataPlane, TransportKind};
 use dcmigrate::testbed::Testbed;
@@ -202,6 +203,10 @@ fn queue_pairs_send_from_the_gid_of_the_data_plane_address() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     let path = report.senders[0].rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path: {report:#?}"));
     assert_eq!(path.gid_index, idx, "GIDs {gids:?}, path {path:?}");
+    // And the destination's end of each pair sends from it too.
+    let paired: Vec<String> =
+        tb.agent_log("B").lines().filter(|l| l.contains("RDMA stream paired")).map(str::to_owned).collect();
+    assert!(!paired.is_empty() && paired.iter().all(|l| l.contains(&format!("gid_index={idx} "))), "{paired:?}");
     assert_same_bytes(&ram_file(&tb, "A", "g1"), &ram_file(&tb, "B", "g1"));
     tb.client("B").resume("g1").unwrap();
     assert_running_on(&tb, "B", "g1");
@@ -256,6 +261,42 @@ fn a_stream_that_cannot_re_pair_goes_on_over_tcp() {
     assert_same_bytes(&ram_file(&tb, "A", "q4"), &ram_file(&tb, "B", "q4"));
     tb.client("B").resume("q4").unwrap();
     assert_running_on(&tb, "B", "q4");
+}
+
+/// An agent whose locked-memory limit is smaller than the guest's RAM
+/// (no CAP_IPC_LOCK, RLIMIT_MEMLOCK 16 MiB) says so in `info`, refuses to
+/// register before faulting anything in, and `auto` moves the guest over
+/// TCP with the reason; the same holds on the destination's side.
+#[test]
+fn a_locked_memory_limit_below_the_ram_means_tcp_with_the_reason() {
+    const T: &str = "a_locked_memory_limit_below_the_ram_means_tcp_with_the_reason";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let limited =
+        ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--", "prlimit", "--memlock=16777216", "--"];
+    for (limited_host, vm) in [("A", "l1"), ("B", "l2")] {
+        let mut tb = testbed(&["A", "B"]);
+        tb.restart_agent_under(limited_host, &limited).unwrap();
+        let info = tb.client(limited_host).info().unwrap();
+        let warning = match &info.rdma {
+            RdmaInfo::Device { warning, .. } => warning.clone().unwrap_or_default(),
+            RdmaInfo::Unavailable { unavailable } => panic!("{limited_host}: no RDMA: {unavailable}"),
+        };
+        assert!(warning.contains("16384 KiB"), "{limited_host}: {info:?}");
+        tb.start_guest("A", vm, 32 * MIB, &workload(5.0), true, &[]).unwrap();
+        let report = migrate(&tb, "A", vm, "B", MigrateOptions { suspend: true, ..Default::default() });
+        assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+        assert_eq!(report.transport, TransportUsed::Tcp, "{report:#?}");
+        let why = report.senders[0].why_not_rdma.clone().unwrap_or_default();
+        let expected = if limited_host == "A" { "locked-memory limit" } else { "offers no RDMA" };
+        assert!(why.contains(expected), "{limited_host}: {why}");
+        let log = tb.agent_log(limited_host);
+        assert!(log.contains("would pass the locked-memory limit"), "{log}");
+        assert_same_bytes(&ram_file(&tb, "A", vm), &ram_file(&tb, "B", vm));
+        tb.client("B").resume(vm).unwrap();
+        assert_running_on(&tb, "B", vm);
+    }
 }
 
 /// The largest chunks (64 MiB) with a guest dirtying every other page:

@@ -11,14 +11,6 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Pinned memory of this process (VmPin), in bytes.
-fn pinned() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib =
-        status.lines().find_map(|l| l.strip_prefix("VmPin:")).and_then(|v| v.trim().split(' ').next()?.parse().ok());
-    kib.unwrap_or(0u64) << 10
-}
-
 fn ram(mib: u64, filled: bool) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
     let dir = tempfile::tempdir_in("/dev/shm")?;
     let layout = Layout::new(vec![RegionSpec { id: "pc.ram".into(), size: mib << 20 }], 2 << 20)?;
@@ -42,7 +34,7 @@ pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
                 let opts = RdmaOptions { register_threads: Some(threads), ..Default::default() };
                 let dev = rdma::open(&opts).map_err(|e| anyhow!("no RDMA device: {e}"))?;
                 let (_dir, ram) = ram(mib, side == "sender")?;
-                let before = pinned();
+                let before = rdma::pinned_now();
                 let t = Instant::now();
                 let held: Box<dyn std::any::Any> = if side == "destination" {
                     Box::new(dev.register_target(&ram).map_err(|e| anyhow!(e))?)
@@ -50,7 +42,7 @@ pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
                     Box::new(dev.register_sender(&ram).map_err(|e| anyhow!(e))?)
                 };
                 let ms = t.elapsed().as_secs_f64() * 1e3;
-                let per_gib = (pinned() - before) as f64 / (mib as f64 / 1024.0);
+                let per_gib = (rdma::pinned_now() - before) as f64 / (mib as f64 / 1024.0);
                 drop(held);
                 eprintln!("register {side} {mib} MiB on {threads} thread(s): {ms:.0} ms, pinned {per_gib:.0} B/GiB");
                 rows.push(json!({"side": side, "mib": mib, "threads": threads, "ms": ms, "pinned_per_gib": per_gib}));

@@ -155,12 +155,25 @@ impl Device {
             return Ok(None);
         }
         let want = gid_of_ip(ip);
+        self.find_roce_v2(|g| *g == want)
+    }
+
+    /// The port's first RoCEv2 GID of an IPv4 address, or of an IPv6 one.
+    pub fn gid_of_family(&self, ipv4: bool) -> Result<Option<SourceGid>, RdmaError> {
+        if self.link != Link::Ethernet {
+            return Ok(None);
+        }
+        self.find_roce_v2(|g| gid_is_ipv4(g) == ipv4 && *g != [0; 16])
+    }
+
+    fn find_roce_v2(&self, want: impl Fn(&[u8; 16]) -> bool) -> Result<Option<SourceGid>, RdmaError> {
         let table =
             self.ctx.query_gid_table().map_err(|e| RdmaError::Verbs { op: "ibv_query_gid_table", msg: chain(&e) })?;
         Ok(table
             .iter()
-            .find(|e| e.port_num() == self.port as u32 && e.gid_type() == GidType::RoceV2 && e.gid().raw == want)
-            .map(|e| SourceGid { index: e.gid_index() as u8, gid: want }))
+            .filter(|e| e.port_num() == self.port as u32 && e.gid_type() == GidType::RoceV2)
+            .filter(|e| want(&e.gid().raw))
+            .find_map(|e| Some(SourceGid { index: u8::try_from(e.gid_index()).ok()?, gid: e.gid().raw })))
     }
 
     /// The port it uses.

@@ -138,15 +138,19 @@ pub struct Link {
 }
 
 /// Pinning this host's RAM for RDMA takes time that grows with its size:
-/// started while the destination prepares its own RAM.
+/// started while the destination prepares its own RAM, when the destination
+/// will offer RDMA (`--transport rdma`, or it did the last time; a sender's
+/// registration allocates the holes of its RAM file, which is wasted where
+/// the data plane turns out to be TCP).
 fn register_early(a: &LinkSpec) -> Option<tokio::task::JoinHandle<Result<Arc<LocalRam>, String>>> {
-    match (&a.rdma, a.transport) {
-        (Ok(r), t) if t != TransportKind::Tcp => {
-            let (r, ram) = (r.clone(), a.ram.clone());
-            Some(tokio::task::spawn_blocking(move || r.register_sender(&ram)))
-        }
-        _ => None,
-    }
+    let r = a.rdma.as_ref().ok()?;
+    let expected = match a.transport {
+        TransportKind::Tcp => false,
+        TransportKind::Rdma => true,
+        TransportKind::Auto => r.offered_last_time(&a.host),
+    };
+    let (r, ram) = (r.clone(), a.ram.clone());
+    expected.then(|| tokio::task::spawn_blocking(move || r.register_sender(&ram)))
 }
 
 /// Asks the destination for a session: its data port, token and RDMA offer.
@@ -184,16 +188,23 @@ impl Link {
         let registering = register_early(&a);
         let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a).await?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
-        // Held until the data plane is open, which then finds it registered
-        // (if it failed, connecting tries again and says why).
-        let _registered = match registering {
-            Some(r) if rdma_offer.is_some() => r.await.ok().and_then(Result::ok),
-            _ => None,
+        if let Ok(r) = &a.rdma {
+            r.note_offer(&a.host, rdma_offer.is_some());
+        }
+        // Held until the data plane is open, which then finds it
+        // registered; if it failed, RDMA is out, for that reason.
+        let (_registered, rdma) = match registering {
+            Some(r) if rdma_offer.is_some() => match r.await {
+                Ok(Ok(l)) => (Some(l), a.rdma.clone()),
+                Ok(Err(e)) => (None, Err(format!("registering local RAM: {e}"))),
+                Err(e) => (None, Err(format!("registering local RAM: {e}"))),
+            },
+            _ => (None, a.rdma.clone()),
         };
         let spec = SenderSpec {
             host: &a.host,
             transport: a.transport,
-            rdma: &a.rdma,
+            rdma: &rdma,
             offer: rdma_offer.as_deref(),
             rdma_endpoint,
             streams: StreamSpec {

@@ -49,6 +49,8 @@ pub struct Testbed {
     pub hosts: Vec<Host>,
     guests: Vec<Child>,
     env: Vec<(String, String)>,
+    /// Commands agents run under, by host (e.g. `setpriv … --`).
+    wrappers: std::collections::HashMap<String, Vec<String>>,
     /// Dropped after the agents (field order), so namespaces outlive them.
     net: Option<net::Net>,
 }
@@ -163,7 +165,7 @@ impl Testbed {
             });
         }
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env, net };
+        let mut tb = Self { exe: exe.to_owned(), dir, hosts, guests: vec![], env, wrappers: Default::default(), net };
         for i in 0..tb.hosts.len() {
             tb.spawn_agent(i, &certs)?;
         }
@@ -192,7 +194,14 @@ impl Testbed {
 
     fn spawn_agent_with(&mut self, i: usize, certs: &Path, extra: &[(&str, &str)]) -> Result<(), TestbedError> {
         let h = &self.hosts[i];
-        let mut cmd = self.command(&h.name, &self.exe);
+        let mut cmd = match self.wrappers.get(&h.name).and_then(|w| w.split_first()) {
+            Some((program, args)) => {
+                let mut c = self.command(&h.name, program);
+                c.args(args).arg(&self.exe);
+                c
+            }
+            None => self.command(&h.name, &self.exe),
+        };
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
         cmd.arg("--state-dir").arg(h.log.with_file_name("state"));
@@ -227,6 +236,13 @@ impl Testbed {
         wait_for(20, || Client::new(&h.api).info().ok())
             .map(|_| ())
             .ok_or_else(|| TestbedError(format!("agent {host} did not come back; see {}", h.log.display())))
+    }
+
+    /// Restarts `host`'s agent under `wrapper` (a command that runs the
+    /// rest of its command line, such as `setpriv … --`), from now on.
+    pub fn restart_agent_under(&mut self, host: &str, wrapper: &[&str]) -> Result<(), TestbedError> {
+        self.wrappers.insert(host.to_owned(), wrapper.iter().map(|s| s.to_string()).collect());
+        self.restart_agent(host, &[])
     }
 
     /// The host named `name`; panics if there is none.

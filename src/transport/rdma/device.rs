@@ -1,7 +1,7 @@
 //! This host's RDMA device, the guest RAM registered with it, and what
 //! both ends of a stream share (endpoint exchange, queue-pair attributes).
 
-use super::{memlock_problem, RdmaOptions};
+use super::{memlock_limit, memlock_problem, pinned_now, RdmaOptions};
 use crate::memory::GuestRam;
 use crate::protocol::RdmaRegion;
 use crate::transport::handshake::HANDSHAKE_TIMEOUT;
@@ -32,6 +32,8 @@ pub struct Rdma {
     /// registered once: by all connections of a migration, and by a
     /// destination's session and the forwarder that sends from it.
     registered: Mutex<Vec<Weak<LocalRam>>>,
+    /// Peers whose last session offered RDMA.
+    offering: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Opens the configured device, or the first with an active port.
@@ -51,6 +53,7 @@ pub fn open(o: &RdmaOptions) -> Result<Arc<Rdma>, String> {
                 register_threads,
                 gid_fixed: o.gid_index.is_some(),
                 registered: Mutex::default(),
+                offering: Mutex::default(),
             })
         })
         .map_err(|e| e.to_string())
@@ -90,6 +93,21 @@ impl Rdma {
         Ok(local)
     }
 
+    /// Whether `host`'s last session offered RDMA.
+    pub fn offered_last_time(&self, host: &str) -> bool {
+        self.offering.lock().unwrap_or_else(|p| p.into_inner()).contains(host)
+    }
+
+    /// Remembers whether `host`'s session offered RDMA.
+    pub fn note_offer(&self, host: &str, offered: bool) {
+        let mut o = self.offering.lock().unwrap_or_else(|p| p.into_inner());
+        if offered {
+            o.insert(host.to_owned());
+        } else {
+            o.remove(host);
+        }
+    }
+
     fn find(&self, ram: &Arc<GuestRam>) -> Option<Arc<LocalRam>> {
         let known = self.registered.lock().unwrap_or_else(|p| p.into_inner());
         known.iter().filter_map(Weak::upgrade).find(|l| Arc::ptr_eq(&l.ram, ram))
@@ -121,6 +139,21 @@ impl LocalRam {
         remote_write: bool,
         threads: usize,
     ) -> Result<Arc<Self>, String> {
+        let total = ram.layout().total_bytes();
+        // Checked before faulting anything in: registration beyond the
+        // limit fails, and would leave the whole RAM allocated for nothing.
+        if let Some(limit) = memlock_limit() {
+            let pinned = pinned_now();
+            if total.saturating_add(pinned) > limit {
+                return Err(format!(
+                    "pinning {} MiB would pass the locked-memory limit ({} KiB, {} KiB pinned already; raise \
+                     LimitMEMLOCK or grant CAP_IPC_LOCK)",
+                    total >> 20,
+                    limit >> 10,
+                    pinned >> 10
+                ));
+            }
+        }
         let started = Instant::now();
         let n = ram.layout().regions().len() as u32;
         if threads > 1 {
@@ -141,7 +174,7 @@ impl LocalRam {
             })
             .collect::<Result<Vec<_>, String>>()?;
         tracing::info!(
-            gib = ram.layout().total_bytes() as f64 / (1u64 << 30) as f64,
+            gib = total as f64 / (1u64 << 30) as f64,
             remote_write,
             threads,
             fault_ms = faulted.as_millis() as u64,
@@ -149,6 +182,23 @@ impl LocalRam {
             "guest RAM registered for RDMA"
         );
         Ok(Arc::new(LocalRam { device, regions, ram: ram.clone() }))
+    }
+}
+
+impl Drop for LocalRam {
+    /// Unpinning a large RAM takes time that grows with it, and the last
+    /// holder is often an async task: a thread of its own does it (the
+    /// mapping, which it keeps, goes after the registrations).
+    fn drop(&mut self) {
+        let (regions, ram) = (std::mem::take(&mut self.regions), self.ram.clone());
+        let unpin = move || {
+            drop(regions);
+            drop(ram);
+        };
+        if let Err(e) = std::thread::Builder::new().name("unpin".into()).spawn(unpin) {
+            // The closure (and with it the registrations) is dropped here.
+            tracing::debug!("unpinning in place: {e}");
+        }
     }
 }
 
@@ -188,22 +238,35 @@ pub(super) async fn write_endpoint(s: &mut DataStream, ep: Endpoint) -> Result<(
 /// peer was reached by; else the one chosen at start, with a warning.
 pub(super) fn source_gid(device: &Device, fixed: bool, local: Option<IpAddr>) -> Result<SourceGid, TransportError> {
     let default = device.default_gid();
-    let Some(ip) = local.filter(|ip| !fixed && !ip.is_loopback() && !ip.is_unspecified()) else {
+    let usable = |ip: &IpAddr| !fixed && !ip.is_loopback() && !ip.is_unspecified();
+    let Some(ip) = local.map(|ip| ip.to_canonical()).filter(usable) else {
         return Ok(default);
     };
     if let Some(g) = device.gid_for(ip).map_err(rdma_err)? {
         return Ok(g);
     }
-    if device.port_info().map_err(rdma_err)?.link == Link::Ethernet {
+    if device.port_info().map_err(rdma_err)?.link != Link::Ethernet {
+        return Ok(default);
+    }
+    // The peer pairs from its own address's GID: one of this address's
+    // family keeps the two ends' families alike.
+    let chosen = match device.gid_of_family(ip.is_ipv4()).map_err(rdma_err)? {
+        Some(g) if gid_is_ipv4(&default.gid) != ip.is_ipv4() => g,
+        _ => default,
+    };
+    static WARNED: Mutex<Vec<IpAddr>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned.contains(&ip) {
+        warned.push(ip);
         tracing::warn!(
             %ip,
             device = device.name(),
-            gid_index = default.index,
-            "the data-plane address is not on the RDMA device's port; using the GID chosen at start \
-             (--rdma-device, --rdma-gid-index choose another)"
+            gid_index = chosen.index,
+            "the data-plane address is not on the RDMA device's port; using another GID of its family \
+             (--rdma-device, --rdma-gid-index choose)"
         );
     }
-    Ok(default)
+    Ok(chosen)
 }
 
 /// The attributes for a queue pair from `port` (sending from `local`) to

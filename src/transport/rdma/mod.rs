@@ -55,14 +55,28 @@ pub struct RdmaOptions {
 /// anything: registering guest RAM pins all of it, which the kernel allows
 /// beyond RLIMIT_MEMLOCK only with CAP_IPC_LOCK (root has it).
 pub fn memlock_problem() -> Option<String> {
+    memlock_note(memlock_limit(), false)
+}
+
+/// The locked-memory limit that binds this process, in bytes: None if it
+/// is unlimited or the process has CAP_IPC_LOCK.
+pub(crate) fn memlock_limit() -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own.
     let limit = match unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } {
         0 if lim.rlim_cur == libc::RLIM_INFINITY => None,
         0 => Some(lim.rlim_cur),
-        _ => return None,
+        _ => None,
     };
-    memlock_note(limit, has_cap_ipc_lock())
+    limit.filter(|_| !has_cap_ipc_lock())
+}
+
+/// Memory this process has pinned (VmPin), in bytes.
+pub fn pinned_now() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmPin:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kib.unwrap_or(0u64) << 10
 }
 
 /// Whether CAP_IPC_LOCK is in this process's effective set.

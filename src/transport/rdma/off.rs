@@ -31,6 +31,14 @@ impl Rdma {
     pub fn warning(&self) -> Option<String> {
         match *self {}
     }
+    /// Whether `host`'s last session offered RDMA.
+    pub fn offered_last_time(&self, _host: &str) -> bool {
+        match *self {}
+    }
+    /// Remembers whether `host`'s session offered RDMA.
+    pub fn note_offer(&self, _host: &str, _offered: bool) {
+        match *self {}
+    }
     /// Registers a sender's RAM for local reads.
     pub fn register_sender(&self, _ram: &Arc<GuestRam>) -> Result<Arc<LocalRam>, String> {
         match *self {}

@@ -40,7 +40,7 @@ pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAd
     qp.connect(&remote, &attrs).map_err(rdma_err)?;
     qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
     write_endpoint(&mut s, mine).await?;
-    tracing::debug!(path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
+    tracing::info!(gid_index = gid.index, path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
     let unreachable = crate::hooks::rdma_unreachable()
         .is_some_and(|from| PAIRINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= from);
     if unreachable {

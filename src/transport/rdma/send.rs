@@ -13,6 +13,7 @@ use crate::transport::queue::{Feed, SendQueue, StreamSpec};
 use crate::transport::secure::DataStream;
 use crate::transport::TransportError;
 use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Write};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -222,11 +223,11 @@ impl Stream {
     /// fails its batches.
     async fn run(self, mut qp: QueuePair, mut s: DataStream) {
         // Batches to send again before any new one (a failed pair's).
-        let mut again: Vec<Batch> = Vec::new();
+        let mut again: VecDeque<Batch> = VecDeque::new();
         let mut failures: std::collections::VecDeque<std::time::Instant> = Default::default();
         loop {
             let inflight = InFlight::new(self.window);
-            let (mut rd, mut wr) = tokio::io::split(s);
+            let (mut rd, wr) = tokio::io::split(s);
             let result = tokio::select! {
                 r = self.feed.read_acks(&inflight, &mut rd) => r,
                 r = local_completions(&qp) => r,
@@ -237,7 +238,7 @@ impl Stream {
             // Nothing more leaves this queue pair.
             let _ = qp.set_error();
             let mut left = inflight.drain();
-            left.append(&mut again);
+            left.extend(again.drain(..));
             let e = match result {
                 Err(e) if re_pairable(&e) && !self.feed.cancel.is_cancelled() => e,
                 r => return self.feed.end_stream_with(left, r),
@@ -245,7 +246,7 @@ impl Stream {
             tracing::warn!(batches = left.len(), "RDMA queue pair failed: {}", crate::error_chain(&e));
             // First the fence: nothing of the failed pair may land after
             // what replaces it (a new pair's writes, or a TCP stream's).
-            if let Err(f) = fence(rd, wr.shutdown().await.map(|()| wr)).await {
+            if let Err(f) = fence(rd, wr).await {
                 let why = format!("{}; fencing it failed: {}", crate::error_chain(&e), crate::error_chain(&f));
                 return self.feed.end_stream_with(left, Err(TransportError::QueuePair(why)));
             }
@@ -262,7 +263,7 @@ impl Stream {
                 Ok((q, s2, _)) => {
                     self.feed.re_pairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(batches = left.len(), "RDMA stream re-paired; sending again what was in flight");
-                    (qp, s, again) = (q, s2, left);
+                    (qp, s, again) = (q, s2, left.into());
                 }
                 Err(p) => {
                     let why = format!("{}; re-pairing failed: {}", crate::error_chain(&e), crate::error_chain(&p));
@@ -298,13 +299,17 @@ impl Stream {
     }
 
     /// Posts `again` first, then what the queue holds.
-    async fn post(&self, qp: &QueuePair, inflight: &InFlight, again: &mut Vec<Batch>) -> Result<(), TransportError> {
+    async fn post(
+        &self,
+        qp: &QueuePair,
+        inflight: &InFlight,
+        again: &mut VecDeque<Batch>,
+    ) -> Result<(), TransportError> {
         let mut seq: u32 = 0;
         let mut copy = Vec::new();
-        again.reverse();
         loop {
             inflight.reserve().await;
-            let batch = match again.pop() {
+            let batch = match again.pop_front() {
                 Some(b) => b,
                 None => match self.feed.backlog.recv().await {
                     Ok(b) => b,
@@ -348,10 +353,10 @@ async fn local_completions(qp: &QueuePair) -> Result<(), TransportError> {
 /// their batches are sent again, which rewrites the same pages.
 async fn fence(
     mut rd: tokio::io::ReadHalf<DataStream>,
-    wr: std::io::Result<tokio::io::WriteHalf<DataStream>>,
+    mut wr: tokio::io::WriteHalf<DataStream>,
 ) -> Result<(), TransportError> {
     let closed = async {
-        let _wr = wr?;
+        wr.shutdown().await?;
         let mut buf = [0u8; 512];
         loop {
             match rd.read(&mut buf).await {
