@@ -8,7 +8,7 @@ use common::*;
 use dcmigrate::agent::api::RdmaInfo;
 use dcmigrate::engine::{MigrateOptions, Outcome, Report, TransportUsed};
 use dcmigrate::protocol::{DataPlane, TransportKind};
-use dcmigrate::testbed::Testbed;
+use dcmigrate::testbed::{wait_for, Testbed};
 use dcmigrate::vm::synthetic::{Pattern, Workload};
 
 fn rdma_or_skip(test: &str) -> bool {
@@ -297,6 +297,58 @@ fn a_locked_memory_limit_below_the_ram_means_tcp_with_the_reason() {
         tb.client("B").resume(vm).unwrap();
         assert_running_on(&tb, "B", vm);
     }
+}
+
+/// A netdev set down for as long as it lives, then up again.
+struct LinkDown(String);
+
+impl LinkDown {
+    fn set(dev: &str) -> LinkDown {
+        let st = std::process::Command::new("ip").args(["link", "set", dev, "down"]).status().unwrap();
+        assert!(st.success(), "ip link set {dev} down");
+        LinkDown(dev.to_owned())
+    }
+}
+
+impl Drop for LinkDown {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "set", &self.0, "up"]).status();
+    }
+}
+
+/// The RDMA port going down mid-migration (its netdev set down): the
+/// device's async event tells the streams at once, they cannot pair anew
+/// (the port is down) and go on over TCP, so the migration completes on the
+/// same destination, byte-exact.
+#[test]
+fn a_port_going_down_moves_the_streams_to_tcp() {
+    const T: &str = "a_port_going_down_moves_the_streams_to_tcp";
+    if !rdma_or_skip(T) || !hooks_or_skip(T) {
+        return;
+    }
+    let Some(netdev) = rdma_netdev() else { panic!("an RDMA device without a netdev") };
+    let mut tb = testbed(&["A", "B"]);
+    tb.start_guest("A", "p1", 96 * MIB, &workload(5.0), true, &[]).unwrap();
+    let opts = MigrateOptions { suspend: true, streams: 2, max_bandwidth_mbps: Some(40.0), ..Default::default() };
+    start_migration(&tb, "A", "p1", "B", held(opts));
+    let third = wait_for(120, || {
+        let (_, at, done) = progress(&tb, "A", "p1")?;
+        (done || at >= 32 * MIB).then_some(!done)
+    });
+    assert_eq!(third, Some(true), "a third over RDMA before the port goes down\n{}", tb.logs());
+    let down = LinkDown::set(&netdev);
+    // Both streams leave RDMA before the switchover may happen.
+    let moved = wait_for(60, || (tb.agent_log("A").matches("continues over TCP").count() >= 2).then_some(()));
+    drop(down);
+    assert!(moved.is_some(), "{}", tb.agent_log("A"));
+    release(&tb, "A", "p1");
+    let report = wait_report(&tb, "A", "p1");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.senders[0].tcp_fallbacks, 2, "{report:#?}");
+    assert!(tb.agent_log("A").contains("RDMA port down"), "{}", tb.agent_log("A"));
+    assert_same_bytes(&ram_file(&tb, "A", "p1"), &ram_file(&tb, "B", "p1"));
+    tb.client("B").resume("p1").unwrap();
+    assert_running_on(&tb, "B", "p1");
 }
 
 /// The largest chunks (64 MiB) with a guest dirtying every other page:

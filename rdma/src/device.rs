@@ -176,6 +176,13 @@ impl Device {
             .find_map(|e| Some(SourceGid { index: u8::try_from(e.gid_index()).ok()?, gid: e.gid().raw })))
     }
 
+    /// Whether its port is active now.
+    pub fn port_active(&self) -> Result<bool, RdmaError> {
+        let attr =
+            self.ctx.query_port(self.port).map_err(|e| RdmaError::Verbs { op: "ibv_query_port", msg: chain(&e) })?;
+        Ok(attr.port_state() == PortState::Active)
+    }
+
     /// The port it uses.
     pub fn port(&self) -> u8 {
         self.port

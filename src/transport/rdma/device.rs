@@ -8,8 +8,8 @@ use crate::transport::handshake::HANDSHAKE_TIMEOUT;
 use crate::transport::secure::DataStream;
 use crate::transport::TransportError;
 use dcmigrate_rdma::{
-    gid_is_ipv4, qp_attrs, Device, Endpoint, Link, PortInfo, QpAttrs, QpOptions, RdmaError, Region, SourceGid,
-    ENDPOINT_LEN,
+    gid_is_ipv4, qp_attrs, Device, DeviceEvent, Endpoint, Link, PortInfo, QpAttrs, QpOptions, RdmaError, Region,
+    SourceGid, ENDPOINT_LEN,
 };
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -34,6 +34,8 @@ pub struct Rdma {
     registered: Mutex<Vec<Weak<LocalRam>>>,
     /// Peers whose last session offered RDMA.
     offering: Mutex<std::collections::HashSet<String>>,
+    /// Whether the port is up, as its async events last said.
+    port_up: tokio::sync::watch::Sender<bool>,
 }
 
 /// Opens the configured device, or the first with an active port.
@@ -54,9 +56,49 @@ pub fn open(o: &RdmaOptions) -> Result<Arc<Rdma>, String> {
                 gid_fixed: o.gid_index.is_some(),
                 registered: Mutex::default(),
                 offering: Mutex::default(),
+                port_up: tokio::sync::watch::Sender::new(true),
             })
         })
+        .inspect(watch_events)
         .map_err(|e| e.to_string())
+}
+
+/// Follows the device's async events for the agent's life (inside a tokio
+/// runtime; elsewhere, as in a benchmark, nothing follows them): logs
+/// them, and tells streams when the port goes down, so that they replace
+/// their queue pairs (or go on over TCP) at once instead of after the
+/// transport's retries.
+fn watch_events(rdma: &Arc<Rdma>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    let (device, weak) = (rdma.device.clone(), Arc::downgrade(rdma));
+    rt.spawn(async move {
+        let events = match device.events() {
+            Ok(e) => e,
+            Err(e) => return tracing::warn!("RDMA device events unavailable: {e}"),
+        };
+        loop {
+            let ev = events.next().await;
+            let Some(r) = weak.upgrade() else { return };
+            let (name, port) = (r.device.name(), r.device.port());
+            match ev {
+                Ok(DeviceEvent::PortDown(p)) if p == port => {
+                    tracing::warn!(device = name, port, "RDMA port down");
+                    r.port_up.send_replace(false);
+                }
+                Ok(DeviceEvent::PortActive(p)) if p == port => {
+                    tracing::info!(device = name, port, "RDMA port active");
+                    r.port_up.send_replace(true);
+                }
+                Ok(DeviceEvent::GidChange(p)) => tracing::info!(device = name, port = p, "RDMA GID table changed"),
+                Ok(DeviceEvent::DeviceFatal) => {
+                    tracing::error!(device = name, "RDMA device failed");
+                    r.port_up.send_replace(false);
+                }
+                Ok(other) => tracing::debug!(device = name, ?other, "RDMA device event"),
+                Err(e) => return tracing::warn!(device = name, "reading RDMA device events: {e}"),
+            }
+        }
+    });
 }
 
 impl Rdma {
@@ -91,6 +133,19 @@ impl Rdma {
         let local = LocalRam::register(self.device.clone(), ram, false, self.register_threads)?;
         self.remember(&local);
         Ok(local)
+    }
+
+    /// Resolves when the port goes down (at once if it is down).
+    pub(super) async fn port_went_down(&self) {
+        let mut up = self.port_up.subscribe();
+        loop {
+            if !*up.borrow_and_update() {
+                return;
+            }
+            if up.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Whether `host`'s last session offered RDMA.

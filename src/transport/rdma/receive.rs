@@ -39,14 +39,15 @@ pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAd
     };
     qp.connect(&remote, &attrs).map_err(rdma_err)?;
     qp.post_recvs(0, RECV_DEPTH).map_err(rdma_err)?;
-    write_endpoint(&mut s, mine).await?;
-    tracing::info!(gid_index = gid.index, path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
+    // Before the sender hears of the queue pair: not even its probe lands.
     let unreachable = crate::hooks::rdma_unreachable()
         .is_some_and(|from| PAIRINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= from);
     if unreachable {
         tracing::warn!("test hook: nothing written to this queue pair arrives");
         let _ = qp.set_error();
     }
+    write_endpoint(&mut s, mine).await?;
+    tracing::info!(gid_index = gid.index, path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
     let (mut rd, mut wr) = tokio::io::split(s);
     let acks = async {
         let mut received = 0u64;

@@ -123,6 +123,9 @@ impl Pairing {
     async fn pair(&self) -> Result<(QueuePair, DataStream, QpAttrs), TransportError> {
         let (rdma, spec) = (&self.rdma, &self.spec);
         let device = &rdma.device;
+        if !device.port_active().map_err(rdma_err)? {
+            return Err(TransportError::Rdma(format!("port {} of {} is down", device.port(), device.name())));
+        }
         let hello = Hello::new(spec.token, spec.sender, StreamMode::Rdma);
         let (mut s, from) = handshake::open_from(spec.addr, hello, spec.tls.as_ref()).await?;
         let gid = source_gid(device, rdma.gid_fixed, from)?;
@@ -232,6 +235,7 @@ impl Stream {
                 r = self.feed.read_acks(&inflight, &mut rd) => r,
                 r = local_completions(&qp) => r,
                 r = self.post(&qp, &inflight, &mut again) => r,
+                _ = self.pairing.rdma.port_went_down() => Err(TransportError::QueuePair("the port went down".into())),
                 e = inflight.watchdog(self.pairing.spec.stall_timeout) => Err(e),
                 _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
             };
