@@ -351,6 +351,37 @@ fn a_port_going_down_moves_the_streams_to_tcp() {
     assert_running_on(&tb, "B", "p1");
 }
 
+/// `--rdma-odp` on both agents: where the device pages RC writes on demand,
+/// RAM is registered unpinned and the guest moves over RDMA; where it does
+/// not (rxe in Debian's 6.1 kernel), each agent says why and the guest
+/// moves over TCP with the reason. Byte-exact either way.
+#[test]
+fn on_demand_paging_is_used_where_the_device_has_it() {
+    const T: &str = "on_demand_paging_is_used_where_the_device_has_it";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["A", "B"]);
+    for h in ["A", "B"] {
+        tb.restart_agent(h, &[("DCMIGRATE_RDMA_ODP", "true")]).unwrap();
+    }
+    tb.start_guest("A", "o1", 32 * MIB, &workload(5.0), true, &[]).unwrap();
+    let report = migrate(&tb, "A", "o1", "B", MigrateOptions { suspend: true, ..Default::default() });
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let log = tb.agent_log("B");
+    if log.contains("does not page RC writes") {
+        assert_eq!(report.transport, TransportUsed::Tcp, "{report:#?}");
+        let why = report.senders[0].why_not_rdma.clone().unwrap_or_default();
+        assert!(why.contains("offers no RDMA"), "{why}");
+    } else {
+        assert!(log.contains("on_demand=true"), "neither refused nor registered on demand:\n{log}");
+        assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
+    }
+    assert_same_bytes(&ram_file(&tb, "A", "o1"), &ram_file(&tb, "B", "o1"));
+    tb.client("B").resume("o1").unwrap();
+    assert_running_on(&tb, "B", "o1");
+}
+
 /// The largest chunks (64 MiB) with a guest dirtying every other page:
 /// batches of thousands of one-page runs, each a work request, fit the
 /// send queue, and the result is byte-exact.

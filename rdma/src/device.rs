@@ -47,6 +47,17 @@ pub fn gid_is_ipv4(gid: &[u8; 16]) -> bool {
     gid[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
+/// What a device can page on demand (reliable-connected transport).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnDemandPaging {
+    /// A sender's RAM (the source of RDMA writes) need not be pinned.
+    pub sender: bool,
+    /// A destination's RAM (the target of RDMA writes) need not be pinned.
+    pub receiver: bool,
+    /// The raw capabilities: general, and reliable-connected.
+    pub caps: (u64, u32),
+}
+
 /// Limits of a device that size queues.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceCaps {
@@ -214,16 +225,42 @@ impl Device {
         Ok(DeviceCaps { max_qp_wr: a.max_qp_wr().max(1) as u32, max_cqe: a.max_cqe().max(1) as u32 })
     }
 
+    /// On-demand paging for reliable-connected queue pairs, as the device
+    /// reports it: whether its memory can be the source of RDMA writes (a
+    /// sender's) and their target (a destination's) without being pinned.
+    pub fn on_demand_paging(&self) -> Result<OnDemandPaging, RdmaError> {
+        use rdma_mummy_sys::{ibv_odp_general_caps, ibv_odp_transport_cap_bits as bits};
+        let a = self.ctx.query_device().map_err(|e| RdmaError::Verbs { op: "ibv_query_device_ex", msg: chain(&e) })?;
+        let odp = a.attr.odp_caps;
+        let general = odp.general_caps & u64::from(ibv_odp_general_caps::IBV_ODP_SUPPORT.0) != 0;
+        let rc = odp.per_transport_caps.rc_odp_caps;
+        Ok(OnDemandPaging {
+            sender: general && rc & bits::IBV_ODP_SUPPORT_SEND.0 != 0,
+            receiver: general && rc & bits::IBV_ODP_SUPPORT_WRITE.0 != 0,
+            caps: (odp.general_caps, rc),
+        })
+    }
+
     /// Registers `len` bytes at `addr`: for remote writes if
     /// `remote_write` (with the local write access the verbs require for
-    /// it), else for the NIC's local reads only (a sender's).
+    /// it), else for the NIC's local reads only (a sender's); pinned, or
+    /// paged on demand if `on_demand` (see [`Self::on_demand_paging`]).
     ///
     /// # Safety
     /// The memory must stay mapped until the [`Region`] and every work
     /// request that uses it are gone.
-    pub unsafe fn register(&self, addr: *mut u8, len: usize, remote_write: bool) -> Result<Region, RdmaError> {
-        let access =
+    pub unsafe fn register(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        remote_write: bool,
+        on_demand: bool,
+    ) -> Result<Region, RdmaError> {
+        let mut access =
             if remote_write { AccessFlags::LocalWrite | AccessFlags::RemoteWrite } else { AccessFlags::none() };
+        if on_demand {
+            access |= AccessFlags::OnDemand;
+        }
         // SAFETY: forwarded to the caller's contract.
         let mr = unsafe { self.pd.reg_mr(addr as usize, len, access) }
             .map_err(|e| RdmaError::Verbs { op: "ibv_reg_mr", msg: chain(&e) })?;

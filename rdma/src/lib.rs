@@ -20,7 +20,7 @@ mod events;
 mod qp;
 
 pub use attrs::{qp_attrs, Link, PathMtu, PortInfo, QpAttrs, QpOptions, MAX_SERVICE_LEVEL};
-pub use device::{gid_is_ipv4, gid_of_ip, Device, DeviceCaps, Region, RemoteRegion, SourceGid};
+pub use device::{gid_is_ipv4, gid_of_ip, Device, DeviceCaps, OnDemandPaging, Region, RemoteRegion, SourceGid};
 pub use events::{DeviceEvent, DeviceEvents};
 pub use qp::{Completion, CompletionKind, Endpoint, QueuePair, Write, ENDPOINT_LEN};
 

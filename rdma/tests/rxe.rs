@@ -38,7 +38,7 @@ fn ram(len: usize, fill: u8) -> (tempfile::NamedTempFile, memmap2::MmapMut) {
 }
 
 fn reg(dev: &Device, m: &mut memmap2::MmapMut, remote: bool) -> Region {
-    unsafe { dev.register(m.as_mut_ptr(), m.len(), remote) }.unwrap()
+    unsafe { dev.register(m.as_mut_ptr(), m.len(), remote, false) }.unwrap()
 }
 
 fn pair(dev: &Arc<Device>) -> (QueuePair, QueuePair) {

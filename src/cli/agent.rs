@@ -83,6 +83,12 @@ pub struct AgentArgs {
     /// (default: one per core; 1 faults it in while pinning, serially).
     #[arg(long, env = "DCMIGRATE_RDMA_REGISTER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub rdma_register_threads: Option<u16>,
+    /// Register guest RAM for RDMA with on-demand paging instead of
+    /// pinning it (devices that support it for RC writes, e.g. ConnectX-4
+    /// and later): no locked-memory limit to raise, and pages the guest
+    /// gives back are not held. A device without it uses TCP, saying why.
+    #[arg(long, env = "DCMIGRATE_RDMA_ODP")]
+    pub rdma_odp: bool,
     /// Use TCP only, even where RDMA is available.
     #[arg(long, env = "DCMIGRATE_NO_RDMA")]
     pub no_rdma: bool,
@@ -140,6 +146,7 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
             service_level: a.rdma_sl,
             pkey_index: a.rdma_pkey_index,
             register_threads: a.rdma_register_threads.map(usize::from),
+            on_demand: a.rdma_odp,
         },
         no_rdma: a.no_rdma,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),

@@ -26,6 +26,8 @@ pub struct Rdma {
     pub(super) qp: QpOptions,
     memlock: Option<String>,
     register_threads: usize,
+    /// Register with on-demand paging (`--rdma-odp`).
+    on_demand: bool,
     /// The operator chose the GID (`--rdma-gid-index`): no other is used.
     pub(super) gid_fixed: bool,
     /// Every RAM registered on this host and still in use, so that it is
@@ -53,6 +55,7 @@ pub fn open(o: &RdmaOptions) -> Result<Arc<Rdma>, String> {
                 qp,
                 memlock: memlock_problem(),
                 register_threads,
+                on_demand: o.on_demand,
                 gid_fixed: o.gid_index.is_some(),
                 registered: Mutex::default(),
                 offering: Mutex::default(),
@@ -117,7 +120,7 @@ impl Rdma {
     pub fn register_target(&self, ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
         // A protection domain per session: another session's queue pairs cannot write here.
         let device = self.device.session().map_err(|e| e.to_string())?;
-        let local = LocalRam::register(device, ram, true, self.register_threads)?;
+        let local = LocalRam::register(device, ram, true, (self.register_threads, self.on_demand))?;
         self.remember(&local);
         Ok(Arc::new(Target { local, qp: self.qp, gid_fixed: self.gid_fixed }))
     }
@@ -130,7 +133,7 @@ impl Rdma {
         if let Some(l) = self.find(ram) {
             return Ok(l);
         }
-        let local = LocalRam::register(self.device.clone(), ram, false, self.register_threads)?;
+        let local = LocalRam::register(self.device.clone(), ram, false, (self.register_threads, self.on_demand))?;
         self.remember(&local);
         Ok(local)
     }
@@ -187,17 +190,30 @@ pub struct LocalRam {
 }
 
 impl LocalRam {
-    /// Faults the RAM in on `threads` threads, then pins and registers it.
+    /// Faults the RAM in on `threads` threads, then pins and registers it;
+    /// or, `on_demand`, registers it unpinned where the device pages RC
+    /// writes on demand.
     fn register(
         device: Arc<Device>,
         ram: &Arc<GuestRam>,
         remote_write: bool,
-        threads: usize,
+        (threads, on_demand): (usize, bool),
     ) -> Result<Arc<Self>, String> {
         let total = ram.layout().total_bytes();
-        // Checked before faulting anything in: registration beyond the
-        // limit fails, and would leave the whole RAM allocated for nothing.
-        if let Some(limit) = memlock_limit() {
+        if on_demand {
+            let odp = device.on_demand_paging().map_err(|e| e.to_string())?;
+            if !(if remote_write { odp.receiver } else { odp.sender }) {
+                return Err(format!(
+                    "--rdma-odp: {} does not page RC writes' {} on demand (ODP caps {:#x}, RC {:#x})",
+                    device.name(),
+                    if remote_write { "targets" } else { "sources" },
+                    odp.caps.0,
+                    odp.caps.1
+                ));
+            }
+        } else if let Some(limit) = memlock_limit() {
+            // Checked before faulting anything in: registration beyond the
+            // limit fails, and would leave the whole RAM allocated for nothing.
             let pinned = pinned_now();
             if total.saturating_add(pinned) > limit {
                 return Err(format!(
@@ -211,7 +227,7 @@ impl LocalRam {
         }
         let started = Instant::now();
         let n = ram.layout().regions().len() as u32;
-        if threads > 1 {
+        if threads > 1 && !on_demand {
             for r in 0..n {
                 // Only time is at stake: pinning faults in what this did not.
                 if let Err(e) = ram.prefault(r, remote_write, threads) {
@@ -225,12 +241,13 @@ impl LocalRam {
                 let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
                 // SAFETY: the mapping lives as long as `ram`, which every
                 // holder of these regions also holds (and drops after them).
-                unsafe { device.register(ptr, len, remote_write) }.map_err(|e| e.to_string())
+                unsafe { device.register(ptr, len, remote_write, on_demand) }.map_err(|e| e.to_string())
             })
             .collect::<Result<Vec<_>, String>>()?;
         tracing::info!(
             gib = total as f64 / (1u64 << 30) as f64,
             remote_write,
+            on_demand,
             threads,
             fault_ms = faulted.as_millis() as u64,
             pin_ms = (started.elapsed() - faulted).as_millis() as u64,

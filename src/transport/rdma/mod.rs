@@ -49,6 +49,8 @@ pub struct RdmaOptions {
     /// Threads that fault RAM in before registration (default: one per
     /// core; 1: none, pinning faults it in).
     pub register_threads: Option<usize>,
+    /// Register RAM with on-demand paging instead of pinning it.
+    pub on_demand: bool,
 }
 
 /// What is wrong with this process's locked-memory limit for RDMA, if
