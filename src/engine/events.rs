@@ -2,7 +2,7 @@
 //! windows, waiting for whatever happens next (a completion, a retarget, a
 //! fence, the pacer, a cancel), and feeding completions to the ledger.
 
-use super::schedule::{Schedule, FORWARD_PER_STREAM, PER_STREAM, SOURCE};
+use super::schedule::{Schedule, FORWARD_PER_STREAM, PER_STREAM, QUEUE_PER_STREAM, SOURCE};
 use super::{EngineError, Migration};
 use crate::ledger::HostId;
 use crate::memory::PAGE_SIZE;
@@ -35,8 +35,12 @@ impl Migration {
         for f in self.hosts.forwarders.clone() {
             self.fill_forwarder(f);
         }
-        let window = self.job.opts.streams.max(1) * PER_STREAM;
-        while self.sched.outstanding(SOURCE) < window && self.acct.paced_until().is_none() {
+        let streams = self.job.opts.streams.max(1);
+        let bytes_window = (streams * PER_STREAM) as u64 * self.ram.layout().chunk_size();
+        while self.sched.outstanding(SOURCE) < streams * QUEUE_PER_STREAM
+            && self.sched.outstanding_bytes(SOURCE) < bytes_window
+            && self.acct.paced_until().is_none()
+        {
             let (ci, only_own) = match self.sched.next_own() {
                 Some(ci) => (ci, true),
                 None => match self.may_steal().then(|| self.sched.steal()).flatten() {
@@ -54,7 +58,7 @@ impl Migration {
                 self.abandon(&b);
                 return Err(self.lost(self.hosts.target, super::link::LinkError::Closed));
             }
-            self.sched.started(SOURCE);
+            self.sched.started(SOURCE, bytes);
             self.acct.pace(bytes);
         }
         Ok(())
@@ -69,12 +73,13 @@ impl Migration {
             let Some(b) = self.sched.make_batch(&mut self.ledger, self.ram.layout(), what, false, forwarders) else {
                 continue;
             };
+            let b_bytes = b.page_count() as u64 * PAGE_SIZE as u64;
             if let Err(b) = self.hosts.links[&f].forward(b, &self.hosts.names[self.hosts.target as usize]) {
                 self.abandon(&b);
                 self.forwarder_lost(f, "control connection closed");
                 break;
             }
-            self.sched.started(f);
+            self.sched.started(f, b_bytes);
         }
     }
 
@@ -126,7 +131,7 @@ impl Migration {
             Completion::Applied(b) => (b, true, String::new()),
             Completion::Failed(b, why) => (b, false, why),
         };
-        self.sched.ended(b.from);
+        self.sched.ended(b.from, b.page_count() as u64 * PAGE_SIZE as u64);
         let b = match applied {
             true => b,
             false => match self.fence_failed_forward(b, &why) {

@@ -12,8 +12,12 @@ use std::time::Duration;
 
 /// The source's own id in every migration.
 pub const SOURCE: HostId = 0;
-/// Batches in flight per stream (kept below the sender's queue bound).
+/// The source's bytes in flight per stream, in chunks: full chunks keep
+/// this many in flight on each stream; batches of a few dirty pages (the
+/// last rounds) keep more, up to [`QUEUE_PER_STREAM`] (the sender's queue
+/// bound), so that a round trip carries more than a few pages.
 pub const PER_STREAM: usize = 6;
+pub use crate::transport::QUEUE_PER_STREAM;
 /// A forwarder's claims in flight per stream: small, because claimed chunks
 /// cannot be taken back, so they bound how long the others wait at the end.
 pub const FORWARD_PER_STREAM: usize = 2;
@@ -30,8 +34,8 @@ pub struct Schedule {
     queue: VecDeque<usize>,
     /// Chunks a forwarder can send (front: the forwarder; back: the source steals).
     pools: HashMap<HostId, VecDeque<usize>>,
-    /// Batches in flight by sending host.
-    outstanding: HashMap<HostId, usize>,
+    /// Batches in flight by sending host, and their payload bytes.
+    outstanding: HashMap<HostId, (usize, u64)>,
     next_batch: u64,
 }
 
@@ -124,23 +128,29 @@ impl Schedule {
 
     /// Batches `h` has in flight.
     pub fn outstanding(&self, h: HostId) -> usize {
-        self.outstanding.get(&h).copied().unwrap_or(0)
+        self.outstanding.get(&h).map_or(0, |o| o.0)
+    }
+
+    /// Payload bytes `h` has in flight.
+    pub fn outstanding_bytes(&self, h: HostId) -> u64 {
+        self.outstanding.get(&h).map_or(0, |o| o.1)
     }
 
     /// Batches in flight from every host.
     pub fn in_flight(&self) -> usize {
-        self.outstanding.values().sum()
+        self.outstanding.values().map(|o| o.0).sum()
     }
 
-    /// `h` put a batch in flight.
-    pub fn started(&mut self, h: HostId) {
-        *self.outstanding.entry(h).or_default() += 1;
+    /// `h` put a batch of `bytes` in flight.
+    pub fn started(&mut self, h: HostId, bytes: u64) {
+        let o = self.outstanding.entry(h).or_default();
+        *o = (o.0 + 1, o.1 + bytes);
     }
 
-    /// A batch of `h` completed, either way.
-    pub fn ended(&mut self, h: HostId) {
-        if let Some(n) = self.outstanding.get_mut(&h) {
-            *n = n.saturating_sub(1);
+    /// A batch of `h` of `bytes` completed, either way.
+    pub fn ended(&mut self, h: HostId, bytes: u64) {
+        if let Some(o) = self.outstanding.get_mut(&h) {
+            *o = (o.0.saturating_sub(1), o.1.saturating_sub(bytes));
         }
     }
 

@@ -22,7 +22,7 @@ pub mod tcp;
 
 pub use batch::{Batch, Completion, Run};
 pub use open::{open_sender, OpenError, SenderSpec};
-pub use queue::{PageSender, Recoveries, SendQueue, StreamSpec};
+pub use queue::{PageSender, Recoveries, SendQueue, StreamSpec, QUEUE_PER_STREAM};
 pub use session::{Receiver, Receiving};
 
 use crate::memory::MemoryError;

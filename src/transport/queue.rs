@@ -16,6 +16,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+/// Batches one stream of a sender may hold, queued or in flight: the bound
+/// of the engine's window per stream (which also bounds bytes, so that
+/// only small batches reach it).
+pub const QUEUE_PER_STREAM: usize = 32;
+
 /// One sender's connection to one destination.
 pub trait PageSender: Send + Sync {
     /// Queues a batch; its [`Completion`] arrives on the channel the sender

@@ -5,7 +5,7 @@
 use super::batch::Batch;
 use super::handshake;
 use super::inflight::InFlight;
-use super::queue::{Feed, SendQueue, StreamSpec};
+use super::queue::{Feed, SendQueue, StreamSpec, QUEUE_PER_STREAM};
 use super::seal;
 use super::secure::{DataStream, DataWriter, Sealed};
 use super::TransportError;
@@ -15,8 +15,9 @@ use crate::protocol::DataPlane;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Batches a stream may have sent but not yet seen applied.
-const WINDOW: usize = 8;
+/// Batches a stream may have sent but not yet seen applied (the engine
+/// bounds their bytes).
+const WINDOW: usize = QUEUE_PER_STREAM;
 /// Largest frame this sender writes (the wire allows `MAX_PAYLOAD`): the
 /// copy buffer per stream, on both ends, is this big.
 const PIECE: usize = 1 << 20;

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Receives kept posted at a destination (each consumes one WRITE_WITH_IMM).
-const RECV_DEPTH: u32 = 64;
+pub(super) const RECV_DEPTH: u32 = 64;
 /// Pairings this process served (for a test hook).
 static PAIRINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static TARGET_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -3,13 +3,14 @@
 //! replacing a queue pair that fails.
 
 use super::device::{attrs, first_time, rdma_err, read_endpoint, source_gid, write_endpoint, LocalRam, Rdma};
+use super::receive::RECV_DEPTH;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::protocol::data::{Hello, RejectCode, Reply, StreamMode, REPLY_LEN};
 use crate::protocol::{DataPlane, RdmaPath, RdmaRegion};
 use crate::transport::batch::Batch;
 use crate::transport::handshake::{self, HANDSHAKE_TIMEOUT};
 use crate::transport::inflight::InFlight;
-use crate::transport::queue::{Feed, SendQueue, StreamSpec};
+use crate::transport::queue::{Feed, SendQueue, StreamSpec, QUEUE_PER_STREAM};
 use crate::transport::secure::DataStream;
 use crate::transport::TransportError;
 use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Write};
@@ -17,20 +18,22 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Batches a queue pair may have posted but not yet seen applied.
-const WINDOW: usize = 4;
-/// Batches a stream may queue before posting (callers' windows are smaller).
-const QUEUE_PER_STREAM: usize = 16;
+/// Chunks' worth of work requests a send queue holds (at the chunk's worst).
+const CHUNKS_PER_QUEUE: usize = 4;
 /// Work requests a send queue is sized for at most: the worst batch of
 /// the largest chunk accepted (64 MiB, every other page: 8193) fits.
 const MAX_SEND_DEPTH: usize = 16384;
+// Each batch in flight consumes one of the destination's posted receives.
+const _: () = assert!(QUEUE_PER_STREAM <= RECV_DEPTH as usize);
 
-/// Work requests of one batch at worst (runs alternate with gaps: one
-/// write per two pages), plus its WRITE_WITH_IMM; and how many batches
-/// fit a send queue of at most [`MAX_SEND_DEPTH`] and what the device
-/// allows (its queue and completion queue limits). A chunk whose worst
-/// batch does not fit is refused (`auto` then uses TCP).
-pub(crate) fn send_sizing(chunk_size: u64, caps: DeviceCaps) -> Result<(usize, u32), String> {
+/// The send queue's depth: room for [`CHUNKS_PER_QUEUE`] batches at their
+/// worst (runs alternate with gaps: one write per two pages, plus the
+/// WRITE_WITH_IMM), or for [`QUEUE_PER_STREAM`] of the smallest (two
+/// requests), within [`MAX_SEND_DEPTH`] and what the device allows (its
+/// queue and completion queue limits). Batches in flight are bounded by
+/// their real requests, not a count, so sparse batches fill the queue. A
+/// chunk whose worst batch does not fit is refused (`auto` then uses TCP).
+pub(crate) fn send_depth(chunk_size: u64, caps: DeviceCaps) -> Result<u32, String> {
     let per_batch = (chunk_size as usize / PAGE_SIZE).div_ceil(2) + 1;
     // The completion queue also holds the one receive a sender posts.
     let limit = MAX_SEND_DEPTH.min(caps.max_qp_wr as usize).min(caps.max_cqe.saturating_sub(2) as usize);
@@ -43,8 +46,38 @@ pub(crate) fn send_sizing(chunk_size: u64, caps: DeviceCaps) -> Result<(usize, u
             caps.max_cqe
         ));
     }
-    let window = (limit / per_batch).clamp(1, WINDOW);
-    Ok((window, (window * per_batch) as u32))
+    let want = (CHUNKS_PER_QUEUE * per_batch).max(2 * QUEUE_PER_STREAM);
+    Ok(want.min(limit) as u32)
+}
+
+/// A send queue's work requests: taken when a batch is posted, given back
+/// when its signaled last request completes here (the provider frees its
+/// slots then, whatever the destination has acknowledged).
+struct Slots {
+    free: tokio::sync::Semaphore,
+    taken: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+}
+
+impl Slots {
+    fn new(depth: u32) -> Self {
+        Slots { free: tokio::sync::Semaphore::new(depth as usize), taken: Default::default() }
+    }
+
+    /// Waits for `n` free requests and takes them for batch `seq`.
+    async fn take(&self, seq: u64, n: u32) {
+        // The semaphore is never closed; a batch needs at most the depth.
+        if let Ok(p) = self.free.acquire_many(n).await {
+            p.forget();
+            self.taken.lock().unwrap().insert(seq, n);
+        }
+    }
+
+    /// Batch `seq`'s requests completed.
+    fn give_back(&self, seq: u64) {
+        if let Some(n) = self.taken.lock().unwrap().remove(&seq) {
+            self.free.add_permits(n as usize);
+        }
+    }
 }
 
 /// Registers the sender's RAM for local reads (unless this host already
@@ -70,8 +103,7 @@ pub async fn connect(
     };
     let streams = spec.streams.max(1);
     let caps = rdma.device.caps().map_err(rdma_err)?;
-    let (window, depth) = send_sizing(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
-    // Room for what callers keep outstanding (more than the posting window).
+    let depth = send_depth(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
     let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
     let pairing = Arc::new(Pairing {
         rdma: rdma.clone(),
@@ -90,7 +122,7 @@ pub async fn connect(
             gid_index: qp.source_gid().index,
             path_mtu: attrs.path_mtu.bytes(),
         });
-        let stream = Stream { pairing: pairing.clone(), feed: q.feed.clone(), window };
+        let stream = Stream { pairing: pairing.clone(), feed: q.feed.clone() };
         tokio::spawn(stream.run(qp, s));
     }
     Ok(q)
@@ -179,7 +211,6 @@ impl Pairing {
 struct Stream {
     pairing: Arc<Pairing>,
     feed: Feed,
-    window: usize,
 }
 
 /// Whether a stream that failed with `e` may re-pair: only a failed queue
@@ -229,12 +260,13 @@ impl Stream {
         let mut again: VecDeque<Batch> = VecDeque::new();
         let mut failures: std::collections::VecDeque<std::time::Instant> = Default::default();
         loop {
-            let inflight = InFlight::new(self.window);
+            let inflight = InFlight::new(QUEUE_PER_STREAM);
+            let slots = Slots::new(self.pairing.depth);
             let (mut rd, wr) = tokio::io::split(s);
             let result = tokio::select! {
                 r = self.feed.read_acks(&inflight, &mut rd) => r,
-                r = local_completions(&qp) => r,
-                r = self.post(&qp, &inflight, &mut again) => r,
+                r = local_completions(&qp, &slots) => r,
+                r = self.post(&qp, (&inflight, &slots), &mut again) => r,
                 _ = self.pairing.rdma.port_went_down() => Err(TransportError::QueuePair("the port went down".into())),
                 e = inflight.watchdog(self.pairing.spec.stall_timeout) => Err(e),
                 _ = self.feed.cancel.cancelled() => Err(TransportError::Closed),
@@ -306,7 +338,7 @@ impl Stream {
     async fn post(
         &self,
         qp: &QueuePair,
-        inflight: &InFlight,
+        (inflight, slots): (&InFlight, &Slots),
         again: &mut VecDeque<Batch>,
     ) -> Result<(), TransportError> {
         let mut seq: u32 = 0;
@@ -327,6 +359,7 @@ impl Stream {
             let writes = self.writes(&batch).and_then(|w| self.observe(&batch, &mut copy).map(|()| w));
             inflight.push(seq as u64, batch);
             let writes = writes?;
+            slots.take(seq as u64, writes.len() as u32 + 1).await;
             let bytes: u64 = writes.iter().map(|w| w.len as u64).sum();
             let target = (self.pairing.remote[0].addr, self.pairing.remote[0].rkey);
             qp.post_batch(seq as u64, &writes, seq, target)
@@ -341,11 +374,13 @@ impl Stream {
 }
 
 static SENDER_HOOK_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// Fails on the first write that completed in error.
-async fn local_completions(qp: &QueuePair) -> Result<(), TransportError> {
+/// Fails on the first write that completed in error; frees the send
+/// queue's requests of each batch whose last request completed.
+async fn local_completions(qp: &QueuePair, slots: &Slots) -> Result<(), TransportError> {
     loop {
         for c in qp.completions().await.map_err(rdma_err)? {
             c.result.map_err(|e| TransportError::QueuePair(format!("RDMA write failed: {e}")))?;
+            slots.give_back(c.wr_id);
         }
     }
 }
@@ -387,19 +422,44 @@ async fn fence(
 
 #[cfg(all(test, feature = "rdma"))]
 mod sizing_tests {
-    use super::send_sizing;
+    use super::{send_depth, Slots};
     use dcmigrate_rdma::DeviceCaps;
 
     #[test]
     fn send_queues_hold_the_worst_batch_within_the_device_limits() {
-        // rxe's limits; 2 MiB chunks: 257 requests per batch, four batches.
+        // rxe's limits; 2 MiB chunks: 257 requests per batch at worst, four of them.
         let rxe = DeviceCaps { max_qp_wr: 16384, max_cqe: 32767 };
-        assert_eq!(send_sizing(2 << 20, rxe), Ok((4, 4 * 257)));
-        // The largest chunk, every other page: one batch at a time.
-        assert_eq!(send_sizing(64 << 20, rxe), Ok((1, 8193)));
+        assert_eq!(send_depth(2 << 20, rxe), Ok(4 * 257));
+        // The largest chunk (8193 at worst): as deep as allowed, one such batch or more sparse ones.
+        assert_eq!(send_depth(64 << 20, rxe), Ok(16384));
+        // One-page chunks: room for a full window of two-request batches.
+        assert_eq!(send_depth(4 << 10, rxe), Ok(64));
         // A device with smaller queues refuses it, with the numbers.
         let small = DeviceCaps { max_qp_wr: 4096, max_cqe: 65536 };
-        let e = send_sizing(64 << 20, small).unwrap_err();
+        let e = send_depth(64 << 20, small).unwrap_err();
         assert!(e.contains("8193 work requests") && e.contains("4096 per queue"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn slots_come_back_when_their_batch_completes() {
+        let s = Slots::new(10);
+        s.take(1, 6).await;
+        s.take(2, 4).await;
+        let third = s.take(3, 2);
+        tokio::pin!(third);
+        assert!(futures_poll_once(third.as_mut()).is_none(), "the queue is full");
+        s.give_back(1);
+        s.give_back(1); // a second completion of the same batch frees nothing more
+        third.await;
+        assert_eq!(s.free.available_permits(), 4);
+    }
+
+    /// Polls a future once.
+    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        match f.poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }
