@@ -56,15 +56,21 @@ fn retarget_over_rdma_is_byte_exact() {
         let p = s.rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path for {} to {}: {report:#?}", s.from, s.to));
         assert!(!p.device.is_empty() && p.port >= 1 && [1024, 4096].contains(&p.path_mtu), "{p:?}");
     }
-    assert_same_bytes(&ram_file(&tb, "A", "r1"), &ram_file(&tb, "C", "r1"));
-    tb.client("C").resume("r1").unwrap();
-    assert_running_on(&tb, "C", "r1");
+    land(&tb, "A", "C", "r1");
     // RAM is registered once per host: the source's for both of its
     // destinations, B's for receiving and for forwarding from.
     for (host, target, sender) in [("A", 0, 1), ("B", 1, 0), ("C", 1, 0)] {
         assert_eq!(registrations(&tb, host), (target, sender), "{host}'s registrations\n{}", tb.agent_log(host));
     }
     std::fs::remove_file(ram_file(&tb, "A", "r1")).unwrap();
+}
+
+/// The destination's RAM equals the source's, byte for byte, and the VM
+/// runs there once resumed (and nowhere else).
+fn land(tb: &Testbed, from: &str, to: &str, vm: &str) {
+    assert_same_bytes(&ram_file(tb, from, vm), &ram_file(tb, to, vm));
+    tb.client(to).resume(vm).unwrap();
+    assert_running_on(tb, to, vm);
 }
 
 /// How often an agent registered RAM for RDMA: (for remote writes, for reads only).
@@ -95,21 +101,27 @@ fn rdma_netdev() -> Option<String> {
     std::fs::read_to_string(dev.join("ports/1/gid_attrs/ndevs/0")).ok().map(|s| s.trim().to_owned())
 }
 
-/// Sets a netdev's MTU for as long as it lives, then puts the old one back.
-struct Mtu(String, String);
+/// A change made with `ip` for as long as it lives, then undone.
+struct IpChange(Vec<String>);
 
-impl Mtu {
-    fn set(dev: &str, mtu: u32) -> Mtu {
+impl IpChange {
+    /// Runs `ip do_args` now and `ip undo_args` when dropped.
+    fn make(do_args: &[&str], undo_args: &[&str]) -> IpChange {
+        let st = std::process::Command::new("ip").args(do_args).status().unwrap();
+        assert!(st.success(), "ip {}", do_args.join(" "));
+        IpChange(undo_args.iter().map(|a| a.to_string()).collect())
+    }
+
+    /// The netdev's MTU set to `mtu`.
+    fn mtu(dev: &str, mtu: u32) -> IpChange {
         let old = std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).unwrap().trim().to_owned();
-        let st = std::process::Command::new("ip").args(["link", "set", dev, "mtu", &mtu.to_string()]).status().unwrap();
-        assert!(st.success(), "ip link set {dev} mtu {mtu}");
-        Mtu(dev.to_owned(), old)
+        IpChange::make(&["link", "set", dev, "mtu", &mtu.to_string()], &["link", "set", dev, "mtu", &old])
     }
 }
 
-impl Drop for Mtu {
+impl Drop for IpChange {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "set", &self.0, "mtu", &self.1]).status();
+        let _ = std::process::Command::new("ip").args(&self.0).status();
     }
 }
 
@@ -125,7 +137,7 @@ fn queue_pairs_take_the_path_mtu_of_the_ports() {
     }
     let Some(netdev) = rdma_netdev() else { panic!("an RDMA device without a netdev") };
     for (mtu, want) in [(1500, 1024), (9000, 4096)] {
-        let _mtu = Mtu::set(&netdev, mtu);
+        let _mtu = IpChange::mtu(&netdev, mtu);
         let mut tb = testbed(&["A", "B"]);
         let vm = format!("m{mtu}");
         tb.start_guest("A", &vm, 32 * MIB, &workload(5.0), true, &[]).unwrap();
@@ -134,26 +146,7 @@ fn queue_pairs_take_the_path_mtu_of_the_ports() {
         assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
         let path = report.senders[0].rdma.as_ref().unwrap_or_else(|| panic!("no RDMA path: {report:#?}"));
         assert_eq!(path.path_mtu, want, "{netdev} at MTU {mtu}: {path:?}");
-        assert_same_bytes(&ram_file(&tb, "A", &vm), &ram_file(&tb, "B", &vm));
-        tb.client("B").resume(&vm).unwrap();
-        assert_running_on(&tb, "B", &vm);
-    }
-}
-
-/// An address on a netdev for as long as it lives.
-struct Address(String, String);
-
-impl Address {
-    fn add(dev: &str, cidr: &str) -> Address {
-        let st = std::process::Command::new("ip").args(["addr", "add", cidr, "dev", dev]).status().unwrap();
-        assert!(st.success(), "ip addr add {cidr} dev {dev}");
-        Address(dev.to_owned(), cidr.to_owned())
-    }
-}
-
-impl Drop for Address {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["addr", "del", &self.1, "dev", &self.0]).status();
+        land(&tb, "A", "B", &vm);
     }
 }
 
@@ -182,7 +175,10 @@ fn queue_pairs_send_from_the_gid_of_the_data_plane_address() {
         return;
     }
     let Some(netdev) = rdma_netdev() else { panic!("an RDMA device without a netdev") };
-    let _addr = Address::add(&netdev, "10.99.0.7/32");
+    let _addr = IpChange::make(
+        &["addr", "add", "10.99.0.7/32", "dev", &netdev],
+        &["addr", "del", "10.99.0.7/32", "dev", &netdev],
+    );
     // The kernel adds the address's GIDs when it sees the address: wait for them.
     let want = "0000:0000:0000:0000:0000:ffff:0a63:0007";
     let mut gids = vec![];
@@ -207,9 +203,7 @@ fn queue_pairs_send_from_the_gid_of_the_data_plane_address() {
     let paired: Vec<String> =
         tb.agent_log("B").lines().filter(|l| l.contains("RDMA stream paired")).map(str::to_owned).collect();
     assert!(!paired.is_empty() && paired.iter().all(|l| l.contains(&format!("gid_index={idx} "))), "{paired:?}");
-    assert_same_bytes(&ram_file(&tb, "A", "g1"), &ram_file(&tb, "B", "g1"));
-    tb.client("B").resume("g1").unwrap();
-    assert_running_on(&tb, "B", "g1");
+    land(&tb, "A", "B", "g1");
 }
 
 /// A queue pair that fails mid-migration (on the source's side, then on the
@@ -232,9 +226,7 @@ fn a_failed_queue_pair_is_re_paired() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     assert_eq!(report.senders[0].re_pairs, 2, "{report:#?}");
-    assert_same_bytes(&ram_file(&tb, "A", "q1"), &ram_file(&tb, "B", "q1"));
-    tb.client("B").resume("q1").unwrap();
-    assert_running_on(&tb, "B", "q1");
+    land(&tb, "A", "B", "q1");
 }
 
 /// A stream whose queue pair fails and cannot be replaced (the path stops
@@ -258,9 +250,7 @@ fn a_stream_that_cannot_re_pair_goes_on_over_tcp() {
     let s = &report.senders[0];
     assert_eq!(s.transport, DataPlane::Rdma, "it began over RDMA: {report:#?}");
     assert_eq!((s.re_pairs, s.tcp_fallbacks), (0, 1), "{report:#?}");
-    assert_same_bytes(&ram_file(&tb, "A", "q4"), &ram_file(&tb, "B", "q4"));
-    tb.client("B").resume("q4").unwrap();
-    assert_running_on(&tb, "B", "q4");
+    land(&tb, "A", "B", "q4");
 }
 
 /// An agent whose locked-memory limit is smaller than the guest's RAM
@@ -293,26 +283,7 @@ fn a_locked_memory_limit_below_the_ram_means_tcp_with_the_reason() {
         assert!(why.contains(expected), "{limited_host}: {why}");
         let log = tb.agent_log(limited_host);
         assert!(log.contains("would pass the locked-memory limit"), "{log}");
-        assert_same_bytes(&ram_file(&tb, "A", vm), &ram_file(&tb, "B", vm));
-        tb.client("B").resume(vm).unwrap();
-        assert_running_on(&tb, "B", vm);
-    }
-}
-
-/// A netdev set down for as long as it lives, then up again.
-struct LinkDown(String);
-
-impl LinkDown {
-    fn set(dev: &str) -> LinkDown {
-        let st = std::process::Command::new("ip").args(["link", "set", dev, "down"]).status().unwrap();
-        assert!(st.success(), "ip link set {dev} down");
-        LinkDown(dev.to_owned())
-    }
-}
-
-impl Drop for LinkDown {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "set", &self.0, "up"]).status();
+        land(&tb, "A", "B", vm);
     }
 }
 
@@ -336,7 +307,7 @@ fn a_port_going_down_moves_the_streams_to_tcp() {
         (done || at >= 32 * MIB).then_some(!done)
     });
     assert_eq!(third, Some(true), "a third over RDMA before the port goes down\n{}", tb.logs());
-    let down = LinkDown::set(&netdev);
+    let down = IpChange::make(&["link", "set", &netdev, "down"], &["link", "set", &netdev, "up"]);
     // Both streams leave RDMA before the switchover may happen.
     let moved = wait_for(60, || (tb.agent_log("A").matches("continues over TCP").count() >= 2).then_some(()));
     drop(down);
@@ -346,9 +317,7 @@ fn a_port_going_down_moves_the_streams_to_tcp() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     assert_eq!(report.senders[0].tcp_fallbacks, 2, "{report:#?}");
     assert!(tb.agent_log("A").contains("RDMA port down"), "{}", tb.agent_log("A"));
-    assert_same_bytes(&ram_file(&tb, "A", "p1"), &ram_file(&tb, "B", "p1"));
-    tb.client("B").resume("p1").unwrap();
-    assert_running_on(&tb, "B", "p1");
+    land(&tb, "A", "B", "p1");
 }
 
 /// `--rdma-odp` on both agents: where the device pages RC writes on demand,
@@ -377,9 +346,7 @@ fn on_demand_paging_is_used_where_the_device_has_it() {
         assert!(log.contains("on_demand=true"), "neither refused nor registered on demand:\n{log}");
         assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     }
-    assert_same_bytes(&ram_file(&tb, "A", "o1"), &ram_file(&tb, "B", "o1"));
-    tb.client("B").resume("o1").unwrap();
-    assert_running_on(&tb, "B", "o1");
+    land(&tb, "A", "B", "o1");
 }
 
 /// The largest chunks (64 MiB) with a guest dirtying every other page:
@@ -405,9 +372,7 @@ fn largest_chunks_with_every_other_page_dirty() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
     assert_eq!(report.transport, TransportUsed::Rdma, "{report:#?}");
     assert!(report.rounds.len() >= 2, "a round after the first sends dirty pages: {report:#?}");
-    assert_same_bytes(&ram_file(&tb, "A", "q3"), &ram_file(&tb, "B", "q3"));
-    tb.client("B").resume("q3").unwrap();
-    assert_running_on(&tb, "B", "q3");
+    land(&tb, "A", "B", "q3");
 }
 
 /// Where RDMA traffic does not get through although both ends have RDMA
