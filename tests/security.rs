@@ -179,6 +179,7 @@ fn synthetic_session(vm: &str, size: u64) -> Message {
         regions: vec![RegionSpec { id: "ram0".into(), size }],
         chunk_size: 2 << 20,
         launch: LaunchSpec::Synthetic { workload: Default::default() },
+        rdma_slices: false,
     }
 }
 

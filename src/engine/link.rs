@@ -163,6 +163,7 @@ async fn open_session(
         regions: a.vm.regions(),
         chunk_size: a.chunk_size,
         launch: a.vm.launch.clone(),
+        rdma_slices: true,
     };
     ch.out.send(open).map_err(|_| LinkError::Closed)?;
     // Preparing RAM (and pinning it for RDMA) takes time that grows with

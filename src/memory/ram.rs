@@ -180,29 +180,36 @@ impl GuestRam {
     /// writes); without it they are only read in, which leaves soft-dirty
     /// bits alone (a sender's). No byte of the RAM changes.
     pub fn prefault(&self, region: u32, write: bool, threads: usize) -> Result<(), MemoryError> {
-        let m = self.maps.get(region as usize).ok_or(MemoryError::OutOfBounds { region, offset: 0, len: 0 })?;
-        let (base, len) = (m.map.as_mut_ptr() as usize, m.len as usize);
+        let len = self.maps.get(region as usize).ok_or(MemoryError::OutOfBounds { region, offset: 0, len: 0 })?.len;
         // Slices of whole 2 MiB (huge pages stay whole), at least one per thread.
-        let slice = len.div_ceil(threads.max(1)).next_multiple_of(2 << 20);
-        let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
-        let fault = |off: usize| {
-            let n = slice.min(len - off);
-            // SAFETY: [base + off, base + off + n) lies inside this region's
-            // mapping, which `self` keeps mapped; populating changes no contents.
-            match unsafe { libc::madvise((base + off) as *mut libc::c_void, n, advice) } {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
-        };
-        let io = |source| MemoryError::Io { path: m.path.clone(), source };
+        let slice = len.div_ceil(threads.max(1) as u64).next_multiple_of(2 << 20);
         if slice >= len {
-            return fault(0).map_err(io);
+            return self.prefault_range(region, 0, len, write);
         }
         std::thread::scope(|s| {
-            let workers: Vec<_> = (0..len).step_by(slice).map(|off| s.spawn(move || fault(off))).collect();
-            workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(std::io::Error::other("panicked"))))
+            let workers: Vec<_> = (0..len)
+                .step_by(slice as usize)
+                .map(|off| s.spawn(move || self.prefault_range(region, off, slice.min(len - off), write)))
+                .collect();
+            let panicked = || Err(MemoryError::OutOfBounds { region, offset: 0, len });
+            workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| panicked()))
         })
-        .map_err(io)
+    }
+
+    /// [`prefault`](Self::prefault) of `len` bytes at `offset` of a region,
+    /// on this thread.
+    pub fn prefault_range(&self, region: u32, offset: u64, len: u64, write: bool) -> Result<(), MemoryError> {
+        self.check(region, offset, len)?;
+        let m = &self.maps[region as usize];
+        let advice = if write { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+        // SAFETY: the range lies inside this region's mapping (checked),
+        // which `self` keeps mapped; populating changes no contents.
+        let addr = unsafe { m.map.as_mut_ptr().add(offset as usize) };
+        // madvise wants a page-aligned start: the mapping is, offsets are pages.
+        match unsafe { libc::madvise(addr.cast(), len as usize, advice) } {
+            0 => Ok(()),
+            _ => Err(MemoryError::Io { path: m.path.clone(), source: std::io::Error::last_os_error() }),
+        }
     }
 
     /// xxh3 of one page's current bytes (copied first).

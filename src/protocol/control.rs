@@ -56,6 +56,11 @@ pub enum Message {
         chunk_size: u64,
         /// How to start the incoming VM.
         launch: LaunchSpec,
+        /// The source takes RAM registered for RDMA in several slices per
+        /// region (whose offsets are multiples of the chunk size), which
+        /// the destination can then pin in parallel.
+        #[serde(default)]
+        rdma_slices: bool,
     },
     /// Destination: the session is ready.
     SessionOpened {

@@ -164,8 +164,8 @@ async fn step(
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
     let reply = match (msg, session.as_mut()) {
-        (Message::OpenSession { vm, regions, chunk_size, launch }, None) => {
-            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch)).await
+        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices }, None) => {
+            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch), rdma_slices).await
         }
         (
             Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport },
@@ -233,8 +233,9 @@ async fn open_session(
     session: &mut Option<Session>,
     peer: &str,
     (vm, regions, chunk_size, launch): (&str, Vec<crate::memory::RegionSpec>, u64, &crate::vm::LaunchSpec),
+    rdma_slices: bool,
 ) -> Message {
-    match open::open(agent, vm, regions, chunk_size, launch).await {
+    match open::open(agent, vm, (regions, chunk_size), launch, rdma_slices).await {
         Ok(sess) => {
             tracing::info!(%vm, %peer, "incoming session opened");
             let m = Message::SessionOpened {

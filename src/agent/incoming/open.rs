@@ -73,9 +73,9 @@ pub enum OpenError {
 pub(super) async fn open(
     agent: &Agent,
     vm: &str,
-    regions: Vec<RegionSpec>,
-    chunk_size: u64,
+    (regions, chunk_size): (Vec<RegionSpec>, u64),
     launch: &LaunchSpec,
+    rdma_slices: bool,
 ) -> Result<Session, OpenError> {
     if !crate::vm::valid_name(vm) {
         return Err(OpenError::Name(vm.to_owned()));
@@ -94,7 +94,7 @@ pub(super) async fn open(
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
-    let r = prepare(agent, vm, (layout, regions), (dir, paths), launch).await;
+    let r = prepare(agent, vm, (layout, regions), (dir, paths), (launch, rdma_slices)).await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
@@ -129,7 +129,7 @@ async fn prepare(
     vm: &str,
     (layout, regions): (Layout, Vec<RegionSpec>),
     (dir, paths): (PathBuf, Vec<PathBuf>),
-    launch: &LaunchSpec,
+    (launch, rdma_slices): (&LaunchSpec, bool),
 ) -> Result<Session, OpenError> {
     let owned_dir = matches!(launch, LaunchSpec::Qemu { .. }).then(|| dir.clone());
     if let Some(d) = &owned_dir {
@@ -165,7 +165,7 @@ async fn prepare(
         // that grows with its size: while QEMU starts, off the event loop.
         let registering = agent.rdma.as_ref().ok().map(|r| {
             let (r, ram) = (r.clone(), ram.clone());
-            tokio::task::spawn_blocking(move || r.register_target(&ram))
+            tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
         });
         let launched = launch_incoming(vm, (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref()), files, launch);
         match launched.await {

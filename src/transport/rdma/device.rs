@@ -116,11 +116,12 @@ impl Rdma {
     }
 
     /// Registers a destination's RAM for remote writes (blocks while it
-    /// pins all of it).
-    pub fn register_target(&self, ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
+    /// pins all of it), in slices pinned in parallel if the source takes
+    /// `slices`, else one registration per region.
+    pub fn register_target(&self, ram: &Arc<GuestRam>, slices: bool) -> Result<Arc<Target>, String> {
         // A protection domain per session: another session's queue pairs cannot write here.
         let device = self.device.session().map_err(|e| e.to_string())?;
-        let local = LocalRam::register(device, ram, true, (self.register_threads, self.on_demand))?;
+        let local = LocalRam::register(device, ram, (true, slices), (self.register_threads, self.on_demand))?;
         self.remember(&local);
         Ok(Arc::new(Target { local, qp: self.qp, gid_fixed: self.gid_fixed }))
     }
@@ -133,7 +134,8 @@ impl Rdma {
         if let Some(l) = self.find(ram) {
             return Ok(l);
         }
-        let local = LocalRam::register(self.device.clone(), ram, false, (self.register_threads, self.on_demand))?;
+        let local =
+            LocalRam::register(self.device.clone(), ram, (false, true), (self.register_threads, self.on_demand))?;
         self.remember(&local);
         Ok(local)
     }
@@ -178,83 +180,127 @@ impl Rdma {
     }
 }
 
-/// Guest RAM registered with the device, one region per RAM region: for
-/// local reads, and for remote writes if it is a destination's.
+/// Guest RAM registered with the device, in slices of each RAM region
+/// (offsets multiples of the chunk size, so no run of pages crosses one):
+/// for local reads, and for remote writes if it is a destination's.
 pub struct LocalRam {
     /// The protection domain of the registrations; queue pairs that use
     /// them are created in it.
     pub(super) device: Arc<Device>,
-    // Before `ram`: the registrations go first.
-    pub(super) regions: Vec<Region>,
+    // Before `ram`: the registrations go first. Per region, (offset, slice).
+    pub(super) regions: Vec<Vec<(u64, Region)>>,
     pub(super) ram: Arc<GuestRam>,
 }
 
+/// The slice of `slices` (by offset, ascending) that holds `len` bytes at
+/// `offset`, with the offset inside it.
+pub(super) fn find_slice<T>(
+    slices: &[(u64, T)],
+    len_of: impl Fn(&T) -> u64,
+    offset: u64,
+    len: u64,
+) -> Option<(&T, u64)> {
+    let i = slices.partition_point(|(o, _)| *o <= offset).checked_sub(1)?;
+    let (start, t) = (&slices[i].0, &slices[i].1);
+    let inner = offset - start;
+    (inner.checked_add(len)? <= len_of(t)).then_some((t, inner))
+}
+
 impl LocalRam {
-    /// Faults the RAM in on `threads` threads, then pins and registers it;
-    /// or, `on_demand`, registers it unpinned where the device pages RC
-    /// writes on demand.
+    /// The registration holding `len` bytes at `offset` of `region`.
+    pub(super) fn slice(&self, region: u32, offset: u64, len: u64) -> Option<(&Region, u64)> {
+        find_slice(self.regions.get(region as usize)?, Region::len, offset, len)
+    }
+
+    /// Faults the RAM in and pins and registers it, in `threads` slices per
+    /// region at once if `sliced`, else whole regions after faulting them
+    /// in on `threads` threads; or, `on_demand`, registers it unpinned
+    /// where the device pages RC writes on demand.
     fn register(
         device: Arc<Device>,
         ram: &Arc<GuestRam>,
-        remote_write: bool,
+        (remote_write, sliced): (bool, bool),
         (threads, on_demand): (usize, bool),
     ) -> Result<Arc<Self>, String> {
         let total = ram.layout().total_bytes();
-        if on_demand {
-            let odp = device.on_demand_paging().map_err(|e| e.to_string())?;
-            if !(if remote_write { odp.receiver } else { odp.sender }) {
-                return Err(format!(
-                    "--rdma-odp: {} does not page RC writes' {} on demand (ODP caps {:#x}, RC {:#x})",
-                    device.name(),
-                    if remote_write { "targets" } else { "sources" },
-                    odp.caps.0,
-                    odp.caps.1
-                ));
-            }
-        } else if let Some(limit) = memlock_limit() {
-            // Checked before faulting anything in: registration beyond the
-            // limit fails, and would leave the whole RAM allocated for nothing.
-            let pinned = pinned_now();
-            if total.saturating_add(pinned) > limit {
-                return Err(format!(
-                    "pinning {} MiB would pass the locked-memory limit ({} KiB, {} KiB pinned already; raise \
-                     LimitMEMLOCK or grant CAP_IPC_LOCK)",
-                    total >> 20,
-                    limit >> 10,
-                    pinned >> 10
-                ));
-            }
-        }
+        check_limits(&device, total, remote_write, on_demand)?;
         let started = Instant::now();
-        let n = ram.layout().regions().len() as u32;
-        if threads > 1 && !on_demand {
-            for r in 0..n {
+        let chunk = ram.layout().chunk_size();
+        let pieces = if sliced { threads } else { 1 };
+        let mut regions = vec![];
+        for r in 0..ram.layout().regions().len() as u32 {
+            let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
+            // An address, so that the slices' threads can share it.
+            let (base, len) = (ptr as usize, len as u64);
+            let size = len.div_ceil(pieces as u64).next_multiple_of(chunk).max(chunk);
+            if !sliced && threads > 1 && !on_demand {
                 // Only time is at stake: pinning faults in what this did not.
                 if let Err(e) = ram.prefault(r, remote_write, threads) {
                     tracing::debug!("faulting RAM in before registration: {}", crate::error_chain(&e));
                 }
             }
+            let one = |off: u64| -> Result<(u64, Region), String> {
+                let n = size.min(len - off);
+                if sliced && !on_demand {
+                    if let Err(e) = ram.prefault_range(r, off, n, remote_write) {
+                        tracing::debug!("faulting RAM in before registration: {}", crate::error_chain(&e));
+                    }
+                }
+                // SAFETY: [ptr + off, + n) lies in the region's mapping, which
+                // lives as long as `ram`, which every holder of these
+                // registrations also holds (and drops after them).
+                let mr =
+                    unsafe { device.register((base + off as usize) as *mut u8, n as usize, remote_write, on_demand) };
+                mr.map(|m| (off, m)).map_err(|e| e.to_string())
+            };
+            let slices: Result<Vec<_>, String> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..len).step_by(size as usize).map(|off| s.spawn(move || one(off))).collect();
+                workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err("registration panicked".into()))).collect()
+            });
+            regions.push(slices?);
         }
-        let faulted = started.elapsed();
-        let regions = (0..n)
-            .map(|r| {
-                let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
-                // SAFETY: the mapping lives as long as `ram`, which every
-                // holder of these regions also holds (and drops after them).
-                unsafe { device.register(ptr, len, remote_write, on_demand) }.map_err(|e| e.to_string())
-            })
-            .collect::<Result<Vec<_>, String>>()?;
         tracing::info!(
             gib = total as f64 / (1u64 << 30) as f64,
             remote_write,
             on_demand,
             threads,
-            fault_ms = faulted.as_millis() as u64,
-            pin_ms = (started.elapsed() - faulted).as_millis() as u64,
+            slices = regions.iter().map(Vec::len).sum::<usize>(),
+            ms = started.elapsed().as_millis() as u64,
             "guest RAM registered for RDMA"
         );
         Ok(Arc::new(LocalRam { device, regions, ram: ram.clone() }))
     }
+}
+
+/// Whether registering `total` bytes can work: the device pages on demand
+/// (`on_demand`), or pinning them stays within the locked-memory limit.
+/// Checked before faulting anything in: registration beyond the limit
+/// fails, and would leave the whole RAM allocated for nothing.
+fn check_limits(device: &Device, total: u64, remote_write: bool, on_demand: bool) -> Result<(), String> {
+    if on_demand {
+        let odp = device.on_demand_paging().map_err(|e| e.to_string())?;
+        if !(if remote_write { odp.receiver } else { odp.sender }) {
+            return Err(format!(
+                "--rdma-odp: {} does not page RC writes' {} on demand (ODP caps {:#x}, RC {:#x})",
+                device.name(),
+                if remote_write { "targets" } else { "sources" },
+                odp.caps.0,
+                odp.caps.1
+            ));
+        }
+    } else if let Some(limit) = memlock_limit() {
+        let pinned = pinned_now();
+        if total.saturating_add(pinned) > limit {
+            return Err(format!(
+                "pinning {} MiB would pass the locked-memory limit ({} KiB, {} KiB pinned already; raise \
+                 LimitMEMLOCK or grant CAP_IPC_LOCK)",
+                total >> 20,
+                limit >> 10,
+                pinned >> 10
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for LocalRam {
@@ -284,7 +330,8 @@ pub struct Target {
 impl Target {
     /// What senders need to write into it.
     pub fn offer(&self) -> Vec<RdmaRegion> {
-        self.local.regions.iter().map(|r| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
+        let slices = self.local.regions.iter().flatten();
+        slices.map(|(_, r)| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
     }
 }
 

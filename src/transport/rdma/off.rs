@@ -44,7 +44,7 @@ impl Rdma {
         match *self {}
     }
     /// Registers a destination's RAM for remote writes.
-    pub fn register_target(&self, _ram: &Arc<GuestRam>) -> Result<Arc<Target>, String> {
+    pub fn register_target(&self, _ram: &Arc<GuestRam>, _slices: bool) -> Result<Arc<Target>, String> {
         match *self {}
     }
 }

@@ -2,9 +2,11 @@
 //! its RAM, pairing queue pairs (with a probe), posting batches, and
 //! replacing a queue pair that fails.
 
-use super::device::{attrs, first_time, rdma_err, read_endpoint, source_gid, write_endpoint, LocalRam, Rdma};
+use super::device::{
+    attrs, find_slice, first_time, rdma_err, read_endpoint, source_gid, write_endpoint, LocalRam, Rdma,
+};
 use super::receive::RECV_DEPTH;
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, Layout, PAGE_SIZE};
 use crate::protocol::data::{Hello, RejectCode, Reply, StreamMode, REPLY_LEN};
 use crate::protocol::{DataPlane, RdmaPath, RdmaRegion};
 use crate::transport::batch::Batch;
@@ -17,6 +19,32 @@ use dcmigrate_rdma::{DeviceCaps, QpAttrs, QueuePair, Write};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A destination's offer, per region of `layout`: its slices (in order,
+/// each starting at a chunk boundary, together exactly the region), with
+/// their offsets; None if it does not fit the layout. One slice per
+/// region is what destinations of earlier releases offer.
+fn split_offer(layout: &Layout, offer: &[RdmaRegion]) -> Option<Vec<Vec<(u64, RdmaRegion)>>> {
+    let mut slices = offer.iter();
+    let mut out = Vec::with_capacity(layout.regions().len());
+    for region in layout.regions() {
+        let mut parts = vec![];
+        let mut at = 0u64;
+        while at < region.size {
+            let s = slices.next()?;
+            if s.len == 0 || !at.is_multiple_of(layout.chunk_size()) {
+                return None;
+            }
+            parts.push((at, *s));
+            at = at.checked_add(s.len)?;
+        }
+        if at != region.size {
+            return None;
+        }
+        out.push(parts);
+    }
+    slices.next().is_none().then_some(out)
+}
 
 /// Chunks' worth of work requests a send queue holds (at the chunk's worst).
 const CHUNKS_PER_QUEUE: usize = 4;
@@ -90,10 +118,7 @@ pub async fn connect(
     endpoint_version: u8,
     tcp_fallback: bool,
 ) -> Result<SendQueue, TransportError> {
-    let regions = spec.ram.layout().regions();
-    if remote.len() != regions.len() || remote.iter().zip(regions).any(|(r, l)| r.len != l.size) {
-        return Err(TransportError::RdmaLayout);
-    }
+    let remote = split_offer(spec.ram.layout(), remote).ok_or(TransportError::RdmaLayout)?;
     let local = {
         let (r, ram) = (rdma.clone(), spec.ram.clone());
         tokio::task::spawn_blocking(move || r.register_sender(&ram))
@@ -105,15 +130,7 @@ pub async fn connect(
     let caps = rdma.device.caps().map_err(rdma_err)?;
     let depth = send_depth(spec.ram.layout().chunk_size(), caps).map_err(TransportError::Rdma)?;
     let mut q = SendQueue::new(DataPlane::Rdma, streams * QUEUE_PER_STREAM, spec.completions.clone());
-    let pairing = Arc::new(Pairing {
-        rdma: rdma.clone(),
-        local,
-        spec,
-        remote: remote.to_vec(),
-        depth,
-        endpoint_version,
-        tcp_fallback,
-    });
+    let pairing = Arc::new(Pairing { rdma: rdma.clone(), local, spec, remote, depth, endpoint_version, tcp_fallback });
     for _ in 0..streams {
         let (qp, s, attrs) = pairing.pair().await?;
         q.rdma.get_or_insert_with(|| RdmaPath {
@@ -142,7 +159,8 @@ struct Pairing {
     /// The sender's registered RAM (its queue pairs go in its protection domain).
     local: Arc<LocalRam>,
     spec: StreamSpec,
-    remote: Vec<RdmaRegion>,
+    /// The destination's registered RAM: per region, (offset, slice).
+    remote: Vec<Vec<(u64, RdmaRegion)>>,
     depth: u32,
     endpoint_version: u8,
     /// A stream that cannot re-pair goes on over TCP (else it fails).
@@ -177,7 +195,8 @@ impl Pairing {
     /// acknowledged by the destination proves the path carries RDMA (a
     /// fabric that drops RoCE traffic fails here, and `auto` uses TCP).
     async fn probe(&self, qp: &QueuePair, s: &mut DataStream) -> Result<(), TransportError> {
-        let target = (self.remote[0].addr, self.remote[0].rkey);
+        let first = &self.remote[0][0].1;
+        let target = (first.addr, first.rkey);
         // Sequence 0: batches count from 1.
         qp.post_batch(0, &[], 0, target).map_err(|e| TransportError::QueuePair(crate::error_chain(&e)))?;
         let local = async {
@@ -225,24 +244,26 @@ impl Stream {
     }
 
     /// The writes of one batch: one per run (a run is contiguous in both
-    /// RAMs, chunks never span regions).
+    /// RAMs and lies in one slice of each: chunks never span regions, and
+    /// slices start at chunk boundaries).
     fn writes(&self, b: &Batch) -> Result<Vec<Write>, TransportError> {
         b.runs
             .iter()
             .map(|r| {
                 let (region, offset) = self.ram().layout().locate(r.first_page);
                 let len = (r.pages * PAGE_SIZE) as u64;
-                let (l, rem) = (&self.pairing.local.regions[region as usize], self.pairing.remote[region as usize]);
-                if offset + len > l.len() || offset + len > rem.len {
-                    return Err(TransportError::RunOutside { page: r.first_page, region });
-                }
+                let outside = TransportError::RunOutside { page: r.first_page, region };
+                let (l, loff) = self.pairing.local.slice(region, offset, len).ok_or(outside)?;
+                let remote = self.pairing.remote.get(region as usize).map(Vec::as_slice).unwrap_or_default();
+                let outside = TransportError::RunOutside { page: r.first_page, region };
+                let (rem, roff) = find_slice(remote, |s| s.len, offset, len).ok_or(outside)?;
                 Ok(Write {
-                    local_addr: l.addr() + offset,
+                    local_addr: l.addr() + loff,
                     len: len as u32,
                     lkey: l.lkey(),
                     remote_addr: rem
                         .addr
-                        .checked_add(offset)
+                        .checked_add(roff)
                         .ok_or(TransportError::RunOutside { page: r.first_page, region })?,
                     rkey: rem.rkey,
                 })
@@ -361,7 +382,8 @@ impl Stream {
             let writes = writes?;
             slots.take(seq as u64, writes.len() as u32 + 1).await;
             let bytes: u64 = writes.iter().map(|w| w.len as u64).sum();
-            let target = (self.pairing.remote[0].addr, self.pairing.remote[0].rkey);
+            let first = &self.pairing.remote[0][0].1;
+            let target = (first.addr, first.rkey);
             qp.post_batch(seq as u64, &writes, seq, target)
                 .map_err(|e| TransportError::QueuePair(crate::error_chain(&e)))?;
             self.feed.sent(bytes);
@@ -422,7 +444,7 @@ async fn fence(
 
 #[cfg(all(test, feature = "rdma"))]
 mod sizing_tests {
-    use super::{send_depth, Slots};
+    use super::{find_slice, send_depth, split_offer, Slots};
     use dcmigrate_rdma::DeviceCaps;
 
     #[test]
@@ -438,6 +460,31 @@ mod sizing_tests {
         let small = DeviceCaps { max_qp_wr: 4096, max_cqe: 65536 };
         let e = send_depth(64 << 20, small).unwrap_err();
         assert!(e.contains("8193 work requests") && e.contains("4096 per queue"), "{e}");
+    }
+
+    #[test]
+    fn offers_in_slices_map_runs_to_their_slice() {
+        use crate::memory::{Layout, RegionSpec};
+        use crate::protocol::RdmaRegion;
+        let spec = |id: &str, size| RegionSpec { id: id.into(), size };
+        let layout = Layout::new(vec![spec("a", 8 << 20), spec("b", 4 << 20)], 2 << 20).unwrap();
+        let r = |addr, len| RdmaRegion { addr, len, rkey: 7 };
+        // Destinations of earlier releases: one slice per region.
+        let one = split_offer(&layout, &[r(1000, 8 << 20), r(9000, 4 << 20)]).unwrap();
+        assert_eq!((one[1].len(), one[1][0].0, one[1][0].1.addr), (1, 0, 9000));
+        let sliced = split_offer(&layout, &[r(0x1000_0000, 4 << 20), r(0x2000_0000, 4 << 20), r(0x3000_0000, 4 << 20)]);
+        let sliced = sliced.unwrap();
+        assert_eq!(sliced[0].len(), 2);
+        let (s, inner) = find_slice(&sliced[0], |s| s.len, 5 << 20, 1 << 20).unwrap();
+        assert_eq!((s.addr, inner), (0x2000_0000, 1 << 20));
+        assert!(find_slice(&sliced[0], |s| s.len, (4 << 20) - 4096, 8192).is_none(), "across two slices");
+        assert!(find_slice(&sliced[0], |s| s.len, 8 << 20, 4096).is_none(), "past the region");
+        // Misfits: off a chunk boundary, short, long, one too many.
+        assert!(split_offer(&layout, &[r(0, 3 << 20), r(0, 5 << 20), r(0, 4 << 20)]).is_none());
+        assert!(split_offer(&layout, &[r(0, 8 << 20)]).is_none());
+        assert!(split_offer(&layout, &[r(0, 8 << 20), r(0, 6 << 20)]).is_none());
+        assert!(split_offer(&layout, &[r(0, 8 << 20), r(0, 4 << 20), r(0, 4096)]).is_none());
+        assert!(split_offer(&layout, &[r(0, 8 << 20), r(0, 0), r(0, 4 << 20)]).is_none());
     }
 
     #[tokio::test]
