@@ -180,7 +180,8 @@ impl GuestRam {
     /// writes); without it they are only read in, which leaves soft-dirty
     /// bits alone (a sender's). No byte of the RAM changes.
     pub fn prefault(&self, region: u32, write: bool, threads: usize) -> Result<(), MemoryError> {
-        let len = self.maps.get(region as usize).ok_or(MemoryError::OutOfBounds { region, offset: 0, len: 0 })?.len;
+        let m = self.maps.get(region as usize).ok_or(MemoryError::OutOfBounds { region, offset: 0, len: 0 })?;
+        let len = m.len;
         // Slices of whole 2 MiB (huge pages stay whole), at least one per thread.
         let slice = len.div_ceil(threads.max(1) as u64).next_multiple_of(2 << 20);
         if slice >= len {
@@ -191,7 +192,12 @@ impl GuestRam {
                 .step_by(slice as usize)
                 .map(|off| s.spawn(move || self.prefault_range(region, off, slice.min(len - off), write)))
                 .collect();
-            let panicked = || Err(MemoryError::OutOfBounds { region, offset: 0, len });
+            let panicked = || {
+                Err(MemoryError::Io {
+                    path: m.path.clone(),
+                    source: std::io::Error::other("a prefault thread panicked"),
+                })
+            };
             workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| panicked()))
         })
     }

@@ -252,19 +252,15 @@ impl Stream {
             .map(|r| {
                 let (region, offset) = self.ram().layout().locate(r.first_page);
                 let len = (r.pages * PAGE_SIZE) as u64;
-                let outside = TransportError::RunOutside { page: r.first_page, region };
-                let (l, loff) = self.pairing.local.slice(region, offset, len).ok_or(outside)?;
+                let outside = || TransportError::RunOutside { page: r.first_page, region };
+                let (l, loff) = self.pairing.local.slice(region, offset, len).ok_or_else(outside)?;
                 let remote = self.pairing.remote.get(region as usize).map(Vec::as_slice).unwrap_or_default();
-                let outside = TransportError::RunOutside { page: r.first_page, region };
-                let (rem, roff) = find_slice(remote, |s| s.len, offset, len).ok_or(outside)?;
+                let (rem, roff) = find_slice(remote, |s| s.len, offset, len).ok_or_else(outside)?;
                 Ok(Write {
                     local_addr: l.addr() + loff,
                     len: len as u32,
                     lkey: l.lkey(),
-                    remote_addr: rem
-                        .addr
-                        .checked_add(roff)
-                        .ok_or(TransportError::RunOutside { page: r.first_page, region })?,
+                    remote_addr: rem.addr.checked_add(roff).ok_or_else(outside)?,
                     rkey: rem.rkey,
                 })
             })
