@@ -25,6 +25,8 @@ pub enum TrackerKind {
     Hash,
     /// The kernel's soft-dirty PTE bits of the process mapping the RAM (QEMU).
     SoftDirty,
+    /// QEMU's own dirty log, exported by a QEMU built with qemu-patches/.
+    Qemu,
 }
 
 impl TrackerKind {
@@ -34,6 +36,7 @@ impl TrackerKind {
             TrackerKind::Cooperative => "cooperative",
             TrackerKind::Hash => "hash",
             TrackerKind::SoftDirty => "soft-dirty",
+            TrackerKind::Qemu => "qemu",
         }
     }
 }

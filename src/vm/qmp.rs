@@ -15,6 +15,8 @@ type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
 /// An open QMP connection to one QEMU, capabilities negotiated.
 pub struct Qmp {
     qmp: qapi::Qmp<Stream>,
+    /// The socket itself, for a command that carries a file descriptor.
+    raw: UnixStream,
     path: PathBuf,
     /// QEMU's pid, from the socket's peer credentials.
     pub pid: u32,
@@ -31,9 +33,38 @@ impl Qmp {
             .map_err(|e| err(e.to_string()))?;
         let pid = peer_pid(&s).map_err(|e| err(format!("peer credentials: {e}")))?;
         let r = s.try_clone().map_err(|e| err(e.to_string()))?;
+        let raw = s.try_clone().map_err(|e| err(e.to_string()))?;
         let mut qmp = qapi::Qmp::new(qapi::Stream::new(BufReader::new(r), s));
         handshake(&mut qmp).map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
-        Ok(Self { qmp, path: path.to_owned(), pid })
+        Ok(Self { qmp, raw, path: path.to_owned(), pid })
+    }
+
+    /// Hands QEMU a file descriptor (`add-fd`, the descriptor riding along
+    /// as SCM_RIGHTS) and returns the fdset QEMU put it in: QEMU opens it
+    /// as `/dev/fdset/ID`, whatever user it runs as and wherever the file is.
+    pub fn add_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64, VmError> {
+        let ctl = |msg: String| VmError::Control { path: self.path.display().to_string(), msg };
+        send_with_fd(&self.raw, b"{\"execute\":\"add-fd\"}\n", fd).map_err(|e| ctl(format!("add-fd: {e}")))?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.qmp.inner_mut().read_line(&mut line).map_err(|e| ctl(format!("add-fd: {e}")))?;
+            if n == 0 {
+                return Err(ctl("add-fd: QEMU closed the connection".into()));
+            }
+            let reply: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| ctl(format!("add-fd: bad reply: {e}")))?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(desc) = reply.pointer("/error/desc") {
+                return Err(VmError::Refused { cmd: "add-fd".into(), msg: desc.as_str().unwrap_or("?").into() });
+            }
+            return reply
+                .pointer("/return/fdset-id")
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| ctl(format!("add-fd: reply without fdset-id: {}", line.trim())));
+        }
     }
 
     /// Runs one command; QEMU's error reply becomes [`VmError::Refused`],
@@ -159,6 +190,40 @@ impl qapi::Command for QueryCapabilities {
     type Ok = Vec<CapabilityState>;
     const NAME: &'static str = "query-migrate-capabilities";
     const ALLOW_OOB: bool = false;
+}
+
+/// Writes `msg` with `fd` attached (SCM_RIGHTS) in one `sendmsg`.
+fn send_with_fd(s: &UnixStream, msg: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut ctl = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
+    // SAFETY: msghdr is plain data; every pointer set below outlives sendmsg.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &raw mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = ctl.as_mut_ptr().cast();
+    hdr.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsghdr with room for one int
+    // (CMSG_SPACE above); CMSG_FIRSTHDR points into it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&hdr);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), raw);
+    }
+    // SAFETY: hdr points at live buffers; a short write of a message this
+    // small on a unix stream socket does not happen, but is checked.
+    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
+    match n {
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        n if n as usize != msg.len() => Err(std::io::Error::other("short write")),
+        _ => Ok(()),
+    }
 }
 
 fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {

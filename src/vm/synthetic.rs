@@ -119,6 +119,7 @@ impl SourceVm for SyntheticVm {
                 let files: Vec<PathBuf> = self.rec.ram.iter().map(|r| r.path.clone()).collect();
                 Box::new(crate::dirty::softdirty::SoftDirtyTracker::start(pid, &files, ram)?)
             }
+            TrackerKind::Qemu => return Err(DirtyError::Unavailable("qemu").into()),
         })
     }
 

@@ -19,12 +19,14 @@
 //! ```
 //!
 //! Parts: [`launch`] (the launch spec a destination starts QEMU from),
+//! [`dirty_log`] (the `qemu` tracker: a patched QEMU's own dirty log),
 //! [`allow`] (what a destination lets a peer's launch spec contain),
 //! [`source`] (attaching a running QEMU, and the source side of a
 //! migration), [`incoming`] (the paused QEMU on a destination), [`user`]
 //! (the unprivileged user it runs as).
 
 pub mod allow;
+pub mod dirty_log;
 pub mod incoming;
 pub mod launch;
 pub mod source;

@@ -2,6 +2,7 @@
 //! backends over QMP) and what a migration asks of it: trackers, pause,
 //! device state through QEMU's own migration (`x-ignore-shared`), quit.
 
+use super::dirty_log::{self, QemuLogTracker};
 use super::launch::launch_from_process;
 use super::{kill, valid_id, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, HOW_TO_SHARE, QMP_TIMEOUT};
 use crate::dirty::hash::HashTracker;
@@ -161,13 +162,18 @@ impl SourceVm for QemuVm {
     }
 
     fn trackers(&self) -> Vec<TrackerKind> {
-        match softdirty::self_test() {
-            Ok(()) => vec![TrackerKind::SoftDirty, TrackerKind::Hash],
-            Err(e) => {
-                tracing::info!("soft-dirty not offered: {e}");
-                vec![TrackerKind::Hash]
-            }
+        let mut kinds = vec![];
+        match self.qmp().and_then(|mut q| dirty_log::offered(&mut q)) {
+            Ok(true) => kinds.push(TrackerKind::Qemu),
+            Ok(false) => tracing::debug!("qemu tracker not offered: QEMU has no x-dirty-log commands"),
+            Err(e) => tracing::info!("qemu tracker not offered: {}", crate::error_chain(&e)),
         }
+        match softdirty::self_test() {
+            Ok(()) => kinds.push(TrackerKind::SoftDirty),
+            Err(e) => tracing::info!("soft-dirty not offered: {e}"),
+        }
+        kinds.push(TrackerKind::Hash);
+        kinds
     }
 
     fn start_tracker(&self, kind: TrackerKind, ram: &GuestRam) -> Result<Box<dyn DirtyTracker>, VmError> {
@@ -177,6 +183,7 @@ impl SourceVm for QemuVm {
                 Box::new(SoftDirtyTracker::start(qemu_pid(&self.rec)?, &files, ram)?)
             }
             TrackerKind::Hash => Box::new(HashTracker::start(ram)?),
+            TrackerKind::Qemu => Box::new(QemuLogTracker::start(&self.rec.control, ram)?),
             TrackerKind::Cooperative => return Err(crate::dirty::DirtyError::Unavailable("cooperative").into()),
         })
     }
