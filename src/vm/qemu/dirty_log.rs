@@ -134,7 +134,8 @@ impl QemuLogTracker {
         let file = memfd()?;
         let fdset = q.add_fd(file.as_fd()).map_err(from_vm)?;
         let regions = ram.layout().regions();
-        let start = Start { file: format!("/dev/fdset/{fdset}"), blocks: regions.iter().map(|r| r.id.clone()).collect() };
+        let start =
+            Start { file: format!("/dev/fdset/{fdset}"), blocks: regions.iter().map(|r| r.id.clone()).collect() };
         let started = match q.execute(&start) {
             Err(VmError::Refused { msg, .. }) if msg.contains("already exported") => {
                 // An agent that died mid-migration left it running: only one
