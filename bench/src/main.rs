@@ -10,13 +10,16 @@
 //! `downtime` (rising dirty rates on a shaped link), `scale` (a large guest,
 //! three agents: memory, CPU per GiB, tracker cost), `encryption` (TLS data
 //! streams vs `--data-encryption off` on loopback), `transport` (TCP vs
-//! RDMA, run inside the SoftRoCE VM by `bench/transport-in-vm`).
+//! RDMA, run inside the SoftRoCE VM by `bench/transport-in-vm`),
+//! `qemu-trackers` (the `qemu`, `hash` and `soft-dirty` trackers on a booted
+//! QEMU guest: `bench/qemu-trackers` runs it here and in the test VM).
 
 mod downtime;
 mod encryption;
 mod harness;
 mod plot;
 mod qemu;
+mod qemu_trackers;
 #[cfg(feature = "rdma")]
 mod registration;
 mod report;
@@ -121,6 +124,26 @@ enum Cmd {
         #[arg(long)]
         print: bool,
     },
+    /// The trackers on a booted QEMU guest: `qemu` (a QEMU built with
+    /// qemu-patches/), `hash`, and `soft-dirty` where the kernel has it
+    /// (bench/qemu-trackers runs it here and in the test VM).
+    QemuTrackers {
+        /// Guest sizes, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048,16384")]
+        mib: Vec<u64>,
+        /// A QEMU built with qemu-patches/build.
+        #[arg(long)]
+        qemu: std::path::PathBuf,
+        /// The guest image (tests/guest-image/build).
+        #[arg(long, default_value = "target/guest-image")]
+        image: std::path::PathBuf,
+        /// Where the RAM files go (tmpfs).
+        #[arg(long, default_value = "/dev/shm")]
+        dir: std::path::PathBuf,
+        /// Print the result as one JSON line instead of saving it.
+        #[arg(long)]
+        print: bool,
+    },
     /// The trackers scenario's "VM": fills a RAM file, then dirties it.
     #[command(hide = true)]
     Dirtier {
@@ -206,6 +229,18 @@ fn main() -> Result<()> {
                 println!("RESULT-JSON {}", serde_json::to_string(&v)?);
             } else {
                 save(&results, "trackers", &mut v)?;
+                report::update(bench_dir)?;
+            }
+        }
+        Cmd::QemuTrackers { mib, qemu, image, dir, print } => {
+            let mut v = qemu_trackers::qemu_trackers(&mib, &qemu, &image, &dir)?;
+            if print {
+                v["machine"] = machine();
+                v["command"] = json!("bench/qemu-trackers");
+                println!("RESULT-JSON {}", serde_json::to_string(&v)?);
+            } else {
+                v["command"] = json!("bench/qemu-trackers");
+                save(&results, "qemu-trackers", &mut v)?;
                 report::update(bench_dir)?;
             }
         }

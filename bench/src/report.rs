@@ -356,6 +356,31 @@ fn trackers(host: Option<&Value>, vm: Option<&Value>) -> String {
     s
 }
 
+/// The `qemu`, `hash` and `soft-dirty` trackers on a booted QEMU guest.
+fn qemu_trackers(host: Option<&Value>, vm: Option<&Value>) -> String {
+    let mut s = String::new();
+    for (where_, v) in [("this machine", host), ("the test VM (TCG)", vm)] {
+        let Some(v) = v else { continue };
+        let _ = writeln!(s, "On {where_}: {}", machine_line(v).trim_end());
+        s += "\n| guest MiB | `qemu` sync, ms per GiB | guest stopped by `qemu` | `hash` sync, ms per GiB (× qemu) | `soft-dirty` sync, ms per GiB (× qemu) | guest stopped by `soft-dirty`, ms per GiB |\n|---|---|---|---|---|---|\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let m = f(r, "guest_mib");
+            let g = m / 1024.0;
+            let q = f(&r["qemu"], "sync_ms") / g;
+            let (sd, stop) = if r["softdirty"].is_null() {
+                ("not on this kernel".to_string(), "-".to_string())
+            } else {
+                let sd = f(&r["softdirty"], "sync_ms") / g;
+                (format!("{sd:.1} ({:.0})", sd / q), format!("{:.1}", f(&r["softdirty"], "stop_ms") / g))
+            };
+            let h = f(&r["hash"], "sync_ms") / g;
+            let _ = writeln!(s, "| {m} | {q:.2} | none | {h:.0} ({:.0}) | {sd} | {stop} |", h / q);
+        }
+        s += "\n";
+    }
+    s
+}
+
 /// Rewrites the marked sections of bench/README.md and draws the plots.
 pub fn update(bench_dir: &Path) -> Result<()> {
     let results = bench_dir.join("results");
@@ -383,6 +408,10 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     let (th, tv) = (load(&results, "trackers"), load(&results, "trackers-vm"));
     if th.is_some() || tv.is_some() {
         sections.push(("trackers", trackers(th.as_ref(), tv.as_ref())));
+    }
+    let (qh, qv) = (load(&results, "qemu-trackers"), load(&results, "qemu-trackers-vm"));
+    if qh.is_some() || qv.is_some() {
+        sections.push(("qemu-trackers", qemu_trackers(qh.as_ref(), qv.as_ref())));
     }
     if let Some(v) = load(&results, "transport") {
         sections.push(("transport", transport(&v)));

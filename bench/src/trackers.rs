@@ -122,7 +122,7 @@ fn start_dirtier(dir: &Path, gib: u64, rate_mbps: f64) -> Result<Dirtier> {
 }
 
 /// Times `SYNCS` syncs of `t`; returns (median ms, median freeze ms, median pages reported).
-fn time_syncs(t: &mut dyn DirtyTracker, ram: &GuestRam) -> Result<(f64, Option<f64>, f64)> {
+pub fn time_syncs(t: &mut dyn DirtyTracker, ram: &GuestRam) -> Result<(f64, Option<f64>, f64)> {
     let (mut ms, mut stop, mut pages) = (vec![], vec![], vec![]);
     for _ in 0..SYNCS {
         std::thread::sleep(Duration::from_millis(200));
