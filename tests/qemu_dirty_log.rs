@@ -358,3 +358,50 @@ fn pages_a_vhost_user_disk_writes_are_in_qemus_log_where_soft_dirty_misses_them(
         assert!(caught * 2 < dma_pages.len(), "soft-dirty saw {caught} of {} device-written pages", dma_pages.len());
     }
 }
+
+#[test]
+fn a_tracker_whose_log_another_took_over_fails_its_sync() {
+    const T: &str = "a_tracker_whose_log_another_took_over_fails_its_sync";
+    if !patched_or_skip(T) {
+        return;
+    }
+    let Some(image) = guest_image() else {
+        skip(T, "no guest image: run tests/guest-image/build");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ram_file = dir.path().join("ram0.ram");
+    std::fs::File::create(&ram_file).unwrap().set_len(256 * MIB).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let child = Command::new(qemu_binary())
+        .args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-m", "256M"])
+        .arg("-object")
+        .arg(format!("memory-backend-file,id=ram0,size=256M,mem-path={},share=on", ram_file.display()))
+        .args(["-machine", "memory-backend=ram0", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initrd.gz"))
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("QEMU");
+    let _reap = Reaper(vec![child]);
+    qmp_listening(&qmp, 30).expect("QMP socket");
+    let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size: 256 * MIB }], DEFAULT_CHUNK_SIZE).unwrap();
+    let ram = GuestRam::open(layout, &[ram_file]).unwrap();
+
+    let mut first = QemuLogTracker::start(&qmp, &ram).expect("first tracker");
+    first.sync(&ram).expect("first tracker's sync");
+    // A second agent restarts the export into its own file...
+    let mut second = QemuLogTracker::start(&qmp, &ram).expect("second tracker takes over");
+    second.sync(&ram).expect("second tracker's sync");
+    // ...so the first one's bitmap stays empty while QEMU counts pages: the
+    // booting guest (then its heartbeat loop) keeps writing RAM, so some
+    // sync soon counts pages for the second's file, and the first must say
+    // so rather than report nothing.
+    let failed = wait_for(60, || first.sync(&ram).err());
+    let e = failed.expect("the first tracker never noticed");
+    assert!(e.to_string().contains("took the dirty log over"), "{e}");
+}

@@ -112,15 +112,28 @@ pub struct QemuLogTracker {
     last_sync: Option<Duration>,
 }
 
-/// A memfd for the bitmap, close-on-exec.
+/// A memfd for the bitmap, close-on-exec, sealable.
 fn memfd() -> Result<File, DirtyError> {
     // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"dcmigrate-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(c"dcmigrate-dirty-log".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(err(format!("memfd_create: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: fd is a new descriptor nobody else owns.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Once QEMU sized the bitmap, nobody may shrink it under QEMU's and the
+/// agent's mappings (a SIGBUS) or grow it.
+fn seal(file: &File) -> Result<(), DirtyError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on an open descriptor with valid seal flags.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) };
+    match rc {
+        0 => Ok(()),
+        _ => Err(err(format!("sealing the bitmap: {}", std::io::Error::last_os_error()))),
+    }
 }
 
 impl QemuLogTracker {
@@ -139,10 +152,11 @@ impl QemuLogTracker {
         let started = match q.execute(&start) {
             Err(VmError::Refused { msg, .. }) if msg.contains("already exported") => {
                 // An agent that died mid-migration left it running: only one
-                // agent drives a VM, so this one takes it over.
+                // agent drives a VM, so this one takes it over. (Were the
+                // other still alive, its syncs would find its file empty
+                // while QEMU counts bits, and fail: see `take_all`.)
                 tracing::warn!("QEMU's dirty log was still exported (an earlier agent?): restarting it");
-                q.execute(&Stop {}).map_err(from_vm)?;
-                q.execute(&start)
+                q.execute(&Stop {}).and_then(|_| q.execute(&start))
             }
             other => other,
         };
@@ -151,6 +165,7 @@ impl QemuLogTracker {
         let infos = started.map_err(from_vm)?;
         let mapped = (|| {
             let len = file.metadata().map_err(|e| err(format!("bitmap memfd: {e}")))?.len();
+            seal(&file)?;
             let blocks = layout_blocks(ram, &infos, len)?;
             let map = memmap2::MmapOptions::new()
                 .len(len as usize)
@@ -191,7 +206,21 @@ impl QemuLogTracker {
         }
         // Whatever was moved belongs to the first round, which reads all of RAM.
         let mut scratch = Bitmap::new(ram.layout().total_pages());
-        self.take(&mut scratch);
+        self.take_all(&info, &mut scratch)
+    }
+
+    /// Takes the bits QEMU just moved: exactly as many as it counted, as
+    /// nothing else writes the file and every sync empties it. Fewer means
+    /// QEMU writes another file (the export was taken over): fail rather
+    /// than report nothing.
+    fn take_all(&self, info: &SyncInfo, dirty: &mut Bitmap) -> Result<(), DirtyError> {
+        let n = self.take(dirty) as u64;
+        if n != info.dirty_pages {
+            return Err(err(format!(
+                "QEMU moved {} dirty pages but the bitmap held {n}: another process took the dirty log over",
+                info.dirty_pages
+            )));
+        }
         Ok(())
     }
 
@@ -275,8 +304,7 @@ impl DirtyTracker for QemuLogTracker {
     fn sync(&mut self, ram: &GuestRam) -> Result<Bitmap, DirtyError> {
         let info = self.qemu_sync()?;
         let mut dirty = Bitmap::new(ram.layout().total_pages());
-        let n = self.take(&mut dirty);
-        tracing::trace!(qemu = info.dirty_pages, taken = n, "qemu dirty log sync");
+        self.take_all(&info, &mut dirty)?;
         Ok(dirty)
     }
 }
