@@ -181,6 +181,24 @@ fn save(results: &Path, name: &str, v: &mut Value) -> Result<()> {
     Ok(())
 }
 
+/// Saves a scenario's result and rewrites the README's tables; or, with
+/// `print` naming the wrapper script (a read-only tree, as in the test VM),
+/// prints it as one line for that script to save.
+fn publish(results: &Path, bench_dir: &Path, name: &str, mut v: Value, print: Option<&str>) -> Result<()> {
+    match print {
+        Some(command) => {
+            v["machine"] = machine();
+            v["command"] = json!(command);
+            println!("RESULT-JSON {}", serde_json::to_string(&v)?);
+        }
+        None => {
+            save(results, name, &mut v)?;
+            report::update(bench_dir)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -188,61 +206,47 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&results)?;
     match cli.cmd {
         Cmd::Downtime { guest_gib, rate_mbit, dirty_mbps, max_time_s } => {
-            let mut v = downtime::downtime(guest_gib, rate_mbit, &dirty_mbps, max_time_s)?;
-            save(&results, "downtime", &mut v)?;
-            report::update(bench_dir)?;
+            publish(
+                &results,
+                bench_dir,
+                "downtime",
+                downtime::downtime(guest_gib, rate_mbit, &dirty_mbps, max_time_s)?,
+                None,
+            )?;
         }
         Cmd::Transport { guest_mib, streams } => {
             let v = transport::transport(guest_mib, streams)?;
             println!("RESULT-JSON {}", serde_json::to_string(&v)?);
         }
         Cmd::Retarget { guest_gib, rate_mbit, at, dirty_mbps, no_qemu } => {
-            let mut v = retarget::retarget(guest_gib, rate_mbit, &at, &dirty_mbps, !no_qemu)?;
-            save(&results, "retarget", &mut v)?;
-            report::update(bench_dir)?;
+            publish(
+                &results,
+                bench_dir,
+                "retarget",
+                retarget::retarget(guest_gib, rate_mbit, &at, &dirty_mbps, !no_qemu)?,
+                None,
+            )?;
         }
         Cmd::Throughput { guest_gib } => {
-            let mut v = throughput::throughput(guest_gib)?;
-            save(&results, "throughput", &mut v)?;
-            report::update(bench_dir)?;
+            publish(&results, bench_dir, "throughput", throughput::throughput(guest_gib)?, None)?;
         }
         Cmd::Encryption { guest_gib, reps } => {
-            let mut v = encryption::encryption(guest_gib, reps)?;
-            save(&results, "encryption", &mut v)?;
-            report::update(bench_dir)?;
+            publish(&results, bench_dir, "encryption", encryption::encryption(guest_gib, reps)?, None)?;
         }
         Cmd::Scale { guest_gib, dirty_mbps } => {
-            let mut v = scale::scale(guest_gib, dirty_mbps)?;
-            save(&results, "scale", &mut v)?;
-            report::update(bench_dir)?;
+            publish(&results, bench_dir, "scale", scale::scale(guest_gib, dirty_mbps)?, None)?;
         }
         Cmd::Sizes { gib, rate_mbit, sparse_gib } => {
-            let mut v = sizes::sizes(&gib, rate_mbit, sparse_gib)?;
-            save(&results, "sizes", &mut v)?;
-            report::update(bench_dir)?;
+            publish(&results, bench_dir, "sizes", sizes::sizes(&gib, rate_mbit, sparse_gib)?, None)?;
         }
         Cmd::Trackers { gib, dirty_mbps, dir, print } => {
-            let mut v = trackers::trackers(&gib, dirty_mbps, &dir)?;
-            if print {
-                v["machine"] = machine();
-                v["command"] = json!("bench/trackers-in-vm");
-                println!("RESULT-JSON {}", serde_json::to_string(&v)?);
-            } else {
-                save(&results, "trackers", &mut v)?;
-                report::update(bench_dir)?;
-            }
+            let v = trackers::trackers(&gib, dirty_mbps, &dir)?;
+            publish(&results, bench_dir, "trackers", v, print.then_some("bench/trackers-in-vm"))?;
         }
         Cmd::QemuTrackers { mib, qemu, image, dir, print } => {
             let mut v = qemu_trackers::qemu_trackers(&mib, &qemu, &image, &dir)?;
-            if print {
-                v["machine"] = machine();
-                v["command"] = json!("bench/qemu-trackers");
-                println!("RESULT-JSON {}", serde_json::to_string(&v)?);
-            } else {
-                v["command"] = json!("bench/qemu-trackers");
-                save(&results, "qemu-trackers", &mut v)?;
-                report::update(bench_dir)?;
-            }
+            v["command"] = json!("bench/qemu-trackers");
+            publish(&results, bench_dir, "qemu-trackers", v, print.then_some("bench/qemu-trackers"))?;
         }
         Cmd::Dirtier { file, size, rate_mbps } => trackers::dirtier(&file, size, rate_mbps)?,
         Cmd::Report => report::update(bench_dir)?,
