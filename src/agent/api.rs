@@ -72,6 +72,24 @@ pub enum Request {
         /// The VM.
         vm: String,
     },
+    /// Changes a running migration ([`SteerReply`]): its rate cap (MB/s, 0
+    /// lifts it) and downtime limit (ms), and/or has it switch over at the
+    /// next round's end.
+    Steer {
+        /// The VM.
+        vm: String,
+        /// What to change.
+        #[serde(flatten)]
+        steering: crate::engine::Steering,
+    },
+    /// Streams events as JSON lines (after an `ok` line): of the VM's
+    /// migrations until one ends, or of all migrations until the client
+    /// leaves. See [`crate::engine::watch::Event`].
+    Watch {
+        /// The VM, or every migration.
+        #[serde(default)]
+        vm: Option<String>,
+    },
     /// Cancels the VM's migration: it keeps running here ([`MigrationStatus`]).
     Cancel {
         /// The VM.
@@ -102,6 +120,15 @@ pub enum Request {
 
 fn yes() -> bool {
     true
+}
+
+/// Reply to [`Request::Steer`]: what the migration was asked.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SteerReply {
+    /// The migration's id.
+    pub migration: String,
+    /// The change, as the engine will take it.
+    pub steering: crate::engine::Steering,
 }
 
 /// Reply to [`Request::Info`].
@@ -303,6 +330,29 @@ impl Client {
         self.call(&Request::Cancel { vm: vm.into() })
     }
 
+    /// [`Request::Steer`].
+    pub fn steer(&self, vm: &str, steering: crate::engine::Steering) -> Result<SteerReply, ApiError> {
+        self.call(&Request::Steer { vm: vm.into(), steering })
+    }
+
+    /// [`Request::Watch`]: the events as they come (blocking reads).
+    pub fn watch(&self, vm: Option<&str>) -> Result<Watcher, ApiError> {
+        let mut s = UnixStream::connect(&self.path)
+            .map_err(|source| ApiError::Connect { path: self.path.display().to_string(), source })?;
+        let req = Request::Watch { vm: vm.map(str::to_owned) };
+        let mut line = serde_json::to_vec(&req).map_err(|source| ApiError::Decode { reply: String::new(), source })?;
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut w = Watcher { lines: BufReader::new(s) };
+        let first = w.line()?.unwrap_or_default();
+        let v: Value =
+            serde_json::from_str(&first).map_err(|source| ApiError::Decode { reply: first.clone(), source })?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(ApiError::Agent(v["error"].as_str().unwrap_or("request failed").to_owned()));
+        }
+        Ok(w)
+    }
+
     /// [`Request::Resume`].
     pub fn resume(&self, vm: &str) -> Result<(), ApiError> {
         self.call::<Done>(&Request::Resume { vm: vm.into() }).map(|_| ())
@@ -322,5 +372,26 @@ impl Client {
     #[cfg(feature = "test-hooks")]
     pub fn release(&self, vm: &str) -> Result<(), ApiError> {
         self.call::<Done>(&Request::Release { vm: vm.into() }).map(|_| ())
+    }
+}
+
+/// The event stream of [`Client::watch`].
+pub struct Watcher {
+    lines: BufReader<UnixStream>,
+}
+
+impl Watcher {
+    /// The next line, bounded by [`MAX_LINE`]; `None` when the agent ended the stream.
+    fn line(&mut self) -> Result<Option<String>, ApiError> {
+        let mut l = String::new();
+        let n = (&mut self.lines).take(MAX_LINE as u64).read_line(&mut l)?;
+        Ok((n > 0).then_some(l))
+    }
+
+    /// The next event as the agent sent it (a JSON object: an event, or
+    /// `{"event":"lagged","missed":N}`); `None` at the stream's end.
+    pub fn next_value(&mut self) -> Result<Option<Value>, ApiError> {
+        let Some(l) = self.line()? else { return Ok(None) };
+        serde_json::from_str(&l).map(Some).map_err(|source| ApiError::Decode { reply: l, source })
     }
 }

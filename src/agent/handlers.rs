@@ -2,7 +2,8 @@
 //! [`super::api`]); `handle` only dispatches.
 
 use super::api::{
-    AttachReply, Done, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, VmEntry,
+    AttachReply, Done, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, SteerReply,
+    VmEntry,
 };
 use super::journal::MigrationEntry;
 use super::outcome::Settled;
@@ -76,6 +77,9 @@ pub enum RequestError {
     /// Options no migration can run with.
     #[error("invalid options")]
     Options(#[from] crate::engine::options::OptionsError),
+    /// A change a running migration cannot take.
+    #[error("{0}")]
+    Steering(String),
     /// The engine refused the retarget.
     #[error("retarget refused: {0}")]
     Retarget(String),
@@ -105,6 +109,9 @@ impl Agent {
             Request::Retarget { vm, to, forward } => Self::reply(self.retarget(vm, to, forward).await?),
             Request::Status { vm } => Self::reply(self.status(vm)?),
             Request::Wait { vm } => Self::reply(self.wait(&vm).await?),
+            Request::Steer { vm, steering } => Self::reply(self.steer(&vm, steering)?),
+            // Streamed by the API server itself (see `Agent::watch`).
+            Request::Watch { .. } => Err(RequestError::Steering("watch streams on its own connection".into())),
             Request::Cancel { vm } => Self::reply(self.cancel(&vm).await?),
             Request::Resume { vm } => Self::reply(self.resume(&vm).await?),
             Request::Resolve { vm, runs_on } => Self::reply(self.resolve(&vm, &runs_on).await?),
@@ -208,6 +215,8 @@ impl Agent {
             peer_timeout: self.cfg.peer_timeout,
         };
         let handle = MigrationHandle::new(&vm, &to);
+        handle.on_events(self.events.clone());
+        handle.emit(engine::watch::EventKind::Started { to: to.clone() });
         self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
         let journal = self.clone();
         handle.on_phase(Box::new(move |vm, destination, phase| {
@@ -261,6 +270,29 @@ impl Agent {
         let m = self.migration(vm)?;
         m.wait().await;
         Ok(m.status())
+    }
+
+    fn steer(&self, vm: &str, s: engine::Steering) -> Result<SteerReply, RequestError> {
+        let m = self.migration(vm)?;
+        if m.is_done() {
+            return Err(RequestError::Finished(vm.into()));
+        }
+        if s.is_empty() {
+            return Err(RequestError::Steering(
+                "nothing to change: give a rate cap, a downtime limit or force-complete".into(),
+            ));
+        }
+        if s.max_bandwidth_mbps.is_some_and(|b| !(b == 0.0 || (b >= 0.1 && b.is_finite()))) {
+            return Err(RequestError::Steering("max_bandwidth_mbps must be 0 (no cap) or at least 0.1".into()));
+        }
+        if s.downtime_ms.is_some_and(|d| !(1..=crate::engine::options::MAX_DOWNTIME_MS).contains(&d)) {
+            return Err(RequestError::Steering(format!(
+                "downtime_ms must be 1 to {}",
+                crate::engine::options::MAX_DOWNTIME_MS
+            )));
+        }
+        m.steer(&s);
+        Ok(SteerReply { migration: m.id.clone(), steering: s })
     }
 
     async fn cancel(&self, vm: &str) -> Result<MigrationStatus, RequestError> {

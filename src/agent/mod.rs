@@ -132,6 +132,8 @@ pub struct Agent {
     shutdown: CancellationToken,
     /// This host's RDMA device, or why there is none.
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
+    /// Every migration's events, for `watch` (see [`crate::engine::watch`]).
+    events: crate::engine::watch::EventSink,
 }
 
 impl Agent {
@@ -163,6 +165,8 @@ impl Agent {
             migrations: Mutex::new(HashMap::new()),
             unknown: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            // Watchers that fall this far behind are told how many they missed.
+            events: tokio::sync::broadcast::channel(4096).0,
         })
     }
 
@@ -348,6 +352,10 @@ impl Agent {
                 Ok(_) => {}
             }
             let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Watch { vm }) => {
+                    self.watch(vm, &mut lines, &mut wr).await;
+                    return;
+                }
                 Ok(req) => match self.clone().handle_from(uid, req).await {
                     Ok(mut v) => {
                         v["ok"] = json!(true);
@@ -360,6 +368,41 @@ impl Agent {
             let mut out = reply.to_string();
             out.push('\n');
             if wr.write_all(out.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `watch`: an `ok` line, then every event (of `vm`'s migrations, or
+    /// all) as a line, until the client leaves, or `vm`'s migration ended.
+    async fn watch<R, W>(&self, vm: Option<String>, client: &mut R, wr: &mut W)
+    where
+        R: tokio::io::AsyncBufRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use crate::engine::watch::EventKind;
+        let mut rx = self.events.subscribe();
+        if wr.write_all(b"{\"ok\":true}\n").await.is_err() {
+            return;
+        }
+        let mut buf = String::new();
+        loop {
+            let line = tokio::select! {
+                e = rx.recv() => match e {
+                    Ok(e) if vm.as_ref().is_none_or(|v| *v == e.vm) => {
+                        let end = vm.is_some() && matches!(e.kind, EventKind::Ended { .. });
+                        (serde_json::to_string(&e).unwrap_or_default(), end)
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        (json!({"event": "lagged", "missed": n}).to_string(), false)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                // The client closed its end (or sent more: not expected).
+                _ = client.read_line(&mut buf) => return,
+            };
+            if wr.write_all(format!("{}\n", line.0).as_bytes()).await.is_err() || line.1 {
                 return;
             }
         }

@@ -9,7 +9,7 @@ use crate::agent::api::Client;
 use crate::dirty::TrackerKind;
 use crate::engine::options::VerifyMode;
 use crate::engine::options::{DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS, DEFAULT_MAX_TIME_S, DEFAULT_STREAMS};
-use crate::engine::{BudgetAction, MigrateOptions};
+use crate::engine::{BudgetAction, MigrateOptions, Steering};
 use crate::guest::GuestOptions;
 use crate::protocol::TransportKind;
 use crate::vm::synthetic::{Pattern, Workload};
@@ -65,6 +65,45 @@ pub enum Cmd {
         /// Print the agent's answer as JSON.
         #[arg(long)]
         json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Change a running migration: its rate cap and downtime limit.
+    Set {
+        /// The VM being migrated.
+        vm: String,
+        /// The source's new rate cap, MB/s (0 lifts the cap); taken at once.
+        #[arg(long, value_name = "MBPS")]
+        max_bandwidth: Option<f64>,
+        /// The new downtime limit, ms; taken at the next round's end.
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Have a running migration switch over at its next round's end,
+    /// whatever its downtime estimate.
+    ForceComplete {
+        /// The VM being migrated.
+        vm: String,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Stream migration events as JSON lines (phases, rounds, progress,
+    /// retargets, operator changes, the end): of VM's migration until it
+    /// ends, or of every migration until interrupted.
+    Watch {
+        /// Only this VM's migration (default: all of them, until ^C).
+        vm: Option<String>,
         /// The local agent.
         #[command(flatten)]
         api: ApiArg,
@@ -358,6 +397,39 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Set { vm, max_bandwidth, downtime_ms, json, api } => {
+            let s = Steering { max_bandwidth_mbps: max_bandwidth, downtime_ms, force_complete: false };
+            if s.is_empty() {
+                bail!("give --max-bandwidth MBPS and/or --downtime-ms MS");
+            }
+            let r = Client::new(api.api).steer(&vm, s)?;
+            match json {
+                true => println!("{}", serde_json::to_string(&r)?),
+                false => println!("{vm}: {}", describe_steering(&r.steering)),
+            }
+            Ok(0)
+        }
+        Cmd::ForceComplete { vm, json, api } => {
+            let s = Steering { force_complete: true, ..Default::default() };
+            let r = Client::new(api.api).steer(&vm, s)?;
+            match json {
+                true => println!("{}", serde_json::to_string(&r)?),
+                false => println!("{vm}: {}", describe_steering(&r.steering)),
+            }
+            Ok(0)
+        }
+        Cmd::Watch { vm, api } => {
+            use std::io::Write;
+            let mut w = Client::new(api.api).watch(vm.as_deref())?;
+            let mut out = std::io::stdout().lock();
+            while let Some(e) = w.next_value()? {
+                // A reader that went away (a closed pipe) ends the watch.
+                if writeln!(out, "{e}").and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+            Ok(0)
+        }
         Cmd::Status { vm, json, api } => {
             let all = Client::new(api.api).status(vm.as_deref())?;
             match json {
@@ -464,4 +536,21 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// What `set` or `force-complete` asked, for a person.
+fn describe_steering(s: &Steering) -> String {
+    let mut parts = vec![];
+    match s.max_bandwidth_mbps {
+        Some(b) if b > 0.0 => parts.push(format!("rate cap {b} MB/s from now on")),
+        Some(_) => parts.push("rate cap lifted".into()),
+        None => {}
+    }
+    if let Some(d) = s.downtime_ms {
+        parts.push(format!("downtime limit {d} ms from the next round's end"));
+    }
+    if s.force_complete {
+        parts.push("switching over at the next round's end".into());
+    }
+    parts.join("; ")
 }

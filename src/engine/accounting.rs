@@ -25,7 +25,9 @@ pub struct Accounting {
 /// The source's rate cap (`max_bandwidth_mbps`): never ahead of rate × elapsed.
 struct Pacer {
     rate: Option<f64>,
+    /// Bytes submitted since `since` (the round's start, or the last change of rate).
     paced_bytes: u64,
+    since: Instant,
     until: Option<tokio::time::Instant>,
 }
 
@@ -41,7 +43,12 @@ impl Accounting {
             last_sync: now,
             last_sync_cost: Duration::ZERO,
             last_guest_stop: None,
-            pacer: Pacer { rate: cap_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6), paced_bytes: 0, until: None },
+            pacer: Pacer {
+                rate: cap_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6),
+                paced_bytes: 0,
+                since: now,
+                until: None,
+            },
         }
     }
 
@@ -50,6 +57,15 @@ impl Accounting {
         self.round = RoundReport { round: n, ..Default::default() };
         self.round_start = Instant::now();
         self.pacer.paced_bytes = 0;
+        self.pacer.since = self.round_start;
+    }
+
+    /// A new rate cap (MB/s; `None` or 0: none), from now on.
+    pub fn set_cap(&mut self, cap_mbps: Option<f64>) {
+        self.pacer.rate = cap_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6);
+        self.pacer.paced_bytes = 0;
+        self.pacer.since = Instant::now();
+        self.pacer.until = None;
     }
 
     /// Closes the round under way and returns its figures.
@@ -106,7 +122,7 @@ impl Accounting {
         let Some(rate) = self.pacer.rate else { return };
         self.pacer.paced_bytes += bytes;
         let due = Duration::from_secs_f64(self.pacer.paced_bytes as f64 / rate);
-        if let Some(wait) = due.checked_sub(self.round_start.elapsed()) {
+        if let Some(wait) = due.checked_sub(self.pacer.since.elapsed()) {
             self.pacer.until = Some(tokio::time::Instant::now() + wait);
         }
     }

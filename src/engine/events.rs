@@ -92,6 +92,7 @@ impl Migration {
         let committing = self.phase.committing();
         let cancellable = !self.phase.resume_sent();
         let cancel = self.job.handle.cancel.clone();
+        let handle = self.job.handle.clone();
         // A target whose control connection ended (it died, froze past the
         // peer timeout, or lost its incoming VM) fails the migration now.
         let target = self.target_link();
@@ -120,6 +121,8 @@ impl Migration {
                 Ok(())
             }
             _ = cancel.cancelled(), if cancellable => Err(EngineError::Cancelled),
+            // An operator's change is taken by the caller's next fill.
+            _ = handle.steered() => Ok(()),
             _ = tokio::time::sleep_until(budget.unwrap_or_else(tokio::time::Instant::now)), if budget.is_some() => {
                 Err(EngineError::TimeBudget)
             }

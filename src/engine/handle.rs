@@ -1,7 +1,9 @@
 //! The handle the agent's API holds on a running migration: live progress,
-//! the report once it ends, cancellation, and the retarget channel.
+//! the report once it ends, cancellation, the retarget channel, and what an
+//! operator changes while it runs (steering).
 
 use super::report::Report;
+use super::watch::{now_ms, Event, EventKind};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,29 @@ pub struct RetargetRequest {
     pub forward: bool,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// What an operator changes on a running migration (`dcmigrate set`,
+/// `dcmigrate force-complete`); the engine takes it at once for the rate,
+/// at its next round's end for the rest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Steering {
+    /// The source's new rate cap, MB/s; 0 lifts the cap.
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<f64>,
+    /// The new downtime limit, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Switch over at the next round's end, whatever the estimate.
+    #[serde(default)]
+    pub force_complete: bool,
+}
+
+impl Steering {
+    /// Whether it asks for anything.
+    pub fn is_empty(&self) -> bool {
+        self == &Steering::default()
+    }
 }
 
 /// Live progress of a migration.
@@ -68,6 +93,13 @@ pub struct MigrationStatus {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The progress a handle last sent as an event.
+#[derive(Default)]
+struct Told {
+    at: Option<std::time::Instant>,
+    percent: f64,
+}
+
 /// Shared between the engine task and the agent's API.
 pub struct MigrationHandle {
     /// The migration's id.
@@ -85,6 +117,12 @@ pub struct MigrationHandle {
     retarget_rx: Mutex<Option<mpsc::UnboundedReceiver<RetargetRequest>>>,
     /// Told of every phase change (the agent journals it).
     on_phase: Mutex<Option<PhaseHook>>,
+    /// Operator changes not yet taken by the engine, and its wake-up.
+    steering: Mutex<Steering>,
+    steered: tokio::sync::Notify,
+    /// Where events go (the agent's watchers), and the progress last told.
+    events: Mutex<Option<super::watch::EventSink>>,
+    told: Mutex<Told>,
     /// Test builds: set by the API's `release` (see `MigrateOptions::hold_switchover`).
     #[cfg(feature = "test-hooks")]
     pub released: watch::Sender<bool>,
@@ -108,6 +146,10 @@ impl MigrationHandle {
             report: Mutex::new(None),
             done: watch::channel(false).0,
             on_phase: Mutex::new(None),
+            steering: Mutex::new(Steering::default()),
+            steered: tokio::sync::Notify::new(),
+            events: Mutex::new(None),
+            told: Mutex::new(Told::default()),
             #[cfg(feature = "test-hooks")]
             released: watch::channel(false).0,
         })
@@ -121,10 +163,40 @@ impl MigrationHandle {
     /// Asks the engine to change destination; waits for the outcome.
     pub async fn retarget(&self, to: String, addr: std::net::SocketAddr, forward: bool) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
-        self.retarget_tx
-            .send(RetargetRequest { to, addr, forward, reply })
-            .map_err(|_| "the migration has ended".to_string())?;
-        rx.await.map_err(|_| "the migration has ended".to_string())?
+        let r = match self.retarget_tx.send(RetargetRequest { to: to.clone(), addr, forward, reply }) {
+            Ok(()) => rx.await.map_err(|_| "the migration has ended".to_string()).and_then(|r| r),
+            Err(_) => Err("the migration has ended".to_string()),
+        };
+        self.emit(EventKind::Retarget { to, forward, reason: "operator".into(), error: r.as_ref().err().cloned() });
+        r
+    }
+
+    /// Queues an operator's change for the engine (later values win; a
+    /// force-complete stays asked).
+    pub fn steer(&self, s: &Steering) {
+        let mut cur = self.steering.lock().unwrap();
+        if s.max_bandwidth_mbps.is_some() {
+            cur.max_bandwidth_mbps = s.max_bandwidth_mbps;
+        }
+        if s.downtime_ms.is_some() {
+            cur.downtime_ms = s.downtime_ms;
+        }
+        cur.force_complete |= s.force_complete;
+        drop(cur);
+        self.emit(EventKind::Steered { steering: s.clone() });
+        // Wakes the engine even while it waits out a slow rate cap.
+        self.steered.notify_one();
+    }
+
+    /// Resolves when an operator steered (at once if they did since the
+    /// last wait).
+    pub async fn steered(&self) {
+        self.steered.notified().await;
+    }
+
+    /// The engine's side: what was asked since it last looked.
+    pub fn take_steering(&self) -> Steering {
+        std::mem::take(&mut *self.steering.lock().unwrap())
     }
 
     /// Sets what is told of phase changes.
@@ -137,16 +209,68 @@ impl MigrationHandle {
         if let Some(h) = self.on_phase.lock().unwrap().as_ref() {
             h(&self.vm, destination, phase);
         }
+        let phase = super::watch::phase_name(phase).into();
+        self.emit(EventKind::Phase { phase, destination: destination.into() });
     }
 
-    /// Updates the live progress.
+    /// Sends this migration's events to `sink` from now on.
+    pub fn on_events(&self, sink: super::watch::EventSink) {
+        *self.events.lock().unwrap() = Some(sink);
+    }
+
+    /// Tells the watchers (if any) of `kind`.
+    pub fn emit(&self, kind: EventKind) {
+        if let Some(sink) = self.events.lock().unwrap().as_ref() {
+            // No watcher is not an error.
+            let _ = sink.send(Event { vm: self.vm.clone(), migration: self.id.clone(), ts_ms: now_ms(), kind });
+        }
+    }
+
+    /// Updates the live progress (told to watchers at most once a second).
     pub fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut self.progress.lock().unwrap());
+        let p = {
+            let mut p = self.progress.lock().unwrap();
+            f(&mut p);
+            p.clone()
+        };
+        let mut told = self.told.lock().unwrap();
+        if told.at.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) || p.ram_bytes == 0 {
+            return;
+        }
+        let held = p.ram_bytes.saturating_sub(p.remaining_bytes) as f64 / p.ram_bytes as f64 * 100.0;
+        told.percent = told.percent.max(held);
+        told.at = Some(std::time::Instant::now());
+        let percent = told.percent;
+        drop(told);
+        self.emit(EventKind::Progress {
+            percent,
+            remaining_bytes: p.remaining_bytes,
+            bytes_sent: p.bytes_sent,
+            rate_mbps: p.rate_mbps,
+            round: p.round,
+        });
+    }
+
+    /// A round ended (its figures complete, dirty pages included).
+    pub fn round_done(&self, r: &super::report::RoundReport) {
+        self.emit(EventKind::Round {
+            round: r.round,
+            pages: r.pages,
+            bytes: r.bytes,
+            ms: r.ms,
+            dirty_pages: r.dirty_pages,
+        });
     }
 
     /// The migration ended with `report`.
     pub fn finish(&self, report: Report) {
         self.progress.lock().unwrap().phase = "done".into();
+        self.emit(EventKind::Ended {
+            result: report.result,
+            destination: report.destination.clone(),
+            downtime_ms: report.downtime_ms,
+            error: report.error.clone(),
+        });
         *self.report.lock().unwrap() = Some(report);
         self.done.send_replace(true);
     }

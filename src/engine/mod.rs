@@ -27,10 +27,12 @@ pub mod report;
 mod retarget;
 pub mod schedule;
 mod setup;
+mod steering;
 mod switchover;
 mod verify;
+pub mod watch;
 
-pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest};
+pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest, Steering};
 pub use options::{BudgetAction, MigrateOptions};
 pub use report::{Outcome, Report, Switchover, TransportUsed};
 
@@ -190,6 +192,8 @@ struct Migration {
     rt: Retargeting,
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions: mpsc::UnboundedReceiver<Completion>,
+    /// The operator asked to switch over at the next round's end.
+    force_complete: bool,
 }
 
 /// Migrates `vm` to `to` (at `addr`); never panics, always returns a report.
@@ -275,6 +279,7 @@ impl Migration {
             rt: Retargeting::new(retargets),
             completions_tx: p.completions.0,
             completions: p.completions.1,
+            force_complete: false,
         };
         m.skip_holes();
         m.job.handle.phase_changed(&m.hosts.names[1], m.phase);

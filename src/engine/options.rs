@@ -127,6 +127,10 @@ impl Default for MigrateOptions {
     }
 }
 
+/// The longest downtime limit an operator may set on a running migration
+/// (`dcmigrate set --downtime-ms`): ten minutes.
+pub const MAX_DOWNTIME_MS: u64 = 600_000;
+
 /// Options no migration can run with.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionsError {

@@ -11,7 +11,6 @@ impl Migration {
     /// Rounds of dirty pages; returns how the switchover was reached and
     /// the downtime estimate at that point.
     pub(super) async fn precopy(&mut self) -> Result<(Switchover, Duration), EngineError> {
-        let limit = Duration::from_millis(self.job.opts.downtime_ms);
         let budget = Duration::from_secs(self.job.opts.max_time_s);
         let mut counted = 0u32;
         let mut estimate = Duration::MAX;
@@ -32,6 +31,13 @@ impl Migration {
             let stale = self.stale_blocks();
             let verify;
             (estimate, verify) = self.close_round(dirty, &stale);
+            // The operator may have changed the limit, or asked to finish.
+            self.apply_steering();
+            if self.force_complete {
+                tracing::info!("switching over: the operator asked (force-complete)");
+                return Ok((Switchover::Requested, estimate));
+            }
+            let limit = Duration::from_millis(self.job.opts.downtime_ms);
             // Forwarders' work is done while the VM still runs: their rate
             // is not in the estimate, and they have nothing dirty to wait for.
             let forwarding =
@@ -88,6 +94,7 @@ impl Migration {
     /// Sends until the round is over (or fails, or the time budget ends it).
     async fn send_round(&mut self) -> Result<(), EngineError> {
         loop {
+            self.apply_steering();
             self.fill()?;
             if self.round_over() {
                 return Ok(());
@@ -127,6 +134,7 @@ impl Migration {
         last.guest_stop_ms = self.acct.last_guest_stop.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(round = last.round, pages = last.pages, ms = last.ms, dirty, "round done");
         let last = last.clone();
+        self.job.handle.round_done(&last);
         // The pause also takes a final dirty sync, as long as a round's.
         let sync = self.acct.last_sync_cost;
         let send = self.acct.estimate(self.remaining_bytes(), &last);

@@ -35,6 +35,8 @@ pub enum Switchover {
     Converged,
     /// The budget ran out with `--on-budget force`.
     Forced,
+    /// The operator asked for it (`dcmigrate force-complete`).
+    Requested,
 }
 
 /// The data planes a migration used, summed up.
@@ -251,6 +253,10 @@ pub struct Report {
     pub after_retarget_ms: Option<f64>,
     /// Forwarders that failed; the source sent their share.
     pub forwarders_lost: Vec<String>,
+    /// What an operator changed while it ran (`set`, `force-complete`),
+    /// in order, with when.
+    #[serde(default)]
+    pub steering: Vec<String>,
 }
 
 #[cfg(test)]
