@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod demo;
+pub mod operate;
 pub mod progress;
 
 use crate::agent::api::Client;
@@ -399,37 +400,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Set { vm, max_bandwidth, downtime_ms, json, api } => {
             let s = Steering { max_bandwidth_mbps: max_bandwidth, downtime_ms, force_complete: false };
-            if s.is_empty() {
-                bail!("give --max-bandwidth MBPS and/or --downtime-ms MS");
-            }
-            let r = Client::new(api.api).steer(&vm, s)?;
-            match json {
-                true => println!("{}", serde_json::to_string(&r)?),
-                false => println!("{vm}: {}", describe_steering(&r.steering)),
-            }
-            Ok(0)
+            operate::steer(&api.api, &vm, s, json)
         }
         Cmd::ForceComplete { vm, json, api } => {
-            let s = Steering { force_complete: true, ..Default::default() };
-            let r = Client::new(api.api).steer(&vm, s)?;
-            match json {
-                true => println!("{}", serde_json::to_string(&r)?),
-                false => println!("{vm}: {}", describe_steering(&r.steering)),
-            }
-            Ok(0)
+            operate::steer(&api.api, &vm, Steering { force_complete: true, ..Default::default() }, json)
         }
-        Cmd::Watch { vm, api } => {
-            use std::io::Write;
-            let mut w = Client::new(api.api).watch(vm.as_deref())?;
-            let mut out = std::io::stdout().lock();
-            while let Some(e) = w.next_value()? {
-                // A reader that went away (a closed pipe) ends the watch.
-                if writeln!(out, "{e}").and_then(|()| out.flush()).is_err() {
-                    break;
-                }
-            }
-            Ok(0)
-        }
+        Cmd::Watch { vm, api } => operate::watch(&api.api, vm.as_deref()),
         Cmd::Status { vm, json, api } => {
             let all = Client::new(api.api).status(vm.as_deref())?;
             match json {
@@ -536,21 +512,4 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         }
     })?;
     Ok(())
-}
-
-/// What `set` or `force-complete` asked, for a person.
-fn describe_steering(s: &Steering) -> String {
-    let mut parts = vec![];
-    match s.max_bandwidth_mbps {
-        Some(b) if b > 0.0 => parts.push(format!("rate cap {b} MB/s from now on")),
-        Some(_) => parts.push("rate cap lifted".into()),
-        None => {}
-    }
-    if let Some(d) = s.downtime_ms {
-        parts.push(format!("downtime limit {d} ms from the next round's end"));
-    }
-    if s.force_complete {
-        parts.push("switching over at the next round's end".into());
-    }
-    parts.join("; ")
 }

@@ -2,6 +2,7 @@
 //! the report once it ends, cancellation, the retarget channel, and what an
 //! operator changes while it runs (steering).
 
+use super::options::Steering;
 use super::report::Report;
 use super::watch::{now_ms, Event, EventKind};
 use serde::{Deserialize, Serialize};
@@ -20,29 +21,6 @@ pub struct RetargetRequest {
     pub forward: bool,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<(), String>>,
-}
-
-/// What an operator changes on a running migration (`dcmigrate set`,
-/// `dcmigrate force-complete`); the engine takes it at once for the rate,
-/// at its next round's end for the rest.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct Steering {
-    /// The source's new rate cap, MB/s; 0 lifts the cap.
-    #[serde(default)]
-    pub max_bandwidth_mbps: Option<f64>,
-    /// The new downtime limit, ms.
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    /// Switch over at the next round's end, whatever the estimate.
-    #[serde(default)]
-    pub force_complete: bool,
-}
-
-impl Steering {
-    /// Whether it asks for anything.
-    pub fn is_empty(&self) -> bool {
-        self == &Steering::default()
-    }
 }
 
 /// Live progress of a migration.

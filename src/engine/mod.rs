@@ -32,8 +32,8 @@ mod switchover;
 mod verify;
 pub mod watch;
 
-pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest, Steering};
-pub use options::{BudgetAction, MigrateOptions};
+pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest};
+pub use options::{BudgetAction, MigrateOptions, Steering};
 pub use report::{Outcome, Report, Switchover, TransportUsed};
 
 use crate::bitmap::Bitmap;

@@ -127,6 +127,29 @@ impl Default for MigrateOptions {
     }
 }
 
+/// What an operator changes on a running migration (`dcmigrate set`,
+/// `dcmigrate force-complete`); the engine takes it at once for the rate,
+/// at its next round's end for the rest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Steering {
+    /// The source's new rate cap, MB/s; 0 lifts the cap.
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<f64>,
+    /// The new downtime limit, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Switch over at the next round's end, whatever the estimate.
+    #[serde(default)]
+    pub force_complete: bool,
+}
+
+impl Steering {
+    /// Whether it asks for anything.
+    pub fn is_empty(&self) -> bool {
+        self == &Steering::default()
+    }
+}
+
 /// The longest downtime limit an operator may set on a running migration
 /// (`dcmigrate set --downtime-ms`): ten minutes.
 pub const MAX_DOWNTIME_MS: u64 = 600_000;

@@ -3,7 +3,7 @@
 //! changes, the end), sent through the migration's handle to every watcher
 //! of the agent as JSON lines.
 
-use super::handle::Steering;
+use super::options::Steering;
 use super::report::Outcome;
 use serde::{Deserialize, Serialize};
 
