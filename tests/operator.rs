@@ -154,4 +154,13 @@ fn watch_streams_a_migrations_events_in_order() {
     assert!(!pct.is_empty() && pct.windows(2).all(|w| w[1] >= w[0]), "progress {pct:?}");
     let ts: Vec<u64> = events.iter().map(|e| e["ts_ms"].as_u64().unwrap()).collect();
     assert!(ts.windows(2).all(|w| w[1] >= w[0]), "timestamps {ts:?}");
+
+    // Watching a migration that already ended gets its end at once; a VM
+    // without a migration is refused rather than watched forever.
+    let mut late = tb.client("hostA").watch(Some("vm4")).expect("watch after the end");
+    let e = late.next_value().unwrap().expect("the end");
+    assert_eq!((e["event"].as_str(), e["result"].as_str()), (Some("ended"), Some("completed")), "{e}");
+    assert!(late.next_value().unwrap().is_none(), "the stream ends after the end");
+    let err = tb.client("hostA").watch(Some("nosuchvm")).err().expect("refused");
+    assert!(err.to_string().contains("no migration"), "{err}");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use dcmigrate::engine::{MigrateOptions, Outcome};
-use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, qmp_listening, Backend, QemuSpec, QEMU};
+use dcmigrate::testbed::qemu::{heartbeats, qemu_available, qmp_listening, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::Path;
 
@@ -21,10 +21,6 @@ fn qemu_major() -> u32 {
     s.split("version ").nth(1).and_then(|v| v.split('.').next()).and_then(|m| m.trim().parse().ok()).unwrap_or(0)
 }
 
-fn serial(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
 fn suspended() -> MigrateOptions {
     // Paused at the destination: its RAM can be compared with the source's
     // as of the switchover, then `resume` starts it.
@@ -37,31 +33,11 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     if !qemu_or_skip(T) || !hooks_or_skip(T) {
         return;
     }
-    let Some(image) = guest_image() else {
-        skip(T, "no guest image: run tests/guest-image/build");
-        return;
-    };
-    let mut tb = testbed(&["A", "B", "C"]);
-    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image) };
-    let g = tb.start_qemu("A", "vm1", &spec).expect("QEMU on A");
-    let booted = wait_for(120, || (heartbeats(&serial(&g.serial())).len() >= 5).then_some(()));
-    assert!(booted.is_some(), "guest did not boot: {}", serial(&g.serial()));
+    let Some((tb, g)) = booted_guest(T) else { return };
 
     // Slow enough that the retarget lands while B is receiving.
     let opts = MigrateOptions { max_bandwidth_mbps: Some(30.0), ..suspended() };
-    start_migration(&tb, "A", "vm1", "B", held(opts));
-    // The booted guest holds ~150 MiB of data (the rest are holes, not sent):
-    // retarget after a third of it reached B.
-    let mid = wait_for(120, || {
-        let m = tb.client("A").status(Some("vm1")).ok()?.pop()?;
-        (m.done || m.progress.bytes_sent >= 48 * MIB).then_some(m.done)
-    });
-    assert_eq!(mid, Some(false), "migration ended before the retarget point");
-    tb.client("A").retarget("vm1", "C", true).expect("retarget");
-    release(&tb, "A", "vm1");
-    let report = wait_report(&tb, "A", "vm1");
-    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
-    assert_eq!(report.destination, "C", "{report:#?}");
+    let report = migrate_booted_with_a_retarget(&tb, opts);
     let forwarded = report.bytes_by_sender.get("B").copied().unwrap_or(0);
     assert!(forwarded > 8 * MIB, "B forwarded only {forwarded} bytes: {report:#?}");
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

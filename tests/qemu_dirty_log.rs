@@ -11,7 +11,7 @@ use common::*;
 use dcmigrate::dirty::softdirty::{self, SoftDirtyTracker};
 use dcmigrate::dirty::{DirtyTracker, TrackerKind};
 use dcmigrate::engine::options::VerifyMode;
-use dcmigrate::engine::{MigrateOptions, Outcome};
+use dcmigrate::engine::MigrateOptions;
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, DEFAULT_CHUNK_SIZE};
 use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_binary, qmp_listening, Backend, QemuSpec};
 use dcmigrate::testbed::{wait_for, Testbed};
@@ -37,42 +37,20 @@ fn patched_or_skip(test: &str) -> bool {
     can_run(test, available, false, "tests/run builds it with qemu-patches/build and sets DCMIGRATE_QEMU")
 }
 
-fn serial(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
 #[test]
 fn booted_guest_moves_with_a_retarget_trusting_qemus_dirty_log_alone() {
     const T: &str = "booted_guest_moves_with_a_retarget_trusting_qemus_dirty_log_alone";
     if !patched_or_skip(T) || !hooks_or_skip(T) {
         return;
     }
-    let Some(image) = guest_image() else {
-        skip(T, "no guest image: run tests/guest-image/build");
-        return;
-    };
-    let mut tb = testbed(&["A", "B", "C"]);
-    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image) };
-    let g = tb.start_qemu("A", "vm1", &spec).expect("QEMU on A");
-    let booted = wait_for(120, || (heartbeats(&serial(&g.serial())).len() >= 5).then_some(()));
-    assert!(booted.is_some(), "guest did not boot: {}", serial(&g.serial()));
+    let Some((tb, g)) = booted_guest(T) else { return };
 
     // Nothing but QEMU's log decides what is resent: no comparison at the
     // switchover, so a page the log missed would stay stale on C. No tracker
     // asked for: a QEMU that offers its log gets the `qemu` tracker first.
     let opts =
         MigrateOptions { max_bandwidth_mbps: Some(30.0), suspend: true, verify: VerifyMode::Off, ..Default::default() };
-    start_migration(&tb, "A", "vm1", "B", held(opts));
-    let mid = wait_for(120, || {
-        let m = tb.client("A").status(Some("vm1")).ok()?.pop()?;
-        (m.done || m.progress.bytes_sent >= 48 * MIB).then_some(m.done)
-    });
-    assert_eq!(mid, Some(false), "migration ended before the retarget point");
-    tb.client("A").retarget("vm1", "C", true).expect("retarget");
-    release(&tb, "A", "vm1");
-    let report = wait_report(&tb, "A", "vm1");
-    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
-    assert_eq!(report.destination, "C", "{report:#?}");
+    let report = migrate_booted_with_a_retarget(&tb, opts);
     assert_eq!(report.tracker, Some(TrackerKind::Qemu), "{report:#?}");
     assert!(!report.verified, "verification ran: {report:#?}");
     // The guest kept writing: QEMU's log reported pages after the first round.
@@ -95,6 +73,21 @@ fn booted_guest_moves_with_a_retarget_trusting_qemus_dirty_log_alone() {
     assert!(moved.is_some(), "no heartbeat on C: {}", serial(&c_serial));
 }
 
+/// QEMU (the one under test) as the test bed runs `spec` in `dir`, its RAM
+/// files created, a QMP socket at `dir`/qmp.sock; `edit` changes the
+/// arguments first.
+fn qemu_in(spec: &QemuSpec, dir: &Path, edit: impl FnOnce(&mut Vec<String>)) -> Command {
+    for (id, size, _) in &spec.ram {
+        std::fs::File::create(dir.join(format!("{id}.ram"))).unwrap().set_len(*size).unwrap();
+    }
+    let ds = dir.display().to_string();
+    let mut args: Vec<String> = spec.args().iter().map(|a| a.replace("{dir}", &ds)).collect();
+    edit(&mut args);
+    let mut c = Command::new(qemu_binary());
+    c.args(args).arg("-qmp").arg(format!("unix:{ds}/qmp.sock,server=on,wait=off")).stdin(Stdio::null());
+    c
+}
+
 /// A QEMU with 64 MiB of shared RAM and a QMP client for raw commands.
 struct Qemu {
     child: Child,
@@ -103,18 +96,9 @@ struct Qemu {
 
 impl Qemu {
     fn start(dir: &Path) -> Self {
-        let ram = dir.join("ram0.ram");
-        std::fs::File::create(&ram).unwrap().set_len(64 * MIB).unwrap();
+        let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None };
+        let child = qemu_in(&spec, dir, |a| a.push("-S".into())).spawn().expect("QEMU");
         let sock = dir.join("qmp.sock");
-        let child = Command::new(qemu_binary())
-            .args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-m", "64M"])
-            .arg("-object")
-            .arg(format!("memory-backend-file,id=ram0,size=64M,mem-path={},share=on", ram.display()))
-            .args(["-machine", "memory-backend=ram0", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("QEMU");
         qmp_listening(&sock, 30).expect("QMP socket");
         let s = UnixStream::connect(&sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -253,7 +237,6 @@ fn pages_a_vhost_user_disk_writes_are_in_qemus_log_where_soft_dirty_misses_them(
     // have been written after their first sync.
     std::fs::File::create(d.join("disk.img")).unwrap().set_len(BLOCKS * 4096).unwrap();
     let ram_size = 256 * MIB;
-    std::fs::File::create(d.join("ram0.ram")).unwrap().set_len(ram_size).unwrap();
 
     // The disk is served by another process, which writes the guest's RAM
     // through its own mapping: QEMU's page tables never see those writes.
@@ -271,27 +254,22 @@ fn pages_a_vhost_user_disk_writes_are_in_qemus_log_where_soft_dirty_misses_them(
     );
     assert!(wait_for(30, || vhost.exists().then_some(())).is_some(), "no vhost-user socket");
     let (qmp, console) = (d.join("qmp.sock"), d.join("console.sock"));
-    let qemu = Command::new(qemu_binary())
-        .args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-m", "256M"])
-        .arg("-object")
-        .arg(format!("memory-backend-file,id=ram0,size=256M,mem-path={},share=on", d.join("ram0.ram").display()))
-        .args(["-machine", "memory-backend=ram0"])
-        .arg("-chardev")
-        .arg(format!("socket,id=vhost,path={}", vhost.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=vhost"])
-        .arg("-chardev")
-        .arg(format!("socket,id=con,path={},server=on,wait=off", console.display()))
-        .args(["-serial", "chardev:con", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initrd.gz"))
-        // init_on_alloc=0: page cache pages are not zeroed by a vCPU first.
-        .args(["-append", "console=ttyS0 quiet panic=-1 init_on_alloc=0 dcm.dma"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("QEMU");
+    let spec = QemuSpec { ram: vec![("ram0".into(), ram_size, Backend::File)], image: Some(image) };
+    let qemu = qemu_in(&spec, d, |a| {
+        for v in a.iter_mut() {
+            if v.starts_with("file:") && v.ends_with("/serial.log") {
+                *v = "chardev:con".into();
+            } else if v.starts_with("console=ttyS0") {
+                // init_on_alloc=0: page cache pages are not zeroed by a vCPU first.
+                v.push_str(" init_on_alloc=0 dcm.dma");
+            }
+        }
+        a.extend(["-chardev".into(), format!("socket,id=vhost,path={}", vhost.display())]);
+        a.extend(["-device".into(), "vhost-user-blk-pci,chardev=vhost".into()]);
+        a.extend(["-chardev".into(), format!("socket,id=con,path={},server=on,wait=off", console.display())]);
+    })
+    .spawn()
+    .expect("QEMU");
     let pid = qemu.id();
     procs.0.push(qemu);
     qmp_listening(&qmp, 30).expect("QMP socket");
@@ -371,22 +349,9 @@ fn a_tracker_whose_log_another_took_over_fails_its_sync() {
     };
     let dir = tempfile::tempdir().unwrap();
     let ram_file = dir.path().join("ram0.ram");
-    std::fs::File::create(&ram_file).unwrap().set_len(256 * MIB).unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let child = Command::new(qemu_binary())
-        .args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-m", "256M"])
-        .arg("-object")
-        .arg(format!("memory-backend-file,id=ram0,size=256M,mem-path={},share=on", ram_file.display()))
-        .args(["-machine", "memory-backend=ram0", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initrd.gz"))
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("QEMU");
+    let spec = QemuSpec { ram: vec![("ram0".into(), 256 * MIB, Backend::File)], image: Some(image) };
+    let child = qemu_in(&spec, dir.path(), |_| ()).spawn().expect("QEMU");
     let _reap = Reaper(vec![child]);
     qmp_listening(&qmp, 30).expect("QMP socket");
     let layout = Layout::new(vec![RegionSpec { id: "ram0".into(), size: 256 * MIB }], DEFAULT_CHUNK_SIZE).unwrap();

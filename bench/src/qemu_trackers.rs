@@ -13,7 +13,7 @@ use dcmigrate::dirty::hash::HashTracker;
 use dcmigrate::dirty::softdirty::{self, SoftDirtyTracker};
 use dcmigrate::dirty::DirtyTracker;
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, DEFAULT_CHUNK_SIZE};
-use dcmigrate::testbed::qemu::qmp_listening;
+use dcmigrate::testbed::qemu::{qmp_listening, Backend, QemuSpec};
 use dcmigrate::vm::qemu::dirty_log::QemuLogTracker;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -50,20 +50,13 @@ fn boot(qemu: &Path, image: &Path, dir: &Path, mib: u64) -> Result<Guest> {
     fill(&ram, mib << 20)?;
     let (qmp, serial) = (dir.join("qmp.sock"), dir.join("serial.log"));
     let _ = std::fs::remove_file(&serial);
+    // The test bed's command line for its guests, in `dir`.
+    let spec = QemuSpec { ram: vec![("ram0".into(), mib << 20, Backend::File)], image: Some(image.to_owned()) };
+    let ds = dir.display().to_string();
     let child = Command::new(qemu)
-        .args(["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-m"])
-        .arg(format!("{mib}M"))
-        .arg("-object")
-        .arg(format!("memory-backend-file,id=ram0,size={mib}M,mem-path={},share=on", ram.display()))
-        .args(["-machine", "memory-backend=ram0", "-serial"])
-        .arg(format!("file:{}", serial.display()))
+        .args(spec.args().iter().map(|a| a.replace("{dir}", &ds)))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initrd.gz"))
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

@@ -277,6 +277,9 @@ impl Agent {
         if m.is_done() {
             return Err(RequestError::Finished(vm.into()));
         }
+        if m.switching_over() {
+            return Err(RequestError::Steering(format!("too late: {vm} is paused for its switchover")));
+        }
         if s.is_empty() {
             return Err(RequestError::Steering(
                 "nothing to change: give a rate cap, a downtime limit or force-complete".into(),

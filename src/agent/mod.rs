@@ -381,12 +381,35 @@ impl Agent {
         W: tokio::io::AsyncWrite + Unpin,
     {
         use crate::engine::watch::EventKind;
+        // Subscribed first: an end after the check below is in the stream.
         let mut rx = self.events.subscribe();
+        // A VM of this host may be watched before its migration starts.
+        let mut one = match &vm {
+            Some(v) => match self.migration(v) {
+                Ok(m) => Some(m),
+                Err(_) if self.vm_record(v).is_some() => None,
+                Err(e) => {
+                    let msg = json!({"ok": false, "error": crate::error_chain(&e)});
+                    let _ = wr.write_all(format!("{msg}\n").as_bytes()).await;
+                    return;
+                }
+            },
+            None => None,
+        };
         if wr.write_all(b"{\"ok\":true}\n").await.is_err() {
             return;
         }
         let mut buf = String::new();
         loop {
+            // The VM's migration ended before, or among events this watcher
+            // missed: its end, from the report, closes the stream.
+            if let Some(m) = one.as_ref().filter(|m| m.is_done()) {
+                if let Some(e) = m.ended_event() {
+                    let _ =
+                        wr.write_all(format!("{}\n", serde_json::to_string(&e).unwrap_or_default()).as_bytes()).await;
+                }
+                return;
+            }
             let line = tokio::select! {
                 e = rx.recv() => match e {
                     Ok(e) if vm.as_ref().is_none_or(|v| *v == e.vm) => {
@@ -395,12 +418,17 @@ impl Agent {
                     }
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        // The missed events may hold the end: checked above.
+                        if let Some(v) = &vm {
+                            one = self.migration(v).ok();
+                        }
                         (json!({"event": "lagged", "missed": n}).to_string(), false)
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
                 // The client closed its end (or sent more: not expected).
                 _ = client.read_line(&mut buf) => return,
+                _ = self.shutdown.cancelled() => return,
             };
             if wr.write_all(format!("{}\n", line.0).as_bytes()).await.is_err() || line.1 {
                 return;

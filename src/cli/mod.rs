@@ -75,7 +75,7 @@ pub enum Cmd {
         /// The VM being migrated.
         vm: String,
         /// The source's new rate cap, MB/s (0 lifts the cap); taken at once.
-        #[arg(long, value_name = "MBPS")]
+        #[arg(long, value_name = "MBPS", value_parser = operate::parse_rate)]
         max_bandwidth: Option<f64>,
         /// The new downtime limit, ms; taken at the next round's end.
         #[arg(long, value_name = "MS")]

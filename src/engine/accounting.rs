@@ -113,7 +113,8 @@ impl Accounting {
     pub fn estimate(&self, remaining: u64, last: &RoundReport) -> Duration {
         let last_rate =
             if last.ms > 0.0 && last.bytes >= 1 << 20 { last.bytes as f64 / (last.ms / 1e3) } else { f64::MAX };
-        let rate = self.throughput().min(last_rate).max(1.0);
+        // A cap lowered since (`dcmigrate set`) binds the final round too.
+        let rate = self.throughput().min(last_rate).min(self.pacer.rate.unwrap_or(f64::MAX)).max(1.0);
         Duration::from_secs_f64(remaining as f64 / rate)
     }
 

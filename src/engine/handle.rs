@@ -98,6 +98,8 @@ pub struct MigrationHandle {
     /// Operator changes not yet taken by the engine, and its wake-up.
     steering: Mutex<Steering>,
     steered: tokio::sync::Notify,
+    /// The VM paused for the switchover: too late to steer.
+    paused: std::sync::atomic::AtomicBool,
     /// Where events go (the agent's watchers), and the progress last told.
     events: Mutex<Option<super::watch::EventSink>>,
     told: Mutex<Told>,
@@ -126,6 +128,7 @@ impl MigrationHandle {
             on_phase: Mutex::new(None),
             steering: Mutex::new(Steering::default()),
             steered: tokio::sync::Notify::new(),
+            paused: std::sync::atomic::AtomicBool::new(false),
             events: Mutex::new(None),
             told: Mutex::new(Told::default()),
             #[cfg(feature = "test-hooks")]
@@ -147,6 +150,12 @@ impl MigrationHandle {
         };
         self.emit(EventKind::Retarget { to, forward, reason: "operator".into(), error: r.as_ref().err().cloned() });
         r
+    }
+
+    /// Whether the switchover began (the VM is paused): steering is refused
+    /// from then on, as the engine no longer takes it.
+    pub fn switching_over(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Queues an operator's change for the engine (later values win; a
@@ -184,6 +193,9 @@ impl MigrationHandle {
 
     /// The engine reached `phase`, with `destination` the current one.
     pub fn phase_changed(&self, destination: &str, phase: super::phase::Phase) {
+        if phase.paused() {
+            self.paused.store(true, Ordering::SeqCst);
+        }
         if let Some(h) = self.on_phase.lock().unwrap().as_ref() {
             h(&self.vm, destination, phase);
         }
@@ -206,15 +218,17 @@ impl MigrationHandle {
 
     /// Updates the live progress (told to watchers at most once a second).
     pub fn set_progress(&self, f: impl FnOnce(&mut Progress)) {
+        let mut told = self.told.lock().unwrap();
+        let due = told.at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
         let p = {
             let mut p = self.progress.lock().unwrap();
             f(&mut p);
-            p.clone()
+            // Cloned only when it is told (this runs on every completion).
+            match due && p.ram_bytes > 0 {
+                true => p.clone(),
+                false => return,
+            }
         };
-        let mut told = self.told.lock().unwrap();
-        if told.at.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) || p.ram_bytes == 0 {
-            return;
-        }
         let held = p.ram_bytes.saturating_sub(p.remaining_bytes) as f64 / p.ram_bytes as f64 * 100.0;
         told.percent = told.percent.max(held);
         told.at = Some(std::time::Instant::now());
@@ -240,15 +254,17 @@ impl MigrationHandle {
         });
     }
 
+    /// The `ended` event of a migration that ended (from its report).
+    pub fn ended_event(&self) -> Option<Event> {
+        let report = self.report.lock().unwrap();
+        let kind = ended(report.as_ref()?);
+        Some(Event { vm: self.vm.clone(), migration: self.id.clone(), ts_ms: now_ms(), kind })
+    }
+
     /// The migration ended with `report`.
     pub fn finish(&self, report: Report) {
         self.progress.lock().unwrap().phase = "done".into();
-        self.emit(EventKind::Ended {
-            result: report.result,
-            destination: report.destination.clone(),
-            downtime_ms: report.downtime_ms,
-            error: report.error.clone(),
-        });
+        self.emit(ended(&report));
         *self.report.lock().unwrap() = Some(report);
         self.done.send_replace(true);
     }
@@ -275,5 +291,14 @@ impl MigrationHandle {
             report: self.report.lock().unwrap().clone(),
             progress,
         }
+    }
+}
+
+fn ended(report: &Report) -> EventKind {
+    EventKind::Ended {
+        result: report.result,
+        destination: report.destination.clone(),
+        downtime_ms: report.downtime_ms,
+        error: report.error.clone(),
     }
 }

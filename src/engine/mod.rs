@@ -327,6 +327,7 @@ impl Migration {
 
     async fn execute(&mut self) -> Result<(), EngineError> {
         let (switchover, estimate) = self.precopy().await?;
+        self.steering_too_late();
         self.report.switchover = Some(switchover);
         self.switchover(estimate).await
     }

@@ -31,6 +31,17 @@ impl Migration {
         }
     }
 
+    /// A change that arrived after the last look, as the switchover began
+    /// (the API refuses them once the VM is paused): in the report, not lost
+    /// silently.
+    pub(super) fn steering_too_late(&mut self) {
+        let s = self.job.handle.take_steering();
+        if !s.is_empty() {
+            tracing::warn!(vm = %self.report.vm, "operator's change arrived as the switchover began: not applied");
+            self.report.steering.push(format!("not applied (the switchover had begun): {s:?}"));
+        }
+    }
+
     fn elapsed_s(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use dcmigrate::engine::{MigrateOptions, Report};
+use dcmigrate::testbed::qemu::{guest_image, heartbeats, Backend, QemuGuest, QemuSpec};
 use dcmigrate::testbed::{wait_for, Testbed};
 use dcmigrate::vm::synthetic::{Pattern, Workload};
 use dcmigrate::vm::VmState;
@@ -176,4 +177,43 @@ pub fn can_run(test: &str, available: Result<(), String>, required_in_vm: bool, 
             false
         }
     }
+}
+
+/// A serial console log as text (empty before QEMU wrote it).
+pub fn serial(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// Hosts A, B and C, and the test guest (tests/guest-image) booted on A
+/// with 512 MiB in a file backend, added to A's agent as `vm1`, once it
+/// printed five heartbeats; `None` (skipped, saying why) without a guest image.
+pub fn booted_guest(test: &str) -> Option<(Testbed, QemuGuest)> {
+    let Some(image) = guest_image() else {
+        skip(test, "no guest image: run tests/guest-image/build");
+        return None;
+    };
+    let mut tb = testbed(&["A", "B", "C"]);
+    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image) };
+    let g = tb.start_qemu("A", "vm1", &spec).expect("QEMU on A");
+    let booted = wait_for(120, || (heartbeats(&serial(&g.serial())).len() >= 5).then_some(()));
+    assert!(booted.is_some(), "guest did not boot: {}", serial(&g.serial()));
+    Some((tb, g))
+}
+
+/// Migrates the [`booted_guest`] from A towards B with `opts` (held before
+/// the switchover), retargets to C once 48 MiB were sent (a third of the
+/// guest's data: the rest are holes), and returns the completed report.
+pub fn migrate_booted_with_a_retarget(tb: &Testbed, opts: MigrateOptions) -> Report {
+    start_migration(tb, "A", "vm1", "B", held(opts));
+    let mid = wait_for(120, || {
+        let m = tb.client("A").status(Some("vm1")).ok()?.pop()?;
+        (m.done || m.progress.bytes_sent >= 48 * MIB).then_some(m.done)
+    });
+    assert_eq!(mid, Some(false), "migration ended before the retarget point");
+    tb.client("A").retarget("vm1", "C", true).expect("retarget");
+    release(tb, "A", "vm1");
+    let report = wait_report(tb, "A", "vm1");
+    assert_eq!(report.result, dcmigrate::engine::Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    assert_eq!(report.destination, "C", "{report:#?}");
+    report
 }
