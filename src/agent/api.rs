@@ -108,6 +108,29 @@ pub enum Request {
         /// Where the operator found it running.
         runs_on: String,
     },
+    /// Drains this host ([`DrainReply`]): no new incoming migrations, and
+    /// sources of the running ones are asked to move them elsewhere.
+    Drain,
+    /// Ends the drain ([`DrainReply`]).
+    Undrain,
+    /// Starts migrating every VM of this host to `to` ([`EvacuationStatus`]).
+    Evacuate {
+        /// Candidate destinations.
+        to: Vec<String>,
+        /// Most migrations out at once.
+        #[serde(default = "two")]
+        max_parallel: usize,
+        /// Options of every migration (`fallback` is set per VM).
+        #[serde(default)]
+        options: MigrateOptions,
+    },
+    /// An evacuation's progress, or its report once it ended
+    /// ([`EvacuationStatus`]; default: the latest).
+    Evacuation {
+        /// Its id.
+        #[serde(default)]
+        id: Option<String>,
+    },
     /// Stops the agent (migrations are cancelled first).
     Shutdown,
     /// Test builds only: lets a migration started with `hold_switchover` switch over.
@@ -120,6 +143,21 @@ pub enum Request {
 
 fn yes() -> bool {
     true
+}
+
+fn two() -> usize {
+    2
+}
+
+/// Reply to [`Request::Drain`] and [`Request::Undrain`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DrainReply {
+    /// This host.
+    pub host: String,
+    /// Whether it is drained now.
+    pub drained: bool,
+    /// Incoming migrations still running (being moved elsewhere).
+    pub incoming: u32,
 }
 
 /// Reply to [`Request::Steer`]: what the migration was asked.
@@ -147,6 +185,9 @@ pub struct InfoReply {
     /// VMs with an incoming session here (being migrated to this host).
     #[serde(default)]
     pub incoming: Vec<String>,
+    /// What it advertises to peers choosing a destination (drained, room).
+    #[serde(default)]
+    pub capacity: crate::protocol::control::Capacity,
 }
 
 /// Whether the agent has RDMA.
@@ -361,6 +402,26 @@ impl Client {
     /// [`Request::Resolve`].
     pub fn resolve(&self, vm: &str, runs_on: &str) -> Result<(), ApiError> {
         self.call::<Done>(&Request::Resolve { vm: vm.into(), runs_on: runs_on.into() }).map(|_| ())
+    }
+
+    /// [`Request::Drain`] (`on`) or [`Request::Undrain`].
+    pub fn drain(&self, on: bool) -> Result<DrainReply, ApiError> {
+        self.call(if on { &Request::Drain } else { &Request::Undrain })
+    }
+
+    /// [`Request::Evacuate`].
+    pub fn evacuate(
+        &self,
+        to: &[String],
+        max_parallel: usize,
+        options: MigrateOptions,
+    ) -> Result<super::evacuate::EvacuationStatus, ApiError> {
+        self.call(&Request::Evacuate { to: to.to_vec(), max_parallel, options })
+    }
+
+    /// [`Request::Evacuation`].
+    pub fn evacuation(&self, id: Option<&str>) -> Result<super::evacuate::EvacuationStatus, ApiError> {
+        self.call(&Request::Evacuation { id: id.map(str::to_owned) })
     }
 
     /// [`Request::Shutdown`].

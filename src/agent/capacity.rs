@@ -8,13 +8,15 @@
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// The operator's limits on incoming RAM.
+/// The operator's limits on incoming RAM and sessions.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
     /// Largest RAM of one incoming session.
     pub per_session: Option<u64>,
     /// Largest RAM of all incoming sessions at once.
     pub total: Option<u64>,
+    /// Most incoming sessions at once.
+    pub sessions: Option<u32>,
 }
 
 /// Room an incoming session holds in the data dir.
@@ -71,6 +73,12 @@ pub enum CapacityError {
         /// What other sessions will still fill.
         reserved: u64,
     },
+    /// As many incoming sessions as the operator allows are open.
+    #[error("{0} incoming migrations already run here, the most this host takes at once (--max-incoming)")]
+    Sessions(u32),
+    /// The host is drained.
+    #[error("this host is drained: it takes no new incoming migrations")]
+    Drained,
     /// The data dir's free space could not be read.
     #[error("reading the free space of {0}")]
     Statvfs(PathBuf, #[source] std::io::Error),
@@ -86,6 +94,9 @@ pub fn admit<'a>(
     if let Some(limit) = limits.per_session.filter(|&l| need > l) {
         return Err(CapacityError::Session { need, limit });
     }
+    if let Some(limit) = limits.sessions.filter(|&l| others.clone().count() >= l as usize) {
+        return Err(CapacityError::Sessions(limit));
+    }
     let incoming: u64 = others.clone().map(|r| r.bytes).sum();
     if let Some(limit) = limits.total.filter(|&l| need.saturating_add(incoming) > l) {
         return Err(CapacityError::Total { need, incoming, limit });
@@ -96,6 +107,29 @@ pub fn admit<'a>(
         return Err(CapacityError::Space { need, dir: data_dir.to_owned(), free, reserved });
     }
     Ok(())
+}
+
+/// What this host advertises to a peer choosing a destination: room left
+/// beside the sessions it holds (and under its total limit), and its limits.
+pub fn advertise<'a>(
+    limits: &Limits,
+    data_dir: &Path,
+    sessions: impl Iterator<Item = &'a Reservation> + Clone,
+    drained: bool,
+) -> crate::protocol::control::Capacity {
+    let reserved: u64 = sessions.clone().map(Reservation::unfilled).sum();
+    let incoming: u64 = sessions.clone().map(|r| r.bytes).sum();
+    let mut free = free_bytes(data_dir).unwrap_or(0).saturating_sub(reserved);
+    if let Some(total) = limits.total {
+        free = free.min(total.saturating_sub(incoming));
+    }
+    crate::protocol::control::Capacity {
+        free_bytes: free,
+        max_session_bytes: limits.per_session,
+        incoming: sessions.count() as u32,
+        max_incoming: limits.sessions,
+        drained,
+    }
 }
 
 /// Bytes an unprivileged writer may still allocate in `dir`'s file system.
@@ -128,7 +162,7 @@ mod tests {
         assert!(admit(&Limits::default(), dir.path(), 1 << 20, none.iter()).is_ok());
         let e = admit(&Limits::default(), dir.path(), 64 << 40, none.iter()).unwrap_err();
         assert!(matches!(e, CapacityError::Space { .. }), "{e}");
-        let per = Limits { per_session: Some(1 << 20), total: None };
+        let per = Limits { per_session: Some(1 << 20), ..Default::default() };
         assert!(matches!(admit(&per, dir.path(), 2 << 20, none.iter()), Err(CapacityError::Session { .. })));
         // Another session's unfilled RAM is promised to it.
         let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")] }];
@@ -136,7 +170,12 @@ mod tests {
             admit(&Limits::default(), dir.path(), 1 << 20, other.iter()),
             Err(CapacityError::Space { .. })
         ));
-        let total = Limits { per_session: None, total: Some(free + (1 << 20)) };
+        let total = Limits { total: Some(free + (1 << 20)), ..Default::default() };
         assert!(matches!(admit(&total, dir.path(), 2 << 20, other.iter()), Err(CapacityError::Total { .. })));
+        let one = Limits { sessions: Some(1), ..Default::default() };
+        assert!(matches!(admit(&one, dir.path(), 1 << 20, other.iter()), Err(CapacityError::Sessions(1))));
+        let ad = advertise(&total, dir.path(), other.iter(), true);
+        assert_eq!((ad.incoming, ad.drained), (1, true));
+        assert!(ad.free_bytes <= 1 << 20, "the total limit bounds the room: {ad:?}");
     }
 }

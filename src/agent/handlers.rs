@@ -2,7 +2,7 @@
 //! [`super::api`]); `handle` only dispatches.
 
 use super::api::{
-    AttachReply, Done, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, SteerReply,
+    AttachReply, Done, DrainReply, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, SteerReply,
     VmEntry,
 };
 use super::journal::MigrationEntry;
@@ -80,6 +80,15 @@ pub enum RequestError {
     /// A change a running migration cannot take.
     #[error("{0}")]
     Steering(String),
+    /// An evacuation that cannot run (or none to show).
+    #[error("evacuate: {0}")]
+    Evacuate(String),
+    /// A fallback host that cannot be one.
+    #[error("fallback: {0}")]
+    Fallback(String),
+    /// As many outgoing migrations as the agent allows run already.
+    #[error("{0} migrations already leave this host, the most it runs at once (--max-outgoing)")]
+    Busy(u32),
     /// The engine refused the retarget.
     #[error("retarget refused: {0}")]
     Retarget(String),
@@ -115,6 +124,12 @@ impl Agent {
             Request::Cancel { vm } => Self::reply(self.cancel(&vm).await?),
             Request::Resume { vm } => Self::reply(self.resume(&vm).await?),
             Request::Resolve { vm, runs_on } => Self::reply(self.resolve(&vm, &runs_on).await?),
+            Request::Drain => Self::reply(self.drain(true)),
+            Request::Undrain => Self::reply(self.drain(false)),
+            Request::Evacuate { to, max_parallel, options } => {
+                Self::reply(self.evacuate(to, max_parallel, options)?)
+            }
+            Request::Evacuation { id } => Self::reply(self.evacuation(id.as_deref())?),
             Request::Shutdown => {
                 self.shutdown.cancel();
                 Self::reply(Done {})
@@ -138,6 +153,7 @@ impl Agent {
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
+            capacity: self.capacity(),
         }
     }
 
@@ -192,7 +208,7 @@ impl Agent {
         ListReply { vms: out }
     }
 
-    fn migrate(self: Arc<Self>, vm: String, to: String, options: MigrateOptions) -> Result<MigrateReply, RequestError> {
+    pub(super) fn migrate(self: Arc<Self>, vm: String, to: String, options: MigrateOptions) -> Result<MigrateReply, RequestError> {
         let rec =
             self.vm_record(&vm).ok_or_else(|| RequestError::NoVm { vm: vm.clone(), host: self.cfg.name.clone() })?;
         self.refuse_unknown(&vm)?;
@@ -206,6 +222,16 @@ impl Agent {
             }
         }
         options.check()?;
+        let mut fallbacks = vec![];
+        for h in &options.fallback {
+            if h == &self.cfg.name || h == &to {
+                return Err(RequestError::Fallback(format!("{h} is the source or the destination")));
+            }
+            fallbacks.push((h.clone(), self.peer_addr(h)?));
+        }
+        if let Some(max) = self.cfg.max_outgoing.filter(|&m| self.outgoing() >= m as usize) {
+            return Err(RequestError::Busy(max));
+        }
         let ctx = engine::Context {
             me: self.cfg.name.clone(),
             tls: self.cfg.tls.clone(),
@@ -213,6 +239,7 @@ impl Agent {
             unordered: crate::hooks::unordered().is_some(),
             rdma: self.rdma.clone(),
             peer_timeout: self.cfg.peer_timeout,
+            fallbacks,
         };
         let handle = MigrationHandle::new(&vm, &to);
         handle.on_events(self.events.clone());
@@ -296,6 +323,12 @@ impl Agent {
         }
         m.steer(&s);
         Ok(SteerReply { migration: m.id.clone(), steering: s })
+    }
+
+    fn drain(&self, on: bool) -> DrainReply {
+        self.set_drained(on);
+        let c = self.capacity();
+        DrainReply { host: self.cfg.name.clone(), drained: c.drained, incoming: c.incoming }
     }
 
     async fn cancel(&self, vm: &str) -> Result<MigrationStatus, RequestError> {

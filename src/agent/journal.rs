@@ -138,6 +138,21 @@ impl Agent {
         }
     }
 
+    /// Records whether the host is drained (a file `drained` while it is).
+    pub(super) fn journal_drain(&self, on: bool) {
+        let path = self.state("drained");
+        let r = match on {
+            true => std::fs::write(&path, b"drained\n"),
+            false => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
+        };
+        if let Err(e) = r {
+            tracing::warn!("journal: {e}");
+        }
+    }
+
     /// Records (or forgets) an incoming session's files.
     pub(crate) fn journal_incoming(&self, vm: &str, e: Option<IncomingEntry>) {
         let path = entry(&self.state("incoming"), vm);
@@ -152,6 +167,9 @@ impl Agent {
 
     /// Reads the journal and settles what a previous run left.
     pub(super) async fn recover(self: &Arc<Self>) {
+        if self.cfg.drained || self.state("drained").exists() {
+            self.set_drained(true);
+        }
         if let Some(reg) = read_json::<Registry>(&self.state("vms.json")) {
             for rec in reg.vms {
                 let (name, r) = (rec.name.clone(), rec.clone());

@@ -5,7 +5,9 @@
 
 pub mod access;
 pub mod api;
+mod ask;
 pub mod capacity;
+pub mod evacuate;
 mod handlers;
 pub mod journal;
 mod outcome;
@@ -80,8 +82,12 @@ pub struct AgentConfig {
     /// Directories a peer's launch spec may name files under (disk images,
     /// kernels), besides the VM's own directory.
     pub storage: Vec<PathBuf>,
-    /// Limits on incoming RAM.
+    /// Limits on incoming RAM and sessions.
     pub limits: capacity::Limits,
+    /// Most outgoing migrations at once.
+    pub max_outgoing: Option<u32>,
+    /// Start drained (a drain set through the API is journaled too).
+    pub drained: bool,
     /// Encrypt TCP data streams, and refuse plain ones.
     pub data_encryption: bool,
     /// The user incoming QEMUs run as (else the agent's).
@@ -134,6 +140,10 @@ pub struct Agent {
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
     /// Every migration's events, for `watch` (see [`crate::engine::watch`]).
     events: crate::engine::watch::EventSink,
+    /// Whether this host is drained; incoming sessions watch it.
+    drained: tokio::sync::watch::Sender<bool>,
+    /// Evacuations of this host (see [`evacuate`]).
+    evacuations: Mutex<Vec<Arc<evacuate::Evacuation>>>,
 }
 
 impl Agent {
@@ -167,6 +177,8 @@ impl Agent {
             shutdown: CancellationToken::new(),
             // Watchers that fall this far behind are told how many they missed.
             events: tokio::sync::broadcast::channel(4096).0,
+            drained: tokio::sync::watch::channel(false).0,
+            evacuations: Mutex::new(vec![]),
         })
     }
 
@@ -192,9 +204,37 @@ impl Agent {
         if incoming.contains_key(vm) {
             return Ok(false);
         }
+        if *self.drained.borrow() {
+            return Err(capacity::CapacityError::Drained);
+        }
         capacity::admit(&self.cfg.limits, &self.cfg.data_dir, room.bytes, incoming.values())?;
         incoming.insert(vm.to_owned(), room);
         Ok(true)
+    }
+
+    /// What this host advertises to peers choosing a destination.
+    pub fn capacity(&self) -> crate::protocol::control::Capacity {
+        let incoming = self.incoming.lock().unwrap();
+        capacity::advertise(&self.cfg.limits, &self.cfg.data_dir, incoming.values(), *self.drained.borrow())
+    }
+
+    /// Whether this host is drained.
+    pub fn is_drained(&self) -> bool {
+        *self.drained.borrow()
+    }
+
+    /// Drains this host (or ends the drain): incoming sessions are told,
+    /// and ask their sources to leave. Kept in the state dir.
+    pub fn set_drained(&self, on: bool) {
+        if self.drained.send_replace(on) != on {
+            tracing::info!(drained = on, "{}", if on { "drained: no new incoming migrations" } else { "drain ended" });
+        }
+        self.journal_drain(on);
+    }
+
+    /// Resolves when the drain state changes; gives the new state.
+    pub fn drain_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drained.subscribe()
     }
 
     /// Gives the claim of [`begin_incoming`](Self::begin_incoming) back.

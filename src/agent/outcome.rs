@@ -6,7 +6,6 @@
 //! resolve`). The VM never runs twice.
 
 use super::Agent;
-use crate::control::{self, Channel, Heartbeat};
 use crate::protocol::{Message, RemoteOutcome, HEARTBEATS};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -77,26 +76,11 @@ impl Agent {
 
     /// One question to the destination.
     async fn ask(&self, vm: &str, destination: &str) -> Result<RemoteOutcome, String> {
-        let addr = self.cfg.peers.get(destination).copied().ok_or("not a configured peer")?;
-        let conn = control::connect(&self.cfg.tls, &self.cfg.name, destination, addr)
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
-        if conn.version < HEARTBEATS {
-            return Err(format!(
-                "{destination} speaks protocol {}, which cannot answer; settle it with `dcmigrate resolve`",
-                conn.version
-            ));
-        }
-        let mut ch = Channel::new(conn.stream, Some(Heartbeat::pinging(self.cfg.peer_timeout)));
-        ch.out.send(Message::OutcomeQuery { vm: vm.to_owned() }).map_err(|_| "connection closed")?;
-        let answer = tokio::time::timeout(self.cfg.peer_timeout * 2, ch.inbox.recv()).await;
-        ch.closed.cancel();
-        match answer {
-            Ok(Some(Ok(Message::OutcomeAnswer { outcome, .. }))) => Ok(outcome),
-            Ok(Some(Ok(other))) => Err(format!("unexpected {}", other.name())),
-            Ok(Some(Err(e))) => Err(crate::error_chain(&e)),
-            Ok(None) => Err("connection closed".into()),
-            Err(_) => Err("no answer".into()),
+        let q = Message::OutcomeQuery { vm: vm.to_owned() };
+        let what = "outcome queries; settle it with `dcmigrate resolve`";
+        match self.ask_peer(destination, q, HEARTBEATS, what).await? {
+            Message::OutcomeAnswer { outcome, .. } => Ok(outcome),
+            other => Err(format!("unexpected {}", other.name())),
         }
     }
 

@@ -57,6 +57,18 @@ pub struct AgentArgs {
     /// Largest RAM of all incoming migrations at once.
     #[arg(long, value_parser = parse_size)]
     pub max_incoming_ram: Option<u64>,
+    /// Most incoming migrations at once; more are refused at session open
+    /// (a source with fallback hosts then tries the next).
+    #[arg(long, env = "DCMIGRATE_MAX_INCOMING")]
+    pub max_incoming: Option<u32>,
+    /// Most outgoing migrations at once (`migrate` beyond it is refused;
+    /// `evacuate` queues).
+    #[arg(long, env = "DCMIGRATE_MAX_OUTGOING")]
+    pub max_outgoing: Option<u32>,
+    /// Start drained: no new incoming migrations (as `dcmigrate drain`).
+    /// A drain set through the API is kept in the state dir across restarts.
+    #[arg(long)]
+    pub drained: bool,
     /// Where the agent keeps its journal (VMs, migrations, incoming
     /// sessions), so that a restart settles what was in flight. Default:
     /// /var/lib/dcmigrate/NAME.
@@ -138,7 +150,13 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
         storage: a.storage,
         data_encryption: a.data_encryption == "on",
         qemu_user: a.qemu_user.as_deref().map(crate::vm::qemu::QemuUser::lookup).transpose()?,
-        limits: crate::agent::capacity::Limits { per_session: a.max_session_ram, total: a.max_incoming_ram },
+        limits: crate::agent::capacity::Limits {
+            per_session: a.max_session_ram,
+            total: a.max_incoming_ram,
+            sessions: a.max_incoming,
+        },
+        max_outgoing: a.max_outgoing,
+        drained: a.drained,
         rdma: crate::transport::rdma::RdmaOptions {
             device: a.rdma_device,
             gid_index: a.rdma_gid_index,

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod demo;
+pub mod host;
 pub mod operate;
 pub mod progress;
 
@@ -92,6 +93,42 @@ pub enum Cmd {
     ForceComplete {
         /// The VM being migrated.
         vm: String,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Move every VM off this host (see `evacuation` for its state).
+    Evacuate(host::EvacuateArgs),
+    /// An evacuation's state or final report (default: the latest).
+    Evacuation {
+        /// Its id.
+        id: Option<String>,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Take no new incoming migrations on this host; running ones move to
+    /// their fallback hosts (this host forwards what it holds).
+    Drain {
+        /// This host (the agent at --api).
+        host: String,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The local agent.
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// End a drain.
+    Undrain {
+        /// This host (the agent at --api).
+        host: String,
         /// Print the agent's answer as JSON.
         #[arg(long)]
         json: bool,
@@ -348,6 +385,16 @@ pub struct MigrateArgs {
     /// larger of the downtime limit and the estimate, plus 5 s).
     #[arg(long)]
     pub switchover_timeout: Option<u64>,
+    /// Hosts to move to, in order, if the destination is lost or refuses
+    /// before the switchover, is drained, or falls behind (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub fallback: Vec<String>,
+    /// Falling behind: below this rate, MB/s (default: a quarter of its best).
+    #[arg(long)]
+    pub slow_rate: Option<f64>,
+    /// ... for this long, seconds (0: never judged).
+    #[arg(long, default_value_t = crate::engine::options::DEFAULT_SLOW_FOR_S)]
+    pub slow_for: u64,
     /// Print only the final report, as JSON.
     #[arg(long)]
     pub json: bool,
@@ -374,6 +421,9 @@ impl MigrateArgs {
             tracker: self.tracker,
             max_bandwidth_mbps: self.max_bandwidth,
             switchover_timeout_ms: self.switchover_timeout,
+            fallback: self.fallback.clone(),
+            slow_rate_mbps: self.slow_rate,
+            slow_for_s: self.slow_for,
             ..Default::default()
         }
     }
@@ -406,6 +456,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             operate::steer(&api.api, &vm, Steering { force_complete: true, ..Default::default() }, json)
         }
         Cmd::Watch { vm, api } => operate::watch(&api.api, vm.as_deref()),
+        Cmd::Evacuate(a) => host::evacuate(a),
+        Cmd::Evacuation { id, json, api } => host::show(&api, id.as_deref(), json),
+        Cmd::Drain { host, json, api } => host::drain(&api, &host, true, json),
+        Cmd::Undrain { host, json, api } => host::drain(&api, &host, false, json),
         Cmd::Status { vm, json, api } => {
             let all = Client::new(api.api).status(vm.as_deref())?;
             match json {

@@ -134,8 +134,9 @@ pub fn print_report(r: &Report, json: bool) {
     for t in &r.retargets {
         let after: Vec<String> = t.bytes_after.iter().map(|(h, b)| format!("{h} {:.1} MB", mb(*b))).collect();
         println!(
-            "  retarget at {:.2} s: {} -> {} ({}; {:.1} MB were at {}), sent after it: {}",
+            "  retarget at {:.2} s ({}): {} -> {} ({}; {:.1} MB were at {}), sent after it: {}",
             t.at_ms / 1e3,
+            t.reason,
             t.from,
             t.to,
             if t.forwarding { "old destination forwarded" } else { "old destination dropped" },
@@ -143,6 +144,9 @@ pub fn print_report(r: &Report, json: bool) {
             t.from,
             after.join(", ")
         );
+    }
+    for d in &r.decisions {
+        println!("  decided at {:.2} s about {}: {} -> {}", d.at_ms / 1e3, d.target, d.reason, d.action);
     }
     if let Some(ms) = r.after_retarget_ms {
         println!("  {:.2} s from the last retarget to the end", ms / 1e3);

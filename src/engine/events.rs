@@ -32,6 +32,10 @@ impl Migration {
 
     /// Hands out work up to each sender's window.
     pub(super) fn fill(&mut self) -> Result<(), EngineError> {
+        // A lost target gets nothing until a fallback host replaces it.
+        if self.fb.dead.is_some() {
+            return Ok(());
+        }
         for f in self.hosts.forwarders.clone() {
             self.fill_forwarder(f);
         }
@@ -56,7 +60,7 @@ impl Migration {
             let bytes = b.epochs.len() as u64 * PAGE_SIZE as u64;
             if let Err(b) = self.target_link().submit(b) {
                 self.abandon(&b);
-                return Err(self.lost(self.hosts.target, super::link::LinkError::Closed));
+                return self.target_lost(self.hosts.target, super::link::LinkError::Closed);
             }
             self.sched.started(SOURCE, bytes);
             self.acct.pace(bytes);
@@ -96,8 +100,18 @@ impl Migration {
         // A target whose control connection ended (it died, froze past the
         // peer timeout, or lost its incoming VM) fails the migration now.
         let target = self.target_link();
+        let (dead, left) = (self.fb.dead.is_some(), self.fb.left(target.id));
+        let slow = (self.fb.slow.enabled() && self.fb.any_left() && !committing).then(|| self.fb.slow.due());
         tokio::select! {
-            _ = target.closed.cancelled() => Err(self.lost(target.id, target.lost_why())),
+            _ = target.closed.cancelled(), if !dead => self.target_lost(target.id, target.lost_why()),
+            _ = target.leave.cancelled(), if !left => {
+                self.target_leaving();
+                Ok(())
+            }
+            _ = tokio::time::sleep_until(slow.unwrap_or_else(tokio::time::Instant::now)), if slow.is_some() => {
+                self.check_slow();
+                Ok(())
+            }
             // The migration holds a sender of this channel: it never closes.
             Some(c) = self.completions.recv() => self.on_completion(c),
             r = self.rt.requests.recv(), if !committing => {
@@ -107,10 +121,10 @@ impl Migration {
                 Ok(())
             }
             o = self.rt.opened.recv() => {
-                if let Some(o) = o {
-                    self.install_target(o).await;
+                match o {
+                    Some(o) => self.install_target(o).await,
+                    None => Ok(()),
                 }
-                Ok(())
             }
             f = self.rt.fenced_rx.recv() => match f {
                 Some(f) => self.on_fenced(f),
@@ -150,6 +164,7 @@ impl Migration {
         if applied {
             if b.to == self.hosts.target {
                 self.acct.applied(n, n * PAGE_SIZE as u64);
+                self.fb.slow.applied(n * PAGE_SIZE as u64);
                 b.pages().for_each(|p| self.verifier.touch(self.ram.layout(), p));
             }
             if accepted < n {
@@ -159,7 +174,7 @@ impl Migration {
             return Ok(());
         }
         if b.to == self.hosts.target && b.from == SOURCE {
-            return Err(self.lost(b.to, super::link::LinkError::Peer(why)));
+            return self.target_lost(b.to, super::link::LinkError::Peer(why));
         }
         // Other failures (transfers to an old destination, a re-pointed
         // forwarder's last batches) only leave their pages stale.

@@ -121,6 +121,10 @@ pub struct Link {
     pub closed: CancellationToken,
     /// Why it is gone.
     why: Arc<Mutex<Option<String>>>,
+    /// Set when the host asked the source to move its session elsewhere
+    /// (`Leave`: it is drained), with its reason.
+    pub leave: CancellationToken,
+    leave_why: Arc<Mutex<Option<String>>>,
     /// The source's own data sender to this host (None once released).
     sender: Mutex<Option<Box<dyn PageSender>>>,
     /// The source's data plane to this host.
@@ -244,6 +248,8 @@ impl Link {
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
             closed: ch.closed,
             why: Arc::new(Mutex::new(None)),
+            leave: CancellationToken::new(),
+            leave_why: Arc::new(Mutex::new(None)),
             transport: sender.kind(),
             rdma_path: sender.rdma_path(),
             why_not_rdma: sender.why_not_rdma(),
@@ -268,6 +274,7 @@ impl Link {
     ) {
         let (closed, forwarding, bytes) = (self.closed.clone(), self.forwarding.clone(), self.forwarded_bytes.clone());
         let why_slot = self.why.clone();
+        let (leave, leave_why) = (self.leave.clone(), self.leave_why.clone());
         tokio::spawn(async move {
             let why = loop {
                 let m = tokio::select! {
@@ -286,6 +293,10 @@ impl Link {
                         };
                         let _ = completions.send(c);
                     }
+                    Some(Ok(Message::Leave { reason })) => {
+                        leave_why.lock().unwrap().get_or_insert(reason);
+                        leave.cancel();
+                    }
                     Some(Ok(m)) => {
                         let _ = replies.send(Ok(m));
                     }
@@ -303,6 +314,11 @@ impl Link {
                 let _ = completions.send(Completion::Failed(b, why.clone()));
             }
         });
+    }
+
+    /// Why the host asked the source to leave (once it has).
+    pub fn leave_reason(&self) -> String {
+        self.leave_why.lock().unwrap().clone().unwrap_or_else(|| "asked to leave".into())
     }
 
     /// Why the control connection ended (once it has).

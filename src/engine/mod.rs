@@ -18,6 +18,7 @@
 
 pub mod accounting;
 mod events;
+mod fallback;
 pub mod handle;
 pub mod link;
 pub mod options;
@@ -70,6 +71,8 @@ pub struct Context {
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
     /// A peer silent this long is lost.
     pub peer_timeout: std::time::Duration,
+    /// The migration's fallback hosts and their control addresses, in order.
+    pub fallbacks: Vec<(String, SocketAddr)>,
 }
 
 /// Why a migration did not complete.
@@ -148,6 +151,8 @@ struct Job {
     vm: Arc<dyn SourceVm>,
     opts: MigrateOptions,
     handle: Arc<MigrationHandle>,
+    /// When the migration started.
+    start: Instant,
 }
 
 /// What setup hands to the running migration.
@@ -159,6 +164,9 @@ struct Prepared {
     observer: Option<Arc<dyn SendObserver>>,
     link: Arc<Link>,
     completions: (mpsc::UnboundedSender<Completion>, mpsc::UnboundedReceiver<Completion>),
+    /// The first destination (a fallback host if the one asked for refused).
+    to: String,
+    fb: fallback::Fallback,
 }
 
 /// The hosts taking part: names by id (id 0 is the source), links, the
@@ -194,6 +202,8 @@ struct Migration {
     completions: mpsc::UnboundedReceiver<Completion>,
     /// The operator asked to switch over at the next round's end.
     force_complete: bool,
+    /// Fallback hosts and automatic retargets.
+    fb: fallback::Fallback,
 }
 
 /// Migrates `vm` to `to` (at `addr`); never panics, always returns a report.
@@ -215,10 +225,10 @@ pub async fn run(
         ..Default::default()
     };
     let start = Instant::now();
-    let job = Job { ctx, vm, opts, handle };
+    let job = Job { ctx, vm, opts, handle, start };
     match setup::prepare(&job, &mut report, &to, addr).await {
         Ok(p) => {
-            let mut m = Migration::new(job, report, start, to, p);
+            let mut m = Migration::new(job, report, start, p);
             let result = m.execute().await;
             m.finish(result).await
         }
@@ -242,7 +252,8 @@ fn outcome_of(e: &EngineError) -> Outcome {
 }
 
 impl Migration {
-    fn new(job: Job, report: Report, start: Instant, to: String, p: Prepared) -> Self {
+    fn new(job: Job, report: Report, start: Instant, p: Prepared) -> Self {
+        let to = p.to;
         let retargets = job.handle.take_retargets();
         let mut report = report;
         report.senders.push(SenderTransport {
@@ -254,6 +265,7 @@ impl Migration {
             tcp_fallbacks: 0,
             why_not_rdma: p.link.why_not_rdma.clone(),
         });
+        report.destination = to.clone();
         let hosts = Hosts {
             names: vec![job.ctx.me.clone(), to],
             links: HashMap::from([(p.link.id, p.link)]),
@@ -280,6 +292,7 @@ impl Migration {
             completions_tx: p.completions.0,
             completions: p.completions.1,
             force_complete: false,
+            fb: p.fb,
         };
         m.skip_holes();
         m.job.handle.phase_changed(&m.hosts.names[1], m.phase);

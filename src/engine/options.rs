@@ -14,6 +14,10 @@ pub const DEFAULT_STREAMS: usize = 4;
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// Default time budget, in seconds.
 pub const DEFAULT_MAX_TIME_S: u64 = 600;
+/// Default time a target must fall behind before a fallback takes over.
+pub const DEFAULT_SLOW_FOR_S: u64 = 10;
+/// Most fallback hosts one migration names.
+pub const MAX_FALLBACKS: usize = 8;
 /// Streams a migration may ask for.
 pub const STREAMS: std::ops::RangeInclusive<usize> = 1..=64;
 
@@ -99,6 +103,15 @@ pub struct MigrateOptions {
     /// source and the destination discards everything. Default: the larger
     /// of the downtime limit and the estimate, plus 5 s.
     pub switchover_timeout_ms: Option<u64>,
+    /// Hosts to retarget to, in order, when the destination is lost or
+    /// refuses before the switchover, is drained, or falls behind.
+    pub fallback: Vec<String>,
+    /// Falling behind: the target's rate (MB/s, while the source has a
+    /// backlog) below this; default: a quarter of the best seen so far.
+    pub slow_rate_mbps: Option<f64>,
+    /// Falling behind must last this long (seconds) before the migration
+    /// moves to a fallback host; 0: never judged.
+    pub slow_for_s: u64,
     /// Test builds only: do not start the switchover before the API's
     /// `release` (retargets are still served meanwhile), so that a test can
     /// act on a migration that is certain not to have ended.
@@ -121,6 +134,9 @@ impl Default for MigrateOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             max_bandwidth_mbps: None,
             switchover_timeout_ms: None,
+            fallback: vec![],
+            slow_rate_mbps: None,
+            slow_for_s: DEFAULT_SLOW_FOR_S,
             #[cfg(feature = "test-hooks")]
             hold_switchover: false,
         }
@@ -163,6 +179,12 @@ pub enum OptionsError {
     /// A rate cap below 0.1 MB/s, or not a number.
     #[error("max_bandwidth_mbps must be at least 0.1")]
     Bandwidth,
+    /// Too many fallback hosts, or one named twice.
+    #[error("fallback: at most {MAX_FALLBACKS} distinct hosts")]
+    Fallback,
+    /// A slowness threshold that is not a positive number.
+    #[error("slow_rate_mbps must be a positive number")]
+    SlowRate,
 }
 
 impl MigrateOptions {
@@ -173,6 +195,13 @@ impl MigrateOptions {
         }
         if self.max_bandwidth_mbps.is_some_and(|b| !(b >= 0.1 && b.is_finite())) {
             return Err(OptionsError::Bandwidth);
+        }
+        let distinct: std::collections::HashSet<_> = self.fallback.iter().collect();
+        if self.fallback.len() > MAX_FALLBACKS || distinct.len() != self.fallback.len() {
+            return Err(OptionsError::Fallback);
+        }
+        if self.slow_rate_mbps.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            return Err(OptionsError::SlowRate);
         }
         Ok(())
     }

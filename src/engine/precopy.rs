@@ -160,6 +160,7 @@ impl Migration {
             && self.sched.outstanding(SOURCE) == 0
             && self.acct.paced_until().is_none()
             && self.rt.fences_pending() == 0
+            && self.fb.dead.is_none()
             && (self.acct.round.pages > 0 || forwarding == 0)
     }
 

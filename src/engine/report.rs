@@ -196,6 +196,27 @@ pub struct RetargetReport {
     pub sent_before: BTreeMap<String, u64>,
     /// Payload bytes each host sent after this retarget.
     pub bytes_after: BTreeMap<String, u64>,
+    /// Why: `operator` (`dcmigrate retarget`), or the automatic decision's
+    /// reason (see [`Report::decisions`]).
+    #[serde(default = "operator")]
+    pub reason: String,
+}
+
+fn operator() -> String {
+    "operator".into()
+}
+
+/// A decision the engine took on its own (`--fallback`): why, and what it did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// Milliseconds after the migration started.
+    pub at_ms: f64,
+    /// The destination it was about.
+    pub target: String,
+    /// Why (`target lost: …`, `target refused: …`, `drained: …`, `falling behind: …`).
+    pub reason: String,
+    /// What it did (`retarget to hostC`, or why it could not).
+    pub action: String,
 }
 
 /// Everything a migration did, as it ended.
@@ -257,6 +278,9 @@ pub struct Report {
     /// in order, with when.
     #[serde(default)]
     pub steering: Vec<String>,
+    /// What the engine decided on its own (automatic retargets), in order.
+    #[serde(default)]
+    pub decisions: Vec<Decision>,
 }
 
 #[cfg(test)]

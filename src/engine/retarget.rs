@@ -5,6 +5,7 @@
 //! locked until the target confirms none of its frames can still land), and
 //! releasing old destinations once they hold nothing the target lacks.
 
+use super::fallback::Why;
 use super::handle::RetargetRequest;
 use super::link::{Link, LinkError};
 use super::report::{RetargetReport, SenderTransport};
@@ -18,11 +19,28 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// Who asked for a retarget.
+pub(super) enum Origin {
+    /// An operator (`dcmigrate retarget`), waiting for the outcome.
+    Operator(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// The engine on its own (`--fallback`).
+    Auto(Why),
+}
+
+impl Origin {
+    fn reason(&self) -> String {
+        match self {
+            Origin::Operator(_) => "operator".into(),
+            Origin::Auto(why) => why.describe(),
+        }
+    }
+}
+
 /// A retarget whose new destination is being prepared.
 pub(super) struct Opening {
     to: String,
     forward: bool,
-    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    origin: Origin,
 }
 
 /// The outcome of opening a new destination.
@@ -65,9 +83,14 @@ impl Retargeting {
 
     /// Refuses a retarget still being prepared.
     pub(super) fn end(&mut self, why: &str) {
-        if let Some(o) = self.opening.take() {
-            let _ = o.reply.send(Err(why.into()));
+        if let Some(Opening { origin: Origin::Operator(reply), .. }) = self.opening.take() {
+            let _ = reply.send(Err(why.into()));
         }
+    }
+
+    /// The host being prepared as the new destination, if any.
+    pub(super) fn opening(&self) -> Option<&str> {
+        self.opening.as_ref().map(|o| o.to.as_str())
     }
 
     /// Forwarders being fenced.
@@ -93,32 +116,53 @@ impl Migration {
             let _ = r.reply.send(Err(why));
             return;
         }
-        let id = self.hosts.names.len() as HostId;
-        let spec = link_spec(&self.job, (&r.to, id, r.addr), &self.ram, &self.observer, &self.completions_tx);
-        let (tx, to) = (self.rt.opened_tx.clone(), r.to.clone());
-        tracing::info!(to = %r.to, forward = r.forward, "retarget: preparing the new destination");
-        tokio::spawn(async move {
-            let _ = tx.send(Link::open(spec).await.map_err(|e| open_error(&to, e)));
-        });
-        self.rt.opening = Some(Opening { to: r.to, forward: r.forward, reply: r.reply });
+        self.open_target(r.to, r.addr, r.forward, Origin::Operator(r.reply));
     }
 
-    pub(super) async fn install_target(&mut self, opened: Opened) {
-        let Some(opening) = self.rt.opening.take() else { return };
+    /// Opens a session on the new destination, on a task of its own.
+    pub(super) fn open_target(&mut self, to: String, addr: std::net::SocketAddr, forward: bool, origin: Origin) {
+        let id = self.hosts.names.len() as HostId;
+        let spec = link_spec(&self.job, (&to, id, addr), &self.ram, &self.observer, &self.completions_tx);
+        let (tx, name) = (self.rt.opened_tx.clone(), to.clone());
+        tracing::info!(%to, forward, "retarget: preparing the new destination");
+        tokio::spawn(async move {
+            let _ = tx.send(Link::open(spec).await.map_err(|e| open_error(&name, e)));
+        });
+        self.rt.opening = Some(Opening { to, forward, origin });
+    }
+
+    /// A retarget that could not be installed: an operator is told, an
+    /// automatic one tries the next fallback host.
+    fn retarget_failed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
+        match opening.origin {
+            Origin::Operator(reply) => {
+                let _ = reply.send(Err(why.clone()));
+                // The target was lost meanwhile: the fallback hosts take over.
+                let Some((host, lost)) = self.fb.dead.clone() else { return Ok(()) };
+                if !self.phase.committing() && self.auto_retarget(Why::Lost(lost.clone())) {
+                    return Ok(());
+                }
+                Err(self.lost(host, LinkError::Peer(lost)))
+            }
+            Origin::Auto(auto) if !self.phase.committing() => self.auto_failed(auto, &opening.to, why),
+            Origin::Auto(_) => Ok(()),
+        }
+    }
+
+    pub(super) async fn install_target(&mut self, opened: Opened) -> Result<(), EngineError> {
+        let Some(opening) = self.rt.opening.take() else { return Ok(()) };
         let link = match opened {
             Ok(l) => l,
             Err(e) => {
                 let why = crate::error_chain(&e);
                 tracing::warn!(to = %opening.to, "retarget failed, continuing to {}: {why}", self.target_name());
-                let _ = opening.reply.send(Err(why));
-                return;
+                return self.retarget_failed(opening, why);
             }
         };
         crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
         if self.phase.committing() {
             link.abort("too late: switchover started").await;
-            let _ = opening.reply.send(Err("too late: the switchover has started".into()));
-            return;
+            return self.retarget_failed(opening, "too late: the switchover has started".into());
         }
         let old = self.hosts.target;
         // Sync first: pages the guest wrote since the last sync are not
@@ -137,7 +181,9 @@ impl Migration {
         self.job.handle.phase_changed(&opening.to, self.phase);
         // The source stops feeding the old destination.
         self.hosts.links[&old].close_sender();
-        self.point_forwarders(old, &link, opening.forward).await;
+        let lost = self.fb.dead.take().map(|(h, _)| h);
+        self.fb.slow.reset();
+        self.point_forwarders(old, &link, opening.forward, lost).await;
         let forwarding = self.hosts.forwarders.contains(&old);
         tracing::info!(from = %self.hosts.names[old as usize], to = %opening.to, forwarding, at_old, "retargeted");
         self.report.retargets.push(RetargetReport {
@@ -148,6 +194,7 @@ impl Migration {
             at_old_destination_bytes: at_old,
             sent_before: self.sender_bytes(),
             bytes_after: BTreeMap::new(),
+            reason: opening.origin.reason(),
         });
         self.report.destination = opening.to.clone();
         self.skip_holes();
@@ -158,17 +205,26 @@ impl Migration {
         });
         self.plan();
         self.update_progress();
-        let _ = opening.reply.send(Ok(()));
+        if let Origin::Operator(reply) = opening.origin {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
     }
 
     /// Points every host that may forward (the old target and the older
     /// forwarders) at the new target. Done here, not earlier: from now on
     /// every batch names the new target, and a forwarder refuses batches
     /// for any other.
-    async fn point_forwarders(&mut self, old: HostId, link: &Link, forward: bool) {
+    /// A `lost` host is released at once (it was the target and failed);
+    /// older forwarders still forward.
+    async fn point_forwarders(&mut self, old: HostId, link: &Link, forward: bool, lost: Option<HostId>) {
         let mut candidates = vec![old];
         candidates.extend(std::mem::take(&mut self.hosts.forwarders));
         for h in candidates {
+            if lost == Some(h) {
+                self.release(h, "it was lost");
+                continue;
+            }
             let pointed = forward && self.forward_to(h, link).await;
             if pointed {
                 self.hosts.forwarders.push(h);
@@ -264,7 +320,7 @@ impl Migration {
         // A fence that failed at a host that is no longer the target does
         // not matter: nothing writes there any more.
         if let Err(e) = r {
-            if at == self.hosts.target {
+            if at == self.hosts.target && self.fb.dead.is_none() {
                 return Err(self.lost(at, e));
             }
         }

@@ -2,7 +2,9 @@
 //! that passes its self-test, find the holes, and open the first
 //! destination's session and data plane.
 
+use super::fallback::{self, Fallback};
 use super::link::{Link, LinkError, LinkSpec};
+use super::watch::EventKind;
 use super::schedule::SOURCE;
 use super::{EngineError, Job, Prepared, Report};
 use crate::bitmap::Bitmap;
@@ -54,13 +56,29 @@ pub(super) async fn prepare(
     first.map_err(EngineError::Sync)?;
     let zero_pages = holes(&ram).await;
     let completions = mpsc::unbounded_channel();
-    let spec = link_spec(job, (to, 1, addr), &ram, &observer, &completions.0);
-    let link = Link::open(spec).await.map_err(|e| open_error(to, e))?;
+    let mut fb = Fallback::new(job.ctx.fallbacks.clone(), job.opts.slow_rate_mbps, job.opts.slow_for_s);
+    let (mut to, mut addr) = (to.to_owned(), addr);
+    let link = loop {
+        let spec = link_spec(job, (&to, 1, addr), &ram, &observer, &completions.0);
+        match Link::open(spec).await {
+            Ok(l) => break l,
+            Err(e) => {
+                check_cancel(job)?;
+                let err = open_error(&to, e);
+                let (me, t0) = (&job.ctx.me, job.start);
+                let (next, next_addr) = fallback::first_refused(&mut fb, report, (&to, err), t0, me)?;
+                let reason = report.decisions.last().map(|d| d.reason.clone()).unwrap_or_default();
+                job.handle.emit(EventKind::Retarget { to: next.clone(), forward: false, reason, error: None });
+                (to, addr) = (next, next_addr);
+                job.handle.set_progress(|p| p.target = to.clone());
+            }
+        }
+    };
     if let Err(e) = check_cancel(job) {
         link.abort("cancelled").await;
         return Err(e);
     }
-    Ok(Prepared { ram, ledger, tracker, zero_pages, observer, link, completions })
+    Ok(Prepared { ram, ledger, tracker, zero_pages, observer, link, completions, to, fb })
 }
 
 fn check_cancel(job: &Job) -> Result<(), EngineError> {

@@ -20,6 +20,23 @@ pub enum RemoteOutcome {
     NotHere,
 }
 
+/// What a host advertises to peers choosing a destination.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Bytes its data dir can still take beside the sessions it holds.
+    pub free_bytes: u64,
+    /// Largest RAM of one incoming migration it takes, if limited.
+    #[serde(default)]
+    pub max_session_bytes: Option<u64>,
+    /// Incoming sessions open now.
+    pub incoming: u32,
+    /// Most incoming sessions at once, if limited.
+    #[serde(default)]
+    pub max_incoming: Option<u32>,
+    /// It takes no new incoming migrations.
+    pub drained: bool,
+}
+
 /// One control message. [`MessageKind`] names its variant without the data.
 #[derive(Serialize, Deserialize, Debug, Clone, strum::IntoStaticStr, strum::EnumDiscriminants)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -207,6 +224,17 @@ pub enum Message {
         /// What the destination knows.
         outcome: RemoteOutcome,
     },
+    /// Version 3, destination to source, unasked: this host is drained;
+    /// move the session elsewhere (it forwards what it holds).
+    Leave {
+        /// Why, for the source's log and report.
+        reason: String,
+    },
+    /// Version 3: how much more this host can receive ([`Capacity`]), asked
+    /// without a session (by a host choosing where to evacuate to).
+    CapacityQuery,
+    /// Version 3: the answer to `CapacityQuery`.
+    Capacity(Capacity),
     /// Success without data.
     Ok,
     /// The request failed; the message says why.

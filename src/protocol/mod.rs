@@ -51,6 +51,17 @@
 //! ```
 //! If a forward fails, S first has N fence O's streams (`Fence`), and only
 //! then lets anyone else write those pages.
+//!
+//! Version 3: a destination that is drained asks its sources to go
+//! elsewhere; a source with fallback hosts retargets (with forwarding), one
+//! without goes on. Any peer may ask another's room before choosing it.
+//! ```text
+//!  S                                   D (drained)              N (fallback)
+//!   | <-- Leave{reason} ------------------ |                        |
+//!   |  [retarget to N, D forwards what it holds, as above]          |
+//!   | --- CapacityQuery --------------------------------------------> |
+//!   | <-- Capacity{free, incoming, limits, drained} ---------------- |
+//! ```
 
 pub mod control;
 pub mod data;
@@ -63,7 +74,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The newest protocol version this agent speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The first version that sends device state in raw chunks, checksums of
@@ -71,6 +82,10 @@ pub const MIN_VERSION: u32 = 1;
 pub const CHUNKED_DEVICE_STATE: u32 = 2;
 /// The first version with heartbeats and outcome queries.
 pub const HEARTBEATS: u32 = 2;
+/// The first version where a destination may ask its source to leave
+/// (`Leave`: it is draining) and a peer may ask another's room
+/// (`CapacityQuery`).
+pub const LEAVE: u32 = 3;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;

@@ -10,7 +10,7 @@ mod open;
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
-use crate::protocol::{Message, ProtocolError, Token, HEARTBEATS};
+use crate::protocol::{Message, ProtocolError, Token, HEARTBEATS, LEAVE};
 use crate::transport::{Completion, PageSender, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
@@ -88,9 +88,24 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     let mut session: Option<Session> = None;
     let mut watch = tokio::time::interval(VM_CHECK);
+    let mut drain = agent.drain_watch();
+    let can_leave = conn.version >= LEAVE;
+    let mut left = false;
     let outcome = async {
         loop {
             let msg = tokio::select! {
+                Ok(()) = drain.changed() => {
+                    let drained = *drain.borrow_and_update();
+                    // The target of a migration asks its source to go; a
+                    // forwarder already is on its way out.
+                    if drained && can_leave && !left && session.as_ref().is_some_and(|s| s.forward.is_none()) {
+                        left = true;
+                        let vm = session.as_ref().map(|s| s.vm.clone()).unwrap_or_default();
+                        tracing::info!(%vm, %peer, "drained: asking the source to move the migration elsewhere");
+                        send(&out, Message::Leave { reason: format!("{} is drained", agent.cfg.name) })?;
+                    }
+                    continue;
+                }
                 m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
                 Some(c) = forwarded.recv() => {
                     send(&out, forwarded_report(&session, c))?;
@@ -219,6 +234,7 @@ async fn step(
             send(out, Message::Ok)?;
             return Ok(Step::End);
         }
+        (Message::CapacityQuery, None) => Message::Capacity(agent.capacity()),
         (Message::OutcomeQuery { vm }, _) => {
             let outcome = agent.outcome_of(&vm);
             Message::OutcomeAnswer { vm, outcome }

@@ -1,0 +1,379 @@
+//! Evacuating this host (`dcmigrate evacuate`): every VM here migrates to
+//! one of the hosts given, through a queue that keeps at most
+//! `max_parallel` (and the agent's `--max-outgoing`) migrations out at once.
+//! Each VM goes to the candidate that takes it (not drained, under its
+//! session limit, room for its RAM) with the fewest incoming migrations and
+//! then the most room, as the candidates advertise it (`CapacityQuery`);
+//! the others, in that order, are its fallback hosts. A migration that
+//! fails with the VM still here is tried again, up to [`ATTEMPTS`] times.
+
+use super::Agent;
+use crate::engine::{MigrateOptions, MigrationHandle, Outcome};
+use crate::protocol::control::Capacity;
+use crate::protocol::{Message, LEAVE};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Tries per VM.
+pub const ATTEMPTS: u32 = 3;
+/// How often the queue looks at its migrations and, when one may start,
+/// asks the candidates.
+const TICK: Duration = Duration::from_millis(250);
+/// With nothing running, how long the queue waits for any candidate to
+/// take a VM before the rest fail.
+const NO_ROOM_FOR: Duration = Duration::from_secs(120);
+/// Most hosts one evacuation may name.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Where a VM of an evacuation is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Waiting for a slot and a destination.
+    Queued,
+    /// Its migration runs.
+    Migrating,
+    /// It runs elsewhere now.
+    Completed,
+    /// It stays here (every try failed, or the evacuation was cancelled).
+    Failed,
+    /// Its migration's outcome is unknown (see `dcmigrate resolve`).
+    Unknown,
+}
+
+/// One VM of an evacuation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvacuatedVm {
+    /// The VM.
+    pub vm: String,
+    /// Where it is in the queue.
+    pub stage: Stage,
+    /// Its (last) destination.
+    pub destination: Option<String>,
+    /// Migrations tried.
+    pub attempts: u32,
+    /// Its RAM.
+    pub ram_bytes: u64,
+    /// How much of it the destination holds (while it migrates).
+    pub at_destination_bytes: u64,
+    /// How long its last migration took.
+    pub ms: Option<f64>,
+    /// Retargets of its last migration (fallbacks, drains).
+    pub retargets: u32,
+    /// Why it is not (yet) elsewhere.
+    pub error: Option<String>,
+}
+
+/// An evacuation as the API shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvacuationStatus {
+    /// Its id.
+    pub id: String,
+    /// The host evacuated (this one).
+    pub host: String,
+    /// The candidate destinations.
+    pub to: Vec<String>,
+    /// Most migrations out at once.
+    pub max_parallel: usize,
+    /// Whether it ended.
+    pub done: bool,
+    /// Since it started.
+    pub elapsed_ms: f64,
+    /// Most migrations this evacuation had out at once.
+    pub peak_parallel: usize,
+    /// Every VM, in queue order.
+    pub vms: Vec<EvacuatedVm>,
+}
+
+/// A running (or ended) evacuation.
+pub struct Evacuation {
+    status: Mutex<EvacuationStatus>,
+    started: Instant,
+}
+
+impl Evacuation {
+    /// What it did so far.
+    pub fn status(&self) -> EvacuationStatus {
+        let mut s = self.status.lock().unwrap().clone();
+        s.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        s
+    }
+
+    fn update(&self, vm: &str, f: impl FnOnce(&mut EvacuatedVm)) {
+        if let Some(v) = self.status.lock().unwrap().vms.iter_mut().find(|v| v.vm == vm) {
+            f(v);
+        }
+    }
+}
+
+/// A candidate's answer, ranked.
+struct Candidate {
+    host: String,
+    capacity: Result<Capacity, String>,
+    /// This evacuation's migrations heading there.
+    ours: usize,
+}
+
+impl Candidate {
+    /// Why it cannot take `need` bytes now, if it cannot.
+    fn refuses(&self, need: u64) -> Option<String> {
+        let c = match &self.capacity {
+            Ok(c) => c,
+            Err(e) => return Some(e.clone()),
+        };
+        if c.drained {
+            return Some("drained".into());
+        }
+        if c.max_incoming.is_some_and(|m| c.incoming.max(self.ours as u32) >= m) {
+            return Some(format!("{} incoming migrations, its limit", c.incoming));
+        }
+        if c.max_session_bytes.is_some_and(|m| need > m) || c.free_bytes < need {
+            return Some(format!("room for {} MiB, {} MiB needed", c.free_bytes >> 20, need >> 20));
+        }
+        None
+    }
+
+    /// Lower is better: fewest migrations heading there, then most room.
+    fn rank(&self) -> (u32, std::cmp::Reverse<u64>) {
+        let c = self.capacity.as_ref().map(|c| (c.incoming, c.free_bytes)).unwrap_or((u32::MAX, 0));
+        (c.0.max(self.ours as u32), std::cmp::Reverse(c.1))
+    }
+}
+
+impl Agent {
+    /// Starts evacuating every VM of this host to `to`.
+    pub(super) fn evacuate(
+        self: &Arc<Self>,
+        to: Vec<String>,
+        max_parallel: usize,
+        options: MigrateOptions,
+    ) -> Result<EvacuationStatus, super::RequestError> {
+        use super::RequestError::Evacuate;
+        if to.is_empty() || to.len() > MAX_CANDIDATES {
+            return Err(Evacuate(format!("give 1 to {MAX_CANDIDATES} destination hosts")));
+        }
+        for h in &to {
+            if h == &self.cfg.name {
+                return Err(Evacuate(format!("{h} is the host being evacuated")));
+            }
+            self.peer_addr(h)?;
+        }
+        if !(1..=64).contains(&max_parallel) {
+            return Err(Evacuate("max_parallel must be 1 to 64".into()));
+        }
+        options.check()?;
+        if self.evacuations.lock().unwrap().iter().any(|e| !e.status().done) {
+            return Err(Evacuate("an evacuation of this host is already running".into()));
+        }
+        let mut names: Vec<(String, u64)> =
+            self.vms.lock().unwrap().values().map(|r| (r.name.clone(), r.ram.iter().map(|f| f.size).sum())).collect();
+        names.sort();
+        let ev = Arc::new(Evacuation {
+            started: Instant::now(),
+            status: Mutex::new(EvacuationStatus {
+                id: format!("e{}-{}", self.evacuations.lock().unwrap().len() + 1, std::process::id()),
+                host: self.cfg.name.clone(),
+                to: to.clone(),
+                max_parallel,
+                done: false,
+                elapsed_ms: 0.0,
+                peak_parallel: 0,
+                vms: names
+                    .iter()
+                    .map(|(vm, ram)| EvacuatedVm {
+                        vm: vm.clone(),
+                        stage: Stage::Queued,
+                        destination: None,
+                        attempts: 0,
+                        ram_bytes: *ram,
+                        at_destination_bytes: 0,
+                        ms: None,
+                        retargets: 0,
+                        error: None,
+                    })
+                    .collect(),
+            }),
+        });
+        self.evacuations.lock().unwrap().push(ev.clone());
+        tracing::info!(vms = names.len(), ?to, max_parallel, "evacuating this host");
+        let queue = Queue { agent: self.clone(), ev: ev.clone(), to, max_parallel, options };
+        tokio::spawn(queue.run(names.into_iter().map(|(v, _)| v).collect()));
+        Ok(ev.status())
+    }
+
+    /// The evacuation `id`, or the latest.
+    pub(super) fn evacuation(&self, id: Option<&str>) -> Result<EvacuationStatus, super::RequestError> {
+        let all = self.evacuations.lock().unwrap();
+        let found = match id {
+            Some(id) => all.iter().find(|e| e.status().id == id),
+            None => all.last(),
+        };
+        found.map(|e| e.status()).ok_or_else(|| super::RequestError::Evacuate("no such evacuation".into()))
+    }
+
+    /// Migrations this host runs as source now.
+    pub(super) fn outgoing(&self) -> usize {
+        self.migrations.lock().unwrap().values().filter(|m| !m.is_done()).count()
+    }
+}
+
+/// The evacuation's queue, run on a task of its own.
+struct Queue {
+    agent: Arc<Agent>,
+    ev: Arc<Evacuation>,
+    to: Vec<String>,
+    max_parallel: usize,
+    options: MigrateOptions,
+}
+
+impl Queue {
+    async fn run(self, vms: VecDeque<String>) {
+        let mut queue = vms;
+        let mut running: HashMap<String, Arc<MigrationHandle>> = HashMap::new();
+        let mut no_room_since: Option<Instant> = None;
+        loop {
+            self.collect(&mut running, &mut queue);
+            if queue.is_empty() && running.is_empty() {
+                break;
+            }
+            if self.agent.shutdown.is_cancelled() {
+                queue.drain(..).for_each(|vm| self.fail(&vm, "the agent is shutting down"));
+                continue;
+            }
+            let limit = self.max_parallel.min(self.agent.cfg.max_outgoing.map_or(usize::MAX, |m| m as usize));
+            if let Some(vm) = queue.front().cloned() {
+                if running.len() < self.max_parallel && self.agent.outgoing() < limit {
+                    match self.start(&vm, &running).await {
+                        Ok(h) => {
+                            queue.pop_front();
+                            running.insert(vm, h);
+                            no_room_since = None;
+                            let n = running.len();
+                            let mut s = self.ev.status.lock().unwrap();
+                            s.peak_parallel = s.peak_parallel.max(n);
+                            drop(s);
+                            continue;
+                        }
+                        Err(why) => {
+                            self.ev.update(&vm, |v| v.error = Some(why.clone()));
+                            let since = *no_room_since.get_or_insert_with(Instant::now);
+                            if running.is_empty() && since.elapsed() > NO_ROOM_FOR {
+                                let why = format!("no destination took it for {} s: {why}", NO_ROOM_FOR.as_secs());
+                                queue.drain(..).for_each(|vm| self.fail(&vm, &why));
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        self.ev.status.lock().unwrap().done = true;
+        let s = self.ev.status();
+        let moved = s.vms.iter().filter(|v| v.stage == Stage::Completed).count();
+        tracing::info!(moved, of = s.vms.len(), ms = s.elapsed_ms, "evacuation ended");
+    }
+
+    /// Records migrations that ended; a failed one is queued again while
+    /// tries are left and the VM is still here.
+    fn collect(&self, running: &mut HashMap<String, Arc<MigrationHandle>>, queue: &mut VecDeque<String>) {
+        let ended: Vec<String> = running.iter().filter(|(_, h)| h.is_done()).map(|(v, _)| v.clone()).collect();
+        for (vm, h) in running.iter() {
+            let p = h.status().progress;
+            self.ev.update(vm, |v| {
+                v.destination = Some(p.target.clone());
+                v.at_destination_bytes = p.at_destination_bytes;
+                v.retargets = p.retargets;
+            });
+        }
+        for vm in ended {
+            let Some(r) = running.remove(&vm).and_then(|h| h.status().report) else { continue };
+            let again = r.result != Outcome::Completed
+                && r.result != Outcome::Unknown
+                && self.agent.has_vm(&vm)
+                && self.ev.status().vms.iter().any(|v| v.vm == vm && v.attempts < ATTEMPTS);
+            self.ev.update(&vm, |v| {
+                v.destination = Some(r.destination.clone());
+                v.ms = Some(r.total_ms);
+                v.retargets = r.retargets.len() as u32;
+                v.error = r.error.clone();
+                v.stage = match r.result {
+                    Outcome::Completed => Stage::Completed,
+                    Outcome::Unknown => Stage::Unknown,
+                    _ if again => Stage::Queued,
+                    _ => Stage::Failed,
+                };
+            });
+            if again {
+                tracing::warn!(%vm, "evacuation: the migration failed; trying again later");
+                queue.push_back(vm);
+            }
+        }
+    }
+
+    /// Asks the candidates and starts `vm`'s migration to the best; its
+    /// fallback hosts are the other candidates that take it.
+    async fn start(&self, vm: &str, running: &HashMap<String, Arc<MigrationHandle>>) -> Result<Arc<MigrationHandle>, String> {
+        let need = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(0, |v| v.ram_bytes);
+        let mut candidates = self.ask(running).await;
+        candidates.sort_by_key(Candidate::rank);
+        let (takers, refusing): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|c| c.refuses(need).is_none());
+        let Some(best) = takers.first() else {
+            let why: Vec<String> =
+                refusing.iter().map(|c| format!("{}: {}", c.host, c.refuses(need).unwrap_or_default())).collect();
+            return Err(format!("no candidate takes it now ({})", why.join("; ")));
+        };
+        let options = MigrateOptions {
+            fallback: takers[1..].iter().map(|c| c.host.clone()).collect(),
+            ..self.options.clone()
+        };
+        self.ev.update(vm, |v| {
+            v.attempts += 1;
+            v.stage = Stage::Migrating;
+            v.destination = Some(best.host.clone());
+            v.error = None;
+        });
+        tracing::info!(%vm, to = %best.host, fallback = ?options.fallback, "evacuation: migrating");
+        match self.agent.clone().migrate(vm.to_owned(), best.host.clone(), options) {
+            Ok(_) => self.agent.migration(vm).map_err(|e| crate::error_chain(&e)),
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                self.ev.update(vm, |v| v.stage = Stage::Queued);
+                Err(why)
+            }
+        }
+    }
+
+    /// Every candidate's advertised room, asked at once.
+    async fn ask(&self, running: &HashMap<String, Arc<MigrationHandle>>) -> Vec<Candidate> {
+        let asks = self.to.iter().map(|h| {
+            let (agent, h) = (self.agent.clone(), h.clone());
+            tokio::spawn(async move {
+                let r = agent.ask_peer(&h, Message::CapacityQuery, LEAVE, "capacity queries").await;
+                let capacity = match r {
+                    Ok(Message::Capacity(c)) => Ok(c),
+                    Ok(other) => Err(format!("unexpected {}", other.name())),
+                    Err(e) => Err(e),
+                };
+                (h, capacity)
+            })
+        });
+        let mut out = vec![];
+        for a in asks.collect::<Vec<_>>() {
+            if let Ok((host, capacity)) = a.await {
+                let ours = running.values().filter(|m| !m.is_done() && m.status().progress.target == host).count();
+                out.push(Candidate { host, capacity, ours });
+            }
+        }
+        out
+    }
+
+    fn fail(&self, vm: &str, why: &str) {
+        self.ev.update(vm, |v| {
+            v.stage = Stage::Failed;
+            v.error = Some(why.to_owned());
+        });
+    }
+}
