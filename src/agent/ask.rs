@@ -9,7 +9,13 @@ use crate::protocol::Message;
 impl Agent {
     /// Asks `host` one question; needs protocol `min_version` (`what` names
     /// the question in the error). The answer, or why there is none.
-    pub(super) async fn ask_peer(&self, host: &str, m: Message, min_version: u32, what: &str) -> Result<Message, String> {
+    pub(super) async fn ask_peer(
+        &self,
+        host: &str,
+        m: Message,
+        min_version: u32,
+        what: &str,
+    ) -> Result<Message, String> {
         let addr = self.cfg.peers.get(host).copied().ok_or("not a configured peer")?;
         let conn =
             control::connect(&self.cfg.tls, &self.cfg.name, host, addr).await.map_err(|e| crate::error_chain(&e))?;

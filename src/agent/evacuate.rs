@@ -315,7 +315,11 @@ impl Queue {
 
     /// Asks the candidates and starts `vm`'s migration to the best; its
     /// fallback hosts are the other candidates that take it.
-    async fn start(&self, vm: &str, running: &HashMap<String, Arc<MigrationHandle>>) -> Result<Arc<MigrationHandle>, String> {
+    async fn start(
+        &self,
+        vm: &str,
+        running: &HashMap<String, Arc<MigrationHandle>>,
+    ) -> Result<Arc<MigrationHandle>, String> {
         let need = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(0, |v| v.ram_bytes);
         let mut candidates = self.ask(running).await;
         candidates.sort_by_key(Candidate::rank);
@@ -325,10 +329,8 @@ impl Queue {
                 refusing.iter().map(|c| format!("{}: {}", c.host, c.refuses(need).unwrap_or_default())).collect();
             return Err(format!("no candidate takes it now ({})", why.join("; ")));
         };
-        let options = MigrateOptions {
-            fallback: takers[1..].iter().map(|c| c.host.clone()).collect(),
-            ..self.options.clone()
-        };
+        let options =
+            MigrateOptions { fallback: takers[1..].iter().map(|c| c.host.clone()).collect(), ..self.options.clone() };
         self.ev.update(vm, |v| {
             v.attempts += 1;
             v.stage = Stage::Migrating;

@@ -2,8 +2,8 @@
 //! [`super::api`]); `handle` only dispatches.
 
 use super::api::{
-    AttachReply, Done, DrainReply, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply, SteerReply,
-    VmEntry,
+    AttachReply, Done, DrainReply, InfoReply, ListReply, MigrateReply, RdmaInfo, Request, RetargetReply, StatusReply,
+    SteerReply, VmEntry,
 };
 use super::journal::MigrationEntry;
 use super::outcome::Settled;
@@ -126,9 +126,7 @@ impl Agent {
             Request::Resolve { vm, runs_on } => Self::reply(self.resolve(&vm, &runs_on).await?),
             Request::Drain => Self::reply(self.drain(true)),
             Request::Undrain => Self::reply(self.drain(false)),
-            Request::Evacuate { to, max_parallel, options } => {
-                Self::reply(self.evacuate(to, max_parallel, options)?)
-            }
+            Request::Evacuate { to, max_parallel, options } => Self::reply(self.evacuate(to, max_parallel, options)?),
             Request::Evacuation { id } => Self::reply(self.evacuation(id.as_deref())?),
             Request::Shutdown => {
                 self.shutdown.cancel();
@@ -143,6 +141,8 @@ impl Agent {
     }
 
     fn info(&self) -> InfoReply {
+        // Before the struct: it locks `incoming` too.
+        let capacity = self.capacity();
         InfoReply {
             name: self.cfg.name.clone(),
             control: self.cfg.listen.to_string(),
@@ -153,7 +153,7 @@ impl Agent {
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
-            capacity: self.capacity(),
+            capacity,
         }
     }
 
@@ -208,7 +208,12 @@ impl Agent {
         ListReply { vms: out }
     }
 
-    pub(super) fn migrate(self: Arc<Self>, vm: String, to: String, options: MigrateOptions) -> Result<MigrateReply, RequestError> {
+    pub(super) fn migrate(
+        self: Arc<Self>,
+        vm: String,
+        to: String,
+        options: MigrateOptions,
+    ) -> Result<MigrateReply, RequestError> {
         let rec =
             self.vm_record(&vm).ok_or_else(|| RequestError::NoVm { vm: vm.clone(), host: self.cfg.name.clone() })?;
         self.refuse_unknown(&vm)?;

@@ -64,7 +64,10 @@ pub struct EvacuateArgs {
 fn same_host(client: &Client, host: &str) -> Result<()> {
     let me = client.info()?.name;
     if me != host {
-        bail!("{host} is not the agent at {} (that is {me}): run this on {host}, or give its --api", client.path().display());
+        bail!(
+            "{host} is not the agent at {} (that is {me}): run this on {host}, or give its --api",
+            client.path().display()
+        );
     }
     Ok(())
 }

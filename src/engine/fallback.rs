@@ -167,12 +167,7 @@ impl SlowWatch {
         }
         let since = *self.slow_since.get_or_insert(now);
         (now.duration_since(since) >= self.slow_for).then(|| {
-            format!(
-                "{:.1} MB/s for {} s, below {:.1} MB/s",
-                avg / 1e6,
-                self.slow_for.as_secs(),
-                threshold / 1e6
-            )
+            format!("{:.1} MB/s for {} s, below {:.1} MB/s", avg / 1e6, self.slow_for.as_secs(), threshold / 1e6)
         })
     }
 }

@@ -4,8 +4,8 @@
 
 use super::fallback::{self, Fallback};
 use super::link::{Link, LinkError, LinkSpec};
-use super::watch::EventKind;
 use super::schedule::SOURCE;
+use super::watch::EventKind;
 use super::{EngineError, Job, Prepared, Report};
 use crate::bitmap::Bitmap;
 use crate::dirty::{DirtyTracker, SendObserver};

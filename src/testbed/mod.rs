@@ -135,6 +135,12 @@ impl Testbed {
         net.set_link(host, up)
     }
 
+    /// Shapes the link into `host` to `mbit` Mbit/s: only in namespaces.
+    pub fn shape(&self, host: &str, mbit: u64) -> Result<(), TestbedError> {
+        let net = self.net.as_ref().ok_or_else(|| TestbedError("this test bed has no links to shape".into()))?;
+        net.shape_ingress(host, mbit)
+    }
+
     fn start_in(exe: &Path, names: &[&str], env: &[(&str, &str)], place: Place) -> Result<Self, TestbedError> {
         let (net, ip) = match place {
             Place::Net(n) => (Some(n), None),

@@ -134,6 +134,20 @@ impl Net {
         run(&["ip", "-n", &sw, "link", "set", &format!("ds{i}{}", self.tag), if up { "up" } else { "down" }])
     }
 
+    /// Shapes what reaches `name` (its port on the bridge) to `mbit`
+    /// Mbit/s from now on, whatever it was.
+    pub fn shape_ingress(&self, name: &str, mbit: u64) -> Result<(), TestbedError> {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| TestbedError(format!("no host {name} in this network")))?;
+        let (sw, dev) = (format!("{PREFIX}{}-sw", self.tag), format!("ds{i}{}", self.tag));
+        let (rate, burst) = (format!("{mbit}mbit"), format!("{}", (mbit * 1_000_000 / 8 / 1000).max(64 * 1024)));
+        let args = ["tc", "-n", &sw, "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &rate, "burst", &burst];
+        run(&[&args[..], &["latency", "50ms"]].concat())
+    }
+
     /// The host named `name`, if it is one of these.
     pub fn host(&self, name: &str) -> Option<&NetHost> {
         self.hosts.iter().find(|h| h.name == name)

@@ -1,0 +1,220 @@
+//! Operating a fleet: evacuating a host through the agent's queue, draining
+//! a destination while migrations head there, and automatic retargets to
+//! fallback hosts (a destination that dies, refuses, or falls behind).
+
+mod common;
+
+use common::*;
+use dcmigrate::agent::evacuate::Stage;
+use dcmigrate::engine::{MigrateOptions, Outcome, Report};
+use dcmigrate::testbed::net::Net;
+use dcmigrate::testbed::{wait_for, Testbed};
+use std::collections::HashSet;
+
+fn target(tb: &Testbed, from: &str, vm: &str) -> Option<String> {
+    tb.client(from).status(Some(vm)).ok()?.pop().map(|m| m.progress.target)
+}
+
+/// Waits until `frac` of the VM's RAM is current at its destination.
+fn wait_fraction(tb: &Testbed, from: &str, vm: &str, frac: f64) {
+    let reached = wait_for(120, || {
+        let m = tb.client(from).status(Some(vm)).ok()?.pop()?;
+        let (at, ram) = (m.progress.at_destination_bytes as f64, m.progress.ram_bytes as f64);
+        (ram > 0.0 && at >= frac * ram && !m.done).then_some(())
+    });
+    assert!(reached.is_some(), "{vm} never had {frac} of its RAM at the destination\n{}", tb.logs());
+}
+
+fn report(tb: &Testbed, from: &str, vm: &str) -> Report {
+    tb.client(from).status(Some(vm)).unwrap().pop().and_then(|m| m.report).expect("a report")
+}
+
+/// The VM runs on `host` alone, paused (`--suspend`), with the source's RAM.
+fn landed(tb: &Testbed, vm: &str, host: &str, others: &[&str]) {
+    assert!(tb.vm_on("hostA", vm).is_none(), "{vm} still on hostA");
+    for o in others {
+        assert!(tb.vm_on(o, vm).is_none(), "{vm} also on {o}");
+    }
+    assert_eq!(state(tb, host, vm).and_then(|s| s.phase).as_deref(), Some("paused"), "{vm} on {host}");
+    assert_same_bytes(&ram_file(tb, "hostA", vm), &ram_file(tb, host, vm));
+}
+
+/// Four VMs leave hostA for hostB and hostC, two at a time; hostC is
+/// drained while a migration to it runs (held before its switchover, so
+/// it is certain to be running): that one moves to hostB, hostC forwarding
+/// what it holds, and every later VM goes to hostB.
+#[test]
+fn evacuate_two_at_a_time_with_a_destination_drained() {
+    if !hooks_or_skip("evacuate_two_at_a_time_with_a_destination_drained") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    let vms = ["e1", "e2", "e3", "e4"];
+    for vm in vms {
+        tb.start_guest("hostA", vm, 32 * MIB, &workload(2.0), true, &[]).unwrap();
+    }
+    // hostA's events, read on their own: how many migrations ran at once.
+    let mut w = tb.client("hostA").watch(None).expect("watch");
+    let events = std::thread::spawn(move || {
+        let (mut out, mut ended) = (vec![], 0);
+        while ended < 4 {
+            let Ok(Some(e)) = w.next_value() else { break };
+            ended += usize::from(e["event"] == "ended");
+            out.push(e);
+        }
+        out
+    });
+    let opts = held(MigrateOptions { suspend: true, ..Default::default() });
+    let to = ["hostB".to_string(), "hostC".to_string()];
+    tb.client("hostA").evacuate(&to, 2, opts).expect("evacuation accepted");
+
+    // The first two spread over both (fewest incoming first).
+    let to_c = wait_for(60, || {
+        let s = tb.client("hostA").evacuation(None).ok()?;
+        let m: Vec<_> = s.vms.iter().filter(|v| v.stage == Stage::Migrating).collect();
+        let c = m.iter().find(|v| v.destination.as_deref() == Some("hostC"))?;
+        m.iter().any(|v| v.destination.as_deref() == Some("hostB")).then(|| c.vm.clone())
+    })
+    .expect("one migration to each destination");
+    wait_fraction(&tb, "hostA", &to_c, 0.9);
+    let d = tb.client("hostC").drain(true).expect("drain");
+    assert!(d.drained && d.incoming == 1, "{d:?}");
+
+    // Whatever heads to hostB may switch over.
+    let done = wait_for(300, || {
+        for vm in vms {
+            if target(&tb, "hostA", vm).as_deref() == Some("hostB") {
+                release(&tb, "hostA", vm);
+            }
+        }
+        tb.client("hostA").evacuation(None).ok().filter(|s| s.done)
+    })
+    .expect("the evacuation ended");
+    assert!(done.vms.iter().all(|v| v.stage == Stage::Completed), "{done:#?}\n{}", tb.logs());
+    assert!(done.vms.iter().all(|v| v.destination.as_deref() == Some("hostB")), "{done:#?}");
+    assert!(done.peak_parallel <= 2, "{done:#?}");
+
+    let drained = report(&tb, "hostA", &to_c);
+    assert_eq!(drained.retargets.len(), 1, "{drained:#?}");
+    let r = &drained.retargets[0];
+    assert_eq!((r.from.as_str(), r.to.as_str(), r.forwarding), ("hostC", "hostB", true), "{drained:#?}");
+    assert!(r.reason.starts_with("drained"), "{r:?}");
+    assert!(drained.bytes_by_sender.get("hostC").copied().unwrap_or(0) > 0, "hostC forwarded: {drained:#?}");
+    for vm in vms {
+        landed(&tb, vm, "hostB", &["hostC"]);
+    }
+    assert!(tb.client("hostC").info().unwrap().incoming.is_empty());
+
+    // Never more than two out of hostA, by its own events.
+    let (mut out, mut peak) = (HashSet::new(), 0);
+    for e in events.join().unwrap() {
+        let vm = e["vm"].as_str().unwrap_or_default().to_owned();
+        match e["event"].as_str() {
+            Some("started") => drop(out.insert(vm)),
+            Some("ended") => drop(out.remove(&vm)),
+            _ => {}
+        }
+        peak = peak.max(out.len());
+    }
+    assert_eq!(peak, 2, "migrations out of hostA at once");
+}
+
+/// A drained host refuses new migrations: without a fallback the migration
+/// fails with the reason, with one it starts on the fallback host.
+#[test]
+fn drained_destination_refuses_and_the_fallback_takes_it() {
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    tb.start_guest("hostA", "d1", 16 * MIB, &workload(1.0), true, &[]).unwrap();
+    tb.client("hostB").drain(true).unwrap();
+    assert!(tb.client("hostB").info().unwrap().capacity.drained);
+
+    let opts = MigrateOptions { suspend: true, ..Default::default() };
+    let r = migrate(&tb, "hostA", "d1", "hostB", opts.clone());
+    assert_eq!(r.result, Outcome::Failed, "{r:#?}");
+    assert!(r.error.as_deref().unwrap_or_default().contains("drained"), "{r:#?}");
+    assert_running_on(&tb, "hostA", "d1");
+
+    let r = migrate(&tb, "hostA", "d1", "hostB", MigrateOptions { fallback: vec!["hostC".into()], ..opts });
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    assert_eq!(r.destination, "hostC");
+    let d = &r.decisions[0];
+    assert!(d.reason.starts_with("target refused") && d.reason.contains("drained"), "{d:?}");
+    assert_eq!((d.target.as_str(), d.action.as_str()), ("hostB", "retarget to hostC"));
+    landed(&tb, "d1", "hostC", &["hostB"]);
+
+    // Undrained, it takes migrations again.
+    assert!(!tb.client("hostB").drain(false).unwrap().drained);
+    let r = migrate(&tb, "hostC", "d1", "hostB", MigrateOptions { suspend: false, ..Default::default() });
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+}
+
+/// The destination dies mid-way (its agent killed, its incoming VM with
+/// it): the migration moves to the fallback host, the source resending
+/// what the dead one held, and completes there.
+#[test]
+fn fallback_when_the_destination_dies() {
+    if !hooks_or_skip("fallback_when_the_destination_dies") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    tb.start_guest("hostA", "k1", 64 * MIB, &workload(4.0), true, &[]).unwrap();
+    let opts = MigrateOptions { suspend: true, fallback: vec!["hostC".into()], ..Default::default() };
+    start_migration(&tb, "hostA", "k1", "hostB", held(opts));
+    wait_fraction(&tb, "hostA", "k1", 0.5);
+    tb.kill_agent("hostB");
+    let moved = wait_for(60, || (target(&tb, "hostA", "k1")? == "hostC").then_some(()));
+    assert!(moved.is_some(), "no automatic retarget\n{}", tb.logs());
+    release(&tb, "hostA", "k1");
+    let r = wait_report(&tb, "hostA", "k1");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert_eq!(r.destination, "hostC");
+    let t = &r.retargets[0];
+    assert_eq!((t.from.as_str(), t.forwarding), ("hostB", false), "{r:#?}");
+    assert!(t.reason.starts_with("target lost"), "{t:?}");
+    assert!(r.decisions.iter().any(|d| d.target == "hostB" && d.action == "retarget to hostC"), "{r:#?}");
+    assert!(tb.vm_on("hostA", "k1").is_none());
+    assert_same_bytes(&ram_file(&tb, "hostA", "k1"), &ram_file(&tb, "hostC", "k1"));
+}
+
+/// The destination's link is shaped down mid-way (network namespaces, as
+/// root): once it stays below the threshold, the migration moves to the
+/// fallback host, and the slow one forwards what it holds.
+#[test]
+fn fallback_when_the_destination_falls_behind() {
+    if !hooks_or_skip("fallback_when_the_destination_falls_behind") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("fallback_when_the_destination_falls_behind", "needs root (network namespaces)");
+    }
+    let net = Net::create("fb", &["hostA", "hostB", "hostC"], 2_000, None).expect("network namespaces");
+    let mut tb = Testbed::start_net(exe(), net).expect("test bed");
+    // 32 MiB hot at 16 MB/s: the source always has a backlog for a 5 MB/s
+    // target. One stream: what it has in flight then arrives within the
+    // peer timeout even at 5 MB/s (else the target would count as lost).
+    let w = dcmigrate::vm::synthetic::Workload { hot_fraction: 0.5, ..workload(16.0) };
+    tb.start_guest("hostA", "s1", 64 * MIB, &w, true, &[]).unwrap();
+    let opts = MigrateOptions {
+        suspend: true,
+        streams: 1,
+        fallback: vec!["hostC".into()],
+        slow_rate_mbps: Some(10.0),
+        slow_for_s: 3,
+        ..Default::default()
+    };
+    start_migration(&tb, "hostA", "s1", "hostB", held(opts));
+    wait_fraction(&tb, "hostA", "s1", 0.5);
+    tb.shape("hostB", 40).expect("shaping hostB's link");
+    let moved = wait_for(120, || (target(&tb, "hostA", "s1")? == "hostC").then_some(()));
+    assert!(moved.is_some(), "no automatic retarget\n{}", tb.logs());
+    release(&tb, "hostA", "s1");
+    let r = wait_report(&tb, "hostA", "s1");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    let t = &r.retargets[0];
+    assert_eq!((t.from.as_str(), t.to.as_str(), t.forwarding), ("hostB", "hostC", true), "{r:#?}");
+    assert!(t.reason.starts_with("falling behind"), "{t:?}");
+    assert!(r.bytes_by_sender.get("hostB").copied().unwrap_or(0) > 0, "hostB forwarded: {r:#?}");
+    assert!(tb.vm_on("hostA", "s1").is_none() && tb.vm_on("hostB", "s1").is_none());
+    assert_same_bytes(&ram_file(&tb, "hostA", "s1"), &ram_file(&tb, "hostC", "s1"));
+}
