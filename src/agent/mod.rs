@@ -73,6 +73,11 @@ pub struct AgentConfig {
     pub api_access: access::ApiAccess,
     /// The TLS identity.
     pub tls: TlsConfig,
+    /// Where `tls` was loaded from (ca.pem, NAME.pem, NAME.key): SIGHUP
+    /// loads them again.
+    pub certs: PathBuf,
+    /// Where Prometheus metrics are served (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// Hosts this agent may migrate and forward to.
     pub peers: HashMap<String, SocketAddr>,
     /// Hosts that may migrate VMs to this one (`None`: every peer).
@@ -86,6 +91,8 @@ pub struct AgentConfig {
     pub data_encryption: bool,
     /// The user incoming QEMUs run as (else the agent's).
     pub qemu_user: Option<crate::vm::qemu::QemuUser>,
+    /// The systemd scope incoming VMs start in (else the agent's children).
+    pub qemu_scope: Option<crate::vm::scope::Scope>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
     /// RDMA device, GID and queue-pair settings.
