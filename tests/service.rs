@@ -109,3 +109,76 @@ fn an_agent_with_a_bad_config_file_says_where() {
     assert!(err.contains(&*file.display().to_string()) && err.contains("max_sesion_ram"), "{err}");
     assert!(Path::new(&file).exists());
 }
+
+/// Moves the files of `from` (a `certs init` directory) over those of `to`,
+/// each by a rename, as an operator's deployment would.
+fn replace_certs(from: &Path, to: &Path, files: &[&str]) {
+    for f in files {
+        let tmp = to.join(format!(".{f}.new"));
+        std::fs::copy(from.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, to.join(f)).unwrap();
+    }
+}
+
+/// Waits until `host`'s agent presents the certificate in `pem`.
+fn wait_presenting(tb: &dcmigrate::testbed::Testbed, host: &str, pem: &Path) {
+    let want = dcmigrate::tls::CertInfo::of_pem(pem).unwrap().fingerprint;
+    let now = wait_for(20, || tb.client(host).info().ok().filter(|i| i.cert_fingerprint == want));
+    assert!(now.is_some(), "{host} does not present {} after SIGHUP:\n{}", pem.display(), tb.agent_log(host));
+}
+
+/// hostA migrates `vm` to hostB: the outcome, and the error if any.
+fn migrate_result(tb: &dcmigrate::testbed::Testbed, vm: &str) -> (dcmigrate::engine::Outcome, String) {
+    let opts = dcmigrate::engine::MigrateOptions { suspend: false, ..Default::default() };
+    match tb.client("hostA").migrate(vm, "hostB", opts) {
+        Ok(_) => {
+            let r = wait_report(tb, "hostA", vm);
+            (r.result, r.error.unwrap_or_default())
+        }
+        Err(e) => (dcmigrate::engine::Outcome::Failed, dcmigrate::error_chain(&e)),
+    }
+}
+
+/// SIGHUP loads the certificates again: once hostB has a new CA's, hostA
+/// (still on the old CA) cannot migrate to it; once hostA has them too, it
+/// can. Certificates that do not load leave the agent as it was.
+#[test]
+fn sighup_reloads_the_certificates() {
+    let mut tb = testbed(&["hostA", "hostB"]);
+    let certs = tb.certs_dir();
+    let before = tb.client("hostB").info().unwrap();
+    assert_eq!(
+        before.cert_fingerprint,
+        dcmigrate::tls::CertInfo::of_pem(&certs.join("hostB.pem")).unwrap().fingerprint
+    );
+    assert!(before.cert_not_after > 0);
+    tb.start_guest("hostA", "vm1", 16 * MIB, &workload(0.0), true, &[]).unwrap();
+
+    // A new CA and both hosts' certificates from it; only hostB reloads.
+    let fresh = tempfile::tempdir().unwrap();
+    dcmigrate::tls::init_certs(fresh.path(), &["hostA".into(), "hostB".into()]).unwrap();
+    replace_certs(fresh.path(), &certs, &["ca.pem", "hostA.pem", "hostA.key", "hostB.pem", "hostB.key"]);
+    assert!(tb.signal_agent("hostB", libc::SIGHUP));
+    wait_presenting(&tb, "hostB", &certs.join("hostB.pem"));
+    let (result, error) = migrate_result(&tb, "vm1");
+    assert_eq!(result, dcmigrate::engine::Outcome::Failed, "{}", tb.logs());
+    // Refused in the handshake: hostA does not trust hostB's new CA.
+    assert!(error.contains("TLS") || error.contains("certificate"), "{error}");
+    println!("before hostA reloaded: {error}");
+    assert!(tb.vm_on("hostA", "vm1").is_some(), "the VM stays on hostA");
+
+    // A key that does not load: hostA keeps its (old CA's) identity.
+    std::fs::write(certs.join("hostA.key"), "not a key").unwrap();
+    let old_a = tb.client("hostA").info().unwrap().cert_fingerprint;
+    assert!(tb.signal_agent("hostA", libc::SIGHUP));
+    let refused = wait_for(20, || tb.agent_log("hostA").contains("certificates not reloaded").then_some(()));
+    assert!(refused.is_some(), "{}", tb.agent_log("hostA"));
+    assert_eq!(tb.client("hostA").info().unwrap().cert_fingerprint, old_a, "the old identity stays");
+
+    replace_certs(fresh.path(), &certs, &["hostA.key"]);
+    assert!(tb.signal_agent("hostA", libc::SIGHUP));
+    wait_presenting(&tb, "hostA", &certs.join("hostA.pem"));
+    let (result, error) = migrate_result(&tb, "vm1");
+    assert_eq!(result, dcmigrate::engine::Outcome::Completed, "{error}\n{}", tb.logs());
+    assert!(tb.vm_on("hostB", "vm1").is_some());
+}

@@ -147,6 +147,12 @@ pub struct InfoReply {
     /// VMs with an incoming session here (being migrated to this host).
     #[serde(default)]
     pub incoming: Vec<String>,
+    /// SHA-256 of the certificate it presents now (hex; SIGHUP may change it).
+    #[serde(default)]
+    pub cert_fingerprint: String,
+    /// When that certificate expires, seconds since the epoch.
+    #[serde(default)]
+    pub cert_not_after: i64,
 }
 
 /// Whether the agent has RDMA.

@@ -128,6 +128,7 @@ impl Agent {
     }
 
     fn info(&self) -> InfoReply {
+        let cert = self.cfg.tls.current().cert.clone();
         InfoReply {
             name: self.cfg.name.clone(),
             control: self.cfg.listen.to_string(),
@@ -138,6 +139,8 @@ impl Agent {
                 Err(e) => RdmaInfo::Unavailable { unavailable: e.clone() },
             },
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
+            cert_fingerprint: cert.fingerprint,
+            cert_not_after: cert.not_after,
         }
     }
 

@@ -14,7 +14,7 @@ pub use handlers::RequestError;
 pub mod incoming;
 
 use crate::engine::MigrationHandle;
-use crate::tls::TlsConfig;
+use crate::tls::SharedTls;
 use crate::transport::Receiver;
 use crate::vm::synthetic::SyntheticVm;
 use crate::vm::{LaunchSpec, SourceVm, VmRecord};
@@ -71,8 +71,8 @@ pub struct AgentConfig {
     pub api: PathBuf,
     /// Who may use the API besides root and the agent's user.
     pub api_access: access::ApiAccess,
-    /// The TLS identity.
-    pub tls: TlsConfig,
+    /// The TLS identity (SIGHUP replaces it: see [`Agent::reload_certs`]).
+    pub tls: SharedTls,
     /// Where `tls` was loaded from (ca.pem, NAME.pem, NAME.key): SIGHUP
     /// loads them again.
     pub certs: PathBuf,
@@ -158,7 +158,7 @@ impl Agent {
             Err(e) => tracing::info!("RDMA unavailable, TCP only: {e}"),
         }
         let receiver = Receiver::new(crate::transport::secure::ServerTls {
-            config: cfg.tls.server.clone(),
+            config: cfg.tls.clone(),
             required: cfg.data_encryption,
             allowed: cfg.data_senders(),
         });
@@ -175,6 +175,28 @@ impl Agent {
             // Watchers that fall this far behind are told how many they missed.
             events: tokio::sync::broadcast::channel(4096).0,
         })
+    }
+
+    /// Loads the certificates again from the same directory (SIGHUP): new
+    /// connections use them, open ones keep theirs. If they cannot be
+    /// loaded, the agent keeps the identity it has and says why.
+    pub fn reload_certs(&self) -> Result<crate::tls::CertInfo, crate::tls::TlsError> {
+        match crate::tls::TlsConfig::load_dir(&self.cfg.certs, &self.cfg.name) {
+            Ok(tls) => {
+                let cert = tls.cert.clone();
+                self.cfg.tls.replace(tls);
+                tracing::info!(fingerprint = %cert.fingerprint, not_after = cert.not_after, "certificates reloaded");
+                Ok(cert)
+            }
+            Err(e) => {
+                let dir = self.cfg.certs.display();
+                tracing::error!(
+                    "certificates not reloaded from {dir}, keeping the current ones: {}",
+                    crate::error_chain(&e)
+                );
+                Err(e)
+            }
+        }
     }
 
     /// Asks [`run`](Self::run) to return.
@@ -313,7 +335,7 @@ impl Agent {
             let me = self.clone();
             tokio::spawn(async move {
                 let allowed = |host: &str| me.cfg.accepts_from(host);
-                match crate::control::accept(&me.cfg.tls, &me.cfg.name, allowed, tcp).await {
+                match crate::control::accept(&me.cfg.tls.current(), &me.cfg.name, allowed, tcp).await {
                     Ok(conn) => incoming::serve(me, conn).await,
                     Err(e) => tracing::warn!(%addr, "refused peer: {}", crate::error_chain(&e)),
                 }

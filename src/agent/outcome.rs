@@ -78,7 +78,7 @@ impl Agent {
     /// One question to the destination.
     async fn ask(&self, vm: &str, destination: &str) -> Result<RemoteOutcome, String> {
         let addr = self.cfg.peers.get(destination).copied().ok_or("not a configured peer")?;
-        let conn = control::connect(&self.cfg.tls, &self.cfg.name, destination, addr)
+        let conn = control::connect(&self.cfg.tls.current(), &self.cfg.name, destination, addr)
             .await
             .map_err(|e| crate::error_chain(&e))?;
         if conn.version < HEARTBEATS {

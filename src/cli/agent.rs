@@ -156,7 +156,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         data_listen,
         api: a.api.api,
         api_access: crate::agent::access::ApiAccess::with_group(a.api_group.as_deref())?,
-        tls,
+        tls: crate::tls::SharedTls::new(tls),
         certs,
         metrics: a.metrics,
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
@@ -192,6 +192,16 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let agent = Agent::new(cfg);
+        // Listening before the agent is up: a SIGHUP must never end it.
+        let mut hup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("listening for SIGHUP")?;
+        let reload = agent.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A failure is logged, and the identity stays as it was.
+                let _ = reload.reload_certs();
+            }
+        });
         let stop = agent.clone();
         tokio::spawn(async move {
             // SIGTERM (systemd, kill) and SIGINT (Ctrl-C) stop the agent the
@@ -209,7 +219,7 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
             }
             stop.shutdown();
         });
-        agent.run().await
-    })?;
-    Ok(())
+        agent.run().await?;
+        Ok(())
+    })
 }
