@@ -153,6 +153,9 @@ pub struct InfoReply {
     /// When that certificate expires, seconds since the epoch.
     #[serde(default)]
     pub cert_not_after: i64,
+    /// Where it serves Prometheus metrics (`--metrics`), if it does.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Whether the agent has RDMA.

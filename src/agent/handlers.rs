@@ -141,6 +141,7 @@ impl Agent {
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
             cert_fingerprint: cert.fingerprint,
             cert_not_after: cert.not_after,
+            metrics: self.metrics_addr.lock().unwrap().map(|a| a.to_string()),
         }
     }
 
@@ -243,6 +244,7 @@ impl Agent {
                 _ => {}
             }
             me.journal_migration(&report.vm, None);
+            me.totals.ended(report.result);
             h.finish(report);
         });
         Ok(MigrateReply { migration: handle.id.clone() })

@@ -1,13 +1,15 @@
 //! The per-host daemon: owns the VMs registered on this host, runs
 //! migrations as their source, serves peers as a destination
 //! ([`incoming`]), and exposes the local API ([`api`], one handler per
-//! request in `handlers`) that the CLI and orchestrators use.
+//! request in `handlers`) that the CLI and orchestrators use, and
+//! Prometheus metrics ([`metrics`]).
 
 pub mod access;
 pub mod api;
 pub mod capacity;
 mod handlers;
 pub mod journal;
+pub mod metrics;
 mod outcome;
 
 pub use handlers::RequestError;
@@ -141,6 +143,10 @@ pub struct Agent {
     pub rdma: Result<Arc<crate::transport::rdma::Rdma>, String>,
     /// Every migration's events, for `watch` (see [`crate::engine::watch`]).
     events: crate::engine::watch::EventSink,
+    /// What the metrics count as it happens.
+    totals: metrics::Totals,
+    /// Where metrics are served, once bound.
+    metrics_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl Agent {
@@ -174,6 +180,8 @@ impl Agent {
             shutdown: CancellationToken::new(),
             // Watchers that fall this far behind are told how many they missed.
             events: tokio::sync::broadcast::channel(4096).0,
+            totals: Default::default(),
+            metrics_addr: Mutex::new(None),
         })
     }
 
@@ -223,6 +231,7 @@ impl Agent {
         }
         capacity::admit(&self.cfg.limits, &self.cfg.data_dir, room.bytes, incoming.values())?;
         incoming.insert(vm.to_owned(), room);
+        self.totals.incoming_opened();
         Ok(true)
     }
 
@@ -281,6 +290,12 @@ impl Agent {
         let data = bind("data listener", self.cfg.data_listen).await?;
         *self.data_addr.lock().unwrap() = data.local_addr().ok();
         let api = self.cfg.api_access.bind(&self.cfg.api)?;
+        if let Some(addr) = self.cfg.metrics {
+            let listener = bind("metrics listener", addr).await?;
+            *self.metrics_addr.lock().unwrap() = listener.local_addr().ok();
+            tracing::info!(metrics = ?listener.local_addr().ok(), "serving Prometheus metrics at /metrics");
+            tokio::spawn(metrics::serve(self.clone(), listener));
+        }
         tracing::info!(name = %self.cfg.name, control = %self.cfg.listen, data = ?data.local_addr().ok(), api = %self.cfg.api.display(), "agent up");
         tokio::spawn(self.receiver.clone().serve(data));
         tokio::spawn(self.clone().serve_peers(control));

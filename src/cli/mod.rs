@@ -52,6 +52,15 @@ where
     Ok(cli)
 }
 
+/// `dcmigrate agent`: its options merged with its configuration file
+/// (here: `config` fills `agent`'s arguments), then the agent.
+fn run_agent(mut a: agent::AgentArgs) -> Result<()> {
+    let given = std::mem::take(&mut a.given);
+    let file = a.config.clone();
+    config::merge(&mut a, file.as_deref(), &given)?;
+    agent::run_agent(a)
+}
+
 /// `--api`, for the commands that talk to the local agent.
 #[derive(Args, Clone)]
 pub struct ApiArg {
@@ -405,12 +414,7 @@ impl MigrateArgs {
 /// Runs a parsed command line; returns the process's exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Agent(mut a) => {
-            let given = std::mem::take(&mut a.given);
-            let file = a.config.clone();
-            config::merge(&mut a, file.as_deref(), &given)?;
-            agent::run_agent(*a).map(|_| 0)
-        }
+        Cmd::Agent(a) => run_agent(*a).map(|_| 0),
         Cmd::Certs { cmd: CertsCmd::Init { dir, hosts } } => {
             crate::tls::init_certs(&dir, &hosts)?;
             println!("CA and certificates for {} written to {}", hosts.join(", "), dir.display());

@@ -9,7 +9,6 @@ use super::super::Agent;
 use super::Session;
 use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
 use crate::protocol::Token;
-use crate::vm::scope::Scope;
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
 use crate::vm::{qemu, IncomingVm, LaunchSpec, RamFile, VmError};
 use std::path::{Path, PathBuf};
@@ -168,12 +167,7 @@ async fn prepare(
             let (r, ram) = (r.clone(), ram.clone());
             tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
         });
-        let launched = launch_incoming(
-            vm,
-            (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref(), agent.cfg.qemu_scope.as_ref()),
-            files,
-            launch,
-        );
+        let launched = launch_incoming(vm, &agent.cfg, &dir, files, launch);
         match launched.await {
             Ok(incoming) => Ok((ram, incoming, registering)),
             Err(e) => {
@@ -209,12 +203,13 @@ async fn prepare(
 
 async fn launch_incoming(
     vm: &str,
-    (dir, storage, user, scope): (&Path, &[PathBuf], Option<&qemu::QemuUser>, Option<&Scope>),
+    cfg: &super::super::AgentConfig,
+    dir: &Path,
     files: Vec<RamFile>,
     launch: &LaunchSpec,
 ) -> Result<Arc<dyn IncomingVm>, OpenError> {
-    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), storage.to_vec(), launch.clone());
-    let (user, scope) = (user.cloned(), scope.cloned());
+    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), cfg.storage.clone(), launch.clone());
+    let (user, scope) = (cfg.qemu_user.clone(), cfg.qemu_scope.clone());
     let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
         Ok(match &launch {
             LaunchSpec::Synthetic { .. } => {
