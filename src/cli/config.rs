@@ -207,8 +207,9 @@ agent_file! {
     api: PathBuf => api.api = |v| v,
     api_group: String => api_group = Some,
     metrics: SocketAddr => metrics = Some,
-    // Keys of options added later go here, one line each (e.g. the
-    // session limits and `drained`, once their flags exist).
+    // Keys of options added later go here, one line each, e.g. once their
+    // flags exist: `max_incoming: u32 => max_incoming = Some,`,
+    // `max_outgoing: u32 => max_outgoing = Some,`, `drained: bool => drained = |v| v,`.
 }
 
 impl AgentFile {
