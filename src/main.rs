@@ -1,9 +1,8 @@
-use clap::Parser;
-use dcmigrate::cli::{Cli, Cmd};
+use dcmigrate::cli::Cmd;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = dcmigrate::cli::parse();
     // Daemons log what they do; client commands stay quiet unless asked.
     let default = match cli.cmd {
         Cmd::Agent(_) | Cmd::Guest(_) => "info",

@@ -100,6 +100,30 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| TlsError::Missing(path.to_owned()))
 }
 
+/// What identifies an agent's certificate, for its status and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    pub fingerprint: String,
+    /// When it expires, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Of a certificate as `certs init` writes it (PEM).
+    pub fn of_pem(path: &Path) -> Result<Self, TlsError> {
+        Self::of(&load_certs(path)?[0], path)
+    }
+
+    fn of(cert: &CertificateDer<'_>, path: &Path) -> Result<Self, TlsError> {
+        use x509_parser::prelude::*;
+        let (_, c) = X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+        let fingerprint = hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()));
+        Ok(Self { fingerprint, not_after: c.validity().not_after.timestamp() })
+    }
+}
+
 /// Both sides of an agent's mTLS: it serves peers and connects to them.
 #[derive(Clone)]
 pub struct TlsConfig {
@@ -109,6 +133,31 @@ pub struct TlsConfig {
     /// For connecting to peers: trusts only the CA and presents this host's
     /// certificate.
     pub client: Arc<ClientConfig>,
+    /// This host's certificate.
+    pub cert: CertInfo,
+}
+
+/// An agent's TLS identity, shared by everything that makes or accepts its
+/// connections, and replaced whole when SIGHUP loads the certificates
+/// again: connections made after that use the new one, open ones keep theirs.
+#[derive(Clone)]
+pub struct SharedTls(Arc<arc_swap::ArcSwap<TlsConfig>>);
+
+impl SharedTls {
+    /// Shares `tls`.
+    pub fn new(tls: TlsConfig) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(tls)))
+    }
+
+    /// The identity for a new connection.
+    pub fn current(&self) -> Arc<TlsConfig> {
+        self.0.load_full()
+    }
+
+    /// From now on, new connections use `tls`.
+    pub fn replace(&self, tls: TlsConfig) {
+        self.0.store(Arc::new(tls));
+    }
 }
 
 impl TlsConfig {
@@ -121,6 +170,7 @@ impl TlsConfig {
         }
         let roots = Arc::new(roots);
         let chain = load_certs(cert)?;
+        let info = CertInfo::of(&chain[0], cert)?;
         let key = load_key(key)?;
         let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
@@ -138,7 +188,7 @@ impl TlsConfig {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(cfg)?;
-        Ok(Self { server: Arc::new(server), client: Arc::new(client) })
+        Ok(Self { server: Arc::new(server), client: Arc::new(client), cert: info })
     }
 
     /// The conventional layout of `certs init`: DIR/ca.pem, DIR/HOST.pem, DIR/HOST.key.
@@ -172,7 +222,13 @@ mod tests {
     fn init_and_load() {
         let d = tempfile::tempdir().unwrap();
         init_certs(d.path(), &["hostA".into(), "hostB".into()]).unwrap();
-        TlsConfig::load_dir(d.path(), "hostA").unwrap();
+        let a = TlsConfig::load_dir(d.path(), "hostA").unwrap();
+        // The certificate it presents: SHA-256 of its DER, and its expiry.
+        assert_eq!(a.cert, CertInfo::of_pem(&d.path().join("hostA.pem")).unwrap());
+        assert_eq!(a.cert.fingerprint.len(), 64);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(a.cert.not_after > now, "{:?}", a.cert);
+        assert_ne!(a.cert, CertInfo::of_pem(&d.path().join("hostB.pem")).unwrap());
         let c = load_certs(&d.path().join("hostB.pem")).unwrap();
         assert_eq!(cert_host_names(&c[0]), vec!["hostB".to_string()]);
         assert!(init_certs(d.path(), &["bad host".into()]).is_err());

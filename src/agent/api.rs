@@ -188,6 +188,15 @@ pub struct InfoReply {
     /// What it advertises to peers choosing a destination (drained, room).
     #[serde(default)]
     pub capacity: crate::protocol::control::Capacity,
+    /// SHA-256 of the certificate it presents now (hex; SIGHUP may change it).
+    #[serde(default)]
+    pub cert_fingerprint: String,
+    /// When that certificate expires, seconds since the epoch.
+    #[serde(default)]
+    pub cert_not_after: i64,
+    /// Where it serves Prometheus metrics (`--metrics`), if it does.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Whether the agent has RDMA.

@@ -17,8 +17,9 @@ impl Agent {
         what: &str,
     ) -> Result<Message, String> {
         let addr = self.cfg.peers.get(host).copied().ok_or("not a configured peer")?;
-        let conn =
-            control::connect(&self.cfg.tls, &self.cfg.name, host, addr).await.map_err(|e| crate::error_chain(&e))?;
+        let conn = control::connect(&self.cfg.tls.current(), &self.cfg.name, host, addr)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         if conn.version < min_version {
             return Err(format!("{host} speaks protocol {}, which cannot answer {what}", conn.version));
         }

@@ -134,6 +134,12 @@ pub fn advertise<'a>(
 
 /// Bytes an unprivileged writer may still allocate in `dir`'s file system.
 fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    space(dir).map(|(free, _)| free)
+}
+
+/// `dir`'s file system: bytes an unprivileged writer may still allocate,
+/// and its size.
+pub fn space(dir: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -145,8 +151,8 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let st = unsafe { st.assume_init() };
     // Both are u64 on Linux x86_64 and aarch64, narrower elsewhere.
     #[allow(clippy::unnecessary_cast)]
-    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
-    Ok(avail.saturating_mul(frsize))
+    let (avail, blocks, frsize) = (st.f_bavail as u64, st.f_blocks as u64, st.f_frsize as u64);
+    Ok((avail.saturating_mul(frsize), blocks.saturating_mul(frsize)))
 }
 
 #[cfg(test)]

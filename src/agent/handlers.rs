@@ -143,6 +143,7 @@ impl Agent {
     fn info(&self) -> InfoReply {
         // Before the struct: it locks `incoming` too.
         let capacity = self.capacity();
+        let cert = self.cfg.tls.current().cert.clone();
         InfoReply {
             name: self.cfg.name.clone(),
             control: self.cfg.listen.to_string(),
@@ -154,6 +155,9 @@ impl Agent {
             },
             incoming: self.incoming.lock().unwrap().keys().cloned().collect(),
             capacity,
+            cert_fingerprint: cert.fingerprint,
+            cert_not_after: cert.not_after,
+            metrics: self.metrics_addr.lock().unwrap().map(|a| a.to_string()),
         }
     }
 
@@ -272,6 +276,7 @@ impl Agent {
                 _ => {}
             }
             me.journal_migration(&report.vm, None);
+            me.totals.ended(report.result);
             h.finish(report);
         });
         Ok(MigrateReply { migration: handle.id.clone() })

@@ -1,7 +1,8 @@
 //! The per-host daemon: owns the VMs registered on this host, runs
 //! migrations as their source, serves peers as a destination
 //! ([`incoming`]), and exposes the local API ([`api`], one handler per
-//! request in `handlers`) that the CLI and orchestrators use.
+//! request in `handlers`) that the CLI and orchestrators use, and
+//! Prometheus metrics ([`metrics`]).
 
 pub mod access;
 pub mod api;
@@ -10,13 +11,14 @@ pub mod capacity;
 pub mod evacuate;
 mod handlers;
 pub mod journal;
+pub mod metrics;
 mod outcome;
 
 pub use handlers::RequestError;
 pub mod incoming;
 
 use crate::engine::MigrationHandle;
-use crate::tls::TlsConfig;
+use crate::tls::SharedTls;
 use crate::transport::Receiver;
 use crate::vm::synthetic::SyntheticVm;
 use crate::vm::{LaunchSpec, SourceVm, VmRecord};
@@ -73,8 +75,13 @@ pub struct AgentConfig {
     pub api: PathBuf,
     /// Who may use the API besides root and the agent's user.
     pub api_access: access::ApiAccess,
-    /// The TLS identity.
-    pub tls: TlsConfig,
+    /// The TLS identity (SIGHUP replaces it: see [`Agent::reload_certs`]).
+    pub tls: SharedTls,
+    /// Where `tls` was loaded from (ca.pem, NAME.pem, NAME.key): SIGHUP
+    /// loads them again.
+    pub certs: PathBuf,
+    /// Where Prometheus metrics are served (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// Hosts this agent may migrate and forward to.
     pub peers: HashMap<String, SocketAddr>,
     /// Hosts that may migrate VMs to this one (`None`: every peer).
@@ -92,6 +99,8 @@ pub struct AgentConfig {
     pub data_encryption: bool,
     /// The user incoming QEMUs run as (else the agent's).
     pub qemu_user: Option<crate::vm::qemu::QemuUser>,
+    /// The systemd scope incoming VMs start in (else the agent's children).
+    pub qemu_scope: Option<crate::vm::scope::Scope>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
     pub data_dir: PathBuf,
     /// RDMA device, GID and queue-pair settings.
@@ -144,6 +153,10 @@ pub struct Agent {
     drained: tokio::sync::watch::Sender<bool>,
     /// Evacuations of this host (see [`evacuate`]).
     evacuations: Mutex<Vec<Arc<evacuate::Evacuation>>>,
+    /// What the metrics count as it happens.
+    totals: metrics::Totals,
+    /// Where metrics are served, once bound.
+    metrics_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl Agent {
@@ -161,7 +174,7 @@ impl Agent {
             Err(e) => tracing::info!("RDMA unavailable, TCP only: {e}"),
         }
         let receiver = Receiver::new(crate::transport::secure::ServerTls {
-            config: cfg.tls.server.clone(),
+            config: cfg.tls.clone(),
             required: cfg.data_encryption,
             allowed: cfg.data_senders(),
         });
@@ -179,7 +192,31 @@ impl Agent {
             events: tokio::sync::broadcast::channel(4096).0,
             drained: tokio::sync::watch::channel(false).0,
             evacuations: Mutex::new(vec![]),
+            totals: Default::default(),
+            metrics_addr: Mutex::new(None),
         })
+    }
+
+    /// Loads the certificates again from the same directory (SIGHUP): new
+    /// connections use them, open ones keep theirs. If they cannot be
+    /// loaded, the agent keeps the identity it has and says why.
+    pub fn reload_certs(&self) -> Result<crate::tls::CertInfo, crate::tls::TlsError> {
+        match crate::tls::TlsConfig::load_dir(&self.cfg.certs, &self.cfg.name) {
+            Ok(tls) => {
+                let cert = tls.cert.clone();
+                self.cfg.tls.replace(tls);
+                tracing::info!(fingerprint = %cert.fingerprint, not_after = cert.not_after, "certificates reloaded");
+                Ok(cert)
+            }
+            Err(e) => {
+                let dir = self.cfg.certs.display();
+                tracing::error!(
+                    "certificates not reloaded from {dir}, keeping the current ones: {}",
+                    crate::error_chain(&e)
+                );
+                Err(e)
+            }
+        }
     }
 
     /// Asks [`run`](Self::run) to return.
@@ -209,6 +246,7 @@ impl Agent {
         }
         capacity::admit(&self.cfg.limits, &self.cfg.data_dir, room.bytes, incoming.values())?;
         incoming.insert(vm.to_owned(), room);
+        self.totals.incoming_opened();
         Ok(true)
     }
 
@@ -292,6 +330,12 @@ impl Agent {
         let data = bind("data listener", self.cfg.data_listen).await?;
         *self.data_addr.lock().unwrap() = data.local_addr().ok();
         let api = self.cfg.api_access.bind(&self.cfg.api)?;
+        if let Some(addr) = self.cfg.metrics {
+            let listener = bind("metrics listener", addr).await?;
+            *self.metrics_addr.lock().unwrap() = listener.local_addr().ok();
+            tracing::info!(metrics = ?listener.local_addr().ok(), "serving Prometheus metrics at /metrics");
+            tokio::spawn(metrics::serve(self.clone(), listener));
+        }
         tracing::info!(name = %self.cfg.name, control = %self.cfg.listen, data = ?data.local_addr().ok(), api = %self.cfg.api.display(), "agent up");
         tokio::spawn(self.receiver.clone().serve(data));
         tokio::spawn(self.clone().serve_peers(control));
@@ -346,7 +390,7 @@ impl Agent {
             let me = self.clone();
             tokio::spawn(async move {
                 let allowed = |host: &str| me.cfg.accepts_from(host);
-                match crate::control::accept(&me.cfg.tls, &me.cfg.name, allowed, tcp).await {
+                match crate::control::accept(&me.cfg.tls.current(), &me.cfg.name, allowed, tcp).await {
                     Ok(conn) => incoming::serve(me, conn).await,
                     Err(e) => tracing::warn!(%addr, "refused peer: {}", crate::error_chain(&e)),
                 }

@@ -4,27 +4,35 @@
 use super::{parse_size, ApiArg};
 use crate::agent::{Agent, AgentConfig};
 use crate::tls::TlsConfig;
+use crate::vm::scope::ScopeMode;
 use anyhow::{Context as _, Result};
 use clap::Args;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// `dcmigrate agent` arguments.
 #[derive(Args)]
 pub struct AgentArgs {
-    /// This host's name (must match its certificate).
+    /// A TOML file with any of these options (keys named as the flags,
+    /// `[peers]` a table of NAME = "ADDR"); flags given here or by their
+    /// environment variable win over it.
+    #[arg(long, env = "DCMIGRATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This host's name (must match its certificate); required, here or in
+    /// the configuration file.
     #[arg(long)]
-    pub name: String,
+    pub name: Option<String>,
     /// Control channel (mTLS) listen address.
     #[arg(long, default_value = "127.0.0.1:4710")]
     pub listen: SocketAddr,
     /// Data plane listen address (default: the control IP, any port).
     #[arg(long)]
     pub data_listen: Option<SocketAddr>,
-    /// Directory with ca.pem, NAME.pem and NAME.key (from `certs init`).
+    /// Directory with ca.pem, NAME.pem and NAME.key (from `certs init`);
+    /// required, here or in the configuration file. SIGHUP loads them again.
     #[arg(long)]
-    pub certs: PathBuf,
+    pub certs: Option<PathBuf>,
     /// A peer agent, NAME=ADDR (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, SocketAddr)>,
@@ -115,9 +123,22 @@ pub struct AgentArgs {
     /// default only root and the agent's own user may (the socket is 0600).
     #[arg(long, env = "DCMIGRATE_API_GROUP")]
     pub api_group: Option<String>,
+    /// Start incoming QEMUs in a systemd scope of their own, so that
+    /// restarting the agent's service does not stop them: `auto` does when
+    /// the agent runs under systemd.
+    #[arg(long, env = "DCMIGRATE_QEMU_SCOPE", value_enum, default_value_t = ScopeMode::Auto)]
+    pub qemu_scope: ScopeMode,
+    /// Serve Prometheus metrics over HTTP at ADDR (`GET /metrics`).
+    #[arg(long, env = "DCMIGRATE_METRICS")]
+    pub metrics: Option<SocketAddr>,
+    /// The options the command line or the environment gave (they win over
+    /// the configuration file); filled by [`super::parse`].
+    #[arg(skip)]
+    pub given: HashSet<String>,
 }
 
-fn parse_storage(s: &str) -> Result<PathBuf, String> {
+/// A `--storage` prefix: an absolute path without `..`.
+pub(super) fn parse_storage(s: &str) -> Result<PathBuf, String> {
     let p = PathBuf::from(s);
     if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(format!("{s}: a storage prefix is an absolute path without '..'"));
@@ -130,26 +151,32 @@ fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((n.to_owned(), a.parse().map_err(|e| format!("{a}: {e}"))?))
 }
 
-/// Runs the agent until SIGTERM or SIGINT (or the API's `shutdown`).
-pub fn run_agent(a: AgentArgs) -> Result<()> {
-    crate::vm::synthetic::own_exe().context("locating this program")?;
-    let tls = TlsConfig::load_dir(&a.certs, &a.name)
-        .with_context(|| format!("loading TLS material for {} from {}", a.name, a.certs.display()))?;
+/// The agent's configuration from its arguments (merged with its
+/// configuration file by the caller: see `cli::config`).
+fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
+    let (Some(name), Some(certs)) = (a.name.clone(), a.certs.clone()) else {
+        anyhow::bail!("the agent's name and certificate directory are required");
+    };
+    let tls = TlsConfig::load_dir(&certs, &name)
+        .with_context(|| format!("loading TLS material for {name} from {}", certs.display()))?;
     let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
-    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/dcmigrate/{}", a.name)));
-    let cfg = AgentConfig {
-        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{}", a.name))),
-        name: a.name,
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/dcmigrate/{name}")));
+    Ok(AgentConfig {
+        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{name}"))),
+        name,
         listen: a.listen,
         data_listen,
         api: a.api.api,
         api_access: crate::agent::access::ApiAccess::with_group(a.api_group.as_deref())?,
-        tls,
+        tls: crate::tls::SharedTls::new(tls),
+        certs,
+        metrics: a.metrics,
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
         accept_from: (!a.accept_from.is_empty()).then(|| a.accept_from.into_iter().collect()),
         storage: a.storage,
         data_encryption: a.data_encryption == "on",
         qemu_user: a.qemu_user.as_deref().map(crate::vm::qemu::QemuUser::lookup).transpose()?,
+        qemu_scope: a.qemu_scope.resolve()?,
         limits: crate::agent::capacity::Limits {
             per_session: a.max_session_ram,
             total: a.max_incoming_ram,
@@ -169,10 +196,30 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
         no_rdma: a.no_rdma,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout.clamp(0.5, 3600.0)),
         state_dir,
-    };
+    })
+}
+
+/// Runs the agent until SIGTERM or SIGINT (or the API's `shutdown`);
+/// SIGHUP loads its certificates again.
+pub fn run_agent(a: AgentArgs) -> Result<()> {
+    crate::vm::synthetic::own_exe().context("locating this program")?;
+    let cfg = agent_config(a)?;
+    if let Some(s) = &cfg.qemu_scope {
+        tracing::info!(slice = %s.slice, "incoming VMs start in systemd scopes of their own");
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let agent = Agent::new(cfg);
+        // Listening before the agent is up: a SIGHUP must never end it.
+        let mut hup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("listening for SIGHUP")?;
+        let reload = agent.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A failure is logged, and the identity stays as it was.
+                let _ = reload.reload_certs();
+            }
+        });
         let stop = agent.clone();
         tokio::spawn(async move {
             // SIGTERM (systemd, kill) and SIGINT (Ctrl-C) stop the agent the
@@ -190,7 +237,7 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
             }
             stop.shutdown();
         });
-        agent.run().await
-    })?;
-    Ok(())
+        agent.run().await?;
+        Ok(())
+    })
 }

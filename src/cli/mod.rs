@@ -2,6 +2,7 @@
 //! to an agent's API. The daemon itself lives in [`crate::agent`].
 
 pub mod agent;
+pub mod config;
 pub mod demo;
 pub mod host;
 pub mod operate;
@@ -28,6 +29,37 @@ pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// Parses the command line (exits on an error, as clap does); for `agent`,
+/// notes which options the command line or the environment gave, which
+/// win over its configuration file.
+pub fn parse() -> Cli {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse`] of `argv` (the program's name first).
+pub fn try_parse_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let m = Cli::command().try_get_matches_from(argv)?;
+    let mut cli = Cli::from_arg_matches(&m)?;
+    if let (Cmd::Agent(a), Some(sub)) = (&mut cli.cmd, m.subcommand_matches("agent")) {
+        a.given = config::given(sub);
+    }
+    Ok(cli)
+}
+
+/// `dcmigrate agent`: its options merged with its configuration file
+/// (here: `config` fills `agent`'s arguments), then the agent.
+fn run_agent(mut a: agent::AgentArgs) -> Result<()> {
+    let given = std::mem::take(&mut a.given);
+    let file = a.config.clone();
+    config::merge(&mut a, file.as_deref(), &given)?;
+    agent::run_agent(a)
 }
 
 /// `--api`, for the commands that talk to the local agent.
@@ -432,7 +464,7 @@ impl MigrateArgs {
 /// Runs a parsed command line; returns the process's exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Agent(a) => agent::run_agent(*a).map(|_| 0),
+        Cmd::Agent(a) => run_agent(*a).map(|_| 0),
         Cmd::Certs { cmd: CertsCmd::Init { dir, hosts } } => {
             crate::tls::init_certs(&dir, &hosts)?;
             println!("CA and certificates for {} written to {}", hosts.join(", "), dir.display());

@@ -9,7 +9,7 @@ use crate::dirty::SendObserver;
 use crate::ledger::HostId;
 use crate::memory::GuestRam;
 use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind, HEARTBEATS};
-use crate::tls::TlsConfig;
+use crate::tls::SharedTls;
 use crate::transport::rdma::{LocalRam, Rdma};
 use crate::transport::secure::ClientTls;
 use crate::transport::{Batch, Completion, OpenError, PageSender, Recoveries, SenderSpec, StreamSpec};
@@ -68,7 +68,7 @@ pub enum LinkError {
 /// How to open a link (owned: it is opened on a task of its own).
 pub struct LinkSpec {
     /// This agent's TLS identity.
-    pub tls: TlsConfig,
+    pub tls: SharedTls,
     /// Encrypt the TCP data streams.
     pub data_encryption: bool,
     /// This host's name.
@@ -186,7 +186,7 @@ async fn open_session(
 impl Link {
     /// Connects, opens a session for the VM and the source's data streams.
     pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
-        let conn = control::connect(&a.tls, &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
+        let conn = control::connect(&a.tls.current(), &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
         let version = conn.version;
         let heartbeat = (version >= HEARTBEATS).then(|| Heartbeat::pinging(a.peer_timeout));
         let mut ch = Channel::new(conn.stream, heartbeat);
@@ -221,7 +221,9 @@ impl Link {
                 observer: a.observer,
                 completions: a.completions.clone(),
                 stall_timeout: a.peer_timeout,
-                tls: a.data_encryption.then(|| ClientTls { config: a.tls.client.clone(), host: a.host.clone() }),
+                tls: a
+                    .data_encryption
+                    .then(|| ClientTls { config: a.tls.current().client.clone(), host: a.host.clone() }),
             },
         };
         let sender = match crate::transport::open_sender(spec).await {

@@ -41,7 +41,7 @@ use crate::bitmap::Bitmap;
 use crate::dirty::{DirtyError, DirtyTracker, SendObserver};
 use crate::ledger::{HostId, Ledger};
 use crate::memory::{GuestRam, LayoutError, MemoryError, PAGE_SIZE};
-use crate::tls::TlsConfig;
+use crate::tls::SharedTls;
 use crate::transport::Completion;
 use crate::vm::{SourceVm, VmError};
 use accounting::Accounting;
@@ -62,7 +62,7 @@ pub struct Context {
     /// This host's name.
     pub me: String,
     /// Its TLS identity, to open sessions on peers.
-    pub tls: TlsConfig,
+    pub tls: SharedTls,
     /// Encrypt TCP data streams (TLS with that identity).
     pub data_encryption: bool,
     /// Test-only: disables the ledger's one-writer rule.

@@ -162,8 +162,9 @@ pub struct ClientTls {
 /// A receiver's encryption policy.
 #[derive(Clone)]
 pub struct ServerTls {
-    /// This host's server identity (requires a CA-signed client certificate).
-    pub config: Arc<rustls::ServerConfig>,
+    /// This host's identity (its server side requires a CA-signed client
+    /// certificate), as it is when a stream comes in.
+    pub config: crate::tls::SharedTls,
     /// Plain streams are refused.
     pub required: bool,
     /// Which certified host names may send data here.
@@ -264,7 +265,7 @@ pub async fn server(tcp: TcpStream, tls: Option<&ServerTls>) -> Result<Accepted,
     let Some(tls) = tls else {
         return Err(tls_err(std::io::Error::other("this receiver has no TLS identity")));
     };
-    let mut config = (*tls.config).clone();
+    let mut config = (*tls.config.current().server).clone();
     config.alpn_protocols = vec![ALPN_SEALED.to_vec()];
     // No session tickets: they would follow the handshake in TLS records.
     config.send_tls13_tickets = 0;

@@ -1,10 +1,12 @@
 //! What the engine needs from a VM, as a small ladder of traits:
 //! [`SourceVm`] (a running VM we migrate away from) and [`IncomingVm`] (a VM
 //! prepared paused on a destination). Backends: the synthetic guest
-//! ([`synthetic`]) and stock QEMU ([`qemu`], controlled over [`qmp`]).
+//! ([`synthetic`]) and stock QEMU ([`qemu`], controlled over [`qmp`]);
+//! incoming ones in a systemd scope of their own ([`scope`]).
 
 pub mod qemu;
 pub mod qmp;
+pub mod scope;
 pub mod synthetic;
 
 use crate::dirty::{DirtyTracker, TrackerKind};

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -173,13 +173,20 @@ pub struct SyntheticIncoming {
 
 impl SyntheticIncoming {
     /// Starts `dcmigrate guest --incoming` over RAM the agent already created.
-    /// The guest exits (and removes its files) if the agent dies before commit.
-    pub fn launch(name: &str, dir: &Path, ram: &[RamFile], launch: &LaunchSpec) -> Result<Self, VmError> {
+    /// The guest exits (and removes its files) if the agent dies before
+    /// commit; in `scope` (a systemd scope of its own) when one is given.
+    pub fn launch(
+        name: &str,
+        (dir, scope): (&Path, Option<&super::scope::Scope>),
+        ram: &[RamFile],
+        launch: &LaunchSpec,
+    ) -> Result<Self, VmError> {
         let [ram0] = ram else {
             return Err(VmError::Launch(format!("the synthetic guest has one RAM region, got {}", ram.len())));
         };
         let (_, dirty, sock) = guest_paths(dir, name);
-        let child = Command::new(own_exe().map_err(|e| VmError::Launch(e.to_string()))?)
+        let exe = own_exe().map_err(|e| VmError::Launch(e.to_string()))?;
+        let child = super::scope::command(exe.as_os_str(), name, scope, None)
             .args(["guest", "--incoming", "--exit-with-parent", "--name", name])
             .arg("--dir")
             .arg(dir)

@@ -91,7 +91,7 @@ pub(super) async fn forward_to(
             completions,
             stall_timeout: agent.cfg.peer_timeout,
             tls: agent.cfg.data_encryption.then(|| crate::transport::secure::ClientTls {
-                config: agent.cfg.tls.client.clone(),
+                config: agent.cfg.tls.current().client.clone(),
                 host: t.host.clone(),
             }),
         },

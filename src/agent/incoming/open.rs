@@ -167,7 +167,7 @@ async fn prepare(
             let (r, ram) = (r.clone(), ram.clone());
             tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
         });
-        let launched = launch_incoming(vm, (&dir, &agent.cfg.storage, agent.cfg.qemu_user.as_ref()), files, launch);
+        let launched = launch_incoming(vm, &agent.cfg, &dir, files, launch);
         match launched.await {
             Ok(incoming) => Ok((ram, incoming, registering)),
             Err(e) => {
@@ -203,18 +203,24 @@ async fn prepare(
 
 async fn launch_incoming(
     vm: &str,
-    (dir, storage, user): (&Path, &[PathBuf], Option<&qemu::QemuUser>),
+    cfg: &super::super::AgentConfig,
+    dir: &Path,
     files: Vec<RamFile>,
     launch: &LaunchSpec,
 ) -> Result<Arc<dyn IncomingVm>, OpenError> {
-    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), storage.to_vec(), launch.clone());
-    let user = user.cloned();
+    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), cfg.storage.clone(), launch.clone());
+    let (user, scope) = (cfg.qemu_user.clone(), cfg.qemu_scope.clone());
     let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
         Ok(match &launch {
-            LaunchSpec::Synthetic { .. } => Arc::new(SyntheticIncoming::launch(&name, &dir, &files, &launch)?),
-            LaunchSpec::Qemu { .. } => {
-                Arc::new(qemu::QemuIncoming::launch(&name, (&dir, &storage, user.as_ref()), &files, &launch)?)
+            LaunchSpec::Synthetic { .. } => {
+                Arc::new(SyntheticIncoming::launch(&name, (&dir, scope.as_ref()), &files, &launch)?)
             }
+            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(
+                &name,
+                (&dir, &storage, user.as_ref(), scope.as_ref()),
+                &files,
+                &launch,
+            )?),
         })
     })
     .await??;

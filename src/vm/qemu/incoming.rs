@@ -8,6 +8,7 @@ use super::user::QemuUser;
 use super::{kill, ram_path, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, QMP_TIMEOUT};
 use crate::memory::RegionSpec;
 use crate::vm::qmp::Qmp;
+use crate::vm::scope::Scope;
 use crate::vm::{IncomingVm, LaunchSpec, RamFile, VmError, VmRecord};
 use qapi::qmp;
 use std::io::Write;
@@ -37,10 +38,11 @@ impl QemuIncoming {
     /// Starts QEMU paused (`-incoming defer -S`) from the launch spec, on the
     /// RAM files the agent created in `dir`; returns once its QMP answers.
     /// Files the spec names must be in `dir` or under `storage`; QEMU runs
-    /// as `user` when one is given.
+    /// as `user` when one is given, in a systemd scope of its own when
+    /// `scope` is given.
     pub fn launch(
         name: &str,
-        (dir, storage, user): (&Path, &[PathBuf], Option<&QemuUser>),
+        (dir, storage, user, scope): (&Path, &[PathBuf], Option<&QemuUser>, Option<&Scope>),
         ram: &[RamFile],
         launch: &LaunchSpec,
     ) -> Result<Self, VmError> {
@@ -68,15 +70,19 @@ impl QemuIncoming {
         let log2 = log.try_clone().map_err(|e| vm_err(e.to_string()))?;
         tracing::info!(vm = name, "launching incoming QEMU: {binary} {}", argv.join(" "));
         use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new(binary);
+        let mut cmd = super::super::scope::command(binary.as_ref(), name, scope, user.map(|u| (u.uid, u.gid)));
         cmd.args(&argv)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Its own process group: a Ctrl-C aimed at the agent must not kill the VM.
             .process_group(0);
-        if let Some(u) = user {
-            u.apply(&mut cmd);
+        match (user, scope) {
+            // systemd-run must ask systemd for the scope as root: it
+            // switches uid and gid itself, the groups are set before.
+            (Some(u), Some(_)) => u.apply_groups(&mut cmd),
+            (Some(u), None) => u.apply(&mut cmd),
+            (None, _) => {}
         }
         let mut child = cmd.spawn().map_err(|e| vm_err(format!("starting {binary}: {e}")))?;
         let pid = child.id();

@@ -115,6 +115,24 @@ impl QemuUser {
         })
     }
 
+    /// Has `cmd` take the user's supplementary groups before it runs (the
+    /// rest of [`apply`](Self::apply): for `systemd-run`, which switches
+    /// gid and uid itself once it made the scope).
+    pub fn apply_groups(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let groups = self.groups.clone();
+        // SAFETY: between fork and exec the closure only makes one
+        // async-signal-safe call, on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Has `cmd` switch to the user (groups, gid, then uid) before it runs.
     pub fn apply(&self, cmd: &mut std::process::Command) {
         use std::os::unix::process::CommandExt;

@@ -1,0 +1,106 @@
+//! `agent --metrics`: a real HTTP client scrapes `GET /metrics` while a
+//! migration runs (its bytes move between scrapes) and after it ended (the
+//! agent's totals count it); anything else is refused.
+
+mod common;
+
+use common::*;
+use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Steering};
+use dcmigrate::testbed::{wait_for, Testbed};
+use dcmigrate::vm::synthetic::Workload;
+
+fn url(tb: &Testbed, host: &str, path: &str) -> String {
+    let addr = tb.client(host).info().unwrap().metrics.expect("the agent serves metrics");
+    format!("http://{addr}{path}")
+}
+
+fn scrape(tb: &Testbed, host: &str) -> String {
+    let mut resp = ureq::get(&url(tb, host, "/metrics")).call().expect("GET /metrics");
+    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(ct.contains("openmetrics-text") || ct.contains("text/plain"), "content type {ct}");
+    resp.body_mut().read_to_string().unwrap()
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, v) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        (n == name && labels.iter().all(|want| rest.contains(want))).then(|| v.parse().ok())?
+    })
+}
+
+/// Never converges on its own (see tests/operator.rs): the source keeps
+/// sending the guest's hot set, round after round, until force-complete.
+fn never_converging() -> MigrateOptions {
+    MigrateOptions {
+        max_bandwidth_mbps: Some(40.0),
+        downtime_ms: 1,
+        max_rounds: 100_000,
+        max_time_s: 600,
+        on_budget: BudgetAction::Abort,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn metrics_follow_a_running_migration_and_count_it_when_it_ends() {
+    let mut tb =
+        Testbed::start_with_env(exe(), &["hostA", "hostB"], &[("DCMIGRATE_METRICS", "127.0.0.1:0")]).expect("test bed");
+    let w = Workload { hot_fraction: 1.0 / 64.0, ..workload(30.0) };
+    tb.start_guest("hostA", "vm1", 64 * MIB, &w, true, &[]).unwrap();
+    let idle = scrape(&tb, "hostA");
+    assert_eq!(value(&idle, "dcmigrate_migrations_total", &["result=\"completed\""]), Some(0.0), "{idle}");
+    assert!(value(&idle, "dcmigrate_data_dir_free_bytes", &[]).is_some_and(|v| v > 0.0), "{idle}");
+    assert!(value(&idle, "dcmigrate_data_dir_capacity_bytes", &[]).is_some_and(|v| v > 0.0), "{idle}");
+    assert!(value(&idle, "dcmigrate_cert_not_after_seconds", &[]).is_some_and(|v| v > 0.0), "{idle}");
+
+    start_migration(&tb, "hostA", "vm1", "hostB", never_converging());
+    let vm = ["vm=\"vm1\"", "destination=\"hostB\""];
+    let sent = |text: &str| value(text, "dcmigrate_migration_bytes_sent_total", &vm);
+    let first = wait_for(120, || sent(&scrape(&tb, "hostA")).filter(|&b| b > 0.0));
+    let first = first.unwrap_or_else(|| panic!("no bytes sent: {}\n{}", scrape(&tb, "hostA"), tb.logs()));
+    // It cannot end before force-complete: its bytes must move on.
+    let later = wait_for(120, || {
+        let text = scrape(&tb, "hostA");
+        sent(&text).filter(|&b| b > first).map(|_| text)
+    });
+    let later = later.unwrap_or_else(|| panic!("bytes stayed at {first}: {}", scrape(&tb, "hostA")));
+    assert_eq!(value(&later, "dcmigrate_migration_phase", &["phase=\"done\""]), Some(0.0), "{later}");
+    assert!(value(&later, "dcmigrate_migration_rounds", &vm).is_some(), "{later}");
+    assert!(value(&later, "dcmigrate_migration_rate_mbps", &vm).is_some(), "{later}");
+    let on_b = scrape(&tb, "hostB");
+    assert_eq!(value(&on_b, "dcmigrate_incoming_sessions_total", &[]), Some(1.0), "{on_b}");
+    assert_eq!(value(&on_b, "dcmigrate_incoming_sessions_open", &[]), Some(1.0), "{on_b}");
+
+    let done = Steering { force_complete: true, ..Default::default() };
+    tb.client("hostA").steer("vm1", done).expect("force-complete accepted");
+    let report = wait_report(&tb, "hostA", "vm1");
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let end = scrape(&tb, "hostA");
+    assert_eq!(value(&end, "dcmigrate_migrations_total", &["result=\"completed\""]), Some(1.0), "{end}");
+    assert_eq!(value(&end, "dcmigrate_migrations_total", &["result=\"failed\""]), Some(0.0), "{end}");
+    assert_eq!(value(&end, "dcmigrate_migration_failures_total", &[]), Some(0.0), "{end}");
+    assert_eq!(value(&end, "dcmigrate_migration_phase", &["phase=\"done\""]), Some(1.0), "{end}");
+    let downtime = value(&end, "dcmigrate_migration_downtime_ms", &vm);
+    assert_eq!(downtime, report.downtime_ms, "{end}");
+    assert!(sent(&end) >= sent(&later), "{end}");
+}
+
+#[test]
+fn only_get_metrics_is_answered() {
+    let tb = Testbed::start_with_env(exe(), &["hostA"], &[("DCMIGRATE_METRICS", "127.0.0.1:0")]).expect("test bed");
+    let status = |r: Result<_, ureq::Error>| match r {
+        Ok(_) => 200,
+        Err(ureq::Error::StatusCode(c)) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status(ureq::get(&url(&tb, "hostA", "/")).call()), 404);
+    assert_eq!(status(ureq::get(&url(&tb, "hostA", "/metrics/x")).call()), 404);
+    assert_eq!(status(ureq::post(&url(&tb, "hostA", "/metrics")).send_empty()), 405);
+    // A head larger than the server takes is refused, and it serves on.
+    let big = "x".repeat(64 << 10);
+    let r = ureq::get(&url(&tb, "hostA", "/metrics")).header("x-padding", &big).call();
+    assert!(r.is_err(), "an oversized request was answered");
+    assert_eq!(status(ureq::get(&url(&tb, "hostA", "/metrics")).call()), 200);
+}
