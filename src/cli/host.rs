@@ -170,10 +170,24 @@ pub fn exit_code(s: &EvacuationStatus) -> i32 {
     }
 }
 
+/// `dcmigrate drain` and `undrain` arguments.
+#[derive(Args)]
+pub struct DrainArgs {
+    /// This host (the agent at --api).
+    pub host: String,
+    /// Print the agent's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The local agent.
+    #[command(flatten)]
+    pub api: ApiArg,
+}
+
 /// `drain` and `undrain`.
-pub fn drain(api: &ApiArg, host: &str, on: bool, json: bool) -> Result<i32> {
+pub fn drain(d: DrainArgs, on: bool) -> Result<i32> {
+    let DrainArgs { host, json, api } = d;
     let client = Client::new(&api.api);
-    same_host(&client, host)?;
+    same_host(&client, &host)?;
     let r = client.drain(on)?;
     match (json, r.drained) {
         (true, _) => println!("{}", serde_json::to_string(&r)?),

@@ -147,27 +147,9 @@ pub enum Cmd {
     },
     /// Take no new incoming migrations on this host; running ones move to
     /// their fallback hosts (this host forwards what it holds).
-    Drain {
-        /// This host (the agent at --api).
-        host: String,
-        /// Print the agent's answer as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The local agent.
-        #[command(flatten)]
-        api: ApiArg,
-    },
+    Drain(host::DrainArgs),
     /// End a drain.
-    Undrain {
-        /// This host (the agent at --api).
-        host: String,
-        /// Print the agent's answer as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The local agent.
-        #[command(flatten)]
-        api: ApiArg,
-    },
+    Undrain(host::DrainArgs),
     /// Stream migration events as JSON lines (phases, rounds, progress,
     /// retargets, operator changes, the end): of VM's migration until it
     /// ends, or of every migration until interrupted.
@@ -490,8 +472,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Watch { vm, api } => operate::watch(&api.api, vm.as_deref()),
         Cmd::Evacuate(a) => host::evacuate(a),
         Cmd::Evacuation { id, json, api } => host::show(&api, id.as_deref(), json),
-        Cmd::Drain { host, json, api } => host::drain(&api, &host, true, json),
-        Cmd::Undrain { host, json, api } => host::drain(&api, &host, false, json),
+        Cmd::Drain(d) => host::drain(d, true),
+        Cmd::Undrain(d) => host::drain(d, false),
         Cmd::Status { vm, json, api } => {
             let all = Client::new(api.api).status(vm.as_deref())?;
             match json {
@@ -527,22 +509,26 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Vm { cmd: VmCmd::Add { name, qmp, launch_spec, json, api } } => {
-            let launch = launch_spec.as_deref().map(read_launch_spec).transpose()?;
-            let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
-            let r = Client::new(api.api).attach_qemu(&name, qmp, launch)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-                return Ok(0);
-            }
-            for f in &r.ram {
-                println!("  RAM {} ({} MiB): {}", f.id, f.size >> 20, f.path.display());
-            }
-            println!("{name} added");
-            Ok(0)
-        }
+        Cmd::Vm { cmd } => vm_cmd(cmd),
         Cmd::Demo(d) => demo::run(d),
     }
+}
+
+/// `dcmigrate vm ...`.
+fn vm_cmd(cmd: VmCmd) -> Result<i32> {
+    let VmCmd::Add { name, qmp, launch_spec, json, api } = cmd;
+    let launch = launch_spec.as_deref().map(read_launch_spec).transpose()?;
+    let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
+    let r = Client::new(api.api).attach_qemu(&name, qmp, launch)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(0);
+    }
+    for f in &r.ram {
+        println!("  RAM {} ({} MiB): {}", f.id, f.size >> 20, f.path.display());
+    }
+    println!("{name} added");
+    Ok(0)
 }
 
 fn migrate(m: MigrateArgs) -> Result<i32> {

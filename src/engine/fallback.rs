@@ -233,8 +233,7 @@ impl Migration {
         self.decide(why.clone(), format!("retarget to {to}"));
         let (forward, reason) = (why.forward(), why.describe());
         self.job.handle.emit(EventKind::Retarget { to: to.clone(), forward, reason: reason.clone(), error: None });
-        // Older forwarders go on forwarding; a lost target is released.
-        self.open_target(to, addr, true, super::retarget::Origin::Auto(why));
+        self.open_auto(to, addr, why);
         true
     }
 

@@ -131,6 +131,12 @@ impl Migration {
         self.rt.opening = Some(Opening { to, forward, origin });
     }
 
+    /// Opens an automatic retarget's new destination. Older forwarders go
+    /// on forwarding; a lost target is released at the install.
+    pub(super) fn open_auto(&mut self, to: String, addr: std::net::SocketAddr, why: Why) {
+        self.open_target(to, addr, true, Origin::Auto(why));
+    }
+
     /// A retarget that could not be installed: an operator is told, an
     /// automatic one tries the next fallback host.
     fn retarget_failed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
