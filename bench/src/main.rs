@@ -12,10 +12,13 @@
 //! streams vs `--data-encryption off` on loopback), `transport` (TCP vs
 //! RDMA, run inside the SoftRoCE VM by `bench/transport-in-vm`),
 //! `qemu-trackers` (the `qemu`, `hash` and `soft-dirty` trackers on a booted
-//! QEMU guest: `bench/qemu-trackers` runs it here and in the test VM).
+//! QEMU guest: `bench/qemu-trackers` runs it here and in the test VM),
+//! `evacuate` (a host emptied over shaped links, a destination drained
+//! half-way: forwarding vs cancel-and-restart).
 
 mod downtime;
 mod encryption;
+mod evacuate;
 mod harness;
 mod plot;
 mod qemu;
@@ -154,6 +157,19 @@ enum Cmd {
         #[arg(long)]
         rate_mbps: f64,
     },
+    /// Evacuating a host of guests over shaped links, one destination
+    /// drained half-way: its migration forwarded vs cancelled and restarted.
+    Evacuate {
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        #[arg(long, default_value_t = 1.0)]
+        guest_gib: f64,
+        /// Egress rate of every host, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        rate_mbit: u64,
+        #[arg(long, default_value_t = 10.0)]
+        dirty_mbps: f64,
+    },
     /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
     Retarget {
         #[arg(long, default_value_t = 2.0)]
@@ -227,6 +243,10 @@ fn main() -> Result<()> {
                 None,
             )?;
         }
+        Cmd::Evacuate { vms, guest_gib, rate_mbit, dirty_mbps } => {
+            let v = evacuate::evacuate(vms, guest_gib, rate_mbit, dirty_mbps)?;
+            publish(&results, bench_dir, "evacuate", v, None)?;
+        }
         Cmd::Throughput { guest_gib } => {
             publish(&results, bench_dir, "throughput", throughput::throughput(guest_gib)?, None)?;
         }
@@ -266,6 +286,8 @@ fn main() -> Result<()> {
             save(&results, "trackers", &mut v)?;
             let mut v = retarget::retarget(2.0, 1000, &[0.1, 0.3, 0.5, 0.7, 0.9], &[0.0, 50.0], !no_qemu)?;
             save(&results, "retarget", &mut v)?;
+            let mut v = evacuate::evacuate(4, 1.0, 1000, 10.0)?;
+            save(&results, "evacuate", &mut v)?;
             report::update(bench_dir)?;
             eprintln!(
                 "all scenarios done in {:.0} s; bench/README.md and bench/results/ updated",

@@ -382,6 +382,49 @@ fn qemu_trackers(host: Option<&Value>, vm: Option<&Value>) -> String {
     s
 }
 
+fn evacuate(v: &Value, out: &Path) -> Result<String> {
+    let mut s = format!(
+        "{} guests of {} GiB dirtying {} MB/s leave hostA for hostB and hostC, two at a time, over {} Mbit/s links; hostC is drained when its first guest is half there. {}\n\n",
+        v["vms"], v["guest_gib"], v["dirty_mbps"], v["rate_mbit"], machine_line(v)
+    );
+    s += "| drained host's migration | evacuation s | its guest elsewhere after s | sent by hostA GB | forwarded by hostC GB |\n|---|---|---|---|---|\n";
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let gb = |r: &Value, h: &str| r["bytes_by_sender"][h].as_f64().unwrap_or(0.0) / 1e9;
+    let mut series = vec![];
+    for r in &rows {
+        let mode = if r["mode"] == "forward" { "retargeted, forwarding" } else { "restarted (no forwarding)" };
+        let _ = writeln!(
+            s,
+            "| {mode} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            f(r, "total_s"),
+            f(r, "affected_s"),
+            gb(r, "hostA"),
+            gb(r, "hostC")
+        );
+        let points = r["timeline"].as_array().cloned().unwrap_or_default();
+        let points = points.iter().filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?))).collect();
+        series.push(Series { label: mode.into(), points, thin: false });
+    }
+    let find = |m: &str| rows.iter().find(|r| r["mode"] == m);
+    if let (Some(fw), Some(rs)) = (find("forward"), find("restart")) {
+        let _ = writeln!(
+            s,
+            "\nForwarding / restart: evacuation {:.2}, the drained host's guest {:.2}.",
+            f(fw, "total_s") / f(rs, "total_s"),
+            f(fw, "affected_s") / f(rs, "affected_s")
+        );
+    }
+    line_chart(
+        &out.join("evacuate.png"),
+        "Evacuation: RAM landed at the destinations",
+        "seconds since the evacuation started",
+        "GiB at destinations (current pages)",
+        &series,
+    )?;
+    s += "\n![evacuation](results/evacuate.png)\n";
+    Ok(s)
+}
+
 /// Rewrites the marked sections of bench/README.md and draws the plots.
 pub fn update(bench_dir: &Path) -> Result<()> {
     let results = bench_dir.join("results");
@@ -393,6 +436,9 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "downtime") {
         sections.push(("downtime", downtime(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "evacuate") {
+        sections.push(("evacuate", evacuate(&v, &results)?));
     }
     if let Some(v) = load(&results, "throughput") {
         sections.push(("throughput", throughput(&v, &results)?));

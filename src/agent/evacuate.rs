@@ -8,6 +8,7 @@
 //! fails with the VM still here is tried again, up to [`ATTEMPTS`] times.
 
 use super::Agent;
+use crate::engine::options::MAX_FALLBACKS;
 use crate::engine::{MigrateOptions, MigrationHandle, Outcome};
 use crate::protocol::control::Capacity;
 use crate::protocol::{Message, LEAVE};
@@ -24,6 +25,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// With nothing running, how long the queue waits for any candidate to
 /// take a VM before the rest fail.
 const NO_ROOM_FOR: Duration = Duration::from_secs(120);
+/// A failed migration is tried again after this, times its tries.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Beyond this many migrations at once, a quarter of a migration's best
+/// rate is no sign of a slow destination.
+const SHARED_LINK: usize = 3;
 /// Most hosts one evacuation may name.
 pub const MAX_CANDIDATES: usize = 16;
 
@@ -160,10 +166,22 @@ impl Agent {
             }
             self.peer_addr(h)?;
         }
+        if to.iter().collect::<std::collections::HashSet<_>>().len() != to.len() {
+            return Err(Evacuate("a destination host is named twice".into()));
+        }
         if !(1..=64).contains(&max_parallel) {
             return Err(Evacuate("max_parallel must be 1 to 64".into()));
         }
         options.check()?;
+        let mut options = options;
+        // Migrations sharing this host's link each get a share of it: against
+        // its best alone, each would look slow. Only a set rate judges them.
+        if max_parallel > SHARED_LINK && options.slow_rate_mbps.is_none() && options.slow_for_s > 0 {
+            tracing::info!(
+                "evacuation: more than {SHARED_LINK} at once and no slow rate given: falling behind is not judged"
+            );
+            options.slow_for_s = 0;
+        }
         if self.evacuations.lock().unwrap().iter().any(|e| !e.status().done) {
             return Err(Evacuate("an evacuation of this host is already running".into()));
         }
@@ -228,9 +246,17 @@ struct Queue {
     options: MigrateOptions,
 }
 
+/// Why a VM did not start now.
+enum NotStarted {
+    /// It may later (no candidate takes it now, the agent is busy).
+    NotNow(String),
+    /// It never will in this evacuation (gone, migrating already, unknown outcome).
+    Final(String),
+}
+
 impl Queue {
     async fn run(self, vms: VecDeque<String>) {
-        let mut queue = vms;
+        let mut queue: VecDeque<(String, Instant)> = vms.into_iter().map(|v| (v, Instant::now())).collect();
         let mut running: HashMap<String, Arc<MigrationHandle>> = HashMap::new();
         let mut no_room_since: Option<Instant> = None;
         loop {
@@ -239,36 +265,40 @@ impl Queue {
                 break;
             }
             if self.agent.shutdown.is_cancelled() {
-                queue.drain(..).for_each(|vm| self.fail(&vm, "the agent is shutting down"));
+                queue.drain(..).for_each(|(vm, _)| self.fail(&vm, "the agent is shutting down"));
+                tokio::time::sleep(TICK).await;
                 continue;
             }
             let limit = self.max_parallel.min(self.agent.cfg.max_outgoing.map_or(usize::MAX, |m| m as usize));
-            if let Some(vm) = queue.front().cloned() {
-                if running.len() < self.max_parallel && self.agent.outgoing() < limit {
-                    match self.start(&vm, &running).await {
-                        Ok(h) => {
-                            queue.pop_front();
-                            running.insert(vm, h);
-                            no_room_since = None;
-                            let n = running.len();
-                            let mut s = self.ev.status.lock().unwrap();
-                            s.peak_parallel = s.peak_parallel.max(n);
-                            drop(s);
-                            continue;
-                        }
-                        Err(why) => {
-                            self.ev.update(&vm, |v| v.error = Some(why.clone()));
-                            let since = *no_room_since.get_or_insert_with(Instant::now);
-                            if running.is_empty() && since.elapsed() > NO_ROOM_FOR {
-                                let why = format!("no destination took it for {} s: {why}", NO_ROOM_FOR.as_secs());
-                                queue.drain(..).for_each(|vm| self.fail(&vm, &why));
-                                continue;
-                            }
-                        }
+            let slot = running.len() < limit && self.agent.outgoing() < limit;
+            // A failed VM waits before its next try: its last destination
+            // may still be discarding its session.
+            let now = Instant::now();
+            let due: Vec<String> = queue.iter().filter(|(_, at)| *at <= now).map(|(v, _)| v.clone()).collect();
+            if !slot || due.is_empty() {
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            match self.start_one(&due, &running).await {
+                Ok((vm, h)) => {
+                    queue.retain(|(v, _)| v != &vm);
+                    running.insert(vm, h);
+                    no_room_since = None;
+                    let mut s = self.ev.status.lock().unwrap();
+                    s.peak_parallel = s.peak_parallel.max(running.len());
+                }
+                Err(Some(vm)) => queue.retain(|(v, _)| v != &vm),
+                Err(None) => {
+                    let since = *no_room_since.get_or_insert_with(Instant::now);
+                    if running.is_empty() && since.elapsed() > NO_ROOM_FOR {
+                        let why = format!("no destination took it for {} s", NO_ROOM_FOR.as_secs());
+                        queue.drain(..).for_each(|(vm, _)| self.fail(&vm, &why));
+                        continue;
                     }
+                    // Nothing fits now: ask the candidates again later.
+                    tokio::time::sleep(RETRY_AFTER).await;
                 }
             }
-            tokio::time::sleep(TICK).await;
         }
         self.ev.status.lock().unwrap().done = true;
         let s = self.ev.status();
@@ -276,9 +306,31 @@ impl Queue {
         tracing::info!(moved, of = s.vms.len(), ms = s.elapsed_ms, "evacuation ended");
     }
 
+    /// Starts the first of `due` that a candidate takes; `Err(Some(vm))`: a
+    /// VM that failed for good (out of the queue), `Err(None)`: none now.
+    async fn start_one(
+        &self,
+        due: &[String],
+        running: &HashMap<String, Arc<MigrationHandle>>,
+    ) -> Result<(String, Arc<MigrationHandle>), Option<String>> {
+        let candidates = self.ask(running).await;
+        for vm in due {
+            match self.start(vm, &candidates) {
+                Ok(h) => return Ok((vm.clone(), h)),
+                Err(NotStarted::Final(why)) => {
+                    self.fail(vm, &why);
+                    return Err(Some(vm.clone()));
+                }
+                Err(NotStarted::NotNow(why)) => self.ev.update(vm, |v| v.error = Some(why)),
+            }
+        }
+        Err(None)
+    }
+
     /// Records migrations that ended; a failed one is queued again while
-    /// tries are left and the VM is still here.
-    fn collect(&self, running: &mut HashMap<String, Arc<MigrationHandle>>, queue: &mut VecDeque<String>) {
+    /// tries are left and the VM is still here (a cancelled one is not: an
+    /// operator cancelled it).
+    fn collect(&self, running: &mut HashMap<String, Arc<MigrationHandle>>, queue: &mut VecDeque<(String, Instant)>) {
         let ended: Vec<String> = running.iter().filter(|(_, h)| h.is_done()).map(|(v, _)| v.clone()).collect();
         for (vm, h) in running.iter() {
             let p = h.status().progress;
@@ -289,9 +341,12 @@ impl Queue {
             });
         }
         for vm in ended {
-            let Some(r) = running.remove(&vm).and_then(|h| h.status().report) else { continue };
-            let again = r.result != Outcome::Completed
-                && r.result != Outcome::Unknown
+            let Some(h) = running.remove(&vm) else { continue };
+            let Some(r) = h.status().report else {
+                self.fail(&vm, "its migration ended without a report");
+                continue;
+            };
+            let again = r.result == Outcome::Failed
                 && self.agent.has_vm(&vm)
                 && self.ev.status().vms.iter().any(|v| v.vm == vm && v.attempts < ATTEMPTS);
             self.ev.update(&vm, |v| {
@@ -308,44 +363,39 @@ impl Queue {
             });
             if again {
                 tracing::warn!(%vm, "evacuation: the migration failed; trying again later");
-                queue.push_back(vm);
+                let tries = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(1, |v| v.attempts);
+                queue.push_back((vm, Instant::now() + RETRY_AFTER * tries));
             }
         }
     }
 
-    /// Asks the candidates and starts `vm`'s migration to the best; its
+    /// Starts `vm`'s migration to the best candidate that takes it; its
     /// fallback hosts are the other candidates that take it.
-    async fn start(
-        &self,
-        vm: &str,
-        running: &HashMap<String, Arc<MigrationHandle>>,
-    ) -> Result<Arc<MigrationHandle>, String> {
+    fn start(&self, vm: &str, candidates: &[Candidate]) -> Result<Arc<MigrationHandle>, NotStarted> {
         let need = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(0, |v| v.ram_bytes);
-        let mut candidates = self.ask(running).await;
-        candidates.sort_by_key(Candidate::rank);
-        let (takers, refusing): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|c| c.refuses(need).is_none());
+        let (takers, refusing): (Vec<&Candidate>, Vec<&Candidate>) =
+            candidates.iter().partition(|c| c.refuses(need).is_none());
         let Some(best) = takers.first() else {
             let why: Vec<String> =
                 refusing.iter().map(|c| format!("{}: {}", c.host, c.refuses(need).unwrap_or_default())).collect();
-            return Err(format!("no candidate takes it now ({})", why.join("; ")));
+            return Err(NotStarted::NotNow(format!("no candidate takes it now ({})", why.join("; "))));
         };
-        let options =
-            MigrateOptions { fallback: takers[1..].iter().map(|c| c.host.clone()).collect(), ..self.options.clone() };
+        let fallback = takers[1..].iter().take(MAX_FALLBACKS).map(|c| c.host.clone()).collect();
+        let options = MigrateOptions { fallback, ..self.options.clone() };
+        tracing::info!(%vm, to = %best.host, fallback = ?options.fallback, "evacuation: migrating");
+        use super::RequestError as E;
+        match self.agent.clone().migrate(vm.to_owned(), best.host.clone(), options) {
+            Ok(_) => {}
+            Err(e @ (E::Busy(_) | E::ShuttingDown)) => return Err(NotStarted::NotNow(crate::error_chain(&e))),
+            Err(e) => return Err(NotStarted::Final(crate::error_chain(&e))),
+        }
         self.ev.update(vm, |v| {
             v.attempts += 1;
             v.stage = Stage::Migrating;
             v.destination = Some(best.host.clone());
             v.error = None;
         });
-        tracing::info!(%vm, to = %best.host, fallback = ?options.fallback, "evacuation: migrating");
-        match self.agent.clone().migrate(vm.to_owned(), best.host.clone(), options) {
-            Ok(_) => self.agent.migration(vm).map_err(|e| crate::error_chain(&e)),
-            Err(e) => {
-                let why = crate::error_chain(&e);
-                self.ev.update(vm, |v| v.stage = Stage::Queued);
-                Err(why)
-            }
-        }
+        self.agent.migration(vm).map_err(|e| NotStarted::Final(crate::error_chain(&e)))
     }
 
     /// Every candidate's advertised room, asked at once.
@@ -369,6 +419,8 @@ impl Queue {
                 out.push(Candidate { host, capacity, ours });
             }
         }
+        // Stable: equal candidates stay in the order given.
+        out.sort_by_key(Candidate::rank);
         out
     }
 

@@ -86,6 +86,9 @@ pub enum RequestError {
     /// A fallback host that cannot be one.
     #[error("fallback: {0}")]
     Fallback(String),
+    /// The agent is shutting down.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
     /// As many outgoing migrations as the agent allows run already.
     #[error("{0} migrations already leave this host, the most it runs at once (--max-outgoing)")]
     Busy(u32),
@@ -134,7 +137,9 @@ impl Agent {
             }
             #[cfg(feature = "test-hooks")]
             Request::Release { vm } => {
-                self.migration(&vm)?.released.send_replace(true);
+                let m = self.migration(&vm)?;
+                m.released.send_replace(true);
+                m.wake();
                 Self::reply(Done {})
             }
         }
@@ -225,11 +230,6 @@ impl Agent {
             return Err(RequestError::AlreadyHere { vm, host: to });
         }
         let addr = self.peer_addr(&to)?;
-        if let Ok(m) = self.migration(&vm) {
-            if !m.is_done() {
-                return Err(RequestError::Migrating { vm, to: m.to.clone() });
-            }
-        }
         options.check()?;
         let mut fallbacks = vec![];
         for h in &options.fallback {
@@ -237,9 +237,6 @@ impl Agent {
                 return Err(RequestError::Fallback(format!("{h} is the source or the destination")));
             }
             fallbacks.push((h.clone(), self.peer_addr(h)?));
-        }
-        if let Some(max) = self.cfg.max_outgoing.filter(|&m| self.outgoing() >= m as usize) {
-            return Err(RequestError::Busy(max));
         }
         let ctx = engine::Context {
             me: self.cfg.name.clone(),
@@ -251,9 +248,24 @@ impl Agent {
             fallbacks,
         };
         let handle = MigrationHandle::new(&vm, &to);
+        // Checked and claimed under one lock: two requests at once (the API
+        // and an evacuation) cannot both start the VM, or pass the limit.
+        {
+            let mut all = self.migrations.lock().unwrap();
+            if self.shutdown.is_cancelled() {
+                return Err(RequestError::ShuttingDown);
+            }
+            if let Some(m) = all.get(&vm).filter(|m| !m.is_done()) {
+                return Err(RequestError::Migrating { vm, to: m.to.clone() });
+            }
+            let out = all.values().filter(|m| !m.is_done()).count();
+            if let Some(max) = self.cfg.max_outgoing.filter(|&m| out >= m as usize) {
+                return Err(RequestError::Busy(max));
+            }
+            all.insert(vm.clone(), handle.clone());
+        }
         handle.on_events(self.events.clone());
         handle.emit(engine::watch::EventKind::Started { to: to.clone() });
-        self.migrations.lock().unwrap().insert(vm.clone(), handle.clone());
         let journal = self.clone();
         handle.on_phase(Box::new(move |vm, destination, phase| {
             let e = MigrationEntry { vm: vm.into(), destination: destination.into(), phase: phase.into() };

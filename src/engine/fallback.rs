@@ -56,6 +56,9 @@ pub(super) struct Fallback {
     pub dead: Option<(HostId, String)>,
     /// Targets whose request to leave was handled.
     left: Vec<HostId>,
+    /// A target asked to leave while a retarget was being prepared: looked
+    /// at again once that one is installed or failed.
+    pub leave_pending: bool,
     /// Whether the target falls behind.
     pub slow: SlowWatch,
 }
@@ -67,6 +70,7 @@ impl Fallback {
             hosts: hosts.into(),
             dead: None,
             left: vec![],
+            leave_pending: false,
             slow: SlowWatch::new(slow_rate_mbps.map(|r| r * 1e6), Duration::from_secs(slow_for_s)),
         }
     }
@@ -180,11 +184,13 @@ impl Migration {
         if self.fb.dead.is_some() {
             return Ok(());
         }
+        let why = crate::error_chain(&source);
         let err = self.lost(host, source);
-        if self.phase.committing() || host != self.hosts.target || !self.fb.any_left() {
+        // In the pause, moving elsewhere would resend the RAM with the guest
+        // stopped: the migration fails and the VM resumes here instead.
+        if self.phase.paused() || (!self.fb.any_left() && self.rt.opening().is_none()) {
             return Err(err);
         }
-        let why = crate::error_chain(&err);
         self.fb.dead = Some((host, why.clone()));
         // A retarget under way replaces the lost target when it is ready.
         if self.rt.opening().is_none() && !self.auto_retarget(Why::Lost(why)) {
@@ -200,11 +206,18 @@ impl Migration {
             return;
         }
         self.fb.left.push(t);
-        let why = self.hosts.links[&t].leave_reason();
-        if self.phase.committing() {
-            self.decide(Why::Leave(why), "none: the switchover has started".into());
+        self.leave_now();
+    }
+
+    /// Acts on the target's request to leave, unless a retarget is being
+    /// prepared (then once it is done) or the VM is paused.
+    pub(super) fn leave_now(&mut self) {
+        let why = self.hosts.links[&self.hosts.target].leave_reason();
+        self.fb.leave_pending = false;
+        if self.phase.paused() {
+            self.decide(Why::Leave(why), "none: the VM is paused for the switchover".into());
         } else if self.rt.opening().is_some() {
-            self.decide(Why::Leave(why), "none: a retarget is being prepared".into());
+            self.fb.leave_pending = true;
         } else {
             self.auto_retarget(Why::Leave(why));
         }
@@ -216,7 +229,7 @@ impl Migration {
             && self.job.opts.max_bandwidth_mbps.is_none()
             && self.fb.dead.is_none()
             && self.rt.opening().is_none()
-            && !self.phase.committing();
+            && !self.phase.paused();
         if let Some(why) = self.fb.slow.sample(Instant::now(), backlogged) {
             self.fb.slow.reset();
             self.auto_retarget(Why::Slow(why));
@@ -225,6 +238,11 @@ impl Migration {
 
     /// Starts a retarget to the next fallback host; false if none is left.
     pub(super) fn auto_retarget(&mut self, why: Why) -> bool {
+        if self.hosts.names.len() >= crate::ledger::MAX_HOSTS {
+            let n = crate::ledger::MAX_HOSTS;
+            self.decide(why, format!("none: at most {n} hosts take part in one migration"));
+            return false;
+        }
         let Some((to, addr)) = self.fb.next(&self.hosts.names) else {
             let target = self.target_name().to_owned();
             self.decide(why, format!("none: no fallback host left; staying with {target}"));
@@ -254,6 +272,17 @@ impl Migration {
         match self.fb.dead.take() {
             Some((host, why)) => Err(self.lost(host, LinkError::Peer(why))),
             None => Ok(()),
+        }
+    }
+
+    /// A target lost during work outside the event loop (a live
+    /// verification pass): handled as there, if it can be.
+    pub(super) fn recover_lost(&mut self, e: EngineError) -> Result<(), EngineError> {
+        match e {
+            EngineError::DestinationLost { host, source } if host == self.target_name() => {
+                self.target_lost(self.hosts.target, source)
+            }
+            e => Err(e),
         }
     }
 

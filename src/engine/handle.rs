@@ -175,6 +175,11 @@ impl MigrationHandle {
         self.steered.notify_one();
     }
 
+    /// Wakes the engine out of its wait for events (a test's release).
+    pub fn wake(&self) {
+        self.steered.notify_one();
+    }
+
     /// Resolves when an operator steered (at once if they did since the
     /// last wait).
     pub async fn steered(&self) {

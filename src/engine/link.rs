@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a peer may take to answer a control request.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest reason a peer's `Leave` may put in a report.
+const MAX_REASON: usize = 256;
 /// How long an aborted peer may take to confirm it discarded its session.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -295,7 +297,13 @@ impl Link {
                         };
                         let _ = completions.send(c);
                     }
-                    Some(Ok(Message::Leave { reason })) => {
+                    Some(Ok(Message::Leave { mut reason })) => {
+                        // From the network, into logs and reports: bounded.
+                        let mut n = MAX_REASON.min(reason.len());
+                        while !reason.is_char_boundary(n) {
+                            n -= 1;
+                        }
+                        reason.truncate(n);
                         leave_why.lock().unwrap().get_or_insert(reason);
                         leave.cancel();
                     }

@@ -413,6 +413,7 @@ impl Migration {
 
     /// Cleans up after success or failure and completes the report.
     async fn finish(mut self, result: Result<(), EngineError>) -> Report {
+        self.rt.discard_opening();
         self.rt.end("the migration ended");
         let bytes = self.sender_bytes();
         for r in &mut self.report.retargets {

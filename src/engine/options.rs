@@ -16,8 +16,9 @@ pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 pub const DEFAULT_MAX_TIME_S: u64 = 600;
 /// Default time a target must fall behind before a fallback takes over.
 pub const DEFAULT_SLOW_FOR_S: u64 = 10;
-/// Most fallback hosts one migration names.
-pub const MAX_FALLBACKS: usize = 8;
+/// Most fallback hosts one migration names: every host of the migration
+/// has a bit in the ledger (the source and the first destination too).
+pub const MAX_FALLBACKS: usize = crate::ledger::MAX_HOSTS - 2;
 /// Streams a migration may ask for.
 pub const STREAMS: std::ops::RangeInclusive<usize> = 1..=64;
 

@@ -57,7 +57,9 @@ impl Migration {
             }
             let in_time = self.start.elapsed() < budget;
             if verify_bound && in_time && counted < self.job.opts.max_rounds {
-                self.live_pass(&stale).await?;
+                if let Err(e) = self.live_pass(&stale).await {
+                    self.recover_lost(e)?;
+                }
                 self.begin_round();
                 continue;
             }
@@ -75,7 +77,9 @@ impl Migration {
                 };
                 if live {
                     // Then a round for what it found and what the guest wrote meanwhile.
-                    self.live_pass(&stale).await?;
+                    if let Err(e) = self.live_pass(&stale).await {
+                        self.recover_lost(e)?;
+                    }
                 }
                 if live || self.held().await? {
                     self.begin_round();
@@ -188,13 +192,11 @@ impl Migration {
             return Ok(false);
         }
         let retargets = self.report.retargets.len();
-        let mut released = self.job.handle.released.subscribe();
-        while !*released.borrow() {
-            tokio::select! {
-                r = self.wait_event() => r?,
-                _ = released.changed() => {}
-            }
-            if self.report.retargets.len() != retargets {
+        // The release wakes `wait_event` (never cancelled half-way: an
+        // install it runs must not be cut off).
+        while !*self.job.handle.released.borrow() {
+            self.wait_event().await?;
+            if self.report.retargets.len() != retargets || self.fb.dead.is_some() {
                 return Ok(true);
             }
         }

@@ -88,6 +88,20 @@ impl Retargeting {
         }
     }
 
+    /// A new destination still being opened as the migration ends: its
+    /// session is aborted once open (on a task: ending does not wait).
+    pub(super) fn discard_opening(&mut self) {
+        if self.opening.is_none() {
+            return;
+        }
+        let mut opened = std::mem::replace(&mut self.opened, mpsc::unbounded_channel().1);
+        tokio::spawn(async move {
+            if let Some(Ok(link)) = opened.recv().await {
+                link.abort("the migration ended").await;
+            }
+        });
+    }
+
     /// The host being prepared as the new destination, if any.
     pub(super) fn opening(&self) -> Option<&str> {
         self.opening.as_ref().map(|o| o.to.as_str())
@@ -126,7 +140,12 @@ impl Migration {
         let (tx, name) = (self.rt.opened_tx.clone(), to.clone());
         tracing::info!(%to, forward, "retarget: preparing the new destination");
         tokio::spawn(async move {
-            let _ = tx.send(Link::open(spec).await.map_err(|e| open_error(&name, e)));
+            // Nobody waits for it any more (the migration ended): discarded.
+            if let Err(mpsc::error::SendError(Ok(link))) =
+                tx.send(Link::open(spec).await.map_err(|e| open_error(&name, e)))
+            {
+                link.abort("the migration ended").await;
+            }
         });
         self.rt.opening = Some(Opening { to, forward, origin });
     }
@@ -140,6 +159,14 @@ impl Migration {
     /// A retarget that could not be installed: an operator is told, an
     /// automatic one tries the next fallback host.
     fn retarget_failed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
+        let r = self.retarget_not_installed(opening, why);
+        if self.fb.leave_pending && r.is_ok() && self.rt.opening().is_none() {
+            self.leave_now();
+        }
+        r
+    }
+
+    fn retarget_not_installed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
         match opening.origin {
             Origin::Operator(reply) => {
                 let _ = reply.send(Err(why.clone()));
@@ -156,7 +183,12 @@ impl Migration {
     }
 
     pub(super) async fn install_target(&mut self, opened: Opened) -> Result<(), EngineError> {
-        let Some(opening) = self.rt.opening.take() else { return Ok(()) };
+        let Some(opening) = self.rt.opening.take() else {
+            if let Ok(link) = opened {
+                link.abort("the retarget was given up").await;
+            }
+            return Ok(());
+        };
         let link = match opened {
             Ok(l) => l,
             Err(e) => {
@@ -303,7 +335,10 @@ impl Migration {
     /// fences it before anyone may rewrite those pages. Returns false if
     /// this failure needs no fence (the batch is an ordinary failure).
     pub(super) fn fence_failed_forward(&mut self, b: Batch, why: &str) -> Result<(), Batch> {
-        if b.from == super::schedule::SOURCE || b.to != self.hosts.target || self.rt.fenced.contains(&b.from) {
+        // Forwards to a lost target only fail: it is released at the next
+        // install and never written to again, so the forwarder goes on.
+        let dead = self.fb.dead.as_ref().is_some_and(|(h, _)| *h == b.to);
+        if b.from == super::schedule::SOURCE || b.to != self.hosts.target || self.rt.fenced.contains(&b.from) || dead {
             return Err(b);
         }
         let f = b.from;

@@ -130,7 +130,7 @@ impl Migration {
         loop {
             self.fill()?;
             let in_flight = self.sched.in_flight() + self.rt.fences_pending();
-            if in_flight == 0 && self.sched.queue_empty() && self.sched.pools_empty() {
+            if in_flight == 0 && self.sched.queue_empty() && self.sched.pools_empty() && self.fb.dead.is_none() {
                 if self.remaining_bytes() == 0 {
                     break;
                 }
