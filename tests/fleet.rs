@@ -70,7 +70,7 @@ fn evacuate_two_at_a_time_with_a_destination_drained() {
 
     // The first two spread over both (fewest incoming first).
     let to_c = wait_for(60, || {
-        let s = tb.client("hostA").evacuation(None).ok()?;
+        let s = tb.client("hostA").evacuation(None, false).ok()?;
         let m: Vec<_> = s.vms.iter().filter(|v| v.stage == Stage::Migrating).collect();
         let c = m.iter().find(|v| v.destination.as_deref() == Some("hostC"))?;
         m.iter().any(|v| v.destination.as_deref() == Some("hostB")).then(|| c.vm.clone())
@@ -87,7 +87,7 @@ fn evacuate_two_at_a_time_with_a_destination_drained() {
                 release(&tb, "hostA", vm);
             }
         }
-        tb.client("hostA").evacuation(None).ok().filter(|s| s.done)
+        tb.client("hostA").evacuation(None, false).ok().filter(|s| s.done)
     })
     .expect("the evacuation ended");
     assert!(done.vms.iter().all(|v| v.stage == Stage::Completed), "{done:#?}\n{}", tb.logs());
@@ -217,4 +217,67 @@ fn fallback_when_the_destination_falls_behind() {
     assert!(r.bytes_by_sender.get("hostB").copied().unwrap_or(0) > 0, "hostB forwarded: {r:#?}");
     assert!(tb.vm_on("hostA", "s1").is_none() && tb.vm_on("hostB", "s1").is_none());
     assert_same_bytes(&ram_file(&tb, "hostA", "s1"), &ram_file(&tb, "hostC", "s1"));
+}
+
+/// The commands as an operator types them: `drain` refuses a host that is
+/// not the agent at `--api`; `evacuate` follows the queue to its end and
+/// exits 0 with every VM moved (its JSON report says where).
+#[test]
+fn evacuate_and_drain_from_the_command_line() {
+    let mut tb = testbed(&["hostA", "hostB"]);
+    for vm in ["c1", "c2"] {
+        tb.start_guest("hostA", vm, 16 * MIB, &workload(1.0), true, &[]).unwrap();
+    }
+    let api = tb.host("hostA").api.clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(exe()).args(args).arg("--api").arg(&api).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&["drain", "hostB"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("hostB is not the agent at"), "{err}");
+    assert!(!tb.client("hostB").info().unwrap().capacity.drained);
+
+    let (code, out, err) = run(&["evacuate", "hostA", "--to", "hostB", "--max-parallel", "1", "--json"]);
+    assert_eq!(code, Some(0), "{out}\n{err}\n{}", tb.logs());
+    let report: dcmigrate::agent::evacuate::EvacuationStatus = serde_json::from_str(&out).expect("a JSON report");
+    assert!(report.done && report.peak_parallel == 1, "{report:#?}");
+    for v in &report.vms {
+        assert_eq!((v.stage, v.destination.as_deref()), (Stage::Completed, Some("hostB")), "{report:#?}");
+        assert!(tb.vm_on("hostA", &v.vm).is_none() && tb.vm_on("hostB", &v.vm).is_some());
+    }
+}
+
+/// Cancelling an evacuation: its running migration is cancelled (held
+/// before its switchover, so certainly running), the queued VM never
+/// starts, and both keep running here.
+#[test]
+fn a_cancelled_evacuation_leaves_the_vms_here() {
+    if !hooks_or_skip("a_cancelled_evacuation_leaves_the_vms_here") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB"]);
+    for vm in ["x1", "x2"] {
+        tb.start_guest("hostA", vm, 16 * MIB, &workload(1.0), true, &[]).unwrap();
+    }
+    let opts = held(MigrateOptions::default());
+    tb.client("hostA").evacuate(&["hostB".to_string()], 1, opts).unwrap();
+    let running = wait_for(60, || {
+        let s = tb.client("hostA").evacuation(None, false).ok()?;
+        s.vms.iter().find(|v| v.stage == Stage::Migrating).map(|v| v.vm.clone())
+    })
+    .expect("one migration started");
+    tb.client("hostA").evacuation(None, true).expect("cancelled");
+    let end = wait_for(60, || tb.client("hostA").evacuation(None, false).ok().filter(|s| s.done)).expect("it ended");
+    for v in &end.vms {
+        assert_eq!(v.stage, Stage::Failed, "{end:#?}");
+        assert_eq!(v.attempts, u32::from(v.vm == running), "{end:#?}");
+        assert_running_on(&tb, "hostA", &v.vm);
+        assert!(tb.vm_on("hostB", &v.vm).is_none());
+    }
+    assert!(tb.client("hostB").info().unwrap().incoming.is_empty());
 }

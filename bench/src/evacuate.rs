@@ -31,7 +31,7 @@ struct Run {
 }
 
 fn status(tb: &Testbed) -> Result<EvacuationStatus> {
-    Ok(serde_json::from_value(tb.call("hostA", &Request::Evacuation { id: None })?)?)
+    Ok(serde_json::from_value(tb.call("hostA", &Request::Evacuation { id: None, cancel: false })?)?)
 }
 
 fn add_bytes(into: &mut std::collections::BTreeMap<String, u64>, r: &Report) {

@@ -130,6 +130,10 @@ pub enum Request {
         /// Its id.
         #[serde(default)]
         id: Option<String>,
+        /// Cancel it: nothing more starts, running migrations are cancelled
+        /// (their VMs stay here).
+        #[serde(default)]
+        cancel: bool,
     },
     /// Stops the agent (migrations are cancelled first).
     Shutdown,
@@ -428,9 +432,9 @@ impl Client {
         self.call(&Request::Evacuate { to: to.to_vec(), max_parallel, options })
     }
 
-    /// [`Request::Evacuation`].
-    pub fn evacuation(&self, id: Option<&str>) -> Result<super::evacuate::EvacuationStatus, ApiError> {
-        self.call(&Request::Evacuation { id: id.map(str::to_owned) })
+    /// [`Request::Evacuation`] (`cancel`: cancels it).
+    pub fn evacuation(&self, id: Option<&str>, cancel: bool) -> Result<super::evacuate::EvacuationStatus, ApiError> {
+        self.call(&Request::Evacuation { id: id.map(str::to_owned), cancel })
     }
 
     /// [`Request::Shutdown`].

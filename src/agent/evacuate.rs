@@ -97,6 +97,8 @@ pub struct EvacuationStatus {
 pub struct Evacuation {
     status: Mutex<EvacuationStatus>,
     started: Instant,
+    /// Stops it: nothing more starts, running migrations are cancelled.
+    cancel: tokio_util::sync::CancellationToken,
 }
 
 impl Evacuation {
@@ -190,6 +192,7 @@ impl Agent {
         names.sort();
         let ev = Arc::new(Evacuation {
             started: Instant::now(),
+            cancel: Default::default(),
             status: Mutex::new(EvacuationStatus {
                 id: format!("e{}-{}", self.evacuations.lock().unwrap().len() + 1, std::process::id()),
                 host: self.cfg.name.clone(),
@@ -221,14 +224,20 @@ impl Agent {
         Ok(ev.status())
     }
 
-    /// The evacuation `id`, or the latest.
-    pub(super) fn evacuation(&self, id: Option<&str>) -> Result<EvacuationStatus, super::RequestError> {
+    /// The evacuation `id`, or the latest; with `cancel`, cancels it first
+    /// (VMs not yet moved stay here).
+    pub(super) fn evacuation(&self, id: Option<&str>, cancel: bool) -> Result<EvacuationStatus, super::RequestError> {
         let all = self.evacuations.lock().unwrap();
         let found = match id {
             Some(id) => all.iter().find(|e| e.status().id == id),
             None => all.last(),
         };
-        found.map(|e| e.status()).ok_or_else(|| super::RequestError::Evacuate("no such evacuation".into()))
+        let ev = found.ok_or_else(|| super::RequestError::Evacuate("no such evacuation".into()))?;
+        if cancel {
+            tracing::info!(id = %ev.status().id, "evacuation cancelled");
+            ev.cancel.cancel();
+        }
+        Ok(ev.status())
     }
 
     /// Migrations this host runs as source now.
@@ -264,8 +273,14 @@ impl Queue {
             if queue.is_empty() && running.is_empty() {
                 break;
             }
-            if self.agent.shutdown.is_cancelled() {
-                queue.drain(..).for_each(|(vm, _)| self.fail(&vm, "the agent is shutting down"));
+            let stop = match (self.agent.shutdown.is_cancelled(), self.ev.cancel.is_cancelled()) {
+                (true, _) => Some("the agent is shutting down"),
+                (_, true) => Some("the evacuation was cancelled"),
+                _ => None,
+            };
+            if let Some(why) = stop {
+                queue.drain(..).for_each(|(vm, _)| self.fail(&vm, why));
+                running.values().for_each(|h| h.cancel.cancel());
                 tokio::time::sleep(TICK).await;
                 continue;
             }

@@ -130,7 +130,7 @@ impl Agent {
             Request::Drain => Self::reply(self.drain(true)),
             Request::Undrain => Self::reply(self.drain(false)),
             Request::Evacuate { to, max_parallel, options } => Self::reply(self.evacuate(to, max_parallel, options)?),
-            Request::Evacuation { id } => Self::reply(self.evacuation(id.as_deref())?),
+            Request::Evacuation { id, cancel } => Self::reply(self.evacuation(id.as_deref(), cancel)?),
             Request::Shutdown => {
                 self.shutdown.cancel();
                 Self::reply(Done {})

@@ -11,6 +11,9 @@ use crate::protocol::TransportKind;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often `evacuate` asks the agent how far it is.
@@ -96,26 +99,53 @@ pub fn evacuate(a: EvacuateArgs) -> Result<i32> {
 }
 
 /// `evacuation`: an evacuation's state (the latest by default).
-pub fn show(api: &ApiArg, id: Option<&str>, json: bool) -> Result<i32> {
-    let s = Client::new(&api.api).evacuation(id)?;
+pub fn show(api: &ApiArg, id: Option<&str>, cancel: bool, json: bool) -> Result<i32> {
+    let s = Client::new(&api.api).evacuation(id, cancel)?;
     print_evacuation(&s, json);
     Ok(if s.done { exit_code(&s) } else { 0 })
 }
 
-/// Polls until the evacuation ends, printing each VM's changes for people.
+/// Polls until the evacuation ends, printing each VM's changes for people
+/// (above a bar of the RAM landed, on a terminal). Ctrl-C cancels it.
 fn follow(client: &Client, id: &str, quiet: bool) -> Result<EvacuationStatus> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(super::progress::bar);
     let mut seen: HashMap<String, (Stage, Option<String>)> = HashMap::new();
+    let mut cancel = false;
     loop {
-        let s = client.evacuation(Some(id))?;
+        let ask = interrupted.load(Ordering::SeqCst) && !cancel;
+        if ask {
+            eprintln!("interrupted: cancelling the evacuation (VMs not yet moved stay here)");
+            cancel = true;
+        }
+        let s = client.evacuation(Some(id), ask)?;
         for v in &s.vms {
             let now = (v.stage, v.destination.clone());
             if !quiet && seen.get(&v.vm) != Some(&now) && v.stage != Stage::Queued {
                 let to = v.destination.as_deref().unwrap_or("-");
-                println!("{:>8.1} s  {}: {} ({to})", s.elapsed_ms / 1e3, v.vm, stage_name(v.stage));
+                let line = format!("{:>8.1} s  {}: {} ({to})", s.elapsed_ms / 1e3, v.vm, stage_name(v.stage));
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
+                }
             }
             seen.insert(v.vm.clone(), now);
         }
+        if let Some(b) = &bar {
+            let landed = |v: &crate::agent::evacuate::EvacuatedVm| match v.stage {
+                Stage::Completed => v.ram_bytes,
+                _ => v.at_destination_bytes,
+            };
+            b.set_length(s.vms.iter().map(|v| v.ram_bytes).sum());
+            b.set_position(s.vms.iter().map(landed).sum());
+            let moved = s.vms.iter().filter(|v| v.stage == Stage::Completed).count();
+            b.set_message(format!("{moved}/{} VMs moved", s.vms.len()));
+        }
         if s.done {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             return Ok(s);
         }
         std::thread::sleep(POLL);
@@ -192,7 +222,7 @@ pub fn drain(d: DrainArgs, on: bool) -> Result<i32> {
     match (json, r.drained) {
         (true, _) => println!("{}", serde_json::to_string(&r)?),
         (false, true) => println!(
-            "{host} drained: no new incoming migrations; {} running ones are asked to move elsewhere",
+            "{host} drained: no new incoming migrations; the sources of the {} incoming ones are asked to move them elsewhere",
             r.incoming
         ),
         (false, false) => println!("{host} takes incoming migrations again"),

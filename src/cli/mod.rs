@@ -138,6 +138,9 @@ pub enum Cmd {
     Evacuation {
         /// Its id.
         id: Option<String>,
+        /// Cancel it: nothing more starts, running migrations are cancelled.
+        #[arg(long)]
+        cancel: bool,
         /// Print it as JSON.
         #[arg(long)]
         json: bool,
@@ -471,7 +474,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Watch { vm, api } => operate::watch(&api.api, vm.as_deref()),
         Cmd::Evacuate(a) => host::evacuate(a),
-        Cmd::Evacuation { id, json, api } => host::show(&api, id.as_deref(), json),
+        Cmd::Evacuation { id, cancel, json, api } => host::show(&api, id.as_deref(), cancel, json),
         Cmd::Drain(d) => host::drain(d, true),
         Cmd::Undrain(d) => host::drain(d, false),
         Cmd::Status { vm, json, api } => {

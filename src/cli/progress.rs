@@ -16,7 +16,8 @@ pub fn follow(client: &Client, vm: &str, quiet: bool) -> Result<Report> {
     follow_with(client, vm, quiet, |_| None)
 }
 
-fn bar() -> ProgressBar {
+/// The progress bar of a migration (and of an evacuation): bytes at the destination.
+pub fn bar() -> ProgressBar {
     let b = ProgressBar::new(0);
     b.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {bytes}/{total_bytes} {msg}")

@@ -127,8 +127,12 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
         }
     }
     .await;
-    if let Err(e) = &outcome {
-        tracing::warn!(%peer, "control session: {}", crate::error_chain(e));
+    match &outcome {
+        // A peer that asked a question without a session (its room, an
+        // outcome) and left.
+        Err(ProtocolError::Closed) if session.is_none() => tracing::debug!(%peer, "control connection closed"),
+        Err(e) => tracing::warn!(%peer, "control session: {}", crate::error_chain(e)),
+        Ok(()) => {}
     }
     if let Some(sess) = session {
         // Anything but a committed switchover leaves nothing behind.
