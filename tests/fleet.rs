@@ -98,7 +98,7 @@ fn evacuate_two_at_a_time_with_a_destination_drained() {
     assert_eq!(drained.retargets.len(), 1, "{drained:#?}");
     let r = &drained.retargets[0];
     assert_eq!((r.from.as_str(), r.to.as_str(), r.forwarding), ("hostC", "hostB", true), "{drained:#?}");
-    assert!(r.reason.starts_with("drained"), "{r:?}");
+    assert!(r.reason.starts_with("asked to leave") && r.reason.contains("drained"), "{r:?}");
     assert!(drained.bytes_by_sender.get("hostC").copied().unwrap_or(0) > 0, "hostC forwarded: {drained:#?}");
     for vm in vms {
         landed(&tb, vm, "hostB", &["hostC"]);
@@ -280,4 +280,66 @@ fn a_cancelled_evacuation_leaves_the_vms_here() {
         assert!(tb.vm_on("hostB", &v.vm).is_none());
     }
     assert!(tb.client("hostB").info().unwrap().incoming.is_empty());
+}
+
+/// Unmounts a test's tmpfs, whatever happens.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The destination's data dir (a small tmpfs, as root) is filled by
+/// something else mid-way: below what the session still needs, it asks the
+/// source to leave, and the migration moves to the fallback host with the
+/// destination forwarding what it holds.
+#[test]
+fn fallback_when_the_destination_runs_out_of_room() {
+    const TEST: &str = "fallback_when_the_destination_runs_out_of_room";
+    if !hooks_or_skip(TEST) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip(TEST, "needs root (a tmpfs of its own)");
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    let dir = tb.host("hostB").data_dir.clone();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m,mode=0700", "tmpfs"])
+        .arg(&dir)
+        .status();
+    if !mount.is_ok_and(|s| s.success()) {
+        return skip(TEST, "cannot mount a tmpfs here");
+    }
+    let _unmount = Mounted(dir.clone());
+    tb.start_guest("hostA", "r1", 48 * MIB, &workload(1.0), true, &["--zero-every", "0"]).unwrap();
+    // Capped: little arrives at hostB between the filling and its leave.
+    let opts = MigrateOptions {
+        suspend: true,
+        fallback: vec!["hostC".into()],
+        max_bandwidth_mbps: Some(2.0),
+        ..Default::default()
+    };
+    start_migration(&tb, "hostA", "r1", "hostB", held(opts));
+    wait_fraction(&tb, "hostA", "r1", 0.2);
+    // Leave 16 MiB free: less than the ~38 MiB the session still needs.
+    let free = {
+        let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(&dir).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    std::fs::write(dir.join("filler"), vec![1u8; (free - 16 * MIB) as usize]).unwrap();
+    let moved = wait_for(60, || (target(&tb, "hostA", "r1")? == "hostC").then_some(()));
+    assert!(moved.is_some(), "no automatic retarget\n{}", tb.logs());
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    release(&tb, "hostA", "r1");
+    let r = wait_report(&tb, "hostA", "r1");
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    let t = &r.retargets[0];
+    assert_eq!((t.from.as_str(), t.to.as_str(), t.forwarding), ("hostB", "hostC", true), "{r:#?}");
+    assert!(t.reason.starts_with("asked to leave: no room left"), "{t:?}");
+    assert!(tb.vm_on("hostA", "r1").is_none() && tb.vm_on("hostB", "r1").is_none());
+    assert_same_bytes(&ram_file(&tb, "hostA", "r1"), &ram_file(&tb, "hostC", "r1"));
 }

@@ -109,6 +109,16 @@ pub fn admit<'a>(
     Ok(())
 }
 
+/// Why a session holding `own` can no longer complete: its files still need
+/// more than the data dir has free (something besides the sessions filled it).
+pub fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
+    let need = own.unfilled();
+    let free = free_bytes(data_dir).ok()?;
+    (need > free).then(|| {
+        format!("no room left in {}: {} MiB free, {} MiB still to come", data_dir.display(), free >> 20, need >> 20)
+    })
+}
+
 /// What this host advertises to a peer choosing a destination: room left
 /// beside the sessions it holds (and under its total limit), and its limits.
 pub fn advertise<'a>(

@@ -256,6 +256,13 @@ impl Agent {
         capacity::advertise(&self.cfg.limits, &self.cfg.data_dir, incoming.values(), *self.drained.borrow())
     }
 
+    /// Why `vm`'s incoming session can no longer complete here, if the data
+    /// dir's free space fell below what its RAM files still need.
+    pub fn short_of_room(&self, vm: &str) -> Option<String> {
+        let room = self.incoming.lock().unwrap().get(vm).cloned()?;
+        capacity::shortfall(&self.cfg.data_dir, &room)
+    }
+
     /// Whether this host is drained.
     pub fn is_drained(&self) -> bool {
         *self.drained.borrow()

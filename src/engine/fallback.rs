@@ -27,7 +27,7 @@ const SLOW_SHARE: f64 = 0.25;
 pub(super) enum Why {
     /// The target failed, vanished or refused.
     Lost(String),
-    /// The target asked the source to leave (drained).
+    /// The target asked the source to leave (drained, or out of room).
     Leave(String),
     /// The target fell behind.
     Slow(String),
@@ -37,7 +37,7 @@ impl Why {
     pub(super) fn describe(&self) -> String {
         match self {
             Why::Lost(w) => format!("target lost: {w}"),
-            Why::Leave(w) => format!("drained: {w}"),
+            Why::Leave(w) => format!("asked to leave: {w}"),
             Why::Slow(w) => format!("falling behind: {w}"),
         }
     }

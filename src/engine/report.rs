@@ -213,7 +213,7 @@ pub struct Decision {
     pub at_ms: f64,
     /// The destination it was about.
     pub target: String,
-    /// Why (`target lost: …`, `target refused: …`, `drained: …`, `falling behind: …`).
+    /// Why (`target lost: …`, `target refused: …`, `asked to leave: …`, `falling behind: …`).
     pub reason: String,
     /// What it did (`retarget to hostC`, or why it could not).
     pub action: String,

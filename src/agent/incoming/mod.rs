@@ -89,20 +89,13 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let mut session: Option<Session> = None;
     let mut watch = tokio::time::interval(VM_CHECK);
     let mut drain = agent.drain_watch();
-    let can_leave = conn.version >= LEAVE;
-    let mut left = false;
+    let mut leave = Leave { can: conn.version >= LEAVE, asked: false, ticks: 0 };
     let outcome = async {
         loop {
             let msg = tokio::select! {
                 Ok(()) = drain.changed() => {
-                    let drained = *drain.borrow_and_update();
-                    // The target of a migration asks its source to go; a
-                    // forwarder already is on its way out.
-                    if drained && can_leave && !left && session.as_ref().is_some_and(|s| s.forward.is_none()) {
-                        left = true;
-                        let vm = session.as_ref().map(|s| s.vm.clone()).unwrap_or_default();
-                        tracing::info!(%vm, %peer, "drained: asking the source to move the migration elsewhere");
-                        send(&out, Message::Leave { reason: format!("{} is drained", agent.cfg.name) })?;
+                    if *drain.borrow_and_update() {
+                        leave.ask(&out, &session, || format!("{} is drained", agent.cfg.name))?;
                     }
                     continue;
                 }
@@ -115,6 +108,9 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
                     // The incoming VM died: the migration cannot complete here.
                     if session.as_ref().is_some_and(|s| !s.incoming.alive()) {
                         return Err(ProtocolError::Peer("the incoming VM exited".into()));
+                    }
+                    if let Some(why) = leave.room_due().then(|| short_of_room(&agent, &session)).flatten() {
+                        leave.ask(&out, &session, || why)?;
                     }
                     continue;
                 }
@@ -143,6 +139,47 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     drop(out);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closed.cancelled()).await;
     closed.cancel();
+}
+
+/// Asking the source to move a session elsewhere (protocol 3): once, and
+/// only while this host is its target (a forwarder is on its way out).
+struct Leave {
+    can: bool,
+    asked: bool,
+    ticks: u32,
+}
+
+/// The data dir's room is looked at every this many VM checks (2 s).
+const ROOM_EVERY: u32 = 8;
+
+impl Leave {
+    fn ask(
+        &mut self,
+        out: &crate::control::Outbox,
+        session: &Option<Session>,
+        reason: impl FnOnce() -> String,
+    ) -> Result<(), ProtocolError> {
+        let Some(sess) = session.as_ref().filter(|s| s.forward.is_none()) else { return Ok(()) };
+        if !self.can || self.asked {
+            return Ok(());
+        }
+        self.asked = true;
+        let reason = reason();
+        tracing::warn!(vm = %sess.vm, "{reason}: asking the source to move the migration elsewhere");
+        send(out, Message::Leave { reason })
+    }
+
+    /// Whether the data dir's room is due for a look.
+    fn room_due(&mut self) -> bool {
+        self.ticks += 1;
+        self.can && !self.asked && self.ticks % ROOM_EVERY == 0
+    }
+}
+
+/// Why the session cannot complete here any more, if the data dir no longer
+/// has room for what its RAM files still need (something else filled it).
+fn short_of_room(agent: &Agent, session: &Option<Session>) -> Option<String> {
+    agent.short_of_room(&session.as_ref()?.vm)
 }
 
 fn send(out: &crate::control::Outbox, m: Message) -> Result<(), ProtocolError> {
