@@ -343,3 +343,20 @@ fn fallback_when_the_destination_runs_out_of_room() {
     assert!(tb.vm_on("hostA", "r1").is_none() && tb.vm_on("hostB", "r1").is_none());
     assert_same_bytes(&ram_file(&tb, "hostA", "r1"), &ram_file(&tb, "hostC", "r1"));
 }
+
+/// A rolling upgrade: a destination of the previous release (protocol 2)
+/// cannot say its room, and is still a destination an evacuation uses.
+#[test]
+fn evacuate_to_an_older_agent() {
+    if !hooks_or_skip("evacuate_to_an_older_agent") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB"]);
+    tb.restart_agent("hostB", &[("DCMIGRATE_TEST_MAX_PROTOCOL", "2")]).unwrap();
+    tb.start_guest("hostA", "o1", 16 * MIB, &workload(1.0), true, &[]).unwrap();
+    tb.client("hostA").evacuate(&["hostB".to_string()], 1, MigrateOptions::default()).unwrap();
+    let end = wait_for(120, || tb.client("hostA").evacuation(None, false).ok().filter(|s| s.done)).expect("it ended");
+    assert_eq!(end.vms[0].stage, Stage::Completed, "{end:#?}\n{}", tb.logs());
+    assert_eq!(end.vms[0].destination.as_deref(), Some("hostB"));
+    assert_running_on(&tb, "hostB", "o1");
+}

@@ -119,7 +119,9 @@ impl Evacuation {
 /// A candidate's answer, ranked.
 struct Candidate {
     host: String,
-    capacity: Result<Capacity, String>,
+    /// What it advertises; `Ok(None)` from a peer too old to say (protocol
+    /// 2): it may take the VM, and is tried after those that said.
+    capacity: Result<Option<Capacity>, String>,
     /// This evacuation's migrations heading there.
     ours: usize,
 }
@@ -128,7 +130,8 @@ impl Candidate {
     /// Why it cannot take `need` bytes now, if it cannot.
     fn refuses(&self, need: u64) -> Option<String> {
         let c = match &self.capacity {
-            Ok(c) => c,
+            Ok(Some(c)) => c,
+            Ok(None) => return None,
             Err(e) => return Some(e.clone()),
         };
         if c.drained {
@@ -145,7 +148,11 @@ impl Candidate {
 
     /// Lower is better: fewest migrations heading there, then most room.
     fn rank(&self) -> (u32, std::cmp::Reverse<u64>) {
-        let c = self.capacity.as_ref().map(|c| (c.incoming, c.free_bytes)).unwrap_or((u32::MAX, 0));
+        let c = match &self.capacity {
+            Ok(Some(c)) => (c.incoming, c.free_bytes),
+            Ok(None) => (u32::MAX - 1, 0),
+            Err(_) => (u32::MAX, 0),
+        };
         (c.0.max(self.ours as u32), std::cmp::Reverse(c.1))
     }
 }
@@ -420,9 +427,10 @@ impl Queue {
             tokio::spawn(async move {
                 let r = agent.ask_peer(&h, Message::CapacityQuery, LEAVE, "capacity queries").await;
                 let capacity = match r {
-                    Ok(Message::Capacity(c)) => Ok(c),
+                    Ok(Message::Capacity(c)) => Ok(Some(c)),
                     Ok(other) => Err(format!("unexpected {}", other.name())),
-                    Err(e) => Err(e),
+                    Err(super::ask::AskError::Old { .. }) => Ok(None),
+                    Err(e) => Err(e.to_string()),
                 };
                 (h, capacity)
             })

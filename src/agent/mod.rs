@@ -6,7 +6,7 @@
 
 pub mod access;
 pub mod api;
-mod ask;
+pub mod ask;
 pub mod capacity;
 pub mod evacuate;
 mod handlers;

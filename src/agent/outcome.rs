@@ -78,7 +78,7 @@ impl Agent {
     async fn ask(&self, vm: &str, destination: &str) -> Result<RemoteOutcome, String> {
         let q = Message::OutcomeQuery { vm: vm.to_owned() };
         let what = "outcome queries; settle it with `dcmigrate resolve`";
-        match self.ask_peer(destination, q, HEARTBEATS, what).await? {
+        match self.ask_peer(destination, q, HEARTBEATS, what).await.map_err(|e| e.to_string())? {
             Message::OutcomeAnswer { outcome, .. } => Ok(outcome),
             other => Err(format!("unexpected {}", other.name())),
         }
