@@ -57,9 +57,7 @@ impl Migration {
             }
             let in_time = self.start.elapsed() < budget;
             if verify_bound && in_time && counted < self.job.opts.max_rounds {
-                if let Err(e) = self.live_pass(&stale).await {
-                    self.recover_lost(e)?;
-                }
+                self.live_pass_or_fall_back(&stale).await?;
                 self.begin_round();
                 continue;
             }
@@ -77,9 +75,7 @@ impl Migration {
                 };
                 if live {
                     // Then a round for what it found and what the guest wrote meanwhile.
-                    if let Err(e) = self.live_pass(&stale).await {
-                        self.recover_lost(e)?;
-                    }
+                    self.live_pass_or_fall_back(&stale).await?;
                 }
                 if live || self.held().await? {
                     self.begin_round();
@@ -92,6 +88,15 @@ impl Migration {
                 return self.budget_spent(why).map(|s| (s, estimate));
             }
             self.begin_round();
+        }
+    }
+
+    /// A live verification pass; a target lost meanwhile is handled as in
+    /// the event loop (a fallback host, if any).
+    async fn live_pass_or_fall_back(&mut self, stale: &crate::bitmap::Bitmap) -> Result<(), EngineError> {
+        match self.live_pass(stale).await {
+            Err(e) => self.recover_lost(e),
+            ok => ok,
         }
     }
 
