@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Steering};
+use dcmigrate::engine::{Outcome, Steering};
 use dcmigrate::testbed::{wait_for, Testbed};
 use dcmigrate::vm::synthetic::Workload;
 
@@ -28,19 +28,6 @@ fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         let (n, rest) = series.split_once('{').unwrap_or((series, ""));
         (n == name && labels.iter().all(|want| rest.contains(want))).then(|| v.parse().ok())?
     })
-}
-
-/// Never converges on its own (see tests/operator.rs): the source keeps
-/// sending the guest's hot set, round after round, until force-complete.
-fn never_converging() -> MigrateOptions {
-    MigrateOptions {
-        max_bandwidth_mbps: Some(40.0),
-        downtime_ms: 1,
-        max_rounds: 100_000,
-        max_time_s: 600,
-        on_budget: BudgetAction::Abort,
-        ..Default::default()
-    }
 }
 
 #[test]

@@ -6,24 +6,13 @@ mod common;
 
 use common::*;
 use dcmigrate::engine::report::Switchover;
-use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Steering};
+use dcmigrate::engine::{MigrateOptions, Outcome, Steering};
 use dcmigrate::testbed::wait_for;
 use dcmigrate::vm::synthetic::Workload;
 
-/// A migration that never converges on its own: capped at 40 MB/s, each
-/// round of the guest's 1 MiB hot set takes ~25 ms, long enough for the
-/// guest (30 MB/s) to dirty most of it again, so the estimate stays near
-/// 25 ms against a 1 ms limit; budgets far away.
+/// [`common::never_converging`], the VM left paused where it lands.
 fn never_converging() -> MigrateOptions {
-    MigrateOptions {
-        max_bandwidth_mbps: Some(40.0),
-        downtime_ms: 1,
-        max_rounds: 100_000,
-        max_time_s: 600,
-        on_budget: BudgetAction::Abort,
-        suspend: true,
-        ..Default::default()
-    }
+    MigrateOptions { suspend: true, ..common::never_converging() }
 }
 
 fn hot_guest(tb: &mut dcmigrate::testbed::Testbed, vm: &str) {

@@ -45,13 +45,9 @@ pub struct EvacuateArgs {
     /// Data plane.
     #[arg(long, value_enum, default_value_t = TransportKind::Auto)]
     pub transport: TransportKind,
-    /// A destination below this rate (MB/s) is left for a fallback host
-    /// (default: below a quarter of its best).
-    #[arg(long)]
-    pub slow_rate: Option<f64>,
-    /// ... once it stayed below it this long (seconds; 0: never).
-    #[arg(long, default_value_t = DEFAULT_SLOW_FOR_S)]
-    pub slow_for: u64,
+    /// When a destination falls behind.
+    #[command(flatten)]
+    pub slow: SlowArgs,
     /// Print only the final report, as JSON.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +57,18 @@ pub struct EvacuateArgs {
     /// The agent of the host to empty.
     #[command(flatten)]
     pub api: ApiArg,
+}
+
+/// When a destination falls behind (`migrate`, `evacuate`).
+#[derive(Args)]
+pub struct SlowArgs {
+    /// Falling behind: below this rate, MB/s (default: a quarter of its
+    /// best); a fallback host then takes over.
+    #[arg(long)]
+    pub slow_rate: Option<f64>,
+    /// ... for this long, seconds (0: never judged).
+    #[arg(long, default_value_t = DEFAULT_SLOW_FOR_S)]
+    pub slow_for: u64,
 }
 
 /// Refuses a HOST that is not the agent at the API socket.
@@ -84,8 +92,8 @@ pub fn evacuate(a: EvacuateArgs) -> Result<i32> {
         max_bandwidth_mbps: a.max_bandwidth,
         streams: a.streams,
         transport: a.transport,
-        slow_rate_mbps: a.slow_rate,
-        slow_for_s: a.slow_for,
+        slow_rate_mbps: a.slow.slow_rate,
+        slow_for_s: a.slow.slow_for,
         ..Default::default()
     };
     let started = client.evacuate(&a.to, a.max_parallel, options)?;

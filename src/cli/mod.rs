@@ -406,12 +406,9 @@ pub struct MigrateArgs {
     /// before the switchover, is drained, or falls behind (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub fallback: Vec<String>,
-    /// Falling behind: below this rate, MB/s (default: a quarter of its best).
-    #[arg(long)]
-    pub slow_rate: Option<f64>,
-    /// ... for this long, seconds (0: never judged).
-    #[arg(long, default_value_t = crate::engine::options::DEFAULT_SLOW_FOR_S)]
-    pub slow_for: u64,
+    /// When the destination falls behind.
+    #[command(flatten)]
+    pub slow: host::SlowArgs,
     /// Print only the final report, as JSON.
     #[arg(long)]
     pub json: bool,
@@ -439,8 +436,8 @@ impl MigrateArgs {
             max_bandwidth_mbps: self.max_bandwidth,
             switchover_timeout_ms: self.switchover_timeout,
             fallback: self.fallback.clone(),
-            slow_rate_mbps: self.slow_rate,
-            slow_for_s: self.slow_for,
+            slow_rate_mbps: self.slow.slow_rate,
+            slow_for_s: self.slow.slow_for,
             ..Default::default()
         }
     }

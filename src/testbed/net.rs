@@ -125,11 +125,7 @@ impl Net {
     /// Takes `name`'s port on the bridge down (the link is cut: nothing
     /// passes either way, no error is seen) or up again.
     pub fn set_link(&self, name: &str, up: bool) -> Result<(), TestbedError> {
-        let i = self
-            .hosts
-            .iter()
-            .position(|h| h.name == name)
-            .ok_or_else(|| TestbedError(format!("no host {name} in this network")))?;
+        let i = self.index(name)?;
         let sw = format!("{PREFIX}{}-sw", self.tag);
         run(&["ip", "-n", &sw, "link", "set", &format!("ds{i}{}", self.tag), if up { "up" } else { "down" }])
     }
@@ -137,15 +133,19 @@ impl Net {
     /// Shapes what reaches `name` (its port on the bridge) to `mbit`
     /// Mbit/s from now on, whatever it was.
     pub fn shape_ingress(&self, name: &str, mbit: u64) -> Result<(), TestbedError> {
-        let i = self
-            .hosts
-            .iter()
-            .position(|h| h.name == name)
-            .ok_or_else(|| TestbedError(format!("no host {name} in this network")))?;
+        let i = self.index(name)?;
         let (sw, dev) = (format!("{PREFIX}{}-sw", self.tag), format!("ds{i}{}", self.tag));
         let (rate, burst) = (format!("{mbit}mbit"), format!("{}", (mbit * 1_000_000 / 8 / 1000).max(64 * 1024)));
         let args = ["tc", "-n", &sw, "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &rate, "burst", &burst];
         run(&[&args[..], &["latency", "50ms"]].concat())
+    }
+
+    /// Where `name` is among the hosts (its veth pair's number).
+    fn index(&self, name: &str) -> Result<usize, TestbedError> {
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| TestbedError(format!("no host {name} in this network")))
     }
 
     /// The host named `name`, if it is one of these.

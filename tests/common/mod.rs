@@ -217,3 +217,18 @@ pub fn migrate_booted_with_a_retarget(tb: &Testbed, opts: MigrateOptions) -> Rep
     assert_eq!(report.destination, "C", "{report:#?}");
     report
 }
+
+/// A migration that never converges on its own: capped at 40 MB/s, each
+/// round of a guest's 1 MiB hot set takes ~25 ms, long enough for the guest
+/// (30 MB/s) to dirty most of it again, so the estimate stays near 25 ms
+/// against a 1 ms limit; budgets far away. It ends by force-complete.
+pub fn never_converging() -> MigrateOptions {
+    MigrateOptions {
+        max_bandwidth_mbps: Some(40.0),
+        downtime_ms: 1,
+        max_rounds: 100_000,
+        max_time_s: 600,
+        on_budget: dcmigrate::engine::BudgetAction::Abort,
+        ..Default::default()
+    }
+}
