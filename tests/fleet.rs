@@ -316,7 +316,8 @@ fn fallback_when_the_destination_runs_out_of_room() {
     }
     let _unmount = Mounted(dir.clone());
     tb.start_guest("hostA", "r1", 48 * MIB, &workload(1.0), true, &["--zero-every", "0"]).unwrap();
-    // Capped: little arrives at hostB between the filling and its leave.
+    // Capped at 2 MB/s: after the filling, hostB would run out of room
+    // only after some 15 s, far beyond its check (every 2 s) and the move.
     let opts = MigrateOptions {
         suspend: true,
         fallback: vec!["hostC".into()],
@@ -325,12 +326,15 @@ fn fallback_when_the_destination_runs_out_of_room() {
     };
     start_migration(&tb, "hostA", "r1", "hostB", held(opts));
     wait_fraction(&tb, "hostA", "r1", 0.2);
-    // Leave 16 MiB free: less than the ~38 MiB the session still needs.
+    // Free space 4 MiB short of what is still to come (no holes: every page travels).
     let free = {
         let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(&dir).output().unwrap();
         String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
     };
-    std::fs::write(dir.join("filler"), vec![1u8; (free - 16 * MIB) as usize]).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(ram_file(&tb, "hostB", "r1")).unwrap().blocks() * 512;
+    let to_come = 48 * MIB - allocated;
+    std::fs::write(dir.join("filler"), vec![1u8; (free - (to_come - 4 * MIB)) as usize]).unwrap();
     let moved = wait_for(60, || (target(&tb, "hostA", "r1")? == "hostC").then_some(()));
     assert!(moved.is_some(), "no automatic retarget\n{}", tb.logs());
     std::fs::remove_file(dir.join("filler")).unwrap();
@@ -340,6 +344,7 @@ fn fallback_when_the_destination_runs_out_of_room() {
     let t = &r.retargets[0];
     assert_eq!((t.from.as_str(), t.to.as_str(), t.forwarding), ("hostB", "hostC", true), "{r:#?}");
     assert!(t.reason.starts_with("asked to leave: no room left"), "{t:?}");
+    assert!(!tb.agent_log("hostB").contains("No space left"), "hostB ran out of room before it left");
     assert!(tb.vm_on("hostA", "r1").is_none() && tb.vm_on("hostB", "r1").is_none());
     assert_same_bytes(&ram_file(&tb, "hostA", "r1"), &ram_file(&tb, "hostC", "r1"));
 }

@@ -180,6 +180,7 @@ fn synthetic_session(vm: &str, size: u64) -> Message {
         chunk_size: 2 << 20,
         launch: LaunchSpec::Synthetic { workload: Default::default() },
         rdma_slices: false,
+        holes: 0,
     }
 }
 

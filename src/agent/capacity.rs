@@ -26,15 +26,26 @@ pub struct Reservation {
     pub bytes: u64,
     /// Its RAM files (allocated as pages arrive).
     pub files: Vec<PathBuf>,
+    /// Bytes the source will not send unless the guest writes them (holes
+    /// there): not to come before the switchover (as the source said).
+    pub holes: u64,
 }
 
 impl Reservation {
     /// What its files will still take from the free space.
     fn unfilled(&self) -> u64 {
+        self.bytes.saturating_sub(self.allocated())
+    }
+
+    /// What can still arrive before the switchover: the unfilled RAM less
+    /// the source's holes.
+    fn to_come(&self) -> u64 {
+        self.bytes.saturating_sub(self.holes).saturating_sub(self.allocated())
+    }
+
+    fn allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        let allocated: u64 =
-            self.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks().saturating_mul(512)).sum();
-        self.bytes.saturating_sub(allocated)
+        self.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks().saturating_mul(512)).sum()
     }
 }
 
@@ -109,10 +120,12 @@ pub fn admit<'a>(
     Ok(())
 }
 
-/// Why a session holding `own` can no longer complete: its files still need
-/// more than the data dir has free (something besides the sessions filled it).
+/// Why a session holding `own` can no longer complete here: what can still
+/// arrive for it (the source's holes aside) exceeds the data dir's free
+/// space (something besides the sessions filled it). Each session is
+/// judged on its own: admission promised each its whole room.
 pub fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
-    let need = own.unfilled();
+    let need = own.to_come();
     let free = free_bytes(data_dir).ok()?;
     (need > free).then(|| {
         format!("no room left in {}: {} MiB free, {} MiB still to come", data_dir.display(), free >> 20, need >> 20)
@@ -181,7 +194,7 @@ mod tests {
         let per = Limits { per_session: Some(1 << 20), ..Default::default() };
         assert!(matches!(admit(&per, dir.path(), 2 << 20, none.iter()), Err(CapacityError::Session { .. })));
         // Another session's unfilled RAM is promised to it.
-        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")] }];
+        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")], holes: 0 }];
         assert!(matches!(
             admit(&Limits::default(), dir.path(), 1 << 20, other.iter()),
             Err(CapacityError::Space { .. })

@@ -146,14 +146,16 @@ impl Candidate {
         None
     }
 
-    /// Lower is better: fewest migrations heading there, then most room.
-    fn rank(&self) -> (u32, std::cmp::Reverse<u64>) {
-        let c = match &self.capacity {
-            Ok(Some(c)) => (c.incoming, c.free_bytes),
-            Ok(None) => (u32::MAX - 1, 0),
-            Err(_) => (u32::MAX, 0),
-        };
-        (c.0.max(self.ours as u32), std::cmp::Reverse(c.1))
+    /// Lower is better: those that said their room first, then the fewest
+    /// migrations heading there (this evacuation's counted too), then the
+    /// most room.
+    fn rank(&self) -> (u8, u32, std::cmp::Reverse<u64>) {
+        let ours = self.ours as u32;
+        match &self.capacity {
+            Ok(Some(c)) => (0, c.incoming.max(ours), std::cmp::Reverse(c.free_bytes)),
+            Ok(None) => (1, ours, std::cmp::Reverse(0)),
+            Err(_) => (2, ours, std::cmp::Reverse(0)),
+        }
     }
 }
 
@@ -336,6 +338,10 @@ impl Queue {
         running: &HashMap<String, Arc<MigrationHandle>>,
     ) -> Result<(String, Arc<MigrationHandle>), Option<String>> {
         let candidates = self.ask(running).await;
+        // The questions take time: a cancel or shutdown meanwhile wins.
+        if self.ev.cancel.is_cancelled() || self.agent.shutdown.is_cancelled() {
+            return Err(None);
+        }
         for vm in due {
             match self.start(vm, &candidates) {
                 Ok(h) => return Ok((vm.clone(), h)),

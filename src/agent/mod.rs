@@ -259,6 +259,7 @@ impl Agent {
     /// Why `vm`'s incoming session can no longer complete here, if the data
     /// dir's free space fell below what its RAM files still need.
     pub fn short_of_room(&self, vm: &str) -> Option<String> {
+        // Outside the lock: it reads the files' sizes and the file system.
         let room = self.incoming.lock().unwrap().get(vm).cloned()?;
         capacity::shortfall(&self.cfg.data_dir, &room)
     }

@@ -143,7 +143,8 @@ fn follow(client: &Client, id: &str, quiet: bool) -> Result<EvacuationStatus> {
         if let Some(b) = &bar {
             let landed = |v: &crate::agent::evacuate::EvacuatedVm| match v.stage {
                 Stage::Completed => v.ram_bytes,
-                _ => v.at_destination_bytes,
+                Stage::Migrating => v.at_destination_bytes,
+                _ => 0,
             };
             b.set_length(s.vms.iter().map(|v| v.ram_bytes).sum());
             b.set_position(s.vms.iter().map(landed).sum());

@@ -1,10 +1,10 @@
 //! Automatic retargets (`--fallback`): the hosts a migration may move to,
 //! in order, and when it moves on its own, before the switchover: its
-//! target lost (or refusing the session), drained (it asked the source to
-//! leave), or falling behind (its rate, while the source has a backlog for
+//! target lost (or refusing the session), asking the source to leave
+//! (drained, or out of room), or falling behind (its rate, while the source has a backlog for
 //! it, below a threshold for a while). A lost target cannot forward; a
-//! drained or slow one forwards what it holds. Every decision is logged,
-//! sent to watchers and kept in the report.
+//! leaving or slow one forwards what it holds. Every decision is logged and
+//! kept in the report; each retarget started is sent to watchers.
 
 use super::link::LinkError;
 use super::report::Decision;
@@ -212,8 +212,12 @@ impl Migration {
     /// Acts on the target's request to leave, unless a retarget is being
     /// prepared (then once it is done) or the VM is paused.
     pub(super) fn leave_now(&mut self) {
-        let why = self.hosts.links[&self.hosts.target].leave_reason();
         self.fb.leave_pending = false;
+        // Only the target that asked (a retarget may have replaced it since).
+        if !self.fb.left(self.hosts.target) {
+            return;
+        }
+        let why = self.hosts.links[&self.hosts.target].leave_reason();
         if self.phase.paused() {
             self.decide(Why::Leave(why), "none: the VM is paused for the switchover".into());
         } else if self.rt.opening().is_some() {

@@ -99,6 +99,8 @@ pub struct LinkSpec {
     pub rdma: Result<Arc<Rdma>, String>,
     /// A peer silent this long (heartbeats, acknowledgements) is lost.
     pub peer_timeout: Duration,
+    /// Bytes of the VM's RAM that are holes (told to the destination).
+    pub holes: u64,
 }
 
 /// The source's connection to one peer.
@@ -124,7 +126,7 @@ pub struct Link {
     /// Why it is gone.
     why: Arc<Mutex<Option<String>>>,
     /// Set when the host asked the source to move its session elsewhere
-    /// (`Leave`: it is drained), with its reason.
+    /// (`Leave`: it is drained, or out of room), with its reason.
     pub leave: CancellationToken,
     leave_why: Arc<Mutex<Option<String>>>,
     /// The source's own data sender to this host (None once released).
@@ -170,6 +172,7 @@ async fn open_session(
         chunk_size: a.chunk_size,
         launch: a.vm.launch.clone(),
         rdma_slices: true,
+        holes: a.holes,
     };
     ch.out.send(open).map_err(|_| LinkError::Closed)?;
     // Preparing RAM (and pinning it for RDMA) takes time that grows with

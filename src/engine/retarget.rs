@@ -136,7 +136,8 @@ impl Migration {
     /// Opens a session on the new destination, on a task of its own.
     pub(super) fn open_target(&mut self, to: String, addr: std::net::SocketAddr, forward: bool, origin: Origin) {
         let id = self.hosts.names.len() as HostId;
-        let spec = link_spec(&self.job, (&to, id, addr), &self.ram, &self.observer, &self.completions_tx);
+        let mut spec = link_spec(&self.job, (&to, id, addr), &self.ram, &self.observer, &self.completions_tx);
+        spec.holes = super::setup::hole_bytes(&self.zero_pages);
         let (tx, name) = (self.rt.opened_tx.clone(), to.clone());
         tracing::info!(%to, forward, "retarget: preparing the new destination");
         tokio::spawn(async move {
@@ -221,6 +222,8 @@ impl Migration {
         self.hosts.links[&old].close_sender();
         let lost = self.fb.dead.take().map(|(h, _)| h);
         self.fb.slow.reset();
+        // A leave asked of the old target is answered by this retarget.
+        self.fb.leave_pending = false;
         self.point_forwarders(old, &link, opening.forward, lost).await;
         let forwarding = self.hosts.forwarders.contains(&old);
         tracing::info!(from = %self.hosts.names[old as usize], to = %opening.to, forwarding, at_old, "retargeted");

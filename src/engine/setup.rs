@@ -59,7 +59,8 @@ pub(super) async fn prepare(
     let mut fb = Fallback::new(job.ctx.fallbacks.clone(), job.opts.slow_rate_mbps, job.opts.slow_for_s);
     let (mut to, mut addr) = (to.to_owned(), addr);
     let link = loop {
-        let spec = link_spec(job, (&to, 1, addr), &ram, &observer, &completions.0);
+        let mut spec = link_spec(job, (&to, 1, addr), &ram, &observer, &completions.0);
+        spec.holes = hole_bytes(&zero_pages);
         match Link::open(spec).await {
             Ok(l) => break l,
             Err(e) => {
@@ -152,7 +153,13 @@ pub(super) fn link_spec(
         transport: job.opts.transport,
         rdma: job.ctx.rdma.clone(),
         peer_timeout: job.ctx.peer_timeout,
+        holes: 0,
     }
+}
+
+/// Bytes of RAM still holes at the source (see `Migration::skip_holes`).
+pub(super) fn hole_bytes(zero_pages: &Option<Bitmap>) -> u64 {
+    zero_pages.as_ref().map_or(0, |z| z.count() as u64 * crate::memory::PAGE_SIZE as u64)
 }
 
 /// A session that could not be opened on `host`.

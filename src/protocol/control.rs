@@ -20,6 +20,10 @@ pub enum RemoteOutcome {
     NotHere,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// What a host advertises to peers choosing a destination.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capacity {
@@ -78,6 +82,11 @@ pub enum Message {
         /// the destination can then pin in parallel.
         #[serde(default)]
         rdma_slices: bool,
+        /// Bytes of RAM that are holes at the source (zero, not written
+        /// since tracking began): never sent unless written, so never
+        /// allocated here before the switchover (older sources: 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        holes: u64,
     },
     /// Destination: the session is ready.
     SessionOpened {
@@ -224,8 +233,8 @@ pub enum Message {
         /// What the destination knows.
         outcome: RemoteOutcome,
     },
-    /// Version 3, destination to source, unasked: this host is drained;
-    /// move the session elsewhere (it forwards what it holds).
+    /// Version 3, destination to source, unasked: this host is drained or
+    /// out of room; move the session elsewhere (it forwards what it holds).
     Leave {
         /// Why, for the source's log and report.
         reason: String,

@@ -52,8 +52,8 @@
 //! If a forward fails, S first has N fence O's streams (`Fence`), and only
 //! then lets anyone else write those pages.
 //!
-//! Version 3: a destination that is drained asks its sources to go
-//! elsewhere; a source with fallback hosts retargets (with forwarding), one
+//! Version 3: a destination that is drained or out of room asks its
+//! sources to go elsewhere; a source with fallback hosts retargets (with forwarding), one
 //! without goes on. Any peer may ask another's room before choosing it.
 //! ```text
 //!  S                                   D (drained)              N (fallback)

@@ -220,8 +220,8 @@ async fn step(
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
     let reply = match (msg, session.as_mut()) {
-        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices }, None) => {
-            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch), rdma_slices).await
+        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes }, None) => {
+            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch), (rdma_slices, holes)).await
         }
         (
             Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport },
@@ -290,9 +290,9 @@ async fn open_session(
     session: &mut Option<Session>,
     peer: &str,
     (vm, regions, chunk_size, launch): (&str, Vec<crate::memory::RegionSpec>, u64, &crate::vm::LaunchSpec),
-    rdma_slices: bool,
+    (rdma_slices, holes): (bool, u64),
 ) -> Message {
-    match open::open(agent, vm, (regions, chunk_size), launch, rdma_slices).await {
+    match open::open(agent, vm, (regions, chunk_size, holes), launch, rdma_slices).await {
         Ok(sess) => {
             tracing::info!(%vm, %peer, "incoming session opened");
             let m = Message::SessionOpened {

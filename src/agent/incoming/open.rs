@@ -73,7 +73,7 @@ pub enum OpenError {
 pub(super) async fn open(
     agent: &Agent,
     vm: &str,
-    (regions, chunk_size): (Vec<RegionSpec>, u64),
+    (regions, chunk_size, holes): (Vec<RegionSpec>, u64, u64),
     launch: &LaunchSpec,
     rdma_slices: bool,
 ) -> Result<Session, OpenError> {
@@ -89,7 +89,10 @@ pub(super) async fn open(
         // Refused before anything is created for it.
         qemu::check_spec(binary, args, &dir, &agent.cfg.storage)?;
     }
-    let room = Reservation { bytes: layout.total_bytes(), files: paths.clone() };
+    // Admission counts the whole RAM (holes are written once the VM runs);
+    // the holes only tell what can still arrive before the switchover.
+    let room =
+        Reservation { bytes: layout.total_bytes(), files: paths.clone(), holes: holes.min(layout.total_bytes()) };
     if !agent.begin_incoming(vm, room)? {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
