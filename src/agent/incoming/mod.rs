@@ -172,7 +172,7 @@ impl Leave {
     /// Whether the data dir's room is due for a look.
     fn room_due(&mut self) -> bool {
         self.ticks += 1;
-        self.can && !self.asked && self.ticks % ROOM_EVERY == 0
+        self.can && !self.asked && self.ticks.is_multiple_of(ROOM_EVERY)
     }
 }
 
