@@ -270,30 +270,31 @@ fn main() -> Result<()> {
         }
         Cmd::Dirtier { file, size, rate_mbps } => trackers::dirtier(&file, size, rate_mbps)?,
         Cmd::Report => report::update(bench_dir)?,
-        Cmd::All { no_qemu } => {
-            let t = std::time::Instant::now();
-            let mut v = throughput::throughput(4)?;
-            save(&results, "throughput", &mut v)?;
-            let mut v = encryption::encryption(1, 3)?;
-            save(&results, "encryption", &mut v)?;
-            let mut v = downtime::downtime(1.0, 1000, &[0.0, 25.0, 50.0, 100.0, 150.0], 60)?;
-            save(&results, "downtime", &mut v)?;
-            let mut v = scale::scale(6, 50.0)?;
-            save(&results, "scale", &mut v)?;
-            let mut v = sizes::sizes(&[1, 2, 4, 8], 1000, 64)?;
-            save(&results, "sizes", &mut v)?;
-            let mut v = trackers::trackers(&[1, 2, 4], 50.0, Path::new("/dev/shm"))?;
-            save(&results, "trackers", &mut v)?;
-            let mut v = retarget::retarget(2.0, 1000, &[0.1, 0.3, 0.5, 0.7, 0.9], &[0.0, 50.0], !no_qemu)?;
-            save(&results, "retarget", &mut v)?;
-            let mut v = evacuate::evacuate(4, 1.0, 1000, 10.0)?;
-            save(&results, "evacuate", &mut v)?;
-            report::update(bench_dir)?;
-            eprintln!(
-                "all scenarios done in {:.0} s; bench/README.md and bench/results/ updated",
-                t.elapsed().as_secs_f64()
-            );
-        }
+        Cmd::All { no_qemu } => all(&results, bench_dir, no_qemu)?,
     }
+    Ok(())
+}
+
+/// Every scenario with its defaults, then the plots and README tables.
+fn all(results: &Path, bench_dir: &Path, no_qemu: bool) -> Result<()> {
+    let t = std::time::Instant::now();
+    let mut v = throughput::throughput(4)?;
+    save(results, "throughput", &mut v)?;
+    let mut v = encryption::encryption(1, 3)?;
+    save(results, "encryption", &mut v)?;
+    let mut v = downtime::downtime(1.0, 1000, &[0.0, 25.0, 50.0, 100.0, 150.0], 60)?;
+    save(results, "downtime", &mut v)?;
+    let mut v = scale::scale(6, 50.0)?;
+    save(results, "scale", &mut v)?;
+    let mut v = sizes::sizes(&[1, 2, 4, 8], 1000, 64)?;
+    save(results, "sizes", &mut v)?;
+    let mut v = trackers::trackers(&[1, 2, 4], 50.0, Path::new("/dev/shm"))?;
+    save(results, "trackers", &mut v)?;
+    let mut v = retarget::retarget(2.0, 1000, &[0.1, 0.3, 0.5, 0.7, 0.9], &[0.0, 50.0], !no_qemu)?;
+    save(results, "retarget", &mut v)?;
+    let mut v = evacuate::evacuate(4, 1.0, 1000, 10.0)?;
+    save(results, "evacuate", &mut v)?;
+    report::update(bench_dir)?;
+    eprintln!("all scenarios done in {:.0} s; bench/README.md and bench/results/ updated", t.elapsed().as_secs_f64());
     Ok(())
 }
