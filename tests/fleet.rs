@@ -105,9 +105,15 @@ fn evacuate_two_at_a_time_with_a_destination_drained() {
     }
     assert!(tb.client("hostC").info().unwrap().incoming.is_empty());
 
-    // Never more than two out of hostA, by its own events.
+    // Never more than two out of hostA, by its own events; the drain's
+    // decision among them.
     let (mut out, mut peak) = (HashSet::new(), 0);
-    for e in events.join().unwrap() {
+    let events = events.join().unwrap();
+    let decided = events
+        .iter()
+        .any(|e| e["event"] == "decision" && e["vm"] == to_c.as_str() && e["action"] == "retarget to hostB");
+    assert!(decided, "no decision event for {to_c}");
+    for e in events {
         let vm = e["vm"].as_str().unwrap_or_default().to_owned();
         match e["event"].as_str() {
             Some("started") => drop(out.insert(vm)),

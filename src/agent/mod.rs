@@ -252,8 +252,10 @@ impl Agent {
 
     /// What this host advertises to peers choosing a destination.
     pub fn capacity(&self) -> crate::protocol::control::Capacity {
-        let incoming = self.incoming.lock().unwrap();
-        capacity::advertise(&self.cfg.limits, &self.cfg.data_dir, incoming.values(), *self.drained.borrow())
+        // Outside the lock: it reads the files' sizes and the file system,
+        // and admitting a session waits for the lock.
+        let incoming: Vec<capacity::Reservation> = self.incoming.lock().unwrap().values().cloned().collect();
+        capacity::advertise(&self.cfg.limits, &self.cfg.data_dir, incoming.iter(), *self.drained.borrow())
     }
 
     /// Why `vm`'s incoming session can no longer complete here, if the data

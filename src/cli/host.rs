@@ -117,6 +117,8 @@ pub fn show(api: &ApiArg, id: Option<&str>, cancel: bool, json: bool) -> Result<
 /// (above a bar of the RAM landed, on a terminal). Ctrl-C cancels it.
 fn follow(client: &Client, id: &str, quiet: bool) -> Result<EvacuationStatus> {
     let interrupted = Arc::new(AtomicBool::new(false));
+    // A second Ctrl-C, while the cancel is awaited, exits at once (130).
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 130, interrupted.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     let bar = (!quiet && std::io::stderr().is_terminal()).then(super::progress::bar);
     let mut seen: HashMap<String, (Stage, Option<String>)> = HashMap::new();

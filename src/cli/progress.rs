@@ -36,6 +36,8 @@ pub fn follow_with(
     mut hook: impl FnMut(&MigrationStatus) -> Option<String>,
 ) -> Result<Report> {
     let interrupted = Arc::new(AtomicBool::new(false));
+    // A second Ctrl-C, while the cancel is awaited, exits at once (130).
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 130, interrupted.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     let bar = (!quiet && std::io::stderr().is_terminal()).then(bar);
     let (mut last_phase, mut last_target) = (String::new(), String::new());

@@ -3,8 +3,8 @@
 //! target lost (or refusing the session), asking the source to leave
 //! (drained, or out of room), or falling behind (its rate, while the source has a backlog for
 //! it, below a threshold for a while). A lost target cannot forward; a
-//! leaving or slow one forwards what it holds. Every decision is logged and
-//! kept in the report; each retarget started is sent to watchers.
+//! leaving or slow one forwards what it holds. Every decision is logged,
+//! sent to watchers and kept in the report.
 
 use super::link::LinkError;
 use super::report::Decision;
@@ -295,6 +295,8 @@ impl Migration {
         let target = self.target_name().to_owned();
         let reason = why.describe();
         tracing::warn!(vm = %self.report.vm, %target, "{reason}: {action}");
+        let (t, r, a) = (target.clone(), reason.clone(), action.clone());
+        self.job.handle.emit(EventKind::Decision { target: t, reason: r, action: a });
         self.report.decisions.push(Decision {
             at_ms: self.start.elapsed().as_secs_f64() * 1e3,
             target,

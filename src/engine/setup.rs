@@ -68,8 +68,11 @@ pub(super) async fn prepare(
                 let err = open_error(&to, e);
                 let (me, t0) = (&job.ctx.me, job.start);
                 let (next, next_addr) = fallback::first_refused(&mut fb, report, (&to, err), t0, me)?;
-                let reason = report.decisions.last().map(|d| d.reason.clone()).unwrap_or_default();
-                job.handle.emit(EventKind::Retarget { to: next.clone(), forward: false, reason, error: None });
+                if let Some(d) = report.decisions.last() {
+                    let (target, reason, action) = (d.target.clone(), d.reason.clone(), d.action.clone());
+                    job.handle.emit(EventKind::Decision { target, reason: reason.clone(), action });
+                    job.handle.emit(EventKind::Retarget { to: next.clone(), forward: false, reason, error: None });
+                }
                 (to, addr) = (next, next_addr);
                 job.handle.set_progress(|p| p.target = to.clone());
             }

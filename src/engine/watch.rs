@@ -76,6 +76,16 @@ pub enum EventKind {
         /// Why it was refused, if it was.
         error: Option<String>,
     },
+    /// The engine decided on its own (`--fallback`), as in the report's
+    /// `decisions`: why, and what it did (a retarget it starts follows).
+    Decision {
+        /// The destination it was about.
+        target: String,
+        /// Why.
+        reason: String,
+        /// What it did.
+        action: String,
+    },
     /// An operator changed the migration (`set`, `force-complete`).
     Steered {
         /// The change.
@@ -103,6 +113,7 @@ impl EventKind {
             EventKind::Round { .. } => "round",
             EventKind::Progress { .. } => "progress",
             EventKind::Retarget { .. } => "retarget",
+            EventKind::Decision { .. } => "decision",
             EventKind::Steered { .. } => "steered",
             EventKind::Ended { .. } => "ended",
         }
