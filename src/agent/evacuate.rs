@@ -109,6 +109,11 @@ impl Evacuation {
         s
     }
 
+    /// A field of `vm`'s entry, without cloning the whole status.
+    fn of<T>(&self, vm: &str, f: impl FnOnce(&EvacuatedVm) -> T) -> Option<T> {
+        self.status.lock().unwrap().vms.iter().find(|v| v.vm == vm).map(f)
+    }
+
     fn update(&self, vm: &str, f: impl FnOnce(&mut EvacuatedVm)) {
         if let Some(v) = self.status.lock().unwrap().vms.iter_mut().find(|v| v.vm == vm) {
             f(v);
@@ -376,7 +381,7 @@ impl Queue {
             };
             let again = r.result == Outcome::Failed
                 && self.agent.has_vm(&vm)
-                && self.ev.status().vms.iter().any(|v| v.vm == vm && v.attempts < ATTEMPTS);
+                && self.ev.of(&vm, |v| v.attempts < ATTEMPTS).unwrap_or(false);
             self.ev.update(&vm, |v| {
                 v.destination = Some(r.destination.clone());
                 v.ms = Some(r.total_ms);
@@ -391,7 +396,7 @@ impl Queue {
             });
             if again {
                 tracing::warn!(%vm, "evacuation: the migration failed; trying again later");
-                let tries = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(1, |v| v.attempts);
+                let tries = self.ev.of(&vm, |v| v.attempts).unwrap_or(1);
                 queue.push_back((vm, Instant::now() + RETRY_AFTER * tries));
             }
         }
@@ -400,7 +405,7 @@ impl Queue {
     /// Starts `vm`'s migration to the best candidate that takes it; its
     /// fallback hosts are the other candidates that take it.
     fn start(&self, vm: &str, candidates: &[Candidate]) -> Result<Arc<MigrationHandle>, NotStarted> {
-        let need = self.ev.status().vms.iter().find(|v| v.vm == vm).map_or(0, |v| v.ram_bytes);
+        let need = self.ev.of(vm, |v| v.ram_bytes).unwrap_or(0);
         let (takers, refusing): (Vec<&Candidate>, Vec<&Candidate>) =
             candidates.iter().partition(|c| c.refuses(need).is_none());
         let Some(best) = takers.first() else {

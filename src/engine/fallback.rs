@@ -90,7 +90,7 @@ impl Fallback {
         !self.hosts.is_empty()
     }
 
-    /// Whether `target`'s request to leave was handled (marks it so).
+    /// Whether `target`'s request to leave was handled.
     pub(super) fn left(&self, target: HostId) -> bool {
         self.left.contains(&target)
     }
