@@ -98,7 +98,8 @@ impl Migration {
         let cancel = self.job.handle.cancel.clone();
         let handle = self.job.handle.clone();
         // A target whose control connection ended (it died, froze past the
-        // peer timeout, or lost its incoming VM) fails the migration now.
+        // peer timeout, or lost its incoming VM) fails the migration now, or
+        // before the pause hands it to a fallback host (`fallback`).
         let target = self.target_link();
         let (dead, left) = (self.fb.dead.is_some(), self.fb.left(target.id));
         let slow = (self.fb.slow.enabled() && self.fb.any_left() && !committing).then(|| self.fb.slow.due());
