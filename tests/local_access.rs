@@ -187,6 +187,7 @@ fn names_and_registered_records_are_checked() {
         dirty_log: None,
         launch: LaunchSpec::Synthetic { workload: workload(0.0) },
         owned_dir: owned,
+        ..Default::default()
     };
     let a = Client::new(&tb.host("hostA").api);
     let e = a.register(record("r1", &ram, Some(dir.path().to_owned()))).unwrap_err().to_string();

@@ -55,7 +55,7 @@ fn booted_guest_moves_with_a_retarget_and_its_heartbeat_continues() {
     tb.client("C").resume("vm1").expect("resume on C");
     let a_beats = heartbeats(&serial(&g.serial()));
     let last_a = *a_beats.last().expect("beats on A");
-    let c_serial = c_dir.join("serial.log");
+    let c_serial = tb.vm_on("C", "vm1").and_then(|v| v.console).expect("C's console log");
     let moved = wait_for(60, || (heartbeats(&serial(&c_serial)).len() >= 3).then_some(()));
     assert!(moved.is_some(), "no heartbeat on C: {}", serial(&c_serial));
     let all = heartbeats(&(serial(&g.serial()) + &serial(&c_serial)));
@@ -121,7 +121,9 @@ fn two_numa_nodes_on_memfd_backends_move() {
     assert!(Testbed::qemu_pids(&tb.host("A").data_dir).is_empty(), "QEMU left on A");
     // Soft-dirty (where the kernel has it) reads B's QEMU's page tables: its
     // RAM files must be found in QEMU's mappings.
-    let rec = dcmigrate::vm::qemu::attach("probe", &b_dir.join("qmp.sock"), None).expect("attach B's QEMU");
+    let b_qmp = tb.vm_on("B", "vm2").and_then(|v| v.runtime_dir).expect("B's runtime dir").join("qmp.sock");
+    let with = dcmigrate::vm::qemu::source::Describing { storage: &[], networks: &Default::default() };
+    let rec = dcmigrate::vm::qemu::attach("probe", &b_qmp, None, &with).expect("attach B's QEMU");
     let files: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
     let pid = Testbed::qemu_pids(&b_dir)[0];
     let at = dcmigrate::dirty::softdirty::locate(pid, &files, &rec.regions()).expect("RAM mapped in QEMU");

@@ -68,7 +68,7 @@ fn booted_guest_moves_with_a_retarget_trusting_qemus_dirty_log_alone() {
     assert_eq!(Testbed::qemu_pids(&c_dir).len(), 1, "one QEMU on C");
 
     tb.client("C").resume("vm1").expect("resume on C");
-    let c_serial = c_dir.join("serial.log");
+    let c_serial = tb.vm_on("C", "vm1").and_then(|v| v.console).expect("C's console log");
     let moved = wait_for(60, || (heartbeats(&serial(&c_serial)).len() >= 3).then_some(()));
     assert!(moved.is_some(), "no heartbeat on C: {}", serial(&c_serial));
 }

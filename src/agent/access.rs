@@ -46,8 +46,9 @@ pub enum AccessError {
 /// A `Register` that hands the agent something it must not take.
 #[derive(Debug, Error)]
 pub enum RecordError {
-    /// The caller asked the agent to remove a directory later.
-    #[error("a client cannot give the agent a directory to remove (owned_dir)")]
+    /// The caller asked the agent to remove a directory or a cgroup later,
+    /// or named a uid the agent gives.
+    #[error("a client cannot give the agent a directory or cgroup to remove, or a uid (owned_dir, runtime_dir, cgroup, uid)")]
     OwnedDir,
     /// A path is relative, a symlink, the wrong kind of file, or another user's.
     #[error("{path}: {why}")]
@@ -210,7 +211,7 @@ pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<(), RecordError> {
     if !crate::vm::valid_name(&vm.name) {
         return Err(RecordError::Name(vm.name.clone()));
     }
-    if vm.owned_dir.is_some() {
+    if vm.owned_dir.is_some() || vm.runtime_dir.is_some() || vm.cgroup.is_some() || vm.uid.is_some() {
         return Err(RecordError::OwnedDir);
     }
     let files = vm.ram.iter().map(|r| &r.path).chain(vm.dirty_log.iter());
@@ -259,7 +260,7 @@ mod tests {
             control,
             dirty_log: None,
             launch: LaunchSpec::Synthetic { workload: Default::default() },
-            owned_dir: None,
+            ..Default::default()
         }
     }
 

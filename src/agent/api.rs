@@ -35,9 +35,14 @@ pub enum Request {
         name: String,
         /// Its QMP socket.
         qmp: PathBuf,
-        /// How destinations start it (default: its own command line, from /proc).
+        /// Its command line, if not its own (from /proc): what its
+        /// description for destinations is read from.
         #[serde(default)]
         launch: Option<LaunchSpec>,
+        /// Operator network names for its netdev ids (a tap on no bridge
+        /// needs one).
+        #[serde(default)]
+        networks: std::collections::BTreeMap<String, String>,
     },
     /// VMs on this host and their state ([`ListReply`]).
     List,
@@ -227,6 +232,12 @@ pub enum RdmaInfo {
 pub struct AttachReply {
     /// The RAM backends found.
     pub ram: Vec<RamFile>,
+    /// How destinations will run it.
+    #[serde(default)]
+    pub description: Option<crate::vm::qemu::Description>,
+    /// What of its command line stays on this host.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// One VM in [`ListReply`].
@@ -236,6 +247,15 @@ pub struct VmEntry {
     pub name: String,
     /// Its live state.
     pub state: VmState,
+    /// Where its first serial port writes, if to a log here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<PathBuf>,
+    /// The uid the agent runs it as, if it gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its runtime directory here (monitor, logs), if the agent made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// Reply to [`Request::List`].
@@ -351,7 +371,18 @@ impl Client {
 
     /// [`Request::AttachQemu`].
     pub fn attach_qemu(&self, name: &str, qmp: PathBuf, launch: Option<LaunchSpec>) -> Result<AttachReply, ApiError> {
-        self.call(&Request::AttachQemu { name: name.into(), qmp, launch })
+        self.attach_qemu_on(name, qmp, launch, Default::default())
+    }
+
+    /// [`Request::AttachQemu`] with network names for its netdevs.
+    pub fn attach_qemu_on(
+        &self,
+        name: &str,
+        qmp: PathBuf,
+        launch: Option<LaunchSpec>,
+        networks: std::collections::BTreeMap<String, String>,
+    ) -> Result<AttachReply, ApiError> {
+        self.call(&Request::AttachQemu { name: name.into(), qmp, launch, networks })
     }
 
     /// [`Request::List`].

@@ -113,8 +113,8 @@ impl Agent {
         match req {
             Request::Info => Self::reply(self.info()),
             Request::Register { vm } => Self::reply(self.register(caller, vm)?),
-            Request::AttachQemu { name, qmp, launch } => {
-                Self::reply(self.attach_qemu(caller, name, qmp, launch).await?)
+            Request::AttachQemu { name, qmp, launch, networks } => {
+                Self::reply(self.attach_qemu(caller, name, qmp, (launch, networks)).await?)
             }
             Request::List => Self::reply(self.list().await),
             Request::Migrate { vm, to, options } => Self::reply(self.migrate(vm, to, options)?),
@@ -180,7 +180,7 @@ impl Agent {
         caller: u32,
         name: String,
         qmp: PathBuf,
-        launch: Option<LaunchSpec>,
+        (launch, networks): (Option<LaunchSpec>, std::collections::BTreeMap<String, String>),
     ) -> Result<AttachReply, RequestError> {
         if !crate::vm::valid_name(&name) {
             return Err(RequestError::Name(name));
@@ -190,14 +190,23 @@ impl Agent {
         if self.has_vm(&name) {
             return Err(RequestError::Exists(name));
         }
-        let rec = tokio::task::spawn_blocking(move || crate::vm::qemu::attach(&name, &qmp, launch)).await??;
+        let storage = self.cfg.storage.clone();
+        let rec = tokio::task::spawn_blocking(move || {
+            let with = crate::vm::qemu::source::Describing { storage: &storage, networks: &networks };
+            crate::vm::qemu::attach(&name, &qmp, launch, &with)
+        })
+        .await??;
         // Whatever answers on that socket names the RAM: an unprivileged
         // caller's own files only (root's QEMU may use a memfd or symlink).
         if !super::access::privileged(caller) {
             super::access::check_record(&rec, caller)?;
         }
         tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
-        let reply = AttachReply { ram: rec.ram.clone() };
+        let description = match &rec.launch {
+            LaunchSpec::QemuVm { description } => Some((**description).clone()),
+            _ => None,
+        };
+        let reply = AttachReply { ram: rec.ram.clone(), description, notes: rec.notes.clone() };
         self.add_vm(rec);
         Ok(reply)
     }
@@ -206,13 +215,14 @@ impl Agent {
         let vms: Vec<VmRecord> = self.vms.lock().unwrap().values().cloned().collect();
         let mut out = vec![];
         for rec in vms {
-            let name = rec.name.clone();
+            let (name, console, uid, runtime_dir) =
+                (rec.name.clone(), rec.console.clone(), rec.uid, rec.runtime_dir.clone());
             let state = match tokio::task::spawn_blocking(move || Self::source_vm(rec).status()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => VmState::error(crate::error_chain(&e)),
                 Err(e) => VmState::error(e.to_string()),
             };
-            out.push(VmEntry { name, state });
+            out.push(VmEntry { name, state, console, uid, runtime_dir });
         }
         ListReply { vms: out }
     }

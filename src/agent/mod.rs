@@ -97,8 +97,11 @@ pub struct AgentConfig {
     pub drained: bool,
     /// Encrypt TCP data streams, and refuse plain ones.
     pub data_encryption: bool,
-    /// The user incoming QEMUs run as (else the agent's).
-    pub qemu_user: Option<crate::vm::qemu::QemuUser>,
+    /// Who incoming QEMUs run as: a uid of their own each, one shared
+    /// user, or the agent's user.
+    pub qemu_run_as: crate::vm::qemu::RunAs,
+    /// What the networks VM descriptions name are on this host.
+    pub networks: crate::vm::qemu::network::Networks,
     /// The systemd scope incoming VMs start in (else the agent's children).
     pub qemu_scope: Option<crate::vm::scope::Scope>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
@@ -157,6 +160,8 @@ pub struct Agent {
     totals: metrics::Totals,
     /// Where metrics are served, once bound.
     metrics_addr: Mutex<Option<SocketAddr>>,
+    /// Uids incoming sessions hold (see `take_identity`).
+    uids: Mutex<HashSet<u32>>,
 }
 
 impl Agent {
@@ -194,6 +199,7 @@ impl Agent {
             evacuations: Mutex::new(vec![]),
             totals: Default::default(),
             metrics_addr: Mutex::new(None),
+            uids: Mutex::new(HashSet::new()),
         })
     }
 
@@ -216,6 +222,50 @@ impl Agent {
                 );
                 Err(e)
             }
+        }
+    }
+
+    /// Where VMs' runtime directories (monitor, logs) are: the agent's own.
+    pub fn runtime_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("vms")
+    }
+
+    /// Lets incoming QEMUs' users reach their RAM files in the data dir
+    /// (search permission only).
+    fn open_data_dir(&self) -> Result<(), AgentError> {
+        use crate::vm::qemu::user::{open_dir_to, Identity, RunAs};
+        let id = match &self.cfg.qemu_run_as {
+            RunAs::Agent => return Ok(()),
+            RunAs::User(u) => u.identity(),
+            RunAs::Uids(r) => Identity { uid: r.first, gid: r.first, groups: vec![] },
+        };
+        Ok(open_dir_to(&self.cfg.data_dir, &id)?)
+    }
+
+    /// A user for a new incoming QEMU (see [`crate::vm::qemu::RunAs`]):
+    /// with a uid range, the lowest uid no VM of this agent and no process
+    /// has; it is held until [`release_uid`](Self::release_uid).
+    pub fn take_identity(&self) -> Result<Option<crate::vm::qemu::user::Identity>, String> {
+        use crate::vm::qemu::RunAs;
+        match &self.cfg.qemu_run_as {
+            RunAs::Agent => Ok(None),
+            RunAs::User(u) => Ok(Some(u.identity())),
+            RunAs::Uids(r) => {
+                let mut held = self.uids.lock().unwrap();
+                let mut taken: HashSet<u32> = self.vms.lock().unwrap().values().filter_map(|v| v.uid).collect();
+                taken.extend(held.iter().copied());
+                let id = r.pick(&taken).ok_or_else(|| format!("every uid of {}-{} is in use", r.first, r.last))?;
+                held.insert(id.uid);
+                Ok(Some(id))
+            }
+        }
+    }
+
+    /// Gives a uid [`take_identity`](Self::take_identity) held back (the
+    /// session ended; a committed VM keeps it in its record).
+    pub fn release_uid(&self, uid: Option<u32>) {
+        if let Some(u) = uid {
+            self.uids.lock().unwrap().remove(&u);
         }
     }
 
@@ -319,19 +369,18 @@ impl Agent {
     fn source_vm(rec: VmRecord) -> Arc<dyn SourceVm> {
         match rec.launch {
             LaunchSpec::Synthetic { .. } => Arc::new(SyntheticVm::new(rec)),
-            LaunchSpec::Qemu { .. } => Arc::new(crate::vm::qemu::QemuVm::new(rec)),
+            LaunchSpec::Qemu { .. } | LaunchSpec::QemuVm { .. } => Arc::new(crate::vm::qemu::QemuVm::new(rec)),
         }
     }
 
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
         access::own_dir(&self.cfg.data_dir)?;
-        if let Some(u) = &self.cfg.qemu_user {
-            u.open_data_dir(&self.cfg.data_dir)?;
-        }
+        self.open_data_dir()?;
         access::own_dir(&self.cfg.state_dir)?;
+        access::own_dir(&self.runtime_root())?;
         self.journal_init().map_err(|e| AgentError::DataDir(self.cfg.state_dir.clone(), e))?;
-        crate::vm::qemu::clean_leftovers(&self.cfg.data_dir);
+        crate::vm::qemu::clean_leftovers(&self.runtime_root(), &self.cfg.data_dir, &self.cfg.name);
         self.recover().await;
         let bind = |what, addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr: addr.to_string(), source })

@@ -40,8 +40,9 @@ pub struct AgentArgs {
     /// every --peer). Others are refused after their certificate is checked.
     #[arg(long = "accept-from", env = "DCMIGRATE_ACCEPT_FROM", value_delimiter = ',')]
     pub accept_from: Vec<String>,
-    /// A directory a peer's QEMU launch spec may name files under (disk
-    /// images, kernels), besides the VM's own directory (repeat for each;
+    /// A directory of disk images, kernels and firmware: a VM description
+    /// names its files by their name beneath one (the first that has it);
+    /// a source's VMs must have theirs beneath one too (repeat for each;
     /// or colon-separated in DCMIGRATE_STORAGE).
     #[arg(long = "storage", env = "DCMIGRATE_STORAGE", value_delimiter = ':', value_parser = parse_storage)]
     pub storage: Vec<PathBuf>,
@@ -58,10 +59,20 @@ pub struct AgentArgs {
     /// ends). RDMA is never encrypted.
     #[arg(long, env = "DCMIGRATE_DATA_ENCRYPTION", default_value = "on", value_parser = ["on", "off"])]
     pub data_encryption: String,
-    /// Run incoming QEMUs as this user, not as the agent's (root); it gets
-    /// each VM's directory and RAM files, and the data dir becomes 0711.
-    #[arg(long, env = "DCMIGRATE_QEMU_USER")]
+    /// Run every incoming QEMU as this one user (it gets each VM's RAM
+    /// files; the data dir becomes 0711), instead of a uid of its own per VM.
+    #[arg(long, env = "DCMIGRATE_QEMU_USER", conflicts_with = "qemu_uids")]
     pub qemu_user: Option<String>,
+    /// Uids (FIRST-LAST) no account uses, one per incoming QEMU (gid the
+    /// same number, plus the kvm group). Default for an agent running as
+    /// root: 4026531840-4026597375.
+    #[arg(long, env = "DCMIGRATE_QEMU_UIDS")]
+    pub qemu_uids: Option<String>,
+    /// What a network VM descriptions name is on this host: NAME=user
+    /// (QEMU's user networking, restrict=on) or NAME=bridge:BRIDGE (a tap
+    /// on that bridge); repeat. `user=user` is always there unless redefined.
+    #[arg(long = "network", value_name = "NAME=user|bridge:BR")]
+    pub networks: Vec<String>,
     /// Largest RAM of all incoming migrations at once.
     #[arg(long, value_parser = parse_size)]
     pub max_incoming_ram: Option<u64>,
@@ -146,6 +157,24 @@ pub(super) fn parse_storage(s: &str) -> Result<PathBuf, String> {
     Ok(p)
 }
 
+/// Who incoming QEMUs run as: `--qemu-user`, `--qemu-uids`, or (root)
+/// the default uid range, or (not root) the agent's own user.
+fn run_as(user: Option<&str>, uids: Option<&str>) -> Result<crate::vm::qemu::RunAs> {
+    use crate::vm::qemu::user::{UidRange, DEFAULT_UIDS};
+    use crate::vm::qemu::{QemuUser, RunAs};
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    Ok(match (user, uids) {
+        (Some(u), _) => RunAs::User(QemuUser::lookup(u)?),
+        (None, Some(r)) if !root => {
+            anyhow::bail!("--qemu-uids {r}: only an agent running as root can run QEMU as other users")
+        }
+        (None, Some(r)) => RunAs::Uids(r.parse::<UidRange>().map_err(|e| anyhow::anyhow!("--qemu-uids {e}"))?),
+        (None, None) if root => RunAs::Uids(DEFAULT_UIDS),
+        (None, None) => RunAs::Agent,
+    })
+}
+
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
     let (n, a) = s.split_once('=').ok_or("expected NAME=ADDR")?;
     Ok((n.to_owned(), a.parse().map_err(|e| format!("{a}: {e}"))?))
@@ -175,7 +204,14 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         accept_from: (!a.accept_from.is_empty()).then(|| a.accept_from.into_iter().collect()),
         storage: a.storage,
         data_encryption: a.data_encryption == "on",
-        qemu_user: a.qemu_user.as_deref().map(crate::vm::qemu::QemuUser::lookup).transpose()?,
+        qemu_run_as: run_as(a.qemu_user.as_deref(), a.qemu_uids.as_deref())?,
+        networks: {
+            let mut n = crate::vm::qemu::network::Networks::default();
+            for spec in &a.networks {
+                n.add(spec)?;
+            }
+            n
+        },
         qemu_scope: a.qemu_scope.resolve()?,
         limits: crate::agent::capacity::Limits {
             per_session: a.max_session_ram,

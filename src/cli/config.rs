@@ -193,6 +193,8 @@ agent_file! {
     max_incoming_ram: Size => max_incoming_ram = |v: Size| Some(v.0),
     data_encryption: OnOff => data_encryption = |v| match v { OnOff::On => "on".to_owned(), OnOff::Off => "off".to_owned() },
     qemu_user: String => qemu_user = Some,
+    qemu_uids: String => qemu_uids = Some,
+    networks: Vec<String> => networks = |v| v,
     qemu_scope: crate::vm::scope::ScopeMode => qemu_scope = |v| v,
     state_dir: PathBuf => state_dir = Some,
     rdma_device: String => rdma_device = Some,

@@ -158,7 +158,7 @@ fn follow(client: &Client, retarget_at: Option<f64>, json: bool) -> Result<Repor
 /// The QEMU guest's heartbeat before and after the move.
 fn heartbeat_line(tb: &Testbed, serial_a: &Path, host: &str) -> String {
     let last = heartbeats(&std::fs::read_to_string(serial_a).unwrap_or_default()).last().copied();
-    let dest = tb.host(host).data_dir.join("demo-vm.qemu/serial.log");
+    let dest = tb.vm_on(host, "demo-vm").and_then(|v| v.console).unwrap_or_default();
     let next = crate::testbed::wait_for(20, || {
         let b = heartbeats(&std::fs::read_to_string(&dest).unwrap_or_default());
         (b.len() >= 2).then_some(b)

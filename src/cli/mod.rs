@@ -236,11 +236,16 @@ pub enum VmCmd {
         /// The QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`), for the agent alone.
         #[arg(long)]
         qmp: PathBuf,
-        /// JSON file {"binary": "qemu-system-x86_64", "args": [...]}: how destinations
-        /// start this VM; `{dir}` stands for the VM's directory there.
-        /// Default: the QEMU's own command line.
+        /// JSON file {"binary": "qemu-system-x86_64", "args": [...]}: the
+        /// command line the VM's description is read from, instead of the
+        /// QEMU's own.
         #[arg(long)]
         launch_spec: Option<PathBuf>,
+        /// The operator network a netdev is on, ID=NAME (each destination
+        /// maps NAME with its `--network`); default: `user` for user
+        /// networking, a tap's bridge for a tap (repeat).
+        #[arg(long = "network", value_name = "ID=NAME", value_parser = parse_pair)]
+        networks: Vec<(String, String)>,
         /// Print the agent's answer (the RAM backends found) as JSON.
         #[arg(long)]
         json: bool,
@@ -516,10 +521,10 @@ pub fn run(cli: Cli) -> Result<i32> {
 
 /// `dcmigrate vm ...`.
 fn vm_cmd(cmd: VmCmd) -> Result<i32> {
-    let VmCmd::Add { name, qmp, launch_spec, json, api } = cmd;
+    let VmCmd::Add { name, qmp, launch_spec, networks, json, api } = cmd;
     let launch = launch_spec.as_deref().map(read_launch_spec).transpose()?;
     let qmp = std::path::absolute(&qmp).unwrap_or(qmp);
-    let r = Client::new(api.api).attach_qemu(&name, qmp, launch)?;
+    let r = Client::new(api.api).attach_qemu_on(&name, qmp, launch, networks.into_iter().collect())?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(0);
@@ -527,8 +532,39 @@ fn vm_cmd(cmd: VmCmd) -> Result<i32> {
     for f in &r.ram {
         println!("  RAM {} ({} MiB): {}", f.id, f.size >> 20, f.path.display());
     }
+    if let Some(d) = &r.description {
+        print_description(d);
+    }
+    for n in &r.notes {
+        println!("  {n}");
+    }
     println!("{name} added");
     Ok(0)
+}
+
+/// How destinations will run a VM, in a few lines.
+fn print_description(d: &crate::vm::qemu::Description) {
+    println!("  on other hosts: qemu-system-{}, machine {}", d.arch, d.machine.get("type").map_or("(default)", |s| s));
+    for disk in &d.disks {
+        println!("    disk {}: {} ({:?}) beneath each host's --storage", disk.id, disk.image, disk.format);
+    }
+    for n in &d.nets {
+        println!("    NIC {}: network {} (each host's --network {}=...)", n.id, n.network, n.network);
+    }
+    for c in &d.chardevs {
+        println!("    chardev {}: {:?}, in the VM's runtime directory there", c.id, c.kind);
+    }
+    let b = &d.boot;
+    for (what, f) in [("kernel", &b.kernel), ("initrd", &b.initrd), ("dtb", &b.dtb)] {
+        if let Some(f) = f {
+            println!("    {what}: {f} beneath each host's --storage");
+        }
+    }
+}
+
+fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
+    let (a, b) = s.split_once('=').ok_or("expected ID=NAME")?;
+    Ok((a.to_owned(), b.to_owned()))
 }
 
 fn migrate(m: MigrateArgs) -> Result<i32> {

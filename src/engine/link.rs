@@ -57,6 +57,15 @@ pub enum LinkError {
     /// The peer answered with an error.
     #[error("{0}")]
     Peer(String),
+    /// The peer's protocol cannot carry this VM (a description to a
+    /// protocol-3 agent).
+    #[error("{host} speaks protocol {version}, which cannot take a QEMU VM described by type: upgrade it")]
+    TooOld {
+        /// The peer.
+        host: String,
+        /// Its version.
+        version: u32,
+    },
     /// A reply of the wrong kind.
     #[error("{request}: unexpected reply {got}")]
     Unexpected {
@@ -165,12 +174,14 @@ fn register_early(a: &LinkSpec) -> Option<tokio::task::JoinHandle<Result<Arc<Loc
 async fn open_session(
     ch: &mut Channel,
     a: &LinkSpec,
+    version: u32,
 ) -> Result<(u16, Token, (Option<Vec<RdmaRegion>>, u8)), LinkError> {
+    let launch = a.vm.launch_for(version).ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
     let open = Message::OpenSession {
         vm: a.vm.name.clone(),
         regions: a.vm.regions(),
         chunk_size: a.chunk_size,
-        launch: a.vm.launch.clone(),
+        launch,
         rdma_slices: true,
         holes: a.holes,
     };
@@ -196,7 +207,7 @@ impl Link {
         let heartbeat = (version >= HEARTBEATS).then(|| Heartbeat::pinging(a.peer_timeout));
         let mut ch = Channel::new(conn.stream, heartbeat);
         let registering = register_early(&a);
-        let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a).await?;
+        let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a, version).await?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
         if let Ok(r) = &a.rdma {
             r.note_offer(&a.host, rdma_offer.is_some());

@@ -470,7 +470,7 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
         control: sock,
         dirty_log: Some(dirty_path),
         launch: LaunchSpec::Synthetic { workload: opts.workload.clone() },
-        owned_dir: None,
+        ..Default::default()
     };
     if let Err(e) = ready(&rec) {
         guest.files.iter().for_each(|f| drop(std::fs::remove_file(f)));

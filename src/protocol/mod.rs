@@ -74,7 +74,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The newest protocol version this agent speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The first version that sends device state in raw chunks, checksums of
@@ -86,6 +86,9 @@ pub const HEARTBEATS: u32 = 2;
 /// (`Leave`: it is draining) and a peer may ask another's room
 /// (`CapacityQuery`).
 pub const LEAVE: u32 = 3;
+/// The first version that carries a QEMU VM as a typed description
+/// instead of a command line.
+pub const DESCRIPTIONS: u32 = 4;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;

@@ -4,6 +4,7 @@
 //! ([`synthetic`]) and stock QEMU ([`qemu`], controlled over [`qmp`]);
 //! incoming ones in a systemd scope of their own ([`scope`]).
 
+pub mod cgroup;
 pub mod qemu;
 pub mod qmp;
 pub mod scope;
@@ -38,9 +39,12 @@ pub enum VmError {
     /// a VM on (attach checks, launch spec checks, loading the device state).
     #[error("launching the incoming VM: {0}")]
     Launch(String),
-    /// A destination refused the launch spec (its allow-list).
-    #[error("launch spec refused")]
-    Spec(#[source] crate::vm::qemu::SpecError),
+    /// The VM's command line cannot be described for other hosts.
+    #[error("describing the VM")]
+    Describe(#[source] crate::vm::qemu::DescribeError),
+    /// A destination refused a peer's description of a VM.
+    #[error("the VM's description")]
+    Description(#[source] crate::vm::qemu::DescriptionError),
     /// Starting or self-testing a dirty tracker failed.
     #[error(transparent)]
     Dirty(#[from] crate::dirty::DirtyError),
@@ -66,20 +70,26 @@ pub enum LaunchSpec {
         /// How the guest keeps dirtying memory once it runs there.
         workload: synthetic::Workload,
     },
-    /// A QEMU command line (without -qmp/-incoming/-S/-daemonize/-pidfile,
-    /// which the agent adds); `{dir}` stands for the VM's directory on the
-    /// host that runs it.
+    /// A QEMU command line, as agents of protocol 3 and older send it (the
+    /// source QEMU's own, monitors and the agent's options taken out). A
+    /// destination never runs it: it reads it into a description first, as
+    /// a source does (see [`qemu::describe`]).
     Qemu {
-        /// The QEMU program: `qemu-system-*` from `PATH`, or a path the
-        /// destination allows (see [`qemu::check_launch`]).
+        /// The source's QEMU program (its name gives the architecture).
         binary: String,
         /// Its arguments.
         args: Vec<String>,
     },
+    /// A QEMU VM's typed description (protocol 4): what the VM is, from
+    /// which a destination builds QEMU's command line itself.
+    QemuVm {
+        /// The description.
+        description: Box<qemu::Description>,
+    },
 }
 
 /// What an agent knows of a VM on its host (registered through the API).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct VmRecord {
     /// The VM's name, unique on its host.
     pub name: String,
@@ -96,9 +106,46 @@ pub struct VmRecord {
     /// when the VM leaves this host.
     #[serde(default)]
     pub owned_dir: Option<PathBuf>,
+    /// The command line protocol-3 destinations get (a QEMU attached here;
+    /// a VM that arrived as a description cannot go to them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy: Option<LaunchSpec>,
+    /// The agent's runtime directory for this VM (monitor, logs), removed
+    /// when the VM leaves this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Where its first serial port writes, if to a log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<PathBuf>,
+    /// The uid it runs as, when the agent gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its own cgroup, when the agent made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<cgroup::VmCgroup>,
+    /// Host-local parts of its command line that destinations do not get.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Default for LaunchSpec {
+    /// An idle synthetic guest.
+    fn default() -> Self {
+        LaunchSpec::Synthetic { workload: Default::default() }
+    }
 }
 
 impl VmRecord {
+    /// What a destination speaking `version` gets to start this VM: the
+    /// description from protocol 4 on, the command line before (none for a
+    /// VM that arrived as a description).
+    pub fn launch_for(&self, version: u32) -> Option<LaunchSpec> {
+        match &self.launch {
+            LaunchSpec::QemuVm { .. } if version < crate::protocol::DESCRIPTIONS => self.legacy.clone(),
+            other => Some(other.clone()),
+        }
+    }
+
     /// The RAM regions to announce to a destination, one per RAM file.
     pub fn regions(&self) -> Vec<RegionSpec> {
         self.ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect()

@@ -43,27 +43,48 @@ impl Qmp {
     /// as SCM_RIGHTS) and returns the fdset QEMU put it in: QEMU opens it
     /// as `/dev/fdset/ID`, whatever user it runs as and wherever the file is.
     pub fn add_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> Result<u64, VmError> {
+        let reply = self.with_fd("add-fd", b"{\"execute\":\"add-fd\"}\n", fd)?;
+        reply.get("fdset-id").and_then(serde_json::Value::as_u64).ok_or_else(|| VmError::Control {
+            path: self.path.display().to_string(),
+            msg: format!("add-fd: reply without fdset-id: {reply}"),
+        })
+    }
+
+    /// Hands QEMU a file descriptor under `name` (`getfd`), for a command
+    /// that takes `fd:NAME` (an incoming migration's stream).
+    pub fn get_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), VmError> {
+        let cmd = serde_json::json!({"execute": "getfd", "arguments": {"fdname": name}});
+        self.with_fd("getfd", format!("{cmd}\n").as_bytes(), fd).map(drop)
+    }
+
+    /// Sends `cmd` with `fd` attached and returns its reply's `return`.
+    fn with_fd(
+        &mut self,
+        what: &str,
+        cmd: &[u8],
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<serde_json::Value, VmError> {
         let ctl = |msg: String| VmError::Control { path: self.path.display().to_string(), msg };
-        send_with_fd(&self.raw, b"{\"execute\":\"add-fd\"}\n", fd).map_err(|e| ctl(format!("add-fd: {e}")))?;
+        send_with_fd(&self.raw, cmd, fd).map_err(|e| ctl(format!("{what}: {e}")))?;
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.qmp.inner_mut().read_line(&mut line).map_err(|e| ctl(format!("add-fd: {e}")))?;
+            let n = self.qmp.inner_mut().read_line(&mut line).map_err(|e| ctl(format!("{what}: {e}")))?;
             if n == 0 {
-                return Err(ctl("add-fd: QEMU closed the connection".into()));
+                return Err(ctl(format!("{what}: QEMU closed the connection")));
             }
             let reply: serde_json::Value =
-                serde_json::from_str(&line).map_err(|e| ctl(format!("add-fd: bad reply: {e}")))?;
+                serde_json::from_str(&line).map_err(|e| ctl(format!("{what}: bad reply: {e}")))?;
             if reply.get("event").is_some() {
                 continue;
             }
             if let Some(desc) = reply.pointer("/error/desc") {
-                return Err(VmError::Refused { cmd: "add-fd".into(), msg: desc.as_str().unwrap_or("?").into() });
+                return Err(VmError::Refused { cmd: what.into(), msg: desc.as_str().unwrap_or("?").into() });
             }
             return reply
-                .pointer("/return/fdset-id")
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| ctl(format!("add-fd: reply without fdset-id: {}", line.trim())));
+                .get("return")
+                .cloned()
+                .ok_or_else(|| ctl(format!("{what}: reply without return: {}", line.trim())));
         }
     }
 

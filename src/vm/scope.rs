@@ -80,7 +80,16 @@ pub fn unit_name(vm: &str) -> String {
 /// (uid, gid) the VM runs as: in a scope systemd-run switches to them
 /// after the scope is made (it must ask systemd as root); the caller still
 /// sets the supplementary groups before the exec.
-pub fn command(program: &OsStr, vm: &str, scope: Option<&Scope>, as_user: Option<(u32, u32)>) -> Command {
+///
+/// In a scope, `limits` become the scope's `MemoryMax` and `TasksMax`
+/// (systemd owns the cgroup); without one the caller makes a cgroup.
+pub fn command(
+    program: &OsStr,
+    vm: &str,
+    scope: Option<&Scope>,
+    as_user: Option<(u32, u32)>,
+    limits: Option<crate::vm::cgroup::Limits>,
+) -> Command {
     let Some(s) = scope else {
         return Command::new(program);
     };
@@ -91,6 +100,9 @@ pub fn command(program: &OsStr, vm: &str, scope: Option<&Scope>, as_user: Option
         .arg(format!("--description=dcmigrate VM {vm}"));
     if let Some((uid, gid)) = as_user {
         cmd.arg(format!("--uid={uid}")).arg(format!("--gid={gid}"));
+    }
+    if let Some(l) = limits {
+        cmd.arg(format!("--property=MemoryMax={}", l.memory)).arg(format!("--property=TasksMax={}", l.pids));
     }
     cmd.arg("--").arg(program);
     cmd
@@ -106,14 +118,14 @@ mod tests {
 
     #[test]
     fn without_a_scope_the_program_runs_itself() {
-        let c = command(OsStr::new("/usr/bin/qemu-system-x86_64"), "vm1", None, Some((64, 64)));
+        let c = command(OsStr::new("/usr/bin/qemu-system-x86_64"), "vm1", None, Some((64, 64)), None);
         assert_eq!(argv(&c), ["/usr/bin/qemu-system-x86_64"]);
     }
 
     #[test]
     fn in_a_scope_systemd_run_execs_the_program() {
         let s = Scope { systemd_run: "/usr/bin/systemd-run".into(), slice: SLICE.into() };
-        let c = command(OsStr::new("/usr/bin/qemu-system-x86_64"), "vm-1.a", Some(&s), None);
+        let c = command(OsStr::new("/usr/bin/qemu-system-x86_64"), "vm-1.a", Some(&s), None, None);
         let a = argv(&c);
         assert_eq!(a[..4], ["/usr/bin/systemd-run", "--scope", "--collect", "--quiet"]);
         let unit = a[4].strip_prefix("--unit=dcmigrate-qemu-vm-1.a-").unwrap();
@@ -132,10 +144,20 @@ mod tests {
     #[test]
     fn in_a_scope_systemd_run_switches_user() {
         let s = Scope { systemd_run: "/usr/bin/systemd-run".into(), slice: "test.slice".into() };
-        let a = argv(&command(OsStr::new("qemu"), "vm1", Some(&s), Some((1001, 1002))));
+        let limits = crate::vm::cgroup::Limits { memory: 1 << 30, pids: 64 };
+        let a = argv(&command(OsStr::new("qemu"), "vm1", Some(&s), Some((1001, 1002)), Some(limits)));
         assert_eq!(
             a[5..],
-            ["--slice=test.slice", "--description=dcmigrate VM vm1", "--uid=1001", "--gid=1002", "--", "qemu"]
+            [
+                "--slice=test.slice",
+                "--description=dcmigrate VM vm1",
+                "--uid=1001",
+                "--gid=1002",
+                "--property=MemoryMax=1073741824",
+                "--property=TasksMax=64",
+                "--",
+                "qemu"
+            ]
         );
     }
 

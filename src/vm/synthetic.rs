@@ -186,7 +186,7 @@ impl SyntheticIncoming {
         };
         let (_, dirty, sock) = guest_paths(dir, name);
         let exe = own_exe().map_err(|e| VmError::Launch(e.to_string()))?;
-        let child = super::scope::command(exe.as_os_str(), name, scope, None)
+        let child = super::scope::command(exe.as_os_str(), name, scope, None, None)
             .args(["guest", "--incoming", "--exit-with-parent", "--name", name])
             .arg("--dir")
             .arg(dir)
@@ -203,7 +203,7 @@ impl SyntheticIncoming {
                 control: sock.clone(),
                 dirty_log: Some(dirty),
                 launch: launch.clone(),
-                owned_dir: None,
+                ..Default::default()
             },
         };
         let deadline = Instant::now() + Duration::from_secs(20);

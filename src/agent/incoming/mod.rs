@@ -35,6 +35,8 @@ pub(crate) struct Session {
     forward: Option<(String, Arc<dyn PageSender>)>,
     /// Device state received so far (protocol 2 sends it in chunks).
     device_state: DeviceState,
+    /// The uid this session's VM runs as, held until the session ends.
+    uid: Option<u32>,
 }
 
 /// Device state arriving in chunks, bounded by [`MAX_DEVICE_STATE`].
@@ -204,6 +206,7 @@ async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     let _ = tokio::task::spawn_blocking(move || inc.discard()).await;
     agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);
+    agent.release_uid(sess.uid);
 }
 
 fn error(e: impl std::error::Error + 'static) -> Message {
@@ -394,6 +397,8 @@ async fn resume(
     agent.add_vm(committed);
     agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);
+    // Its record holds the uid now.
+    agent.release_uid(sess.uid);
     crate::hooks::gate(&agent.cfg.name, "commit").await;
     if crate::hooks::drop_after_commit().is_some() {
         tracing::warn!("test hook: dropping the connection after the commit, before answering");

@@ -1,7 +1,9 @@
-//! Opening an incoming session: check what the source asks for, create the
-//! RAM files, launch the incoming VM paused, register the session with the
-//! data plane (and RAM with the RDMA device). Whatever fails on the way is
-//! undone before the error goes back.
+//! Opening an incoming session: check what the source asks for (a QEMU VM's
+//! description against the allow-lists, the files it names beneath storage,
+//! its networks), create the RAM files, launch the incoming VM paused as
+//! its own user, register the session with the data plane (and RAM with the
+//! RDMA device). Every refusal comes before anything is created; whatever
+//! fails later is undone before the error goes back.
 
 use super::super::capacity::Reservation;
 use super::super::journal::IncomingEntry;
@@ -9,8 +11,12 @@ use super::super::Agent;
 use super::Session;
 use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
 use crate::protocol::Token;
+use crate::vm::qemu::command::ResourceError;
+use crate::vm::qemu::confine::Storage;
+use crate::vm::qemu::user::Identity;
+use crate::vm::qemu::{self, Description, DescriptionError};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
-use crate::vm::{qemu, IncomingVm, LaunchSpec, RamFile, VmError};
+use crate::vm::{IncomingVm, LaunchSpec, RamFile, VmError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -21,9 +27,6 @@ pub enum OpenError {
     /// A VM name that cannot name files.
     #[error("invalid VM name {0:?}")]
     Name(String),
-    /// A memory backend id that cannot name a file.
-    #[error("invalid memory backend id {0:?}")]
-    BackendId(String),
     /// The VM already runs here.
     #[error("a VM named {vm} already exists on {host}")]
     Exists {
@@ -49,7 +52,27 @@ pub enum OpenError {
     /// A synthetic guest has one region.
     #[error("{0} RAM regions for a synthetic guest")]
     Regions(usize),
-    /// The VM's files could not be handed to QEMU's user.
+    /// The description's RAM is not the session's.
+    #[error("the description's RAM regions ({described}) are not the session's ({session})")]
+    RamMismatch {
+        /// The description's regions.
+        described: String,
+        /// The session's.
+        session: String,
+    },
+    /// A peer's description was refused.
+    #[error("the VM's description")]
+    Description(#[from] DescriptionError),
+    /// A protocol-3 peer's command line cannot be described.
+    #[error("the source's QEMU command line")]
+    Describe(#[from] qemu::DescribeError),
+    /// A file or network the description names is not here.
+    #[error("what the VM needs from this host")]
+    Resources(#[from] ResourceError),
+    /// No user to run it as.
+    #[error("no user for the VM: {0}")]
+    Identity(String),
+    /// The VM's files could not be handed to its user.
     #[error("QEMU's user")]
     User(#[from] qemu::UserError),
     /// It does not fit on this host.
@@ -69,6 +92,24 @@ pub enum OpenError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// What a session creates for its VM, decided before anything is.
+enum Plan {
+    /// The synthetic guest: its RAM file in the data dir.
+    Synthetic { ram: PathBuf },
+    /// QEMU: RAM files in a directory of the data dir, runtime files in the
+    /// agent's state dir, QEMU built from the description.
+    Qemu { desc: Box<Description>, ram_dir: PathBuf, runtime: PathBuf, ram: Vec<PathBuf> },
+}
+
+impl Plan {
+    fn ram(&self) -> Vec<PathBuf> {
+        match self {
+            Plan::Synthetic { ram } => vec![ram.clone()],
+            Plan::Qemu { ram, .. } => ram.clone(),
+        }
+    }
+}
+
 /// Opens a session for `vm`; on error nothing is left behind.
 pub(super) async fn open(
     agent: &Agent,
@@ -84,113 +125,140 @@ pub(super) async fn open(
         return Err(OpenError::Exists { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     let layout = Layout::new(regions.clone(), chunk_size)?;
-    let (dir, paths) = ram_paths(&agent.cfg.data_dir, vm, &regions, launch)?;
-    if let LaunchSpec::Qemu { binary, args } = launch {
-        // Refused before anything is created for it.
-        qemu::check_spec(binary, args, &dir, &agent.cfg.storage)?;
-    }
+    let plan = plan(agent, vm, &regions, launch)?;
     // Admission counts the whole RAM (holes are written once the VM runs);
     // the holes only tell what can still arrive before the switchover.
-    let room =
-        Reservation { bytes: layout.total_bytes(), files: paths.clone(), holes: holes.min(layout.total_bytes()) };
+    let room = Reservation { bytes: layout.total_bytes(), files: plan.ram(), holes: holes.min(layout.total_bytes()) };
     if !agent.begin_incoming(vm, room)? {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
-    let r = prepare(agent, vm, (layout, regions), (dir, paths), (launch, rdma_slices)).await;
+    let r = prepare(agent, vm, (layout, regions), plan, (launch, rdma_slices)).await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
     r
 }
 
-/// Where the RAM files go: the synthetic guest's conventional file in the
-/// data dir, or one file per backend in the VM's own directory (QEMU).
-fn ram_paths(
-    data_dir: &Path,
-    vm: &str,
-    regions: &[RegionSpec],
-    launch: &LaunchSpec,
-) -> Result<(PathBuf, Vec<PathBuf>), OpenError> {
-    match launch {
-        LaunchSpec::Synthetic { .. } => match regions.len() {
-            1 => Ok((data_dir.to_owned(), vec![guest_paths(data_dir, vm).0])),
-            n => Err(OpenError::Regions(n)),
-        },
-        LaunchSpec::Qemu { .. } => {
-            if let Some(r) = regions.iter().find(|r| !qemu::valid_id(&r.id)) {
-                return Err(OpenError::BackendId(r.id.clone()));
+/// Checks what the source asks for and decides where everything goes.
+fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) -> Result<Plan, OpenError> {
+    let desc = match launch {
+        LaunchSpec::Synthetic { .. } => {
+            return match regions.len() {
+                1 => Ok(Plan::Synthetic { ram: guest_paths(&agent.cfg.data_dir, vm).0 }),
+                n => Err(OpenError::Regions(n)),
             }
-            let dir = qemu::vm_dir(data_dir, vm);
-            Ok((dir.clone(), regions.iter().map(|r| qemu::ram_path(&dir, &r.id)).collect()))
         }
+        LaunchSpec::QemuVm { description } => {
+            description.check()?;
+            description.clone()
+        }
+        // An older source's command line: read as a source reads its own,
+        // against this host's storage; never run as it is.
+        LaunchSpec::Qemu { binary, args } => {
+            let networks = Default::default();
+            let args = qemu::strip_control(args);
+            let src = qemu::describe::Source {
+                binary,
+                args: &args,
+                ram: regions,
+                storage: &agent.cfg.storage,
+                networks: &networks,
+            };
+            Box::new(qemu::describe(&src)?.description)
+        }
+    };
+    let described = desc.regions();
+    if described.as_slice() != regions {
+        let show = |r: &[RegionSpec]| r.iter().map(|r| format!("{}:{}", r.id, r.size)).collect::<Vec<_>>().join(",");
+        return Err(OpenError::RamMismatch { described: show(&described), session: show(regions) });
     }
+    qemu::command::check_resources(&desc, &Storage::new(&agent.cfg.storage), &agent.cfg.networks)?;
+    let ram_dir = qemu::vm_dir(&agent.cfg.data_dir, vm);
+    let ram = regions.iter().map(|r| qemu::ram_path(&ram_dir, &r.id)).collect();
+    Ok(Plan::Qemu { desc, ram_dir, runtime: agent.runtime_root().join(vm), ram })
 }
 
 async fn prepare(
     agent: &Agent,
     vm: &str,
     (layout, regions): (Layout, Vec<RegionSpec>),
-    (dir, paths): (PathBuf, Vec<PathBuf>),
+    plan: Plan,
     (launch, rdma_slices): (&LaunchSpec, bool),
 ) -> Result<Session, OpenError> {
-    let owned_dir = matches!(launch, LaunchSpec::Qemu { .. }).then(|| dir.clone());
-    if let Some(d) = &owned_dir {
-        if d.exists() {
+    let paths = plan.ram();
+    let identity = match &plan {
+        Plan::Qemu { .. } => agent.take_identity().map_err(OpenError::Identity)?,
+        Plan::Synthetic { .. } => None,
+    };
+    let uid = identity.as_ref().map(|i| i.uid);
+    let r = prepare_as(agent, vm, (layout, regions), &plan, identity, (launch, rdma_slices)).await;
+    match r {
+        Ok(mut s) => {
+            s.uid = uid;
+            Ok(s)
+        }
+        Err(e) => {
+            agent.release_uid(uid);
+            if let Plan::Qemu { ram_dir, runtime, .. } = &plan {
+                let _ = std::fs::remove_dir_all(ram_dir);
+                let _ = std::fs::remove_dir_all(runtime);
+            } else {
+                paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn prepare_as(
+    agent: &Agent,
+    vm: &str,
+    (layout, regions): (Layout, Vec<RegionSpec>),
+    plan: &Plan,
+    identity: Option<Identity>,
+    (launch, rdma_slices): (&LaunchSpec, bool),
+) -> Result<Session, OpenError> {
+    let paths = plan.ram();
+    if let Plan::Qemu { ram_dir, runtime, .. } = plan {
+        if let Some(d) = [ram_dir, runtime].into_iter().find(|d| d.exists()) {
             return Err(OpenError::Leftover(d.clone()));
         }
-        // The VM's own directory, for the agent's user alone.
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(d)
-            .map_err(|e| OpenError::Dir(d.clone(), e))?;
-    }
-    let cleanup = |paths: &[PathBuf]| {
-        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
-        if let Some(d) = &owned_dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    };
-    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        // The agent's directory: QEMU's user may only pass through it to
+        // its RAM files, never create anything in it.
+        let mode = if identity.is_some() { 0o711 } else { 0o700 };
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), mode)
+            .create(ram_dir)
+            .map_err(|e| OpenError::Dir(ram_dir.clone(), e))?;
+    } else if let Some(p) = paths.iter().find(|p| p.exists()) {
         return Err(OpenError::Leftover(p.clone()));
     }
-    let made = async {
-        let ram = Arc::new(GuestRam::create(layout, &paths)?);
-        if let (Some(u), Some(d)) = (&agent.cfg.qemu_user, &owned_dir) {
-            // QEMU opens its RAM files and makes its sockets there as that user.
-            std::iter::once(d).chain(&paths).try_for_each(|p| u.give(p))?;
-        }
-        let files: Vec<RamFile> = regions
-            .iter()
-            .zip(&paths)
-            .map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size })
-            .collect();
-        // Registration pins (and allocates) the whole RAM, which takes time
-        // that grows with its size: while QEMU starts, off the event loop.
-        let registering = agent.rdma.as_ref().ok().map(|r| {
-            let (r, ram) = (r.clone(), ram.clone());
-            tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
-        });
-        let launched = launch_incoming(vm, &agent.cfg, &dir, files, launch);
-        match launched.await {
-            Ok(incoming) => Ok((ram, incoming, registering)),
-            Err(e) => {
-                // The RAM is unpinned and unmapped before its files go.
-                if let Some(r) = registering {
-                    let _ = r.await;
-                }
-                Err(e)
-            }
-        }
-    };
-    let (ram, incoming, registering) = match made.await {
-        Ok(x) => x,
+    let ram = Arc::new(GuestRam::create(layout, &paths)?);
+    if let Some(id) = &identity {
+        paths.iter().try_for_each(|p| qemu::user::give(p, id))?;
+    }
+    let files: Vec<RamFile> =
+        regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
+    // Registration pins (and allocates) the whole RAM, which takes time
+    // that grows with its size: while the VM starts, off the event loop.
+    let registering = agent.rdma.as_ref().ok().map(|r| {
+        let (r, ram) = (r.clone(), ram.clone());
+        tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
+    });
+    let incoming = match launch_incoming(agent, vm, plan, files, launch, identity).await {
+        Ok(i) => i,
         Err(e) => {
-            cleanup(&paths);
+            // The RAM is unpinned and unmapped before its files go.
+            if let Some(r) = registering {
+                let _ = r.await;
+            }
             return Err(e);
         }
     };
     let mut leftovers: Vec<PathBuf> = paths.clone();
-    leftovers.extend(owned_dir.clone());
+    if let Plan::Qemu { ram_dir, runtime, .. } = plan {
+        leftovers.extend([ram_dir.clone(), runtime.clone()]);
+    }
     agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
     let receiving = agent.receiver.add(token, ram.clone());
@@ -201,31 +269,52 @@ async fn prepare(
             Err(e) => tracing::warn!(%vm, "RDMA registration failed, offering TCP only: {e}"),
         }
     }
-    Ok(Session { vm: vm.to_owned(), token, ram, incoming, receiving, forward: None, device_state: Default::default() })
+    Ok(Session {
+        vm: vm.to_owned(),
+        token,
+        ram,
+        incoming,
+        receiving,
+        forward: None,
+        device_state: Default::default(),
+        uid: None,
+    })
 }
 
 async fn launch_incoming(
+    agent: &Agent,
     vm: &str,
-    cfg: &super::super::AgentConfig,
-    dir: &Path,
+    plan: &Plan,
     files: Vec<RamFile>,
     launch: &LaunchSpec,
+    identity: Option<Identity>,
 ) -> Result<Arc<dyn IncomingVm>, OpenError> {
-    let (name, dir, storage, launch) = (vm.to_owned(), dir.to_owned(), cfg.storage.clone(), launch.clone());
-    let (user, scope) = (cfg.qemu_user.clone(), cfg.qemu_scope.clone());
-    let i = tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
-        Ok(match &launch {
-            LaunchSpec::Synthetic { .. } => {
-                Arc::new(SyntheticIncoming::launch(&name, (&dir, scope.as_ref()), &files, &launch)?)
-            }
-            LaunchSpec::Qemu { .. } => Arc::new(qemu::QemuIncoming::launch(
-                &name,
-                (&dir, &storage, user.as_ref(), scope.as_ref()),
-                &files,
-                &launch,
-            )?),
-        })
-    })
-    .await??;
+    let cfg = &agent.cfg;
+    let (name, launch, scope) = (vm.to_owned(), launch.clone(), cfg.qemu_scope.clone());
+    let i: Arc<dyn IncomingVm> = match plan {
+        Plan::Synthetic { .. } => {
+            let dir = cfg.data_dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
+                Ok(Arc::new(SyntheticIncoming::launch(&name, (&dir, scope.as_ref()), &files, &launch)?))
+            })
+            .await??
+        }
+        Plan::Qemu { desc, ram_dir, runtime, .. } => {
+            let (desc, ram_dir, runtime) = (desc.clone(), ram_dir.clone(), runtime.clone());
+            let (storage, networks, agent_name) = (Storage::new(&cfg.storage), cfg.networks.clone(), cfg.name.clone());
+            tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
+                let host = qemu::incoming::Host {
+                    agent: &agent_name,
+                    storage: &storage,
+                    networks: &networks,
+                    identity: identity.as_ref(),
+                    scope: scope.as_ref(),
+                };
+                let ram: (&[RamFile], &Path) = (&files, &ram_dir);
+                Ok(Arc::new(qemu::QemuIncoming::launch(&name, &desc, ram, &runtime, &host)?))
+            })
+            .await??
+        }
+    };
     Ok(i)
 }

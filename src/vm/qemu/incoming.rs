@@ -1,12 +1,22 @@
-//! The incoming QEMU on a destination: launched paused with `-incoming
-//! defer` on the RAM files the agent fills, fed the device state at
-//! switchover, then committed (it runs here) or discarded.
+//! The incoming QEMU on a destination: built from the peer's description
+//! and this host's policy ([`super::command`]), launched paused with
+//! `-incoming defer` on the RAM files the agent fills, fed the device state
+//! at switchover through a socket handed over QMP (`getfd`: no path), then
+//! committed (it runs here) or discarded.
+//!
+//! Its runtime directory (monitor socket, logs, pid file) is the agent's
+//! (0700, under the state dir) and its RAM directory is the agent's too
+//! (0711, RAM files the VM's user's): QEMU owns no directory, so the agent
+//! never creates a file where QEMU could have put a symlink.
 
-use super::allow::Confine;
-use super::launch::{check_binary, destination_args};
-use super::user::QemuUser;
-use super::{kill, ram_path, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, QMP_TIMEOUT};
-use crate::memory::RegionSpec;
+use super::command::{self, Resources};
+use super::confine::{RuntimeDir, Storage};
+use super::description::{ChardevKind, Description};
+use super::network::Networks;
+use super::spawn::{self, Spawn, PID_FILE};
+use super::user::Identity;
+use super::{kill, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, QMP_TIMEOUT};
+use crate::vm::cgroup::{Limits, VmCgroup, MAX_PIDS, MEMORY_OVERHEAD};
 use crate::vm::qmp::Qmp;
 use crate::vm::scope::Scope;
 use crate::vm::{IncomingVm, LaunchSpec, RamFile, VmError, VmRecord};
@@ -17,108 +27,119 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The incoming QEMU on a destination: launched paused with `-incoming defer`
-/// on RAM files the agent fills.
+/// Marks a runtime directory whose QEMU is still incoming: an agent that
+/// restarts kills such leftovers (see [`clean_leftovers`]).
+const INCOMING_MARK: &str = "incoming";
+
+/// What this host brings to a VM it runs for a peer.
+pub struct Host<'a> {
+    /// The agent's name.
+    pub agent: &'a str,
+    /// Its storage directories.
+    pub storage: &'a Storage,
+    /// Its networks.
+    pub networks: &'a Networks,
+    /// The VM's user, if not the agent's.
+    pub identity: Option<&'a Identity>,
+    /// A systemd scope for the VM, if VMs get one.
+    pub scope: Option<&'a Scope>,
+}
+
+/// The program a destination runs for `arch`: `DCMIGRATE_QEMU` where it is
+/// that architecture's QEMU (the test bed's QEMU 10), else
+/// `qemu-system-ARCH` from `PATH`. Never a peer's choice.
+pub fn qemu_binary(arch: &str) -> String {
+    let name = format!("qemu-system-{arch}");
+    match std::env::var("DCMIGRATE_QEMU") {
+        Ok(p) if Path::new(&p).file_name().is_some_and(|n| n == name.as_str()) => p,
+        _ => name,
+    }
+}
+
+/// The incoming QEMU on a destination.
 pub struct QemuIncoming {
     name: String,
-    dir: PathBuf,
+    runtime: PathBuf,
+    ram_dir: PathBuf,
     pid: u32,
     qmp: PathBuf,
     ram: Vec<RamFile>,
-    launch: LaunchSpec,
+    desc: Description,
+    uid: Option<u32>,
+    cgroup: Option<VmCgroup>,
     /// Ends when the QEMU process ends (it reaps it).
     reaper: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Marks a VM directory whose QEMU is still incoming: an agent that restarts
-/// kills such leftovers (see [`clean_leftovers`]).
-const INCOMING_MARK: &str = "incoming";
-
 impl QemuIncoming {
-    /// Starts QEMU paused (`-incoming defer -S`) from the launch spec, on the
-    /// RAM files the agent created in `dir`; returns once its QMP answers.
-    /// Files the spec names must be in `dir` or under `storage`; QEMU runs
-    /// as `user` when one is given, in a systemd scope of its own when
-    /// `scope` is given.
+    /// Starts QEMU paused from `desc` on the RAM files the agent created in
+    /// `ram_dir`, with its runtime files in `runtime` (created here, new);
+    /// returns once its monitor answers.
     pub fn launch(
         name: &str,
-        (dir, storage, user, scope): (&Path, &[PathBuf], Option<&QemuUser>, Option<&Scope>),
-        ram: &[RamFile],
-        launch: &LaunchSpec,
+        desc: &Description,
+        (ram, ram_dir): (&[RamFile], &Path),
+        runtime: &Path,
+        host: &Host,
     ) -> Result<Self, VmError> {
-        let LaunchSpec::Qemu { binary, args } = launch else {
-            return Err(vm_err("not a QEMU launch spec"));
+        let rt = RuntimeDir::create(runtime).map_err(|e| vm_err(crate::error_chain(&e)))?;
+        let undo = |e: VmError| {
+            let _ = std::fs::remove_dir_all(runtime);
+            e
         };
-        check_binary(binary)?;
-        let qmp_path = dir.join("qmp.sock");
-        for p in [&qmp_path, &dir.join("incoming.sock")] {
-            // sockaddr_un holds 107 bytes of path: fail now, not at switchover.
-            if p.as_os_str().len() > 107 {
-                return Err(vm_err(format!(
-                    "socket path {} is too long: use a shorter data dir or VM name",
-                    p.display()
-                )));
-            }
-        }
-        let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
-        let confine = Confine { dir, storage };
-        let mut argv = destination_args(args, &confine, &regions, |id| ram_path(dir, id), &qmp_path)?;
-        let pidfile = dir.join("qemu.pid");
-        argv.extend(["-pidfile".to_owned(), pidfile.display().to_string()]);
-        std::fs::write(dir.join(INCOMING_MARK), b"").map_err(|e| vm_err(e.to_string()))?;
-        let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| vm_err(e.to_string()))?;
-        let log2 = log.try_clone().map_err(|e| vm_err(e.to_string()))?;
-        tracing::info!(vm = name, "launching incoming QEMU: {binary} {}", argv.join(" "));
-        use std::os::unix::process::CommandExt;
-        let mut cmd = super::super::scope::command(binary.as_ref(), name, scope, user.map(|u| (u.uid, u.gid)));
-        cmd.args(&argv)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: a Ctrl-C aimed at the agent must not kill the VM.
-            .process_group(0);
-        match (user, scope) {
-            // systemd-run must ask systemd for the scope as root: it
-            // switches uid and gid itself, the groups are set before.
-            (Some(u), Some(_)) => u.apply_groups(&mut cmd),
-            (Some(u), None) => u.apply(&mut cmd),
-            (None, _) => {}
-        }
-        let mut child = cmd.spawn().map_err(|e| vm_err(format!("starting {binary}: {e}")))?;
-        let pid = child.id();
+        std::fs::write(runtime.join(INCOMING_MARK), b"").map_err(|e| undo(vm_err(e.to_string())))?;
+        let res: Resources = command::create(desc, host.storage, host.networks, &rt)
+            .map_err(|e| undo(vm_err(crate::error_chain(&e))))?;
+        let cmd = command::build(desc, ram, res);
+        let binary = qemu_binary(&desc.arch);
+        let total: u64 = ram.iter().map(|r| r.size).sum();
+        tracing::info!(vm = name, "launching incoming QEMU: {binary} {}", cmd.argv.join(" "));
+        let s = Spawn {
+            vm: name,
+            agent: host.agent,
+            binary: &binary,
+            identity: host.identity,
+            scope: host.scope,
+            limits: Limits { memory: total + MEMORY_OVERHEAD, pids: MAX_PIDS },
+        };
+        let started = spawn::spawn(&s, cmd, &rt).map_err(undo)?;
+        let pid = started.child.id();
+        let mut child = started.child;
         let reaper = std::thread::spawn(move || drop(child.wait()));
         let me = Self {
             name: name.to_owned(),
-            dir: dir.to_owned(),
+            runtime: runtime.to_owned(),
+            ram_dir: ram_dir.to_owned(),
             pid,
-            qmp: qmp_path,
+            qmp: runtime.join("qmp.sock"),
             ram: ram.to_vec(),
-            launch: launch.clone(),
+            desc: desc.clone(),
+            uid: host.identity.map(|i| i.uid),
+            cgroup: started.cgroup,
             reaper: Mutex::new(Some(reaper)),
         };
-        let ready = (|| {
-            let end = Instant::now() + Duration::from_secs(60);
-            loop {
-                if me.exited() {
-                    return Err(vm_err(format!("QEMU exited at start: {}", me.log_tail())));
-                }
-                if me.qmp.exists() {
-                    if let Ok(mut q) = Qmp::connect(&me.qmp, QMP_TIMEOUT) {
-                        q.prepare_device_migration()?;
-                        return Ok(());
-                    }
-                }
-                if Instant::now() > end {
-                    return Err(vm_err("QEMU's QMP socket did not come up within 60 s"));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })();
-        if let Err(e) = ready {
-            kill(me.pid);
+        if let Err(e) = me.ready() {
+            me.discard_runtime();
             return Err(e);
         }
         Ok(me)
+    }
+
+    /// Waits for the monitor and prepares the device-state migration.
+    fn ready(&self) -> Result<(), VmError> {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.exited() {
+                return Err(vm_err(format!("QEMU exited at start: {}", self.log_tail())));
+            }
+            if let Ok(mut q) = Qmp::connect(&self.qmp, QMP_TIMEOUT) {
+                return q.prepare_device_migration();
+            }
+            if Instant::now() > end {
+                return Err(vm_err("QEMU's monitor did not answer within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn exited(&self) -> bool {
@@ -126,7 +147,7 @@ impl QemuIncoming {
     }
 
     fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
+        let s = std::fs::read_to_string(self.runtime.join("qemu.log")).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(5)..].join(" | ")
     }
@@ -140,21 +161,43 @@ impl QemuIncoming {
             }
         })
     }
+
+    /// The log file of the first serial port, if it writes one.
+    fn console(&self) -> Option<PathBuf> {
+        let first = self.desc.serials.first()?;
+        let c = self.desc.chardevs.iter().find(|c| &c.id == first)?;
+        (c.kind == ChardevKind::Log).then(|| self.runtime.join(format!("{}.log", c.id)))
+    }
+
+    /// Stops QEMU and removes its runtime directory and cgroup.
+    fn discard_runtime(&self) {
+        if let Ok(mut q) = Qmp::connect(&self.qmp, Duration::from_secs(2)) {
+            let _ = q.execute(&qmp::quit {});
+        }
+        if !wait_exit(self.pid, Duration::from_secs(5)) {
+            kill(self.pid);
+            wait_exit(self.pid, Duration::from_secs(5));
+        }
+        if let Some(h) = self.reaper.lock().unwrap().take() {
+            let _ = h.join();
+        }
+        if let Some(c) = &self.cgroup {
+            c.remove();
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
 }
 
 impl IncomingVm for QemuIncoming {
     fn load_device_state(&self, state: &[u8]) -> Result<(), VmError> {
         let mut q = self.qmp()?;
-        let sock = self.dir.join("incoming.sock");
-        q.execute(&qmp::migrate_incoming {
-            uri: Some(format!("unix:{}", sock.display())),
-            channels: None,
-            exit_on_error: None,
-        })?;
-        let mut conn = UnixStream::connect(&sock).map_err(|e| vm_err(format!("{}: {e}", sock.display())))?;
-        conn.set_write_timeout(Some(DEVICE_STATE_TIMEOUT)).map_err(|e| vm_err(e.to_string()))?;
-        conn.write_all(state)
-            .and_then(|_| conn.shutdown(std::net::Shutdown::Write))
+        let (mut ours, theirs) = UnixStream::pair().map_err(|e| vm_err(format!("a socket pair: {e}")))?;
+        q.get_fd("dcm-incoming", std::os::fd::AsFd::as_fd(&theirs))?;
+        drop(theirs);
+        q.execute(&qmp::migrate_incoming { uri: Some("fd:dcm-incoming".into()), channels: None, exit_on_error: None })?;
+        ours.set_write_timeout(Some(DEVICE_STATE_TIMEOUT)).map_err(|e| vm_err(e.to_string()))?;
+        ours.write_all(state)
+            .and_then(|_| ours.shutdown(std::net::Shutdown::Write))
             .map_err(|e| vm_err(format!("feeding the device state to QEMU: {e}; {}", self.log_tail())))?;
         // Loaded when QEMU leaves `inmigrate` (-S keeps it paused); a failed load ends QEMU.
         q.wait_status("migrate-incoming", DEVICE_STATE_TIMEOUT, |s| s != qmp::RunState::inmigrate).map_err(|e| {
@@ -172,7 +215,7 @@ impl IncomingVm for QemuIncoming {
         if start {
             self.qmp()?.execute(&qmp::cont {})?;
         }
-        let _ = std::fs::remove_file(self.dir.join(INCOMING_MARK));
+        let _ = std::fs::remove_file(self.runtime.join(INCOMING_MARK));
         // The reaper thread stays detached: the VM outlives this session.
         drop(self.reaper.lock().unwrap().take());
         Ok(VmRecord {
@@ -180,8 +223,13 @@ impl IncomingVm for QemuIncoming {
             ram: self.ram.clone(),
             control: self.qmp.clone(),
             dirty_log: None,
-            launch: self.launch.clone(),
-            owned_dir: Some(self.dir.clone()),
+            launch: LaunchSpec::QemuVm { description: Box::new(self.desc.clone()) },
+            owned_dir: Some(self.ram_dir.clone()),
+            runtime_dir: Some(self.runtime.clone()),
+            console: self.console(),
+            uid: self.uid,
+            cgroup: self.cgroup.clone(),
+            ..Default::default()
         })
     }
 
@@ -190,37 +238,35 @@ impl IncomingVm for QemuIncoming {
     }
 
     fn discard(&self) {
-        if let Ok(mut q) = Qmp::connect(&self.qmp, Duration::from_secs(2)) {
-            let _ = q.execute(&qmp::quit {});
-        }
-        if !wait_exit(self.pid, Duration::from_secs(5)) {
-            kill(self.pid);
-            wait_exit(self.pid, Duration::from_secs(5));
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.discard_runtime();
+        let _ = std::fs::remove_dir_all(&self.ram_dir);
         tracing::info!(vm = %self.name, "incoming QEMU stopped and its files removed");
     }
 }
 
 /// Kills incoming QEMUs an earlier run of this agent left behind and removes
-/// their directories (RAM included): they never became the running VM.
-pub fn clean_leftovers(data_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+/// their runtime directories, RAM and cgroups: they never became the
+/// running VM. `runtime_root` holds one directory per VM.
+pub fn clean_leftovers(runtime_root: &Path, data_dir: &Path, agent: &str) {
+    let Ok(entries) = std::fs::read_dir(runtime_root) else { return };
     for e in entries.flatten() {
         let dir = e.path();
-        if !dir.join(INCOMING_MARK).exists() || !dir.to_string_lossy().ends_with(".qemu") {
+        if !dir.join(INCOMING_MARK).exists() {
             continue;
         }
-        if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            // Only if that pid is still the QEMU of this directory (pids are reused).
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&*dir.join("qmp.sock").to_string_lossy()) {
-                kill(pid);
-                wait_exit(pid, Duration::from_secs(5));
-            }
+        let vm = e.file_name().to_string_lossy().into_owned();
+        // Only the process the pid file recorded, not whoever has its pid now.
+        if let Some(pid) = std::fs::read_to_string(dir.join(PID_FILE)).ok().and_then(|s| spawn::recorded_alive(&s)) {
+            kill(pid);
+            wait_exit(pid, Duration::from_secs(5));
         }
         let _ = std::fs::remove_dir_all(&dir);
+        if crate::vm::valid_name(&vm) {
+            let _ = std::fs::remove_dir_all(super::vm_dir(data_dir, &vm));
+            if let Some(c) = VmCgroup::at(agent, &vm) {
+                c.remove();
+            }
+        }
         tracing::warn!(dir = %dir.display(), "removed an incoming QEMU left by an earlier run");
     }
 }

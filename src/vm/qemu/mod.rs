@@ -18,25 +18,38 @@
 //!  quit ──────────────────────────▶ exits
 //! ```
 //!
-//! Parts: [`launch`] (the launch spec a destination starts QEMU from),
-//! [`dirty_log`] (the `qemu` tracker: a patched QEMU's own dirty log),
-//! [`allow`] (what a destination lets a peer's launch spec contain),
-//! [`source`] (attaching a running QEMU, and the source side of a
-//! migration), [`incoming`] (the paused QEMU on a destination), [`user`]
-//! (the unprivileged user it runs as).
+//! A VM travels as a typed [`Description`], never as a command line:
+//!
+//! - source: [`source`] attaches a running QEMU; [`launch`] reads its
+//!   command line and [`describe`] turns it into a description, with
+//!   [`allow`] saying what may be in one;
+//! - destination: [`description`] checks a peer's description again,
+//!   [`confine`] opens the files it names beneath storage ([`qcow2`]: an
+//!   image's chain), [`network`] maps its networks, [`command`] builds the
+//!   command line, [`user`] and [`spawn`] run QEMU as its own user in its
+//!   own cgroup, and [`incoming`] is the paused QEMU until it commits;
+//! - [`dirty_log`]: the `qemu` tracker (a patched QEMU's own dirty log).
 
 pub mod allow;
+pub mod command;
+pub mod confine;
+pub mod describe;
+pub mod description;
 pub mod dirty_log;
 pub mod incoming;
 pub mod launch;
+pub mod network;
+pub mod qcow2;
 pub mod source;
+pub mod spawn;
 pub mod user;
 
-pub use allow::SpecError;
+pub use describe::{describe, DescribeError, SpecError};
+pub use description::{Description, DescriptionError};
 pub use incoming::{clean_leftovers, QemuIncoming};
-pub use launch::{check_spec, destination_args, launch_from_process, strip_control};
+pub use launch::{launch_from_process, strip_control};
 pub use source::{attach, QemuVm};
-pub use user::{QemuUser, UserError};
+pub use user::{QemuUser, RunAs, UserError};
 
 use super::VmError;
 use std::path::{Path, PathBuf};

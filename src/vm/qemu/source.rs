@@ -3,12 +3,12 @@
 //! device state through QEMU's own migration (`x-ignore-shared`), quit.
 
 use super::dirty_log::{self, QemuLogTracker};
-use super::launch::launch_from_process;
+use super::launch::{launch_from_process, strip_control, strip_monitors};
 use super::{kill, valid_id, vm_err, wait_exit, DEVICE_STATE_TIMEOUT, HOW_TO_SHARE, QMP_TIMEOUT};
 use crate::dirty::hash::HashTracker;
 use crate::dirty::softdirty::{self, SoftDirtyTracker};
 use crate::dirty::{DirtyTracker, TrackerKind};
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, RegionSpec, PAGE_SIZE};
 use crate::vm::qmp::Qmp;
 use crate::vm::{LaunchSpec, RamFile, SourceVm, VmError, VmRecord, VmState};
 use qapi::qmp;
@@ -17,8 +17,19 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Finds a running QEMU's RAM backends and checks that dcmigrate can share them.
-pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result<VmRecord, VmError> {
+/// Where a source's description finds files and networks.
+pub struct Describing<'a> {
+    /// This host's storage directories.
+    pub storage: &'a [PathBuf],
+    /// Network names for netdev ids (`vm add --network ID=NAME`).
+    pub networks: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Finds a running QEMU's RAM backends, checks that dcmigrate can share
+/// them, and describes the VM for destinations (its command line, or
+/// `launch`'s, read as [`super::describe`] does: what cannot travel is
+/// refused here, not at migration time).
+pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>, with: &Describing) -> Result<VmRecord, VmError> {
     let mut q = Qmp::connect(qmp_path, QMP_TIMEOUT)?;
     let state = q.status()?;
     if matches!(state, qmp::RunState::inmigrate | qmp::RunState::postmigrate | qmp::RunState::shutdown) {
@@ -72,11 +83,26 @@ pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>) -> Result
         ram.push(RamFile { id, path, size: m.size });
     }
     ram.sort_by(|a, b| a.id.cmp(&b.id));
-    let launch = match launch {
-        Some(l) => l,
+    let legacy = match launch {
+        Some(LaunchSpec::Qemu { binary, args }) => {
+            LaunchSpec::Qemu { binary, args: strip_monitors(&strip_control(&args)) }
+        }
+        Some(_) => return Err(vm_err("a launch spec for QEMU gives a binary and its arguments")),
         None => launch_from_process(q.pid)?,
     };
-    Ok(VmRecord { name: name.to_owned(), ram, control: qmp_path.to_owned(), dirty_log: None, launch, owned_dir: None })
+    let LaunchSpec::Qemu { binary, args } = &legacy else { unreachable!("a command line") };
+    let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
+    let src = super::describe::Source { binary, args, ram: &regions, storage: with.storage, networks: with.networks };
+    let described = super::describe(&src).map_err(VmError::Describe)?;
+    Ok(VmRecord {
+        name: name.to_owned(),
+        ram,
+        control: qmp_path.to_owned(),
+        launch: LaunchSpec::QemuVm { description: Box::new(described.description) },
+        legacy: Some(legacy),
+        notes: described.notes,
+        ..Default::default()
+    })
 }
 
 /// QEMU's own migration carries the device state at the switchover, over a
@@ -285,8 +311,11 @@ impl SourceVm for QemuVm {
             tracing::warn!(pid, "QEMU did not quit; killing it");
             kill(pid);
         }
-        if let Some(d) = &self.rec.owned_dir {
+        for d in self.rec.owned_dir.iter().chain(&self.rec.runtime_dir) {
             let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(c) = &self.rec.cgroup {
+            c.remove();
         }
         Ok(())
     }

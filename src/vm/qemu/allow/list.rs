@@ -4,7 +4,7 @@
 
 /// What a property's value may be.
 #[derive(Clone, Copy)]
-pub(super) enum V {
+pub(in crate::vm::qemu) enum V {
     /// A QEMU id: a letter, then letters, digits, `-`, `_`, `.`.
     Id,
     /// A decimal number.
@@ -21,23 +21,18 @@ pub(super) enum V {
     File,
     /// One of these.
     OneOf(&'static [&'static str]),
-    /// A block node: a node-name, or an inline node checked as `-blockdev`.
-    Node,
-    /// Either one of these words or a cache object (`cache.direct=on`).
-    Cache,
 }
 
 /// Properties allowed for one option or kind; `implied` is the key QEMU
 /// gives a first item without `=` (`-smp 2` is `cpus=2`).
-pub(super) struct Schema {
-    pub(super) implied: Option<&'static str>,
-    pub(super) keys: &'static [(&'static str, V)],
+pub(in crate::vm::qemu) struct Schema {
+    pub(in crate::vm::qemu) implied: Option<&'static str>,
+    pub(in crate::vm::qemu) keys: &'static [(&'static str, V)],
 }
 
-pub(super) const BOOLS: &[&str] = &["on", "off", "true", "false", "yes", "no", "auto"];
-pub(super) const CACHE_MODES: &[&str] = &["none", "writeback", "writethrough", "directsync", "unsafe"];
+pub(in crate::vm::qemu) const BOOLS: &[&str] = &["on", "off", "true", "false", "yes", "no", "auto"];
 
-pub(super) const MACHINE: Schema = Schema {
+pub(in crate::vm::qemu) const MACHINE: Schema = Schema {
     implied: Some("type"),
     keys: &[
         ("type", V::Word),
@@ -62,7 +57,7 @@ pub(super) const MACHINE: Schema = Schema {
         ("max-ram-below-4g", V::Size),
     ],
 };
-pub(super) const ACCEL: Schema = Schema {
+pub(in crate::vm::qemu) const ACCEL: Schema = Schema {
     implied: Some("accel"),
     keys: &[
         ("accel", V::OneOf(&["kvm", "tcg"])),
@@ -71,7 +66,7 @@ pub(super) const ACCEL: Schema = Schema {
         ("kernel-irqchip", V::OneOf(&["on", "off", "split"])),
     ],
 };
-pub(super) const SMP: Schema = Schema {
+pub(in crate::vm::qemu) const SMP: Schema = Schema {
     implied: Some("cpus"),
     keys: &[
         ("cpus", V::Num),
@@ -85,9 +80,9 @@ pub(super) const SMP: Schema = Schema {
         ("drawers", V::Num),
     ],
 };
-pub(super) const MEM: Schema =
+pub(in crate::vm::qemu) const MEM: Schema =
     Schema { implied: Some("size"), keys: &[("size", V::Size), ("slots", V::Num), ("maxmem", V::Size)] };
-pub(super) const NUMA: Schema = Schema {
+pub(in crate::vm::qemu) const NUMA: Schema = Schema {
     implied: Some("type"),
     keys: &[
         ("type", V::OneOf(&["node", "dist", "cpu"])),
@@ -104,9 +99,9 @@ pub(super) const NUMA: Schema = Schema {
         ("thread-id", V::Num),
     ],
 };
-pub(super) const NAME: Schema =
+pub(in crate::vm::qemu) const NAME: Schema =
     Schema { implied: Some("guest"), keys: &[("guest", V::Text), ("process", V::Word), ("debug-threads", V::Bool)] };
-pub(super) const BOOT: Schema = Schema {
+pub(in crate::vm::qemu) const BOOT: Schema = Schema {
     implied: Some("order"),
     keys: &[
         ("order", V::Word),
@@ -117,19 +112,21 @@ pub(super) const BOOT: Schema = Schema {
         ("strict", V::Bool),
     ],
 };
-pub(super) const RTC: Schema = Schema {
+pub(in crate::vm::qemu) const RTC: Schema = Schema {
     implied: None,
     keys: &[("base", V::Word), ("clock", V::OneOf(&["host", "rt", "vm"])), ("driftfix", V::OneOf(&["none", "slew"]))],
 };
-pub(super) const OVERCOMMIT: Schema =
+pub(in crate::vm::qemu) const OVERCOMMIT: Schema =
     Schema { implied: None, keys: &[("mem-lock", V::OneOf(&["on", "off", "on-fault"])), ("cpu-pm", V::Bool)] };
-pub(super) const MSG: Schema = Schema { implied: None, keys: &[("timestamp", V::Bool), ("guest-name", V::Bool)] };
-pub(super) const ACTION: Schema = Schema {
+pub(in crate::vm::qemu) const MSG: Schema =
+    Schema { implied: None, keys: &[("timestamp", V::Bool), ("guest-name", V::Bool)] };
+pub(in crate::vm::qemu) const ACTION: Schema = Schema {
     implied: None,
     keys: &[("reboot", V::Word), ("shutdown", V::Word), ("panic", V::Word), ("watchdog", V::Word)],
 };
-pub(super) const DISPLAY: Schema = Schema { implied: Some("type"), keys: &[("type", V::OneOf(&["none"]))] };
-pub(super) const SMBIOS: Schema = Schema {
+pub(in crate::vm::qemu) const DISPLAY: Schema =
+    Schema { implied: Some("type"), keys: &[("type", V::OneOf(&["none"]))] };
+pub(in crate::vm::qemu) const SMBIOS: Schema = Schema {
     implied: None,
     keys: &[
         ("type", V::Num),
@@ -151,36 +148,11 @@ pub(super) const SMBIOS: Schema = Schema {
         ("sock_pfx", V::Text),
     ],
 };
-pub(super) const FW_CFG: Schema = Schema { implied: None, keys: &[("name", V::Text), ("string", V::Text)] };
-pub(super) const DRIVE: Schema = Schema {
-    implied: None,
-    keys: &[
-        ("file", V::File),
-        ("format", V::OneOf(&["raw", "qcow2"])),
-        ("if", V::OneOf(&["none", "virtio", "ide", "scsi"])),
-        ("id", V::Id),
-        ("node-name", V::Id),
-        ("index", V::Num),
-        ("bus", V::Num),
-        ("unit", V::Num),
-        ("media", V::OneOf(&["disk", "cdrom"])),
-        ("cache", V::Cache),
-        ("aio", V::OneOf(&["threads", "native", "io_uring"])),
-        ("readonly", V::Bool),
-        ("read-only", V::Bool),
-        ("discard", V::OneOf(&["ignore", "off", "unmap", "on"])),
-        ("detect-zeroes", V::OneOf(&["on", "off", "unmap"])),
-        ("werror", V::Word),
-        ("rerror", V::Word),
-        ("serial", V::Word),
-        ("copy-on-read", V::Bool),
-    ],
-};
-pub(super) const CACHE: Schema = Schema { implied: None, keys: &[("direct", V::Bool), ("no-flush", V::Bool)] };
-
+pub(in crate::vm::qemu) const FW_CFG: Schema =
+    Schema { implied: None, keys: &[("name", V::Text), ("string", V::Text)] };
 /// `-object` kinds. Memory backends are rewritten onto the agent's files
 /// (their `mem-path` and preallocation are replaced, see `destination_args`).
-pub(super) const OBJECTS: &[(&str, Schema)] = &[
+pub(in crate::vm::qemu) const OBJECTS: &[(&str, Schema)] = &[
     ("memory-backend-file", MEMORY_BACKEND),
     ("memory-backend-memfd", MEMORY_BACKEND),
     ("memory-backend-ram", MEMORY_BACKEND),
@@ -203,7 +175,7 @@ pub(super) const OBJECTS: &[(&str, Schema)] = &[
         Schema { implied: None, keys: &[("id", V::Id), ("filename", V::OneOf(&["/dev/urandom", "/dev/random"]))] },
     ),
 ];
-pub(super) const MEMORY_BACKEND: Schema = Schema {
+pub(in crate::vm::qemu) const MEMORY_BACKEND: Schema = Schema {
     implied: None,
     keys: &[
         ("id", V::Id),
@@ -229,7 +201,7 @@ pub(super) const MEMORY_BACKEND: Schema = Schema {
 
 /// `-netdev` (and `-nic`) kinds: user networking and tap devices without
 /// helpers; no sockets, no inherited file descriptors.
-pub(super) const NETDEVS: &[(&str, Schema)] = &[
+pub(in crate::vm::qemu) const NETDEVS: &[(&str, Schema)] = &[
     (
         "user",
         Schema {
@@ -275,7 +247,7 @@ pub(super) const NETDEVS: &[(&str, Schema)] = &[
 ];
 
 /// `-chardev` backends: nothing that listens or connects on the network.
-pub(super) const CHARDEVS: &[(&str, Schema)] = &[
+pub(in crate::vm::qemu) const CHARDEVS: &[(&str, Schema)] = &[
     ("null", Schema { implied: None, keys: &[("id", V::Id)] }),
     ("ringbuf", Schema { implied: None, keys: &[("id", V::Id), ("size", V::Size)] }),
     (
@@ -309,50 +281,10 @@ pub(super) const CHARDEVS: &[(&str, Schema)] = &[
     ("stdio", Schema { implied: None, keys: &[("id", V::Id), ("signal", V::Bool), ("mux", V::Bool)] }),
 ];
 
-/// `-blockdev` drivers: local files and the formats on top of them.
-pub(super) const BLOCKDEVS: &[(&str, Schema)] = &[
-    (
-        "file",
-        Schema {
-            implied: None,
-            keys: &[
-                ("node-name", V::Id),
-                ("filename", V::File),
-                ("aio", V::OneOf(&["threads", "native", "io_uring"])),
-                ("locking", V::Bool),
-                ("discard", V::OneOf(&["ignore", "unmap"])),
-                ("read-only", V::Bool),
-                ("auto-read-only", V::Bool),
-                ("force-share", V::Bool),
-                ("cache", V::Cache),
-                ("detect-zeroes", V::OneOf(&["on", "off", "unmap"])),
-            ],
-        },
-    ),
-    ("raw", FORMAT),
-    ("qcow2", FORMAT),
-    ("null-co", Schema { implied: None, keys: &[("node-name", V::Id), ("size", V::Size), ("read-zeroes", V::Bool)] }),
-];
-pub(super) const FORMAT: Schema = Schema {
-    implied: None,
-    keys: &[
-        ("node-name", V::Id),
-        ("file", V::Node),
-        ("backing", V::Node),
-        ("read-only", V::Bool),
-        ("auto-read-only", V::Bool),
-        ("discard", V::OneOf(&["ignore", "unmap"])),
-        ("cache", V::Cache),
-        ("detect-zeroes", V::OneOf(&["on", "off", "unmap"])),
-        ("offset", V::Num),
-        ("size", V::Size),
-    ],
-};
-
 /// `-device` drivers: common virtio, storage, network, serial, USB, PCI
 /// topology and display devices. Their properties are ids, numbers and
 /// words; the only one that names a host file, `romfile`, is refused.
-pub(super) const DEVICES: &[&str] = &[
+pub(in crate::vm::qemu) const DEVICES: &[&str] = &[
     "virtio-net-pci",
     "virtio-blk-pci",
     "virtio-scsi-pci",
@@ -393,17 +325,17 @@ pub(super) const DEVICES: &[&str] = &[
     "virtio-iommu-pci",
 ];
 /// Drivers `-global` may set properties of, besides [`DEVICES`].
-pub(super) const GLOBAL_DRIVERS: &[&str] =
+pub(in crate::vm::qemu) const GLOBAL_DRIVERS: &[&str] =
     &["kvm-pit", "ICH9-LPC", "PIIX4_PM", "isa-fdc", "mch", "q35-pcihost", "i440FX-pcihost"];
 
 /// How an option's value is read.
-pub(super) enum Opt {
+pub(in crate::vm::qemu) enum Opt {
     /// No value.
     Flag,
     /// QEMU's key=value syntax (or JSON) against one schema.
     Keyval(&'static Schema),
-    /// Key=value or JSON whose first item (or `kind_key`) selects the schema.
-    Kinds { kind_key: &'static str, kinds: &'static [(&'static str, Schema)] },
+    /// Key=value or JSON whose first item (or a kind key) selects the schema.
+    Kinds,
     /// One value, checked as a whole.
     Value(V),
     /// `-device`: an allow-listed driver with id/number/word properties.
@@ -418,9 +350,11 @@ pub(super) enum Opt {
     Bios,
 }
 
-/// The allow-list. Options the agent sets itself are taken out before
-/// (`-qmp`, `-incoming`, `-S`, `-sandbox`, ...: see `strip_control`).
-pub(super) const OPTIONS: &[(&str, Opt)] = &[
+/// Every option a command line may have, and how its value is read; a
+/// source reads each into its description (`describe`). Options the agent
+/// sets itself are taken out before (`-qmp`, `-incoming`, `-S`,
+/// `-sandbox`, ...: see `strip_control`).
+pub(in crate::vm::qemu) const OPTIONS: &[(&str, Opt)] = &[
     ("nodefaults", Opt::Flag),
     ("no-user-config", Opt::Flag),
     ("nographic", Opt::Flag),
@@ -449,13 +383,13 @@ pub(super) const OPTIONS: &[(&str, Opt)] = &[
     ("vnc", Opt::Value(V::OneOf(&["none"]))),
     ("smbios", Opt::Keyval(&SMBIOS)),
     ("fw_cfg", Opt::Keyval(&FW_CFG)),
-    ("object", Opt::Kinds { kind_key: "qom-type", kinds: OBJECTS }),
-    ("netdev", Opt::Kinds { kind_key: "type", kinds: NETDEVS }),
-    ("nic", Opt::Kinds { kind_key: "type", kinds: NETDEVS }),
+    ("object", Opt::Kinds),
+    ("netdev", Opt::Kinds),
+    ("nic", Opt::Kinds),
     ("net", Opt::Value(V::OneOf(&["none"]))),
-    ("chardev", Opt::Kinds { kind_key: "backend", kinds: CHARDEVS }),
-    ("blockdev", Opt::Kinds { kind_key: "driver", kinds: BLOCKDEVS }),
-    ("drive", Opt::Keyval(&DRIVE)),
+    ("chardev", Opt::Kinds),
+    ("blockdev", Opt::Kinds),
+    ("drive", Opt::Kinds),
     ("device", Opt::Device),
     ("global", Opt::Global),
     ("serial", Opt::Serial),
@@ -471,4 +405,64 @@ pub(super) const OPTIONS: &[(&str, Opt)] = &[
 ];
 
 /// Longest value of a text property: a kernel command line fits.
-pub(super) const MAX_TEXT: usize = 4096;
+pub(in crate::vm::qemu) const MAX_TEXT: usize = 4096;
+
+/// RAM backend properties a description carries (the destination makes
+/// the backend itself: a shared file of its own, never a path from a peer).
+pub(in crate::vm::qemu) const RAM_PROPS: Schema = Schema {
+    implied: None,
+    keys: &[
+        ("merge", V::Bool),
+        ("dump", V::Bool),
+        ("policy", V::OneOf(&["default", "preferred", "bind", "interleave"])),
+        ("host-nodes", V::Word),
+        ("prealloc-threads", V::Num),
+        ("reserve", V::Bool),
+        ("align", V::Size),
+        ("discard-data", V::Bool),
+        ("x-use-canonical-path-for-ramblock-id", V::Bool),
+    ],
+};
+
+/// Block options a description's disk carries.
+pub(in crate::vm::qemu) const DISK_PROPS: Schema = Schema {
+    implied: None,
+    keys: &[
+        ("cache.direct", V::Bool),
+        ("cache.no-flush", V::Bool),
+        ("discard", V::OneOf(&["ignore", "unmap"])),
+        ("detect-zeroes", V::OneOf(&["on", "off", "unmap"])),
+        ("aio", V::OneOf(&["threads", "native", "io_uring"])),
+    ],
+};
+
+/// `-nic` properties a description carries besides the backend.
+pub(in crate::vm::qemu) const NIC_PROPS: Schema =
+    Schema { implied: None, keys: &[("model", V::Word), ("mac", V::Word)] };
+
+/// Options with no host resource in them, carried as they are: flags, or
+/// a value checked by its rule.
+pub(in crate::vm::qemu) const PLAIN_OPTIONS: &[(&str, Opt)] = &[
+    ("nodefaults", Opt::Flag),
+    ("no-user-config", Opt::Flag),
+    ("nographic", Opt::Flag),
+    ("no-reboot", Opt::Flag),
+    ("no-shutdown", Opt::Flag),
+    ("enable-kvm", Opt::Flag),
+    ("no-hpet", Opt::Flag),
+    ("usb", Opt::Flag),
+    ("name", Opt::Keyval(&NAME)),
+    ("uuid", Opt::Value(V::Word)),
+    ("boot", Opt::Keyval(&BOOT)),
+    ("rtc", Opt::Keyval(&RTC)),
+    ("overcommit", Opt::Keyval(&OVERCOMMIT)),
+    ("msg", Opt::Keyval(&MSG)),
+    ("action", Opt::Keyval(&ACTION)),
+    ("watchdog-action", Opt::Value(V::Word)),
+    ("vga", Opt::Value(V::OneOf(&["none", "std", "virtio", "cirrus", "qxl"]))),
+    ("smbios", Opt::Keyval(&SMBIOS)),
+    ("fw_cfg", Opt::Keyval(&FW_CFG)),
+    ("k", Opt::Value(V::Word)),
+    ("net", Opt::Value(V::OneOf(&["none"]))),
+    ("parallel", Opt::Value(V::OneOf(&["none", "null"]))),
+];
