@@ -7,7 +7,6 @@ use common::*;
 use dcmigrate::engine::{MigrateOptions, Outcome};
 use dcmigrate::testbed::qemu::{heartbeats, qemu_available, qmp_listening, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
-use std::path::Path;
 
 fn qemu_or_skip(test: &str) -> bool {
     let q = if qemu_available() { Ok(()) } else { Err(format!("{QEMU} is not installed")) };
@@ -121,12 +120,11 @@ fn two_numa_nodes_on_memfd_backends_move() {
     assert!(Testbed::qemu_pids(&tb.host("A").data_dir).is_empty(), "QEMU left on A");
     // Soft-dirty (where the kernel has it) reads B's QEMU's page tables: its
     // RAM files must be found in QEMU's mappings.
-    let b_qmp = tb.vm_on("B", "vm2").and_then(|v| v.runtime_dir).expect("B's runtime dir").join("qmp.sock");
-    let with = dcmigrate::vm::qemu::source::Describing { storage: &[], networks: &Default::default() };
-    let rec = dcmigrate::vm::qemu::attach("probe", &b_qmp, None, &with).expect("attach B's QEMU");
-    let files: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
+    let files = vec![b_dir.join("n0.ram"), b_dir.join("n1.ram")];
+    let regions =
+        [("n0", 64 * MIB), ("n1", 96 * MIB)].map(|(id, size)| dcmigrate::memory::RegionSpec { id: id.into(), size });
     let pid = Testbed::qemu_pids(&b_dir)[0];
-    let at = dcmigrate::dirty::softdirty::locate(pid, &files, &rec.regions()).expect("RAM mapped in QEMU");
+    let at = dcmigrate::dirty::softdirty::locate(pid, &files, &regions).expect("RAM mapped in QEMU");
     assert_eq!(at.len(), 2);
     tb.client("B").resume("vm2").expect("resume");
     assert_eq!(phase(&tb, "B", "vm2").as_deref(), Some("running"));
@@ -228,14 +226,15 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A launch spec that would have the destination's QEMU write or read host
-/// files, or listen on the network, fails the migration at session open
-/// with the option named; the VM stays on the source and the destination
-/// keeps nothing. The same QEMU with a clean spec migrates (so the refusals
-/// can fail).
+/// `vm add` reads the QEMU's command line into a description for other
+/// hosts: what cannot travel is refused there, every such option named at
+/// once, and the VM is not added; what only matters on the source host
+/// (a port forward, a debug log) is left out and said so. A clean line
+/// migrates (so the refusals can fail). What a destination does with a
+/// hostile description is tests/confinement.rs.
 #[test]
-fn launch_specs_outside_the_allow_list_fail_the_migration_cleanly() {
-    const T: &str = "launch_specs_outside_the_allow_list_fail_the_migration_cleanly";
+fn vm_add_refuses_what_a_description_cannot_carry() {
+    const T: &str = "vm_add_refuses_what_a_description_cannot_carry";
     if !qemu_or_skip(T) {
         return;
     }
@@ -261,35 +260,40 @@ fn launch_specs_outside_the_allow_list_fail_the_migration_cleanly() {
             .unwrap(),
     );
     qmp_listening(&qmp, 30).expect("QMP socket");
-    let attacks: &[(&[&str], &str)] = &[
-        (&["-serial", "file:/etc/cron.d/dcmigrate-test"], "-serial"),
-        (&["-D", "/tmp/dcmigrate-qemu.log"], "-D"),
-        (&["-drive", "file=/etc/shadow,format=raw,if=none,id=d"], "-drive"),
-        (&["-fsdev", "local,path=/,security_model=none,id=f"], "-fsdev"),
-        (&["-monitor", "tcp:0.0.0.0:4444,server=on,wait=off"], "-monitor"),
-        (&["-netdev", r#"{"type":"tap","id":"n","script":"/tmp/x"}"#], "script"),
-        (&["-chardev", "socket,id=c,host=0.0.0.0,port=4445,server=on,wait=off"], "host"),
-        (&["-plugin", "file=/tmp/x.so"], "-plugin"),
-    ];
     let binary = dcmigrate::testbed::qemu::qemu_binary();
     let spec = |extra: &[&str]| dcmigrate::vm::LaunchSpec::Qemu {
         binary: binary.clone(),
         args: base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect(),
     };
-    for (i, (extra, named)) in attacks.iter().enumerate() {
-        let vm = format!("atk{i}");
-        tb.client("A").attach_qemu(&vm, qmp.clone(), Some(spec(extra))).expect("attach");
-        let report = migrate(&tb, "A", &vm, "B", MigrateOptions::default());
-        assert_eq!(report.result, Outcome::Failed, "{extra:?}: {report:#?}");
-        let err = report.error.clone().unwrap_or_default();
-        assert!(err.contains("launch spec") && err.contains(named), "{extra:?}: {err}");
-        assert!(tb.vm_on("A", &vm).is_some(), "{extra:?}: the VM left the source");
-        assert!(tb.vm_on("B", &vm).is_none() && !incoming_on(&tb, "B", &vm), "{extra:?}: B kept a session");
-        assert!(!tb.host("B").data_dir.join(format!("{vm}.qemu")).exists(), "{extra:?}: B created the VM's dir");
+    let bad = spec(&[
+        "-drive",
+        "file=/etc/shadow,format=raw,if=none,id=d",
+        "-fsdev",
+        "local,path=/,security_model=none,id=f",
+        "-chardev",
+        "socket,id=c,host=0.0.0.0,port=4445,server=on,wait=off",
+        "-plugin",
+        "file=/tmp/x.so",
+    ]);
+    let e = tb.client("A").attach_qemu("bad", qmp.clone(), Some(bad)).unwrap_err().to_string();
+    for named in ["-drive", "-fsdev", "-chardev", "-plugin"] {
+        assert!(e.contains(named), "{named} not named: {e}");
     }
-    assert!(!Path::new("/etc/cron.d/dcmigrate-test").exists());
-    // The same QEMU with a clean launch spec migrates.
-    tb.client("A").attach_qemu("clean", qmp, Some(spec(&["-serial", "file:{dir}/serial.log"]))).expect("attach");
+    assert!(tb.vm_on("A", "bad").is_none());
+    let local = spec(&[
+        "-serial",
+        "file:/tmp/x.log",
+        "-D",
+        "/tmp/dcmigrate-qemu.log",
+        "-netdev",
+        "user,id=n0,hostfwd=tcp::2222-:22",
+    ]);
+    let r = tb.client("A").attach_qemu("clean", qmp, Some(local)).expect("attach");
+    for note in ["-D", "hostfwd"] {
+        assert!(r.notes.iter().any(|n| n.contains(note)), "{note} not noted: {:?}", r.notes);
+    }
+    let d = r.description.expect("a description");
+    assert_eq!(d.nets[0].network, "user");
     let report = migrate(&tb, "A", "clean", "B", suspended());
     assert_eq!(report.result, Outcome::Completed, "{report:#?}");
     assert!(tb.vm_on("B", "clean").is_some());

@@ -176,7 +176,9 @@ async fn open_session(
     a: &LinkSpec,
     version: u32,
 ) -> Result<(u16, Token, (Option<Vec<RdmaRegion>>, u8)), LinkError> {
-    let launch = a.vm.launch_for(version).ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
+    let launch =
+        a.vm.launch_for(version >= crate::protocol::DESCRIPTIONS)
+            .ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
     let open = Message::OpenSession {
         vm: a.vm.name.clone(),
         regions: a.vm.regions(),

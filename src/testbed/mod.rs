@@ -37,7 +37,16 @@ pub struct Host {
     pub control: SocketAddr,
     /// The agent's stdout and stderr.
     pub log: PathBuf,
+    /// Its storage directories besides the guest image's (`--storage`).
+    pub storage: Vec<PathBuf>,
     child: Option<Child>,
+}
+
+impl Host {
+    /// The agent's state dir (its journal, VMs' runtime directories).
+    pub fn state_dir(&self) -> PathBuf {
+        self.log.with_file_name("state")
+    }
 }
 
 /// Agents (and guests) started together; stopped and removed on drop.
@@ -167,6 +176,7 @@ impl Testbed {
                 data_dir: hdir.join("data"),
                 control,
                 log: hdir.join("agent.log"),
+                storage: vec![],
                 child: None,
             });
         }
@@ -210,10 +220,13 @@ impl Testbed {
         };
         cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
-        cmd.arg("--state-dir").arg(h.log.with_file_name("state"));
+        cmd.arg("--state-dir").arg(h.state_dir());
         if let Some(img) = qemu::guest_image() {
-            // Launch specs boot the test guest's kernel from there.
+            // VM descriptions boot the test guest's kernel from there.
             cmd.arg("--storage").arg(img);
+        }
+        for s in &h.storage {
+            cmd.arg("--storage").arg(s);
         }
         for p in &self.hosts {
             if p.name != h.name {
@@ -249,6 +262,13 @@ impl Testbed {
     pub fn restart_agent_under(&mut self, host: &str, wrapper: &[&str]) -> Result<(), TestbedError> {
         self.wrappers.insert(host.to_owned(), wrapper.iter().map(|s| s.to_string()).collect());
         self.restart_agent(host, &[])
+    }
+
+    /// Gives `host`'s agent `dir` as a storage directory too, from its next start.
+    pub fn add_storage(&mut self, host: &str, dir: &Path) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
+            h.storage.push(dir.to_owned());
+        }
     }
 
     /// The host named `name`; panics if there is none.

@@ -136,12 +136,12 @@ impl Default for LaunchSpec {
 }
 
 impl VmRecord {
-    /// What a destination speaking `version` gets to start this VM: the
-    /// description from protocol 4 on, the command line before (none for a
+    /// What a destination gets to start this VM: the description if it
+    /// reads descriptions (protocol 4), else the command line (none for a
     /// VM that arrived as a description).
-    pub fn launch_for(&self, version: u32) -> Option<LaunchSpec> {
+    pub fn launch_for(&self, descriptions: bool) -> Option<LaunchSpec> {
         match &self.launch {
-            LaunchSpec::QemuVm { .. } if version < crate::protocol::DESCRIPTIONS => self.legacy.clone(),
+            LaunchSpec::QemuVm { .. } if !descriptions => self.legacy.clone(),
             other => Some(other.clone()),
         }
     }

@@ -319,7 +319,7 @@ mod tests {
         std::fs::write(t.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(t.path().join("secret"), root.join("link")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("abs")).unwrap();
-        let s = Storage::new(&[root.clone()]);
+        let s = Storage::new(std::slice::from_ref(&root));
         assert!(s.disk(&disk("a.raw", Format::Raw)).is_ok());
         for bad in ["link", "abs", "../secret", "nope"] {
             assert!(s.disk(&disk(bad, Format::Raw)).is_err(), "{bad} opened");
@@ -338,7 +338,7 @@ mod tests {
         std::fs::write(root.join("vm/up.qcow2"), qcow2::tests::header(Some("../../x"), None, None)).unwrap();
         std::fs::write(root.join("vm/nbd.qcow2"), qcow2::tests::header(Some("nbd:localhost:1"), None, None)).unwrap();
         std::fs::write(root.join("vm/data.qcow2"), qcow2::tests::header(None, None, Some("/etc/passwd"))).unwrap();
-        let s = Storage::new(&[root.clone()]);
+        let s = Storage::new(std::slice::from_ref(&root));
         let chain = s.disk(&disk("vm/top.qcow2", Format::Qcow2)).unwrap();
         assert_eq!(chain.nodes.len(), 2);
         assert_eq!(chain.nodes[1].name, "vm/../base.raw");

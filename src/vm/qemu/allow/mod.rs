@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(flat.get("file.filename").map(String::as_str), Some("x"));
         let deep = format!("driver=raw,{}=x", vec!["a"; 2000].join("."));
         assert!(parse_value(&deep, None).is_none(), "nesting is bounded");
-        let json = format!("{}{}", "{\"a\":".repeat(20), format!("1{}", "}".repeat(20)));
+        let json = format!("{}1{}", "{\"a\":".repeat(20), "}".repeat(20));
         assert!(parse_value(&json, None).is_none(), "JSON nesting is bounded too");
         assert!(parse_value("a=1,a=2", None).is_none(), "a key twice");
     }

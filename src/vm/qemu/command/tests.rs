@@ -107,7 +107,7 @@ fn a_typical_vm_is_described_and_built_with_descriptors_only() {
     let json = serde_json::to_string(&desc).unwrap();
     assert_eq!(serde_json::from_str::<Description>(&json).unwrap(), desc);
 
-    let storage = Storage::new(&[b.storage.clone()]);
+    let storage = Storage::new(std::slice::from_ref(&b.storage));
     let networks = Networks::default();
     check_resources(&desc, &storage, &networks).unwrap();
     let rt = RuntimeDir::create(&b.runtime).unwrap();
@@ -216,7 +216,7 @@ fn a_description_from_a_peer_is_checked_again() {
 fn a_missing_file_or_network_is_refused_before_anything_is_created() {
     let b = bed();
     let mut desc = described(&b.storage, &typical(&b.storage)).unwrap().description;
-    let storage = Storage::new(&[b.storage.clone()]);
+    let storage = Storage::new(std::slice::from_ref(&b.storage));
     desc.nets[0].network = "prod".into();
     let e = crate::error_chain(&check_resources(&desc, &storage, &Networks::default()).unwrap_err());
     assert!(e.contains("prod") && e.contains("user"), "{e}");
