@@ -50,6 +50,13 @@ hook!(
 );
 
 hook!(
+    /// `DCMIGRATE_TEST_DROP_BEFORE_COMMIT=1` (destination agent): the first
+    /// `Resume` of the process closes the connection instead of committing,
+    /// so the source cannot know the outcome and the VM is not here.
+    drop_before_commit: u8 = "DCMIGRATE_TEST_DROP_BEFORE_COMMIT"
+);
+
+hook!(
     /// `DCMIGRATE_TEST_STALL_DEVICE_STATE_MS=MS` (destination agent): waits
     /// this long before loading the device state, like a destination that
     /// hangs in the middle of the pause.

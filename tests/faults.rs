@@ -221,6 +221,37 @@ fn unknown_outcome_is_refused_then_settled() {
     runs_only_on(&tb, "hostB", "f7");
 }
 
+/// The source's `Resume` never reaches the destination (the connection
+/// drops first: the outcome is unknown, the destination discards), and
+/// another source then moves a VM of the same name there. Asked about its
+/// own migration, the destination says it never committed it, and the
+/// source resumes its VM: both copies go on. (Asked by the VM's name, as
+/// protocol 3 does, it would have answered "committed" and the source
+/// would have stopped the only copy of its VM.) The source's agent is down
+/// while the other migration runs, so it cannot ask before.
+#[test]
+fn an_outcome_is_answered_for_the_migration_asked_about() {
+    if !hooks_or_skip("an_outcome_is_answered_for_the_migration_asked_about") {
+        return;
+    }
+    let mut tb = bed(&["hostA", "hostB", "hostC"], &[]);
+    tb.restart_agent("hostB", &[("DCMIGRATE_TEST_DROP_BEFORE_COMMIT", "1")]).unwrap();
+    tb.start_guest("hostA", "twin", 32 * MIB, &workload(5.0), false, &[]).unwrap();
+    let r = migrate(&tb, "hostA", "twin", "hostB", MigrateOptions::default());
+    assert_eq!(r.result, Outcome::Unknown, "{r:#?}");
+    tb.kill_agent("hostA");
+    clean(&tb, "hostB", "twin");
+    tb.start_guest("hostC", "twin", 32 * MIB, &workload(5.0), false, &[]).unwrap();
+    let r = migrate(&tb, "hostC", "twin", "hostB", MigrateOptions::default());
+    assert_eq!(r.result, Outcome::Completed, "{r:#?}");
+    tb.restart_agent("hostA", &[]).unwrap();
+    let resumed = wait_for(30, || (phase(&tb, "hostA", "twin").as_deref() == Some("running")).then_some(()));
+    assert!(resumed.is_some(), "the source's VM did not resume:\n{}", tb.logs());
+    assert_running_on(&tb, "hostA", "twin");
+    assert_running_on(&tb, "hostB", "twin");
+    assert!(tb.vm_on("hostC", "twin").is_none());
+}
+
 /// `--max-time` is a hard budget: a round that would take minutes ends
 /// when it runs out (here with `--on-budget abort`: the VM stays).
 #[test]

@@ -69,7 +69,7 @@ async fn rig() -> Rig {
     let ram = Arc::new(GuestRam::create(layout, &[dir.path().join("a"), dir.path().join("b")]).unwrap());
     let rx = Receiver::default();
     let token = Token([7u8; TOKEN_LEN]);
-    rx.add(token, ram.clone());
+    rx.add(token, ram.clone(), None);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(rx.serve(l));
@@ -181,6 +181,7 @@ fn synthetic_session(vm: &str, size: u64) -> Message {
         launch: LaunchSpec::Synthetic { workload: Default::default() },
         rdma_slices: false,
         holes: 0,
+        migration: Some(dcmigrate::protocol::MigrationId::random()),
     }
 }
 
@@ -312,7 +313,96 @@ async fn stream(
     token: &Token,
     tls: Option<&ClientTls>,
 ) -> Result<DataStream, TransportError> {
-    dcmigrate::transport::handshake::open(addr, Hello::new(*token, 0, StreamMode::Tcp), tls).await
+    stream_as(addr, token, 0, tls).await
+}
+
+/// A data stream as sender `sender`.
+async fn stream_as(
+    addr: std::net::SocketAddr,
+    token: &Token,
+    sender: u8,
+    tls: Option<&ClientTls>,
+) -> Result<DataStream, TransportError> {
+    dcmigrate::transport::handshake::open(addr, Hello::new(*token, sender, StreamMode::Tcp), tls).await
+}
+
+/// Opens a session on hostA as its source hostB; the data address and the source's token.
+async fn session_on_a(
+    tb: &dcmigrate::testbed::Testbed,
+    c: &mut peer::Connected<peer::ClientStream>,
+    vm: &str,
+) -> (std::net::SocketAddr, Token) {
+    match ask(c, synthetic_session(vm, 8 * MIB)).await {
+        Ok(Message::SessionOpened { data_port, token, .. }) => {
+            (std::net::SocketAddr::new(tb.host("hostA").control.ip(), data_port), token)
+        }
+        other => panic!("open: {other:?}"),
+    }
+}
+
+/// A forwarder's token for host `host`, as sender `sender`.
+async fn forwarder_token(c: &mut peer::Connected<peer::ClientStream>, sender: u8, host: &str) -> Token {
+    match ask(c, Message::AddSender { sender, host: host.into() }).await {
+        Ok(Message::SenderAdded { token }) => token,
+        other => panic!("add_sender: {other:?}"),
+    }
+}
+
+fn refused(r: Result<DataStream, TransportError>) -> HelloStatus {
+    match r {
+        Err(TransportError::Refused(s)) => s,
+        Err(e) => panic!("refused otherwise: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
+/// Each sender's data-plane token is its own: bound to its sender id and
+/// to the host its certificate names. A forwarder's token is refused from
+/// another host or as another sender, the source's token is refused from
+/// the forwarder, and once the source fences the forwarder its token is
+/// refused for good and its open stream is cut; the source's stream goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarders_token_is_its_own_and_dies_with_its_fence() {
+    let tb = testbed(&["hostA", "hostB", "hostC"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (addr, source_token) = session_on_a(&tb, &mut c, "fwd").await;
+    let forwarder = forwarder_token(&mut c, 1, "hostC").await;
+    let (tls_b, tls_c) = (data_tls(&tb, "hostB", "hostA"), data_tls(&tb, "hostC", "hostA"));
+    let mut live = stream_as(addr, &forwarder, 1, Some(&tls_c)).await.expect("the forwarder's own stream");
+    let mut source = stream_as(addr, &source_token, 0, Some(&tls_b)).await.expect("the source's stream");
+    assert_eq!(refused(stream_as(addr, &forwarder, 1, Some(&tls_b)).await), HelloStatus::WrongSender, "another host");
+    assert_eq!(refused(stream_as(addr, &forwarder, 2, Some(&tls_c)).await), HelloStatus::WrongSender, "another id");
+    assert_eq!(refused(stream_as(addr, &source_token, 0, Some(&tls_c)).await), HelloStatus::WrongSender);
+    assert_eq!(refused(stream_as(addr, &source_token, 1, Some(&tls_c)).await), HelloStatus::WrongSender);
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut live, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }), "the forwarder writes");
+    assert!(matches!(ask(&mut c, Message::Fence { sender: 1 }).await, Ok(Message::Ok)));
+    assert_eq!(refused(stream_as(addr, &forwarder, 1, Some(&tls_c)).await), HelloStatus::BadToken, "revoked");
+    assert_eq!(send(&mut live, h, PAGE_SIZE).await, None, "the fenced forwarder's stream still writes");
+    assert_eq!(send(&mut source, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }), "the source's was cut");
+    // A host that may not send data here gets no token.
+    let e = ask(&mut c, Message::AddSender { sender: 3, host: "hostZ".into() }).await.unwrap_err().to_string();
+    assert!(e.contains("hostZ"), "{e}");
+}
+
+/// When the pause's verification begins, only the source's streams go
+/// on: a forwarder's open stream is cut and its token refused, so nothing
+/// but the source can change what is being verified.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarders_stream_is_cut_when_the_pause_verification_begins() {
+    let tb = testbed(&["hostA", "hostB", "hostC"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (addr, source_token) = session_on_a(&tb, &mut c, "seal").await;
+    let forwarder = forwarder_token(&mut c, 1, "hostC").await;
+    let tls_c = data_tls(&tb, "hostC", "hostA");
+    let mut live = stream_as(addr, &forwarder, 1, Some(&tls_c)).await.expect("the forwarder's stream");
+    let mut source = stream(addr, &source_token, Some(&data_tls(&tb, "hostB", "hostA"))).await.unwrap();
+    let paused = Message::ChecksumRequest { blocks: Some(vec![0]), block_pages: Some(4), pause: true };
+    assert!(matches!(ask(&mut c, paused).await, Ok(Message::Checksums { .. })));
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut live, h, PAGE_SIZE).await, None, "a forwarder wrote after the pause's verification began");
+    assert_eq!(refused(stream_as(addr, &forwarder, 1, Some(&tls_c)).await), HelloStatus::BadToken);
+    assert_eq!(send(&mut source, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }), "the source's was cut");
 }
 
 /// CPU seconds `pid` has used (user + system).

@@ -29,6 +29,8 @@ pub struct Reservation {
     /// Bytes the source will not send unless the guest writes them (holes
     /// there): not to come before the switchover (as the source said).
     pub holes: u64,
+    /// The migration it belongs to (protocol 4).
+    pub migration: Option<crate::protocol::MigrationId>,
 }
 
 impl Reservation {
@@ -194,7 +196,7 @@ mod tests {
         let per = Limits { per_session: Some(1 << 20), ..Default::default() };
         assert!(matches!(admit(&per, dir.path(), 2 << 20, none.iter()), Err(CapacityError::Session { .. })));
         // Another session's unfilled RAM is promised to it.
-        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")], holes: 0 }];
+        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")], holes: 0, migration: None }];
         assert!(matches!(
             admit(&Limits::default(), dir.path(), 1 << 20, other.iter()),
             Err(CapacityError::Space { .. })

@@ -277,8 +277,9 @@ impl Agent {
         handle.on_events(self.events.clone());
         handle.emit(engine::watch::EventKind::Started { to: to.clone() });
         let journal = self.clone();
+        let migration = Some(handle.migration);
         handle.on_phase(Box::new(move |vm, destination, phase| {
-            let e = MigrationEntry { vm: vm.into(), destination: destination.into(), phase: phase.into() };
+            let e = MigrationEntry { vm: vm.into(), destination: destination.into(), phase: phase.into(), migration };
             journal.journal_migration(vm, Some(e));
         }));
         let (me, h) = (self.clone(), handle.clone());
@@ -294,7 +295,7 @@ impl Agent {
             });
             match report.result {
                 engine::Outcome::Completed => me.remove_vm(&report.vm),
-                engine::Outcome::Unknown => me.outcome_unknown(&report.vm, &report.destination),
+                engine::Outcome::Unknown => me.outcome_unknown(&report.vm, &report.destination, Some(h.migration)),
                 _ => {}
             }
             me.journal_migration(&report.vm, None);

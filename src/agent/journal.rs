@@ -25,6 +25,10 @@ struct Registry {
     vms: Vec<VmRecord>,
     #[serde(default)]
     unknown: HashMap<String, Unknown>,
+    /// Migrations that committed here lately (newest last), for sources
+    /// that lost the answer to their `Resume`.
+    #[serde(default)]
+    committed: Vec<crate::protocol::MigrationId>,
 }
 
 /// A migration this host runs as source.
@@ -36,6 +40,9 @@ pub struct MigrationEntry {
     pub destination: String,
     /// How far it got.
     pub phase: JournalPhase,
+    /// Its id (absent in journals of earlier releases).
+    #[serde(default)]
+    pub migration: Option<crate::protocol::MigrationId>,
 }
 
 /// The phases that matter after a crash.
@@ -117,6 +124,7 @@ impl Agent {
         let reg = Registry {
             vms: self.vms.lock().unwrap().values().cloned().collect(),
             unknown: self.unknown.lock().unwrap().clone(),
+            committed: self.committed.lock().unwrap().iter().copied().collect(),
         };
         if let Err(e) = write_json(&self.state("vms.json"), &reg) {
             tracing::warn!("journal: {e}");
@@ -171,6 +179,7 @@ impl Agent {
             self.set_drained(true);
         }
         if let Some(reg) = read_json::<Registry>(&self.state("vms.json")) {
+            self.committed.lock().unwrap().extend(reg.committed);
             for rec in reg.vms {
                 let (name, r) = (rec.name.clone(), rec.clone());
                 match tokio::task::spawn_blocking(move || Self::source_vm(r).status()).await {
@@ -183,7 +192,7 @@ impl Agent {
             }
             for (vm, u) in reg.unknown {
                 if self.has_vm(&vm) {
-                    self.outcome_unknown(&vm, &u.destination);
+                    self.outcome_unknown(&vm, &u.destination, u.migration);
                 }
             }
         }
@@ -223,7 +232,7 @@ impl Agent {
             }
             JournalPhase::ResumeSent => {
                 if self.has_vm(&m.vm) {
-                    self.outcome_unknown(&m.vm, &m.destination);
+                    self.outcome_unknown(&m.vm, &m.destination, m.migration);
                 }
             }
         }

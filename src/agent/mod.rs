@@ -124,6 +124,11 @@ impl AgentConfig {
         Arc::new(move |h: &str| hosts.contains(h))
     }
 
+    /// Whether `host` (a verified peer name) may send data streams here.
+    pub fn sends_data(&self, host: &str) -> bool {
+        self.peers.contains_key(host) || self.accept_from.as_ref().is_some_and(|a| a.contains(host))
+    }
+
     /// Whether `host` (a verified peer name) may open sessions here.
     pub fn accepts_from(&self, host: &str) -> bool {
         match &self.accept_from {
@@ -162,6 +167,8 @@ pub struct Agent {
     metrics_addr: Mutex<Option<SocketAddr>>,
     /// Uids incoming sessions hold (see `take_identity`).
     uids: Mutex<HashSet<u32>>,
+    /// Migrations that committed here lately (see `outcome_of`).
+    committed: Mutex<std::collections::VecDeque<crate::protocol::MigrationId>>,
 }
 
 impl Agent {
@@ -200,6 +207,7 @@ impl Agent {
             totals: Default::default(),
             metrics_addr: Mutex::new(None),
             uids: Mutex::new(HashSet::new()),
+            committed: Mutex::new(Default::default()),
         })
     }
 
@@ -338,19 +346,6 @@ impl Agent {
     /// Gives the claim of [`begin_incoming`](Self::begin_incoming) back.
     pub fn end_incoming(&self, vm: &str) {
         self.incoming.lock().unwrap().remove(vm);
-    }
-
-    /// What this host knows of `vm`, for a source that lost the answer to
-    /// its `Resume`.
-    pub fn outcome_of(&self, vm: &str) -> crate::protocol::RemoteOutcome {
-        use crate::protocol::RemoteOutcome;
-        if self.has_vm(vm) {
-            RemoteOutcome::Committed
-        } else if self.incoming.lock().unwrap().contains_key(vm) {
-            RemoteOutcome::Pending
-        } else {
-            RemoteOutcome::NotHere
-        }
     }
 
     /// Registers a VM that now lives on this host.

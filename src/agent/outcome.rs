@@ -6,10 +6,13 @@
 //! resolve`). The VM never runs twice.
 
 use super::Agent;
-use crate::protocol::{Message, RemoteOutcome, HEARTBEATS};
+use crate::protocol::{Message, MigrationId, RemoteOutcome, HEARTBEATS};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Committed migrations a destination remembers.
+pub const COMMITTED: usize = 4096;
 
 /// How often the destination is asked, at most.
 const ASK_EVERY_MAX: Duration = Duration::from_secs(30);
@@ -19,6 +22,10 @@ const ASK_EVERY_MAX: Duration = Duration::from_secs(30);
 pub struct Unknown {
     /// The destination that may run it.
     pub destination: String,
+    /// The migration asked about (absent in journals of earlier releases:
+    /// asked by the VM's name then).
+    #[serde(default)]
+    pub migration: Option<MigrationId>,
 }
 
 /// How an outcome was settled.
@@ -33,9 +40,10 @@ pub enum Settled {
 impl Agent {
     /// The migration of `vm` to `destination` ended with its outcome
     /// unknown: refuse to touch the VM, and ask the destination until it says.
-    pub(super) fn outcome_unknown(self: &Arc<Self>, vm: &str, destination: &str) {
+    pub(super) fn outcome_unknown(self: &Arc<Self>, vm: &str, destination: &str, migration: Option<MigrationId>) {
         tracing::warn!(%vm, %destination, "switchover outcome unknown: the VM stays paused here until it is settled");
-        self.unknown.lock().unwrap().insert(vm.to_owned(), Unknown { destination: destination.to_owned() });
+        let u = Unknown { destination: destination.to_owned(), migration };
+        self.unknown.lock().unwrap().insert(vm.to_owned(), u);
         self.journal_vms();
         let (me, vm) = (self.clone(), vm.to_owned());
         tokio::spawn(async move { me.settle_by_asking(&vm).await });
@@ -57,7 +65,7 @@ impl Agent {
             }
             wait = (wait * 2).min(ASK_EVERY_MAX);
             let Some(u) = self.unknown_outcome(vm) else { return };
-            match self.ask(vm, &u.destination).await {
+            match self.ask(vm, &u).await {
                 Ok(RemoteOutcome::Committed) => {
                     let _ = self.settle(vm, Settled::Moved).await;
                     return;
@@ -74,13 +82,48 @@ impl Agent {
         }
     }
 
-    /// One question to the destination.
-    async fn ask(&self, vm: &str, destination: &str) -> Result<RemoteOutcome, String> {
-        let q = Message::OutcomeQuery { vm: vm.to_owned() };
+    /// One question to the destination, about this migration.
+    async fn ask(&self, vm: &str, u: &Unknown) -> Result<RemoteOutcome, String> {
+        let q = Message::OutcomeQuery { vm: vm.to_owned(), migration: u.migration };
         let what = "outcome queries; settle it with `dcmigrate resolve`";
-        match self.ask_peer(destination, q, HEARTBEATS, what).await.map_err(|e| e.to_string())? {
+        match self.ask_peer(&u.destination, q, HEARTBEATS, what).await.map_err(|e| e.to_string())? {
             Message::OutcomeAnswer { outcome, .. } => Ok(outcome),
             other => Err(format!("unexpected {}", other.name())),
+        }
+    }
+
+    /// What this host knows of a migration of `vm` (asked by a source that
+    /// lost the answer to its `Resume`). With the migration's id, the
+    /// answer is about that migration alone: a session another source
+    /// opened for a VM of the same name never settles it. Without (a
+    /// protocol-3 source), about the VM's name.
+    pub fn outcome_of(&self, vm: &str, migration: Option<MigrationId>) -> RemoteOutcome {
+        let Some(id) = migration else {
+            return if self.has_vm(vm) {
+                RemoteOutcome::Committed
+            } else if self.incoming.lock().unwrap().contains_key(vm) {
+                RemoteOutcome::Pending
+            } else {
+                RemoteOutcome::NotHere
+            };
+        };
+        if self.committed.lock().unwrap().contains(&id) {
+            RemoteOutcome::Committed
+        } else if self.incoming.lock().unwrap().values().any(|r| r.migration == Some(id)) {
+            RemoteOutcome::Pending
+        } else {
+            RemoteOutcome::NotHere
+        }
+    }
+
+    /// A migration committed here: remembered (the last [`COMMITTED`]) for
+    /// sources that ask after losing the answer.
+    pub(super) fn committed(&self, id: Option<MigrationId>) {
+        let Some(id) = id else { return };
+        let mut c = self.committed.lock().unwrap();
+        c.push_back(id);
+        while c.len() > COMMITTED {
+            c.pop_front();
         }
     }
 

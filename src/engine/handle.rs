@@ -6,7 +6,7 @@ use super::options::Steering;
 use super::report::Report;
 use super::watch::{now_ms, Event, EventKind};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -69,8 +69,6 @@ pub struct MigrationStatus {
     pub report: Option<Report>,
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
 /// The progress a handle last sent as an event.
 #[derive(Default)]
 struct Told {
@@ -80,8 +78,10 @@ struct Told {
 
 /// Shared between the engine task and the agent's API.
 pub struct MigrationHandle {
-    /// The migration's id.
+    /// The migration's id (its [`migration`](Self::migration) in hex).
     pub id: String,
+    /// The migration's id on the wire and in every host's journal.
+    pub migration: crate::protocol::MigrationId,
     /// The VM.
     pub vm: String,
     /// The first destination.
@@ -115,10 +115,12 @@ impl MigrationHandle {
     /// A handle for migrating `vm` to `to`.
     pub fn new(vm: &str, to: &str) -> Arc<Self> {
         let (retarget_tx, rx) = mpsc::unbounded_channel();
+        let migration = crate::protocol::MigrationId::random();
         Arc::new(Self {
             retarget_tx,
             retarget_rx: Mutex::new(Some(rx)),
-            id: format!("m{}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed), std::process::id()),
+            id: migration.to_string(),
+            migration,
             vm: vm.to_owned(),
             to: to.to_owned(),
             cancel: CancellationToken::new(),

@@ -110,6 +110,8 @@ pub struct LinkSpec {
     pub peer_timeout: Duration,
     /// Bytes of the VM's RAM that are holes (told to the destination).
     pub holes: u64,
+    /// The migration's id (told to the destination).
+    pub migration: crate::protocol::MigrationId,
 }
 
 /// The source's connection to one peer.
@@ -124,6 +126,8 @@ pub struct Link {
     pub token: Token,
     /// The negotiated protocol version.
     pub version: u32,
+    /// The migration's id, in the messages that act on the session.
+    pub migration: crate::protocol::MigrationId,
     out: crate::control::Outbox,
     replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Message, String>>>,
     /// Batches this host forwards, until it reports them; `None` once the
@@ -186,6 +190,7 @@ async fn open_session(
         launch,
         rdma_slices: true,
         holes: a.holes,
+        migration: Some(a.migration),
     };
     ch.out.send(open).map_err(|_| LinkError::Closed)?;
     // Preparing RAM (and pinning it for RDMA) takes time that grows with
@@ -249,7 +254,7 @@ impl Link {
             Err(e) => {
                 // Wait for the answer: the host has cleaned up once it replies,
                 // so a retry right away finds no leftover session.
-                let _ = ch.out.send(Message::Abort { reason: crate::error_chain(&e) });
+                let _ = ch.out.send(Message::Abort { reason: crate::error_chain(&e), migration: Some(a.migration) });
                 let _ = next_reply(&mut ch.inbox, ABORT_TIMEOUT).await;
                 ch.closed.cancel();
                 return Err(LinkError::DataPlane(e));
@@ -262,6 +267,7 @@ impl Link {
             data_addr,
             token,
             version,
+            migration: a.migration,
             out: ch.out,
             replies: tokio::sync::Mutex::new(replies),
             forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
@@ -403,7 +409,8 @@ impl Link {
     /// Tells the host to discard its session, and waits (briefly) until it did.
     pub async fn abort(&self, reason: &str) {
         self.close_sender();
-        let _ = tokio::time::timeout(ABORT_TIMEOUT, self.request(Message::Abort { reason: reason.into() })).await;
+        let abort = Message::Abort { reason: reason.into(), migration: Some(self.migration) };
+        let _ = tokio::time::timeout(ABORT_TIMEOUT, self.request(abort)).await;
         self.closed.cancel();
     }
 

@@ -275,17 +275,39 @@ impl Migration {
         }
     }
 
+    /// A data-plane token for forwarder `h` at `link`'s host: its own, bound
+    /// to its name (protocol 4), or the session's (older hosts).
+    async fn sender_token(&self, h: HostId, link: &Link) -> Result<crate::protocol::Token, LinkError> {
+        if link.version < crate::protocol::DESCRIPTIONS {
+            return Ok(link.token);
+        }
+        let add = Message::AddSender { sender: h, host: self.hosts.names[h as usize].clone() };
+        match link.call(add, MessageKind::SenderAdded).await? {
+            Message::SenderAdded { token } => Ok(token),
+            other => Err(LinkError::Unexpected { request: "add_sender", got: other.name() }),
+        }
+    }
+
     /// Asks host `h` to forward to `link`'s host; whether it can.
     async fn forward_to(&mut self, h: HostId, link: &Link) -> bool {
+        let token = match self.sender_token(h, link).await {
+            Ok(t) => t,
+            Err(e) => {
+                let host = &self.hosts.names[h as usize];
+                tracing::warn!(%host, "no data-plane token for it at {}: {}", link.host, crate::error_chain(&e));
+                return false;
+            }
+        };
         let m = Message::ForwardTo {
             host: link.host.clone(),
             data_addr: link.data_addr,
-            token: link.token,
+            token,
             streams: self.job.opts.streams,
             sender: h,
             rdma: link.rdma_offer.clone(),
             rdma_endpoint: link.rdma_endpoint,
             transport: self.job.opts.transport,
+            migration: Some(self.job.handle.migration),
         };
         match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
             Ok(Message::ForwardReady { transport, rdma }) => {
@@ -320,6 +342,13 @@ impl Migration {
             tracing::info!(host = %l.host, "releasing old destination: {why}");
             let reason = format!("no longer needed: {why}");
             tokio::spawn(async move { l.abort(&reason).await });
+        }
+        // The target revokes what it gave the released host (its token,
+        // its streams): a released host can no longer write there.
+        if f != self.hosts.target {
+            if let Some(target) = self.hosts.links.get(&self.hosts.target).cloned() {
+                tokio::spawn(async move { drop(target.call(Message::Fence { sender: f }, MessageKind::Ok).await) });
+            }
         }
     }
 

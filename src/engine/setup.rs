@@ -157,6 +157,7 @@ pub(super) fn link_spec(
         rdma: job.ctx.rdma.clone(),
         peer_timeout: job.ctx.peer_timeout,
         holes: 0,
+        migration: job.handle.migration,
     }
 }
 

@@ -43,7 +43,7 @@ impl Migration {
         let t = Instant::now();
         self.advance(Phase::ResumeSent);
         let target = self.target_link();
-        let resume = Message::Resume { start: !self.job.opts.suspend };
+        let resume = Message::Resume { start: !self.job.opts.suspend, migration: Some(target.migration) };
         target.call(resume, MessageKind::Resumed).await.map_err(|e| self.lost(target.id, e))?;
         d.resume_ms = ms(t);
         self.report.downtime_ms = Some(ms(t_pause));

@@ -3,7 +3,7 @@
 //! version 1 are kept, so a version-1 peer still understands every message
 //! it knew.
 
-use super::types::{DataPlane, RdmaPath, RdmaRegion, Token, TransportKind};
+use super::types::{DataPlane, MigrationId, RdmaPath, RdmaRegion, Token, TransportKind};
 use crate::memory::RegionSpec;
 use crate::vm::LaunchSpec;
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,9 @@ pub enum Message {
         /// allocated here before the switchover (older sources: 0).
         #[serde(default, skip_serializing_if = "is_zero")]
         holes: u64,
+        /// Version 4: the migration this belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
     },
     /// Destination: the session is ready.
     SessionOpened {
@@ -145,6 +148,9 @@ pub enum Message {
     Resume {
         /// false: leave the VM paused on the destination (`--suspend`).
         start: bool,
+        /// Version 4: the migration this belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
     },
     /// Destination: the VM is committed here.
     Resumed,
@@ -152,6 +158,9 @@ pub enum Message {
     Abort {
         /// Why, for the destination's log.
         reason: String,
+        /// Version 4: the migration this belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
     },
     /// S to an old destination: open data streams to the new one, as
     /// sender `sender` (its host id in the migration).
@@ -175,6 +184,9 @@ pub enum Message {
         /// Which data plane the migration may use.
         #[serde(default)]
         transport: TransportKind,
+        /// Version 4: the migration this belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
     },
     /// A forwarder's answer to `ForwardTo`: its streams are open.
     ForwardReady {
@@ -225,6 +237,10 @@ pub enum Message {
     OutcomeQuery {
         /// The VM.
         vm: String,
+        /// Version 4: the migration asked about; answered for it alone
+        /// (without: for whatever migration of that VM, as before).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration: Option<MigrationId>,
     },
     /// Version 2: the destination's answer to `OutcomeQuery`.
     OutcomeAnswer {
@@ -244,6 +260,19 @@ pub enum Message {
     CapacityQuery,
     /// Version 3: the answer to `CapacityQuery`.
     Capacity(Capacity),
+    /// Version 4, source to its target: a data-plane token for forwarder
+    /// `sender`, good only on streams from `host` (answered `SenderAdded`).
+    AddSender {
+        /// The forwarder's host id in the migration.
+        sender: u8,
+        /// Its host name, as its certificate says.
+        host: String,
+    },
+    /// Version 4: the forwarder's token.
+    SenderAdded {
+        /// The token, for the forwarder's `ForwardTo`.
+        token: Token,
+    },
     /// Success without data.
     Ok,
     /// The request failed; the message says why.

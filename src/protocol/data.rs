@@ -51,6 +51,8 @@ pub enum HelloStatus {
     Sealed = 5,
     /// This receiver takes encrypted (TLS) streams only.
     EncryptionRequired = 6,
+    /// The token belongs to another sender, or to another host.
+    WrongSender = 7,
 }
 
 /// What a data stream carries.

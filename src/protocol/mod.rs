@@ -68,7 +68,7 @@ pub mod data;
 pub mod types;
 
 pub use control::{Message, MessageKind, RemoteOutcome};
-pub use types::{DataPlane, RdmaPath, RdmaRegion, Token, TransportKind, TOKEN_LEN};
+pub use types::{DataPlane, MigrationId, RdmaPath, RdmaRegion, Token, TransportKind, TOKEN_LEN};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -87,7 +87,9 @@ pub const HEARTBEATS: u32 = 2;
 /// (`CapacityQuery`).
 pub const LEAVE: u32 = 3;
 /// The first version that carries a QEMU VM as a typed description
-/// instead of a command line.
+/// instead of a command line, names the migration in its session messages
+/// and outcome questions, and gives each forwarder a data-plane token of
+/// its own (`AddSender`).
 pub const DESCRIPTIONS: u32 = 4;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
@@ -195,8 +197,8 @@ mod tests {
     #[tokio::test]
     async fn roundtrip_and_limits() {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
-        write_message(&mut a, &Message::Resume { start: true }).await.unwrap();
-        assert!(matches!(read_message(&mut b).await.unwrap(), Message::Resume { start: true }));
+        write_message(&mut a, &Message::Resume { start: true, migration: None }).await.unwrap();
+        assert!(matches!(read_message(&mut b).await.unwrap(), Message::Resume { start: true, .. }));
         a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
         assert!(matches!(read_message(&mut b).await, Err(ProtocolError::TooLarge(_))));
         let (mut a, mut b) = tokio::io::duplex(1024);

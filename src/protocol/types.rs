@@ -46,6 +46,49 @@ impl<'de> Deserialize<'de> for Token {
     }
 }
 
+/// One migration, from its source's start to its end, on every host it
+/// touches (protocol 4): sessions, forwards and outcome questions name it,
+/// so an answer about one migration never settles another of the same VM.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MigrationId(pub [u8; 16]);
+
+impl MigrationId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut t = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut t);
+        Self(t)
+    }
+}
+
+impl fmt::Display for MigrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MigrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MigrationId({self})")
+    }
+}
+
+impl Serialize for MigrationId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut t = [0u8; 16];
+        hex::decode_to_slice(s.as_bytes(), &mut t)
+            .map_err(|e| serde::de::Error::custom(format!("migration id: {e}")))?;
+        Ok(Self(t))
+    }
+}
+
 /// A destination's registered RAM region, as handed to its senders (over
 /// mTLS only: the key grants remote writes).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,14 @@
 //! The receiving side: one data listener per agent, sessions found by their
-//! token. A [`Receiving`] session owns what its streams write into (the RAM,
+//! tokens. A [`Receiving`] session owns what its streams write into (the RAM,
 //! its RDMA registration) and can fence one sender: cut its streams, refuse
 //! new ones, and confirm only once none of its frames can still land.
+//!
+//! Each sender of a session has a token of its own, bound to its sender id
+//! and to the host name its TLS certificate must carry: a token seen by
+//! anyone else is worth nothing, and fencing or releasing a sender revokes
+//! it. (A session a protocol-3 source opened has one token for every
+//! sender, as that source hands it to forwarders: a bearer token, bound to
+//! nothing but the accepted peers.)
 
 use super::handshake;
 use super::rdma::Target;
@@ -18,6 +25,21 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a fence may wait for a sender's streams to stop.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The session's source: the only sender left once the session is sealed.
+pub const SOURCE: u8 = 0;
+
+/// What a token lets its holder do: send for one session, as one sender
+/// from one host (or, for a protocol-3 source's session, as any).
+#[derive(Clone)]
+struct Binding {
+    session: Arc<Receiving>,
+    /// The sender id the hello must give (`None`: any).
+    sender: Option<u8>,
+    /// The host name the stream's certificate must carry (`None`: any
+    /// accepted peer; plain streams carry none to check).
+    host: Option<String>,
+}
 
 /// A destination's view of one session: where its frames go.
 pub struct Receiving {
@@ -48,12 +70,6 @@ impl Receiving {
             .clone()
     }
 
-    /// Refuses every new stream from now on (streams already open go on:
-    /// the pause's resends use them).
-    pub fn seal(&self) {
-        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// The RAM streams write into.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
@@ -73,7 +89,7 @@ impl Receiving {
     /// none of its frames can still be written: a frame is written only
     /// after it was read whole, and never across an await, so a cut stream
     /// task stops between frames.
-    pub async fn fence(&self, sender: u8) -> Result<(), TransportError> {
+    async fn cut(&self, sender: u8) -> Result<(), TransportError> {
         let s = self.sender(sender);
         s.cut.cancel();
         let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
@@ -92,7 +108,7 @@ impl Receiving {
 /// (none: plain streams only, as in unit tests).
 #[derive(Default, Clone)]
 pub struct Receiver {
-    sessions: Arc<Mutex<HashMap<Token, Arc<Receiving>>>>,
+    tokens: Arc<Mutex<HashMap<Token, Binding>>>,
     tls: Option<ServerTls>,
 }
 
@@ -100,11 +116,13 @@ impl Receiver {
     /// A receiver taking TLS streams from the hosts `tls` allows (and plain
     /// ones unless it requires TLS).
     pub fn new(tls: ServerTls) -> Self {
-        Self { sessions: Default::default(), tls: Some(tls) }
+        Self { tokens: Default::default(), tls: Some(tls) }
     }
 
-    /// Registers a session writing into `ram`.
-    pub fn add(&self, token: Token, ram: Arc<GuestRam>) -> Arc<Receiving> {
+    /// Registers a session writing into `ram`; `token` is its source's,
+    /// bound to `source` (its host name), or to nothing for a protocol-3
+    /// source (which hands it to its forwarders).
+    pub fn add(&self, token: Token, ram: Arc<GuestRam>, source: Option<&str>) -> Arc<Receiving> {
         let r = Arc::new(Receiving {
             ram,
             cancel: CancellationToken::new(),
@@ -112,14 +130,60 @@ impl Receiver {
             senders: Mutex::new(HashMap::new()),
             sealed: Default::default(),
         });
-        self.sessions.lock().unwrap().insert(token, r.clone());
+        let binding = Binding { session: r.clone(), sender: source.map(|_| SOURCE), host: source.map(str::to_owned) };
+        self.tokens.lock().unwrap().insert(token, binding);
         r
     }
 
-    /// Forgets a session and cuts its streams.
+    /// A token for sender `sender` of `session`, good only on streams from
+    /// `host` (a forwarder the source points here).
+    pub fn add_sender(&self, session: &Arc<Receiving>, sender: u8, host: &str) -> Result<Token, TransportError> {
+        if sender == SOURCE || session.sender(sender).cut.is_cancelled() {
+            return Err(TransportError::Refused(HelloStatus::Fenced));
+        }
+        if session.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TransportError::Refused(HelloStatus::Sealed));
+        }
+        let token = Token::random();
+        let mut tokens = self.tokens.lock().unwrap();
+        // One token per sender: a new one replaces the old.
+        tokens.retain(|_, b| !(Arc::ptr_eq(&b.session, session) && b.sender == Some(sender)));
+        tokens.insert(token, Binding { session: session.clone(), sender: Some(sender), host: Some(host.to_owned()) });
+        Ok(token)
+    }
+
+    /// Revokes the tokens of `session`'s senders that `which` picks.
+    fn revoke(&self, session: &Arc<Receiving>, which: impl Fn(Option<u8>) -> bool) {
+        self.tokens.lock().unwrap().retain(|_, b| !(Arc::ptr_eq(&b.session, session) && which(b.sender)));
+    }
+
+    /// Fences `sender`: its token revoked, its streams cut, and no answer
+    /// until none of its frames can still be written.
+    pub async fn fence(&self, session: &Arc<Receiving>, sender: u8) -> Result<(), TransportError> {
+        self.revoke(session, |s| s == Some(sender));
+        session.cut(sender).await
+    }
+
+    /// Seals the session for the pause's verification: only the source's
+    /// streams go on (its resends use them); every other sender's token is
+    /// revoked and its streams cut before this returns, and no new stream
+    /// is taken, so what is verified is what resumes.
+    pub async fn seal(&self, session: &Arc<Receiving>) -> Result<(), TransportError> {
+        session.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.revoke(session, |s| s != Some(SOURCE));
+        let others: Vec<u8> = session.senders.lock().unwrap().keys().copied().filter(|s| *s != SOURCE).collect();
+        for s in others {
+            session.cut(s).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a session (every token of it) and cuts its streams.
     pub fn remove(&self, token: &Token) {
-        if let Some(r) = self.sessions.lock().unwrap().remove(token) {
-            r.cancel.cancel();
+        let mut tokens = self.tokens.lock().unwrap();
+        if let Some(b) = tokens.get(token).cloned() {
+            tokens.retain(|_, x| !Arc::ptr_eq(&x.session, &b.session));
+            b.session.cancel.cancel();
         }
     }
 
@@ -152,10 +216,17 @@ impl Receiver {
             handshake::answer(&mut s, HelloStatus::EncryptionRequired).await.ok();
             return Err(refuse(HelloStatus::EncryptionRequired));
         }
-        let Some(sess) = self.sessions.lock().unwrap().get(&hello.token).cloned() else {
+        let Some(b) = self.tokens.lock().unwrap().get(&hello.token).cloned() else {
             handshake::answer(&mut s, HelloStatus::BadToken).await.ok();
             return Err(refuse(HelloStatus::BadToken));
         };
+        // A token is its sender's: another host, or another sender id, is refused.
+        let wrong_host = matches!((&b.host, &peer), (Some(h), Some(p)) if h != p);
+        if wrong_host || b.sender.is_some_and(|s| s != hello.sender) {
+            handshake::answer(&mut s, HelloStatus::WrongSender).await.ok();
+            return Err(refuse(HelloStatus::WrongSender));
+        }
+        let sess = b.session;
         let streams = sess.sender(hello.sender);
         // Counted as live before the check: a fence that cut this sender
         // after the check still waits for this stream.

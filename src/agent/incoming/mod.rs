@@ -10,7 +10,7 @@ mod open;
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
-use crate::protocol::{Message, ProtocolError, Token, HEARTBEATS, LEAVE};
+use crate::protocol::{Message, MigrationId, ProtocolError, Token, DESCRIPTIONS, HEARTBEATS, LEAVE};
 use crate::transport::{Completion, PageSender, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
@@ -37,6 +37,8 @@ pub(crate) struct Session {
     device_state: DeviceState,
     /// The uid this session's VM runs as, held until the session ends.
     uid: Option<u32>,
+    /// The migration it belongs to (protocol 4).
+    migration: Option<MigrationId>,
 }
 
 /// Device state arriving in chunks, bounded by [`MAX_DEVICE_STATE`].
@@ -117,7 +119,8 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
                     continue;
                 }
             };
-            match step(&agent, &out, msg, &mut session, &peer, &fwd_tx).await? {
+            let src = Source { name: &peer, version: conn.version };
+            match step(&agent, &out, msg, &mut session, &src, &fwd_tx).await? {
                 Step::Reply(m) => send(&out, m)?,
                 Step::Quiet => {}
                 Step::End => return Ok::<(), ProtocolError>(()),
@@ -213,91 +216,137 @@ fn error(e: impl std::error::Error + 'static) -> Message {
     Message::Error { message: crate::error_chain(&e) }
 }
 
+/// The source at the other end of a control connection.
+struct Source<'a> {
+    /// Its verified host name.
+    name: &'a str,
+    /// The protocol version it speaks.
+    version: u32,
+}
+
+impl Session {
+    /// Why `msg` does not belong to this session, if it names another migration.
+    fn foreign(&self, msg: &Message) -> Option<String> {
+        let named = match msg {
+            Message::Resume { migration, .. }
+            | Message::Abort { migration, .. }
+            | Message::ForwardTo { migration, .. } => *migration,
+            _ => None,
+        };
+        match (named, self.migration) {
+            (Some(m), Some(mine)) if m != mine => {
+                Some(format!("{} names migration {m}, but this session is migration {mine}", msg.name()))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Handles one message from the source.
 async fn step(
     agent: &Agent,
     out: &crate::control::Outbox,
     msg: Message,
     session: &mut Option<Session>,
-    peer: &str,
+    src: &Source<'_>,
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
+    if let Some(why) = session.as_ref().and_then(|s| s.foreign(&msg)) {
+        return Ok(Step::Reply(Message::Error { message: why }));
+    }
     let reply = match (msg, session.as_mut()) {
-        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes }, None) => {
-            open_session(agent, session, peer, (&vm, regions, chunk_size, &launch), (rdma_slices, holes)).await
+        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration }, None) => {
+            let open = open::Open { vm: &vm, regions, chunk_size, holes, launch: &launch, rdma_slices, migration };
+            open_session(agent, session, src, open).await
         }
-        (
-            Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport },
-            Some(sess),
-        ) => {
-            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, rdma_endpoint, transport };
-            forward_to(agent, sess, t, fwd_tx).await
-        }
-        (Message::Forward { batch, to, runs }, Some(sess)) => {
-            match forward::forward(sess, batch, &to, runs, fwd_tx.clone()) {
-                Ok(()) => return Ok(Step::Quiet),
-                Err(e) => Message::Forwarded { batch, applied: false, error: Some(crate::error_chain(&e)), bytes: 0 },
-            }
-        }
-        (Message::Fence { sender }, Some(sess)) => match sess.receiving.fence(sender).await {
-            Ok(()) => {
-                tracing::info!(vm = %sess.vm, sender, "fenced a sender's data streams");
-                Message::Ok
-            }
-            Err(e) => error(e),
-        },
-        (Message::ChecksumRequest { blocks, block_pages, pause }, Some(sess)) => {
-            if pause {
-                // What is verified now must stay as verified: a sniffed token
-                // can no longer open a stream.
-                sess.receiving.seal();
-            }
-            checksums(sess, blocks, block_pages).await
-        }
-        (Message::DeviceState { state }, Some(sess)) => {
-            let bytes = base64::engine::general_purpose::STANDARD.decode(state);
-            match bytes {
-                Ok(b) => load_device_state(sess, b).await,
-                Err(e) => error(e),
-            }
-        }
-        (Message::DeviceStateChunk { bytes, .. }, Some(sess)) => {
-            sess.device_state.add(&bytes);
-            return Ok(Step::Quiet);
-        }
-        (Message::DeviceStateEnd { total }, Some(sess)) => match sess.device_state.take(total) {
-            Ok(state) => load_device_state(sess, state).await,
-            Err(message) => Message::Error { message },
-        },
-        (Message::Resume { start }, Some(_)) => return resume(agent, out, session, start).await,
-        (Message::Abort { reason }, _) => {
+        (Message::Resume { start, .. }, Some(_)) => return resume(agent, out, session, start).await,
+        (Message::Abort { reason, .. }, _) => {
             // Clean up before answering: the source then knows nothing is left here.
             if let Some(sess) = session.take() {
-                discard(agent, sess, peer, &format!("aborted by source: {reason}")).await;
+                discard(agent, sess, src.name, &format!("aborted by source: {reason}")).await;
             }
             send(out, Message::Ok)?;
             return Ok(Step::End);
         }
         (Message::CapacityQuery, None) => Message::Capacity(agent.capacity()),
-        (Message::OutcomeQuery { vm }, _) => {
-            let outcome = agent.outcome_of(&vm);
+        (Message::OutcomeQuery { vm, migration }, _) => {
+            let outcome = agent.outcome_of(&vm, migration);
             Message::OutcomeAnswer { vm, outcome }
         }
-        (other, _) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+        (msg, Some(sess)) => return on_session(agent, sess, msg, src, fwd_tx).await,
+        (other, None) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
     };
     Ok(Step::Reply(reply))
 }
 
-async fn open_session(
+/// A message about the open session.
+async fn on_session(
     agent: &Agent,
-    session: &mut Option<Session>,
-    peer: &str,
-    (vm, regions, chunk_size, launch): (&str, Vec<crate::memory::RegionSpec>, u64, &crate::vm::LaunchSpec),
-    (rdma_slices, holes): (bool, u64),
-) -> Message {
-    match open::open(agent, vm, (regions, chunk_size, holes), launch, rdma_slices).await {
+    sess: &mut Session,
+    msg: Message,
+    src: &Source<'_>,
+    fwd_tx: &mpsc::UnboundedSender<Completion>,
+) -> Result<Step, ProtocolError> {
+    let reply = match msg {
+        Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport, .. } => {
+            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, rdma_endpoint, transport };
+            forward_to(agent, sess, t, fwd_tx).await
+        }
+        Message::Forward { batch, to, runs } => match forward::forward(sess, batch, &to, runs, fwd_tx.clone()) {
+            Ok(()) => return Ok(Step::Quiet),
+            Err(e) => Message::Forwarded { batch, applied: false, error: Some(crate::error_chain(&e)), bytes: 0 },
+        },
+        Message::Fence { sender } => match agent.receiver.fence(&sess.receiving, sender).await {
+            Ok(()) => {
+                tracing::info!(vm = %sess.vm, sender, "fenced a sender: token revoked, streams cut");
+                Message::Ok
+            }
+            Err(e) => error(e),
+        },
+        Message::AddSender { sender, host } if src.version >= DESCRIPTIONS && agent.cfg.sends_data(&host) => {
+            match agent.receiver.add_sender(&sess.receiving, sender, &host) {
+                Ok(token) => Message::SenderAdded { token },
+                Err(e) => error(e),
+            }
+        }
+        Message::AddSender { host, .. } => {
+            Message::Error { message: format!("{host} is not a host that may send data here (--peer, --accept-from)") }
+        }
+        Message::ChecksumRequest { blocks, block_pages, pause } => {
+            // What is verified now must stay as verified: only the source's
+            // streams go on, and nothing new comes in.
+            if pause {
+                if let Err(e) = agent.receiver.seal(&sess.receiving).await {
+                    return Ok(Step::Reply(error(e)));
+                }
+            }
+            checksums(sess, blocks, block_pages).await
+        }
+        Message::DeviceState { state } => match base64::engine::general_purpose::STANDARD.decode(state) {
+            Ok(b) => load_device_state(sess, b).await,
+            Err(e) => error(e),
+        },
+        Message::DeviceStateChunk { bytes, .. } => {
+            sess.device_state.add(&bytes);
+            return Ok(Step::Quiet);
+        }
+        Message::DeviceStateEnd { total } => match sess.device_state.take(total) {
+            Ok(state) => load_device_state(sess, state).await,
+            Err(message) => Message::Error { message },
+        },
+        other => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+    };
+    Ok(Step::Reply(reply))
+}
+
+async fn open_session(agent: &Agent, session: &mut Option<Session>, src: &Source<'_>, o: open::Open<'_>) -> Message {
+    let vm = o.vm.to_owned();
+    // A protocol-4 source's token is its own; an older one hands its token
+    // to its forwarders, so it is bound to no host.
+    let bound = (src.version >= DESCRIPTIONS).then_some(src.name);
+    match open::open(agent, o, bound).await {
         Ok(sess) => {
-            tracing::info!(%vm, %peer, "incoming session opened");
+            tracing::info!(%vm, peer = %src.name, migration = ?sess.migration, "incoming session opened");
             let m = Message::SessionOpened {
                 data_port: agent.data_port(),
                 token: sess.token,
@@ -379,6 +428,11 @@ async fn resume(
     session: &mut Option<Session>,
     start: bool,
 ) -> Result<Step, ProtocolError> {
+    static DROPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if crate::hooks::drop_before_commit().is_some() && !DROPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!("test hook: dropping the connection instead of committing");
+        return Err(ProtocolError::Closed);
+    }
     let Some(sess) = session.take() else { return Ok(Step::Reply(Message::Error { message: "no session".into() })) };
     agent.receiver.remove(&sess.token);
     let inc = sess.incoming.clone();
@@ -394,6 +448,8 @@ async fn resume(
         }
     };
     tracing::info!(vm = %committed.name, start, "switchover: VM now lives here");
+    // Remembered before the registry is journaled with the VM in it.
+    agent.committed(sess.migration);
     agent.add_vm(committed);
     agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);

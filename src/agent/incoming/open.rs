@@ -110,14 +110,28 @@ impl Plan {
     }
 }
 
-/// Opens a session for `vm`; on error nothing is left behind.
-pub(super) async fn open(
-    agent: &Agent,
-    vm: &str,
-    (regions, chunk_size, holes): (Vec<RegionSpec>, u64, u64),
-    launch: &LaunchSpec,
-    rdma_slices: bool,
-) -> Result<Session, OpenError> {
+/// What a source asks for in `OpenSession`.
+pub(super) struct Open<'a> {
+    /// The VM.
+    pub vm: &'a str,
+    /// Its RAM regions.
+    pub regions: Vec<RegionSpec>,
+    /// The layout's chunk size.
+    pub chunk_size: u64,
+    /// Bytes of RAM that are holes at the source.
+    pub holes: u64,
+    /// How to start it.
+    pub launch: &'a LaunchSpec,
+    /// The source takes RAM registered in slices.
+    pub rdma_slices: bool,
+    /// The migration (protocol 4).
+    pub migration: Option<crate::protocol::MigrationId>,
+}
+
+/// Opens a session; on error nothing is left behind. The source's
+/// data-plane token is bound to `source` (its host name), if given.
+pub(super) async fn open(agent: &Agent, o: Open<'_>, source: Option<&str>) -> Result<Session, OpenError> {
+    let Open { vm, regions, chunk_size, holes, launch, rdma_slices, migration } = o;
     if !crate::vm::valid_name(vm) {
         return Err(OpenError::Name(vm.to_owned()));
     }
@@ -128,16 +142,21 @@ pub(super) async fn open(
     let plan = plan(agent, vm, &regions, launch)?;
     // Admission counts the whole RAM (holes are written once the VM runs);
     // the holes only tell what can still arrive before the switchover.
-    let room = Reservation { bytes: layout.total_bytes(), files: plan.ram(), holes: holes.min(layout.total_bytes()) };
+    let room = Reservation {
+        bytes: layout.total_bytes(),
+        files: plan.ram(),
+        holes: holes.min(layout.total_bytes()),
+        migration,
+    };
     if !agent.begin_incoming(vm, room)? {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
-    let r = prepare(agent, vm, (layout, regions), plan, (launch, rdma_slices)).await;
+    let r = prepare(agent, vm, (layout, regions), plan, (launch, rdma_slices, source)).await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
-    r
+    r.map(|s| Session { migration, ..s })
 }
 
 /// Checks what the source asks for and decides where everything goes.
@@ -184,7 +203,7 @@ async fn prepare(
     vm: &str,
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: Plan,
-    (launch, rdma_slices): (&LaunchSpec, bool),
+    (launch, rdma_slices, source): (&LaunchSpec, bool, Option<&str>),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     let identity = match &plan {
@@ -192,7 +211,7 @@ async fn prepare(
         Plan::Synthetic { .. } => None,
     };
     let uid = identity.as_ref().map(|i| i.uid);
-    let r = prepare_as(agent, vm, (layout, regions), &plan, identity, (launch, rdma_slices)).await;
+    let r = prepare_as(agent, vm, (layout, regions), &plan, identity, (launch, rdma_slices, source)).await;
     match r {
         Ok(mut s) => {
             s.uid = uid;
@@ -217,7 +236,7 @@ async fn prepare_as(
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: &Plan,
     identity: Option<Identity>,
-    (launch, rdma_slices): (&LaunchSpec, bool),
+    (launch, rdma_slices, source): (&LaunchSpec, bool, Option<&str>),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     if let Plan::Qemu { ram_dir, runtime, .. } = plan {
@@ -261,7 +280,7 @@ async fn prepare_as(
     }
     agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
-    let receiving = agent.receiver.add(token, ram.clone());
+    let receiving = agent.receiver.add(token, ram.clone(), source);
     if let Some(registering) = registering {
         match registering.await {
             Ok(Ok(t)) => receiving.set_rdma(t),
@@ -278,6 +297,7 @@ async fn prepare_as(
         forward: None,
         device_state: Default::default(),
         uid: None,
+        migration: None,
     })
 }
 
