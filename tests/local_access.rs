@@ -142,8 +142,9 @@ fn directories_others_control_are_refused() {
     std::os::unix::fs::symlink(dir.path(), &link).unwrap();
     let e = start(&link, &dir.path().join("state"));
     assert!(e.contains("not a directory"), "{e}");
-    // A fresh directory is created for the agent alone.
-    assert_eq!(mode(&tb.host("hostA").data_dir), 0o700);
+    // A fresh directory is created for the agent alone: others (incoming
+    // QEMUs' own uids) may only pass through to the RAM files given them.
+    assert_eq!(mode(&tb.host("hostA").data_dir), 0o711);
 }
 
 /// Guest RAM holds the guest's secrets: its files are 0600 on both ends.
@@ -201,4 +202,94 @@ fn names_and_registered_records_are_checked() {
     a.register(record("r4", &ram, None)).expect("a well-formed record");
     let e = a.register(record("r4", &ram, None)).unwrap_err().to_string();
     assert!(e.contains("already registered"), "{e}");
+}
+
+/// A synthetic guest run by `NOBODY` in `dir` (theirs), registered with the
+/// agent at `api` as that user; killed when dropped.
+struct NobodysGuest(std::process::Child);
+
+impl Drop for NobodysGuest {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nobodys_guest(api: &Path, dir: &Path, name: &str) -> NobodysGuest {
+    let copy = dir.join("dcmigrate");
+    if !copy.exists() {
+        std::fs::copy(exe(), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let child = Command::new(&copy)
+        .args(["guest", "--name", name, "--size", "8M", "--dirty-rate", "1", "--dir"])
+        .arg(dir)
+        .arg("--agent")
+        .arg(api)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    NobodysGuest(child)
+}
+
+/// A member of `--api-group` registers a guest, then swaps its RAM file,
+/// or its control socket, for a symlink to something of root's. The agent
+/// (root) reopens them for the migration: it finds they are not the files
+/// that were added, the migration fails, the VM stays, and the symlink's
+/// target is untouched. The same guest unswapped migrates (the refusals
+/// can fail).
+#[test]
+fn files_swapped_after_vm_add_are_refused() {
+    const T: &str = "files_swapped_after_vm_add_are_refused";
+    if !root_or_skip(T) {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB"]);
+    tb.restart_agent("hostA", &[("DCMIGRATE_API_GROUP", "65534")]).unwrap();
+    let api = tb.host("hostA").api.clone();
+    open_path_to(&api);
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    let target = secret.path().join("root-only");
+    std::fs::write(&target, vec![0x5a; 8 << 20]).unwrap();
+    let before = std::fs::read(&target).unwrap();
+    let other = secret.path().join("other.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    let a = Client::new(&api);
+    let registered =
+        |vm: &str| dcmigrate::testbed::wait_for(30, || a.list().ok()?.iter().any(|v| v.name == vm).then_some(()));
+    let mut guests = vec![];
+    for (vm, swap) in [("swap-ram", "ram"), ("swap-ctl", "sock")] {
+        guests.push(nobodys_guest(&api, dir.path(), vm));
+        assert!(registered(vm).is_some(), "{vm} did not register: {}", tb.logs());
+        let path = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().unwrap().to_string_lossy().starts_with(vm) && p.extension().is_some_and(|x| x == swap)
+            })
+            .unwrap_or_else(|| panic!("{vm}: no .{swap} file"));
+        std::fs::rename(&path, path.with_extension("moved")).unwrap();
+        let to = if swap == "ram" { &target } else { &other };
+        std::os::unix::fs::symlink(to, &path).unwrap();
+        let r = migrate(&tb, "hostA", vm, "hostB", MigrateOptions::default());
+        assert_eq!(r.result, Outcome::Failed, "{vm}: {r:#?}");
+        let err = r.error.clone().unwrap_or_default();
+        assert!(err.contains("no longer the file that was added"), "{vm}: {err}");
+        assert!(tb.vm_on("hostB", vm).is_none());
+        assert!(std::fs::read(&target).unwrap() == before, "{vm}: the symlink's target changed");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(path.with_extension("moved"), &path).unwrap();
+    }
+    // Put back, the same guests move.
+    for vm in ["swap-ram", "swap-ctl"] {
+        let r = migrate(&tb, "hostA", vm, "hostB", MigrateOptions::default());
+        assert_eq!(r.result, Outcome::Completed, "{vm}: {r:#?}");
+    }
+    drop(guests);
 }

@@ -4,7 +4,9 @@
 //! client's `Register` may hand it (files the caller owns, never a
 //! directory for the agent to remove). README "Security".
 
+use crate::vm::ident::FileIdent;
 use crate::vm::VmRecord;
+use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -88,13 +90,15 @@ impl ApiAccess {
         Ok(Self { group: Some(unsafe { (*gr).gr_gid }) })
     }
 
-    /// Whether the process at the other end of an API connection may use it.
-    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+    /// Whether the process at the other end of an API connection may use
+    /// it: its uid, gid and supplementary groups as the socket recorded them
+    /// at connect (`SO_PEERCRED`, `SO_PEERGROUPS`), never read later by pid.
+    pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
         if privileged(uid) {
             return true;
         }
         let Some(group) = self.group else { return false };
-        gid == group || pid.is_some_and(|p| supplementary_groups(p).contains(&group))
+        gid == group || groups.contains(&group)
     }
 
     /// Binds the API socket at `path` with mode 0600 (0660 and the group,
@@ -165,14 +169,34 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// A process's supplementary groups, from /proc (none if it is gone).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_default()
+/// The supplementary groups the peer of a unix socket had when it
+/// connected (`SO_PEERGROUPS`; none where the kernel cannot say).
+pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        // ERANGE: `len` says how much room it needs (bounded: NGROUPS_MAX).
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n <= groups.len() || n > 65536 {
+            return vec![];
+        }
+        groups.resize(n, 0);
+    }
 }
 
 /// Creates `dir` (mode 0700) if it is missing, and checks that it is a
@@ -207,26 +231,30 @@ pub fn own_dir(dir: &Path) -> Result<(), AccessError> {
 /// Checks what a client registers: a usable name, no directory for the
 /// agent to remove, and files that are what they claim (no symlinks) and
 /// belong to the caller (root and the agent's user may name anyone's).
-pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<(), RecordError> {
+/// Returns each file's identity, which every later open must find again.
+pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, FileIdent>, RecordError> {
     if !crate::vm::valid_name(&vm.name) {
         return Err(RecordError::Name(vm.name.clone()));
     }
     if vm.owned_dir.is_some() || vm.runtime_dir.is_some() || vm.cgroup.is_some() || vm.uid.is_some() {
         return Err(RecordError::OwnedDir);
     }
+    let mut idents = BTreeMap::new();
     let files = vm.ram.iter().map(|r| &r.path).chain(vm.dirty_log.iter());
     for path in files {
-        check_path(path, false, caller_uid)?;
+        idents.insert(path.clone(), check_path(path, false, caller_uid)?);
     }
-    check_socket(&vm.control, caller_uid)
+    idents.insert(vm.control.clone(), check_socket(&vm.control, caller_uid)?);
+    Ok(idents)
 }
 
-/// Checks that `path` is a socket the caller owns (root may name anyone's).
-pub fn check_socket(path: &Path, caller_uid: u32) -> Result<(), RecordError> {
+/// Checks that `path` is a socket the caller owns (root may name anyone's);
+/// its identity.
+pub fn check_socket(path: &Path, caller_uid: u32) -> Result<FileIdent, RecordError> {
     check_path(path, true, caller_uid)
 }
 
-fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<(), RecordError> {
+fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<FileIdent, RecordError> {
     let refuse = |why: String| RecordError::Path { path: path.to_owned(), why };
     if !path.is_absolute() {
         return Err(refuse("not an absolute path".into()));
@@ -241,7 +269,7 @@ fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<(), RecordEr
     if !privileged(caller_uid) && m.uid() != caller_uid {
         return Err(refuse(format!("owned by uid {}, not by the caller (uid {caller_uid})", m.uid())));
     }
-    Ok(())
+    Ok(FileIdent::of(&m))
 }
 
 #[cfg(test)]
@@ -283,11 +311,12 @@ mod tests {
     fn the_api_admits_root_the_agents_user_and_the_group() {
         let me = euid();
         let other = me.wrapping_add(4242).max(1);
-        assert!(ApiAccess::default().allows(0, 0, None));
-        assert!(ApiAccess::default().allows(me, 12345, None));
-        assert!(!ApiAccess::default().allows(other, 777, None));
-        assert!(ApiAccess { group: Some(777) }.allows(other, 777, None));
-        assert!(!ApiAccess { group: Some(778) }.allows(other, 777, None));
+        assert!(ApiAccess::default().allows(0, 0, &[]));
+        assert!(ApiAccess::default().allows(me, 12345, &[]));
+        assert!(!ApiAccess::default().allows(other, 777, &[]));
+        assert!(ApiAccess { group: Some(777) }.allows(other, 777, &[]));
+        assert!(!ApiAccess { group: Some(778) }.allows(other, 777, &[]));
+        assert!(ApiAccess { group: Some(778) }.allows(other, 777, &[5, 778]), "a supplementary group");
         assert!(matches!(ApiAccess::with_group(Some("no-such-group-here")), Err(AccessError::NoGroup(_))));
         assert_eq!(ApiAccess::with_group(Some("4321")).unwrap().group, Some(4321));
     }

@@ -166,8 +166,8 @@ impl Agent {
         }
     }
 
-    fn register(&self, caller: u32, vm: VmRecord) -> Result<Done, RequestError> {
-        super::access::check_record(&vm, caller)?;
+    fn register(&self, caller: u32, mut vm: VmRecord) -> Result<Done, RequestError> {
+        vm.idents = super::access::check_record(&vm, caller)?;
         if self.has_vm(&vm.name) {
             return Err(RequestError::Exists(vm.name));
         }
@@ -186,21 +186,33 @@ impl Agent {
             return Err(RequestError::Name(name));
         }
         // Only the owner of a QEMU's monitor (or root) may hand it over.
-        super::access::check_socket(&qmp, caller)?;
+        let control = super::access::check_socket(&qmp, caller)?;
         if self.has_vm(&name) {
             return Err(RequestError::Exists(name));
         }
         let storage = self.cfg.storage.clone();
         let rec = tokio::task::spawn_blocking(move || {
             let with = crate::vm::qemu::source::Describing { storage: &storage, networks: &networks };
-            crate::vm::qemu::attach(&name, &qmp, launch, &with)
+            crate::vm::qemu::attach(&name, (&qmp, Some(control)), launch, &with)
         })
         .await??;
+        let mut rec = rec;
         // Whatever answers on that socket names the RAM: an unprivileged
         // caller's own files only (root's QEMU may use a memfd or symlink).
-        if !super::access::privileged(caller) {
-            super::access::check_record(&rec, caller)?;
-        }
+        // Either way every file is held to what it is now.
+        rec.idents = if super::access::privileged(caller) {
+            let mut idents = std::collections::BTreeMap::new();
+            for r in &rec.ram {
+                let m = std::fs::metadata(&r.path)
+                    .map_err(|e| crate::vm::VmError::Launch(format!("{}: {e}", r.path.display())))?;
+                idents.insert(r.path.clone(), crate::vm::ident::FileIdent::of(&m));
+            }
+            idents
+        } else {
+            super::access::check_record(&rec, caller)?
+        };
+        // The socket checked before QEMU was asked anything.
+        rec.idents.insert(rec.control.clone(), control);
         tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
         let description = match &rec.launch {
             LaunchSpec::QemuVm { description } => Some((**description).clone()),

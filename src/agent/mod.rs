@@ -456,9 +456,10 @@ impl Agent {
     /// One API connection: a request per line, a reply per line.
     async fn serve_api(self: Arc<Self>, s: UnixStream) {
         let cred = s.peer_cred();
+        let groups = access::peer_groups(std::os::fd::AsFd::as_fd(&s));
         let (rd, mut wr) = s.into_split();
         let uid = match cred {
-            Ok(c) if self.cfg.api_access.allows(c.uid(), c.gid(), c.pid()) => c.uid(),
+            Ok(c) if self.cfg.api_access.allows(c.uid(), c.gid(), &groups) => c.uid(),
             other => {
                 let who = other.map_or("unknown".into(), |c| c.uid().to_string());
                 tracing::warn!(uid = %who, "API connection refused: not root, the agent's user or --api-group");

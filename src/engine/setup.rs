@@ -27,8 +27,17 @@ pub(super) async fn prepare(
     tracing::info!(vm = %report.vm, "phase: setup");
     let rec = job.vm.record().clone();
     let layout = Layout::new(rec.regions(), job.opts.chunk_size).map_err(EngineError::Layout)?;
-    let paths: Vec<_> = rec.ram.iter().map(|r| r.path.clone()).collect();
+    // Each file as it was handed over (never a path swapped since), mapped
+    // through the descriptor that was checked.
+    let mut files = vec![];
+    for r in &rec.ram {
+        let f = crate::vm::ident::open(&r.path, rec.ident(&r.path), true)
+            .map_err(|source| EngineError::Ram(crate::memory::MemoryError::Io { path: r.path.clone(), source }))?;
+        files.push(f);
+    }
+    let paths: Vec<_> = files.iter().map(crate::vm::ident::fd_path).collect();
     let ram = Arc::new(GuestRam::open(layout.clone(), &paths).map_err(EngineError::Ram)?);
+    drop(files);
     let mut ledger = Ledger::new(layout.total_pages(), SOURCE);
     ledger.set_unordered(job.ctx.unordered);
     if job.ctx.unordered {

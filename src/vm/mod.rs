@@ -5,6 +5,7 @@
 //! incoming ones in a systemd scope of their own ([`scope`]).
 
 pub mod cgroup;
+pub mod ident;
 pub mod qemu;
 pub mod qmp;
 pub mod scope;
@@ -126,6 +127,10 @@ pub struct VmRecord {
     /// Host-local parts of its command line that destinations do not get.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The files a client handed over (RAM, control socket, dirty log), as
+    /// they were then: every later open must find the same file.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub idents: std::collections::BTreeMap<PathBuf, ident::FileIdent>,
 }
 
 impl Default for LaunchSpec {
@@ -144,6 +149,11 @@ impl VmRecord {
             LaunchSpec::QemuVm { .. } if !descriptions => self.legacy.clone(),
             other => Some(other.clone()),
         }
+    }
+
+    /// The identity `path` had when it was handed over, if it was.
+    pub fn ident(&self, path: &std::path::Path) -> Option<ident::FileIdent> {
+        self.idents.get(path).copied()
     }
 
     /// The RAM regions to announce to a destination, one per RAM file.

@@ -26,8 +26,14 @@ impl Qmp {
     /// Connects and negotiates capabilities. A QMP socket that is busy with
     /// another client greets nobody: that shows up as a timeout here.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
+        Self::connect_as(path, None, timeout)
+    }
+
+    /// Connects to the socket at `path` if it is the file `want` names
+    /// (see [`super::ident`]).
+    pub fn connect_as(path: &Path, want: Option<super::ident::FileIdent>, timeout: Duration) -> Result<Self, VmError> {
         let err = |msg: String| VmError::Control { path: path.display().to_string(), msg };
-        let s = UnixStream::connect(path).map_err(|e| err(format!("connect: {e}")))?;
+        let s = super::ident::connect(path, want).map_err(|e| err(format!("connect: {e}")))?;
         s.set_read_timeout(Some(timeout))
             .and_then(|_| s.set_write_timeout(Some(timeout)))
             .map_err(|e| err(e.to_string()))?;
@@ -261,7 +267,8 @@ fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {
     u32::try_from(cred.pid).map_err(|_| std::io::Error::other("no peer pid"))
 }
 
-/// The pid behind a unix socket (QEMU's QMP, the synthetic guest's control).
-pub fn socket_peer_pid(path: &Path) -> std::io::Result<u32> {
-    peer_pid(&UnixStream::connect(path)?)
+/// The pid behind a unix socket (QEMU's QMP, the synthetic guest's
+/// control), if it is the file `want` names.
+pub fn socket_peer_pid(path: &Path, want: Option<super::ident::FileIdent>) -> std::io::Result<u32> {
+    peer_pid(&super::ident::connect(path, want)?)
 }

@@ -9,7 +9,6 @@ use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
@@ -50,8 +49,13 @@ impl Default for Workload {
 
 /// One request/response on the guest's control socket.
 pub fn guest_call(socket: &Path, req: Value) -> Result<Value, VmError> {
+    guest_call_as(socket, None, req)
+}
+
+/// [`guest_call`] on the socket at `socket` if it is the file `want` names.
+pub fn guest_call_as(socket: &Path, want: Option<super::ident::FileIdent>, req: Value) -> Result<Value, VmError> {
     let err = |msg: String| VmError::Control { path: socket.display().to_string(), msg };
-    let mut s = UnixStream::connect(socket).map_err(|e| err(e.to_string()))?;
+    let mut s = super::ident::connect(socket, want).map_err(|e| err(e.to_string()))?;
     s.set_read_timeout(Some(Duration::from_secs(60))).ok();
     let mut line = serde_json::to_vec(&req).expect("json");
     line.push(b'\n');
@@ -80,7 +84,7 @@ impl SyntheticVm {
     }
 
     fn call(&self, req: Value) -> Result<Value, VmError> {
-        guest_call(&self.rec.control, req)
+        guest_call_as(&self.rec.control, self.rec.ident(&self.rec.control), req)
     }
 }
 
@@ -108,14 +112,17 @@ impl SourceVm for SyntheticVm {
                 let probe = |page: usize| {
                     self.call(json!({"cmd": "touch", "page": page})).map(|_| ()).map_err(|e| e.to_string())
                 };
-                Box::new(CooperativeTracker::start(log, ram.layout().total_pages(), &probe)?)
+                // The log as it was handed over, through the checked descriptor.
+                let f = super::ident::open(log, self.rec.ident(log), true)
+                    .map_err(|e| VmError::Control { path: log.display().to_string(), msg: e.to_string() })?;
+                Box::new(CooperativeTracker::start(&super::ident::fd_path(&f), ram.layout().total_pages(), &probe)?)
             }
             TrackerKind::Hash => Box::new(HashTracker::start(ram)?),
             TrackerKind::SoftDirty => {
-                let pid = super::qmp::socket_peer_pid(&self.rec.control).map_err(|e| VmError::Control {
-                    path: self.rec.control.display().to_string(),
-                    msg: e.to_string(),
-                })?;
+                let pid =
+                    super::qmp::socket_peer_pid(&self.rec.control, self.rec.ident(&self.rec.control)).map_err(|e| {
+                        VmError::Control { path: self.rec.control.display().to_string(), msg: e.to_string() }
+                    })?;
                 let files: Vec<PathBuf> = self.rec.ram.iter().map(|r| r.path.clone()).collect();
                 Box::new(crate::dirty::softdirty::SoftDirtyTracker::start(pid, &files, ram)?)
             }
@@ -223,7 +230,7 @@ impl SyntheticIncoming {
     }
 
     fn call(&self, req: Value) -> Result<Value, VmError> {
-        guest_call(&self.rec.control, req)
+        guest_call_as(&self.rec.control, self.rec.ident(&self.rec.control), req)
     }
 }
 

@@ -105,6 +105,8 @@ struct Block {
 /// Tracks a QEMU's RAM through its exported dirty log.
 pub struct QemuLogTracker {
     control: PathBuf,
+    /// The socket's identity when the VM was added.
+    ident: Option<crate::vm::ident::FileIdent>,
     map: memmap2::MmapRaw,
     blocks: Vec<Block>,
     /// The file stays open for as long as it is mapped.
@@ -140,7 +142,16 @@ impl QemuLogTracker {
     /// Starts QEMU's dirty log for the RAM regions of `ram` (QEMU memory
     /// backends, by id) through the QMP socket `control`.
     pub fn start(control: &Path, ram: &GuestRam) -> Result<Self, DirtyError> {
-        let mut q = Qmp::connect(control, QMP_TIMEOUT).map_err(from_vm)?;
+        Self::start_as(control, None, ram)
+    }
+
+    /// [`start`](Self::start) on the socket `control` if it is the file `ident` names.
+    pub fn start_as(
+        control: &Path,
+        ident: Option<crate::vm::ident::FileIdent>,
+        ram: &GuestRam,
+    ) -> Result<Self, DirtyError> {
+        let mut q = Qmp::connect_as(control, ident, QMP_TIMEOUT).map_err(from_vm)?;
         if !offered(&mut q).map_err(from_vm)? {
             return Err(err("QEMU has no x-dirty-log commands (build it with qemu-patches/build)"));
         }
@@ -183,7 +194,7 @@ impl QemuLogTracker {
         // The socket serves one client at a time: free it for the syncs.
         drop(q);
         // From here on, dropping the tracker stops the export.
-        let mut t = Self { control: control.to_owned(), map, blocks, _file: file, last_sync: None };
+        let mut t = Self { control: control.to_owned(), ident, map, blocks, _file: file, last_sync: None };
         t.self_test(ram)?;
         Ok(t)
     }
@@ -226,7 +237,7 @@ impl QemuLogTracker {
 
     fn qemu_sync(&mut self) -> Result<SyncInfo, DirtyError> {
         let begin = std::time::Instant::now();
-        let mut q = Qmp::connect(&self.control, QMP_TIMEOUT).map_err(from_vm)?;
+        let mut q = Qmp::connect_as(&self.control, self.ident, QMP_TIMEOUT).map_err(from_vm)?;
         let info = q.execute(&Sync {}).map_err(from_vm)?;
         self.last_sync = Some(begin.elapsed());
         Ok(info)
@@ -312,7 +323,7 @@ impl DirtyTracker for QemuLogTracker {
 impl Drop for QemuLogTracker {
     fn drop(&mut self) {
         // Best effort: QEMU may be gone (it quits after a switchover).
-        if let Ok(mut q) = Qmp::connect(&self.control, Duration::from_secs(5)) {
+        if let Ok(mut q) = Qmp::connect_as(&self.control, self.ident, Duration::from_secs(5)) {
             if let Err(e) = q.execute(&Stop {}) {
                 tracing::debug!("x-dirty-log-stop: {}", crate::error_chain(&e));
             }

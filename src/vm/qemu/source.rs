@@ -29,8 +29,16 @@ pub struct Describing<'a> {
 /// them, and describes the VM for destinations (its command line, or
 /// `launch`'s, read as [`super::describe`] does: what cannot travel is
 /// refused here, not at migration time).
-pub fn attach(name: &str, qmp_path: &Path, launch: Option<LaunchSpec>, with: &Describing) -> Result<VmRecord, VmError> {
-    let mut q = Qmp::connect(qmp_path, QMP_TIMEOUT)?;
+///
+/// The monitor is reached only if it is still the socket `control` names
+/// (what the caller checked).
+pub fn attach(
+    name: &str,
+    (qmp_path, control): (&Path, Option<crate::vm::ident::FileIdent>),
+    launch: Option<LaunchSpec>,
+    with: &Describing,
+) -> Result<VmRecord, VmError> {
+    let mut q = Qmp::connect_as(qmp_path, control, QMP_TIMEOUT)?;
     let state = q.status()?;
     if matches!(state, qmp::RunState::inmigrate | qmp::RunState::postmigrate | qmp::RunState::shutdown) {
         return Err(vm_err(format!("QEMU is {state:?}: only a running or paused VM can be added")));
@@ -160,7 +168,7 @@ fn find_memfd(pid: u32, size: u64, id: &str) -> Result<PathBuf, VmError> {
 }
 
 fn qemu_pid(rec: &VmRecord) -> Result<u32, VmError> {
-    Ok(Qmp::connect(&rec.control, QMP_TIMEOUT)?.pid)
+    Ok(Qmp::connect_as(&rec.control, rec.ident(&rec.control), QMP_TIMEOUT)?.pid)
 }
 
 /// A running QEMU on the source host.
@@ -178,7 +186,7 @@ impl QemuVm {
     }
 
     fn qmp(&self) -> Result<Qmp, VmError> {
-        Qmp::connect(&self.rec.control, QMP_TIMEOUT)
+        Qmp::connect_as(&self.rec.control, self.rec.ident(&self.rec.control), QMP_TIMEOUT)
     }
 }
 
@@ -209,7 +217,9 @@ impl SourceVm for QemuVm {
                 Box::new(SoftDirtyTracker::start(qemu_pid(&self.rec)?, &files, ram)?)
             }
             TrackerKind::Hash => Box::new(HashTracker::start(ram)?),
-            TrackerKind::Qemu => Box::new(QemuLogTracker::start(&self.rec.control, ram)?),
+            TrackerKind::Qemu => {
+                Box::new(QemuLogTracker::start_as(&self.rec.control, self.rec.ident(&self.rec.control), ram)?)
+            }
             TrackerKind::Cooperative => return Err(crate::dirty::DirtyError::Unavailable("cooperative").into()),
         })
     }
