@@ -69,10 +69,10 @@ async fn rig() -> Rig {
     let ram = Arc::new(GuestRam::create(layout, &[dir.path().join("a"), dir.path().join("b")]).unwrap());
     let rx = Receiver::default();
     let token = Token([7u8; TOKEN_LEN]);
-    rx.add(token, ram.clone(), None);
+    rx.add(token, ram.clone(), None, true);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(rx.serve(l));
+    tokio::spawn(rx.serve(l, Default::default()));
     Rig { ram, addr, token, _dir: dir }
 }
 

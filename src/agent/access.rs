@@ -236,7 +236,12 @@ pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, 
     if !crate::vm::valid_name(&vm.name) {
         return Err(RecordError::Name(vm.name.clone()));
     }
-    if vm.owned_dir.is_some() || vm.runtime_dir.is_some() || vm.cgroup.is_some() || vm.uid.is_some() {
+    if vm.owned_dir.is_some()
+        || vm.runtime_dir.is_some()
+        || vm.cgroup.is_some()
+        || vm.uid.is_some()
+        || !vm.disks.is_empty()
+    {
         return Err(RecordError::OwnedDir);
     }
     let mut idents = BTreeMap::new();

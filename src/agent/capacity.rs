@@ -17,7 +17,15 @@ pub struct Limits {
     pub total: Option<u64>,
     /// Most incoming sessions at once.
     pub sessions: Option<u32>,
+    /// Most incoming sessions from one source at once.
+    pub per_peer: Option<u32>,
 }
+
+/// Incoming sessions a host takes at once unless `--max-incoming` says.
+pub const DEFAULT_MAX_INCOMING: u32 = 32;
+/// Incoming sessions one source may hold at once unless
+/// `--max-incoming-per-peer` says.
+pub const DEFAULT_MAX_PER_PEER: u32 = 16;
 
 /// Room an incoming session holds in the data dir.
 #[derive(Clone, Debug)]
@@ -31,6 +39,10 @@ pub struct Reservation {
     pub holes: u64,
     /// The migration it belongs to (protocol 4).
     pub migration: Option<crate::protocol::MigrationId>,
+    /// The source that opened it.
+    pub peer: String,
+    /// The disk images its VM will write.
+    pub disks: Vec<crate::vm::ident::FileIdent>,
 }
 
 impl Reservation {
@@ -89,19 +101,34 @@ pub enum CapacityError {
     /// As many incoming sessions as the operator allows are open.
     #[error("{0} incoming migrations already run here, the most this host takes at once (--max-incoming)")]
     Sessions(u32),
+    /// As many incoming sessions from this source as the operator allows are open.
+    #[error("{limit} incoming migrations from {peer} already run here, the most one source may have (--max-incoming-per-peer)")]
+    PerPeer {
+        /// The source.
+        peer: String,
+        /// The limit.
+        limit: u32,
+    },
     /// The host is drained.
     #[error("this host is drained: it takes no new incoming migrations")]
     Drained,
+    /// A disk image another VM of this host writes.
+    #[error("a disk image of the VM is in use by {0} on this host")]
+    DiskInUse(String),
+    /// A migration id this host already has a session for, or committed.
+    #[error("migration {0} already has a session here, or committed here")]
+    Reused(crate::protocol::MigrationId),
     /// The data dir's free space could not be read.
     #[error("reading the free space of {0}")]
     Statvfs(PathBuf, #[source] std::io::Error),
 }
 
-/// Whether `need` more bytes of incoming RAM fit beside `others`.
+/// Whether a session of `need` more bytes of incoming RAM from `peer` fits
+/// beside `others`.
 pub fn admit<'a>(
     limits: &Limits,
     data_dir: &Path,
-    need: u64,
+    (need, peer): (u64, &str),
     others: impl Iterator<Item = &'a Reservation> + Clone,
 ) -> Result<(), CapacityError> {
     if let Some(limit) = limits.per_session.filter(|&l| need > l) {
@@ -109,6 +136,9 @@ pub fn admit<'a>(
     }
     if let Some(limit) = limits.sessions.filter(|&l| others.clone().count() >= l as usize) {
         return Err(CapacityError::Sessions(limit));
+    }
+    if let Some(limit) = limits.per_peer.filter(|&l| others.clone().filter(|r| r.peer == peer).count() >= l as usize) {
+        return Err(CapacityError::PerPeer { peer: peer.to_owned(), limit });
     }
     let incoming: u64 = others.clone().map(|r| r.bytes).sum();
     if let Some(limit) = limits.total.filter(|&l| need.saturating_add(incoming) > l) {
@@ -190,21 +220,33 @@ mod tests {
         let free = free_bytes(dir.path()).unwrap();
         assert!(free > 0);
         let none: [Reservation; 0] = [];
-        assert!(admit(&Limits::default(), dir.path(), 1 << 20, none.iter()).is_ok());
-        let e = admit(&Limits::default(), dir.path(), 64 << 40, none.iter()).unwrap_err();
+        assert!(admit(&Limits::default(), dir.path(), (1 << 20, "p"), none.iter()).is_ok());
+        let e = admit(&Limits::default(), dir.path(), (64 << 40, "p"), none.iter()).unwrap_err();
         assert!(matches!(e, CapacityError::Space { .. }), "{e}");
         let per = Limits { per_session: Some(1 << 20), ..Default::default() };
-        assert!(matches!(admit(&per, dir.path(), 2 << 20, none.iter()), Err(CapacityError::Session { .. })));
+        assert!(matches!(admit(&per, dir.path(), (2 << 20, "p"), none.iter()), Err(CapacityError::Session { .. })));
         // Another session's unfilled RAM is promised to it.
-        let other = [Reservation { bytes: free, files: vec![dir.path().join("absent")], holes: 0, migration: None }];
+        let other = [Reservation {
+            bytes: free,
+            files: vec![dir.path().join("absent")],
+            holes: 0,
+            migration: None,
+            peer: "p".into(),
+            disks: vec![],
+        }];
         assert!(matches!(
-            admit(&Limits::default(), dir.path(), 1 << 20, other.iter()),
+            admit(&Limits::default(), dir.path(), (1 << 20, "p"), other.iter()),
             Err(CapacityError::Space { .. })
         ));
         let total = Limits { total: Some(free + (1 << 20)), ..Default::default() };
-        assert!(matches!(admit(&total, dir.path(), 2 << 20, other.iter()), Err(CapacityError::Total { .. })));
+        assert!(matches!(admit(&total, dir.path(), (2 << 20, "p"), other.iter()), Err(CapacityError::Total { .. })));
         let one = Limits { sessions: Some(1), ..Default::default() };
-        assert!(matches!(admit(&one, dir.path(), 1 << 20, other.iter()), Err(CapacityError::Sessions(1))));
+        assert!(matches!(admit(&one, dir.path(), (1 << 20, "p"), other.iter()), Err(CapacityError::Sessions(1))));
+        let mine = Limits { per_peer: Some(1), ..Default::default() };
+        let e = admit(&mine, dir.path(), (1 << 20, "p"), other.iter()).unwrap_err();
+        assert!(matches!(e, CapacityError::PerPeer { limit: 1, .. }), "{e}");
+        let space = admit(&mine, dir.path(), (1 << 20, "q"), other.iter()).unwrap_err();
+        assert!(matches!(space, CapacityError::Space { .. }), "another peer passes the per-peer limit: {space}");
         let ad = advertise(&total, dir.path(), other.iter(), true);
         assert_eq!((ad.incoming, ad.drained), (1, true));
         assert!(ad.free_bytes <= 1 << 20, "the total limit bounds the room: {ad:?}");

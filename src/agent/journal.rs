@@ -28,7 +28,7 @@ struct Registry {
     /// Migrations that committed here lately (newest last), for sources
     /// that lost the answer to their `Resume`.
     #[serde(default)]
-    committed: Vec<crate::protocol::MigrationId>,
+    committed: Vec<(crate::protocol::MigrationId, String)>,
 }
 
 /// A migration this host runs as source.
@@ -124,7 +124,7 @@ impl Agent {
         let reg = Registry {
             vms: self.vms.lock().unwrap().values().cloned().collect(),
             unknown: self.unknown.lock().unwrap().clone(),
-            committed: self.committed.lock().unwrap().iter().copied().collect(),
+            committed: self.committed.lock().unwrap().iter().cloned().collect(),
         };
         if let Err(e) = write_json(&self.state("vms.json"), &reg) {
             tracing::warn!("journal: {e}");

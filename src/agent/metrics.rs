@@ -22,12 +22,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Connections served at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once; more are closed.
+const MAX_CONNECTIONS: usize = 64;
+/// Connections one address may hold at once.
+const PER_ADDR: usize = 4;
 /// A connection's whole life: request, scrape, response.
-const CONNECTION_TIME: Duration = Duration::from_secs(10);
+const CONNECTION_TIME: Duration = Duration::from_secs(5);
 /// The request's headers must arrive within this.
-const HEADER_TIME: Duration = Duration::from_secs(5);
+const HEADER_TIME: Duration = Duration::from_secs(2);
 /// Largest request head (hyper's minimum buffer).
 const MAX_REQUEST: usize = 8192;
 /// The phases a migration's `phase` gauge has a series for.
@@ -201,22 +203,21 @@ fn answer(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves `GET /metrics` on `listener` until the agent shuts down.
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    use crate::transport::session::{first_byte, Admission, Listener};
+    // Slow clients hold a few slots each, for seconds at most: a scraper
+    // always finds one.
+    let admission = Admission { reserved: Default::default(), per_addr: PER_ADDR, total: Some(MAX_CONNECTIONS) };
+    let listener = Listener::with(listener, "metrics listener", admission);
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let (tcp, _) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("metrics listener: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (tcp, _, slot) = tokio::select! {
+            c = listener.accept() => c,
             _ = agent.shutdown.cancelled() => return,
         };
         let me = agent.clone();
         tokio::spawn(async move {
+            if !first_byte(&tcp).await {
+                return;
+            }
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = answer(&me, &req);
                 async move { Ok::<_, std::convert::Infallible>(resp) }

@@ -13,6 +13,7 @@ mod handlers;
 pub mod journal;
 pub mod metrics;
 mod outcome;
+mod users;
 
 pub use handlers::RequestError;
 pub mod incoming;
@@ -102,6 +103,8 @@ pub struct AgentConfig {
     pub qemu_run_as: crate::vm::qemu::RunAs,
     /// What the networks VM descriptions name are on this host.
     pub networks: crate::vm::qemu::network::Networks,
+    /// Take peers' synthetic guests (test and demo beds; never by default).
+    pub synthetic_guests: bool,
     /// The systemd scope incoming VMs start in (else the agent's children).
     pub qemu_scope: Option<crate::vm::scope::Scope>,
     /// Where incoming VMs' RAM lives (tmpfs recommended).
@@ -122,6 +125,12 @@ impl AgentConfig {
     fn data_senders(&self) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
         let hosts: HashSet<String> = self.peers.keys().chain(self.accept_from.iter().flatten()).cloned().collect();
         Arc::new(move |h: &str| hosts.contains(h))
+    }
+
+    /// The addresses of the configured peers (their connections keep slots
+    /// of their own on the listeners).
+    pub fn peer_ips(&self) -> HashSet<std::net::IpAddr> {
+        self.peers.values().map(|a| a.ip()).collect()
     }
 
     /// Whether `host` (a verified peer name) may send data streams here.
@@ -168,7 +177,7 @@ pub struct Agent {
     /// Uids incoming sessions hold (see `take_identity`).
     uids: Mutex<HashSet<u32>>,
     /// Migrations that committed here lately (see `outcome_of`).
-    committed: Mutex<std::collections::VecDeque<crate::protocol::MigrationId>>,
+    committed: Mutex<std::collections::VecDeque<(crate::protocol::MigrationId, String)>>,
 }
 
 impl Agent {
@@ -238,45 +247,6 @@ impl Agent {
         self.cfg.state_dir.join("vms")
     }
 
-    /// Lets incoming QEMUs' users reach their RAM files in the data dir
-    /// (search permission only).
-    fn open_data_dir(&self) -> Result<(), AgentError> {
-        use crate::vm::qemu::user::{open_dir_to, Identity, RunAs};
-        let id = match &self.cfg.qemu_run_as {
-            RunAs::Agent => return Ok(()),
-            RunAs::User(u) => u.identity(),
-            RunAs::Uids(r) => Identity { uid: r.first, gid: r.first, groups: vec![] },
-        };
-        Ok(open_dir_to(&self.cfg.data_dir, &id)?)
-    }
-
-    /// A user for a new incoming QEMU (see [`crate::vm::qemu::RunAs`]):
-    /// with a uid range, the lowest uid no VM of this agent and no process
-    /// has; it is held until [`release_uid`](Self::release_uid).
-    pub fn take_identity(&self) -> Result<Option<crate::vm::qemu::user::Identity>, String> {
-        use crate::vm::qemu::RunAs;
-        match &self.cfg.qemu_run_as {
-            RunAs::Agent => Ok(None),
-            RunAs::User(u) => Ok(Some(u.identity())),
-            RunAs::Uids(r) => {
-                let mut held = self.uids.lock().unwrap();
-                let mut taken: HashSet<u32> = self.vms.lock().unwrap().values().filter_map(|v| v.uid).collect();
-                taken.extend(held.iter().copied());
-                let id = r.pick(&taken).ok_or_else(|| format!("every uid of {}-{} is in use", r.first, r.last))?;
-                held.insert(id.uid);
-                Ok(Some(id))
-            }
-        }
-    }
-
-    /// Gives a uid [`take_identity`](Self::take_identity) held back (the
-    /// session ended; a committed VM keeps it in its record).
-    pub fn release_uid(&self, uid: Option<u32>) {
-        if let Some(u) = uid {
-            self.uids.lock().unwrap().remove(&u);
-        }
-    }
-
     /// Asks [`run`](Self::run) to return.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
@@ -299,10 +269,26 @@ impl Agent {
         if incoming.contains_key(vm) {
             return Ok(false);
         }
+        // No two VMs of this host write one disk image.
+        let vms = self.vms.lock().unwrap();
+        let users = vms.values().map(|v| (&v.name, &v.disks)).chain(incoming.iter().map(|(n, r)| (n, &r.disks)));
+        for (name, disks) in users {
+            if disks.iter().any(|d| room.disks.contains(d)) {
+                return Err(capacity::CapacityError::DiskInUse(name.clone()));
+            }
+        }
+        drop(vms);
+        // A migration's id names one session, once: never a second one.
+        if let Some(id) = room.migration {
+            let pending = incoming.values().any(|r| r.migration == Some(id));
+            if pending || self.committed.lock().unwrap().iter().any(|(c, _)| *c == id) {
+                return Err(capacity::CapacityError::Reused(id));
+            }
+        }
         if *self.drained.borrow() {
             return Err(capacity::CapacityError::Drained);
         }
-        capacity::admit(&self.cfg.limits, &self.cfg.data_dir, room.bytes, incoming.values())?;
+        capacity::admit(&self.cfg.limits, &self.cfg.data_dir, (room.bytes, &room.peer), incoming.values())?;
         incoming.insert(vm.to_owned(), room);
         self.totals.incoming_opened();
         Ok(true)
@@ -341,6 +327,11 @@ impl Agent {
     /// Resolves when the drain state changes; gives the new state.
     pub fn drain_watch(&self) -> tokio::sync::watch::Receiver<bool> {
         self.drained.subscribe()
+    }
+
+    /// The disk images `vm`'s incoming session will write.
+    pub fn incoming_disks(&self, vm: &str) -> Vec<crate::vm::ident::FileIdent> {
+        self.incoming.lock().unwrap().get(vm).map(|r| r.disks.clone()).unwrap_or_default()
     }
 
     /// Gives the claim of [`begin_incoming`](Self::begin_incoming) back.
@@ -391,7 +382,7 @@ impl Agent {
             tokio::spawn(metrics::serve(self.clone(), listener));
         }
         tracing::info!(name = %self.cfg.name, control = %self.cfg.listen, data = ?data.local_addr().ok(), api = %self.cfg.api.display(), "agent up");
-        tokio::spawn(self.receiver.clone().serve(data));
+        tokio::spawn(self.receiver.clone().serve(data, self.cfg.peer_ips()));
         tokio::spawn(self.clone().serve_peers(control));
         loop {
             tokio::select! {
@@ -437,12 +428,16 @@ impl Agent {
 
     /// Accepts control connections from peers; each becomes an incoming session.
     async fn serve_peers(self: Arc<Self>, control: TcpListener) {
-        let control = crate::transport::session::Listener::new(control, "control listener");
+        let control = crate::transport::session::Listener::new(control, "control listener", self.cfg.peer_ips());
         loop {
             let (tcp, addr, slot) = control.accept().await;
             tcp.set_nodelay(true).ok();
             let me = self.clone();
             tokio::spawn(async move {
+                if !crate::transport::session::first_byte(&tcp).await {
+                    tracing::debug!(%addr, "control connection: nothing sent in time; closed");
+                    return;
+                }
                 let allowed = |host: &str| me.cfg.accepts_from(host);
                 match crate::control::accept(&me.cfg.tls.current(), &me.cfg.name, allowed, tcp).await {
                     Ok(conn) => incoming::serve(me, conn).await,

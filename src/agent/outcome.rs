@@ -97,7 +97,9 @@ impl Agent {
     /// answer is about that migration alone: a session another source
     /// opened for a VM of the same name never settles it. Without (a
     /// protocol-3 source), about the VM's name.
-    pub fn outcome_of(&self, vm: &str, migration: Option<MigrationId>) -> RemoteOutcome {
+    /// The answer is for the peer that opened that migration's session
+    /// (`asker`) alone.
+    pub fn outcome_of(&self, vm: &str, migration: Option<MigrationId>, asker: &str) -> RemoteOutcome {
         let Some(id) = migration else {
             return if self.has_vm(vm) {
                 RemoteOutcome::Committed
@@ -107,9 +109,9 @@ impl Agent {
                 RemoteOutcome::NotHere
             };
         };
-        if self.committed.lock().unwrap().contains(&id) {
+        if self.committed.lock().unwrap().iter().any(|(c, peer)| *c == id && peer == asker) {
             RemoteOutcome::Committed
-        } else if self.incoming.lock().unwrap().values().any(|r| r.migration == Some(id)) {
+        } else if self.incoming.lock().unwrap().values().any(|r| r.migration == Some(id) && r.peer == asker) {
             RemoteOutcome::Pending
         } else {
             RemoteOutcome::NotHere
@@ -118,10 +120,10 @@ impl Agent {
 
     /// A migration committed here: remembered (the last [`COMMITTED`]) for
     /// sources that ask after losing the answer.
-    pub(super) fn committed(&self, id: Option<MigrationId>) {
+    pub(super) fn committed(&self, id: Option<MigrationId>, peer: &str) {
         let Some(id) = id else { return };
         let mut c = self.committed.lock().unwrap();
-        c.push_back(id);
+        c.push_back((id, peer.to_owned()));
         while c.len() > COMMITTED {
             c.pop_front();
         }

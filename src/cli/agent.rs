@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// root: 4026531840-4026597375.
     #[arg(long, env = "DCMIGRATE_QEMU_UIDS")]
     pub qemu_uids: Option<String>,
+    /// Take peers' synthetic guests (`dcmigrate guest`), as test beds and
+    /// the demo do; an operator's agent takes QEMU VMs only.
+    #[arg(long, env = "DCMIGRATE_SYNTHETIC_GUESTS")]
+    pub synthetic_guests: bool,
     /// What a network VM descriptions name is on this host: NAME=user
     /// (QEMU's user networking, restrict=on) or NAME=bridge:BRIDGE (a tap
     /// on that bridge); repeat. `user=user` is always there unless redefined.
@@ -77,9 +81,12 @@ pub struct AgentArgs {
     #[arg(long, value_parser = parse_size)]
     pub max_incoming_ram: Option<u64>,
     /// Most incoming migrations at once; more are refused at session open
-    /// (a source with fallback hosts then tries the next).
+    /// (a source with fallback hosts then tries the next). Default 32.
     #[arg(long, env = "DCMIGRATE_MAX_INCOMING")]
     pub max_incoming: Option<u32>,
+    /// Most incoming migrations from one source at once. Default 16.
+    #[arg(long, env = "DCMIGRATE_MAX_INCOMING_PER_PEER")]
+    pub max_incoming_per_peer: Option<u32>,
     /// Most outgoing migrations at once (`migrate` beyond it is refused;
     /// `evacuate` queues).
     #[arg(long, env = "DCMIGRATE_MAX_OUTGOING")]
@@ -205,6 +212,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         storage: a.storage,
         data_encryption: a.data_encryption == "on",
         qemu_run_as: run_as(a.qemu_user.as_deref(), a.qemu_uids.as_deref())?,
+        synthetic_guests: a.synthetic_guests,
         networks: {
             let mut n = crate::vm::qemu::network::Networks::default();
             for spec in &a.networks {
@@ -216,7 +224,8 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         limits: crate::agent::capacity::Limits {
             per_session: a.max_session_ram,
             total: a.max_incoming_ram,
-            sessions: a.max_incoming,
+            sessions: Some(a.max_incoming.unwrap_or(crate::agent::capacity::DEFAULT_MAX_INCOMING)),
+            per_peer: Some(a.max_incoming_per_peer.unwrap_or(crate::agent::capacity::DEFAULT_MAX_PER_PEER)),
         },
         max_outgoing: a.max_outgoing,
         drained: a.drained,

@@ -195,6 +195,7 @@ agent_file! {
     qemu_user: String => qemu_user = Some,
     qemu_uids: String => qemu_uids = Some,
     networks: Vec<String> => networks = |v| v,
+    synthetic_guests: bool => synthetic_guests = |v| v,
     qemu_scope: crate::vm::scope::ScopeMode => qemu_scope = |v| v,
     state_dir: PathBuf => state_dir = Some,
     rdma_device: String => rdma_device = Some,
@@ -210,6 +211,7 @@ agent_file! {
     api_group: String => api_group = Some,
     metrics: SocketAddr => metrics = Some,
     max_incoming: u32 => max_incoming = Some,
+    max_incoming_per_peer: u32 => max_incoming_per_peer = Some,
     max_outgoing: u32 => max_outgoing = Some,
     drained: bool => drained = |v| v,
 }

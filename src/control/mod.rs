@@ -6,7 +6,7 @@
 //! or went silent is declared lost within a bound, and a peer busy with long
 //! work still answers.
 
-use crate::protocol::{self, read_message, write_message, Message, ProtocolError, MIN_VERSION};
+use crate::protocol::{self, read_message_within, write_message, Message, ProtocolError, MIN_VERSION};
 use crate::tls::{cert_host_names, TlsConfig};
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// The client end of a control connection.
@@ -137,7 +137,7 @@ pub async fn connect(
         let max_version = (max > MIN_VERSION).then_some(max);
         let hello = Message::Hello { version: MIN_VERSION, host: me.into(), max_version };
         write_message(&mut s, &hello).await.map_err(proto)?;
-        match read_message(&mut s).await.map_err(proto)? {
+        match read_message_within(&mut s, protocol::MAX_HELLO).await.map_err(proto)?.0 {
             Message::Welcome { version, .. } if (MIN_VERSION..=max).contains(&version) => {
                 Ok(Connected { stream: s, version, host: host.to_owned() })
             }
@@ -164,7 +164,8 @@ pub async fn accept(
             .await
             .map_err(|source| PeerError::Tls { host: addr.clone(), source })?;
         let proto = |source| PeerError::Protocol { host: addr.clone(), source };
-        let (max, min, claimed) = match read_message(&mut s).await.map_err(proto)? {
+        // Read before the peer is admitted: bounded as a hello.
+        let (max, min, claimed) = match read_message_within(&mut s, protocol::MAX_HELLO).await.map_err(proto)?.0 {
             Message::Hello { version, host, max_version } => (max_version.unwrap_or(version), version, host),
             other => return Err(proto(ProtocolError::Unexpected(other.name()))),
         };
@@ -193,8 +194,23 @@ pub async fn accept(
 }
 
 /// Messages read from a control connection by [`Channel`]; the last item
-/// is the error that ended it.
-pub type Inbox = mpsc::Receiver<Result<Message, ProtocolError>>;
+/// is the error that ended it. What waits in it is bounded in number
+/// ([`INBOX`]) and in bytes ([`INBOX_BYTES`]): the reader stops reading
+/// (TCP pushes back) until the consumer takes messages.
+pub struct Inbox {
+    rx: mpsc::Receiver<(Result<Message, ProtocolError>, Option<OwnedSemaphorePermit>)>,
+}
+
+impl Inbox {
+    /// The next message (its bytes leave the inbox's budget).
+    pub async fn recv(&mut self) -> Option<Result<Message, ProtocolError>> {
+        self.rx.recv().await.map(|(m, _bytes)| m)
+    }
+}
+
+/// Bytes of messages read ahead of their consumer, at most (plus the one
+/// being read: each kind is capped, see [`protocol::cap_of`]).
+pub const INBOX_BYTES: usize = 96 << 20;
 
 /// Heartbeats on a control connection (protocol version 2 and later).
 #[derive(Clone, Copy, Debug)]
@@ -285,7 +301,8 @@ impl Channel {
     {
         let (r, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let (tx, inbox) = mpsc::channel(INBOX);
+        let (tx, rx) = mpsc::channel(INBOX);
+        let inbox = Inbox { rx };
         let closed = tokio_util::sync::CancellationToken::new();
         let out = Outbox { tx: out_tx, queued: Arc::new(AtomicUsize::new(0)), limit, closed: closed.clone() };
         let queued = out.queued.clone();
@@ -324,19 +341,33 @@ async fn write_loop<W: AsyncWrite>(
 
 async fn read_loop<R: AsyncRead>(
     mut r: ReadHalf<R>,
-    tx: mpsc::Sender<Result<Message, ProtocolError>>,
+    tx: mpsc::Sender<(Result<Message, ProtocolError>, Option<OwnedSemaphorePermit>)>,
     out: Outbox,
     timeout: Option<Duration>,
     closed: tokio_util::sync::CancellationToken,
 ) {
     let silent = timeout.unwrap_or(Duration::from_secs(u32::MAX as u64));
+    // The inbox's byte budget, in KiB.
+    let budget = Arc::new(Semaphore::new(INBOX_BYTES >> 10));
     loop {
         let m = tokio::select! {
-            m = tokio::time::timeout(silent, read_message(&mut r)) => match m {
+            m = tokio::time::timeout(silent, read_message_within(&mut r, protocol::MAX_MESSAGE)) => match m {
                 Ok(m) => m,
                 Err(_) => Err(ProtocolError::Silent(silent)),
             },
             _ = closed.cancelled() => break,
+        };
+        let (m, permit) = match m {
+            Ok((m, size)) => {
+                let kib = (size.div_ceil(1024) as u32).min((INBOX_BYTES >> 10) as u32);
+                // Waits while the consumer has this much unread.
+                let permit = tokio::select! {
+                    p = budget.clone().acquire_many_owned(kib) => p.ok(),
+                    _ = closed.cancelled() => break,
+                };
+                (Ok(m), permit)
+            }
+            Err(e) => (Err(e), None),
         };
         match m {
             Ok(Message::Ping) => {
@@ -348,7 +379,7 @@ async fn read_loop<R: AsyncRead>(
         }
         // A peer's error message is an answer, not the end of the connection.
         let end = matches!(&m, Err(e) if !matches!(e, ProtocolError::Peer(_)));
-        if tx.send(m).await.is_err() || end {
+        if tx.send((m, permit)).await.is_err() || end {
             break;
         }
     }

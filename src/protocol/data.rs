@@ -281,7 +281,7 @@ mod tests {
         }
         assert_eq!(HelloStatus::try_from(4u8), Ok(HelloStatus::NoRdma));
         assert_eq!(HelloStatus::try_from(6u8), Ok(HelloStatus::EncryptionRequired));
-        assert!(HelloStatus::try_from(7u8).is_err());
+        assert!(HelloStatus::try_from(8u8).is_err());
     }
 
     #[test]

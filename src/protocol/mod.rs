@@ -94,6 +94,38 @@ pub const DESCRIPTIONS: u32 = 4;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message of a kind without a cap of its own.
+pub const SMALL_MESSAGE: usize = 64 << 10;
+/// Largest first message of a connection (`Hello`, `Welcome`), read before
+/// the peer was admitted.
+pub const MAX_HELLO: usize = 4 << 10;
+
+/// The largest message of kind `tag` (its JSON `type`): a few kinds carry
+/// lists or bulk that may be large; every other is small. Checked from the
+/// message's first bytes, before the rest is read.
+pub fn cap_of(tag: &str) -> usize {
+    match tag {
+        // Version 1: the whole device state, base64.
+        "device_state" => MAX_MESSAGE,
+        // Up to 2^20 blocks, as numbers.
+        "checksum_request" => 16 << 20,
+        "checksums" => 32 << 20,
+        // A VM's description, its RAM regions; RDMA regions in slices.
+        "open_session" | "session_opened" | "forward_to" | "forward_ready" => 1 << 20,
+        // Page runs of one chunk.
+        "forward" => 4 << 20,
+        _ => SMALL_MESSAGE,
+    }
+}
+
+/// The `type` a message's JSON starts with (`{"type":"x"...`), as this
+/// agent and every release before it write them; `None` for anything else,
+/// which then gets the smallest cap.
+fn tag_of(prefix: &[u8]) -> Option<&str> {
+    let rest = prefix.strip_prefix(b"{\"type\":\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
 /// Largest raw payload after one message.
 pub const MAX_BULK: u32 = 4 << 20;
 
@@ -162,19 +194,36 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Res
 }
 
 /// Reads one message (and its raw bytes); an `Error` message becomes
-/// [`ProtocolError::Peer`]. Every length is checked before allocating.
+/// [`ProtocolError::Peer`]. Every length is checked before allocating:
+/// against [`MAX_MESSAGE`], then against its kind's cap ([`cap_of`]).
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, ProtocolError> {
+    read_message_within(r, MAX_MESSAGE).await.map(|(m, _)| m)
+}
+
+/// Reads one message of at most `limit` bytes (a connection's first
+/// message: [`MAX_HELLO`]); the message and its size on the wire.
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> Result<(Message, usize), ProtocolError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
         r => r?,
     };
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > limit.min(MAX_MESSAGE) {
         return Err(ProtocolError::TooLarge(len));
     }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await?;
+    let mut head = vec![0; len.min(64)];
+    r.read_exact(&mut head).await?;
+    if len > tag_of(&head).map_or(SMALL_MESSAGE, cap_of) {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(&head);
+    body.resize(len, 0);
+    r.read_exact(&mut body[head.len()..]).await?;
     let mut m: Message = serde_json::from_slice(&body).map_err(ProtocolError::Decode)?;
     match &mut m {
         Message::Error { message } => return Err(ProtocolError::Peer(std::mem::take(message))),
@@ -187,7 +236,8 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Pr
         }
         _ => {}
     }
-    Ok(m)
+    let size = len + if let Message::DeviceStateChunk { len, .. } = &m { *len as usize } else { 0 };
+    Ok((m, size))
 }
 
 #[cfg(test)]
@@ -230,6 +280,29 @@ mod tests {
         a.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
         a.write_all(body.as_bytes()).await.unwrap();
         assert!(matches!(read_message(&mut b).await, Err(ProtocolError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn each_kind_is_capped_before_it_is_read() {
+        // A small kind announcing a large body is refused before the body is read.
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let body = format!(r#"{{"type":"resume","start":true,"pad":"{}"}}"#, "x".repeat(SMALL_MESSAGE));
+        a.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+        a.write_all(&body.as_bytes()[..64]).await.unwrap();
+        assert!(matches!(read_message(&mut b).await, Err(ProtocolError::TooLarge(_))));
+        // A kind that may be large is read whole.
+        let (mut a, mut b) = tokio::io::duplex(4 << 20);
+        let sums = Message::Checksums { sums: vec![u64::MAX; 100_000] };
+        let w = tokio::spawn(async move { write_message(&mut a, &sums).await.unwrap() });
+        assert!(matches!(read_message(&mut b).await, Ok(Message::Checksums { .. })));
+        w.await.unwrap();
+        // A first message over the hello's limit is refused.
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let hello = Message::Hello { version: 1, host: "h".repeat(MAX_HELLO), max_version: None };
+        let w = tokio::spawn(async move { write_message(&mut a, &hello).await });
+        assert!(matches!(read_message_within(&mut b, MAX_HELLO).await, Err(ProtocolError::TooLarge(_))));
+        drop(b);
+        let _ = w.await;
     }
 
     #[test]

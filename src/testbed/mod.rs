@@ -218,7 +218,7 @@ impl Testbed {
             }
             None => self.command(&h.name, &self.exe),
         };
-        cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string()]);
+        cmd.args(["agent", "--name", &h.name, "--listen", &h.control.to_string(), "--synthetic-guests"]);
         cmd.arg("--certs").arg(certs).arg("--api").arg(&h.api).arg("--data-dir").arg(&h.data_dir);
         cmd.arg("--state-dir").arg(h.state_dir());
         if let Some(img) = qemu::guest_image() {

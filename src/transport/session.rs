@@ -17,7 +17,8 @@ use super::{rdma, tcp, Stop, TransportError};
 use crate::memory::GuestRam;
 use crate::protocol::data::{HelloStatus, StreamMode, DATA_VERSION};
 use crate::protocol::{RdmaRegion, Token};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -39,6 +40,9 @@ struct Binding {
     /// The host name the stream's certificate must carry (`None`: any
     /// accepted peer; plain streams carry none to check).
     host: Option<String>,
+    /// The session's source: streams that claim to be sender 0 must come
+    /// from it, whatever else the token allows.
+    source: Option<String>,
 }
 
 /// A destination's view of one session: where its frames go.
@@ -120,9 +124,10 @@ impl Receiver {
     }
 
     /// Registers a session writing into `ram`; `token` is its source's,
-    /// bound to `source` (its host name), or to nothing for a protocol-3
-    /// source (which hands it to its forwarders).
-    pub fn add(&self, token: Token, ram: Arc<GuestRam>, source: Option<&str>) -> Arc<Receiving> {
+    /// bound to `source` (its host name) and sender 0. A protocol-3 source
+    /// (`shared`) hands its token to its forwarders: then any accepted peer
+    /// may use it, but only `source` as sender 0.
+    pub fn add(&self, token: Token, ram: Arc<GuestRam>, source: Option<&str>, shared: bool) -> Arc<Receiving> {
         let r = Arc::new(Receiving {
             ram,
             cancel: CancellationToken::new(),
@@ -130,7 +135,12 @@ impl Receiver {
             senders: Mutex::new(HashMap::new()),
             sealed: Default::default(),
         });
-        let binding = Binding { session: r.clone(), sender: source.map(|_| SOURCE), host: source.map(str::to_owned) };
+        let binding = Binding {
+            session: r.clone(),
+            sender: (!shared).then_some(SOURCE),
+            host: source.filter(|_| !shared).map(str::to_owned),
+            source: source.map(str::to_owned),
+        };
         self.tokens.lock().unwrap().insert(token, binding);
         r
     }
@@ -148,7 +158,10 @@ impl Receiver {
         let mut tokens = self.tokens.lock().unwrap();
         // One token per sender: a new one replaces the old.
         tokens.retain(|_, b| !(Arc::ptr_eq(&b.session, session) && b.sender == Some(sender)));
-        tokens.insert(token, Binding { session: session.clone(), sender: Some(sender), host: Some(host.to_owned()) });
+        tokens.insert(
+            token,
+            Binding { session: session.clone(), sender: Some(sender), host: Some(host.to_owned()), source: None },
+        );
         Ok(token)
     }
 
@@ -160,6 +173,10 @@ impl Receiver {
     /// Fences `sender`: its token revoked, its streams cut, and no answer
     /// until none of its frames can still be written.
     pub async fn fence(&self, session: &Arc<Receiving>, sender: u8) -> Result<(), TransportError> {
+        if sender == SOURCE {
+            // The source's streams end with the session, not by a fence.
+            return Err(TransportError::Refused(HelloStatus::Fenced));
+        }
         self.revoke(session, |s| s == Some(sender));
         session.cut(sender).await
     }
@@ -170,30 +187,44 @@ impl Receiver {
     /// is taken, so what is verified is what resumes.
     pub async fn seal(&self, session: &Arc<Receiving>) -> Result<(), TransportError> {
         session.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.revoke(session, |s| s != Some(SOURCE));
-        let others: Vec<u8> = session.senders.lock().unwrap().keys().copied().filter(|s| *s != SOURCE).collect();
-        for s in others {
-            session.cut(s).await?;
+        // Forwarders' own tokens go; a protocol-3 session's shared token
+        // stays for its source (new streams are refused anyway).
+        self.revoke(session, |s| s.is_some_and(|s| s != SOURCE));
+        let others: Vec<SenderStreams> = {
+            let senders = session.senders.lock().unwrap();
+            senders.iter().filter(|(s, _)| **s != SOURCE).map(|(_, st)| st.clone()).collect()
+        };
+        // Every one cut first, then waited for together: our clone and the
+        // registry's, anything more is a live stream.
+        others.iter().for_each(|s| s.cut.cancel());
+        let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+        while others.iter().any(|s| Arc::strong_count(&s.live) > 2) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(TransportError::FenceTimeout(0));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }
 
     /// Forgets a session (every token of it) and cuts its streams.
-    pub fn remove(&self, token: &Token) {
-        let mut tokens = self.tokens.lock().unwrap();
-        if let Some(b) = tokens.get(token).cloned() {
-            tokens.retain(|_, x| !Arc::ptr_eq(&x.session, &b.session));
-            b.session.cancel.cancel();
-        }
+    pub fn remove(&self, session: &Arc<Receiving>) {
+        self.tokens.lock().unwrap().retain(|_, x| !Arc::ptr_eq(&x.session, session));
+        session.cancel.cancel();
     }
 
-    /// Accepts data streams forever.
-    pub async fn serve(self, listener: TcpListener) {
-        let listener = Listener::new(listener, "data listener");
+    /// Accepts data streams forever; `peers` (configured peers' addresses)
+    /// keep slots of their own.
+    pub async fn serve(self, listener: TcpListener, peers: HashSet<IpAddr>) {
+        let listener = Listener::new(listener, "data listener", peers);
         loop {
             let (s, peer, slot) = listener.accept().await;
             let me = self.clone();
             tokio::spawn(async move {
+                if !first_byte(&s).await {
+                    tracing::debug!(%peer, "data stream: nothing sent within {FIRST_BYTE:?}; closed");
+                    return;
+                }
                 if let Err(e) = me.serve_stream(s).await {
                     tracing::warn!(%peer, "data stream: {}", crate::error_chain(&e));
                 }
@@ -220,9 +251,11 @@ impl Receiver {
             handshake::answer(&mut s, HelloStatus::BadToken).await.ok();
             return Err(refuse(HelloStatus::BadToken));
         };
-        // A token is its sender's: another host, or another sender id, is refused.
+        // A token is its sender's: another host, or another sender id, is
+        // refused; and only the source may be sender 0.
         let wrong_host = matches!((&b.host, &peer), (Some(h), Some(p)) if h != p);
-        if wrong_host || b.sender.is_some_and(|s| s != hello.sender) {
+        let not_source = hello.sender == SOURCE && matches!((&b.source, &peer), (Some(s), Some(p)) if s != p);
+        if wrong_host || not_source || b.sender.is_some_and(|s| s != hello.sender) {
             handshake::answer(&mut s, HelloStatus::WrongSender).await.ok();
             return Err(refuse(HelloStatus::WrongSender));
         }
@@ -285,46 +318,114 @@ pub fn connection_cap() -> usize {
     (soft.saturating_sub(RESERVED_FDS) / 4).clamp(8, MAX_CONNECTIONS as u64) as usize
 }
 
-/// A listener with a bounded number of live connections.
+/// Who a listener lets in, beyond its total cap ([`connection_cap`]).
+#[derive(Clone, Debug, Default)]
+pub struct Admission {
+    /// Addresses of configured peers: they may use every slot, the last
+    /// [`RESERVED`] of which nobody else gets, and have no cap of their own.
+    pub reserved: HashSet<IpAddr>,
+    /// Connections one other address may hold at once.
+    pub per_addr: usize,
+    /// A total below [`connection_cap`], if set.
+    pub total: Option<usize>,
+}
+
+/// Slots of a listener only configured peers may take.
+pub const RESERVED: usize = 32;
+/// Connections one address that is not a configured peer may hold on the
+/// control and data listeners (a migration from there has a few streams).
+pub const PER_ADDR: usize = 32;
+/// How long a new connection may stay silent: a client that connects and
+/// sends nothing gives its slot back after this.
+pub const FIRST_BYTE: Duration = Duration::from_secs(2);
+
+/// Whether the client sent something within [`FIRST_BYTE`] (nothing is consumed).
+pub async fn first_byte(tcp: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(tokio::time::timeout(FIRST_BYTE, tcp.peek(&mut b)).await, Ok(Ok(n)) if n > 0)
+}
+
+/// A listener with a bounded number of live connections: in all, per
+/// address, and with slots kept for configured peers.
 pub struct Listener {
     inner: TcpListener,
     what: &'static str,
-    live: Arc<std::sync::atomic::AtomicUsize>,
+    admission: Admission,
+    live: Arc<Mutex<Live>>,
+}
+
+#[derive(Default)]
+struct Live {
+    total: usize,
+    by_addr: HashMap<IpAddr, usize>,
 }
 
 /// A connection's place in its [`Listener`], held while it is served.
-pub struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+pub struct Slot(Arc<Mutex<Live>>, IpAddr);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut l = self.0.lock().unwrap();
+        l.total -= 1;
+        if let Some(n) = l.by_addr.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                l.by_addr.remove(&self.1);
+            }
+        }
     }
 }
 
 impl Listener {
-    /// Serves at most [`connection_cap`] connections of `inner` at once.
-    pub fn new(inner: TcpListener, what: &'static str) -> Self {
-        Self { inner, what, live: Default::default() }
+    /// Serves at most [`connection_cap`] connections of `inner` at once,
+    /// [`PER_ADDR`] per address, [`RESERVED`] of them kept for `peers`.
+    pub fn new(inner: TcpListener, what: &'static str, peers: HashSet<IpAddr>) -> Self {
+        Self::with(inner, what, Admission { reserved: peers, per_addr: PER_ADDR, total: None })
+    }
+
+    /// A listener with its own admission rules.
+    pub fn with(inner: TcpListener, what: &'static str, admission: Admission) -> Self {
+        Self { inner, what, admission, live: Default::default() }
+    }
+
+    /// Whether a connection from `ip` may be served now; counts it if so.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let cap = self.admission.total.unwrap_or_else(connection_cap);
+        let mut l = self.live.lock().unwrap();
+        let ok = if self.admission.reserved.contains(&ip) {
+            l.total < cap
+        } else {
+            let keep = if self.admission.reserved.is_empty() { 0 } else { RESERVED.min(cap / 2) };
+            let others = cap.saturating_sub(keep);
+            l.total < others && l.by_addr.get(&ip).copied().unwrap_or(0) < self.admission.per_addr
+        };
+        if ok {
+            l.total += 1;
+            *l.by_addr.entry(ip).or_default() += 1;
+        }
+        ok
     }
 
     /// The next connection, with its slot. Accept errors (no file
     /// descriptors left, say) are logged and back off instead of spinning;
-    /// connections beyond the cap are closed unread.
+    /// connections beyond the caps are closed unread.
     pub async fn accept(&self) -> (TcpStream, std::net::SocketAddr, Slot) {
-        use std::sync::atomic::Ordering;
         let mut refused = 0u64;
         loop {
             match self.inner.accept().await {
                 Ok((s, addr)) => {
-                    let cap = connection_cap();
-                    if self.live.fetch_add(1, Ordering::SeqCst) < cap {
-                        return (s, addr, Slot(self.live.clone()));
+                    // An IPv4 peer on an IPv6 socket is the same address.
+                    let ip = match addr.ip() {
+                        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                        v4 => v4,
+                    };
+                    if self.admit(ip) {
+                        return (s, addr, Slot(self.live.clone(), ip));
                     }
-                    self.live.fetch_sub(1, Ordering::SeqCst);
                     drop(s);
                     refused += 1;
                     if refused.is_power_of_two() {
-                        tracing::warn!(%addr, refused, "{}: {cap} connections open, closing new ones", self.what);
+                        tracing::warn!(%addr, refused, "{}: connection caps reached, closing new ones", self.what);
                     }
                 }
                 Err(e) => {

@@ -30,6 +30,9 @@ pub enum CgroupError {
     /// No hierarchy here has the memory and pids controllers.
     #[error("no cgroup hierarchy with the memory and pids controllers is mounted (v2 at /sys/fs/cgroup or /sys/fs/cgroup/unified, or v1)")]
     Unavailable,
+    /// A cgroup of the name still has processes in it.
+    #[error("{0} still has processes in it")]
+    Busy(PathBuf),
     /// A file system call failed.
     #[error("{what} {path}")]
     Io {
@@ -120,8 +123,16 @@ impl VmCgroup {
         Ok(me)
     }
 
+    /// A new, empty cgroup at `dir` (one left empty by an earlier VM of
+    /// the name is replaced; one with processes in it is refused).
     fn fresh(dir: &Path) -> Result<(), CgroupError> {
         let _ = std::fs::remove_dir(dir);
+        if dir.exists() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if !procs.trim().is_empty() {
+                return Err(CgroupError::Busy(dir.to_owned()));
+            }
+        }
         mkdir(dir)
     }
 

@@ -131,6 +131,10 @@ pub struct VmRecord {
     /// they were then: every later open must find the same file.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub idents: std::collections::BTreeMap<PathBuf, ident::FileIdent>,
+    /// The disk images it writes (a VM this agent started), which no other
+    /// VM of this host may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ident::FileIdent>,
 }
 
 impl Default for LaunchSpec {

@@ -10,7 +10,31 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;
+type Stream = qapi::Stream<BufReader<LineLimit>, UnixStream>;
+
+/// Longest line a QEMU may send on its monitor: a hostile QEMU (a peer's
+/// VM runs on this host) cannot make the agent buffer without end.
+const MAX_LINE: usize = 16 << 20;
+
+/// A socket read as lines of at most [`MAX_LINE`] bytes.
+struct LineLimit {
+    inner: UnixStream,
+    since_newline: usize,
+}
+
+impl std::io::Read for LineLimit {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match buf[..n].iter().rposition(|&b| b == b'\n') {
+            Some(i) => self.since_newline = n - i - 1,
+            None => self.since_newline += n,
+        }
+        if self.since_newline > MAX_LINE {
+            return Err(std::io::Error::other(format!("a QMP line longer than {MAX_LINE} bytes")));
+        }
+        Ok(n)
+    }
+}
 
 /// An open QMP connection to one QEMU, capabilities negotiated.
 pub struct Qmp {
@@ -40,6 +64,7 @@ impl Qmp {
         let pid = peer_pid(&s).map_err(|e| err(format!("peer credentials: {e}")))?;
         let r = s.try_clone().map_err(|e| err(e.to_string()))?;
         let raw = s.try_clone().map_err(|e| err(e.to_string()))?;
+        let r = LineLimit { inner: r, since_newline: 0 };
         let mut qmp = qapi::Qmp::new(qapi::Stream::new(BufReader::new(r), s));
         handshake(&mut qmp).map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
         Ok(Self { qmp, raw, path: path.to_owned(), pid })

@@ -39,6 +39,8 @@ pub(crate) struct Session {
     uid: Option<u32>,
     /// The migration it belongs to (protocol 4).
     migration: Option<MigrationId>,
+    /// The source that opened it.
+    peer: String,
 }
 
 /// Device state arriving in chunks, bounded by [`MAX_DEVICE_STATE`].
@@ -200,7 +202,7 @@ fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
 }
 
 async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
-    agent.receiver.remove(&sess.token);
+    agent.receiver.remove(&sess.receiving);
     if let Some((_, f)) = &sess.forward {
         f.close();
     }
@@ -256,7 +258,16 @@ async fn step(
     }
     let reply = match (msg, session.as_mut()) {
         (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration }, None) => {
-            let open = open::Open { vm: &vm, regions, chunk_size, holes, launch: &launch, rdma_slices, migration };
+            let open = open::Open {
+                vm: &vm,
+                regions,
+                chunk_size,
+                holes,
+                launch: &launch,
+                rdma_slices,
+                migration,
+                peer: src.name,
+            };
             open_session(agent, session, src, open).await
         }
         (Message::Resume { start, .. }, Some(_)) => return resume(agent, out, session, start).await,
@@ -270,7 +281,7 @@ async fn step(
         }
         (Message::CapacityQuery, None) => Message::Capacity(agent.capacity()),
         (Message::OutcomeQuery { vm, migration }, _) => {
-            let outcome = agent.outcome_of(&vm, migration);
+            let outcome = agent.outcome_of(&vm, migration, src.name);
             Message::OutcomeAnswer { vm, outcome }
         }
         (msg, Some(sess)) => return on_session(agent, sess, msg, src, fwd_tx).await,
@@ -342,9 +353,8 @@ async fn on_session(
 async fn open_session(agent: &Agent, session: &mut Option<Session>, src: &Source<'_>, o: open::Open<'_>) -> Message {
     let vm = o.vm.to_owned();
     // A protocol-4 source's token is its own; an older one hands its token
-    // to its forwarders, so it is bound to no host.
-    let bound = (src.version >= DESCRIPTIONS).then_some(src.name);
-    match open::open(agent, o, bound).await {
+    // to its forwarders, so it binds only sender 0 to the source.
+    match open::open(agent, o, src.version < DESCRIPTIONS).await {
         Ok(sess) => {
             tracing::info!(%vm, peer = %src.name, migration = ?sess.migration, "incoming session opened");
             let m = Message::SessionOpened {
@@ -434,10 +444,10 @@ async fn resume(
         return Err(ProtocolError::Closed);
     }
     let Some(sess) = session.take() else { return Ok(Step::Reply(Message::Error { message: "no session".into() })) };
-    agent.receiver.remove(&sess.token);
+    agent.receiver.remove(&sess.receiving);
     let inc = sess.incoming.clone();
     let committed = match tokio::task::spawn_blocking(move || inc.commit(start)).await {
-        Ok(Ok(rec)) => rec,
+        Ok(Ok(rec)) => crate::vm::VmRecord { disks: agent.incoming_disks(&sess.vm), ..rec },
         Ok(Err(e)) => {
             *session = Some(sess);
             return Ok(Step::Reply(error(e)));
@@ -449,7 +459,7 @@ async fn resume(
     };
     tracing::info!(vm = %committed.name, start, "switchover: VM now lives here");
     // Remembered before the registry is journaled with the VM in it.
-    agent.committed(sess.migration);
+    agent.committed(sess.migration, &sess.peer);
     agent.add_vm(committed);
     agent.journal_incoming(&sess.vm, None);
     agent.end_incoming(&sess.vm);

@@ -11,6 +11,7 @@ use super::super::Agent;
 use super::Session;
 use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
 use crate::protocol::Token;
+use crate::vm::ident::FileIdent;
 use crate::vm::qemu::command::ResourceError;
 use crate::vm::qemu::confine::Storage;
 use crate::vm::qemu::user::Identity;
@@ -49,6 +50,9 @@ pub enum OpenError {
     /// The layout is not usable.
     #[error("RAM layout")]
     Layout(#[from] LayoutError),
+    /// This host takes no synthetic guests.
+    #[error("{0} takes no synthetic guests (it runs QEMU VMs; --synthetic-guests is for test beds)")]
+    Synthetic(String),
     /// A synthetic guest has one region.
     #[error("{0} RAM regions for a synthetic guest")]
     Regions(usize),
@@ -98,7 +102,7 @@ enum Plan {
     Synthetic { ram: PathBuf },
     /// QEMU: RAM files in a directory of the data dir, runtime files in the
     /// agent's state dir, QEMU built from the description.
-    Qemu { desc: Box<Description>, ram_dir: PathBuf, runtime: PathBuf, ram: Vec<PathBuf> },
+    Qemu { desc: Box<Description>, ram_dir: PathBuf, runtime: PathBuf, ram: Vec<PathBuf>, disks: Vec<FileIdent> },
 }
 
 impl Plan {
@@ -106,6 +110,13 @@ impl Plan {
         match self {
             Plan::Synthetic { ram } => vec![ram.clone()],
             Plan::Qemu { ram, .. } => ram.clone(),
+        }
+    }
+
+    fn disks(&self) -> Vec<FileIdent> {
+        match self {
+            Plan::Synthetic { .. } => vec![],
+            Plan::Qemu { disks, .. } => disks.clone(),
         }
     }
 }
@@ -126,12 +137,15 @@ pub(super) struct Open<'a> {
     pub rdma_slices: bool,
     /// The migration (protocol 4).
     pub migration: Option<crate::protocol::MigrationId>,
+    /// The source's verified host name.
+    pub peer: &'a str,
 }
 
 /// Opens a session; on error nothing is left behind. The source's
-/// data-plane token is bound to `source` (its host name), if given.
-pub(super) async fn open(agent: &Agent, o: Open<'_>, source: Option<&str>) -> Result<Session, OpenError> {
-    let Open { vm, regions, chunk_size, holes, launch, rdma_slices, migration } = o;
+/// data-plane token is bound to it, unless it is `shared` with the
+/// source's forwarders (a protocol-3 source).
+pub(super) async fn open(agent: &Agent, o: Open<'_>, shared: bool) -> Result<Session, OpenError> {
+    let Open { vm, regions, chunk_size, holes, launch, rdma_slices, migration, peer } = o;
     if !crate::vm::valid_name(vm) {
         return Err(OpenError::Name(vm.to_owned()));
     }
@@ -147,21 +161,31 @@ pub(super) async fn open(agent: &Agent, o: Open<'_>, source: Option<&str>) -> Re
         files: plan.ram(),
         holes: holes.min(layout.total_bytes()),
         migration,
+        peer: peer.to_owned(),
+        disks: plan.disks(),
     };
     if !agent.begin_incoming(vm, room)? {
         return Err(OpenError::Busy { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     crate::hooks::gate(&agent.cfg.name, "incoming-open").await;
-    let r = prepare(agent, vm, (layout, regions), plan, (launch, rdma_slices, source)).await;
+    let r = prepare(agent, vm, (layout, regions), plan, (launch, rdma_slices, (peer, shared))).await;
     if r.is_err() {
         agent.end_incoming(vm);
     }
-    r.map(|s| Session { migration, ..s })
+    r.map(|s| Session { migration, peer: peer.to_owned(), ..s })
 }
 
 /// Checks what the source asks for and decides where everything goes.
 fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) -> Result<Plan, OpenError> {
+    if !matches!(launch, LaunchSpec::Synthetic { .. }) && matches!(agent.cfg.qemu_run_as, qemu::RunAs::Agent) {
+        return Err(OpenError::Identity(
+            "this agent is not root and has no --qemu-user: a peer's QEMU would run as the agent itself".into(),
+        ));
+    }
     let desc = match launch {
+        LaunchSpec::Synthetic { .. } if !agent.cfg.synthetic_guests => {
+            return Err(OpenError::Synthetic(agent.cfg.name.clone()));
+        }
         LaunchSpec::Synthetic { .. } => {
             return match regions.len() {
                 1 => Ok(Plan::Synthetic { ram: guest_paths(&agent.cfg.data_dir, vm).0 }),
@@ -192,10 +216,10 @@ fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) ->
         let show = |r: &[RegionSpec]| r.iter().map(|r| format!("{}:{}", r.id, r.size)).collect::<Vec<_>>().join(",");
         return Err(OpenError::RamMismatch { described: show(&described), session: show(regions) });
     }
-    qemu::command::check_resources(&desc, &Storage::new(&agent.cfg.storage), &agent.cfg.networks)?;
+    let disks = qemu::command::check_resources(&desc, &Storage::new(&agent.cfg.storage), &agent.cfg.networks)?;
     let ram_dir = qemu::vm_dir(&agent.cfg.data_dir, vm);
     let ram = regions.iter().map(|r| qemu::ram_path(&ram_dir, &r.id)).collect();
-    Ok(Plan::Qemu { desc, ram_dir, runtime: agent.runtime_root().join(vm), ram })
+    Ok(Plan::Qemu { desc, ram_dir, runtime: agent.runtime_root().join(vm), ram, disks })
 }
 
 async fn prepare(
@@ -203,7 +227,7 @@ async fn prepare(
     vm: &str,
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: Plan,
-    (launch, rdma_slices, source): (&LaunchSpec, bool, Option<&str>),
+    (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     let identity = match &plan {
@@ -236,7 +260,7 @@ async fn prepare_as(
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: &Plan,
     identity: Option<Identity>,
-    (launch, rdma_slices, source): (&LaunchSpec, bool, Option<&str>),
+    (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     if let Plan::Qemu { ram_dir, runtime, .. } = plan {
@@ -280,7 +304,7 @@ async fn prepare_as(
     }
     agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
-    let receiving = agent.receiver.add(token, ram.clone(), source);
+    let receiving = agent.receiver.add(token, ram.clone(), Some(source.0), source.1);
     if let Some(registering) = registering {
         match registering.await {
             Ok(Ok(t)) => receiving.set_rdma(t),
@@ -298,6 +322,7 @@ async fn prepare_as(
         device_state: Default::default(),
         uid: None,
         migration: None,
+        peer: String::new(),
     })
 }
 

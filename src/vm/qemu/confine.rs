@@ -16,6 +16,8 @@ use thiserror::Error;
 
 /// Deepest backing chain a destination follows.
 pub const MAX_CHAIN: usize = 16;
+/// Largest kernel, initrd, device tree or firmware a destination copies.
+pub const MAX_BOOT_FILE: u64 = 256 << 20;
 
 /// Why a file a description names cannot be opened here.
 #[derive(Debug, Error)]
@@ -39,9 +41,14 @@ pub enum ConfineError {
         #[source]
         source: std::io::Error,
     },
-    /// Not a regular file.
-    #[error("{0:?} is not a regular file")]
-    NotAFile(String),
+    /// A boot file larger than [`MAX_BOOT_FILE`].
+    #[error("{name:?} is {size} bytes, more than a boot file may be ({MAX_BOOT_FILE})")]
+    TooLarge {
+        /// The name.
+        name: String,
+        /// Its size.
+        size: u64,
+    },
     /// A qcow2 header that cannot be used.
     #[error("image {name:?}")]
     Qcow2 {
@@ -139,16 +146,26 @@ impl Storage {
     /// reads it by `/proc/self/fd/N` whatever its user, and nothing can
     /// change it under QEMU.
     pub fn boot_file(&self, name: &str) -> Result<OwnedFd, ConfineError> {
-        let (mut f, _) = self.open(name, false, false)?;
-        let fd =
-            rustix::fs::memfd_create(name.rsplit('/').next().unwrap_or("boot"), rustix::fs::MemfdFlags::ALLOW_SEALING)
-                .map_err(|e| ConfineError::Io { what: format!("a memfd for {name:?}"), source: e.into() })?;
+        let mut f = self.check_boot_file(name)?;
+        let flags = rustix::fs::MemfdFlags::ALLOW_SEALING | rustix::fs::MemfdFlags::CLOEXEC;
+        let fd = rustix::fs::memfd_create(name.rsplit('/').next().unwrap_or("boot"), flags)
+            .map_err(|e| ConfineError::Io { what: format!("a memfd for {name:?}"), source: e.into() })?;
         let mut copy = File::from(fd);
         std::io::copy(&mut f, &mut copy).map_err(io(format!("copying {name:?}")))?;
         use rustix::fs::SealFlags;
         rustix::fs::fcntl_add_seals(&copy, SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL)
             .map_err(|e| ConfineError::Io { what: format!("sealing the copy of {name:?}"), source: e.into() })?;
         Ok(copy.into())
+    }
+
+    /// A boot file, open, if it exists beneath storage and is not too large.
+    pub fn check_boot_file(&self, name: &str) -> Result<File, ConfineError> {
+        let (f, _) = self.open(name, false, false)?;
+        let size = f.metadata().map_err(io(format!("reading {name:?}")))?.len();
+        if size > MAX_BOOT_FILE {
+            return Err(ConfineError::TooLarge { name: name.into(), size });
+        }
+        Ok(f)
     }
 
     /// A disk and every file its format needs, top first.

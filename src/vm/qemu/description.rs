@@ -367,11 +367,24 @@ impl Description {
             check_props(&format!("ram {}", r.id), &allow::RAM_PROPS, &r.props, &[])?;
         }
         let ids: Vec<&str> = self.ram.iter().map(|r| r.id.as_str()).collect();
+        let mut used = vec![];
         for n in &self.numa {
             check_props("numa", &allow::NUMA, n, &[])?;
-            if let Some(m) = n.get("memdev").filter(|m| !ids.contains(&m.as_str())) {
-                return Err(DescriptionError::Reference(format!("numa memdev {m:?} is not a RAM region")));
+            if let Some(m) = n.get("memdev") {
+                if !ids.contains(&m.as_str()) || used.contains(m) {
+                    return Err(DescriptionError::Reference(format!(
+                        "numa memdev {m:?}: not a RAM region, or used twice"
+                    )));
+                }
+                used.push(m.clone());
             }
+        }
+        // Several regions are each a NUMA node's memory: otherwise QEMU would
+        // give the guest RAM of its own beside them.
+        if self.ram.len() > 1 && used.len() != self.ram.len() {
+            return Err(DescriptionError::Reference(
+                "several RAM regions, not each a NUMA node's (-numa node,memdev=ID)".into(),
+            ));
         }
         Ok(())
     }
@@ -401,6 +414,10 @@ impl Description {
         bound("serials", &self.serials, 16)?;
         for d in &self.disks {
             check_id("disk id", &d.id)?;
+            // QEMU's node names are shorter than 32 bytes.
+            if d.id.len() > 31 {
+                return Err(value_err("disk id", &d.id, "at most 31 characters (a QEMU node name)"));
+            }
             check_storage(&format!("disk {}", d.id), &d.image)?;
             check_props(&format!("disk {}", d.id), &allow::DISK_PROPS, &d.props, &[])?;
         }

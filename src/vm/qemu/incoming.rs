@@ -147,7 +147,16 @@ impl QemuIncoming {
     }
 
     fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.runtime.join("qemu.log")).unwrap_or_default();
+        use std::io::{Read, Seek};
+        // The last few KiB only: QEMU writes this file, as much as it likes.
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.runtime.join("qemu.log")) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(8 << 10)));
+            let mut b = vec![];
+            let _ = f.take(8 << 10).read_to_end(&mut b);
+            s = String::from_utf8_lossy(&b).into_owned();
+        }
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(5)..].join(" | ")
     }
@@ -166,7 +175,7 @@ impl QemuIncoming {
     fn console(&self) -> Option<PathBuf> {
         let first = self.desc.serials.first()?;
         let c = self.desc.chardevs.iter().find(|c| &c.id == first)?;
-        (c.kind == ChardevKind::Log).then(|| self.runtime.join(format!("{}.log", c.id)))
+        (c.kind == ChardevKind::Log).then(|| self.runtime.join(command::chardev_file(&c.id, "log")))
     }
 
     /// Stops QEMU and removes its runtime directory and cgroup.

@@ -168,7 +168,18 @@ fn find_memfd(pid: u32, size: u64, id: &str) -> Result<PathBuf, VmError> {
 }
 
 fn qemu_pid(rec: &VmRecord) -> Result<u32, VmError> {
-    Ok(Qmp::connect_as(&rec.control, rec.ident(&rec.control), QMP_TIMEOUT)?.pid)
+    let q = Qmp::connect_as(&rec.control, rec.ident(&rec.control), QMP_TIMEOUT)?;
+    Ok(pid_of(rec, &q))
+}
+
+/// QEMU's pid: for a QEMU this agent started, the one it recorded (pid and
+/// start time, so never a reused pid); else the monitor socket's peer.
+fn pid_of(rec: &VmRecord, q: &Qmp) -> u32 {
+    rec.runtime_dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join(super::spawn::PID_FILE)).ok())
+        .and_then(|s| super::spawn::recorded_alive(&s))
+        .unwrap_or(q.pid)
 }
 
 /// A running QEMU on the source host.
@@ -313,7 +324,7 @@ impl SourceVm for QemuVm {
 
     fn stop(&self) -> Result<(), VmError> {
         let mut q = self.qmp()?;
-        let pid = q.pid;
+        let pid = pid_of(&self.rec, &q);
         // QEMU may close the socket before answering `quit`.
         let _ = q.execute(&qmp::quit {});
         drop(q);
@@ -341,7 +352,7 @@ impl SourceVm for QemuVm {
         let qemu_state = serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned));
         Ok(VmState {
             phase: Some(phase.into()),
-            pid: Some(q.pid),
+            pid: Some(pid_of(&self.rec, &q)),
             qemu_state,
             kind: Some("qemu".into()),
             ..Default::default()

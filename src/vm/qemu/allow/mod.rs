@@ -78,21 +78,33 @@ pub(in crate::vm::qemu) fn plain_object(kind: &str) -> Option<&'static Schema> {
 
 /// An option of [`PLAIN_OPTIONS`] with its value (none for a flag).
 pub(in crate::vm::qemu) fn check_plain_option(name: &str, value: Option<&str>) -> Result<(), &'static str> {
+    plain_option(name, value).map(drop)
+}
+
+/// An option of [`PLAIN_OPTIONS`], checked, and its value as QEMU gets
+/// it: rebuilt from the checked properties (`key=value`, commas doubled),
+/// never the text as given, which QEMU could read otherwise (JSON is
+/// refused: not every option takes it, and one that does not would split
+/// a JSON string at its commas).
+pub(in crate::vm::qemu) fn plain_option(name: &str, value: Option<&str>) -> Result<Option<String>, &'static str> {
     let Some((_, opt)) = PLAIN_OPTIONS.iter().find(|(n, _)| *n == name) else {
         return Err("an option with no host resource in it");
     };
     match (opt, value) {
-        (Opt::Flag, None) => Ok(()),
-        (Opt::Value(rule), Some(v)) if value_ok(rule, v) => Ok(()),
+        (Opt::Flag, None) => Ok(None),
+        (Opt::Value(rule), Some(v)) if value_ok(rule, v) && !v.contains(',') => Ok(Some(v.to_owned())),
+        (Opt::Keyval(_), Some(v)) if v.trim_start().starts_with('{') => Err("key=value, not JSON"),
         (Opt::Keyval(schema), Some(v)) => {
             let props = parse_value(v, schema.implied).and_then(|m| flatten(&m)).ok_or("QEMU's key=value syntax")?;
+            let mut out = vec![];
             for (k, v) in &props {
                 let (_, rule) = schema.keys.iter().find(|(n, _)| n == k).ok_or("a property allowed for it")?;
                 if !value_ok(rule, v) {
                     return Err(rule_text(rule));
                 }
+                out.push(format!("{k}={}", v.replace(',', ",,")));
             }
-            Ok(())
+            Ok(Some(out.join(",")))
         }
         _ => Err("a flag without value, or an option with one"),
     }
@@ -254,6 +266,12 @@ mod tests {
         assert!(check_plain_option("rtc", Some("base=utc,clock=host")).is_ok());
         assert!(check_plain_option("no-reboot", None).is_ok());
         assert!(check_plain_option("fw_cfg", Some("name=opt/x,file=/etc/shadow")).is_err());
+        // JSON whose string hides key=value pairs for QEMU's own parser.
+        assert!(check_plain_option("fw_cfg", Some(r#"{"string":"a,file=/etc/passwd,name=opt/x"}"#)).is_err());
+        // A value with commas is rebuilt with them doubled.
+        let v = plain_option("fw_cfg", Some("name=opt/x,string=a,,file=/etc/passwd")).unwrap().unwrap();
+        assert_eq!(v, "name=opt/x,string=a,,file=/etc/passwd");
+        assert_eq!(plain_option("smbios", Some("type=1,serial=a,,b")).unwrap().unwrap(), "serial=a,,b,type=1");
         assert!(check_plain_option("D", Some("/tmp/x")).is_err());
         assert!(check_plain_option("no-reboot", Some("x")).is_err());
         assert!(check_device_prop("romfile", "/etc/shadow").is_err());

@@ -78,16 +78,39 @@ pub struct Resources {
 }
 
 /// Opens what `desc` needs beneath `storage` and checks its networks; no
-/// file is created and no tap made (see [`create`]). Called at session
-/// open, so that a refusal comes before anything exists for the VM.
-pub fn check_resources(desc: &Description, storage: &Storage, networks: &Networks) -> Result<(), ResourceError> {
+/// file is created, copied or locked, and no tap made (see [`create`]).
+/// Called at session open, so that a refusal comes before anything exists
+/// for the VM. Returns the images it would write (the top of each
+/// writable disk), so that no two VMs of a host write one.
+pub fn check_resources(
+    desc: &Description,
+    storage: &Storage,
+    networks: &Networks,
+) -> Result<Vec<crate::vm::ident::FileIdent>, ResourceError> {
+    let mut written = vec![];
     for d in &desc.disks {
-        storage.disk(d).map_err(|source| ResourceError::File { what: format!("disk {}", d.id), source })?;
+        let chain = storage.disk(d).map_err(|source| ResourceError::File { what: format!("disk {}", d.id), source })?;
+        if let (false, Some(top)) = (d.read_only, chain.nodes.first()) {
+            if let Ok(m) = top.file.metadata() {
+                written.push(crate::vm::ident::FileIdent::of(&m));
+            }
+        }
     }
     for n in &desc.nets {
         networks.get(&n.network).map_err(|source| ResourceError::Network { id: n.id.clone(), source })?;
     }
-    boot_files(desc, storage).map(drop)
+    let b = &desc.boot;
+    let bios = match &b.bios {
+        Some(Firmware::Storage(n)) => Some(n),
+        _ => None,
+    };
+    let files = [("kernel", b.kernel.as_ref()), ("initrd", b.initrd.as_ref()), ("dtb", b.dtb.as_ref()), ("bios", bios)];
+    for (what, name) in files {
+        if let Some(n) = name {
+            storage.check_boot_file(n).map_err(|source| ResourceError::File { what: what.into(), source })?;
+        }
+    }
+    Ok(written)
 }
 
 fn boot_files(desc: &Description, storage: &Storage) -> Result<[Option<OwnedFd>; 4], ResourceError> {
@@ -137,10 +160,10 @@ pub fn create(
     for c in &desc.chardevs {
         let fd: OwnedFd = match c.kind {
             ChardevKind::Log => runtime
-                .create_file(&format!("{}.log", c.id), 0o640)
+                .create_file(&chardev_file(&c.id, "log"), 0o640)
                 .map_err(|source| ResourceError::File { what: format!("chardev {}", c.id), source })?
                 .into(),
-            ChardevKind::Socket => listen(runtime, &format!("{}.sock", c.id), &c.id)?,
+            ChardevKind::Socket => listen(runtime, &chardev_file(&c.id, "sock"), &c.id)?,
             _ => continue,
         };
         chardevs.push((c.id.clone(), fd));
@@ -149,11 +172,18 @@ pub fn create(
     Ok(Resources { disks, boot, nets, chardevs, qmp })
 }
 
-/// A unix socket listening at `name` in the runtime directory.
+/// The file of chardev `id` in a runtime directory (apart from the agent's own).
+pub fn chardev_file(id: &str, ext: &str) -> String {
+    format!("chardev-{id}.{ext}")
+}
+
+/// A unix socket at `name` in the runtime directory, bound (QEMU listens:
+/// the peer credentials a client of it sees are then QEMU's).
 fn listen(runtime: &RuntimeDir, name: &str, id: &str) -> Result<OwnedFd, ResourceError> {
-    let l = std::os::unix::net::UnixListener::bind(runtime.fd_path(name))
-        .map_err(|source| ResourceError::Socket { id: id.into(), source })?;
-    Ok(l.into())
+    let err = |source| ResourceError::Socket { id: id.into(), source };
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM.cloexec(), None).map_err(err)?;
+    s.bind(&socket2::SockAddr::unix(runtime.fd_path(name)).map_err(err)?).map_err(err)?;
+    Ok(s.into())
 }
 
 /// A command line and the descriptors it names, each with the number it
@@ -216,8 +246,8 @@ pub fn build(desc: &Description, ram: &[RamFile], res: Resources) -> Command {
     let Resources { disks, boot, nets, chardevs, qmp } = res;
     machine(&mut b, desc, ram);
     boot_args(&mut b, desc, boot);
-    for (d, chain) in desc.disks.iter().zip(disks) {
-        disk(&mut b, &d.id, &d.props, d.read_only, chain);
+    for (i, (d, chain)) in desc.disks.iter().zip(disks).enumerate() {
+        disk(&mut b, (i, &d.id), &d.props, d.read_only, chain);
     }
     for (n, backend) in desc.nets.iter().zip(nets) {
         let mut props = Props::new();
@@ -273,8 +303,12 @@ pub fn build(desc: &Description, ram: &[RamFile], res: Resources) -> Command {
         b.arg("global", format!("driver={},property={},value={}", g.driver, g.property, escape(&g.value)));
     }
     for (name, value) in &desc.options {
-        b.argv.push(format!("-{name}"));
-        b.argv.extend(value.clone());
+        // Rebuilt from the checked properties (the description was checked:
+        // an option that fails here is left out).
+        if let Ok(v) = super::allow::plain_option(name, value.as_deref()) {
+            b.argv.push(format!("-{name}"));
+            b.argv.extend(v);
+        }
     }
     agent_options(&mut b, desc, qmp);
     Command { argv: b.argv, fds: b.fds }
@@ -332,8 +366,9 @@ fn boot_args(b: &mut Builder, desc: &Description, boot: [Option<OwnedFd>; 4]) {
 
 /// A disk's chain as `-blockdev` nodes, bottom up (a node names only nodes
 /// defined before it), each file from an fd set; the top format node
-/// carries the id devices use.
-fn disk(b: &mut Builder, id: &str, props: &Props, read_only: bool, chain: Chain) {
+/// carries the id devices use, the others short names of the agent's
+/// (`dcm-` and the disk's index: node names are under 32 bytes).
+fn disk(b: &mut Builder, (n, id): (usize, &str), props: &Props, read_only: bool, chain: Chain) {
     let cache = json!({
         "direct": props.get("cache.direct").is_some_and(|v| ["on", "true", "yes"].contains(&v.as_str())),
         "no-flush": props.get("cache.no-flush").is_some_and(|v| ["on", "true", "yes"].contains(&v.as_str())),
@@ -343,8 +378,8 @@ fn disk(b: &mut Builder, id: &str, props: &Props, read_only: bool, chain: Chain)
     for (i, node) in chain.nodes.into_iter().enumerate().rev() {
         let top = i == 0;
         let ro = !top || read_only;
-        let name = if top { id.to_owned() } else { format!("{RESERVED_PREFIX}{id}-b{i}") };
-        let file = file_node(b, &format!("{RESERVED_PREFIX}f-{name}"), node.file, ro, &cache, props);
+        let name = if top { id.to_owned() } else { format!("{RESERVED_PREFIX}{n}b{i}") };
+        let file = file_node(b, &format!("{RESERVED_PREFIX}{n}f{i}"), node.file, ro, &cache, props);
         let mut fmt = json!({
             "driver": node.format.driver(), "node-name": name, "file": file, "read-only": ro, "cache": cache,
         });
@@ -353,7 +388,7 @@ fn disk(b: &mut Builder, id: &str, props: &Props, read_only: bool, chain: Chain)
         }
         if let Some(data) = node.data_file {
             fmt["data-file"] =
-                Value::String(file_node(b, &format!("{RESERVED_PREFIX}d-{name}"), data, ro, &cache, props));
+                Value::String(file_node(b, &format!("{RESERVED_PREFIX}{n}d{i}"), data, ro, &cache, props));
         }
         if top {
             for k in ["discard", "detect-zeroes"] {

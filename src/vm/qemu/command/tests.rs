@@ -126,14 +126,14 @@ fn a_typical_vm_is_described_and_built_with_descriptors_only() {
     assert!(argv.contains("-kernel /proc/self/fd/"), "{argv}");
     assert!(argv.contains("\"filename\":\"/dev/fdset/"), "{argv}");
     // The qcow2 image's backing file is a node of its own, never opened by name.
-    assert!(argv.contains("\"backing\":\"dcm-d1-b1\""), "{argv}");
+    assert!(argv.contains("\"backing\":\"dcm-1b1\""), "{argv}");
     assert!(argv.contains("socket,id=ga,fd=") && argv.contains("server=on"), "{argv}");
     assert!(argv.contains("-chardev socket,id=dcm-qmp,fd="), "{argv}");
     assert!(argv.ends_with(&format!("-incoming defer -S -sandbox {SANDBOX}")), "{argv}");
     // Every descriptor QEMU gets has a number of its own, from 3 on.
     let nums: Vec<i32> = cmd.fds.iter().map(|(_, n)| *n).collect();
     assert_eq!(nums, (3..3 + nums.len() as i32).collect::<Vec<_>>());
-    assert!(b.runtime.join("serial0.log").exists() && b.runtime.join("ga.sock").exists());
+    assert!(b.runtime.join("chardev-serial0.log").exists() && b.runtime.join("chardev-ga.sock").exists());
 }
 
 #[test]

@@ -245,8 +245,8 @@ impl Builder<'_> {
         if !allow::PLAIN_OPTIONS.iter().any(|(n, _)| *n == name) {
             return Err(SpecError::Option(name.to_owned()));
         }
-        allow::check_plain_option(name, value).map_err(|rule| bad(name, "value", value.unwrap_or_default(), rule))?;
-        self.desc.options.push((name.to_owned(), value.map(str::to_owned)));
+        let v = allow::plain_option(name, value).map_err(|rule| bad(name, "value", value.unwrap_or_default(), rule))?;
+        self.desc.options.push((name.to_owned(), v));
         Ok(())
     }
 
