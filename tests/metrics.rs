@@ -93,3 +93,50 @@ fn only_get_metrics_is_answered() {
     assert!(r.is_err(), "an oversized request was answered");
     assert_eq!(status(ureq::get(&url(&tb, "hostA", "/metrics")).call()), 200);
 }
+
+/// Slow clients (a request trickling in a byte at a time, never finished)
+/// from one address, as many as it can open, hold a few slots each for
+/// seconds at most: a scraper from another address is answered every time
+/// (with a client timeout of 5 s, as a scraper has) while they go on.
+#[test]
+fn slow_clients_cannot_hold_the_metrics_listener() {
+    let tb = Testbed::start_with_env(exe(), &["hostA"], &[("DCMIGRATE_METRICS", "127.0.0.1:0")]).expect("test bed");
+    let addr: std::net::SocketAddr = tb.client("hostA").info().unwrap().metrics.unwrap().parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut held = vec![];
+                for _ in 0..80 {
+                    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                    let src = std::net::SocketAddr::from(([127, 0, 0, 2], 0));
+                    if s.bind(&src.into()).is_ok() && s.connect(&addr.into()).is_ok() {
+                        opened += 1;
+                        held.push(s);
+                    }
+                }
+                for b in b"GET /metrics HTTP/1.1\r\n" {
+                    held.iter_mut().for_each(|s| drop(std::io::Write::write(s, &[*b])));
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                }
+            }
+            opened
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let client: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
+    for i in 0..5 {
+        let r = client.get(&url(&tb, "hostA", "/metrics")).call();
+        assert!(r.is_ok(), "scrape {i} during the slow clients: {:?}", r.err());
+        std::thread::sleep(std::time::Duration::from_millis(700));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let opened = slow.join().unwrap();
+    assert!(opened >= 80, "the slow clients opened only {opened} connections");
+}

@@ -447,3 +447,73 @@ fn a_connection_flood_under_a_low_fd_limit_leaves_the_agent_usable() {
     assert!(r.verified);
     assert_eq!(state(&tb, "hostB", "flooded").map(|s| s.phase.is_some()), Some(true));
 }
+
+/// Keeps `addrs` dialled full of idle connections (opened, never written)
+/// from loopback addresses that are not any agent's, until `stop`; counts
+/// the connections made.
+fn flood(
+    addrs: Vec<std::net::SocketAddr>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering;
+        let mut made = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let mut held = vec![];
+            for from in 2..=21u8 {
+                for to in &addrs {
+                    for _ in 0..40 {
+                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                        let src = std::net::SocketAddr::from(([127, 0, 0, from], 0));
+                        if s.bind(&src.into()).is_ok()
+                            && s.connect_timeout(&(*to).into(), std::time::Duration::from_millis(200)).is_ok()
+                        {
+                            made += 1;
+                            held.push(s);
+                        }
+                    }
+                }
+            }
+            // Held past the first-byte deadline half the time: slots are
+            // both taken and handed back while the migration runs.
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        made
+    })
+}
+
+/// A flood of idle connections from addresses that are not peers, on the
+/// control and data listeners of both destinations, all through a
+/// migration that is retargeted half-way: the peers' own connections get
+/// the slots kept for them, the migration completes verified, and the
+/// flood ran at its full size.
+#[test]
+fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
+    if !hooks_or_skip("a_flood_of_idle_connections_leaves_a_retargeted_migration_through") {
+        return;
+    }
+    let mut tb = testbed(&["hostA", "hostB", "hostC"]);
+    tb.start_guest("hostA", "stormy", 64 * MIB, &workload(5.0), false, &[]).unwrap();
+    let mut addrs = vec![];
+    for h in ["hostB", "hostC"] {
+        let control = tb.host(h).control;
+        addrs.push(control);
+        addrs.push(std::net::SocketAddr::new(control.ip(), tb.client(h).info().unwrap().data_port));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = flood(addrs.clone(), stop.clone());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let opts = dcmigrate::engine::MigrateOptions { max_bandwidth_mbps: Some(40.0), ..Default::default() };
+    start_migration(&tb, "hostA", "stormy", "hostB", held(opts));
+    assert!(retarget_when(&tb, "hostA", "stormy", "hostC", 0.3, true), "the migration ended before the retarget");
+    release(&tb, "hostA", "stormy");
+    let r = wait_report(&tb, "hostA", "stormy");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let made = flooding.join().unwrap();
+    assert_eq!(r.result, dcmigrate::engine::Outcome::Completed, "{r:#?}\n{}", tb.logs());
+    assert!(r.verified && r.retargets.len() == 1, "{r:#?}");
+    assert_eq!(r.vm_runs_on.as_deref(), Some("hostC"));
+    // Each round dials 20 addresses x 40 x 4 listeners: past every cap.
+    assert!(made >= 3200, "the flood made only {made} connections");
+    assert!(tb.vm_on("hostB", "stormy").is_none() && tb.vm_on("hostC", "stormy").is_some());
+}
