@@ -451,10 +451,7 @@ fn a_connection_flood_under_a_low_fd_limit_leaves_the_agent_usable() {
 /// Keeps `addrs` dialled full of idle connections (opened, never written)
 /// from loopback addresses that are not any agent's, until `stop`; counts
 /// the connections made.
-fn flood(
-    addrs: Vec<std::net::SocketAddr>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
+fn flood(addrs: Vec<std::net::SocketAddr>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         use std::sync::atomic::Ordering;
         let mut made = 0;

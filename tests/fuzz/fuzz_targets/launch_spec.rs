@@ -1,43 +1,30 @@
-//! `launch_spec`: a peer's QEMU launch spec as a destination checks and
-//! rewrites it: `vm::qemu::launch::check_binary`, the allow-list
-//! `vm::qemu::allow::check_args` (what `check_spec` runs) and
-//! `vm::qemu::destination_args`.
-//!
-//! The input is split on NUL bytes into arguments (lossy UTF-8: a spec
-//! travels as JSON strings); the first is the binary. The first byte's low
-//! bit picks whether the source's RAM is one region `ram0` of 64 MiB or
-//! nothing. Checks: nothing panics; `check_args` and `destination_args`
-//! agree on what they refuse; and whatever `destination_args` returns,
-//! once the agent's own options are taken out again, passes the allow-list
-//! itself (the rewrite of memory backends cannot smuggle anything in).
+//! `launch_spec`: what a destination does with what a peer sends to start
+//! a VM. The input is split on NUL bytes into words (lossy UTF-8: what
+//! travels is JSON strings). With the first byte's low bit clear, the words
+//! are a QEMU command line, read as a protocol-3 source's is
+//! (`vm::qemu::describe`, against the storage prefix `/srv/images` and one
+//! region `ram0` of 64 MiB); set, the rest is a VM description as JSON.
+//! Checks: nothing panics; whatever `describe` returns passes a
+//! destination's own check (`Description::check`); and a description that
+//! passes builds into a command line (`vm::qemu::command::build`) in which
+//! every value is one the allow-lists give (no `file=` behind `-fw_cfg`, no
+//! host forward, no path a peer named: the only absolute paths are the
+//! agent's own RAM file and `/dev/fdset`/`/proc/self/fd` names).
 //!
 //! The checks run on a thread with a 2 MiB stack, what the agent's tokio
 //! threads have (a peer's spec is checked on one), so that unbounded
 //! recursion shows as a crash here as it would there
 //! (regressions/launch_spec/deep-dotted-key).
-//!
-//! The VM's directory is a temp dir holding a symlink `escape` to `/` (so
-//! the symlink check runs); `/srv/images` is the storage prefix.
 #![no_main]
 
 use dcmigrate::memory::RegionSpec;
-use dcmigrate::vm::qemu::allow::{check_args, Confine};
-use dcmigrate::vm::qemu::launch::check_binary;
-use dcmigrate::vm::qemu::{destination_args, ram_path, strip_control};
+use dcmigrate::vm::qemu::command::{build, Resources};
+use dcmigrate::vm::qemu::describe::{describe, Source};
+use dcmigrate::vm::qemu::Description;
+use dcmigrate::vm::RamFile;
 use libfuzzer_sys::fuzz_target;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{mpsc, Mutex, OnceLock};
-
-fn vm_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp dir");
-        std::os::unix::fs::symlink("/", d.path().join("escape")).expect("symlink");
-        std::fs::write(d.path().join("disk.qcow2"), b"").expect("file");
-        d
-    })
-    .path()
-}
 
 /// Tokio's default stack for its threads.
 const STACK: usize = 2 << 20;
@@ -71,23 +58,57 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let mut words = rest.split(|&b| b == 0).map(|w| String::from_utf8_lossy(w).into_owned());
-    let binary = words.next().unwrap_or_default();
-    let args: Vec<String> = words.collect();
-    let dir = vm_dir();
-    let storage = [PathBuf::from("/srv/images")];
-    let confine = Confine { dir, storage: &storage };
-    let regions = if mode & 1 == 0 { vec![RegionSpec { id: "ram0".into(), size: 64 << 20 }] } else { vec![] };
-
-    let _ = check_binary(&binary);
-    let resolved: Vec<String> =
-        strip_control(&args).iter().map(|a| a.replace("{dir}", &dir.to_string_lossy())).collect();
-    let allowed = check_args(&resolved, &confine);
-    let qmp = dir.join("qmp.sock");
-    if let Ok(out) = destination_args(&args, &confine, &regions, |id| ram_path(dir, id), &qmp) {
-        assert!(allowed.is_ok(), "destination_args took what check_args refused: {allowed:?}");
-        if let Err(e) = check_args(&strip_control(&out), &confine) {
-            panic!("the rewritten command line breaks the allow-list: {e}\nin: {args:?}\nout: {out:?}");
+    let regions = vec![RegionSpec { id: "ram0".into(), size: 64 << 20 }];
+    let desc = if mode & 1 == 0 {
+        let args: Vec<String> = rest.split(|&b| b == 0).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        let storage = [PathBuf::from("/srv/images")];
+        let networks = Default::default();
+        let src =
+            Source { binary: "qemu-system-x86_64", args: &args, ram: &regions, storage: &storage, networks: &networks };
+        match describe(&src) {
+            Ok(d) => {
+                if let Err(e) = d.description.check() {
+                    panic!("describe gave what a destination refuses: {e}\nin: {args:?}");
+                }
+                d.description
+            }
+            Err(_) => return,
+        }
+    } else {
+        match serde_json::from_slice::<Description>(rest) {
+            Ok(d) if d.check().is_ok() => d,
+            _ => return,
+        }
+    };
+    let ram: Vec<RamFile> = desc
+        .ram
+        .iter()
+        .map(|r| RamFile { id: r.id.clone(), path: PathBuf::from(format!("/data/vm.qemu/{}.ram", r.id)), size: r.size })
+        .collect();
+    let qmp = std::fs::File::open("/dev/null").expect("/dev/null").into();
+    let res = Resources { disks: vec![], boot: Default::default(), nets: vec![], chardevs: vec![], qmp };
+    let argv = build(&desc, &ram, res).argv;
+    for w in argv.windows(2) {
+        let (opt, v) = (w[0].as_str(), w[1].as_str());
+        if opt == "-fw_cfg" {
+            assert!(!v.split(',').any(|p| p.starts_with("file=")), "-fw_cfg {v}");
+        }
+        assert!(!v.contains("hostfwd") && !v.contains("guestfwd"), "{opt} {v}");
+        // What QEMU opens: files of boot options, and paths in properties.
+        let opened: Vec<&str> = match opt {
+            "-kernel" | "-initrd" | "-dtb" => vec![v],
+            "-bios" if v.contains('/') => vec![v],
+            _ => v
+                .split(',')
+                .filter_map(|p| p.split_once('='))
+                .filter(|(k, _)| ["mem-path", "path", "filename", "file", "logfile"].contains(k))
+                .map(|(_, x)| x)
+                .collect(),
+        };
+        for p in opened {
+            let ours =
+                p.starts_with("/data/vm.qemu/") || p.starts_with("/dev/fdset/") || p.starts_with("/proc/self/fd/");
+            assert!(ours, "a file a peer chose reached QEMU: {opt} {v}");
         }
     }
 }
