@@ -57,9 +57,11 @@ fn retarget_over_rdma_is_byte_exact() {
         assert!(!p.device.is_empty() && p.port >= 1 && [1024, 4096].contains(&p.path_mtu), "{p:?}");
     }
     land(&tb, "A", "C", "r1");
-    // RAM is registered once per host: the source's for both of its
-    // destinations, B's for receiving and for forwarding from.
-    for (host, target, sender) in [("A", 0, 1), ("B", 1, 0), ("C", 1, 0)] {
+    // RAM is registered once per host and sender: the source's for both of
+    // its destinations, B's for receiving and for forwarding from, C's for
+    // the source's writes and again for B's (keys of its own, revoked when
+    // B is released).
+    for (host, target, sender) in [("A", 0, 1), ("B", 1, 0), ("C", 2, 0)] {
         assert_eq!(registrations(&tb, host), (target, sender), "{host}'s registrations\n{}", tb.agent_log(host));
         // In slices pinned at once, one per core (the VM has two or more).
         let log = tb.agent_log(host);
@@ -423,4 +425,85 @@ fn rdma_required_but_impossible_fails_clearly() {
     let report = migrate(&tb, "A", "r3", "B", MigrateOptions::default());
     assert_eq!(report.result, Outcome::Completed, "{report:#?}");
     assert_eq!(report.transport, TransportUsed::Tcp);
+}
+
+/// A forwarder's RDMA keys are its own and die with its fence. The
+/// destination registers its RAM again for forwarder 1 (keys of its own,
+/// in the session's protection domain): a queue pair of the session writes
+/// with them; once forwarder 1 is fenced they are deregistered, and a
+/// write with them fails, landing nothing, while the source's own keys go
+/// on working.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fenced_forwarders_rdma_keys_no_longer_write() {
+    use dcmigrate::memory::{GuestRam, Layout, RegionSpec, PAGE_SIZE};
+    use dcmigrate::protocol::Token;
+    use dcmigrate::transport::{Batch, Completion, PageSender, Receiver, Run, StreamSpec};
+    use std::sync::Arc;
+    const T: &str = "a_fenced_forwarders_rdma_keys_no_longer_write";
+    if !rdma_or_skip(T) {
+        return;
+    }
+    let rdma = dcmigrate::transport::rdma::open(&Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = || Layout::new(vec![RegionSpec { id: "ram0".into(), size: 4 << 20 }], 2 << 20).unwrap();
+    let src = Arc::new(GuestRam::create(layout(), &[dir.path().join("src")]).unwrap());
+    let dst = Arc::new(GuestRam::create(layout(), &[dir.path().join("dst")]).unwrap());
+    src.write_at(0, 0, &vec![0x11; 4 << 20]).unwrap();
+    let target = rdma.register_target(&dst, false).unwrap();
+    let own_keys = target.offer();
+    let rx = Receiver::default();
+    let token = Token::random();
+    let session = rx.add(token, dst.clone(), None, true);
+    session.set_rdma(target);
+    let forwarder_keys = Receiver::rdma_for(&session, 1).expect("RDMA offered").expect("registered again");
+    assert_ne!(forwarder_keys[0].rkey, own_keys[0].rkey, "the forwarder's keys are the source's");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(rx.clone().serve(l, Default::default()));
+    // Sender 0 (the source's queue pairs) writing with the given keys.
+    let open = |keys: Vec<dcmigrate::protocol::RdmaRegion>| {
+        let (tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let spec = StreamSpec {
+            addr,
+            token,
+            sender: 0,
+            streams: 1,
+            ram: src.clone(),
+            observer: None,
+            completions: tx,
+            stall_timeout: std::time::Duration::from_secs(10),
+            tls: None,
+        };
+        let rdma = rdma.clone();
+        async move {
+            let ver = dcmigrate::transport::rdma::ENDPOINT_VERSION;
+            (dcmigrate::transport::rdma::connect(&rdma, spec, &keys, ver, false).await.unwrap(), done)
+        }
+    };
+    let page = PAGE_SIZE;
+    let batch = |id: u64, first_page: usize| Batch {
+        id,
+        chunk: first_page / 512,
+        from: 0,
+        to: 1,
+        runs: vec![Run { first_page, pages: 1 }],
+        epochs: vec![0],
+    };
+    let (q, mut done) = open(forwarder_keys.clone()).await;
+    q.submit(batch(1, 0)).unwrap();
+    let c = tokio::time::timeout(std::time::Duration::from_secs(60), done.recv()).await.unwrap().unwrap();
+    assert!(matches!(c, Completion::Applied(_)), "with the forwarder's keys before the fence: {c:?}");
+    rx.fence(&session, 1).await.unwrap();
+    q.submit(batch(2, 600)).unwrap();
+    let c = tokio::time::timeout(std::time::Duration::from_secs(120), done.recv()).await.unwrap().unwrap();
+    assert!(matches!(c, Completion::Failed(..)), "a write with fenced keys: {c:?}");
+    q.close();
+    let mut b = vec![0u8; page];
+    dst.read_at(0, 600 * page as u64, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "a write with fenced keys landed");
+    // The source's own keys still write.
+    let (q, mut done) = open(own_keys).await;
+    q.submit(batch(3, 700)).unwrap();
+    let c = tokio::time::timeout(std::time::Duration::from_secs(60), done.recv()).await.unwrap().unwrap();
+    assert!(matches!(c, Completion::Applied(_)), "with the source's keys: {c:?}");
 }

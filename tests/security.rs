@@ -342,8 +342,8 @@ async fn session_on_a(
 
 /// A forwarder's token for host `host`, as sender `sender`.
 async fn forwarder_token(c: &mut peer::Connected<peer::ClientStream>, sender: u8, host: &str) -> Token {
-    match ask(c, Message::AddSender { sender, host: host.into() }).await {
-        Ok(Message::SenderAdded { token }) => token,
+    match ask(c, Message::AddSender { sender, host: host.into(), rdma: false }).await {
+        Ok(Message::SenderAdded { token, .. }) => token,
         other => panic!("add_sender: {other:?}"),
     }
 }
@@ -381,7 +381,8 @@ async fn a_forwarders_token_is_its_own_and_dies_with_its_fence() {
     assert_eq!(send(&mut live, h, PAGE_SIZE).await, None, "the fenced forwarder's stream still writes");
     assert_eq!(send(&mut source, h, PAGE_SIZE).await, Some(Reply::Applied { batch: 9 }), "the source's was cut");
     // A host that may not send data here gets no token.
-    let e = ask(&mut c, Message::AddSender { sender: 3, host: "hostZ".into() }).await.unwrap_err().to_string();
+    let e =
+        ask(&mut c, Message::AddSender { sender: 3, host: "hostZ".into(), rdma: false }).await.unwrap_err().to_string();
     assert!(e.contains("hostZ"), "{e}");
 }
 

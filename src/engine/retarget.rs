@@ -48,6 +48,9 @@ pub(super) type Opened = Result<Arc<Link>, EngineError>;
 /// The outcome of fencing a forwarder at the target.
 pub(super) type Fenced = (HostId, Result<(), LinkError>);
 
+/// A destination's RAM as a sender may write it over RDMA, if it may.
+type RdmaKeys = Option<Vec<crate::protocol::RdmaRegion>>;
+
 /// Retargets under way, and forwarders being fenced.
 pub(super) struct Retargeting {
     /// Requests from the API.
@@ -275,22 +278,24 @@ impl Migration {
         }
     }
 
-    /// A data-plane token for forwarder `h` at `link`'s host: its own, bound
-    /// to its name (protocol 4), or the session's (older hosts).
-    async fn sender_token(&self, h: HostId, link: &Link) -> Result<crate::protocol::Token, LinkError> {
+    /// A data-plane token for forwarder `h` at `link`'s host, and the RDMA
+    /// keys it writes with: its own, bound to its name (protocol 4), or the
+    /// session's (older hosts).
+    async fn sender_token(&self, h: HostId, link: &Link) -> Result<(crate::protocol::Token, RdmaKeys), LinkError> {
         if link.version < crate::protocol::DESCRIPTIONS {
-            return Ok(link.token);
+            return Ok((link.token, link.rdma_offer.clone()));
         }
-        let add = Message::AddSender { sender: h, host: self.hosts.names[h as usize].clone() };
+        let rdma = link.rdma_offer.is_some() && self.job.opts.transport != crate::protocol::TransportKind::Tcp;
+        let add = Message::AddSender { sender: h, host: self.hosts.names[h as usize].clone(), rdma };
         match link.call(add, MessageKind::SenderAdded).await? {
-            Message::SenderAdded { token } => Ok(token),
+            Message::SenderAdded { token, rdma } => Ok((token, rdma)),
             other => Err(LinkError::Unexpected { request: "add_sender", got: other.name() }),
         }
     }
 
     /// Asks host `h` to forward to `link`'s host; whether it can.
     async fn forward_to(&mut self, h: HostId, link: &Link) -> bool {
-        let token = match self.sender_token(h, link).await {
+        let (token, rdma) = match self.sender_token(h, link).await {
             Ok(t) => t,
             Err(e) => {
                 let host = &self.hosts.names[h as usize];
@@ -304,7 +309,7 @@ impl Migration {
             token,
             streams: self.job.opts.streams,
             sender: h,
-            rdma: link.rdma_offer.clone(),
+            rdma,
             rdma_endpoint: link.rdma_endpoint,
             transport: self.job.opts.transport,
             migration: Some(self.job.handle.migration),

@@ -267,11 +267,19 @@ pub enum Message {
         sender: u8,
         /// Its host name, as its certificate says.
         host: String,
+        /// The migration may use RDMA: register the RAM for its writes too.
+        #[serde(default)]
+        rdma: bool,
     },
-    /// Version 4: the forwarder's token.
+    /// Version 4: the forwarder's token (and RDMA keys of its own).
     SenderAdded {
         /// The token, for the forwarder's `ForwardTo`.
         token: Token,
+        /// The destination's RAM registered for this forwarder alone, if
+        /// it offers RDMA (deregistered when the forwarder is fenced,
+        /// released, or the pause's verification begins).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rdma: Option<Vec<RdmaRegion>>,
     },
     /// Success without data.
     Ok,

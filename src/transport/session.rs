@@ -178,7 +178,18 @@ impl Receiver {
             return Err(TransportError::Refused(HelloStatus::Fenced));
         }
         self.revoke(session, |s| s == Some(sender));
-        session.cut(sender).await
+        let r = session.cut(sender).await;
+        // Its queue pairs are in the error state: its keys go too.
+        if let Some(t) = session.rdma.get() {
+            t.revoke(sender);
+        }
+        r
+    }
+
+    /// Registers `session`'s RAM for forwarder `sender`'s RDMA writes (keys
+    /// of its own; blocks while it pins it), if the session offers RDMA.
+    pub fn rdma_for(session: &Arc<Receiving>, sender: u8) -> Option<Result<Vec<RdmaRegion>, String>> {
+        Some(session.rdma.get()?.add_sender(sender))
     }
 
     /// Seals the session for the pause's verification: only the source's
@@ -203,6 +214,9 @@ impl Receiver {
                 return Err(TransportError::FenceTimeout(0));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(t) = session.rdma.get() {
+            t.revoke_all();
         }
         Ok(())
     }

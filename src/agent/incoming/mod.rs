@@ -314,11 +314,8 @@ async fn on_session(
             }
             Err(e) => error(e),
         },
-        Message::AddSender { sender, host } if src.version >= DESCRIPTIONS && agent.cfg.sends_data(&host) => {
-            match agent.receiver.add_sender(&sess.receiving, sender, &host) {
-                Ok(token) => Message::SenderAdded { token },
-                Err(e) => error(e),
-            }
+        Message::AddSender { sender, host, rdma } if src.version >= DESCRIPTIONS && agent.cfg.sends_data(&host) => {
+            add_sender(agent, sess, (sender, &host), rdma).await
         }
         Message::AddSender { host, .. } => {
             Message::Error { message: format!("{host} is not a host that may send data here (--peer, --accept-from)") }
@@ -348,6 +345,31 @@ async fn on_session(
         other => Message::Error { message: format!("unexpected {} at this point", other.name()) },
     };
     Ok(Step::Reply(reply))
+}
+
+/// A forwarder's own token (and RDMA keys, if the session offers RDMA and
+/// the migration may use it: a registration that fails leaves it TCP).
+async fn add_sender(agent: &Agent, sess: &Session, (sender, host): (u8, &str), rdma: bool) -> Message {
+    let token = match agent.receiver.add_sender(&sess.receiving, sender, host) {
+        Ok(t) => t,
+        Err(e) => return error(e),
+    };
+    let keys = match rdma {
+        true => {
+            let r = sess.receiving.clone();
+            tokio::task::spawn_blocking(move || crate::transport::Receiver::rdma_for(&r, sender)).await.ok().flatten()
+        }
+        false => None,
+    };
+    let rdma = match keys {
+        Some(Ok(regions)) => Some(regions),
+        Some(Err(e)) => {
+            tracing::warn!(vm = %sess.vm, %host, "no RDMA for this forwarder, TCP then: {e}");
+            None
+        }
+        None => None,
+    };
+    Message::SenderAdded { token, rdma }
 }
 
 async fn open_session(agent: &Agent, session: &mut Option<Session>, src: &Source<'_>, o: open::Open<'_>) -> Message {

@@ -123,7 +123,13 @@ impl Rdma {
         let device = self.device.session().map_err(|e| e.to_string())?;
         let local = LocalRam::register(device, ram, (true, slices), (self.register_threads, self.on_demand))?;
         self.remember(&local);
-        Ok(Arc::new(Target { local, qp: self.qp, gid_fixed: self.gid_fixed }))
+        Ok(Arc::new(Target {
+            local,
+            qp: self.qp,
+            gid_fixed: self.gid_fixed,
+            registering: (slices, self.register_threads, self.on_demand),
+            senders: Default::default(),
+        }))
     }
 
     /// `ram` registered for a sender's reads: the registration this host
@@ -322,16 +328,51 @@ impl Drop for LocalRam {
 
 /// A destination's registered RAM.
 pub struct Target {
+    /// The source's registration (its keys go to the source alone, from
+    /// protocol 4 on).
     pub(super) local: Arc<LocalRam>,
     pub(super) qp: QpOptions,
     pub(super) gid_fixed: bool,
+    /// How `local` was registered: (sliced, threads, on demand).
+    registering: (bool, usize, bool),
+    /// Each forwarder's registration of the same RAM, in the same
+    /// protection domain: keys of its own, deregistered (so worthless)
+    /// when it is fenced or released.
+    senders: std::sync::Mutex<std::collections::HashMap<u8, Arc<LocalRam>>>,
+}
+
+fn offer_of(l: &LocalRam) -> Vec<RdmaRegion> {
+    l.regions.iter().flatten().map(|(_, r)| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
 }
 
 impl Target {
-    /// What senders need to write into it.
+    /// What the source needs to write into it.
     pub fn offer(&self) -> Vec<RdmaRegion> {
-        let slices = self.local.regions.iter().flatten();
-        slices.map(|(_, r)| RdmaRegion { addr: r.addr(), len: r.len(), rkey: r.rkey() }).collect()
+        offer_of(&self.local)
+    }
+
+    /// Registers the RAM again for forwarder `sender` (blocks while it
+    /// pins it): the keys it gets, and no one else.
+    pub fn add_sender(&self, sender: u8) -> Result<Vec<RdmaRegion>, String> {
+        let (sliced, threads, on_demand) = self.registering;
+        let device = self.local.device.clone();
+        let l = LocalRam::register(device, &self.local.ram, (true, sliced), (threads, on_demand))?;
+        let offer = offer_of(&l);
+        self.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(sender, l);
+        Ok(offer)
+    }
+
+    /// Deregisters forwarder `sender`'s keys (its queue pairs were moved to
+    /// the error state before): a write with them fails from now on.
+    pub fn revoke(&self, sender: u8) {
+        if self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&sender).is_some() {
+            tracing::info!(sender, "RDMA keys of a sender deregistered");
+        }
+    }
+
+    /// Deregisters every forwarder's keys (the pause's verification).
+    pub fn revoke_all(&self) {
+        self.senders.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

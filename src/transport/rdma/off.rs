@@ -54,6 +54,18 @@ impl Target {
     pub fn offer(&self) -> Vec<RdmaRegion> {
         match *self {}
     }
+    /// Registers the RAM again for a forwarder.
+    pub fn add_sender(&self, _sender: u8) -> Result<Vec<RdmaRegion>, String> {
+        match *self {}
+    }
+    /// Deregisters a forwarder's keys.
+    pub fn revoke(&self, _sender: u8) {
+        match *self {}
+    }
+    /// Deregisters every forwarder's keys.
+    pub fn revoke_all(&self) {
+        match *self {}
+    }
 }
 
 /// Opens the sender's queue pairs.
