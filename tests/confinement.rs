@@ -370,3 +370,95 @@ fn a_description_that_escapes_is_refused_by_the_destination() {
     assert_eq!(report.result, Outcome::Completed, "{report:#?}");
     assert_confined(&tb, "clean", &files);
 }
+
+/// A bridge and a tap on it in this network namespace, removed on drop.
+struct Bridge(&'static str, &'static str);
+
+impl Bridge {
+    fn make(br: &'static str, tap: &'static str) -> Result<Self, String> {
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().map_err(|e| e.to_string())?;
+            out.status.success().then_some(()).ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        ip(&["link", "add", br, "type", "bridge"])?;
+        let me = Self(br, tap);
+        ip(&["tuntap", "add", tap, "mode", "tap"])?;
+        ip(&["link", "set", tap, "master", br])?;
+        ip(&["link", "set", br, "up"])?;
+        Ok(me)
+    }
+
+    /// The interfaces on the bridge.
+    fn ports(&self) -> Vec<String> {
+        let dir = format!("/sys/class/net/{}/brif", self.0);
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        for dev in [self.1, self.0] {
+            let _ = std::process::Command::new("ip").args(["link", "del", dev]).output();
+        }
+    }
+}
+
+/// A NIC on a tap on a bridge: `vm add` names its network after the
+/// bridge, and the destination, which maps that name to a bridge of its
+/// own (`--network`), gives QEMU a tap it made on that bridge (never the
+/// source's interface name), held as a descriptor.
+#[test]
+fn a_bridged_nic_gets_a_tap_of_the_destinations_own() {
+    const T: &str = "a_bridged_nic_gets_a_tap_of_the_destinations_own";
+    if !qemu_or_skip(T) {
+        return;
+    }
+    let bridge = match Bridge::make("dcmtestbr0", "dcmtesttap0") {
+        Ok(b) => b,
+        Err(e) => {
+            skip(T, &format!("cannot make a bridge and a tap here: {e}"));
+            return;
+        }
+    };
+    let mut tb = testbed(&["A", "B"]);
+    tb.add_network("B", "dcmtestbr0=bridge:dcmtestbr0");
+    tb.restart_agent("B", &[]).unwrap();
+    let dir = tb.host("A").data_dir.join("nic.src");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (qmp, ram) = (dir.join("qmp.sock"), dir.join("ram0"));
+    std::fs::File::create(&ram).unwrap().set_len(RAM).unwrap();
+    let args: Vec<String> = base_args(&ram)
+        .into_iter()
+        .chain(
+            ["-netdev", "tap,id=n0,ifname=dcmtesttap0,script=no,downscript=no", "-device", "virtio-net-pci,netdev=n0"]
+                .map(String::from),
+        )
+        .collect();
+    let child = std::process::Command::new(qemu_binary())
+        .args(&args)
+        .arg("-S")
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .spawn()
+        .unwrap();
+    let _q = SourceQemu { qmp: qmp.clone(), ram, child };
+    qmp_listening(&qmp, 30).expect("QMP socket");
+    let r = tb.client("A").attach_qemu("nic", qmp, None).expect("vm add");
+    let d = r.description.expect("a description");
+    assert_eq!(d.nets[0].network, "dcmtestbr0", "{d:?}");
+    let before = bridge.ports();
+    let report = migrate(&tb, "A", "nic", "B", MigrateOptions { suspend: true, ..Default::default() });
+    assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());
+    let pid = tb.vm_on("B", "nic").and_then(|v| v.state.pid).expect("B's QEMU");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).replace('\0', " ");
+    assert!(cmdline.contains("-netdev type=tap,fd=") && !cmdline.contains("ifname"), "{cmdline}");
+    let tun = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/net/tun")));
+    assert!(tun, "B's QEMU holds no tap");
+    let added: Vec<String> = bridge.ports().into_iter().filter(|p| !before.contains(p)).collect();
+    assert!(added.len() == 1 && added[0].starts_with("dcm"), "the bridge's new ports: {added:?}");
+}

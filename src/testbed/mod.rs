@@ -39,6 +39,8 @@ pub struct Host {
     pub log: PathBuf,
     /// Its storage directories besides the guest image's (`--storage`).
     pub storage: Vec<PathBuf>,
+    /// Its networks (`--network NAME=...`).
+    pub networks: Vec<String>,
     child: Option<Child>,
 }
 
@@ -177,6 +179,7 @@ impl Testbed {
                 control,
                 log: hdir.join("agent.log"),
                 storage: vec![],
+                networks: vec![],
                 child: None,
             });
         }
@@ -228,6 +231,9 @@ impl Testbed {
         for s in &h.storage {
             cmd.arg("--storage").arg(s);
         }
+        for n in &h.networks {
+            cmd.arg("--network").arg(n);
+        }
         for p in &self.hosts {
             if p.name != h.name {
                 cmd.arg("--peer").arg(format!("{}={}", p.name, p.control));
@@ -268,6 +274,13 @@ impl Testbed {
     pub fn add_storage(&mut self, host: &str, dir: &Path) {
         if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
             h.storage.push(dir.to_owned());
+        }
+    }
+
+    /// Gives `host`'s agent the network `spec` (`NAME=...`), from its next start.
+    pub fn add_network(&mut self, host: &str, spec: &str) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
+            h.networks.push(spec.to_owned());
         }
     }
 
