@@ -308,6 +308,12 @@ fn every_escape_a_peer_sends_is_refused_or_confined() {
         let report = migrate(&tb, "A", &vm, "B", MigrateOptions { suspend: true, ..Default::default() });
         assert_eq!(report.result, Outcome::Completed, "{extra:?}: {report:#?}\n{}", tb.logs());
         uids.push(assert_confined(&tb, &vm, &files));
+        if i == 0 {
+            // User networking reaches neither the host nor beyond.
+            let pid = tb.vm_on("B", &vm).and_then(|v| v.state.pid).unwrap();
+            let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).into_owned();
+            assert!(cmdline.contains("type=user,id=n0,restrict=on"), "{cmdline}");
+        }
         guests.push(q);
     }
     let distinct: HashSet<u32> = uids.iter().copied().collect();
