@@ -378,19 +378,19 @@ fn a_description_that_escapes_is_refused_by_the_destination() {
 }
 
 /// A bridge and a tap on it in this network namespace, removed on drop.
-struct Bridge(&'static str, &'static str);
+struct Bridge(String, String);
 
 impl Bridge {
-    fn make(br: &'static str, tap: &'static str) -> Result<Self, String> {
+    fn make(br: String, tap: String) -> Result<Self, String> {
         let ip = |args: &[&str]| {
             let out = std::process::Command::new("ip").args(args).output().map_err(|e| e.to_string())?;
             out.status.success().then_some(()).ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
         };
-        ip(&["link", "add", br, "type", "bridge"])?;
+        ip(&["link", "add", &br, "type", "bridge"])?;
         let me = Self(br, tap);
-        ip(&["tuntap", "add", tap, "mode", "tap"])?;
-        ip(&["link", "set", tap, "master", br])?;
-        ip(&["link", "set", br, "up"])?;
+        ip(&["tuntap", "add", &me.1, "mode", "tap"])?;
+        ip(&["link", "set", &me.1, "master", &me.0])?;
+        ip(&["link", "set", &me.0, "up"])?;
         Ok(me)
     }
 
@@ -405,7 +405,7 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        for dev in [self.1, self.0] {
+        for dev in [&self.1, &self.0] {
             let _ = std::process::Command::new("ip").args(["link", "del", dev]).output();
         }
     }
@@ -421,7 +421,10 @@ fn a_bridged_nic_gets_a_tap_of_the_destinations_own() {
     if !qemu_or_skip(T) {
         return;
     }
-    let bridge = match Bridge::make("dcmtestbr0", "dcmtesttap0") {
+    // Names of this run's own (at most 15 bytes).
+    let id = std::process::id() % 100_000;
+    let (br, tap) = (format!("dcmbr{id}"), format!("dcmtap{id}"));
+    let bridge = match Bridge::make(br.clone(), tap.clone()) {
         Ok(b) => b,
         Err(e) => {
             skip(T, &format!("cannot make a bridge and a tap here: {e}"));
@@ -429,7 +432,7 @@ fn a_bridged_nic_gets_a_tap_of_the_destinations_own() {
         }
     };
     let mut tb = testbed(&["A", "B"]);
-    tb.add_network("B", "dcmtestbr0=bridge:dcmtestbr0");
+    tb.add_network("B", &format!("{br}=bridge:{br}"));
     tb.restart_agent("B", &[]).unwrap();
     let dir = tb.host("A").data_dir.join("nic.src");
     std::fs::create_dir_all(&dir).unwrap();
@@ -437,10 +440,12 @@ fn a_bridged_nic_gets_a_tap_of_the_destinations_own() {
     std::fs::File::create(&ram).unwrap().set_len(RAM).unwrap();
     let args: Vec<String> = base_args(&ram)
         .into_iter()
-        .chain(
-            ["-netdev", "tap,id=n0,ifname=dcmtesttap0,script=no,downscript=no", "-device", "virtio-net-pci,netdev=n0"]
-                .map(String::from),
-        )
+        .chain([
+            "-netdev".into(),
+            format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ])
         .collect();
     let child = std::process::Command::new(qemu_binary())
         .args(&args)
@@ -451,9 +456,9 @@ fn a_bridged_nic_gets_a_tap_of_the_destinations_own() {
         .unwrap();
     let _q = SourceQemu { qmp: qmp.clone(), ram, child };
     qmp_listening(&qmp, 30).expect("QMP socket");
-    let r = tb.client("A").attach_qemu("nic", qmp, None).expect("vm add");
+    let r = tb.client("A").attach_qemu("nic", qmp, None).unwrap_or_else(|e| panic!("{e}: {}", tb.logs()));
     let d = r.description.expect("a description");
-    assert_eq!(d.nets[0].network, "dcmtestbr0", "{d:?}");
+    assert_eq!(d.nets[0].network, br, "{d:?}");
     let before = bridge.ports();
     let report = migrate(&tb, "A", "nic", "B", MigrateOptions { suspend: true, ..Default::default() });
     assert_eq!(report.result, Outcome::Completed, "{report:#?}\n{}", tb.logs());

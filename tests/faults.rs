@@ -50,7 +50,7 @@ fn longest_pause(tb: &Testbed, host: &str, vm: &str) -> f64 {
 fn report_within(tb: &Testbed, vm: &str, since: Instant, bound: Duration) -> Report {
     let r = wait_report(tb, "hostA", vm);
     let took = since.elapsed();
-    assert!(took <= bound + SLACK, "the outcome took {took:?}, bound {bound:?}: {r:#?}");
+    assert!(took <= bound + SLACK, "the outcome took {took:?}, bound {bound:?}: {r:#?}\n{}", tb.logs());
     r
 }
 
@@ -318,7 +318,10 @@ fn incoming_pid(ram: &std::path::Path) -> Option<i32> {
 fn large_device_state_moves_in_chunks() {
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "big-dev", 16 * MIB, &workload(1.0), false, &["--device-state-mb", "96"]).unwrap();
-    let r = migrate(&tb, "hostA", "big-dev", "hostB", MigrateOptions::default());
+    // What is tested is the chunking, not its speed: a debug build under
+    // emulation hashes 96 MiB far slower than the default deadline allows.
+    let opts = MigrateOptions { switchover_timeout_ms: Some(600_000), ..Default::default() };
+    let r = migrate(&tb, "hostA", "big-dev", "hostB", opts);
     assert_eq!(r.result, Outcome::Completed, "{r:#?}");
     assert!(r.device_state_bytes > 96 * MIB, "{}", r.device_state_bytes);
     runs_only_on(&tb, "hostB", "big-dev");

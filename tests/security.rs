@@ -5,7 +5,7 @@ use common::*;
 use dcmigrate::control as peer;
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, PAGE_SIZE};
 use dcmigrate::protocol::data::*;
-use dcmigrate::protocol::{read_message, write_message, Message, ProtocolError, Token, TOKEN_LEN};
+use dcmigrate::protocol::{read_message, write_message, Message, ProtocolError, RemoteOutcome, Token, TOKEN_LEN};
 use dcmigrate::tls::{init_certs, TlsConfig};
 use dcmigrate::transport::secure::{ClientTls, DataStream};
 use dcmigrate::transport::Receiver;
@@ -449,35 +449,64 @@ fn a_connection_flood_under_a_low_fd_limit_leaves_the_agent_usable() {
     assert_eq!(state(&tb, "hostB", "flooded").map(|s| s.phase.is_some()), Some(true));
 }
 
+/// Connections of `held` the server closed (read at once as the end of
+/// the stream): refused by its caps, as no byte was ever sent.
+fn closed_by_server(held: &[socket2::Socket]) -> usize {
+    held.iter()
+        .filter(|s| {
+            s.set_nonblocking(true).is_ok() && {
+                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(s.peek(&mut b), Ok(0))
+            }
+        })
+        .count()
+}
+
 /// Keeps `addrs` dialled full of idle connections (opened, never written)
 /// from loopback addresses that are not any agent's, until `stop`; counts
-/// the connections made.
+/// the connections the servers closed at once (refused by their caps).
 fn flood(addrs: Vec<std::net::SocketAddr>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         use std::sync::atomic::Ordering;
-        let mut made = 0;
+        let mut refused = 0;
         while !stop.load(Ordering::SeqCst) {
             let mut held = vec![];
             for from in 2..=21u8 {
                 for to in &addrs {
                     for _ in 0..40 {
-                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                        let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
+                            continue;
+                        };
                         let src = std::net::SocketAddr::from(([127, 0, 0, from], 0));
                         if s.bind(&src.into()).is_ok()
                             && s.connect_timeout(&(*to).into(), std::time::Duration::from_millis(200)).is_ok()
                         {
-                            made += 1;
                             held.push(s);
                         }
                     }
                 }
             }
-            // Held past the first-byte deadline half the time: slots are
-            // both taken and handed back while the migration runs.
-            std::thread::sleep(std::time::Duration::from_millis(1500));
+            // Well before the first-byte deadline: what is closed now was refused.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            refused += closed_by_server(&held);
+            // Held past the deadline now and then: slots are both taken and
+            // handed back while the migration runs.
+            std::thread::sleep(std::time::Duration::from_millis(1000));
         }
-        made
+        refused
     })
+}
+
+/// Raises this process's descriptor limit to its hard limit (a flood holds thousands).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// A flood of idle connections from addresses that are not peers, on the
@@ -490,6 +519,7 @@ fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
     if !hooks_or_skip("a_flood_of_idle_connections_leaves_a_retargeted_migration_through") {
         return;
     }
+    raise_fd_limit();
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", "stormy", 64 * MIB, &workload(5.0), false, &[]).unwrap();
     let mut addrs = vec![];
@@ -507,11 +537,63 @@ fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
     release(&tb, "hostA", "stormy");
     let r = wait_report(&tb, "hostA", "stormy");
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let made = flooding.join().unwrap();
+    let refused = flooding.join().unwrap();
     assert_eq!(r.result, dcmigrate::engine::Outcome::Completed, "{r:#?}\n{}", tb.logs());
     assert!(r.verified && r.retargets.len() == 1, "{r:#?}");
     assert_eq!(r.vm_runs_on.as_deref(), Some("hostC"));
-    // Each round dials 20 addresses x 40 x 4 listeners: past every cap.
-    assert!(made >= 3200, "the flood made only {made} connections");
+    // Each round dials 20 addresses x 40 x 4 listeners: past the caps,
+    // which closed some at once (so the flood did reach them).
+    assert!(refused > 0, "the listeners' caps never closed a flood connection");
     assert!(tb.vm_on("hostB", "stormy").is_none() && tb.vm_on("hostC", "stormy").is_some());
+}
+
+fn session_with_id(vm: &str, id: dcmigrate::protocol::MigrationId) -> Message {
+    match synthetic_session(vm, 8 * MIB) {
+        Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, .. } => {
+            Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration: Some(id) }
+        }
+        _ => unreachable!("an OpenSession"),
+    }
+}
+
+/// What a destination knows of a migration it tells the source that opened
+/// it, alone: another peer that asks with the right id learns nothing, and
+/// cannot open a session under that id either.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_is_told_only_to_the_source_that_opened_the_session() {
+    let tb = testbed(&["hostA", "hostB", "hostC"]);
+    let id = dcmigrate::protocol::MigrationId::random();
+    let mut b = as_source(&tb, "hostB", "hostA").await;
+    assert!(matches!(ask(&mut b, session_with_id("mine", id)).await, Ok(Message::SessionOpened { .. })));
+    let query = || Message::OutcomeQuery { vm: "mine".into(), migration: Some(id) };
+    let mut c = as_source(&tb, "hostC", "hostA").await;
+    match ask(&mut c, query()).await {
+        Ok(Message::OutcomeAnswer { outcome, .. }) => assert_eq!(outcome, RemoteOutcome::NotHere),
+        other => panic!("hostC's question: {other:?}"),
+    }
+    let e = ask(&mut c, session_with_id("theirs", id)).await.unwrap_err().to_string();
+    assert!(e.contains("already has a session"), "{e}");
+    let mut b2 = as_source(&tb, "hostB", "hostA").await;
+    match ask(&mut b2, query()).await {
+        Ok(Message::OutcomeAnswer { outcome, .. }) => assert_eq!(outcome, RemoteOutcome::Pending),
+        other => panic!("hostB's question: {other:?}"),
+    }
+}
+
+/// The destination seals the session itself before it takes the device
+/// state, whatever the source asked (here no verification at all): a
+/// forwarder's open stream is cut and its token refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_is_sealed_before_the_device_state_without_a_verification() {
+    let tb = testbed(&["hostA", "hostB", "hostC"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let (addr, _) = session_on_a(&tb, &mut c, "unverified").await;
+    let forwarder = forwarder_token(&mut c, 1, "hostC").await;
+    let tls_c = data_tls(&tb, "hostC", "hostA");
+    let mut live = stream_as(addr, &forwarder, 1, Some(&tls_c)).await.expect("the forwarder's stream");
+    // The reply (the synthetic guest refusing an empty state) does not matter.
+    let _ = ask(&mut c, Message::DeviceStateEnd { total: 0 }).await;
+    let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
+    assert_eq!(send(&mut live, h, PAGE_SIZE).await, None, "a forwarder wrote once the device state came");
+    assert_eq!(refused(stream_as(addr, &forwarder, 1, Some(&tls_c)).await), HelloStatus::BadToken);
 }

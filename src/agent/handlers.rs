@@ -213,6 +213,14 @@ impl Agent {
         };
         // The socket checked before QEMU was asked anything.
         rec.idents.insert(rec.control.clone(), control);
+        // The images it writes: no VM arriving here may write them too.
+        if let LaunchSpec::QemuVm { description } = &rec.launch {
+            let storage = crate::vm::qemu::confine::Storage::new(&self.cfg.storage);
+            for d in description.disks.iter().filter(|d| !d.read_only) {
+                let top = storage.disk(d).ok().and_then(|c| c.nodes.first()?.file.metadata().ok());
+                rec.disks.extend(top.map(|m| crate::vm::ident::FileIdent::of(&m)));
+            }
+        }
         tracing::info!(vm = %rec.name, regions = rec.ram.len(), "QEMU VM added");
         let description = match &rec.launch {
             LaunchSpec::QemuVm { description } => Some((**description).clone()),

@@ -130,7 +130,7 @@ impl AgentConfig {
     /// The addresses of the configured peers (their connections keep slots
     /// of their own on the listeners).
     pub fn peer_ips(&self) -> HashSet<std::net::IpAddr> {
-        self.peers.values().map(|a| a.ip()).collect()
+        self.peers.values().map(|a| crate::transport::session::counted_as(a.ip())).collect()
     }
 
     /// Whether `host` (a verified peer name) may send data streams here.

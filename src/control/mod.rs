@@ -208,9 +208,10 @@ impl Inbox {
     }
 }
 
-/// Bytes of messages read ahead of their consumer, at most (plus the one
-/// being read: each kind is capped, see [`protocol::cap_of`]).
-pub const INBOX_BYTES: usize = 96 << 20;
+/// Bytes of messages read ahead of their consumer, at most: room is taken
+/// for a message before its body is read (one larger than this takes all of
+/// it; each kind is capped, see [`protocol::cap_of`]).
+pub const INBOX_BYTES: usize = 32 << 20;
 
 /// Heartbeats on a control connection (protocol version 2 and later).
 #[derive(Clone, Copy, Debug)]
@@ -279,23 +280,24 @@ impl Outbox {
 
 impl Channel {
     /// Runs `stream` with heartbeats if `heartbeat` is given (the version
-    /// both speak must have them).
+    /// both speak must have them): a source's end.
     pub fn new<S>(stream: S, heartbeat: Option<Heartbeat>) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Self::with_outbox(stream, heartbeat, usize::MAX)
+        Self::with_outbox(stream, heartbeat, (usize::MAX, protocol::Reader::Client))
     }
 
-    /// A channel serving a peer's requests: at most [`OUTBOX`] replies wait.
-    pub fn serving<S>(stream: S, heartbeat: Option<Heartbeat>) -> Self
+    /// A channel serving a peer's requests in protocol `version`: at most
+    /// [`OUTBOX`] replies wait.
+    pub fn serving<S>(stream: S, heartbeat: Option<Heartbeat>, version: u32) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Self::with_outbox(stream, heartbeat, OUTBOX)
+        Self::with_outbox(stream, heartbeat, (OUTBOX, protocol::Reader::Serving(version)))
     }
 
-    fn with_outbox<S>(stream: S, heartbeat: Option<Heartbeat>, limit: usize) -> Self
+    fn with_outbox<S>(stream: S, heartbeat: Option<Heartbeat>, (limit, reader): (usize, protocol::Reader)) -> Self
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -307,7 +309,7 @@ impl Channel {
         let out = Outbox { tx: out_tx, queued: Arc::new(AtomicUsize::new(0)), limit, closed: closed.clone() };
         let queued = out.queued.clone();
         tokio::spawn(write_loop(w, (out_rx, queued), heartbeat.and_then(|h| h.ping_every), closed.clone()));
-        tokio::spawn(read_loop(r, tx, out.clone(), heartbeat.map(|h| h.timeout), closed.clone()));
+        tokio::spawn(read_loop((r, reader), tx, out.clone(), heartbeat.map(|h| h.timeout), closed.clone()));
         Self { out, inbox, closed }
     }
 }
@@ -340,7 +342,7 @@ async fn write_loop<W: AsyncWrite>(
 }
 
 async fn read_loop<R: AsyncRead>(
-    mut r: ReadHalf<R>,
+    (mut r, reader): (ReadHalf<R>, protocol::Reader),
     tx: mpsc::Sender<(Result<Message, ProtocolError>, Option<OwnedSemaphorePermit>)>,
     out: Outbox,
     timeout: Option<Duration>,
@@ -349,24 +351,29 @@ async fn read_loop<R: AsyncRead>(
     let silent = timeout.unwrap_or(Duration::from_secs(u32::MAX as u64));
     // The inbox's byte budget, in KiB.
     let budget = Arc::new(Semaphore::new(INBOX_BYTES >> 10));
+    let full = INBOX_BYTES >> 10;
     loop {
-        let m = tokio::select! {
-            m = tokio::time::timeout(silent, read_message_within(&mut r, protocol::MAX_MESSAGE)) => match m {
-                Ok(m) => m,
-                Err(_) => Err(ProtocolError::Silent(silent)),
-            },
-            _ = closed.cancelled() => break,
-        };
-        let (m, permit) = match m {
-            Ok((m, size)) => {
-                let kib = (size.div_ceil(1024) as u32).min((INBOX_BYTES >> 10) as u32);
-                // Waits while the consumer has this much unread.
-                let permit = tokio::select! {
-                    p = budget.clone().acquire_many_owned(kib) => p.ok(),
-                    _ = closed.cancelled() => break,
-                };
-                (Ok(m), permit)
+        let read = protocol::read_counted(&mut r, (protocol::MAX_MESSAGE, reader), &budget);
+        tokio::pin!(read);
+        let mut since = tokio::time::Instant::now();
+        let m = loop {
+            tokio::select! {
+                m = &mut read => break Some(m),
+                _ = tokio::time::sleep_until(since + silent) => {
+                    // While the consumer has the budget's worth unread the
+                    // reading waits for it: that is not the peer's silence.
+                    if budget.available_permits() < full {
+                        since = tokio::time::Instant::now();
+                        continue;
+                    }
+                    break Some(Err(ProtocolError::Silent(silent)));
+                }
+                _ = closed.cancelled() => break None,
             }
+        };
+        let Some(m) = m else { break };
+        let (m, permit) = match m {
+            Ok((m, p)) => (Ok(m), Some(p)),
             Err(e) => (Err(e), None),
         };
         match m {
@@ -384,4 +391,77 @@ async fn read_loop<R: AsyncRead>(
         }
     }
     closed.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that answers nothing (not even pings) is lost within the
+    /// heartbeat's timeout; one that answers is not.
+    #[tokio::test]
+    async fn a_silent_peer_is_lost_within_the_timeout() {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_millis(300);
+        let mut ch = Channel::new(a, Some(Heartbeat::pinging(t)));
+        let got = tokio::time::timeout(Duration::from_secs(5), ch.inbox.recv()).await.expect("no verdict in 5 s");
+        assert!(matches!(got, Some(Err(ProtocolError::Silent(_)))), "{got:?}");
+    }
+
+    /// The same once a peer that answered pings for a while stops.
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_is_lost() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_millis(300);
+        let mut ch = Channel::new(a, Some(Heartbeat::pinging(t)));
+        let peer = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(b);
+            let end = tokio::time::Instant::now() + Duration::from_secs(1);
+            while tokio::time::Instant::now() < end {
+                if let Ok(Message::Ping) = protocol::read_message(&mut r).await {
+                    let _ = write_message(&mut w, &Message::Pong).await;
+                }
+            }
+            // Frozen: holds the connection, answers nothing.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop((r, w));
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), ch.inbox.recv()).await.expect("no verdict in 5 s");
+        assert!(matches!(got, Some(Err(ProtocolError::Silent(_)))), "{got:?}");
+        peer.abort();
+    }
+
+    /// A peer that goes silent right after an answer the consumer takes only
+    /// later is still found silent (the wait for the consumer is not the
+    /// peer's silence, but the peer's silence after it is).
+    #[tokio::test]
+    async fn silence_after_an_answer_not_yet_taken_is_found() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_millis(300);
+        let mut ch = Channel::new(a, Some(Heartbeat::pinging(t)));
+        let (_r, mut w) = tokio::io::split(b);
+        write_message(&mut w, &Message::Ok).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(matches!(ch.inbox.recv().await, Some(Ok(Message::Ok))));
+        let got = tokio::time::timeout(Duration::from_secs(5), ch.inbox.recv()).await.expect("no verdict in 5 s");
+        assert!(matches!(got, Some(Err(ProtocolError::Silent(_)))), "{got:?}");
+    }
+
+    /// Two live ends keep each other alive past the timeout, requests and
+    /// answers going through.
+    #[tokio::test]
+    async fn live_peers_stay_connected() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_millis(300);
+        let mut client = Channel::new(a, Some(Heartbeat::pinging(t)));
+        let mut server = Channel::serving(b, Some(Heartbeat::answering(t)), 4);
+        client.out.send(Message::CapacityQuery).unwrap();
+        assert!(matches!(server.inbox.recv().await, Some(Ok(Message::CapacityQuery))));
+        server.out.send(Message::Ok).unwrap();
+        assert!(matches!(client.inbox.recv().await, Some(Ok(Message::Ok))));
+        let quiet = tokio::time::timeout(Duration::from_secs(2), client.inbox.recv()).await;
+        assert!(quiet.is_err(), "the client lost a live server: {quiet:?}");
+        let quiet = tokio::time::timeout(Duration::from_millis(100), server.inbox.recv()).await;
+        assert!(quiet.is_err(), "the server lost a live client: {quiet:?}");
+    }
 }

@@ -100,20 +100,35 @@ pub const SMALL_MESSAGE: usize = 64 << 10;
 /// the peer was admitted.
 pub const MAX_HELLO: usize = 4 << 10;
 
-/// The largest message of kind `tag` (its JSON `type`): a few kinds carry
-/// lists or bulk that may be large; every other is small. Checked from the
-/// message's first bytes, before the rest is read.
-pub fn cap_of(tag: &str) -> usize {
-    match tag {
-        // Version 1: the whole device state, base64.
-        "device_state" => MAX_MESSAGE,
+/// Which end of a control connection reads, and so what it may be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// The end serving a source's session (a destination, a forwarder),
+    /// speaking `version`.
+    Serving(u32),
+    /// The source's end.
+    Client,
+    /// Either (a test, a tool).
+    Any,
+}
+
+/// The largest message of kind `tag` (its JSON `type`) that `reader` takes:
+/// a few kinds carry lists or bulk that may be large, each in one
+/// direction only; every other is small. Checked from the message's first
+/// bytes, before the rest is read or room made for it.
+pub fn cap_of(tag: &str, reader: Reader) -> usize {
+    use Reader::{Any, Client, Serving};
+    match (tag, reader) {
+        // Version 1 only: the whole device state, base64, in one message.
+        ("device_state", Serving(1) | Any) => MAX_MESSAGE,
         // Up to 2^20 blocks, as numbers.
-        "checksum_request" => 16 << 20,
-        "checksums" => 32 << 20,
+        ("checksum_request", Serving(_) | Any) => 16 << 20,
+        ("checksums", Client | Any) => 32 << 20,
         // A VM's description, its RAM regions; RDMA regions in slices.
-        "open_session" | "session_opened" | "forward_to" | "forward_ready" => 1 << 20,
+        ("open_session" | "forward_to", Serving(_) | Any) => 1 << 20,
+        ("session_opened" | "forward_ready" | "sender_added", Client | Any) => 1 << 20,
         // Page runs of one chunk.
-        "forward" => 4 << 20,
+        ("forward", Serving(_) | Any) => 4 << 20,
         _ => SMALL_MESSAGE,
     }
 }
@@ -206,6 +221,25 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     r: &mut R,
     limit: usize,
 ) -> Result<(Message, usize), ProtocolError> {
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_MESSAGE >> 10));
+    let (m, permit) = read_counted(r, (limit, Reader::Any), &budget).await?;
+    Ok((m, (permit.num_permits() << 10)))
+}
+
+/// KiB of a budget of `whole` KiB a message of `bytes` takes (all of it, at most).
+fn kib(bytes: usize, whole: usize) -> u32 {
+    (bytes.div_ceil(1024) as u32).clamp(1, whole as u32)
+}
+
+/// Reads one message `reader` takes, of at most `limit` bytes, and takes
+/// its size from `budget` (KiB; shared by what is read ahead and not yet
+/// consumed) before making room for it: the permit goes with the message.
+pub async fn read_counted<R: AsyncRead + Unpin>(
+    r: &mut R,
+    (limit, reader): (usize, Reader),
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+) -> Result<(Message, tokio::sync::OwnedSemaphorePermit), ProtocolError> {
+    let whole = budget.available_permits().max(1);
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
@@ -217,9 +251,10 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     }
     let mut head = vec![0; len.min(64)];
     r.read_exact(&mut head).await?;
-    if len > tag_of(&head).map_or(SMALL_MESSAGE, cap_of) {
+    if len > tag_of(&head).map_or(SMALL_MESSAGE, |t| cap_of(t, reader)) {
         return Err(ProtocolError::TooLarge(len));
     }
+    let mut permit = budget.clone().acquire_many_owned(kib(len, whole)).await.map_err(|_| ProtocolError::Closed)?;
     let mut body = Vec::with_capacity(len);
     body.extend_from_slice(&head);
     body.resize(len, 0);
@@ -231,13 +266,14 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
             if *len > MAX_BULK {
                 return Err(ProtocolError::TooLarge(*len as usize));
             }
+            let more = budget.clone().acquire_many_owned(kib(*len as usize, whole)).await;
+            permit.merge(more.map_err(|_| ProtocolError::Closed)?);
             bytes.resize(*len as usize, 0);
             r.read_exact(bytes).await?;
         }
         _ => {}
     }
-    let size = len + if let Message::DeviceStateChunk { len, .. } = &m { *len as usize } else { 0 };
-    Ok((m, size))
+    Ok((m, permit))
 }
 
 #[cfg(test)]
@@ -303,6 +339,16 @@ mod tests {
         assert!(matches!(read_message_within(&mut b, MAX_HELLO).await, Err(ProtocolError::TooLarge(_))));
         drop(b);
         let _ = w.await;
+    }
+
+    #[test]
+    fn large_kinds_only_in_their_direction() {
+        assert_eq!(cap_of("checksums", Reader::Serving(4)), SMALL_MESSAGE, "a destination is sent no checksums");
+        assert_eq!(cap_of("checksums", Reader::Client), 32 << 20);
+        assert_eq!(cap_of("device_state", Reader::Serving(2)), SMALL_MESSAGE, "protocol 2 sends chunks");
+        assert_eq!(cap_of("device_state", Reader::Serving(1)), MAX_MESSAGE);
+        assert_eq!(cap_of("sender_added", Reader::Client), 1 << 20, "RDMA keys in slices");
+        assert_eq!(cap_of("open_session", Reader::Client), SMALL_MESSAGE);
     }
 
     #[test]

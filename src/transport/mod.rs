@@ -97,6 +97,9 @@ pub enum TransportError {
     /// A fenced sender's streams did not stop in time.
     #[error("streams of sender {0} did not stop")]
     FenceTimeout(u8),
+    /// The forwarders' streams did not stop when the session was sealed.
+    #[error("the forwarders' streams did not stop when the session was sealed")]
+    SealTimeout,
     /// The destination's registered RAM does not match the layout.
     #[error("the destination's registered RAM does not match the layout")]
     RdmaLayout,

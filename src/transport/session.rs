@@ -24,8 +24,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// How long a fence may wait for a sender's streams to stop.
-const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fence may wait for a sender's streams to stop (longer than a
+/// pairing may take: a stream still pairing stops at the cut anyway).
+const FENCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The session's source: the only sender left once the session is sealed.
 pub const SOURCE: u8 = 0;
@@ -148,7 +149,9 @@ impl Receiver {
     /// A token for sender `sender` of `session`, good only on streams from
     /// `host` (a forwarder the source points here).
     pub fn add_sender(&self, session: &Arc<Receiving>, sender: u8, host: &str) -> Result<Token, TransportError> {
-        if sender == SOURCE || session.sender(sender).cut.is_cancelled() {
+        // A migration has at most MAX_HOSTS hosts: no more senders.
+        if sender == SOURCE || sender as usize >= crate::ledger::MAX_HOSTS || session.sender(sender).cut.is_cancelled()
+        {
             return Err(TransportError::Refused(HelloStatus::Fenced));
         }
         if session.sealed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -179,9 +182,10 @@ impl Receiver {
         }
         self.revoke(session, |s| s == Some(sender));
         let r = session.cut(sender).await;
-        // Its queue pairs are in the error state: its keys go too.
-        if let Some(t) = session.rdma.get() {
-            t.revoke(sender);
+        // Its queue pairs are in the error state: its keys go too, before
+        // the fence is confirmed.
+        if let Some(t) = session.rdma.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || t.revoke(sender)).await;
         }
         r
     }
@@ -205,18 +209,20 @@ impl Receiver {
             let senders = session.senders.lock().unwrap();
             senders.iter().filter(|(s, _)| **s != SOURCE).map(|(_, st)| st.clone()).collect()
         };
-        // Every one cut first, then waited for together: our clone and the
-        // registry's, anything more is a live stream.
+        // Every one cut and every forwarder's RDMA keys deregistered first
+        // (a write with them fails from then on), then the streams waited
+        // for together: our clone and the registry's, anything more is a
+        // live stream.
         others.iter().for_each(|s| s.cut.cancel());
+        if let Some(t) = session.rdma.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || t.revoke_all()).await;
+        }
         let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
         while others.iter().any(|s| Arc::strong_count(&s.live) > 2) {
             if tokio::time::Instant::now() > deadline {
-                return Err(TransportError::FenceTimeout(0));
+                return Err(TransportError::SealTimeout);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if let Some(t) = session.rdma.get() {
-            t.revoke_all();
         }
         Ok(())
     }
@@ -349,6 +355,26 @@ pub const RESERVED: usize = 32;
 /// Connections one address that is not a configured peer may hold on the
 /// control and data listeners (a migration from there has a few streams).
 pub const PER_ADDR: usize = 32;
+/// Connections one configured peer's address may hold (its migrations'
+/// streams, forwards and questions): others behind it (local users, NAT)
+/// cannot take every slot either.
+pub const PER_PEER_ADDR: usize = 256;
+
+/// The address connections are counted under: IPv4 as it is (an IPv4
+/// address on an IPv6 socket included), IPv6 by its /64 (one host has a
+/// whole /64 to connect from).
+pub fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
 /// How long a new connection may stay silent: a client that connects and
 /// sends nothing gives its slot back after this.
 pub const FIRST_BYTE: Duration = Duration::from_secs(2);
@@ -406,12 +432,13 @@ impl Listener {
     fn admit(&self, ip: IpAddr) -> bool {
         let cap = self.admission.total.unwrap_or_else(connection_cap);
         let mut l = self.live.lock().unwrap();
+        let here = l.by_addr.get(&ip).copied().unwrap_or(0);
         let ok = if self.admission.reserved.contains(&ip) {
-            l.total < cap
+            l.total < cap && here < PER_PEER_ADDR
         } else {
             let keep = if self.admission.reserved.is_empty() { 0 } else { RESERVED.min(cap / 2) };
             let others = cap.saturating_sub(keep);
-            l.total < others && l.by_addr.get(&ip).copied().unwrap_or(0) < self.admission.per_addr
+            l.total < others && here < self.admission.per_addr
         };
         if ok {
             l.total += 1;
@@ -428,11 +455,7 @@ impl Listener {
         loop {
             match self.inner.accept().await {
                 Ok((s, addr)) => {
-                    // An IPv4 peer on an IPv6 socket is the same address.
-                    let ip = match addr.ip() {
-                        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-                        v4 => v4,
-                    };
+                    let ip = counted_as(addr.ip());
                     if self.admit(ip) {
                         return (s, addr, Slot(self.live.clone(), ip));
                     }

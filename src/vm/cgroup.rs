@@ -126,12 +126,11 @@ impl VmCgroup {
     /// A new, empty cgroup at `dir` (one left empty by an earlier VM of
     /// the name is replaced; one with processes in it is refused).
     fn fresh(dir: &Path) -> Result<(), CgroupError> {
-        let _ = std::fs::remove_dir(dir);
-        if dir.exists() {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            if !procs.trim().is_empty() {
-                return Err(CgroupError::Busy(dir.to_owned()));
-            }
+        // A cgroup that cannot be removed holds processes or children.
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Err(CgroupError::Busy(dir.to_owned())),
         }
         mkdir(dir)
     }

@@ -12,14 +12,18 @@ use std::time::{Duration, Instant};
 
 type Stream = qapi::Stream<BufReader<LineLimit>, UnixStream>;
 
-/// Longest line a QEMU may send on its monitor: a hostile QEMU (a peer's
-/// VM runs on this host) cannot make the agent buffer without end.
+/// Longest line a QEMU may send on its monitor, and most bytes on one
+/// connection (events pile up while a command waits for its answer): a
+/// hostile QEMU (a peer's VM runs on this host) cannot make the agent
+/// buffer without end.
 const MAX_LINE: usize = 16 << 20;
+const MAX_CONNECTION: usize = 256 << 20;
 
-/// A socket read as lines of at most [`MAX_LINE`] bytes.
+/// A socket read as lines of at most [`MAX_LINE`] bytes, [`MAX_CONNECTION`] in all.
 struct LineLimit {
     inner: UnixStream,
     since_newline: usize,
+    total: usize,
 }
 
 impl std::io::Read for LineLimit {
@@ -29,8 +33,11 @@ impl std::io::Read for LineLimit {
             Some(i) => self.since_newline = n - i - 1,
             None => self.since_newline += n,
         }
-        if self.since_newline > MAX_LINE {
-            return Err(std::io::Error::other(format!("a QMP line longer than {MAX_LINE} bytes")));
+        self.total += n;
+        if self.since_newline > MAX_LINE || self.total > MAX_CONNECTION {
+            return Err(std::io::Error::other(format!(
+                "QEMU sent a line over {MAX_LINE} bytes, or {MAX_CONNECTION} on one connection"
+            )));
         }
         Ok(n)
     }
@@ -64,7 +71,7 @@ impl Qmp {
         let pid = peer_pid(&s).map_err(|e| err(format!("peer credentials: {e}")))?;
         let r = s.try_clone().map_err(|e| err(e.to_string()))?;
         let raw = s.try_clone().map_err(|e| err(e.to_string()))?;
-        let r = LineLimit { inner: r, since_newline: 0 };
+        let r = LineLimit { inner: r, since_newline: 0, total: 0 };
         let mut qmp = qapi::Qmp::new(qapi::Stream::new(BufReader::new(r), s));
         handshake(&mut qmp).map_err(|e| err(format!("QMP handshake (is another client connected?): {e}")))?;
         Ok(Self { qmp, raw, path: path.to_owned(), pid })

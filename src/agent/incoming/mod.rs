@@ -90,7 +90,7 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let peer = conn.host.clone();
     tracing::info!(%peer, version = conn.version, "control session accepted");
     let heartbeat = (conn.version >= HEARTBEATS).then(|| Heartbeat::answering(agent.cfg.peer_timeout));
-    let Channel { out, mut inbox, closed } = Channel::serving(conn.stream, heartbeat);
+    let Channel { out, mut inbox, closed } = Channel::serving(conn.stream, heartbeat, conn.version);
     let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     let mut session: Option<Session> = None;
     let mut watch = tokio::time::interval(VM_CHECK);
@@ -330,17 +330,21 @@ async fn on_session(
             }
             checksums(sess, blocks, block_pages).await
         }
-        Message::DeviceState { state } => match base64::engine::general_purpose::STANDARD.decode(state) {
-            Ok(b) => load_device_state(sess, b).await,
-            Err(e) => error(e),
-        },
+        Message::DeviceState { state } => {
+            match (base64::engine::general_purpose::STANDARD.decode(state), sealed(agent, sess).await) {
+                (_, Err(m)) => m,
+                (Ok(b), Ok(())) => load_device_state(sess, b).await,
+                (Err(e), Ok(())) => error(e),
+            }
+        }
         Message::DeviceStateChunk { bytes, .. } => {
             sess.device_state.add(&bytes);
             return Ok(Step::Quiet);
         }
-        Message::DeviceStateEnd { total } => match sess.device_state.take(total) {
-            Ok(state) => load_device_state(sess, state).await,
-            Err(message) => Message::Error { message },
+        Message::DeviceStateEnd { total } => match (sess.device_state.take(total), sealed(agent, sess).await) {
+            (_, Err(m)) => m,
+            (Ok(state), Ok(())) => load_device_state(sess, state).await,
+            (Err(message), Ok(())) => Message::Error { message },
         },
         other => Message::Error { message: format!("unexpected {} at this point", other.name()) },
     };
@@ -440,6 +444,14 @@ async fn checksums(sess: &Session, blocks: Option<Vec<u32>>, block_pages: Option
     }
 }
 
+/// Seals the session (only the source's streams go on) whatever the source
+/// asked: the device state and `Resume` come only after it, so nothing a
+/// forwarder sends lands once the VM's state is taken, with or without a
+/// verification.
+async fn sealed(agent: &Agent, sess: &Session) -> Result<(), Message> {
+    agent.receiver.seal(&sess.receiving).await.map_err(error)
+}
+
 async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
     if let Some(ms) = crate::hooks::stall_device_state_ms() {
         tracing::warn!(ms, "test hook: stalling before the device state");
@@ -466,6 +478,10 @@ async fn resume(
         return Err(ProtocolError::Closed);
     }
     let Some(sess) = session.take() else { return Ok(Step::Reply(Message::Error { message: "no session".into() })) };
+    if let Err(m) = sealed(agent, &sess).await {
+        *session = Some(sess);
+        return Ok(Step::Reply(m));
+    }
     agent.receiver.remove(&sess.receiving);
     let inc = sess.incoming.clone();
     let committed = match tokio::task::spawn_blocking(move || inc.commit(start)).await {

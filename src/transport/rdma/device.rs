@@ -309,6 +309,17 @@ fn check_limits(device: &Device, total: u64, remote_write: bool, on_demand: bool
     Ok(())
 }
 
+impl LocalRam {
+    /// Deregisters now, in this thread, if this is the last holder (a
+    /// forwarder's registration has no other): its keys are worthless once
+    /// this returns. Otherwise the last holder does it.
+    fn deregister_now(this: Arc<Self>) {
+        if let Ok(mut l) = Arc::try_unwrap(this) {
+            drop(std::mem::take(&mut l.regions));
+        }
+    }
+}
+
 impl Drop for LocalRam {
     /// Unpinning a large RAM takes time that grows with it, and the last
     /// holder is often an async task: a thread of its own does it (the
@@ -362,17 +373,21 @@ impl Target {
         Ok(offer)
     }
 
-    /// Deregisters forwarder `sender`'s keys (its queue pairs were moved to
-    /// the error state before): a write with them fails from now on.
+    /// Deregisters forwarder `sender`'s keys before it returns (blocks
+    /// while it unpins): a write with them fails from now on.
     pub fn revoke(&self, sender: u8) {
-        if self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&sender).is_some() {
+        let gone = self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&sender);
+        if let Some(l) = gone {
+            LocalRam::deregister_now(l);
             tracing::info!(sender, "RDMA keys of a sender deregistered");
         }
     }
 
     /// Deregisters every forwarder's keys (the pause's verification).
     pub fn revoke_all(&self) {
-        self.senders.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let all: Vec<Arc<LocalRam>> =
+            self.senders.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, l)| l).collect();
+        all.into_iter().for_each(LocalRam::deregister_now);
     }
 }
 

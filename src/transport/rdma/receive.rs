@@ -24,7 +24,12 @@ pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAd
     let gid = source_gid(device, t.gid_fixed, local)?;
     let qp = QueuePair::new(device, gid, 1, RECV_DEPTH, true, t.qp.pkey_index).map_err(rdma_err)?;
     handshake::answer(&mut s, HelloStatus::Ok).await?;
-    let remote = read_endpoint(&mut s).await?;
+    // A sender cut while it pairs (a fence, the seal) stops here at once:
+    // nothing it pairs can land.
+    let remote = tokio::select! {
+        r = read_endpoint(&mut s) => r?,
+        _ = stop.wait() => return Ok(()),
+    };
     // The port is asked once: what is used is what is told.
     let port = device.port_info().map_err(rdma_err)?;
     // The version the sender spoke: an MTU only to one that sent its own.
@@ -48,6 +53,12 @@ pub async fn serve(t: &Target, mut s: DataStream, stop: Stop, local: Option<IpAd
     }
     write_endpoint(&mut s, mine).await?;
     tracing::info!(gid_index = gid.index, path_mtu = attrs.path_mtu.bytes(), "RDMA stream paired");
+    acknowledge(&qp, s, stop).await
+}
+
+/// Acknowledges each batch of a paired queue pair until the sender leaves
+/// or `stop` says so; then moves the queue pair to the error state.
+async fn acknowledge(qp: &QueuePair, s: DataStream, stop: Stop) -> Result<(), TransportError> {
     let (mut rd, mut wr) = tokio::io::split(s);
     let acks = async {
         let mut received = 0u64;
