@@ -69,7 +69,7 @@ fn register(tb: &Testbed, name: &str, launch: LaunchSpec) -> SourceQemu {
     let q = source_qemu(tb, name);
     let rec = VmRecord {
         name: name.into(),
-        ram: vec![RamFile { id: "ram0".into(), path: q.ram.clone(), size: RAM }],
+        ram: vec![RamFile::new("ram0", q.ram.clone(), RAM)],
         control: q.qmp.clone(),
         launch,
         ..Default::default()
@@ -265,7 +265,7 @@ fn every_escape_a_peer_sends_is_refused_or_confined() {
         }
         let rec = VmRecord {
             name: vm.clone(),
-            ram: vec![RamFile { id: "ram0".into(), path: q.ram.clone(), size: RAM }],
+            ram: vec![RamFile::new("ram0", q.ram.clone(), RAM)],
             control: q.qmp.clone(),
             launch: LaunchSpec::Qemu { binary: qemu_binary(), args },
             ..Default::default()
@@ -299,7 +299,7 @@ fn every_escape_a_peer_sends_is_refused_or_confined() {
         let q = source_qemu(&tb, &vm);
         let rec = VmRecord {
             name: vm.clone(),
-            ram: vec![RamFile { id: "ram0".into(), path: q.ram.clone(), size: RAM }],
+            ram: vec![RamFile::new("ram0", q.ram.clone(), RAM)],
             control: q.qmp.clone(),
             launch: legacy(&q.ram, extra),
             ..Default::default()

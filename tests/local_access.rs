@@ -183,7 +183,7 @@ fn names_and_registered_records_are_checked() {
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let record = |name: &str, path: &PathBuf, owned: Option<PathBuf>| VmRecord {
         name: name.into(),
-        ram: vec![RamFile { id: "ram0".into(), path: path.clone(), size: 1 << 20 }],
+        ram: vec![RamFile::new("ram0", path.clone(), 1 << 20)],
         control: sock.clone(),
         dirty_log: None,
         launch: LaunchSpec::Synthetic { workload: workload(0.0) },

@@ -76,6 +76,7 @@ fn two_numa_nodes_on_memfd_backends_move() {
     let spec = QemuSpec {
         ram: vec![("n0".into(), 64 * MIB, Backend::Memfd), ("n1".into(), 96 * MIB, Backend::Memfd)],
         image: None,
+        huge: None,
     };
     if qemu_major() >= 8 {
         // Newer QEMU sends memfd RAM in its own stream even with
@@ -323,7 +324,7 @@ fn incoming_qemu_runs_as_the_configured_user() {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
     }
     tb.restart_agent("B", &[("DCMIGRATE_QEMU_USER", "nobody")]).unwrap();
-    let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None };
+    let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None, huge: None };
     let _g = tb.start_qemu("A", "vm3", &spec).expect("QEMU on A");
     let a_ram = tb.host("A").data_dir.join("vm3.src").join("ram0.ram");
     {

@@ -96,7 +96,7 @@ struct Qemu {
 
 impl Qemu {
     fn start(dir: &Path) -> Self {
-        let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None };
+        let spec = QemuSpec { ram: vec![("ram0".into(), 64 * MIB, Backend::File)], image: None, huge: None };
         let child = qemu_in(&spec, dir, |a| a.push("-S".into())).spawn().expect("QEMU");
         let sock = dir.join("qmp.sock");
         qmp_listening(&sock, 30).expect("QMP socket");
@@ -254,7 +254,7 @@ fn pages_a_vhost_user_disk_writes_are_in_qemus_log_where_soft_dirty_misses_them(
     );
     assert!(wait_for(30, || vhost.exists().then_some(())).is_some(), "no vhost-user socket");
     let (qmp, console) = (d.join("qmp.sock"), d.join("console.sock"));
-    let spec = QemuSpec { ram: vec![("ram0".into(), ram_size, Backend::File)], image: Some(image) };
+    let spec = QemuSpec { ram: vec![("ram0".into(), ram_size, Backend::File)], image: Some(image), huge: None };
     let qemu = qemu_in(&spec, d, |a| {
         for v in a.iter_mut() {
             if v.starts_with("file:") && v.ends_with("/serial.log") {
@@ -350,7 +350,7 @@ fn a_tracker_whose_log_another_took_over_fails_its_sync() {
     let dir = tempfile::tempdir().unwrap();
     let ram_file = dir.path().join("ram0.ram");
     let qmp = dir.path().join("qmp.sock");
-    let spec = QemuSpec { ram: vec![("ram0".into(), 256 * MIB, Backend::File)], image: Some(image) };
+    let spec = QemuSpec { ram: vec![("ram0".into(), 256 * MIB, Backend::File)], image: Some(image), huge: None };
     let child = qemu_in(&spec, dir.path(), |_| ()).spawn().expect("QEMU");
     let _reap = Reaper(vec![child]);
     qmp_listening(&qmp, 30).expect("QMP socket");

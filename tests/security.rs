@@ -182,6 +182,7 @@ fn synthetic_session(vm: &str, size: u64) -> Message {
         rdma_slices: false,
         holes: 0,
         migration: Some(dcmigrate::protocol::MigrationId::random()),
+        page_sizes: vec![],
     }
 }
 
@@ -549,8 +550,17 @@ fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
 
 fn session_with_id(vm: &str, id: dcmigrate::protocol::MigrationId) -> Message {
     match synthetic_session(vm, 8 * MIB) {
-        Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, .. } => {
-            Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration: Some(id) }
+        Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, page_sizes, .. } => {
+            Message::OpenSession {
+                vm,
+                regions,
+                chunk_size,
+                launch,
+                rdma_slices,
+                holes,
+                migration: Some(id),
+                page_sizes,
+            }
         }
         _ => unreachable!("an OpenSession"),
     }

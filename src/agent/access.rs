@@ -237,6 +237,7 @@ pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, 
         return Err(RecordError::Name(vm.name.clone()));
     }
     if vm.owned_dir.is_some()
+        || !vm.huge_dirs.is_empty()
         || vm.runtime_dir.is_some()
         || vm.cgroup.is_some()
         || vm.uid.is_some()
@@ -289,7 +290,7 @@ mod tests {
         std::mem::forget(std::os::unix::net::UnixListener::bind(&control).unwrap());
         VmRecord {
             name: "vm".into(),
-            ram: vec![RamFile { id: "ram0".into(), path: ram, size: 4096 }],
+            ram: vec![RamFile::new("ram0", ram, 4096)],
             control,
             dirty_log: None,
             launch: LaunchSpec::Synthetic { workload: Default::default() },

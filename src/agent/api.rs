@@ -26,7 +26,7 @@ pub enum Request {
     /// A VM on this host puts itself under the agent's management.
     Register {
         /// The VM.
-        vm: VmRecord,
+        vm: Box<VmRecord>,
     },
     /// Puts a running QEMU under the agent's management, found by its QMP
     /// socket ([`AttachReply`]).
@@ -256,6 +256,9 @@ pub struct VmEntry {
     /// Its runtime directory here (monitor, logs), if the agent made one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_dir: Option<PathBuf>,
+    /// Its RAM regions: files, sizes and page sizes.
+    #[serde(default)]
+    pub ram: Vec<crate::vm::RamFile>,
 }
 
 /// Reply to [`Request::List`].
@@ -366,7 +369,7 @@ impl Client {
 
     /// [`Request::Register`].
     pub fn register(&self, vm: VmRecord) -> Result<(), ApiError> {
-        self.call::<Done>(&Request::Register { vm }).map(|_| ())
+        self.call::<Done>(&Request::Register { vm: Box::new(vm) }).map(|_| ())
     }
 
     /// [`Request::AttachQemu`].

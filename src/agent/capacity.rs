@@ -4,7 +4,13 @@
 //! under the operator's limits per session and in total. Checked before
 //! anything is allocated: a tmpfs that fills up kills the VMs already
 //! running from it (SIGBUS on their next new page).
+//!
+//! RAM on huge pages must fit in the pool of its page size (and under its
+//! mount's limit). The kernel reserves a shared hugetlbfs mapping's pages
+//! when it is made, so only sessions admitted but not yet mapped are
+//! counted beside what the pool says; once mapped, no page can run out.
 
+use crate::memory::backing::{self, HugeMount};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -33,7 +39,7 @@ pub struct Reservation {
     /// Its RAM's size.
     pub bytes: u64,
     /// Its RAM files (allocated as pages arrive).
-    pub files: Vec<PathBuf>,
+    pub files: Vec<RamShare>,
     /// Bytes the source will not send unless the guest writes them (holes
     /// there): not to come before the switchover (as the source said).
     pub holes: u64,
@@ -45,21 +51,57 @@ pub struct Reservation {
     pub disks: Vec<crate::vm::ident::FileIdent>,
 }
 
+/// One RAM file of a session: where, how big, on which pages.
+#[derive(Clone, Debug)]
+pub struct RamShare {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Its pages (a huge page size: on a hugetlbfs mount).
+    pub page_size: u64,
+}
+
+impl RamShare {
+    fn huge(&self) -> bool {
+        self.page_size > crate::memory::PAGE_SIZE as u64
+    }
+}
+
 impl Reservation {
-    /// What its files will still take from the free space.
+    /// What its files on the data dir will still take from its free space.
     fn unfilled(&self) -> u64 {
-        self.bytes.saturating_sub(self.allocated())
+        self.base_bytes().saturating_sub(self.allocated())
     }
 
-    /// What can still arrive before the switchover: the unfilled RAM less
-    /// the source's holes.
+    /// What can still arrive before the switchover on the data dir: the
+    /// unfilled RAM less the source's holes (huge pages are reserved).
     fn to_come(&self) -> u64 {
-        self.bytes.saturating_sub(self.holes).saturating_sub(self.allocated())
+        self.base_bytes().saturating_sub(self.holes).saturating_sub(self.allocated())
+    }
+
+    fn base_bytes(&self) -> u64 {
+        self.files.iter().filter(|f| !f.huge()).map(|f| f.bytes).sum()
     }
 
     fn allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        self.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.blocks().saturating_mul(512)).sum()
+        let base = self.files.iter().filter(|f| !f.huge());
+        base.filter_map(|f| std::fs::metadata(&f.path).ok()).map(|m| m.blocks().saturating_mul(512)).sum()
+    }
+
+    /// Its bytes on `page_size` pages not reserved by the kernel yet
+    /// (files not yet created, hence not yet mapped).
+    fn unreserved(&self, page_size: u64) -> u64 {
+        let f = self.files.iter().filter(|f| f.page_size == page_size && !f.path.exists());
+        f.map(|f| f.bytes).sum()
+    }
+
+    /// Its bytes on each huge page size.
+    fn huge(&self) -> std::collections::BTreeMap<u64, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        self.files.iter().filter(|f| f.huge()).for_each(|f| *m.entry(f.page_size).or_default() += f.bytes);
+        m
     }
 }
 
@@ -86,6 +128,27 @@ pub enum CapacityError {
         /// The limit.
         limit: u64,
     },
+    /// Not enough huge pages.
+    #[error(
+        "{need} bytes of RAM on {} pages do not fit in {dir}: {room} bytes of such pages left (free less reserved, \
+         under the mount's size), {pending} of them promised to other incoming sessions",
+        backing::show(*page_size)
+    )]
+    HugePages {
+        /// The session's RAM on those pages.
+        need: u64,
+        /// The page size.
+        page_size: u64,
+        /// The mount.
+        dir: PathBuf,
+        /// What the pool (and mount) can still give.
+        room: u64,
+        /// What other admitted sessions will still reserve.
+        pending: u64,
+    },
+    /// The pool of a page size could not be read.
+    #[error("reading the huge page pool of {0}")]
+    Pool(PathBuf, #[source] std::io::Error),
     /// Not enough free space in the data dir.
     #[error("{need} bytes of RAM do not fit in {dir}: {free} bytes free, {reserved} of them promised to other incoming sessions")]
     Space {
@@ -123,14 +186,14 @@ pub enum CapacityError {
     Statvfs(PathBuf, #[source] std::io::Error),
 }
 
-/// Whether a session of `need` more bytes of incoming RAM from `peer` fits
-/// beside `others`.
+/// Whether a session holding `room` fits beside `others`.
 pub fn admit<'a>(
     limits: &Limits,
-    data_dir: &Path,
-    (need, peer): (u64, &str),
+    (data_dir, mounts): (&Path, &[HugeMount]),
+    room: &Reservation,
     others: impl Iterator<Item = &'a Reservation> + Clone,
 ) -> Result<(), CapacityError> {
+    let (need, peer) = (room.bytes, room.peer.as_str());
     if let Some(limit) = limits.per_session.filter(|&l| need > l) {
         return Err(CapacityError::Session { need, limit });
     }
@@ -144,10 +207,23 @@ pub fn admit<'a>(
     if let Some(limit) = limits.total.filter(|&l| need.saturating_add(incoming) > l) {
         return Err(CapacityError::Total { need, incoming, limit });
     }
+    for (page_size, need) in room.huge() {
+        // The session's plan put it on a mount of that size.
+        let Some(m) = mounts.iter().find(|m| m.page_size == page_size) else { continue };
+        let room = m.room().map_err(|e| CapacityError::Pool(m.dir.clone(), e))?;
+        let pending: u64 = others.clone().map(|r| r.unreserved(page_size)).sum();
+        if need.saturating_add(pending) > room {
+            return Err(CapacityError::HugePages { need, page_size, dir: m.dir.clone(), room, pending });
+        }
+    }
+    let base = room.base_bytes();
+    if base == 0 {
+        return Ok(());
+    }
     let free = free_bytes(data_dir).map_err(|e| CapacityError::Statvfs(data_dir.to_owned(), e))?;
     let reserved: u64 = others.map(Reservation::unfilled).sum();
-    if need.saturating_add(reserved) > free {
-        return Err(CapacityError::Space { need, dir: data_dir.to_owned(), free, reserved });
+    if base.saturating_add(reserved) > free {
+        return Err(CapacityError::Space { need: base, dir: data_dir.to_owned(), free, reserved });
     }
     Ok(())
 }
@@ -220,35 +296,62 @@ mod tests {
         let free = free_bytes(dir.path()).unwrap();
         assert!(free > 0);
         let none: [Reservation; 0] = [];
-        assert!(admit(&Limits::default(), dir.path(), (1 << 20, "p"), none.iter()).is_ok());
-        let e = admit(&Limits::default(), dir.path(), (64 << 40, "p"), none.iter()).unwrap_err();
-        assert!(matches!(e, CapacityError::Space { .. }), "{e}");
-        let per = Limits { per_session: Some(1 << 20), ..Default::default() };
-        assert!(matches!(admit(&per, dir.path(), (2 << 20, "p"), none.iter()), Err(CapacityError::Session { .. })));
-        // Another session's unfilled RAM is promised to it.
-        let other = [Reservation {
-            bytes: free,
-            files: vec![dir.path().join("absent")],
+        let at = (dir.path(), &[][..]);
+        let session = |bytes: u64, peer: &str| Reservation {
+            bytes,
+            files: vec![RamShare { path: dir.path().join("absent"), bytes, page_size: 4096 }],
             holes: 0,
             migration: None,
-            peer: "p".into(),
+            peer: peer.into(),
             disks: vec![],
-        }];
+        };
+        assert!(admit(&Limits::default(), at, &session(1 << 20, "p"), none.iter()).is_ok());
+        let e = admit(&Limits::default(), at, &session(64 << 40, "p"), none.iter()).unwrap_err();
+        assert!(matches!(e, CapacityError::Space { .. }), "{e}");
+        let per = Limits { per_session: Some(1 << 20), ..Default::default() };
+        assert!(matches!(admit(&per, at, &session(2 << 20, "p"), none.iter()), Err(CapacityError::Session { .. })));
+        // Another session's unfilled RAM is promised to it.
+        let other = [session(free, "p")];
         assert!(matches!(
-            admit(&Limits::default(), dir.path(), (1 << 20, "p"), other.iter()),
+            admit(&Limits::default(), at, &session(1 << 20, "p"), other.iter()),
             Err(CapacityError::Space { .. })
         ));
         let total = Limits { total: Some(free + (1 << 20)), ..Default::default() };
-        assert!(matches!(admit(&total, dir.path(), (2 << 20, "p"), other.iter()), Err(CapacityError::Total { .. })));
+        assert!(matches!(admit(&total, at, &session(2 << 20, "p"), other.iter()), Err(CapacityError::Total { .. })));
         let one = Limits { sessions: Some(1), ..Default::default() };
-        assert!(matches!(admit(&one, dir.path(), (1 << 20, "p"), other.iter()), Err(CapacityError::Sessions(1))));
+        assert!(matches!(admit(&one, at, &session(1 << 20, "p"), other.iter()), Err(CapacityError::Sessions(1))));
         let mine = Limits { per_peer: Some(1), ..Default::default() };
-        let e = admit(&mine, dir.path(), (1 << 20, "p"), other.iter()).unwrap_err();
+        let e = admit(&mine, at, &session(1 << 20, "p"), other.iter()).unwrap_err();
         assert!(matches!(e, CapacityError::PerPeer { limit: 1, .. }), "{e}");
-        let space = admit(&mine, dir.path(), (1 << 20, "q"), other.iter()).unwrap_err();
+        let space = admit(&mine, at, &session(1 << 20, "q"), other.iter()).unwrap_err();
         assert!(matches!(space, CapacityError::Space { .. }), "another peer passes the per-peer limit: {space}");
         let ad = advertise(&total, dir.path(), other.iter(), true);
         assert_eq!((ad.incoming, ad.drained), (1, true));
         assert!(ad.free_bytes <= 1 << 20, "the total limit bounds the room: {ad:?}");
+    }
+
+    #[test]
+    fn huge_pages_count_apart_from_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        let share = |name: &str, bytes: u64, page_size: u64| RamShare { path: dir.path().join(name), bytes, page_size };
+        let huge = Reservation {
+            bytes: 2 * free,
+            files: vec![share("a", free, 2 << 20), share("b", free, 2 << 20)],
+            holes: 0,
+            migration: None,
+            peer: "p".into(),
+            disks: vec![],
+        };
+        assert_eq!(huge.base_bytes(), 0);
+        assert_eq!(huge.unfilled(), 0, "huge pages take nothing from the data dir");
+        assert_eq!(huge.huge().get(&(2 << 20)), Some(&(2 * free)));
+        assert_eq!(huge.unreserved(2 << 20), 2 * free, "not created, so not reserved by the kernel");
+        std::fs::write(dir.path().join("a"), b"").unwrap();
+        assert_eq!(huge.unreserved(2 << 20), free, "a created file is mapped, its pages reserved");
+        assert_eq!(huge.unreserved(1 << 30), 0);
+        // No mount of that size here: the plan refuses before admission,
+        // and the data dir is not asked for it.
+        assert!(admit(&Limits::default(), (dir.path(), &[]), &huge, [].iter()).is_ok());
     }
 }

@@ -112,7 +112,7 @@ impl Agent {
     pub(super) async fn handle_from(self: Arc<Self>, caller: u32, req: Request) -> Result<Value, RequestError> {
         match req {
             Request::Info => Self::reply(self.info()),
-            Request::Register { vm } => Self::reply(self.register(caller, vm)?),
+            Request::Register { vm } => Self::reply(self.register(caller, *vm)?),
             Request::AttachQemu { name, qmp, launch, networks } => {
                 Self::reply(self.attach_qemu(caller, name, qmp, (launch, networks)).await?)
             }
@@ -168,6 +168,11 @@ impl Agent {
 
     fn register(&self, caller: u32, mut vm: VmRecord) -> Result<Done, RequestError> {
         vm.idents = super::access::check_record(&vm, caller)?;
+        // What the client says of its pages is not taken: read here.
+        for r in &mut vm.ram {
+            r.page_size =
+                crate::memory::backing::of_path(&r.path).map_or(crate::memory::PAGE_SIZE as u64, |fs| fs.page_size);
+        }
         if self.has_vm(&vm.name) {
             return Err(RequestError::Exists(vm.name));
         }
@@ -235,14 +240,14 @@ impl Agent {
         let vms: Vec<VmRecord> = self.vms.lock().unwrap().values().cloned().collect();
         let mut out = vec![];
         for rec in vms {
-            let (name, console, uid, runtime_dir) =
-                (rec.name.clone(), rec.console.clone(), rec.uid, rec.runtime_dir.clone());
+            let (name, console, uid, runtime_dir, ram) =
+                (rec.name.clone(), rec.console.clone(), rec.uid, rec.runtime_dir.clone(), rec.ram.clone());
             let state = match tokio::task::spawn_blocking(move || Self::source_vm(rec).status()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => VmState::error(crate::error_chain(&e)),
                 Err(e) => VmState::error(e.to_string()),
             };
-            out.push(VmEntry { name, state, console, uid, runtime_dir });
+            out.push(VmEntry { name, state, console, uid, runtime_dir, ram });
         }
         ListReply { vms: out }
     }

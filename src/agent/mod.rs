@@ -27,7 +27,7 @@ use api::{Request, MAX_LINE};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -107,8 +107,11 @@ pub struct AgentConfig {
     pub synthetic_guests: bool,
     /// The systemd scope incoming VMs start in (else the agent's children).
     pub qemu_scope: Option<crate::vm::scope::Scope>,
-    /// Where incoming VMs' RAM lives (tmpfs recommended).
+    /// Where incoming VMs' RAM on base pages lives (tmpfs recommended).
     pub data_dir: PathBuf,
+    /// Where incoming RAM on huge pages lives: one hugetlbfs mount per
+    /// page size.
+    pub hugepages: Vec<crate::memory::backing::HugeMount>,
     /// RDMA device, GID and queue-pair settings.
     pub rdma: crate::transport::rdma::RdmaOptions,
     /// Never use RDMA.
@@ -288,7 +291,7 @@ impl Agent {
         if *self.drained.borrow() {
             return Err(capacity::CapacityError::Drained);
         }
-        capacity::admit(&self.cfg.limits, &self.cfg.data_dir, (room.bytes, &room.peer), incoming.values())?;
+        capacity::admit(&self.cfg.limits, (&self.cfg.data_dir, &self.cfg.hugepages), &room, incoming.values())?;
         incoming.insert(vm.to_owned(), room);
         self.totals.incoming_opened();
         Ok(true)
@@ -362,11 +365,15 @@ impl Agent {
     /// Runs the agent until `shutdown`.
     pub async fn run(self: Arc<Self>) -> Result<(), AgentError> {
         access::own_dir(&self.cfg.data_dir)?;
+        self.cfg.hugepages.iter().try_for_each(|m| access::own_dir(&m.dir))?;
         self.open_data_dir()?;
         access::own_dir(&self.cfg.state_dir)?;
         access::own_dir(&self.runtime_root())?;
         self.journal_init().map_err(|e| AgentError::DataDir(self.cfg.state_dir.clone(), e))?;
-        crate::vm::qemu::clean_leftovers(&self.runtime_root(), &self.cfg.data_dir, &self.cfg.name);
+        let ram_dirs: Vec<&Path> = std::iter::once(self.cfg.data_dir.as_path())
+            .chain(self.cfg.hugepages.iter().map(|m| m.dir.as_path()))
+            .collect();
+        crate::vm::qemu::clean_leftovers(&self.runtime_root(), &ram_dirs, &self.cfg.name);
         self.recover().await;
         let bind = |what, addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr: addr.to_string(), source })

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 impl Agent {
     /// Lets incoming QEMUs' users reach their RAM files in the data dir
-    /// (search permission only).
+    /// and on the huge-page mounts (search permission only).
     pub(super) fn open_data_dir(&self) -> Result<(), AgentError> {
         use crate::vm::qemu::user::{open_dir_to, Identity, RunAs};
         let id = match &self.cfg.qemu_run_as {
@@ -15,7 +15,9 @@ impl Agent {
             RunAs::User(u) => u.identity(),
             RunAs::Uids(r) => Identity { uid: r.first, gid: r.first, groups: vec![] },
         };
-        Ok(open_dir_to(&self.cfg.data_dir, &id)?)
+        open_dir_to(&self.cfg.data_dir, &id)?;
+        self.cfg.hugepages.iter().try_for_each(|m| open_dir_to(&m.dir, &id))?;
+        Ok(())
     }
 
     /// A user for a new incoming QEMU (see [`crate::vm::qemu::RunAs`]):

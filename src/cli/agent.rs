@@ -46,9 +46,15 @@ pub struct AgentArgs {
     /// or colon-separated in DCMIGRATE_STORAGE).
     #[arg(long = "storage", env = "DCMIGRATE_STORAGE", value_delimiter = ':', value_parser = parse_storage)]
     pub storage: Vec<PathBuf>,
-    /// Where incoming VMs' RAM files go (tmpfs recommended).
+    /// Where incoming VMs' RAM files on base pages go (tmpfs recommended).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A hugetlbfs mount for incoming RAM on huge pages (its page size is
+    /// read from the mount): a source region on huge pages lands on the
+    /// mount of the same page size, or the migration is refused. Repeat
+    /// for each page size.
+    #[arg(long = "hugepages", value_name = "DIR")]
+    pub hugepages: Vec<PathBuf>,
     /// Largest RAM of one incoming migration (e.g. 256G); larger ones are
     /// refused at session open. Sessions must always fit in the data dir's
     /// free space.
@@ -187,6 +193,13 @@ fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((n.to_owned(), a.parse().map_err(|e| format!("{a}: {e}"))?))
 }
 
+/// The agent's directory on each `--hugepages` mount (as the data dir's
+/// default is on /dev/shm: the mount itself may be shared).
+fn huge_mounts(dirs: &[PathBuf], name: &str) -> Result<Vec<crate::memory::backing::HugeMount>> {
+    let mounts = crate::memory::backing::HugeMount::probe_all(dirs).context("--hugepages")?;
+    Ok(mounts.into_iter().map(|m| m.within(&format!("dcmigrate-{name}"))).collect())
+}
+
 /// The agent's configuration from its arguments (merged with its
 /// configuration file by the caller: see `cli::config`).
 fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
@@ -197,6 +210,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         .with_context(|| format!("loading TLS material for {name} from {}", certs.display()))?;
     let data_listen = a.data_listen.unwrap_or(SocketAddr::new(a.listen.ip(), 0));
     let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/dcmigrate/{name}")));
+    let hugepages = huge_mounts(&a.hugepages, &name)?;
     Ok(AgentConfig {
         data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("/dev/shm/dcmigrate-{name}"))),
         name,
@@ -210,6 +224,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
         peers: a.peers.into_iter().collect::<HashMap<_, _>>(),
         accept_from: (!a.accept_from.is_empty()).then(|| a.accept_from.into_iter().collect()),
         storage: a.storage,
+        hugepages,
         data_encryption: a.data_encryption == "on",
         qemu_run_as: run_as(a.qemu_user.as_deref(), a.qemu_uids.as_deref())?,
         synthetic_guests: a.synthetic_guests,

@@ -189,6 +189,7 @@ agent_file! {
     accept_from: Vec<Host> => accept_from = |v: Vec<Host>| v.into_iter().map(|h| h.0).collect(),
     storage: Vec<StoragePath> => storage = |v: Vec<StoragePath>| v.into_iter().map(|p| p.0).collect(),
     data_dir: PathBuf => data_dir = Some,
+    hugepages: Vec<PathBuf> => hugepages = |v| v,
     max_session_ram: Size => max_session_ram = |v: Size| Some(v.0),
     max_incoming_ram: Size => max_incoming_ram = |v: Size| Some(v.0),
     data_encryption: OnOff => data_encryption = |v| match v { OnOff::On => "on".to_owned(), OnOff::Off => "off".to_owned() },

@@ -112,8 +112,11 @@ fn start_vm(a: &DemoArgs, tb: &mut Testbed, say: &impl Fn(String)) -> Result<(Op
             }
             let image = qemu::guest_image().context("no guest image: run tests/guest-image/build first")?;
             say(format!("booting QEMU demo-vm on hostA: {} MiB RAM in a shared file backend", a.guest_size >> 20));
-            let spec =
-                qemu::QemuSpec { ram: vec![("ram0".into(), a.guest_size, qemu::Backend::File)], image: Some(image) };
+            let spec = qemu::QemuSpec {
+                ram: vec![("ram0".into(), a.guest_size, qemu::Backend::File)],
+                image: Some(image),
+                huge: None,
+            };
             let g = tb.start_qemu("hostA", "demo-vm", &spec)?;
             let booted = crate::testbed::wait_for(120, || {
                 let s = std::fs::read_to_string(g.serial()).unwrap_or_default();

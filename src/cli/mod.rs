@@ -330,8 +330,10 @@ pub struct GuestArgs {
     /// (agents) wait for device state on an existing RAM file.
     #[arg(long, hide = true)]
     pub incoming: bool,
-    /// (agents) the RAM file an incoming guest maps, created by the agent.
-    #[arg(long, hide = true)]
+    /// The RAM file to create (default DIR/NAME-ram0.ram), e.g. on a
+    /// hugetlbfs mount for a guest on huge pages; with --incoming, the one
+    /// the agent created.
+    #[arg(long)]
     pub ram_file: Option<PathBuf>,
     /// (agents) quit if the agent that started the guest dies before it is committed.
     #[arg(long, hide = true)]
@@ -492,9 +494,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             let vms = Client::new(api.api).list()?;
             match json {
                 true => println!("{}", serde_json::to_string_pretty(&vms)?),
-                false => {
-                    vms.iter().for_each(|v| println!("{}\t{}", v.name, v.state.phase.as_deref().unwrap_or("unknown")))
-                }
+                false => vms.iter().for_each(|v| {
+                    use crate::memory::backing::show;
+                    let ram: Vec<String> = v
+                        .ram
+                        .iter()
+                        .map(|r| format!("{} {} MiB on {} pages", r.id, r.size >> 20, show(r.page_size)))
+                        .collect();
+                    println!("{}\t{}\t{}", v.name, v.state.phase.as_deref().unwrap_or("unknown"), ram.join(", "))
+                }),
             }
             Ok(0)
         }
@@ -530,7 +538,8 @@ fn run_guest(g: GuestArgs) -> Result<()> {
             seed: g.seed,
         },
         keep_ram: g.keep_ram,
-        incoming_ram: if g.incoming { g.ram_file } else { None },
+        incoming_ram: if g.incoming { g.ram_file.clone() } else { None },
+        ram_file: if g.incoming { None } else { g.ram_file },
         exit_with_parent: g.exit_with_parent,
         zero_every: g.zero_every,
         device_state_bytes: g.device_state_mb << 20,

@@ -66,6 +66,14 @@ pub enum LinkError {
         /// Its version.
         version: u32,
     },
+    /// The VM has RAM on huge pages, which the peer cannot be told of.
+    #[error("{host} speaks protocol {version}, which cannot be told that RAM is on huge pages: upgrade it")]
+    NoPageSizes {
+        /// The peer.
+        host: String,
+        /// Its version.
+        version: u32,
+    },
     /// A reply of the wrong kind.
     #[error("{request}: unexpected reply {got}")]
     Unexpected {
@@ -183,6 +191,13 @@ async fn open_session(
     let launch =
         a.vm.launch_for(version >= crate::protocol::DESCRIPTIONS)
             .ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
+    let page_sizes: Vec<u64> = (0..a.ram.layout().regions().len() as u32)
+        .map(|r| a.ram.page_size(r).unwrap_or(crate::memory::PAGE_SIZE as u64))
+        .collect();
+    let huge = page_sizes.iter().any(|&p| p > crate::memory::PAGE_SIZE as u64);
+    if huge && version < crate::protocol::PAGE_SIZES {
+        return Err(LinkError::NoPageSizes { host: a.host.clone(), version });
+    }
     let open = Message::OpenSession {
         vm: a.vm.name.clone(),
         regions: a.vm.regions(),
@@ -191,6 +206,7 @@ async fn open_session(
         rdma_slices: true,
         holes: a.holes,
         migration: Some(a.migration),
+        page_sizes: if huge { page_sizes } else { vec![] },
     };
     ch.out.send(open).map_err(|_| LinkError::Closed)?;
     // Preparing RAM (and pinning it for RDMA) takes time that grows with

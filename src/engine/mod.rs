@@ -221,6 +221,11 @@ pub async fn run(
         source: ctx.me.clone(),
         destination: to.clone(),
         ram_bytes: rec.ram.iter().map(|r| r.size).sum(),
+        ram: rec
+            .ram
+            .iter()
+            .map(|r| report::RegionReport { id: r.id.clone(), bytes: r.size, page_size: r.page_size })
+            .collect(),
         streams: opts.streams,
         ..Default::default()
     };

@@ -219,6 +219,18 @@ pub struct Decision {
     pub action: String,
 }
 
+/// One RAM region of the VM.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RegionReport {
+    /// The region (QEMU's memory backend id).
+    pub id: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Bytes per page of its backing: 4096 on tmpfs, the huge page size on
+    /// hugetlbfs.
+    pub page_size: u64,
+}
+
 /// Everything a migration did, as it ended.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Report {
@@ -234,6 +246,10 @@ pub struct Report {
     pub destination: String,
     /// The VM's RAM.
     pub ram_bytes: u64,
+    /// Its regions: their size and pages (a destination puts each on pages
+    /// of the same size).
+    #[serde(default)]
+    pub ram: Vec<RegionReport>,
     /// From start to end.
     pub total_ms: f64,
     /// None if the VM was never paused.

@@ -8,7 +8,7 @@ use super::schedule::SOURCE;
 use super::watch::EventKind;
 use super::{EngineError, Job, Prepared, Report};
 use crate::bitmap::Bitmap;
-use crate::dirty::{DirtyTracker, SendObserver};
+use crate::dirty::{DirtyTracker, SendObserver, TrackerKind};
 use crate::ledger::{HostId, Ledger};
 use crate::memory::{GuestRam, Layout};
 use crate::transport::Completion;
@@ -108,7 +108,15 @@ async fn start_tracker(job: &Job, ram: &Arc<GuestRam>) -> Result<Box<dyn DirtyTr
         None => job.vm.trackers(),
     };
     let mut errors = vec![];
+    let regions = ram.layout().regions().len() as u32;
+    let huge = (0..regions).any(|r| ram.page_size(r).is_some_and(|p| p > crate::memory::PAGE_SIZE as u64));
     for kind in kinds {
+        // The kernel keeps no soft-dirty bits for hugetlb pages: such a
+        // tracker would miss every write.
+        if huge && kind == TrackerKind::SoftDirty {
+            errors.push(format!("{}: it does not track RAM on huge pages", kind.name()));
+            continue;
+        }
         let (vm, r) = (job.vm.clone(), ram.clone());
         match tokio::task::spawn_blocking(move || vm.start_tracker(kind, &r)).await.map_err(EngineError::Task)? {
             Ok(t) => {

@@ -53,6 +53,9 @@ pub struct GuestOptions {
     pub keep_ram: bool,
     /// Incoming mode: map this existing RAM file, wait for device state.
     pub incoming_ram: Option<PathBuf>,
+    /// The RAM file to create (else `NAME-ram0.ram` in `dir`): on a
+    /// hugetlbfs mount, a guest on huge pages.
+    pub ram_file: Option<PathBuf>,
     /// Quit and remove the guest's files if the parent process (the agent
     /// that launched it) dies before the guest is committed.
     pub exit_with_parent: bool,
@@ -380,7 +383,7 @@ fn map_ram(opts: &GuestOptions, default_ram: PathBuf) -> Result<(GuestRam, PathB
     let io = |what: &'static str| move |e| GuestError::Io(what.into(), e);
     let (ram_path, size) = match &opts.incoming_ram {
         Some(p) => (p.clone(), std::fs::metadata(p).map_err(io("incoming RAM"))?.len()),
-        None => (default_ram, opts.size),
+        None => (opts.ram_file.clone().unwrap_or(default_ram), opts.size),
     };
     if size == 0 || size % PAGE_SIZE as u64 != 0 {
         return Err(GuestError::Invalid(format!("guest size {size} must be a positive multiple of 4096")));
@@ -466,7 +469,7 @@ pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), Strin
     }
     let rec = VmRecord {
         name: opts.name.clone(),
-        ram: vec![RamFile { id: "ram0".into(), path: ram_path, size }],
+        ram: vec![RamFile::new("ram0", ram_path, size)],
         control: sock,
         dirty_log: Some(dirty_path),
         launch: LaunchSpec::Synthetic { workload: opts.workload.clone() },

@@ -6,6 +6,7 @@
 //! remote writers): their bytes change under us, the way device DMA does,
 //! so they are only ever copied, never borrowed.
 
+pub mod backing;
 pub mod digest;
 mod layout;
 mod ram;
@@ -52,6 +53,16 @@ pub enum MemoryError {
         actual: u64,
         /// The region's size.
         expected: u64,
+    },
+    /// A region whose size is not a multiple of its file system's pages.
+    #[error("{path}: {size} bytes are not a multiple of the file system's {page_size}-byte pages")]
+    PageSize {
+        /// The file.
+        path: PathBuf,
+        /// The region's size.
+        size: u64,
+        /// The page size.
+        page_size: u64,
     },
     /// An access outside the RAM (nothing was read or written).
     #[error("access outside guest RAM: region {region} offset {offset} length {len}")]

@@ -90,6 +90,11 @@ pub enum Message {
         /// Version 4: the migration this belongs to.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         migration: Option<MigrationId>,
+        /// Version 5: each region's page size at the source, in region
+        /// order (absent: base pages everywhere). A region on huge pages
+        /// lands on huge pages of the same size, or the session is refused.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        page_sizes: Vec<u64>,
     },
     /// Destination: the session is ready.
     SessionOpened {

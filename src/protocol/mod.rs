@@ -74,7 +74,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The newest protocol version this agent speaks.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The first version that sends device state in raw chunks, checksums of
@@ -91,6 +91,9 @@ pub const LEAVE: u32 = 3;
 /// and outcome questions, and gives each forwarder a data-plane token of
 /// its own (`AddSender`).
 pub const DESCRIPTIONS: u32 = 4;
+/// The first version that tells each RAM region's page size at session
+/// open (a destination of an older one would put huge pages on base ones).
+pub const PAGE_SIZES: u32 = 5;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;

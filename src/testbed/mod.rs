@@ -41,6 +41,8 @@ pub struct Host {
     pub storage: Vec<PathBuf>,
     /// Its networks (`--network NAME=...`).
     pub networks: Vec<String>,
+    /// Its huge-page mounts (`--hugepages`).
+    pub hugepages: Vec<PathBuf>,
     child: Option<Child>,
 }
 
@@ -180,6 +182,7 @@ impl Testbed {
                 log: hdir.join("agent.log"),
                 storage: vec![],
                 networks: vec![],
+                hugepages: vec![],
                 child: None,
             });
         }
@@ -234,6 +237,9 @@ impl Testbed {
         for n in &h.networks {
             cmd.arg("--network").arg(n);
         }
+        for d in &h.hugepages {
+            cmd.arg("--hugepages").arg(d);
+        }
         for p in &self.hosts {
             if p.name != h.name {
                 cmd.arg("--peer").arg(format!("{}={}", p.name, p.control));
@@ -274,6 +280,13 @@ impl Testbed {
     pub fn add_storage(&mut self, host: &str, dir: &Path) {
         if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
             h.storage.push(dir.to_owned());
+        }
+    }
+
+    /// Gives `host`'s agent the huge-page mount `dir`, from its next start.
+    pub fn add_hugepages(&mut self, host: &str, dir: &Path) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) {
+            h.hugepages.push(dir.to_owned());
         }
     }
 

@@ -32,6 +32,12 @@ pub enum Backend {
     /// `memory-backend-memfd,share=on`: no file name; the agent finds it
     /// through QEMU's process.
     Memfd,
+    /// `memory-backend-file,share=on,prealloc=on` on `{huge}/VM-ID.ram`, a
+    /// file QEMU creates on the spec's hugetlbfs mount.
+    HugeFile,
+    /// The same with `mem-path={huge}`, the mount itself: QEMU creates a
+    /// file there and unlinks it (as libvirt has it do).
+    HugeDir,
 }
 
 /// What to boot: RAM backends (id, size, kind) and an optional guest image
@@ -43,6 +49,8 @@ pub struct QemuSpec {
     /// The guest image to boot; without one, QEMU runs its firmware with
     /// nothing to boot.
     pub image: Option<PathBuf>,
+    /// The hugetlbfs mount of [`Backend::HugeFile`] and [`Backend::HugeDir`].
+    pub huge: Option<PathBuf>,
 }
 
 /// Where `tests/guest-image/build` leaves the guest (`DCMIGRATE_GUEST_IMAGE` overrides).
@@ -64,8 +72,10 @@ pub fn qemu_available() -> bool {
 }
 
 impl QemuSpec {
-    /// The command line, with `{dir}` for the VM's directory.
+    /// The command line, with `{dir}` for the VM's directory and `{vm}`
+    /// for its name.
     pub fn args(&self) -> Vec<String> {
+        let huge = self.huge.as_ref().map(|h| h.display().to_string()).unwrap_or_default();
         let total: u64 = self.ram.iter().map(|r| r.1).sum();
         let mut a: Vec<String> = ["-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none"]
             .iter()
@@ -78,6 +88,12 @@ impl QemuSpec {
                     format!("memory-backend-file,id={id},size={},mem-path={{dir}}/{id}.ram,share=on", size)
                 }
                 Backend::Memfd => format!("memory-backend-memfd,id={id},size={},share=on", size),
+                Backend::HugeFile => format!(
+                    "memory-backend-file,id={id},size={size},mem-path={huge}/{{vm}}-{id}.ram,share=on,prealloc=on"
+                ),
+                Backend::HugeDir => {
+                    format!("memory-backend-file,id={id},size={size},mem-path={huge},share=on,prealloc=on")
+                }
             };
             a.extend(["-object".into(), obj]);
         }
@@ -143,7 +159,8 @@ impl Testbed {
                 f.set_len(*size).map_err(err)?;
             }
         }
-        let args: Vec<String> = spec.args().iter().map(|a| a.replace("{dir}", &ds)).collect();
+        let fill = |a: &String| a.replace("{dir}", &ds).replace("{vm}", name);
+        let args: Vec<String> = spec.args().iter().map(fill).collect();
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(err)?;
         let mut cmd = self.command(host, qemu_binary());
         cmd.args(&args).arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
@@ -151,7 +168,8 @@ impl Testbed {
         self.guests.push(cmd.spawn().map_err(|e| TestbedError(format!("starting {}: {e}", qemu_binary())))?);
         qmp_listening(&qmp, 30)
             .ok_or_else(|| TestbedError(format!("QEMU on {host} did not open its QMP socket: see {ds}/qemu.log")))?;
-        let launch = LaunchSpec::Qemu { binary: qemu_binary(), args: spec.args() };
+        let args = spec.args().iter().map(|a| a.replace("{vm}", name)).collect();
+        let launch = LaunchSpec::Qemu { binary: qemu_binary(), args };
         self.client(host).attach_qemu(name, qmp, Some(launch)).map_err(|e| err(crate::error_chain(&e)))?;
         Ok(QemuGuest { name: name.into(), dir })
     }

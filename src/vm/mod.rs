@@ -60,6 +60,22 @@ pub struct RamFile {
     pub path: PathBuf,
     /// Bytes, a multiple of the page size.
     pub size: u64,
+    /// Bytes per page of its file system (a huge page size on hugetlbfs),
+    /// as read when the file was opened.
+    #[serde(default = "base_page")]
+    pub page_size: u64,
+}
+
+fn base_page() -> u64 {
+    crate::memory::PAGE_SIZE as u64
+}
+
+impl RamFile {
+    /// A region's file on base pages (what its page size is, is read when
+    /// it is mapped).
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>, size: u64) -> Self {
+        RamFile { id: id.into(), path: path.into(), size, page_size: base_page() }
+    }
 }
 
 /// How a destination starts the incoming side of a VM.
@@ -107,6 +123,10 @@ pub struct VmRecord {
     /// when the VM leaves this host.
     #[serde(default)]
     pub owned_dir: Option<PathBuf>,
+    /// Directories on huge-page mounts the agent created for this VM's
+    /// RAM, removed with `owned_dir`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub huge_dirs: Vec<PathBuf>,
     /// The command line protocol-3 destinations get (a QEMU attached here;
     /// a VM that arrived as a description cannot go to them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +178,12 @@ impl VmRecord {
     /// The identity `path` had when it was handed over, if it was.
     pub fn ident(&self, path: &std::path::Path) -> Option<ident::FileIdent> {
         self.idents.get(path).copied()
+    }
+
+    /// Whether some of its RAM is on huge pages, which soft-dirty does not
+    /// track (the kernel keeps no soft-dirty bit for hugetlb pages).
+    pub fn on_huge_pages(&self) -> bool {
+        self.ram.iter().any(|r| r.page_size > crate::memory::PAGE_SIZE as u64)
     }
 
     /// The RAM regions to announce to a destination, one per RAM file.

@@ -98,7 +98,7 @@ impl SourceVm for SyntheticVm {
         if self.rec.dirty_log.is_some() {
             t.push(TrackerKind::Cooperative);
         }
-        if crate::dirty::softdirty::self_test().is_ok() {
+        if !self.rec.on_huge_pages() && crate::dirty::softdirty::self_test().is_ok() {
             t.push(TrackerKind::SoftDirty);
         }
         t.push(TrackerKind::Hash);

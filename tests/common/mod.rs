@@ -193,7 +193,7 @@ pub fn booted_guest(test: &str) -> Option<(Testbed, QemuGuest)> {
         return None;
     };
     let mut tb = testbed(&["A", "B", "C"]);
-    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image) };
+    let spec = QemuSpec { ram: vec![("ram0".into(), 512 * MIB, Backend::File)], image: Some(image), huge: None };
     let g = tb.start_qemu("A", "vm1", &spec).expect("QEMU on A");
     let booted = wait_for(120, || (heartbeats(&serial(&g.serial())).len() >= 5).then_some(()));
     assert!(booted.is_some(), "guest did not boot: {}", serial(&g.serial()));

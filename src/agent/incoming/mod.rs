@@ -257,10 +257,11 @@ async fn step(
         return Ok(Step::Reply(Message::Error { message: why }));
     }
     let reply = match (msg, session.as_mut()) {
-        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration }, None) => {
+        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration, page_sizes }, None) => {
             let open = open::Open {
                 vm: &vm,
                 regions,
+                page_sizes,
                 chunk_size,
                 holes,
                 launch: &launch,

@@ -9,7 +9,9 @@ use super::super::capacity::Reservation;
 use super::super::journal::IncomingEntry;
 use super::super::Agent;
 use super::Session;
-use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec};
+use crate::agent::capacity::RamShare;
+use crate::memory::backing::{self, HugeMount};
+use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec, PAGE_SIZE};
 use crate::protocol::Token;
 use crate::vm::ident::FileIdent;
 use crate::vm::qemu::command::ResourceError;
@@ -18,7 +20,7 @@ use crate::vm::qemu::user::Identity;
 use crate::vm::qemu::{self, Description, DescriptionError};
 use crate::vm::synthetic::{guest_paths, SyntheticIncoming};
 use crate::vm::{IncomingVm, LaunchSpec, RamFile, VmError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -53,6 +55,38 @@ pub enum OpenError {
     /// This host takes no synthetic guests.
     #[error("{0} takes no synthetic guests (it runs QEMU VMs; --synthetic-guests is for test beds)")]
     Synthetic(String),
+    /// Page sizes that do not match the regions.
+    #[error("{sizes} page sizes for {regions} RAM regions")]
+    PageSizes {
+        /// Page sizes given.
+        sizes: usize,
+        /// Regions.
+        regions: usize,
+    },
+    /// A region on huge pages this host has no mount for.
+    #[error(
+        "RAM region {region} is on {} pages at the source, and this host has no hugetlbfs mount of that page size \
+         (--hugepages): {mounts}",
+        backing::show(*page_size)
+    )]
+    NoHugePages {
+        /// The region.
+        region: String,
+        /// Its page size.
+        page_size: u64,
+        /// The mounts this host has.
+        mounts: String,
+    },
+    /// A region that is not a whole number of its pages.
+    #[error("RAM region {region}: {size} bytes are not a whole number of {} pages", backing::show(*page_size))]
+    NotWholePages {
+        /// The region.
+        region: String,
+        /// Its size.
+        size: u64,
+        /// Its page size.
+        page_size: u64,
+    },
     /// A synthetic guest has one region.
     #[error("{0} RAM regions for a synthetic guest")]
     Regions(usize),
@@ -98,11 +132,13 @@ pub enum OpenError {
 
 /// What a session creates for its VM, decided before anything is.
 enum Plan {
-    /// The synthetic guest: its RAM file in the data dir.
+    /// The synthetic guest: its RAM file in the data dir or on a huge-page
+    /// mount.
     Synthetic { ram: PathBuf },
-    /// QEMU: RAM files in a directory of the data dir, runtime files in the
-    /// agent's state dir, QEMU built from the description.
-    Qemu { desc: Box<Description>, ram_dir: PathBuf, runtime: PathBuf, ram: Vec<PathBuf>, disks: Vec<FileIdent> },
+    /// QEMU: RAM files in a directory of the data dir and one on each
+    /// huge-page mount it uses (`ram_dirs`, the data dir's first), runtime
+    /// files in the agent's state dir, QEMU built from the description.
+    Qemu { desc: Box<Description>, ram_dirs: Vec<PathBuf>, runtime: PathBuf, ram: Vec<PathBuf>, disks: Vec<FileIdent> },
 }
 
 impl Plan {
@@ -111,6 +147,13 @@ impl Plan {
             Plan::Synthetic { ram } => vec![ram.clone()],
             Plan::Qemu { ram, .. } => ram.clone(),
         }
+    }
+
+    /// Its RAM files as capacity counts them.
+    fn shares(&self, regions: &[RegionSpec], places: &[Option<&HugeMount>]) -> Vec<RamShare> {
+        let page = |i: usize| places.get(i).copied().flatten().map_or(PAGE_SIZE as u64, |m| m.page_size);
+        let files = self.ram().into_iter().zip(regions).enumerate();
+        files.map(|(i, (path, r))| RamShare { path, bytes: r.size, page_size: page(i) }).collect()
     }
 
     fn disks(&self) -> Vec<FileIdent> {
@@ -127,6 +170,8 @@ pub(super) struct Open<'a> {
     pub vm: &'a str,
     /// Its RAM regions.
     pub regions: Vec<RegionSpec>,
+    /// Each region's page size at the source (empty: base pages).
+    pub page_sizes: Vec<u64>,
     /// The layout's chunk size.
     pub chunk_size: u64,
     /// Bytes of RAM that are holes at the source.
@@ -145,7 +190,7 @@ pub(super) struct Open<'a> {
 /// data-plane token is bound to it, unless it is `shared` with the
 /// source's forwarders (a protocol-3 source).
 pub(super) async fn open(agent: &Agent, o: Open<'_>, shared: bool) -> Result<Session, OpenError> {
-    let Open { vm, regions, chunk_size, holes, launch, rdma_slices, migration, peer } = o;
+    let Open { vm, regions, page_sizes, chunk_size, holes, launch, rdma_slices, migration, peer } = o;
     if !crate::vm::valid_name(vm) {
         return Err(OpenError::Name(vm.to_owned()));
     }
@@ -153,12 +198,13 @@ pub(super) async fn open(agent: &Agent, o: Open<'_>, shared: bool) -> Result<Ses
         return Err(OpenError::Exists { vm: vm.into(), host: agent.cfg.name.clone() });
     }
     let layout = Layout::new(regions.clone(), chunk_size)?;
-    let plan = plan(agent, vm, &regions, launch)?;
+    let places = place(agent, &regions, &page_sizes)?;
+    let plan = plan(agent, vm, (&regions, &places), launch)?;
     // Admission counts the whole RAM (holes are written once the VM runs);
     // the holes only tell what can still arrive before the switchover.
     let room = Reservation {
         bytes: layout.total_bytes(),
-        files: plan.ram(),
+        files: plan.shares(&regions, &places),
         holes: holes.min(layout.total_bytes()),
         migration,
         peer: peer.to_owned(),
@@ -175,8 +221,46 @@ pub(super) async fn open(agent: &Agent, o: Open<'_>, shared: bool) -> Result<Ses
     r.map(|s| Session { migration, peer: peer.to_owned(), ..s })
 }
 
+/// Where each region's file goes: the data dir (`None`), or the huge-page
+/// mount of the page size it has at the source; never smaller pages.
+fn place<'a>(
+    agent: &'a Agent,
+    regions: &[RegionSpec],
+    page_sizes: &[u64],
+) -> Result<Vec<Option<&'a HugeMount>>, OpenError> {
+    if !page_sizes.is_empty() && page_sizes.len() != regions.len() {
+        return Err(OpenError::PageSizes { sizes: page_sizes.len(), regions: regions.len() });
+    }
+    let mounts = &agent.cfg.hugepages;
+    let each = |(i, r): (usize, &RegionSpec)| {
+        let page_size = page_sizes.get(i).copied().unwrap_or(PAGE_SIZE as u64);
+        if page_size == PAGE_SIZE as u64 {
+            return Ok(None);
+        }
+        match mounts.iter().find(|m| m.page_size == page_size) {
+            Some(m) if r.size % page_size == 0 => Ok(Some(m)),
+            Some(_) => Err(OpenError::NotWholePages { region: r.id.clone(), size: r.size, page_size }),
+            None => {
+                let have: Vec<String> = mounts
+                    .iter()
+                    .map(|m| format!("{} pages at {}", backing::show(m.page_size), m.dir.display()))
+                    .collect();
+                let mounts = if have.is_empty() { "it has none".into() } else { format!("it has {}", have.join(", ")) };
+                Err(OpenError::NoHugePages { region: r.id.clone(), page_size, mounts })
+            }
+        }
+    };
+    regions.iter().enumerate().map(each).collect()
+}
+
 /// Checks what the source asks for and decides where everything goes.
-fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) -> Result<Plan, OpenError> {
+fn plan(
+    agent: &Agent,
+    vm: &str,
+    (regions, places): (&[RegionSpec], &[Option<&HugeMount>]),
+    launch: &LaunchSpec,
+) -> Result<Plan, OpenError> {
+    let dir_of = |i: usize| places.get(i).copied().flatten().map_or(agent.cfg.data_dir.as_path(), |m| &m.dir);
     if !matches!(launch, LaunchSpec::Synthetic { .. }) && matches!(agent.cfg.qemu_run_as, qemu::RunAs::Agent) {
         return Err(OpenError::Identity(
             "this agent is not root and has no --qemu-user: a peer's QEMU would run as the agent itself".into(),
@@ -188,7 +272,7 @@ fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) ->
         }
         LaunchSpec::Synthetic { .. } => {
             return match regions.len() {
-                1 => Ok(Plan::Synthetic { ram: guest_paths(&agent.cfg.data_dir, vm).0 }),
+                1 => Ok(Plan::Synthetic { ram: guest_paths(dir_of(0), vm).0 }),
                 n => Err(OpenError::Regions(n)),
             }
         }
@@ -217,9 +301,16 @@ fn plan(agent: &Agent, vm: &str, regions: &[RegionSpec], launch: &LaunchSpec) ->
         return Err(OpenError::RamMismatch { described: show(&described), session: show(regions) });
     }
     let disks = qemu::command::check_resources(&desc, &Storage::new(&agent.cfg.storage), &agent.cfg.networks)?;
-    let ram_dir = qemu::vm_dir(&agent.cfg.data_dir, vm);
-    let ram = regions.iter().map(|r| qemu::ram_path(&ram_dir, &r.id)).collect();
-    Ok(Plan::Qemu { desc, ram_dir, runtime: agent.runtime_root().join(vm), ram, disks })
+    let mut ram_dirs = vec![qemu::vm_dir(&agent.cfg.data_dir, vm)];
+    let mut ram = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let dir = qemu::vm_dir(dir_of(i), vm);
+        ram.push(qemu::ram_path(&dir, &r.id));
+        if !ram_dirs.contains(&dir) {
+            ram_dirs.push(dir);
+        }
+    }
+    Ok(Plan::Qemu { desc, ram_dirs, runtime: agent.runtime_root().join(vm), ram, disks })
 }
 
 async fn prepare(
@@ -243,8 +334,8 @@ async fn prepare(
         }
         Err(e) => {
             agent.release_uid(uid);
-            if let Plan::Qemu { ram_dir, runtime, .. } = &plan {
-                let _ = std::fs::remove_dir_all(ram_dir);
+            if let Plan::Qemu { ram_dirs, runtime, .. } = &plan {
+                ram_dirs.iter().for_each(|d| drop(std::fs::remove_dir_all(d)));
                 let _ = std::fs::remove_dir_all(runtime);
             } else {
                 paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
@@ -263,16 +354,18 @@ async fn prepare_as(
     (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
-    if let Plan::Qemu { ram_dir, runtime, .. } = plan {
-        if let Some(d) = [ram_dir, runtime].into_iter().find(|d| d.exists()) {
+    if let Plan::Qemu { ram_dirs, runtime, .. } = plan {
+        if let Some(d) = ram_dirs.iter().chain([runtime]).find(|d| d.exists()) {
             return Err(OpenError::Leftover(d.clone()));
         }
-        // The agent's directory: QEMU's user may only pass through it to
-        // its RAM files, never create anything in it.
+        // The agent's directories: QEMU's user may only pass through them
+        // to its RAM files, never create anything in them.
         let mode = if identity.is_some() { 0o711 } else { 0o700 };
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), mode)
-            .create(ram_dir)
-            .map_err(|e| OpenError::Dir(ram_dir.clone(), e))?;
+        for d in ram_dirs {
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), mode)
+                .create(d)
+                .map_err(|e| OpenError::Dir(d.clone(), e))?;
+        }
     } else if let Some(p) = paths.iter().find(|p| p.exists()) {
         return Err(OpenError::Leftover(p.clone()));
     }
@@ -280,8 +373,15 @@ async fn prepare_as(
     if let Some(id) = &identity {
         paths.iter().try_for_each(|p| qemu::user::give(p, id))?;
     }
-    let files: Vec<RamFile> =
-        regions.iter().zip(&paths).map(|(r, p)| RamFile { id: r.id.clone(), path: p.clone(), size: r.size }).collect();
+    let files: Vec<RamFile> = regions
+        .iter()
+        .zip(&paths)
+        .enumerate()
+        .map(|(i, (r, p))| RamFile {
+            page_size: ram.page_size(i as u32).unwrap_or(PAGE_SIZE as u64),
+            ..RamFile::new(r.id.clone(), p.clone(), r.size)
+        })
+        .collect();
     // Registration pins (and allocates) the whole RAM, which takes time
     // that grows with its size: while the VM starts, off the event loop.
     let registering = agent.rdma.as_ref().ok().map(|r| {
@@ -299,8 +399,9 @@ async fn prepare_as(
         }
     };
     let mut leftovers: Vec<PathBuf> = paths.clone();
-    if let Plan::Qemu { ram_dir, runtime, .. } = plan {
-        leftovers.extend([ram_dir.clone(), runtime.clone()]);
+    if let Plan::Qemu { ram_dirs, runtime, .. } = plan {
+        leftovers.extend(ram_dirs.iter().cloned());
+        leftovers.push(runtime.clone());
     }
     agent.journal_incoming(vm, Some(IncomingEntry { vm: vm.into(), paths: leftovers }));
     let token = Token::random();
@@ -344,8 +445,8 @@ async fn launch_incoming(
             })
             .await??
         }
-        Plan::Qemu { desc, ram_dir, runtime, .. } => {
-            let (desc, ram_dir, runtime) = (desc.clone(), ram_dir.clone(), runtime.clone());
+        Plan::Qemu { desc, ram_dirs, runtime, .. } => {
+            let (desc, ram_dirs, runtime) = (desc.clone(), ram_dirs.clone(), runtime.clone());
             let (storage, networks, agent_name) = (Storage::new(&cfg.storage), cfg.networks.clone(), cfg.name.clone());
             tokio::task::spawn_blocking(move || -> Result<Arc<dyn IncomingVm>, VmError> {
                 let host = qemu::incoming::Host {
@@ -355,7 +456,7 @@ async fn launch_incoming(
                     identity: identity.as_ref(),
                     scope: scope.as_ref(),
                 };
-                let ram: (&[RamFile], &Path) = (&files, &ram_dir);
+                let ram: (&[RamFile], &[PathBuf]) = (&files, &ram_dirs);
                 Ok(Arc::new(qemu::QemuIncoming::launch(&name, &desc, ram, &runtime, &host)?))
             })
             .await??

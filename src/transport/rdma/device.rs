@@ -238,7 +238,9 @@ impl LocalRam {
             let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
             // An address, so that the slices' threads can share it.
             let (base, len) = (ptr as usize, len as u64);
-            let size = len.div_ceil(pieces as u64).next_multiple_of(chunk).max(chunk);
+            // Whole huge pages per slice, as faulting them in needs.
+            let unit = chunk.max(ram.page_size(r).unwrap_or(chunk));
+            let size = len.div_ceil(pieces as u64).next_multiple_of(unit).max(unit);
             if !sliced && threads > 1 && !on_demand {
                 // Only time is at stake: pinning faults in what this did not.
                 if let Err(e) = ram.prefault(r, remote_write, threads) {

@@ -97,6 +97,9 @@ pub struct RamRegion {
     /// `host-nodes`, ...); never a path.
     #[serde(default, skip_serializing_if = "Props::is_empty")]
     pub props: Props,
+    /// The source preallocated it (`prealloc=on`): so does a destination.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prealloc: bool,
 }
 
 /// What boots: files by storage-relative name.

@@ -61,6 +61,7 @@ pub struct QemuIncoming {
     name: String,
     runtime: PathBuf,
     ram_dir: PathBuf,
+    huge_dirs: Vec<PathBuf>,
     pid: u32,
     qmp: PathBuf,
     ram: Vec<RamFile>,
@@ -73,12 +74,13 @@ pub struct QemuIncoming {
 
 impl QemuIncoming {
     /// Starts QEMU paused from `desc` on the RAM files the agent created in
-    /// `ram_dir`, with its runtime files in `runtime` (created here, new);
-    /// returns once its monitor answers.
+    /// `ram_dirs` (the data dir's first, then those on huge-page mounts),
+    /// with its runtime files in `runtime` (created here, new); returns
+    /// once its monitor answers.
     pub fn launch(
         name: &str,
         desc: &Description,
-        (ram, ram_dir): (&[RamFile], &Path),
+        (ram, ram_dirs): (&[RamFile], &[PathBuf]),
         runtime: &Path,
         host: &Host,
     ) -> Result<Self, VmError> {
@@ -109,7 +111,8 @@ impl QemuIncoming {
         let me = Self {
             name: name.to_owned(),
             runtime: runtime.to_owned(),
-            ram_dir: ram_dir.to_owned(),
+            ram_dir: ram_dirs.first().cloned().unwrap_or_default(),
+            huge_dirs: ram_dirs.iter().skip(1).cloned().collect(),
             pid,
             qmp: runtime.join("qmp.sock"),
             ram: ram.to_vec(),
@@ -234,6 +237,7 @@ impl IncomingVm for QemuIncoming {
             dirty_log: None,
             launch: LaunchSpec::QemuVm { description: Box::new(self.desc.clone()) },
             owned_dir: Some(self.ram_dir.clone()),
+            huge_dirs: self.huge_dirs.clone(),
             runtime_dir: Some(self.runtime.clone()),
             console: self.console(),
             uid: self.uid,
@@ -248,7 +252,7 @@ impl IncomingVm for QemuIncoming {
 
     fn discard(&self) {
         self.discard_runtime();
-        let _ = std::fs::remove_dir_all(&self.ram_dir);
+        std::iter::once(&self.ram_dir).chain(&self.huge_dirs).for_each(|d| drop(std::fs::remove_dir_all(d)));
         tracing::info!(vm = %self.name, "incoming QEMU stopped and its files removed");
     }
 }
@@ -256,7 +260,7 @@ impl IncomingVm for QemuIncoming {
 /// Kills incoming QEMUs an earlier run of this agent left behind and removes
 /// their runtime directories, RAM and cgroups: they never became the
 /// running VM. `runtime_root` holds one directory per VM.
-pub fn clean_leftovers(runtime_root: &Path, data_dir: &Path, agent: &str) {
+pub fn clean_leftovers(runtime_root: &Path, ram_dirs: &[&Path], agent: &str) {
     let Ok(entries) = std::fs::read_dir(runtime_root) else { return };
     for e in entries.flatten() {
         let dir = e.path();
@@ -271,7 +275,7 @@ pub fn clean_leftovers(runtime_root: &Path, data_dir: &Path, agent: &str) {
         }
         let _ = std::fs::remove_dir_all(&dir);
         if crate::vm::valid_name(&vm) {
-            let _ = std::fs::remove_dir_all(super::vm_dir(data_dir, &vm));
+            ram_dirs.iter().for_each(|d| drop(std::fs::remove_dir_all(super::vm_dir(d, &vm))));
             if let Some(c) = VmCgroup::at(agent, &vm) {
                 c.remove();
             }

@@ -67,14 +67,15 @@ pub fn attach(
         let path = match ty.as_str() {
             "memory-backend-file" => {
                 let p = PathBuf::from(q.qom_get_string(&format!("/objects/{id}"), "mem-path")?);
-                if !p.is_file() {
-                    return Err(vm_err(format!(
-                        "memory backend {id}: mem-path {} is not a file (a directory makes QEMU use a hidden file); \
-                         give mem-path a file name",
-                        p.display()
-                    )));
+                match p.is_dir() {
+                    // QEMU made a file there and unlinked it (what libvirt
+                    // does for huge pages): reached through QEMU's own fd.
+                    true => find_unlinked(q.pid, &p, m.size, &id)?,
+                    false if p.is_file() => p,
+                    false => {
+                        return Err(vm_err(format!("memory backend {id}: mem-path {} is not a file", p.display())))
+                    }
                 }
-                p
             }
             // QEMU 10.0 was found to send memfd RAM in its migration stream
             // despite x-ignore-shared (7.2 skips it); refused from 8.0 on.
@@ -88,7 +89,9 @@ pub fn attach(
             "memory-backend-memfd" => find_memfd(q.pid, m.size, &id)?,
             other => return Err(vm_err(format!("memory backend {id} is a {other}: {HOW_TO_SHARE}"))),
         };
-        ram.push(RamFile { id, path, size: m.size });
+        let page_size =
+            crate::memory::backing::of_path(&path).map_err(|e| vm_err(format!("{}: {e}", path.display())))?.page_size;
+        ram.push(RamFile { id, path, size: m.size, page_size });
     }
     ram.sort_by(|a, b| a.id.cmp(&b.id));
     let legacy = match launch {
@@ -167,6 +170,38 @@ fn find_memfd(pid: u32, size: u64, id: &str) -> Result<PathBuf, VmError> {
     }
 }
 
+/// The file QEMU created in `dir` for backend `id` and unlinked
+/// (`qemu_back_mem.ID.XXXXXX`), as QEMU's open descriptor of it.
+fn find_unlinked(pid: u32, dir: &Path, size: u64, id: &str) -> Result<PathBuf, VmError> {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    let entries = std::fs::read_dir(&fds).map_err(|e| vm_err(format!("{}: {e}", fds.display())))?;
+    let prefix = dir.join(format!("qemu_back_mem.{id}."));
+    let found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read_link(p).is_ok_and(|t| {
+                let t = t.to_string_lossy();
+                t.starts_with(&*prefix.to_string_lossy()) && t.ends_with(" (deleted)")
+            })
+        })
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == size))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(vm_err(format!(
+            "memory backend {id}: mem-path {} is a directory, and QEMU holds no unlinked file of {size} bytes \
+             there (qemu_back_mem.{id}.*)",
+            dir.display()
+        ))),
+        _ => Err(vm_err(format!(
+            "memory backend {id}: QEMU holds {} unlinked files of {size} bytes in {}, cannot tell which is its",
+            found.len(),
+            dir.display()
+        ))),
+    }
+}
+
 fn qemu_pid(rec: &VmRecord) -> Result<u32, VmError> {
     let q = Qmp::connect_as(&rec.control, rec.ident(&rec.control), QMP_TIMEOUT)?;
     Ok(pid_of(rec, &q))
@@ -214,6 +249,7 @@ impl SourceVm for QemuVm {
             Err(e) => tracing::info!("qemu tracker not offered: {}", crate::error_chain(&e)),
         }
         match softdirty::self_test() {
+            _ if self.rec.on_huge_pages() => tracing::info!("soft-dirty not offered: it does not track huge pages"),
             Ok(()) => kinds.push(TrackerKind::SoftDirty),
             Err(e) => tracing::info!("soft-dirty not offered: {e}"),
         }
@@ -332,7 +368,7 @@ impl SourceVm for QemuVm {
             tracing::warn!(pid, "QEMU did not quit; killing it");
             kill(pid);
         }
-        for d in self.rec.owned_dir.iter().chain(&self.rec.runtime_dir) {
+        for d in self.rec.owned_dir.iter().chain(&self.rec.huge_dirs).chain(&self.rec.runtime_dir) {
             let _ = std::fs::remove_dir_all(d);
         }
         if let Some(c) = &self.rec.cgroup {

@@ -83,7 +83,7 @@ fn check(data: &[u8]) {
     let ram: Vec<RamFile> = desc
         .ram
         .iter()
-        .map(|r| RamFile { id: r.id.clone(), path: PathBuf::from(format!("/data/vm.qemu/{}.ram", r.id)), size: r.size })
+        .map(|r| RamFile::new(r.id.clone(), PathBuf::from(format!("/data/vm.qemu/{}.ram", r.id)), r.size))
         .collect();
     let qmp = std::fs::File::open("/dev/null").expect("/dev/null").into();
     let res = Resources { disks: vec![], boot: Default::default(), nets: vec![], chardevs: vec![], qmp };

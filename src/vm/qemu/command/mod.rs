@@ -14,6 +14,7 @@ use crate::vm::RamFile;
 use serde_json::{json, Value};
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use thiserror::Error;
 
 /// QEMU's seccomp sandbox with every deny flag: no obsolete syscalls, no
@@ -44,6 +45,14 @@ pub enum ResourceError {
         #[source]
         source: NetworkError,
     },
+    /// A RAM region bound to NUMA nodes this host lacks.
+    #[error("RAM region {region} is bound to host NUMA nodes (host-nodes): {why}")]
+    HostNodes {
+        /// The region.
+        region: String,
+        /// Why they are not here.
+        why: String,
+    },
     /// A socket for a chardev or the monitor.
     #[error("a socket for {id}")]
     Socket {
@@ -53,6 +62,25 @@ pub enum ResourceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Checks that this host has every NUMA node of `list` (QEMU's
+/// `host-nodes`: `0`, `0-3`, `0:2`).
+fn host_nodes(list: &str) -> Result<(), String> {
+    const MAX_NODE: u32 = 1023;
+    for part in list.split([':', ',']) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) else {
+            return Err(format!("{list:?} is not a list of node numbers"));
+        };
+        if a > b || b > MAX_NODE {
+            return Err(format!("{list:?} is not a list of node numbers"));
+        }
+        if let Some(n) = (a..=b).find(|n| !Path::new(&format!("/sys/devices/system/node/node{n}")).exists()) {
+            return Err(format!("this host has no NUMA node {n}"));
+        }
+    }
+    Ok(())
 }
 
 /// A network backend as this host provides it.
@@ -98,6 +126,11 @@ pub fn check_resources(
     }
     for n in &desc.nets {
         networks.get(&n.network).map_err(|source| ResourceError::Network { id: n.id.clone(), source })?;
+    }
+    for r in &desc.ram {
+        if let Some(nodes) = r.props.get("host-nodes") {
+            host_nodes(nodes).map_err(|why| ResourceError::HostNodes { region: r.id.clone(), why })?;
+        }
     }
     let b = &desc.boot;
     let bios = match &b.bios {
@@ -341,6 +374,9 @@ fn machine(b: &mut Builder, desc: &Description, ram: &[RamFile]) {
         props.insert("size".into(), r.size.to_string());
         props.insert("share".into(), "on".into());
         props.insert("mem-path".into(), r.path.to_string_lossy().into_owned());
+        if region.is_some_and(|x| x.prealloc) {
+            props.insert("prealloc".into(), "on".into());
+        }
         b.arg("object", keyval(Some(("qom-type", "memory-backend-file")), &props));
     }
     for n in &desc.numa {

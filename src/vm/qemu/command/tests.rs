@@ -112,14 +112,16 @@ fn a_typical_vm_is_described_and_built_with_descriptors_only() {
     check_resources(&desc, &storage, &networks).unwrap();
     let rt = RuntimeDir::create(&b.runtime).unwrap();
     let res = create(&desc, &storage, &networks, &rt).unwrap();
-    let ram = [RamFile { id: "ram0".into(), path: "/data/vm1.qemu/ram0.ram".into(), size: RAM }];
+    let ram = [RamFile::new("ram0", "/data/vm1.qemu/ram0.ram", RAM)];
     let cmd = build(&desc, &ram, res);
     let argv = cmd.argv.join(" ");
     let st = b.storage.display().to_string();
     assert!(!argv.contains(&st), "a storage path reached QEMU: {argv}");
-    for never in ["/somewhere", "/run/ga.sock", "/tmp/qemu-debug.log", "hostfwd", "/dev/shm/src", "prealloc"] {
+    for never in ["/somewhere", "/run/ga.sock", "/tmp/qemu-debug.log", "hostfwd", "/dev/shm/src"] {
         assert!(!argv.contains(never), "{never} reached QEMU: {argv}");
     }
+    // The source preallocated its RAM: so does the destination.
+    assert!(desc.ram[0].prealloc && argv.contains("prealloc=on"), "{argv}");
     assert!(argv.contains("user,id=n0,restrict=on"), "{argv}");
     assert!(argv.contains("mem-path=/data/vm1.qemu/ram0.ram") && argv.contains("share=on"), "{argv}");
     assert!(argv.contains(&format!("-m size={RAM}B")), "{argv}");
@@ -225,4 +227,14 @@ fn a_missing_file_or_network_is_refused_before_anything_is_created() {
     let e = crate::error_chain(&check_resources(&desc, &storage, &Networks::default()).unwrap_err());
     assert!(e.contains("base.raw"), "{e}");
     assert!(!b.runtime.exists());
+}
+
+#[test]
+fn ram_bound_to_host_nodes_needs_those_nodes_here() {
+    assert!(super::host_nodes("0").is_ok(), "node 0 is on every Linux host");
+    let e = super::host_nodes("0-1023").unwrap_err();
+    assert!(e.contains("no NUMA node"), "{e}");
+    for bad in ["", "x", "3-1", "0-99999"] {
+        assert!(super::host_nodes(bad).unwrap_err().contains("not a list"), "{bad:?}");
+    }
 }

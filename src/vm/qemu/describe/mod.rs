@@ -128,7 +128,11 @@ pub fn describe(src: &Source) -> Result<Described, DescribeError> {
             why: format!("{:?} is not qemu-system-ARCH", src.binary),
         });
     }
-    b.desc.ram = src.ram.iter().map(|r| RamRegion { id: r.id.clone(), size: r.size, props: Props::new() }).collect();
+    b.desc.ram = src
+        .ram
+        .iter()
+        .map(|r| RamRegion { id: r.id.clone(), size: r.size, props: Props::new(), prealloc: false })
+        .collect();
     let mut it = src.args.iter();
     while let Some(a) = it.next() {
         let Some(name) = a.strip_prefix("--").or_else(|| a.strip_prefix('-')) else {
@@ -336,6 +340,8 @@ impl Builder<'_> {
                 why: format!("{kind} {id:?} is not one of the RAM regions QEMU reported"),
             });
         };
+        region.prealloc = p.get("prealloc").is_some_and(|v| ["on", "true", "yes"].contains(&v.as_str()));
+        // The page size is the RAM file's, told at session open.
         for k in ["size", "share", "mem-path", "prealloc", "seal", "hugetlb", "hugetlbsize"] {
             p.remove(k);
         }
