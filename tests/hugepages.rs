@@ -8,8 +8,10 @@ mod common;
 use common::*;
 use dcmigrate::dirty::TrackerKind;
 use dcmigrate::engine::options::VerifyMode;
-use dcmigrate::engine::{MigrateOptions, Outcome};
+use dcmigrate::engine::report::TransportUsed;
+use dcmigrate::engine::{MigrateOptions, Outcome, Report};
 use dcmigrate::memory::backing;
+use dcmigrate::protocol::TransportKind;
 use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::{Path, PathBuf};
@@ -118,12 +120,10 @@ fn huge_ram(mount: &Path, host: &str, vm: &str) -> PathBuf {
 /// hugetlbfs mount, which has no `size=` (the pool's free pages are what
 /// counts): byte-exact, on huge pages there, running only there, with no
 /// file left on hostB's mount. Soft-dirty was never used (it cannot see
-/// writes to huge pages).
-#[test]
-fn a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget() {
-    const T: &str = "a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget";
+/// writes to huge pages). Returns the report, or None if skipped.
+fn moves_through_a_retarget(test: &str, transport: TransportKind) -> Option<Report> {
     // Source, hostB's session, hostC's, and slack.
-    let Some(mut huge) = huge_or_skip(T, 3 * 32 + 16) else { return };
+    let mut huge = huge_or_skip(test, 3 * 32 + 16)?;
     let (ma, mb, mc) = (huge.mount("a", None), huge.mount("b", Some("128M")), huge.mount("c", None));
     let mut tb = testbed_with([Some(&ma), Some(&mb), Some(&mc)]);
     let src = ma.join("hp-ram0.ram");
@@ -134,8 +134,8 @@ fn a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget() {
 
     // Slow enough that the retarget comes mid-way; held (test builds) so
     // that it surely does.
-    let opts = held(MigrateOptions { suspend: true, max_bandwidth_mbps: Some(16.0), ..Default::default() });
-    start_migration(&tb, "hostA", "hp", "hostB", opts);
+    let opts = MigrateOptions { suspend: true, max_bandwidth_mbps: Some(16.0), transport, ..Default::default() };
+    start_migration(&tb, "hostA", "hp", "hostB", held(opts));
     assert!(retarget_when(&tb, "hostA", "hp", "hostC", 0.3, true), "the migration ended before the retarget");
     release(&tb, "hostA", "hp");
     let report = wait_report(&tb, "hostA", "hp");
@@ -159,6 +159,32 @@ fn a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget() {
     tb.client("hostC").resume("hp").unwrap();
     assert_running_on(&tb, "hostC", "hp");
     std::fs::remove_file(&src).unwrap();
+    Some(report)
+}
+
+/// [`moves_through_a_retarget`] over TCP.
+#[test]
+fn a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget() {
+    const T: &str = "a_guest_on_huge_pages_lands_on_huge_pages_through_a_retarget";
+    if let Some(r) = moves_through_a_retarget(T, TransportKind::Tcp) {
+        assert_eq!(r.transport, TransportUsed::Tcp, "{r:#?}");
+    }
+}
+
+/// [`moves_through_a_retarget`] over RDMA (SoftRoCE, in the test VM):
+/// huge pages registered on every host, the source and the forwarder
+/// writing into the new destination's.
+#[cfg(feature = "rdma")]
+#[test]
+fn a_guest_on_huge_pages_moves_over_rdma_through_a_retarget() {
+    const T: &str = "a_guest_on_huge_pages_moves_over_rdma_through_a_retarget";
+    let rdma = dcmigrate::transport::rdma::open(&Default::default()).map(|_| ());
+    if !can_run(T, rdma, true, "tests/softroce/run runs it on SoftRoCE") {
+        return;
+    }
+    if let Some(r) = moves_through_a_retarget(T, TransportKind::Rdma) {
+        assert_eq!(r.transport, TransportUsed::Rdma, "{r:#?}");
+    }
 }
 
 /// A destination without a mount of the source's page size refuses,
@@ -213,6 +239,10 @@ fn a_booted_qemu_guest_on_huge_pages_moves_with_a_retarget() {
     const T: &str = "a_booted_qemu_guest_on_huge_pages_moves_with_a_retarget";
     let q = if qemu_available() { Ok(()) } else { Err(format!("{QEMU} is not installed")) };
     if !can_run(T, q, false, "tests/run installs qemu-system-x86") || !hooks_or_skip(T) {
+        return;
+    }
+    if std::env::var_os("DCMIGRATE_IN_VM").is_some() {
+        skip(T, "QEMU under TCG inside the TCG test VM is too slow; the host's run covers it");
         return;
     }
     let Some(image) = guest_image() else {

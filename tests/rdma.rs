@@ -473,6 +473,7 @@ async fn a_fenced_forwarders_rdma_keys_no_longer_write() {
             completions: tx,
             stall_timeout: std::time::Duration::from_secs(10),
             tls: None,
+            zero_frames: false,
         };
         let rdma = rdma.clone();
         async move {

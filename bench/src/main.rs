@@ -14,12 +14,14 @@
 //! `qemu-trackers` (the `qemu`, `hash` and `soft-dirty` trackers on a booted
 //! QEMU guest: `bench/qemu-trackers` runs it here and in the test VM),
 //! `evacuate` (a host emptied over shaped links, a destination drained
-//! half-way: forwarding vs cancel-and-restart).
+//! half-way: forwarding vs cancel-and-restart), `hugepages` (a guest on
+//! 2 MiB pages against tmpfs, and one zero by content, on loopback).
 
 mod downtime;
 mod encryption;
 mod evacuate;
 mod harness;
+mod hugepages;
 mod plot;
 mod qemu;
 mod qemu_trackers;
@@ -170,6 +172,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         dirty_mbps: f64,
     },
+    /// A guest on 2 MiB hugetlbfs pages against the same on tmpfs, and one
+    /// zero by content against random, on loopback (root; reserves and
+    /// gives back 2 × the guest in huge pages).
+    Hugepages {
+        #[arg(long, default_value_t = 8)]
+        guest_gib: u64,
+    },
     /// Retarget vs cancel-and-restart on shaped links (the prototype's Fig. 2).
     Retarget {
         #[arg(long, default_value_t = 2.0)]
@@ -247,6 +256,9 @@ fn main() -> Result<()> {
             let v = evacuate::evacuate(vms, guest_gib, rate_mbit, dirty_mbps)?;
             publish(&results, bench_dir, "evacuate", v, None)?;
         }
+        Cmd::Hugepages { guest_gib } => {
+            publish(&results, bench_dir, "hugepages", hugepages::hugepages(guest_gib)?, None)?;
+        }
         Cmd::Throughput { guest_gib } => {
             publish(&results, bench_dir, "throughput", throughput::throughput(guest_gib)?, None)?;
         }
@@ -294,6 +306,8 @@ fn all(results: &Path, bench_dir: &Path, no_qemu: bool) -> Result<()> {
     save(results, "retarget", &mut v)?;
     let mut v = evacuate::evacuate(4, 1.0, 1000, 10.0)?;
     save(results, "evacuate", &mut v)?;
+    let mut v = hugepages::hugepages(8)?;
+    save(results, "hugepages", &mut v)?;
     report::update(bench_dir)?;
     eprintln!("all scenarios done in {:.0} s; bench/README.md and bench/results/ updated", t.elapsed().as_secs_f64());
     Ok(())

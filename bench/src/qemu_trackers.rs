@@ -51,7 +51,8 @@ fn boot(qemu: &Path, image: &Path, dir: &Path, mib: u64) -> Result<Guest> {
     let (qmp, serial) = (dir.join("qmp.sock"), dir.join("serial.log"));
     let _ = std::fs::remove_file(&serial);
     // The test bed's command line for its guests, in `dir`.
-    let spec = QemuSpec { ram: vec![("ram0".into(), mib << 20, Backend::File)], image: Some(image.to_owned()) };
+    let spec =
+        QemuSpec { ram: vec![("ram0".into(), mib << 20, Backend::File)], image: Some(image.to_owned()), huge: None };
     let ds = dir.display().to_string();
     let child = Command::new(qemu)
         .args(spec.args().iter().map(|a| a.replace("{dir}", &ds)))

@@ -1,8 +1,9 @@
 //! Registering guest RAM for RDMA (inside the SoftRoCE VM, run with the
 //! `transport` benchmark): pinned by one thread as it faults pages in
 //! (the baseline) against faulted in on every core first, for a
-//! destination's fresh RAM and for a sender's resident RAM; and how much
-//! memory ends up pinned per GiB.
+//! destination's fresh RAM and for a sender's resident RAM, on 4 KiB
+//! (tmpfs) and 2 MiB (hugetlbfs) pages; and how much memory ends up
+//! pinned per GiB.
 
 use anyhow::{anyhow, Result};
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec};
@@ -11,8 +12,67 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn ram(mib: u64, filled: bool) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
-    let dir = tempfile::tempdir_in("/dev/shm")?;
+/// 2 MiB pages added to the kernel's pool and a hugetlbfs mount of them,
+/// given back when dropped.
+struct HugePool {
+    before: u64,
+    dir: tempfile::TempDir,
+}
+
+const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+impl HugePool {
+    fn new(pages: u64) -> Result<Self> {
+        let before: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
+        std::fs::write(POOL, (before + pages).to_string())?;
+        let dir = tempfile::tempdir()?;
+        let pool = HugePool { before, dir };
+        let got: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
+        if got < before + pages {
+            return Err(anyhow!("the kernel gave {} of {pages} huge pages", got - before));
+        }
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+            .arg(pool.dir.path())
+            .status()?
+            .success();
+        if !ok {
+            return Err(anyhow!("mount -t hugetlbfs failed"));
+        }
+        Ok(pool)
+    }
+}
+
+impl Drop for HugePool {
+    fn drop(&mut self) {
+        // The last RAM may still be unmapping on a thread of its own.
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+        };
+        let mut done = false;
+        for _ in 0..100 {
+            done = umount(false);
+            if done {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if !done {
+            umount(true);
+        }
+        let _ = std::fs::write(POOL, self.before.to_string());
+    }
+}
+
+fn ram(mib: u64, filled: bool, huge: Option<&HugePool>) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
+    let dir = match huge {
+        Some(h) => tempfile::tempdir_in(h.dir.path())?,
+        None => tempfile::tempdir_in("/dev/shm")?,
+    };
     let layout = Layout::new(vec![RegionSpec { id: "pc.ram".into(), size: mib << 20 }], 2 << 20)?;
     let ram = GuestRam::create(layout, &[dir.path().join("ram")])?;
     if filled {
@@ -24,37 +84,52 @@ fn ram(mib: u64, filled: bool) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
     Ok((dir, Arc::new(ram)))
 }
 
-/// Rows of (side, MiB, threads, ms, pinned bytes per GiB).
+/// Rows of (pages, side, MiB, threads, ms, pinned bytes per GiB).
 pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let baseline = rdma::pinned_now();
     let mut rows = vec![];
     for &mib in sizes_mib {
-        for side in ["destination", "sender"] {
-            for threads in [1, cores] {
-                let opts = RdmaOptions { register_threads: Some(threads), ..Default::default() };
-                let dev = rdma::open(&opts).map_err(|e| anyhow!("no RDMA device: {e}"))?;
-                let (_dir, ram) = ram(mib, side == "sender")?;
-                // The last registration is unpinned by a thread of its own: wait for it.
-                for _ in 0..600 {
-                    if rdma::pinned_now() <= baseline {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+        rows.extend(registration_of(mib, None, baseline)?);
+        // The same RAM on huge pages, where the kernel gives them.
+        match HugePool::new(mib / 2) {
+            Ok(pool) => rows.extend(registration_of(mib, Some(&pool), baseline)?),
+            Err(e) => eprintln!("register on 2 MiB pages: skipped: {e}"),
+        }
+    }
+    Ok(rows)
+}
+
+fn registration_of(mib: u64, huge: Option<&HugePool>, baseline: u64) -> Result<Vec<Value>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pages = if huge.is_some() { "2M" } else { "4k" };
+    let mut rows = vec![];
+    for side in ["destination", "sender"] {
+        for threads in [1, cores] {
+            let opts = RdmaOptions { register_threads: Some(threads), ..Default::default() };
+            let dev = rdma::open(&opts).map_err(|e| anyhow!("no RDMA device: {e}"))?;
+            let (_dir, ram) = ram(mib, side == "sender", huge)?;
+            // The last registration is unpinned by a thread of its own: wait for it.
+            for _ in 0..600 {
+                if rdma::pinned_now() <= baseline {
+                    break;
                 }
-                let before = rdma::pinned_now();
-                let t = Instant::now();
-                let held: Box<dyn std::any::Any> = if side == "destination" {
-                    Box::new(dev.register_target(&ram, true).map_err(|e| anyhow!(e))?)
-                } else {
-                    Box::new(dev.register_sender(&ram).map_err(|e| anyhow!(e))?)
-                };
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                let per_gib = rdma::pinned_now().saturating_sub(before) as f64 / (mib as f64 / 1024.0);
-                drop(held);
-                eprintln!("register {side} {mib} MiB on {threads} thread(s): {ms:.0} ms, pinned {per_gib:.0} B/GiB");
-                rows.push(json!({"side": side, "mib": mib, "threads": threads, "ms": ms, "pinned_per_gib": per_gib}));
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
+            let before = rdma::pinned_now();
+            let t = Instant::now();
+            let held: Box<dyn std::any::Any> = if side == "destination" {
+                Box::new(dev.register_target(&ram, true).map_err(|e| anyhow!(e))?)
+            } else {
+                Box::new(dev.register_sender(&ram).map_err(|e| anyhow!(e))?)
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let per_gib = rdma::pinned_now().saturating_sub(before) as f64 / (mib as f64 / 1024.0);
+            drop(held);
+            eprintln!(
+                    "register {side} {mib} MiB on {pages} pages, {threads} thread(s): {ms:.0} ms, pinned {per_gib:.0} B/GiB"
+                );
+            rows.push(json!({"pages": pages, "side": side, "mib": mib, "threads": threads, "ms": ms,
+                    "pinned_per_gib": per_gib}));
         }
     }
     Ok(rows)

@@ -235,22 +235,56 @@ fn transport(v: &Value) -> String {
     s
 }
 
+fn hugepages(v: &Value) -> String {
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut s = machine_line(v);
+    s += "| case | page size | round 0 MB/s | against tmpfs | total s | downtime ms | MiB on the wire | pages sent as zero | destination CPU s (user + system) |\n|---|---|---|---|---|---|---|---|---|\n";
+    // The baseline: the random guest on tmpfs, same run.
+    let base = rows.first();
+    for r in &rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2}× | {:.1} | {:.0} | {:.0} | {} | {:.2} + {:.2} |",
+            r["case"].as_str().unwrap_or("?"),
+            r["page_size"],
+            f(r, "round0_mbps"),
+            base.map_or(f64::NAN, |b| f(r, "round0_mbps") / f(b, "round0_mbps")),
+            f(r, "total_ms") / 1e3,
+            f(r, "downtime_ms"),
+            f(r, "wire_bytes") / (1u64 << 20) as f64,
+            r["zero_pages_sent"],
+            f(r, "dst_user_s"),
+            f(r, "dst_sys_s")
+        );
+    }
+    s
+}
+
 fn registration(v: &Value) -> String {
     let rows = v["registration"].as_array().cloned().unwrap_or_default();
     let mut s = machine_line(v);
-    s += "| RAM | MiB | threads faulting it in | registration ms | ms per GiB | speed-up | pinned per GiB |\n|---|---|---|---|---|---|---|\n";
+    s += "| RAM | pages | MiB | threads faulting it in | registration ms | ms per GiB | speed-up | against 4 KiB pages | pinned per GiB |\n|---|---|---|---|---|---|---|---|---|\n";
+    let pages = |r: &Value| r["pages"].as_str().unwrap_or("4k").to_owned();
     for r in &rows {
-        // The baseline: the same RAM pinned by one thread, same run.
-        let base = rows.iter().find(|b| b["side"] == r["side"] && b["mib"] == r["mib"] && b["threads"] == 1);
+        // The baselines: the same RAM pinned by one thread, and the same
+        // RAM on 4 KiB pages, same run.
+        let base = rows
+            .iter()
+            .find(|b| b["side"] == r["side"] && b["mib"] == r["mib"] && b["threads"] == 1 && pages(b) == pages(r));
+        let small = rows.iter().find(|b| {
+            b["side"] == r["side"] && b["mib"] == r["mib"] && b["threads"] == r["threads"] && pages(b) == "4k"
+        });
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.2} GiB |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2} GiB |",
             r["side"].as_str().unwrap_or("?"),
+            pages(r),
             r["mib"],
             if r["threads"] == 1 { "none (pinning faults)".to_owned() } else { r["threads"].to_string() },
             f(r, "ms"),
             f(r, "ms") / (f(r, "mib") / 1024.0),
             base.map_or(f64::NAN, |b| f(b, "ms") / f(r, "ms")),
+            small.map_or(f64::NAN, |b| f(b, "ms") / f(r, "ms")),
             f(r, "pinned_per_gib") / (1u64 << 30) as f64
         );
     }
@@ -451,6 +485,9 @@ pub fn update(bench_dir: &Path) -> Result<()> {
     }
     if let Some(v) = load(&results, "sizes") {
         sections.push(("sizes", sizes(&v, &results)?));
+    }
+    if let Some(v) = load(&results, "hugepages") {
+        sections.push(("hugepages", hugepages(&v)));
     }
     let (th, tv) = (load(&results, "trackers"), load(&results, "trackers-vm"));
     if th.is_some() || tv.is_some() {

@@ -260,12 +260,26 @@ pub fn check_socket(path: &Path, caller_uid: u32) -> Result<FileIdent, RecordErr
     check_path(path, true, caller_uid)
 }
 
+/// Whether `path` is `/proc/PID/fd/N`: a descriptor some process holds
+/// (never `self`, which would be the agent's own).
+fn held_open(path: &Path) -> bool {
+    let parts: Vec<_> = path.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(parts.as_slice(), [root, proc_, pid, fd, n] if root == "/" && proc_ == "proc" && number(pid) && fd == "fd" && number(n))
+}
+
 fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<FileIdent, RecordError> {
     let refuse = |why: String| RecordError::Path { path: path.to_owned(), why };
     if !path.is_absolute() {
         return Err(refuse("not an absolute path".into()));
     }
-    let m = std::fs::symlink_metadata(path).map_err(|e| refuse(e.to_string()))?;
+    // A file a process holds open (QEMU's unlinked RAM): the file itself is
+    // judged, through the process's descriptor.
+    let m = match held_open(path) {
+        true => std::fs::metadata(path),
+        false => std::fs::symlink_metadata(path),
+    }
+    .map_err(|e| refuse(e.to_string()))?;
     let kind_ok =
         if socket { std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) } else { m.file_type().is_file() };
     if !kind_ok {
@@ -325,5 +339,22 @@ mod tests {
         assert!(ApiAccess { group: Some(778) }.allows(other, 777, &[5, 778]), "a supplementary group");
         assert!(matches!(ApiAccess::with_group(Some("no-such-group-here")), Err(AccessError::NoGroup(_))));
         assert_eq!(ApiAccess::with_group(Some("4321")).unwrap().group, Some(4321));
+    }
+
+    #[test]
+    fn a_file_a_process_holds_open_is_judged_by_the_file() {
+        use std::os::fd::AsRawFd;
+        assert!(held_open(Path::new("/proc/123/fd/4")));
+        for not in ["/proc/self/fd/4", "/proc/123/fd/4/x", "/tmp/proc/1/fd/2", "/proc/1x/fd/2", "/proc/1/fd/"] {
+            assert!(!held_open(Path::new(not)), "{not}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("ram")).unwrap();
+        let held = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()));
+        let ident = check_path(&held, false, euid()).expect("the file behind the descriptor");
+        assert_eq!(ident, FileIdent::of(&f.metadata().unwrap()));
+        // Unlinked, as QEMU leaves its RAM in a mem-path directory: still it.
+        std::fs::remove_file(dir.path().join("ram")).unwrap();
+        assert_eq!(check_path(&held, false, euid()).unwrap(), ident);
     }
 }

@@ -323,6 +323,10 @@ pub struct GuestArgs {
     /// Leave every Nth page of RAM unwritten (zero) at start; 0: none.
     #[arg(long, default_value_t = 8)]
     pub zero_every: usize,
+    /// Of the other pages, give only every Nth data and write zeros to the
+    /// rest (allocated, zero by content: a guest that zeroed its memory).
+    #[arg(long, default_value_t = 1)]
+    pub data_every: usize,
     /// Make the device state this large (MiB), as a VM with a lot of device
     /// memory (video RAM) has.
     #[arg(long, default_value_t = 0)]
@@ -542,6 +546,7 @@ fn run_guest(g: GuestArgs) -> Result<()> {
         ram_file: if g.incoming { None } else { g.ram_file },
         exit_with_parent: g.exit_with_parent,
         zero_every: g.zero_every,
+        data_every: g.data_every,
         device_state_bytes: g.device_state_mb << 20,
         #[cfg(feature = "test-hooks")]
         miss_every: g.test_miss_every,

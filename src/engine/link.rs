@@ -142,6 +142,8 @@ pub struct Link {
     /// connection is gone (so no batch can be added after the last report).
     forwarding: Arc<Mutex<Option<HashMap<u64, Batch>>>>,
     forwarded_bytes: Arc<AtomicU64>,
+    forwarded_zero: Arc<AtomicU64>,
+    zero_before_close: AtomicU64,
     /// Set when the control connection is gone.
     pub closed: CancellationToken,
     /// Why it is gone.
@@ -263,6 +265,7 @@ impl Link {
                 tls: a
                     .data_encryption
                     .then(|| ClientTls { config: a.tls.current().client.clone(), host: a.host.clone() }),
+                zero_frames: version >= crate::protocol::ZERO_FRAMES,
             },
         };
         let sender = match crate::transport::open_sender(spec).await {
@@ -288,6 +291,8 @@ impl Link {
             replies: tokio::sync::Mutex::new(replies),
             forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
+            forwarded_zero: Arc::new(AtomicU64::new(0)),
+            zero_before_close: AtomicU64::new(0),
             closed: ch.closed,
             why: Arc::new(Mutex::new(None)),
             leave: CancellationToken::new(),
@@ -315,6 +320,7 @@ impl Link {
         completions: mpsc::UnboundedSender<Completion>,
     ) {
         let (closed, forwarding, bytes) = (self.closed.clone(), self.forwarding.clone(), self.forwarded_bytes.clone());
+        let zero = self.forwarded_zero.clone();
         let why_slot = self.why.clone();
         let (leave, leave_why) = (self.leave.clone(), self.leave_why.clone());
         tokio::spawn(async move {
@@ -324,8 +330,9 @@ impl Link {
                     _ = closed.cancelled() => break "control connection closed".to_string(),
                 };
                 match m {
-                    Some(Ok(Message::Forwarded { batch, applied, error, bytes: b })) => {
+                    Some(Ok(Message::Forwarded { batch, applied, error, bytes: b, zero_pages })) => {
                         bytes.fetch_max(b, Ordering::Relaxed);
+                        zero.fetch_max(zero_pages, Ordering::Relaxed);
                         let Some(batch) = forwarding.lock().unwrap().as_mut().and_then(|m| m.remove(&batch)) else {
                             continue;
                         };
@@ -470,10 +477,18 @@ impl Link {
         self.forwarded_bytes.load(Ordering::Relaxed)
     }
 
+    /// Pages sent as zero frames: by the source to this host, and by this
+    /// host as a forwarder.
+    pub fn zero_pages(&self) -> u64 {
+        let live = self.sender.lock().unwrap().as_ref().map_or(0, |s| s.zero_pages_sent());
+        live + self.zero_before_close.load(Ordering::Relaxed) + self.forwarded_zero.load(Ordering::Relaxed)
+    }
+
     /// Stops the source's data streams to this host (in-flight batches fail).
     pub fn close_sender(&self) {
         if let Some(s) = self.sender.lock().unwrap().take() {
             self.sent_before_close.fetch_add(s.bytes_sent(), Ordering::Relaxed);
+            self.zero_before_close.fetch_add(s.zero_pages_sent(), Ordering::Relaxed);
             let mut before = self.recoveries_before_close.lock().unwrap();
             *before = *before + s.recoveries();
             s.close();

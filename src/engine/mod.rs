@@ -426,6 +426,7 @@ impl Migration {
                 bytes.iter().map(|(h, b)| (h.clone(), b - r.sent_before.get(h).copied().unwrap_or(0))).collect();
         }
         self.report.bytes_by_sender = bytes;
+        self.report.zero_pages_sent = self.hosts.links.values().map(|l| l.zero_pages()).sum();
         for l in self.hosts.links.values() {
             let me = &self.job.ctx.me;
             if let Some(s) = self.report.senders.iter_mut().rev().find(|s| &s.from == me && s.to == l.host) {

@@ -282,6 +282,11 @@ pub struct Report {
     /// Pages never sent because they are holes (unallocated, zero) at the
     /// source, summed over destinations.
     pub zero_pages_skipped: u64,
+    /// Pages found all zero while they were read (a guest that zeroed its
+    /// memory) and sent as a flag without their bytes, by every sender over
+    /// TCP (RDMA writes pages as they are).
+    #[serde(default)]
+    pub zero_pages_sent: u64,
     /// Where the VM is now (host name), as far as this agent knows.
     pub vm_runs_on: Option<String>,
     /// Every change of destination, in order.

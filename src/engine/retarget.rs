@@ -313,6 +313,7 @@ impl Migration {
             rdma_endpoint: link.rdma_endpoint,
             transport: self.job.opts.transport,
             migration: Some(self.job.handle.migration),
+            zero_frames: link.version >= crate::protocol::ZERO_FRAMES,
         };
         match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
             Ok(Message::ForwardReady { transport, rdma }) => {

@@ -62,6 +62,10 @@ pub struct GuestOptions {
     /// Leave every Nth page unwritten at start (a hole: zero, unallocated),
     /// as free memory in a real guest is; 0 writes every page.
     pub zero_every: usize,
+    /// Only every Nth page (of those not left a hole) gets data; the others
+    /// are written with zeros, allocated but zero by content (a guest that
+    /// zeroed its memory). 1: every page gets data.
+    pub data_every: usize,
     /// Bytes of filler in the device state (a VM with device memory).
     pub device_state_bytes: u64,
     /// Test builds only: every Nth write is not marked in the dirty log, like
@@ -360,12 +364,18 @@ impl Guest {
 }
 
 /// Fills RAM with non-trivial content: pseudo-random pages, every
-/// `zero_every`th page left a hole.
-fn fill(ram: &GuestRam, seed: u64, zero_every: usize) -> Result<(), GuestError> {
+/// `zero_every`th page left a hole, and only every `data_every`th of the
+/// others random (the rest written with zeros).
+fn fill(ram: &GuestRam, seed: u64, (zero_every, data_every): (usize, usize)) -> Result<(), GuestError> {
     let pages = ram.layout().total_pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     for p in 0..pages {
         if zero_every > 0 && p % zero_every == zero_every - 1 {
+            continue;
+        }
+        if data_every > 1 && p % data_every != 0 {
+            let (region, offset) = ram.layout().locate(p);
+            ram.store(region, offset, &[0u8; PAGE_SIZE])?;
             continue;
         }
         let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -398,7 +408,7 @@ fn map_ram(opts: &GuestOptions, default_ram: PathBuf) -> Result<(GuestRam, PathB
         return Err(GuestError::Invalid(why));
     }
     let ram = GuestRam::create(layout, std::slice::from_ref(&ram_path))?;
-    fill(&ram, opts.workload.seed, opts.zero_every)?;
+    fill(&ram, opts.workload.seed, (opts.zero_every, opts.data_every))?;
     Ok((ram, ram_path, size))
 }
 

@@ -194,6 +194,32 @@ impl GuestRam {
         m.file.write_all_at(data, offset).map_err(|source| MemoryError::Io { path: m.path.clone(), source })
     }
 
+    /// Makes `len` bytes of whole pages at `offset` of `region` zero, writing
+    /// only pages that are not zero already: a page never written (a hole,
+    /// or a huge page not allocated) is read through the file, which gives
+    /// zeros without allocating it, and left alone. Returns the pages that
+    /// had to be written.
+    pub fn zero_pages(&self, region: u32, offset: u64, len: u64) -> Result<u64, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        self.check(region, offset, len)?;
+        let m = &self.maps[region as usize];
+        let mut block = vec![0u8; HASH_BLOCK];
+        let mut written = 0;
+        for at in (offset..offset + len).step_by(HASH_BLOCK) {
+            let n = (offset + len - at).min(HASH_BLOCK as u64) as usize;
+            let io = |source| MemoryError::Io { path: m.path.clone(), source };
+            m.file.read_exact_at(&mut block[..n], at).map_err(io)?;
+            for (i, page) in block[..n].chunks_exact(PAGE_SIZE).enumerate() {
+                if page != ZERO {
+                    self.write_at(region, at + (i * PAGE_SIZE) as u64, &ZERO)?;
+                    written += 1;
+                }
+            }
+        }
+        Ok(written)
+    }
+
     /// The start and length of a region's mapping, for registering it with
     /// an RDMA device. Using the pointer is the caller's `unsafe` business:
     /// it is valid while this `GuestRam` lives.

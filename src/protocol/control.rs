@@ -192,6 +192,9 @@ pub enum Message {
         /// Version 4: the migration this belongs to.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         migration: Option<MigrationId>,
+        /// Version 5: the new destination takes zero frames.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        zero_frames: bool,
     },
     /// A forwarder's answer to `ForwardTo`: its streams are open.
     ForwardReady {
@@ -230,6 +233,9 @@ pub enum Message {
         error: Option<String>,
         /// Payload bytes this forwarder has sent so far.
         bytes: u64,
+        /// Version 5: pages it has sent as zero frames so far.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        zero_pages: u64,
     },
     /// Version 2: "I am alive" (sent every fraction of the peer timeout);
     /// answered by `Pong`. A peer heard from by neither within the timeout

@@ -6,12 +6,15 @@
 //! mode Tcp is this TCP stream of frames; mode Rdma pairs an RDMA queue pair
 //! (see `transport::rdma`) and the stream then carries only replies.
 //! sender -> receiver:        header [24] = kind u8 | 0 [3] | region u32 | offset u64 | len u32 | 0 [4]
-//!                            kind 1 = pages (len payload bytes follow), 2 = batch end (offset = batch id)
+//!                            kind 1 = pages (len payload bytes follow), 2 = batch end (offset = batch id),
+//!                            3 = zero pages (len bytes of pages that are all zero; no payload)
 //! receiver -> sender:        reply [16] = kind u8 | 0 [3] | code u32 | value u64
 //!                            kind 1 = batch applied (value = batch id), 2 = rejected (code, then close)
 //! ```
 //! A receiver checks every header against the session's RAM before it reads
-//! the payload, so a bad frame writes nothing. `sender` names the sending
+//! the payload, so a bad frame writes nothing. Zero frames go only to a
+//! receiver whose agent speaks control protocol 5 or later (the sender is
+//! told so by its engine: the data wire version is unchanged). `sender` names the sending
 //! host within the migration, so that a destination can fence one sender's
 //! streams (see `Message::Fence`).
 
@@ -32,6 +35,9 @@ pub const HEADER_LEN: usize = 24;
 pub const REPLY_LEN: usize = 16;
 /// Largest payload in one pages frame.
 pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// Most bytes one zero frame covers (each page is looked at by the
+/// receiver, so a frame's work stays bounded too).
+pub const MAX_ZERO: u32 = 64 << 20;
 
 /// The receiver's answer to a hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]
@@ -83,6 +89,7 @@ pub enum RejectCode {
 enum FrameKind {
     Pages = 1,
     BatchEnd = 2,
+    Zero = 3,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]
@@ -170,6 +177,16 @@ pub enum Frame {
         /// The batch id.
         batch: u64,
     },
+    /// `len` bytes of whole pages at `offset` of `region` are all zero at
+    /// the sender (no payload follows).
+    Zero {
+        /// Index of the RAM region.
+        region: u32,
+        /// Byte offset in the region (page aligned).
+        offset: u64,
+        /// Bytes (whole pages, at most [`MAX_ZERO`]).
+        len: u32,
+    },
 }
 
 fn u32_at(b: &[u8], i: usize) -> u32 {
@@ -187,8 +204,9 @@ impl Frame {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         match *self {
-            Frame::Pages { region, offset, len } => {
-                b[0] = FrameKind::Pages.into();
+            Frame::Pages { region, offset, len } | Frame::Zero { region, offset, len } => {
+                let kind = if matches!(self, Frame::Pages { .. }) { FrameKind::Pages } else { FrameKind::Zero };
+                b[0] = kind.into();
                 b[4..8].copy_from_slice(&region.to_le_bytes());
                 b[8..16].copy_from_slice(&offset.to_le_bytes());
                 b[16..20].copy_from_slice(&len.to_le_bytes());
@@ -203,16 +221,21 @@ impl Frame {
 
     /// Decodes and checks a header (bounds against RAM are the receiver's).
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Frame, FrameError> {
-        match FrameKind::try_from(b[0]).map_err(|_| FrameError::Kind(b[0]))? {
-            FrameKind::Pages => {
+        let kind = FrameKind::try_from(b[0]).map_err(|_| FrameError::Kind(b[0]))?;
+        match kind {
+            FrameKind::Pages | FrameKind::Zero => {
                 let (region, offset, len) = (u32_at(b, 4), u64_at(b, 8), u32_at(b, 16));
-                if len == 0 || len > MAX_PAYLOAD || len % PAGE_SIZE as u32 != 0 {
+                let max = if kind == FrameKind::Pages { MAX_PAYLOAD } else { MAX_ZERO };
+                if len == 0 || len > max || len % PAGE_SIZE as u32 != 0 {
                     return Err(FrameError::Length(len));
                 }
                 if offset % PAGE_SIZE as u64 != 0 {
                     return Err(FrameError::Unaligned(offset));
                 }
-                Ok(Frame::Pages { region, offset, len })
+                Ok(match kind {
+                    FrameKind::Pages => Frame::Pages { region, offset, len },
+                    _ => Frame::Zero { region, offset, len },
+                })
             }
             FrameKind::BatchEnd => Ok(Frame::BatchEnd { batch: u64_at(b, 8) }),
         }
@@ -270,7 +293,11 @@ mod tests {
 
     #[test]
     fn frames_roundtrip() {
-        for f in [Frame::Pages { region: 3, offset: 8192, len: 4096 }, Frame::BatchEnd { batch: u64::MAX }] {
+        for f in [
+            Frame::Pages { region: 3, offset: 8192, len: 4096 },
+            Frame::BatchEnd { batch: u64::MAX },
+            Frame::Zero { region: 1, offset: 4096, len: MAX_ZERO },
+        ] {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
         let h = Hello::new(Token([9u8; TOKEN_LEN]), 3, StreamMode::Rdma);
@@ -296,6 +323,11 @@ mod tests {
         assert_eq!(Frame::decode(&b), Err(FrameError::Unaligned(1)));
         b[0] = 9;
         assert_eq!(Frame::decode(&b), Err(FrameError::Kind(9)));
+        let mut z = Frame::Zero { region: 0, offset: 0, len: 4096 }.encode();
+        z[16..20].copy_from_slice(&(MAX_ZERO + 4096).to_le_bytes());
+        assert_eq!(Frame::decode(&z), Err(FrameError::Length(MAX_ZERO + 4096)));
+        z[16..20].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Frame::decode(&z), Err(FrameError::Length(0)));
         let mut r = Reply::Rejected { code: RejectCode::BadFrame }.encode();
         r[4] = 77;
         assert_eq!(Reply::decode(&r), Err(FrameError::Code(77)));

@@ -94,6 +94,9 @@ pub const DESCRIPTIONS: u32 = 4;
 /// The first version that tells each RAM region's page size at session
 /// open (a destination of an older one would put huge pages on base ones).
 pub const PAGE_SIZES: u32 = 5;
+/// The first version whose data-plane receivers take zero frames (pages
+/// all zero, sent without their bytes).
+pub const ZERO_FRAMES: u32 = 5;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;

@@ -28,6 +28,10 @@ pub trait PageSender: Send + Sync {
     fn submit(&self, batch: Batch) -> Result<(), Batch>;
     /// Bytes written so far (payload only).
     fn bytes_sent(&self) -> u64;
+    /// Pages sent as zero frames so far (no payload).
+    fn zero_pages_sent(&self) -> u64 {
+        0
+    }
     /// Stops sending; batches not yet started are reported as failed.
     fn close(&self);
     /// The data plane it uses.
@@ -84,6 +88,9 @@ pub struct StreamSpec {
     pub stall_timeout: std::time::Duration,
     /// Encrypt the streams (TLS to the destination), or not.
     pub tls: Option<super::secure::ClientTls>,
+    /// The receiver takes zero frames (its agent speaks protocol 5): pages
+    /// found all zero while reading go as a flag, without their bytes.
+    pub zero_frames: bool,
 }
 
 /// What a sender's streams share: the queue they pull batches from, where
@@ -102,6 +109,8 @@ pub struct Feed {
     pub re_pairs: Arc<AtomicU64>,
     /// RDMA streams that went on over TCP.
     pub tcp_fallbacks: Arc<AtomicU64>,
+    /// Pages sent as zero frames (found all zero while reading).
+    pub zero_pages: Arc<AtomicU64>,
 }
 
 impl Feed {
@@ -182,6 +191,7 @@ impl SendQueue {
             cancel: Default::default(),
             re_pairs: Default::default(),
             tcp_fallbacks: Default::default(),
+            zero_pages: Default::default(),
         };
         Self { queue, feed, kind, rdma: None, why_not_rdma: None }
     }
@@ -196,6 +206,10 @@ impl PageSender for SendQueue {
 
     fn bytes_sent(&self) -> u64 {
         self.feed.bytes.load(Ordering::Relaxed)
+    }
+
+    fn zero_pages_sent(&self) -> u64 {
+        self.feed.zero_pages.load(Ordering::Relaxed)
     }
 
     /// Stops the streams; batches not yet started are reported as failed.

@@ -69,6 +69,13 @@ async fn receive_sealed(ram: &GuestRam, s: &mut Sealed) -> Result<(), TransportE
                     ram.write_at(region, offset, pages)?;
                     rest = &rest[len as usize..];
                 }
+                Frame::Zero { region, offset, len } => {
+                    if let Err(e) = ram.check(region, offset, len as u64) {
+                        reply(&mut s.wr, Reply::Rejected { code: RejectCode::OutOfBounds }).await.ok();
+                        return Err(e.into());
+                    }
+                    ram.zero_pages(region, offset, len as u64)?;
+                }
                 Frame::BatchEnd { batch } => {
                     reply(&mut s.wr, Reply::Applied { batch })
                         .await
@@ -106,6 +113,13 @@ pub async fn receive(ram: &GuestRam, s: &mut (impl AsyncRead + AsyncWrite + Unpi
                 buf.resize(len as usize, 0);
                 s.read_exact(&mut buf).await.map_err(io("reading pages"))?;
                 ram.write_at(region, offset, &buf)?;
+            }
+            Frame::Zero { region, offset, len } => {
+                if let Err(e) = ram.check(region, offset, len as u64) {
+                    reply(s, Reply::Rejected { code: RejectCode::OutOfBounds }).await.ok();
+                    return Err(e.into());
+                }
+                ram.zero_pages(region, offset, len as u64)?;
             }
             Frame::BatchEnd { batch } => {
                 reply(s, Reply::Applied { batch }).await.map_err(io("acknowledging a batch"))?;
@@ -152,6 +166,7 @@ pub(super) async fn take_over(spec: &StreamSpec, feed: Feed, again: Vec<Batch>) 
 
 struct Stream {
     ram: Arc<GuestRam>,
+    zero_frames: bool,
     observer: Option<Arc<dyn crate::dirty::SendObserver>>,
     feed: Feed,
     inflight: InFlight,
@@ -165,6 +180,7 @@ impl Stream {
         again.reverse();
         Stream {
             ram: spec.ram.clone(),
+            zero_frames: spec.zero_frames,
             observer: spec.observer.clone(),
             feed,
             inflight: InFlight::new(WINDOW),
@@ -194,6 +210,7 @@ impl Stream {
         // leaves room for its tag: sealing happens in place.
         let at = seal::PREFIX + HEADER_LEN;
         let mut buf = Vec::with_capacity(at + PIECE + seal::TAG);
+        let mut spare = Vec::new();
         let max_pages = PIECE / PAGE_SIZE;
         loop {
             self.inflight.reserve().await;
@@ -224,15 +241,63 @@ impl Stream {
                         o.observe(first + i, page);
                     }
                 }
-                let len = buf.len() - at;
                 let (region, offset) = self.ram.layout().locate(first);
-                buf[seal::PREFIX..at].copy_from_slice(&Frame::Pages { region, offset, len: len as u32 }.encode());
-                wr.write_frame(&mut buf).await.map_err(io)?;
-                self.feed.sent(len as u64);
+                if self.zero_frames {
+                    self.write_sparse(&mut wr, (&mut buf, &mut spare), (region, offset)).await?;
+                } else {
+                    let len = buf.len() - at;
+                    buf[seal::PREFIX..at].copy_from_slice(&Frame::Pages { region, offset, len: len as u32 }.encode());
+                    wr.write_frame(&mut buf).await.map_err(io)?;
+                    self.feed.sent(len as u64);
+                }
             }
             wr.write_all(&Frame::BatchEnd { batch: id }.encode()).await.map_err(io)?;
             // The batch's last bytes leave now, not with the next batch.
             wr.flush().await.map_err(io)?;
         }
+    }
+
+    /// Writes the pages read into `buf` (after room for a header) at
+    /// `offset` of `region`: runs of all-zero pages as zero frames, the
+    /// others as page frames (copied into `spare` with room for their
+    /// header when the piece is mixed).
+    async fn write_sparse(
+        &self,
+        wr: &mut DataWriter,
+        (buf, spare): (&mut Vec<u8>, &mut Vec<u8>),
+        (region, offset): (u32, u64),
+    ) -> Result<(), TransportError> {
+        let io = |source| TransportError::Io { what: "writing pages", source };
+        let at = seal::PREFIX + HEADER_LEN;
+        // OR-folding vectorizes; the pages were just copied, so in cache.
+        let zero: Vec<bool> =
+            buf[at..].chunks_exact(PAGE_SIZE).map(|p| p.iter().fold(0u8, |a, &b| a | b) == 0).collect();
+        if !zero.contains(&true) {
+            let len = buf.len() - at;
+            buf[seal::PREFIX..at].copy_from_slice(&Frame::Pages { region, offset, len: len as u32 }.encode());
+            wr.write_frame(buf).await.map_err(io)?;
+            self.feed.sent(len as u64);
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < zero.len() {
+            let start = i;
+            while i < zero.len() && zero[i] == zero[start] {
+                i += 1;
+            }
+            let (off, len) = (offset + (start * PAGE_SIZE) as u64, ((i - start) * PAGE_SIZE) as u32);
+            if zero[start] {
+                wr.write_all(&Frame::Zero { region, offset: off, len }.encode()).await.map_err(io)?;
+                self.feed.zero_pages.fetch_add((i - start) as u64, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            spare.clear();
+            spare.resize(at, 0);
+            spare.extend_from_slice(&buf[at + start * PAGE_SIZE..at + i * PAGE_SIZE]);
+            spare[seal::PREFIX..at].copy_from_slice(&Frame::Pages { region, offset: off, len }.encode());
+            wr.write_frame(spare).await.map_err(io)?;
+            self.feed.sent(len as u64);
+        }
+        Ok(())
     }
 }

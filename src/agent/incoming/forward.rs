@@ -23,6 +23,7 @@ pub(super) struct Target {
     pub rdma: Option<Vec<RdmaRegion>>,
     pub rdma_endpoint: u8,
     pub transport: TransportKind,
+    pub zero_frames: bool,
 }
 
 /// Why a forward was refused.
@@ -94,6 +95,7 @@ pub(super) async fn forward_to(
                 config: agent.cfg.tls.current().client.clone(),
                 host: t.host.clone(),
             }),
+            zero_frames: t.zero_frames,
         },
     };
     let s = crate::transport::open_sender(spec)

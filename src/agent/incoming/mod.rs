@@ -194,10 +194,13 @@ fn send(out: &crate::control::Outbox, m: Message) -> Result<(), ProtocolError> {
 }
 
 fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
-    let bytes = session.as_ref().and_then(|s| s.forward.as_ref()).map_or(0, |(_, f)| f.bytes_sent());
+    let sender = session.as_ref().and_then(|s| s.forward.as_ref()).map(|(_, f)| f);
+    let (bytes, zero_pages) = sender.map_or((0, 0), |f| (f.bytes_sent(), f.zero_pages_sent()));
     match c {
-        Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes },
-        Completion::Failed(b, e) => Message::Forwarded { batch: b.id, applied: false, error: Some(e), bytes },
+        Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes, zero_pages },
+        Completion::Failed(b, e) => {
+            Message::Forwarded { batch: b.id, applied: false, error: Some(e), bytes, zero_pages }
+        }
     }
 }
 
@@ -300,13 +303,40 @@ async fn on_session(
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
     let reply = match msg {
-        Message::ForwardTo { host, data_addr, token, streams, sender, rdma, rdma_endpoint, transport, .. } => {
-            let t = forward::Target { host, addr: data_addr, token, sender, streams, rdma, rdma_endpoint, transport };
+        Message::ForwardTo {
+            host,
+            data_addr,
+            token,
+            streams,
+            sender,
+            rdma,
+            rdma_endpoint,
+            transport,
+            zero_frames,
+            ..
+        } => {
+            let t = forward::Target {
+                host,
+                addr: data_addr,
+                token,
+                sender,
+                streams,
+                rdma,
+                rdma_endpoint,
+                transport,
+                zero_frames,
+            };
             forward_to(agent, sess, t, fwd_tx).await
         }
         Message::Forward { batch, to, runs } => match forward::forward(sess, batch, &to, runs, fwd_tx.clone()) {
             Ok(()) => return Ok(Step::Quiet),
-            Err(e) => Message::Forwarded { batch, applied: false, error: Some(crate::error_chain(&e)), bytes: 0 },
+            Err(e) => Message::Forwarded {
+                batch,
+                applied: false,
+                error: Some(crate::error_chain(&e)),
+                bytes: 0,
+                zero_pages: 0,
+            },
         },
         Message::Fence { sender } => match agent.receiver.fence(&sess.receiving, sender).await {
             Ok(()) => {
