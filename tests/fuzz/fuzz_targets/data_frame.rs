@@ -4,13 +4,14 @@
 //! Checks, on arbitrary bytes:
 //! - `Hello`, `Frame` and `Reply::decode` never panic; whatever decodes
 //!   encodes to the same bytes (hello) or decodes back to itself (frame,
-//!   reply), and a decoded pages frame obeys the wire's rules (whole pages,
-//!   aligned, at most `MAX_PAYLOAD`).
+//!   reply), and a decoded pages or zero frame obeys the wire's rules (whole
+//!   pages, aligned, at most `MAX_PAYLOAD` or `MAX_ZERO`).
 //! - The input as one data stream after its hello, given to the receiver's
 //!   own frame loop, `transport::tcp::receive`, over an in-memory stream,
 //!   writing into a small `GuestRam` of two regions on temp files: it never
 //!   panics; it writes exactly the frames that lie inside a region (up to the
-//!   first bad one), so the RAM afterwards equals a plain model of what it
+//!   first bad one; a zero frame zeroes its pages), so the RAM afterwards
+//!   equals a plain model of what it
 //!   should hold; it answers every batch end with `Applied` and a refused
 //!   frame with `Rejected`; and `GuestRam::check` agrees with the model on
 //!   every frame's bounds.
@@ -18,7 +19,7 @@
 
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec, PAGE_SIZE};
 use dcmigrate::protocol::data::{
-    Frame, Hello, RejectCode, Reply, HEADER_LEN, HELLO_LEN, MAGIC, MAX_PAYLOAD, REPLY_LEN,
+    Frame, Hello, RejectCode, Reply, HEADER_LEN, HELLO_LEN, MAGIC, MAX_PAYLOAD, MAX_ZERO, REPLY_LEN,
 };
 use dcmigrate::transport::tcp;
 use libfuzzer_sys::fuzz_target;
@@ -68,6 +69,10 @@ fn decoders(data: &[u8]) {
                 assert!(len > 0 && len <= MAX_PAYLOAD && len as usize % PAGE_SIZE == 0);
                 assert!(offset % PAGE_SIZE as u64 == 0);
             }
+            if let Frame::Zero { offset, len, .. } = f {
+                assert!(len > 0 && len <= MAX_ZERO && len as usize % PAGE_SIZE == 0);
+                assert!(offset % PAGE_SIZE as u64 == 0);
+            }
         }
     }
     if let Some(b) = arr::<REPLY_LEN>(data) {
@@ -109,6 +114,15 @@ fn expect(model: &mut [Vec<u8>], mut s: &[u8]) -> (Vec<u8>, bool) {
                 s = &s[len as usize..];
                 model[r][offset as usize..][..len as usize].copy_from_slice(payload);
             }
+            Frame::Zero { region, offset, len } => {
+                let r = region as usize;
+                let inside = r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r]);
+                if !inside {
+                    replies.extend(Reply::Rejected { code: RejectCode::OutOfBounds }.encode());
+                    return (replies, false);
+                }
+                model[r][offset as usize..][..len as usize].fill(0);
+            }
         }
     }
     // A stream that ends between frames (or inside a header) ends well.
@@ -118,7 +132,7 @@ fn expect(model: &mut [Vec<u8>], mut s: &[u8]) -> (Vec<u8>, bool) {
 fn bounds(rig: &Rig, mut s: &[u8]) {
     while let Some(header) = arr::<HEADER_LEN>(s) {
         s = &s[HEADER_LEN..];
-        if let Ok(Frame::Pages { region, offset, len }) = Frame::decode(header) {
+        if let Ok(Frame::Pages { region, offset, len } | Frame::Zero { region, offset, len }) = Frame::decode(header) {
             let r = region as usize;
             let inside = r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r]);
             let checked = rig.ram.check(region, offset, len as u64);
