@@ -260,12 +260,17 @@ pub fn check_socket(path: &Path, caller_uid: u32) -> Result<FileIdent, RecordErr
     check_path(path, true, caller_uid)
 }
 
-/// Whether `path` is `/proc/PID/fd/N`: a descriptor some process holds
-/// (never `self`, which would be the agent's own).
-fn held_open(path: &Path) -> bool {
+/// The process whose descriptor `path` is, if it is `/proc/PID/fd/N`
+/// (never `self`).
+fn held_open(path: &Path) -> Option<u32> {
     let parts: Vec<_> = path.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
-    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    matches!(parts.as_slice(), [root, proc_, pid, fd, n] if root == "/" && proc_ == "proc" && number(pid) && fd == "fd" && number(n))
+    let number = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [root, proc_, pid, fd, n] if root == "/" && proc_ == "proc" && number(pid) && fd == "fd" && number(n) => {
+            pid.parse().ok()
+        }
+        _ => None,
+    }
 }
 
 fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<FileIdent, RecordError> {
@@ -274,10 +279,20 @@ fn check_path(path: &Path, socket: bool, caller_uid: u32) -> Result<FileIdent, R
         return Err(refuse("not an absolute path".into()));
     }
     // A file a process holds open (QEMU's unlinked RAM): the file itself is
-    // judged, through the process's descriptor.
+    // judged, through the process's descriptor, if the process is the
+    // caller's (the agent, as root, could open what the caller cannot).
     let m = match held_open(path) {
-        true => std::fs::metadata(path),
-        false => std::fs::symlink_metadata(path),
+        Some(pid) => {
+            if pid == std::process::id() {
+                return Err(refuse("a descriptor of the agent itself".into()));
+            }
+            let owner = std::fs::metadata(format!("/proc/{pid}")).map_err(|e| refuse(e.to_string()))?.uid();
+            if !privileged(caller_uid) && owner != caller_uid {
+                return Err(refuse(format!("a descriptor of a process of uid {owner}, not the caller's")));
+            }
+            std::fs::metadata(path)
+        }
+        None => std::fs::symlink_metadata(path),
     }
     .map_err(|e| refuse(e.to_string()))?;
     let kind_ok =
@@ -344,17 +359,28 @@ mod tests {
     #[test]
     fn a_file_a_process_holds_open_is_judged_by_the_file() {
         use std::os::fd::AsRawFd;
-        assert!(held_open(Path::new("/proc/123/fd/4")));
+        assert_eq!(held_open(Path::new("/proc/123/fd/4")), Some(123));
         for not in ["/proc/self/fd/4", "/proc/123/fd/4/x", "/tmp/proc/1/fd/2", "/proc/1x/fd/2", "/proc/1/fd/"] {
-            assert!(!held_open(Path::new(not)), "{not}");
+            assert_eq!(held_open(Path::new(not)), None, "{not}");
         }
+        // A process that holds a file open (as QEMU its RAM): a child of
+        // this test, which is not the agent.
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::File::create(dir.path().join("ram")).unwrap();
-        let held = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()));
+        let ram = dir.path().join("ram");
+        std::fs::write(&ram, b"x").unwrap();
+        let mut child =
+            std::process::Command::new("sleep").arg("30").stdin(std::fs::File::open(&ram).unwrap()).spawn().unwrap();
+        let held = PathBuf::from(format!("/proc/{}/fd/0", child.id()));
         let ident = check_path(&held, false, euid()).expect("the file behind the descriptor");
-        assert_eq!(ident, FileIdent::of(&f.metadata().unwrap()));
+        assert_eq!(ident, FileIdent::of(&std::fs::metadata(&ram).unwrap()));
         // Unlinked, as QEMU leaves its RAM in a mem-path directory: still it.
-        std::fs::remove_file(dir.path().join("ram")).unwrap();
+        std::fs::remove_file(&ram).unwrap();
         assert_eq!(check_path(&held, false, euid()).unwrap(), ident);
+        // Never one of the agent's own descriptors.
+        let f = std::fs::File::open(dir.path().join(".")).unwrap();
+        let own = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()));
+        assert!(check_path(&own, false, euid()).unwrap_err().to_string().contains("the agent itself"));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -244,10 +244,17 @@ pub fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
 /// beside the sessions it holds (and under its total limit), and its limits.
 pub fn advertise<'a>(
     limits: &Limits,
-    data_dir: &Path,
+    (data_dir, mounts): (&Path, &[HugeMount]),
     sessions: impl Iterator<Item = &'a Reservation> + Clone,
     drained: bool,
 ) -> crate::protocol::control::Capacity {
+    let huge_free = mounts
+        .iter()
+        .map(|m| {
+            let pending: u64 = sessions.clone().map(|r| r.unreserved(m.page_size)).sum();
+            (m.page_size, m.room().unwrap_or(0).saturating_sub(pending))
+        })
+        .collect();
     let reserved: u64 = sessions.clone().map(Reservation::unfilled).sum();
     let incoming: u64 = sessions.clone().map(|r| r.bytes).sum();
     let mut free = free_bytes(data_dir).unwrap_or(0).saturating_sub(reserved);
@@ -260,6 +267,7 @@ pub fn advertise<'a>(
         incoming: sessions.count() as u32,
         max_incoming: limits.sessions,
         drained,
+        huge_free,
     }
 }
 
@@ -325,7 +333,7 @@ mod tests {
         assert!(matches!(e, CapacityError::PerPeer { limit: 1, .. }), "{e}");
         let space = admit(&mine, at, &session(1 << 20, "q"), other.iter()).unwrap_err();
         assert!(matches!(space, CapacityError::Space { .. }), "another peer passes the per-peer limit: {space}");
-        let ad = advertise(&total, dir.path(), other.iter(), true);
+        let ad = advertise(&total, at, other.iter(), true);
         assert_eq!((ad.incoming, ad.drained), (1, true));
         assert!(ad.free_bytes <= 1 << 20, "the total limit bounds the room: {ad:?}");
     }

@@ -132,8 +132,9 @@ struct Candidate {
 }
 
 impl Candidate {
-    /// Why it cannot take `need` bytes now, if it cannot.
-    fn refuses(&self, need: u64) -> Option<String> {
+    /// Why it cannot take `need` bytes now, of which `huge` on huge pages
+    /// (bytes per page size), if it cannot.
+    fn refuses(&self, need: u64, huge: &std::collections::BTreeMap<u64, u64>) -> Option<String> {
         let c = match &self.capacity {
             Ok(Some(c)) => c,
             Ok(None) => return None,
@@ -145,8 +146,16 @@ impl Candidate {
         if c.max_incoming.is_some_and(|m| c.incoming.max(self.ours as u32) >= m) {
             return Some(format!("{} incoming migrations, its limit", c.incoming));
         }
-        if c.max_session_bytes.is_some_and(|m| need > m) || c.free_bytes < need {
-            return Some(format!("room for {} MiB, {} MiB needed", c.free_bytes >> 20, need >> 20));
+        let base = need.saturating_sub(huge.values().sum());
+        if c.max_session_bytes.is_some_and(|m| need > m) || c.free_bytes < base {
+            return Some(format!("room for {} MiB, {} MiB needed", c.free_bytes >> 20, base >> 20));
+        }
+        for (page, bytes) in huge {
+            let room = c.huge_free.get(page).copied().unwrap_or(0);
+            if room < *bytes {
+                let pages = crate::memory::backing::show(*page);
+                return Some(format!("room for {} MiB on {pages} pages, {} MiB needed", room >> 20, bytes >> 20));
+            }
         }
         None
     }
@@ -406,11 +415,20 @@ impl Queue {
     /// fallback hosts are the other candidates that take it.
     fn start(&self, vm: &str, candidates: &[Candidate]) -> Result<Arc<MigrationHandle>, NotStarted> {
         let need = self.ev.of(vm, |v| v.ram_bytes).unwrap_or(0);
+        // RAM on huge pages needs a host with room on pages of that size.
+        let mut huge = std::collections::BTreeMap::new();
+        for r in self.agent.vm_record(vm).map(|r| r.ram).unwrap_or_default() {
+            if r.page_size > crate::memory::PAGE_SIZE as u64 {
+                *huge.entry(r.page_size).or_insert(0u64) += r.size;
+            }
+        }
         let (takers, refusing): (Vec<&Candidate>, Vec<&Candidate>) =
-            candidates.iter().partition(|c| c.refuses(need).is_none());
+            candidates.iter().partition(|c| c.refuses(need, &huge).is_none());
         let Some(best) = takers.first() else {
-            let why: Vec<String> =
-                refusing.iter().map(|c| format!("{}: {}", c.host, c.refuses(need).unwrap_or_default())).collect();
+            let why: Vec<String> = refusing
+                .iter()
+                .map(|c| format!("{}: {}", c.host, c.refuses(need, &huge).unwrap_or_default()))
+                .collect();
             return Err(NotStarted::NotNow(format!("no candidate takes it now ({})", why.join("; "))));
         };
         let fallback = takers[1..].iter().take(MAX_FALLBACKS).map(|c| c.host.clone()).collect();
@@ -463,5 +481,32 @@ impl Queue {
             v.stage = Stage::Failed;
             v.error = Some(why.to_owned());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_on_huge_pages_needs_room_on_pages_of_that_size() {
+        let capacity = Capacity {
+            free_bytes: 1 << 30,
+            max_session_bytes: None,
+            incoming: 0,
+            max_incoming: None,
+            drained: false,
+            huge_free: [(2 << 20, 512 << 20)].into(),
+        };
+        let c = Candidate { host: "B".into(), capacity: Ok(Some(capacity)), ours: 0 };
+        let none = Default::default();
+        assert_eq!(c.refuses(512 << 20, &none), None, "base pages: the data dir's room");
+        let huge: std::collections::BTreeMap<u64, u64> = [(2 << 20, 512 << 20)].into();
+        assert_eq!(c.refuses(512 << 20, &huge), None, "fits the 2 MiB mount");
+        let more: std::collections::BTreeMap<u64, u64> = [(2 << 20, 1 << 30)].into();
+        let why = c.refuses(1 << 30, &more).expect("too big for the mount");
+        assert!(why.contains("on 2 MiB pages"), "{why}");
+        let gib: std::collections::BTreeMap<u64, u64> = [(1 << 30, 1 << 30)].into();
+        assert!(c.refuses(1 << 30, &gib).is_some(), "no mount of 1 GiB pages there");
     }
 }

@@ -302,7 +302,8 @@ impl Agent {
         // Outside the lock: it reads the files' sizes and the file system,
         // and admitting a session waits for the lock.
         let incoming: Vec<capacity::Reservation> = self.incoming.lock().unwrap().values().cloned().collect();
-        capacity::advertise(&self.cfg.limits, &self.cfg.data_dir, incoming.iter(), *self.drained.borrow())
+        let at = (self.cfg.data_dir.as_path(), self.cfg.hugepages.as_slice());
+        capacity::advertise(&self.cfg.limits, at, incoming.iter(), *self.drained.borrow())
     }
 
     /// Why `vm`'s incoming session can no longer complete here, if the data
@@ -585,7 +586,7 @@ impl Agent {
         self.migrations.lock().unwrap().get(vm).cloned().ok_or_else(|| RequestError::NoMigration(vm.into()))
     }
 
-    fn vm_record(&self, vm: &str) -> Option<VmRecord> {
+    pub(super) fn vm_record(&self, vm: &str) -> Option<VmRecord> {
         self.vms.lock().unwrap().get(vm).cloned()
     }
 

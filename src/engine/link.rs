@@ -184,6 +184,22 @@ fn register_early(a: &LinkSpec) -> Option<tokio::task::JoinHandle<Result<Arc<Loc
     expected.then(|| tokio::task::spawn_blocking(move || r.register_sender(&ram)))
 }
 
+/// The source's data streams to the session at `addr`.
+fn source_streams(a: &LinkSpec, (addr, token): (SocketAddr, Token), version: u32) -> StreamSpec {
+    StreamSpec {
+        addr,
+        token,
+        sender: 0,
+        streams: a.streams,
+        ram: a.ram.clone(),
+        observer: a.observer.clone(),
+        completions: a.completions.clone(),
+        stall_timeout: a.peer_timeout,
+        tls: a.data_encryption.then(|| ClientTls { config: a.tls.current().client.clone(), host: a.host.clone() }),
+        zero_frames: version >= crate::protocol::ZERO_FRAMES,
+    }
+}
+
 /// Asks the destination for a session: its data port, token and RDMA offer.
 async fn open_session(
     ch: &mut Channel,
@@ -253,20 +269,7 @@ impl Link {
             rdma: &rdma,
             offer: rdma_offer.as_deref(),
             rdma_endpoint,
-            streams: StreamSpec {
-                addr: data_addr,
-                token,
-                sender: 0,
-                streams: a.streams,
-                ram: a.ram,
-                observer: a.observer,
-                completions: a.completions.clone(),
-                stall_timeout: a.peer_timeout,
-                tls: a
-                    .data_encryption
-                    .then(|| ClientTls { config: a.tls.current().client.clone(), host: a.host.clone() }),
-                zero_frames: version >= crate::protocol::ZERO_FRAMES,
-            },
+            streams: source_streams(&a, (data_addr, token), version),
         };
         let sender = match crate::transport::open_sender(spec).await {
             Ok(s) => s,

@@ -63,8 +63,10 @@ fn from_statfs(st: &libc::statfs) -> Fs {
         return Fs::BASE;
     }
     let page_size = st.f_bsize as u64;
-    // Without `size=` hugetlbfs reports no blocks at all.
-    let limit = (st.f_blocks as u64 > 0).then(|| (st.f_bavail as u64 * page_size, st.f_blocks as u64 * page_size));
+    // Without `size=` hugetlbfs reports no blocks at all (some kernels: -1).
+    let blocks = st.f_blocks as u64;
+    let limit = (blocks > 0 && blocks != u64::MAX)
+        .then(|| ((st.f_bavail as u64).saturating_mul(page_size), blocks.saturating_mul(page_size)));
     Fs { page_size, hugetlb: true, limit }
 }
 

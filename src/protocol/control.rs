@@ -39,6 +39,10 @@ pub struct Capacity {
     pub max_incoming: Option<u32>,
     /// It takes no new incoming migrations.
     pub drained: bool,
+    /// Version 5: bytes of huge pages it can still take, per page size
+    /// (one entry per `--hugepages` mount).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub huge_free: std::collections::BTreeMap<u64, u64>,
 }
 
 /// One control message. [`MessageKind`] names its variant without the data.

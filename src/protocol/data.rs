@@ -35,9 +35,10 @@ pub const HEADER_LEN: usize = 24;
 pub const REPLY_LEN: usize = 16;
 /// Largest payload in one pages frame.
 pub const MAX_PAYLOAD: u32 = 4 << 20;
-/// Most bytes one zero frame covers (each page is looked at by the
-/// receiver, so a frame's work stays bounded too).
-pub const MAX_ZERO: u32 = 64 << 20;
+/// Most bytes one zero frame covers: as much as a pages frame (the
+/// receiver reads every page it covers, so its work per 24-byte frame stays
+/// what a frame's payload would cost).
+pub const MAX_ZERO: u32 = MAX_PAYLOAD;
 
 /// The receiver's answer to a hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]

@@ -138,6 +138,12 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for SealedWriter<W> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
         ready!(me.poll_out(cx))?;
+        // A write that fits in a record is never cut across two (a reader
+        // takes only whole frames in a record): what is gathered goes first.
+        if data.len() <= GATHER && data.len() > PREFIX + GATHER - me.gather.len() {
+            me.seal_gathered()?;
+            ready!(me.poll_out(cx))?;
+        }
         let n = data.len().min(PREFIX + GATHER - me.gather.len());
         me.gather.extend_from_slice(&data[..n]);
         if me.gather.len() == PREFIX + GATHER {
@@ -289,6 +295,24 @@ mod tests {
         let mut rest = Vec::new();
         r.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, vec![1u8; 200_000]);
+    }
+
+    #[tokio::test]
+    async fn small_writes_are_never_cut_across_records() {
+        // Frame headers (24 bytes) written one by one, more than a record
+        // holds: each record carries whole headers only.
+        let (mut w, mut r) = pair();
+        let header = [5u8; 24];
+        for _ in 0..6000 {
+            w.write_all(&header).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+        let (mut buf, mut total) = (Vec::new(), 0);
+        while let Some(rec) = r.read_record(&mut buf).await.unwrap() {
+            assert_eq!(rec.len() % header.len(), 0, "a record of {} bytes cuts a header", rec.len());
+            total += rec.len();
+        }
+        assert_eq!(total, 6000 * header.len());
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 
 use super::super::Agent;
 use super::Session;
-use crate::protocol::{DataPlane, RdmaRegion, Token, TransportKind};
+use crate::protocol::{DataPlane, Message, RdmaRegion, Token, TransportKind};
 use crate::transport::{Batch, Completion, OpenError, Run, SenderSpec, StreamSpec};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +24,42 @@ pub(super) struct Target {
     pub rdma_endpoint: u8,
     pub transport: TransportKind,
     pub zero_frames: bool,
+}
+
+impl Target {
+    /// The target a `ForwardTo` names (None for any other message).
+    pub fn of(m: &Message) -> Option<Self> {
+        match m {
+            Message::ForwardTo {
+                host,
+                data_addr,
+                token,
+                streams,
+                sender,
+                rdma,
+                rdma_endpoint,
+                transport,
+                zero_frames,
+                ..
+            } => Some(Target {
+                host: host.clone(),
+                addr: *data_addr,
+                token: *token,
+                sender: *sender,
+                streams: *streams,
+                rdma: rdma.clone(),
+                rdma_endpoint: *rdma_endpoint,
+                transport: *transport,
+                zero_frames: *zero_frames,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to a `Forward` refused before anything was sent.
+pub(super) fn refused(batch: u64, e: &ForwardError) -> Message {
+    Message::Forwarded { batch, applied: false, error: Some(crate::error_chain(e)), bytes: 0, zero_pages: 0 }
 }
 
 /// Why a forward was refused.

@@ -302,41 +302,13 @@ async fn on_session(
     src: &Source<'_>,
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
+    if let Some(t) = forward::Target::of(&msg) {
+        return Ok(Step::Reply(forward_to(agent, sess, t, fwd_tx).await));
+    }
     let reply = match msg {
-        Message::ForwardTo {
-            host,
-            data_addr,
-            token,
-            streams,
-            sender,
-            rdma,
-            rdma_endpoint,
-            transport,
-            zero_frames,
-            ..
-        } => {
-            let t = forward::Target {
-                host,
-                addr: data_addr,
-                token,
-                sender,
-                streams,
-                rdma,
-                rdma_endpoint,
-                transport,
-                zero_frames,
-            };
-            forward_to(agent, sess, t, fwd_tx).await
-        }
         Message::Forward { batch, to, runs } => match forward::forward(sess, batch, &to, runs, fwd_tx.clone()) {
             Ok(()) => return Ok(Step::Quiet),
-            Err(e) => Message::Forwarded {
-                batch,
-                applied: false,
-                error: Some(crate::error_chain(&e)),
-                bytes: 0,
-                zero_pages: 0,
-            },
+            Err(e) => forward::refused(batch, &e),
         },
         Message::Fence { sender } => match agent.receiver.fence(&sess.receiving, sender).await {
             Ok(()) => {

@@ -345,6 +345,29 @@ async fn prepare(
     }
 }
 
+/// Creates the plan's RAM directories, refusing if anything of an earlier
+/// session is in the way.
+fn make_dirs(plan: &Plan, own_user: bool) -> Result<(), OpenError> {
+    match plan {
+        Plan::Qemu { ram_dirs, runtime, .. } => {
+            if let Some(d) = ram_dirs.iter().chain([runtime]).find(|d| d.exists()) {
+                return Err(OpenError::Leftover(d.clone()));
+            }
+            // The agent's directories: QEMU's user may only pass through
+            // them to its RAM files, never create anything in them.
+            let mode = if own_user { 0o711 } else { 0o700 };
+            for d in ram_dirs {
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), mode)
+                    .create(d)
+                    .map_err(|e| OpenError::Dir(d.clone(), e))?;
+            }
+            Ok(())
+        }
+        Plan::Synthetic { ram } if ram.exists() => Err(OpenError::Leftover(ram.clone())),
+        Plan::Synthetic { .. } => Ok(()),
+    }
+}
+
 async fn prepare_as(
     agent: &Agent,
     vm: &str,
@@ -354,21 +377,7 @@ async fn prepare_as(
     (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
-    if let Plan::Qemu { ram_dirs, runtime, .. } = plan {
-        if let Some(d) = ram_dirs.iter().chain([runtime]).find(|d| d.exists()) {
-            return Err(OpenError::Leftover(d.clone()));
-        }
-        // The agent's directories: QEMU's user may only pass through them
-        // to its RAM files, never create anything in them.
-        let mode = if identity.is_some() { 0o711 } else { 0o700 };
-        for d in ram_dirs {
-            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), mode)
-                .create(d)
-                .map_err(|e| OpenError::Dir(d.clone(), e))?;
-        }
-    } else if let Some(p) = paths.iter().find(|p| p.exists()) {
-        return Err(OpenError::Leftover(p.clone()));
-    }
+    make_dirs(plan, identity.is_some())?;
     let ram = Arc::new(GuestRam::create(layout, &paths)?);
     if let Some(id) = &identity {
         paths.iter().try_for_each(|p| qemu::user::give(p, id))?;

@@ -238,8 +238,9 @@ impl LocalRam {
             let (ptr, len) = ram.region_raw(r).ok_or("no such region")?;
             // An address, so that the slices' threads can share it.
             let (base, len) = (ptr as usize, len as u64);
-            // Whole huge pages per slice, as faulting them in needs.
-            let unit = chunk.max(ram.page_size(r).unwrap_or(chunk));
+            // Whole chunks (the source checks) of whole huge pages (as
+            // faulting them in needs) per slice.
+            let unit = lcm(chunk, ram.page_size(r).unwrap_or(chunk));
             let size = len.div_ceil(pieces as u64).next_multiple_of(unit).max(unit);
             if !sliced && threads > 1 && !on_demand {
                 // Only time is at stake: pinning faults in what this did not.
@@ -309,6 +310,18 @@ fn check_limits(device: &Device, total: u64, remote_write: bool, on_demand: bool
         }
     }
     Ok(())
+}
+
+/// The least common multiple (chunk sizes need not be powers of two).
+fn lcm(a: u64, b: u64) -> u64 {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    if x == 0 {
+        return a.max(b);
+    }
+    a / x * b
 }
 
 impl LocalRam {
@@ -470,4 +483,15 @@ pub(super) fn attrs(
 /// True the first time it is called on `flag` in this process.
 pub(super) fn first_time(flag: &std::sync::atomic::AtomicBool) -> bool {
     !flag.swap(true, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slices_are_whole_chunks_of_whole_huge_pages() {
+        assert_eq!(super::lcm(2 << 20, 2 << 20), 2 << 20);
+        assert_eq!(super::lcm(2 << 20, 1 << 30), 1 << 30);
+        assert_eq!(super::lcm(24 << 20, 1 << 30), 3 << 30);
+        assert_eq!(super::lcm(64 << 20, 4096), 64 << 20);
+    }
 }

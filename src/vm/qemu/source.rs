@@ -45,6 +45,33 @@ pub fn attach(
     }
     check_migration_setup(&mut q)?;
     let version = q.execute(&qmp::query_version {})?.qemu;
+    let mut ram = ram_files(&mut q, (version.major, version.minor))?;
+    ram.sort_by(|a, b| a.id.cmp(&b.id));
+    let legacy = match launch {
+        Some(LaunchSpec::Qemu { binary, args }) => {
+            LaunchSpec::Qemu { binary, args: strip_monitors(&strip_control(&args)) }
+        }
+        Some(_) => return Err(vm_err("a launch spec for QEMU gives a binary and its arguments")),
+        None => launch_from_process(q.pid)?,
+    };
+    let LaunchSpec::Qemu { binary, args } = &legacy else { unreachable!("a command line") };
+    let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
+    let src = super::describe::Source { binary, args, ram: &regions, storage: with.storage, networks: with.networks };
+    let described = super::describe(&src).map_err(VmError::Describe)?;
+    Ok(VmRecord {
+        name: name.to_owned(),
+        ram,
+        control: qmp_path.to_owned(),
+        launch: LaunchSpec::QemuVm { description: Box::new(described.description) },
+        legacy: Some(legacy),
+        notes: described.notes,
+        ..Default::default()
+    })
+}
+
+/// QEMU's RAM backends as files the agent can map: each shared, its file
+/// (or memfd, or a file QEMU unlinked) found, its page size read.
+fn ram_files(q: &mut Qmp, (major, minor): (i64, i64)) -> Result<Vec<RamFile>, VmError> {
     let memdevs = q.execute(&qmp::query_memdev {})?;
     if memdevs.is_empty() {
         return Err(vm_err(format!("QEMU has no memory backend objects: {HOW_TO_SHARE}")));
@@ -79,11 +106,11 @@ pub fn attach(
             }
             // QEMU 10.0 was found to send memfd RAM in its migration stream
             // despite x-ignore-shared (7.2 skips it); refused from 8.0 on.
-            "memory-backend-memfd" if version.major >= 8 => {
+            "memory-backend-memfd" if major >= 8 => {
                 return Err(vm_err(format!(
                     "memory backend {id} is memfd, which QEMU {}.{} migrates itself despite x-ignore-shared: \
                      use memory-backend-file,share=on with mem-path on /dev/shm or hugetlbfs",
-                    version.major, version.minor
+                    major, minor
                 )))
             }
             "memory-backend-memfd" => find_memfd(q.pid, m.size, &id)?,
@@ -93,27 +120,7 @@ pub fn attach(
             crate::memory::backing::of_path(&path).map_err(|e| vm_err(format!("{}: {e}", path.display())))?.page_size;
         ram.push(RamFile { id, path, size: m.size, page_size });
     }
-    ram.sort_by(|a, b| a.id.cmp(&b.id));
-    let legacy = match launch {
-        Some(LaunchSpec::Qemu { binary, args }) => {
-            LaunchSpec::Qemu { binary, args: strip_monitors(&strip_control(&args)) }
-        }
-        Some(_) => return Err(vm_err("a launch spec for QEMU gives a binary and its arguments")),
-        None => launch_from_process(q.pid)?,
-    };
-    let LaunchSpec::Qemu { binary, args } = &legacy else { unreachable!("a command line") };
-    let regions: Vec<RegionSpec> = ram.iter().map(|r| RegionSpec { id: r.id.clone(), size: r.size }).collect();
-    let src = super::describe::Source { binary, args, ram: &regions, storage: with.storage, networks: with.networks };
-    let described = super::describe(&src).map_err(VmError::Describe)?;
-    Ok(VmRecord {
-        name: name.to_owned(),
-        ram,
-        control: qmp_path.to_owned(),
-        launch: LaunchSpec::QemuVm { description: Box::new(described.description) },
-        legacy: Some(legacy),
-        notes: described.notes,
-        ..Default::default()
-    })
+    Ok(ram)
 }
 
 /// QEMU's own migration carries the device state at the switchover, over a
