@@ -17,14 +17,15 @@ const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
 /// 2 MiB pages added to the pool and hugetlbfs mounts of them, given back
 /// when dropped.
-struct Pool {
+pub struct Pool {
     before: u64,
     dir: tempfile::TempDir,
     mounts: Vec<PathBuf>,
 }
 
 impl Pool {
-    fn new(pages: u64) -> Result<Self> {
+    /// `pages` more 2 MiB pages in the kernel's pool.
+    pub fn new(pages: u64) -> Result<Self> {
         let before: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
         std::fs::write(POOL, (before + pages).to_string())?;
         let pool = Pool { before, dir: tempfile::tempdir()?, mounts: vec![] };
@@ -35,7 +36,8 @@ impl Pool {
         Ok(pool)
     }
 
-    fn mount(&mut self, name: &str) -> Result<PathBuf> {
+    /// A new hugetlbfs mount of them, at `name` in the pool's directory.
+    pub fn mount(&mut self, name: &str) -> Result<PathBuf> {
         let d = self.dir.path().join(name);
         std::fs::create_dir(&d)?;
         let ok = std::process::Command::new("mount")

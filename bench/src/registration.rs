@@ -9,68 +9,13 @@ use anyhow::{anyhow, Result};
 use dcmigrate::memory::{GuestRam, Layout, RegionSpec};
 use dcmigrate::transport::rdma::{self, RdmaOptions};
 use serde_json::{json, Value};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// 2 MiB pages added to the kernel's pool and a hugetlbfs mount of them,
-/// given back when dropped.
-struct HugePool {
-    before: u64,
-    dir: tempfile::TempDir,
-}
-
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
-
-impl HugePool {
-    fn new(pages: u64) -> Result<Self> {
-        let before: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-        std::fs::write(POOL, (before + pages).to_string())?;
-        let dir = tempfile::tempdir()?;
-        let pool = HugePool { before, dir };
-        let got: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-        if got < before + pages {
-            return Err(anyhow!("the kernel gave {} of {pages} huge pages", got - before));
-        }
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
-            .arg(pool.dir.path())
-            .status()?
-            .success();
-        if !ok {
-            return Err(anyhow!("mount -t hugetlbfs failed"));
-        }
-        Ok(pool)
-    }
-}
-
-impl Drop for HugePool {
-    fn drop(&mut self) {
-        // The last RAM may still be unmapping on a thread of its own.
-        let umount = |lazy: bool| {
-            let mut c = std::process::Command::new("umount");
-            if lazy {
-                c.arg("-l");
-            }
-            c.arg(self.dir.path()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
-        };
-        let mut done = false;
-        for _ in 0..100 {
-            done = umount(false);
-            if done {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        if !done {
-            umount(true);
-        }
-        let _ = std::fs::write(POOL, self.before.to_string());
-    }
-}
-
-fn ram(mib: u64, filled: bool, huge: Option<&HugePool>) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
+fn ram(mib: u64, filled: bool, huge: Option<&Path>) -> Result<(tempfile::TempDir, Arc<GuestRam>)> {
     let dir = match huge {
-        Some(h) => tempfile::tempdir_in(h.dir.path())?,
+        Some(h) => tempfile::tempdir_in(h)?,
         None => tempfile::tempdir_in("/dev/shm")?,
     };
     let layout = Layout::new(vec![RegionSpec { id: "pc.ram".into(), size: mib << 20 }], 2 << 20)?;
@@ -91,15 +36,17 @@ pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
     for &mib in sizes_mib {
         rows.extend(registration_of(mib, None, baseline)?);
         // The same RAM on huge pages, where the kernel gives them.
-        match HugePool::new(mib / 2) {
-            Ok(pool) => rows.extend(registration_of(mib, Some(&pool), baseline)?),
+        let pool = crate::hugepages::Pool::new(mib / 2).and_then(|mut p| p.mount("registration").map(|m| (p, m)));
+        match pool {
+            // The pool is given back (unmounted) when `_pool` goes.
+            Ok((_pool, mount)) => rows.extend(registration_of(mib, Some(&mount), baseline)?),
             Err(e) => eprintln!("register on 2 MiB pages: skipped: {e}"),
         }
     }
     Ok(rows)
 }
 
-fn registration_of(mib: u64, huge: Option<&HugePool>, baseline: u64) -> Result<Vec<Value>> {
+fn registration_of(mib: u64, huge: Option<&Path>, baseline: u64) -> Result<Vec<Value>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pages = if huge.is_some() { "2M" } else { "4k" };
     let mut rows = vec![];
