@@ -183,6 +183,7 @@ fn synthetic_session(vm: &str, size: u64) -> Message {
         holes: 0,
         migration: Some(dcmigrate::protocol::MigrationId::random()),
         page_sizes: vec![],
+        transport: None,
     }
 }
 
@@ -550,7 +551,7 @@ fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
 
 fn session_with_id(vm: &str, id: dcmigrate::protocol::MigrationId) -> Message {
     match synthetic_session(vm, 8 * MIB) {
-        Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, page_sizes, .. } => {
+        Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, page_sizes, transport, .. } => {
             Message::OpenSession {
                 vm,
                 regions,
@@ -560,6 +561,7 @@ fn session_with_id(vm: &str, id: dcmigrate::protocol::MigrationId) -> Message {
                 holes,
                 migration: Some(id),
                 page_sizes,
+                transport,
             }
         }
         _ => unreachable!("an OpenSession"),

@@ -225,6 +225,7 @@ async fn open_session(
         holes: a.holes,
         migration: Some(a.migration),
         page_sizes: if huge { page_sizes } else { vec![] },
+        transport: Some(a.transport),
     };
     ch.out.send(open).map_err(|_| LinkError::Closed)?;
     // Preparing RAM (and pinning it for RDMA) takes time that grows with
@@ -250,7 +251,8 @@ impl Link {
         let registering = register_early(&a);
         let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a, version).await?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
-        if let Ok(r) = &a.rdma {
+        // A TCP-only session is offered no RDMA: that says nothing of the host.
+        if let (Ok(r), false) = (&a.rdma, a.transport == TransportKind::Tcp) {
             r.note_offer(&a.host, rdma_offer.is_some());
         }
         // Held until the data plane is open, which then finds it

@@ -99,6 +99,10 @@ pub enum Message {
         /// lands on huge pages of the same size, or the session is refused.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         page_sizes: Vec<u64>,
+        /// Version 5: the data planes the migration may use. `tcp`: the
+        /// destination does not register (pin, allocate) its RAM for RDMA.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<TransportKind>,
     },
     /// Destination: the session is ready.
     SessionOpened {

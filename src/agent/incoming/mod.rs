@@ -260,7 +260,23 @@ async fn step(
         return Ok(Step::Reply(Message::Error { message: why }));
     }
     let reply = match (msg, session.as_mut()) {
-        (Message::OpenSession { vm, regions, chunk_size, launch, rdma_slices, holes, migration, page_sizes }, None) => {
+        (
+            Message::OpenSession {
+                vm,
+                regions,
+                chunk_size,
+                launch,
+                rdma_slices,
+                holes,
+                migration,
+                page_sizes,
+                transport,
+            },
+            None,
+        ) => {
+            // A TCP-only migration gets no RDMA registration (it would pin
+            // and allocate the whole RAM for nothing).
+            let rdma_slices = (transport != Some(crate::protocol::TransportKind::Tcp)).then_some(rdma_slices);
             let open = open::Open {
                 vm: &vm,
                 regions,

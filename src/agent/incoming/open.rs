@@ -178,8 +178,9 @@ pub(super) struct Open<'a> {
     pub holes: u64,
     /// How to start it.
     pub launch: &'a LaunchSpec,
-    /// The source takes RAM registered in slices.
-    pub rdma_slices: bool,
+    /// RDMA registration (in slices, if the source takes them), unless the
+    /// migration is TCP only.
+    pub rdma_slices: Option<bool>,
     /// The migration (protocol 4).
     pub migration: Option<crate::protocol::MigrationId>,
     /// The source's verified host name.
@@ -318,7 +319,7 @@ async fn prepare(
     vm: &str,
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: Plan,
-    (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
+    (launch, rdma_slices, source): (&LaunchSpec, Option<bool>, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     let identity = match &plan {
@@ -374,7 +375,7 @@ async fn prepare_as(
     (layout, regions): (Layout, Vec<RegionSpec>),
     plan: &Plan,
     identity: Option<Identity>,
-    (launch, rdma_slices, source): (&LaunchSpec, bool, (&str, bool)),
+    (launch, rdma_slices, source): (&LaunchSpec, Option<bool>, (&str, bool)),
 ) -> Result<Session, OpenError> {
     let paths = plan.ram();
     make_dirs(plan, identity.is_some())?;
@@ -393,9 +394,9 @@ async fn prepare_as(
         .collect();
     // Registration pins (and allocates) the whole RAM, which takes time
     // that grows with its size: while the VM starts, off the event loop.
-    let registering = agent.rdma.as_ref().ok().map(|r| {
-        let (r, ram) = (r.clone(), ram.clone());
-        tokio::task::spawn_blocking(move || r.register_target(&ram, rdma_slices))
+    let registering = rdma_slices.and_then(|slices| {
+        let (r, ram) = (agent.rdma.as_ref().ok()?.clone(), ram.clone());
+        Some(tokio::task::spawn_blocking(move || r.register_target(&ram, slices)))
     });
     let incoming = match launch_incoming(agent, vm, plan, files, launch, identity).await {
         Ok(i) => i,
