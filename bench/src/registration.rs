@@ -54,6 +54,16 @@ fn registration_of(mib: u64, huge: Option<&Path>, baseline: u64) -> Result<Vec<V
         for threads in [1, cores] {
             let opts = RdmaOptions { register_threads: Some(threads), ..Default::default() };
             let dev = rdma::open(&opts).map_err(|e| anyhow!("no RDMA device: {e}"))?;
+            // The last RAM's huge pages come back once it is unmapped
+            // (by a thread of its own): wait for them.
+            if huge.is_some() {
+                for _ in 0..600 {
+                    if dcmigrate::memory::backing::pool_room(2 << 20).unwrap_or(0) >= mib << 20 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
             let (_dir, ram) = ram(mib, side == "sender", huge)?;
             // The last registration is unpinned by a thread of its own: wait for it.
             for _ in 0..600 {
