@@ -12,27 +12,21 @@ use dcmigrate::engine::report::TransportUsed;
 use dcmigrate::engine::{MigrateOptions, Outcome, Report};
 use dcmigrate::memory::backing;
 use dcmigrate::protocol::TransportKind;
+use dcmigrate::testbed::huge::HugePool;
 use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 const HUGE: u64 = 2 << 20;
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 /// The tests of this binary share the kernel's pool: one at a time.
 static POOL_LOCK: Mutex<()> = Mutex::new(());
 
-/// 2 MiB pages this test added to the pool and hugetlbfs mounts it made,
-/// given back when dropped (after the test bed: declare it first).
+/// A pool of 2 MiB pages for one test, given back when dropped (after the
+/// test bed: declare it first).
 struct Huge {
-    before: u64,
-    mounts: Vec<PathBuf>,
-    dir: tempfile::TempDir,
+    pool: HugePool,
     _one_at_a_time: MutexGuard<'static, ()>,
-}
-
-fn read_pool() -> Option<u64> {
-    std::fs::read_to_string(POOL).ok()?.trim().parse().ok()
 }
 
 /// `pages` more 2 MiB pages in the pool, or None (skipped, with why).
@@ -43,53 +37,19 @@ fn huge_or_skip(test: &str, pages: u64) -> Option<Huge> {
         skip(test, "needs root: it reserves huge pages and mounts hugetlbfs");
         return None;
     }
-    let Some(before) = read_pool() else {
-        skip(test, "this kernel has no 2 MiB huge pages (no hugetlbfs)");
-        return None;
-    };
-    let _ = std::fs::write(POOL, (before + pages).to_string());
-    let got = read_pool().unwrap_or(before);
-    let dir = tempfile::tempdir().unwrap();
-    let huge = Huge { before, mounts: vec![], dir, _one_at_a_time: lock };
-    if got < before + pages {
-        skip(test, &format!("the kernel gave {} of {pages} huge pages asked for", got.saturating_sub(before)));
-        return None;
+    match HugePool::new(pages) {
+        Ok(pool) => Some(Huge { pool, _one_at_a_time: lock }),
+        Err(e) => {
+            skip(test, &e.to_string());
+            None
+        }
     }
-    Some(huge)
 }
 
 impl Huge {
     /// A new hugetlbfs mount of 2 MiB pages, limited to `size` if given.
     fn mount(&mut self, name: &str, size: Option<&str>) -> PathBuf {
-        let d = self.dir.path().join(name);
-        std::fs::create_dir(&d).unwrap();
-        let opts = match size {
-            Some(s) => format!("pagesize=2M,size={s}"),
-            None => "pagesize=2M".into(),
-        };
-        let st = std::process::Command::new("mount").args(["-t", "hugetlbfs", "-o", &opts, "none"]).arg(&d).status();
-        assert!(st.unwrap().success(), "mount -t hugetlbfs -o {opts} none {}", d.display());
-        self.mounts.push(d.clone());
-        d
-    }
-}
-
-impl Drop for Huge {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let umount = |lazy: bool| {
-                let mut c = std::process::Command::new("umount");
-                if lazy {
-                    c.arg("-l");
-                }
-                c.arg(m).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
-            };
-            // A guest that just exited may still hold its mapping a moment.
-            if wait_for(10, || umount(false).then_some(())).is_none() {
-                umount(true);
-            }
-        }
-        let _ = std::fs::write(POOL, self.before.to_string());
+        self.pool.mount(name, size).expect("a hugetlbfs mount")
     }
 }
 

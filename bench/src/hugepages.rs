@@ -8,73 +8,11 @@
 use crate::harness::*;
 use anyhow::{anyhow, bail, Result};
 use dcmigrate::engine::MigrateOptions;
+use dcmigrate::testbed::huge::HugePool;
 use dcmigrate::testbed::Testbed;
 use dcmigrate::vm::synthetic::{Pattern, Workload};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
-
-/// 2 MiB pages added to the pool and hugetlbfs mounts of them, given back
-/// when dropped.
-pub struct Pool {
-    before: u64,
-    dir: tempfile::TempDir,
-    mounts: Vec<PathBuf>,
-}
-
-impl Pool {
-    /// `pages` more 2 MiB pages in the kernel's pool.
-    pub fn new(pages: u64) -> Result<Self> {
-        let before: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-        std::fs::write(POOL, (before + pages).to_string())?;
-        let pool = Pool { before, dir: tempfile::tempdir()?, mounts: vec![] };
-        let got: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-        if got < before + pages {
-            bail!("the kernel gave {} of {pages} huge pages", got - before);
-        }
-        Ok(pool)
-    }
-
-    /// A new hugetlbfs mount of them, at `name` in the pool's directory.
-    pub fn mount(&mut self, name: &str) -> Result<PathBuf> {
-        let d = self.dir.path().join(name);
-        std::fs::create_dir(&d)?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
-            .arg(&d)
-            .status()?
-            .success();
-        if !ok {
-            bail!("mount -t hugetlbfs on {} failed", d.display());
-        }
-        self.mounts.push(d.clone());
-        Ok(d)
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        for m in &self.mounts {
-            // A guest that just quit may still be unmapping.
-            let ok = (0..100).any(|_| {
-                let done = std::process::Command::new("umount")
-                    .arg(m)
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if !done {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                done
-            });
-            if !ok {
-                let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
-            }
-        }
-        let _ = std::fs::write(POOL, self.before.to_string());
-    }
-}
+use std::path::Path;
 
 /// User and system CPU seconds of a process so far.
 fn cpu_split(pid: u32) -> (f64, f64) {
@@ -139,8 +77,8 @@ pub fn hugepages(gib: u64) -> Result<Value> {
         case(&mut tb, "tmpfs, zero but every 16th page", gib, None, &["--data-every", "16"])?,
     ];
     // The source's and the destination's copy on huge pages, and slack.
-    let mut pool = Pool::new(2 * gib * 512 + 16)?;
-    let (ma, mb) = (pool.mount("a")?, pool.mount("b")?);
+    let mut pool = HugePool::new(2 * gib * 512 + 16)?;
+    let (ma, mb) = (pool.mount("a", None)?, pool.mount("b", None)?);
     tb.add_hugepages("hostB", &mb);
     tb.restart_agent("hostB", &[])?;
     rows.insert(1, case(&mut tb, "2 MiB pages, random", gib, Some(&ma), &[])?);

@@ -36,7 +36,8 @@ pub fn registration(sizes_mib: &[u64]) -> Result<Vec<Value>> {
     for &mib in sizes_mib {
         rows.extend(registration_of(mib, None, baseline)?);
         // The same RAM on huge pages, where the kernel gives them.
-        let pool = crate::hugepages::Pool::new(mib / 2).and_then(|mut p| p.mount("registration").map(|m| (p, m)));
+        let pool = dcmigrate::testbed::huge::HugePool::new(mib / 2)
+            .and_then(|mut p| p.mount("registration", None).map(|m| (p, m)));
         match pool {
             // The pool is given back (unmounted) when `_pool` goes.
             Ok((_pool, mount)) => rows.extend(registration_of(mib, Some(&mount), baseline)?),

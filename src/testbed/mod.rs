@@ -4,6 +4,7 @@
 //! Used by `dcmigrate demo`, the integration tests and the benchmarks.
 //! Everything it started is stopped and removed when it is dropped.
 
+pub mod huge;
 pub mod net;
 pub mod qemu;
 

@@ -90,6 +90,12 @@ fn now<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// Whether a frame's pages lie inside one of the model's regions.
+fn inside(region: u32, offset: u64, len: u32) -> bool {
+    let r = region as usize;
+    r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r])
+}
+
 /// What the receiver must do with `s`: the replies it must send, and the
 /// model updated with what it must write.
 fn expect(model: &mut [Vec<u8>], mut s: &[u8]) -> (Vec<u8>, bool) {
@@ -104,8 +110,7 @@ fn expect(model: &mut [Vec<u8>], mut s: &[u8]) -> (Vec<u8>, bool) {
             Frame::BatchEnd { batch } => replies.extend(Reply::Applied { batch }.encode()),
             Frame::Pages { region, offset, len } => {
                 let r = region as usize;
-                let inside = r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r]);
-                if !inside {
+                if !inside(region, offset, len) {
                     replies.extend(Reply::Rejected { code: RejectCode::OutOfBounds }.encode());
                     return (replies, false);
                 }
@@ -116,8 +121,7 @@ fn expect(model: &mut [Vec<u8>], mut s: &[u8]) -> (Vec<u8>, bool) {
             }
             Frame::Zero { region, offset, len } => {
                 let r = region as usize;
-                let inside = r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r]);
-                if !inside {
+                if !inside(region, offset, len) {
                     replies.extend(Reply::Rejected { code: RejectCode::OutOfBounds }.encode());
                     return (replies, false);
                 }
@@ -133,10 +137,8 @@ fn bounds(rig: &Rig, mut s: &[u8]) {
     while let Some(header) = arr::<HEADER_LEN>(s) {
         s = &s[HEADER_LEN..];
         if let Ok(Frame::Pages { region, offset, len } | Frame::Zero { region, offset, len }) = Frame::decode(header) {
-            let r = region as usize;
-            let inside = r < SIZES.len() && offset.checked_add(len as u64).is_some_and(|e| e <= SIZES[r]);
             let checked = rig.ram.check(region, offset, len as u64);
-            assert_eq!(checked.is_ok(), inside, "check({region}, {offset}, {len}): {checked:?}");
+            assert_eq!(checked.is_ok(), inside(region, offset, len), "check({region}, {offset}, {len}): {checked:?}");
         }
     }
 }
