@@ -2,42 +2,27 @@
 //! windows, waiting for whatever happens next (a completion, a retarget, a
 //! fence, the pacer, a cancel), and feeding completions to the ledger.
 
+use super::route::Event;
 use super::schedule::{Schedule, FORWARD_PER_STREAM, PER_STREAM, QUEUE_PER_STREAM, SOURCE};
 use super::{EngineError, Migration};
 use crate::ledger::HostId;
 use crate::memory::PAGE_SIZE;
-use crate::transport::{Batch, Completion};
+use crate::transport::Completion;
 use std::time::{Duration, Instant};
 
 impl Migration {
-    /// Sorts the chunks the target lacks onto the senders, and releases the
-    /// forwarders left with nothing to send.
-    pub(super) fn plan(&mut self) {
-        let idle = self.sched.plan(&self.ledger, self.ram.layout(), self.hosts.target, &self.hosts.forwarders);
-        for f in idle {
-            self.release(f, "it holds nothing the new destination lacks");
-        }
-    }
-
-    /// Ends a batch's pages in the ledger without making them fresh.
-    pub(super) fn abandon(&mut self, b: &Batch) {
-        for (p, e) in b.pages().zip(&b.epochs) {
-            self.ledger.finish(p, b.from, b.to, *e, false);
-        }
-    }
-
     fn may_steal(&self) -> bool {
-        Schedule::may_steal(self.phase.paused(), self.acct.round_elapsed(), self.acct.last_sync_cost)
+        Schedule::may_steal(self.route.phase().paused(), self.acct.round_elapsed(), self.acct.last_sync_cost)
     }
 
     /// Hands out work up to each sender's window.
     pub(super) fn fill(&mut self) -> Result<(), EngineError> {
         // A lost target gets nothing until a fallback host replaces it.
-        if self.fb.dead.is_some() {
+        if self.route.target_dead() {
             return Ok(());
         }
-        for f in self.hosts.forwarders.clone() {
-            self.fill_forwarder(f);
+        for f in self.route.forwarders().to_vec() {
+            self.fill_forwarder(f)?;
         }
         let streams = self.job.opts.streams.max(1);
         let bytes_window = (streams * PER_STREAM) as u64 * self.ram.layout().chunk_size();
@@ -52,15 +37,16 @@ impl Migration {
                     None => break,
                 },
             };
-            let what = (ci, SOURCE, self.hosts.target);
-            let forwarders = &self.hosts.forwarders;
+            let what = (ci, SOURCE, self.route.target());
+            let forwarders = self.route.forwarders();
             let Some(b) = self.sched.make_batch(&mut self.ledger, self.ram.layout(), what, only_own, forwarders) else {
                 continue;
             };
             let bytes = b.epochs.len() as u64 * PAGE_SIZE as u64;
             if let Err(b) = self.target_link().submit(b) {
                 self.abandon(&b);
-                return self.target_lost(self.hosts.target, super::link::LinkError::Closed);
+                let why = super::link::LinkError::Closed.to_string();
+                return self.route_event(Event::TargetLost { host: self.route.target(), why });
             }
             self.sched.started(SOURCE, bytes);
             self.acct.pace(bytes);
@@ -68,69 +54,61 @@ impl Migration {
         Ok(())
     }
 
-    fn fill_forwarder(&mut self, f: HostId) {
+    fn fill_forwarder(&mut self, f: HostId) -> Result<(), EngineError> {
         let window = self.job.opts.streams.max(1) * FORWARD_PER_STREAM;
         while self.sched.outstanding(f) < window {
             let Some(ci) = self.sched.next_forward(f) else { break };
-            let what = (ci, f, self.hosts.target);
-            let forwarders = &self.hosts.forwarders;
+            let what = (ci, f, self.route.target());
+            let forwarders = self.route.forwarders();
             let Some(b) = self.sched.make_batch(&mut self.ledger, self.ram.layout(), what, false, forwarders) else {
                 continue;
             };
             let b_bytes = b.page_count() as u64 * PAGE_SIZE as u64;
-            if let Err(b) = self.hosts.links[&f].forward(b, &self.hosts.names[self.hosts.target as usize]) {
+            if let Err(b) = self.links[&f].forward(b, self.route.name(self.route.target())) {
                 self.abandon(&b);
-                self.forwarder_lost(f, "control connection closed");
-                break;
+                return self.route_event(Event::ForwarderLost { host: f, why: "control connection closed".into() });
             }
             self.sched.started(f, b_bytes);
         }
+        Ok(())
     }
 
     /// Waits for the next event and handles it.
     pub(super) async fn wait_event(&mut self) -> Result<(), EngineError> {
         let pace = self.acct.paced_until();
         // The time budget binds the rounds; the switchover has its own deadline.
-        let budget = (self.phase == super::phase::Phase::Precopy)
+        let phase = self.route.phase();
+        let budget = (phase == super::phase::Phase::Precopy)
             .then(|| tokio::time::Instant::from_std(self.start) + Duration::from_secs(self.job.opts.max_time_s));
-        let committing = self.phase.committing();
-        let cancellable = !self.phase.resume_sent();
+        let committing = phase.committing();
+        let cancellable = !phase.resume_sent();
         let cancel = self.job.handle.cancel.clone();
         let handle = self.job.handle.clone();
         // A target whose control connection ended (it died, froze past the
         // peer timeout, or lost its incoming VM) fails the migration now, or
         // before the pause hands it to a fallback host (`fallback`).
         let target = self.target_link();
-        let (dead, left) = (self.fb.dead.is_some(), self.fb.left(target.id));
-        let slow = (self.fb.slow.enabled() && self.fb.any_left() && !committing).then(|| self.fb.slow.due());
+        let (dead, left) = (self.route.target_dead(), self.route.leave_handled());
+        let slow = (self.slow.enabled() && self.route.fallbacks_left() && !committing).then(|| self.slow.due());
         tokio::select! {
-            _ = target.closed.cancelled(), if !dead => self.target_lost(target.id, target.lost_why()),
-            _ = target.leave.cancelled(), if !left => {
-                self.target_leaving();
-                Ok(())
+            _ = target.closed.cancelled(), if !dead => {
+                let why = crate::error_chain(&target.lost_why());
+                self.route_event(Event::TargetLost { host: target.id, why })
             }
+            _ = target.leave.cancelled(), if !left => self.route_event(Event::LeaveAsked { why: target.leave_reason() }),
             _ = tokio::time::sleep_until(slow.unwrap_or_else(tokio::time::Instant::now)), if slow.is_some() => {
-                self.check_slow();
-                Ok(())
+                self.check_slow()
             }
             // The migration holds a sender of this channel: it never closes.
             Some(c) = self.completions.recv() => self.on_completion(c),
-            r = self.rt.requests.recv(), if !committing => {
-                if let Some(r) = r {
-                    self.start_retarget(r);
-                }
-                Ok(())
+            // Answered even in the pause (refused): an operator never waits
+            // for the migration's end.
+            Some(r) = self.rt.requests.recv() => self.retarget_asked(r),
+            // The migration holds a sender of both: they never close.
+            Some(o) = self.rt.opened.recv() => self.opened(o).await,
+            Some((host, r)) = self.rt.fenced.recv() => {
+                self.route_event(Event::Fenced { host, result: r.map_err(|e| crate::error_chain(&e)) })
             }
-            o = self.rt.opened.recv() => {
-                match o {
-                    Some(o) => self.install_target(o).await,
-                    None => Ok(()),
-                }
-            }
-            f = self.rt.fenced_rx.recv() => match f {
-                Some(f) => self.on_fenced(f),
-                None => Ok(()),
-            },
             _ = tokio::time::sleep_until(pace.unwrap_or_else(tokio::time::Instant::now)), if pace.is_some() => {
                 self.acct.pace_done();
                 Ok(())
@@ -152,9 +130,9 @@ impl Migration {
         self.sched.ended(b.from, b.page_count() as u64 * PAGE_SIZE as u64);
         let b = match applied {
             true => b,
-            false => match self.fence_failed_forward(b, &why) {
-                Ok(()) => return Ok(()),
-                Err(b) => b,
+            false => match self.forward_failed(b, &why)? {
+                None => return Ok(()),
+                Some(b) => b,
             },
         };
         let n = b.page_count() as u64;
@@ -163,9 +141,9 @@ impl Migration {
             accepted += u64::from(self.ledger.finish(p, b.from, b.to, *e, applied));
         }
         if applied {
-            if b.to == self.hosts.target {
+            if b.to == self.route.target() {
                 self.acct.applied(n, n * PAGE_SIZE as u64);
-                self.fb.slow.applied(n * PAGE_SIZE as u64);
+                self.slow.applied(n * PAGE_SIZE as u64);
                 b.pages().for_each(|p| self.verifier.touch(self.ram.layout(), p));
             }
             if accepted < n {
@@ -174,39 +152,29 @@ impl Migration {
             self.update_progress();
             return Ok(());
         }
-        if b.to == self.hosts.target && b.from == SOURCE {
-            return self.target_lost(b.to, super::link::LinkError::Peer(why));
+        if b.to == self.route.target() && b.from == SOURCE {
+            return self.route_event(Event::TargetLost { host: b.to, why });
         }
         // Other failures (transfers to an old destination, a re-pointed
         // forwarder's last batches) only leave their pages stale.
         Ok(())
     }
+}
 
-    /// Asks the tracker what changed and tells the ledger (and verification);
-    /// returns the pages.
-    pub(super) async fn dirty_sync(&mut self) -> Result<crate::bitmap::Bitmap, EngineError> {
-        let t0 = Instant::now();
-        let mut tracker = self.tracker.take().expect("the tracker is back after every sync");
-        let ram = self.ram.clone();
-        let (tracker, dirty) = tokio::task::spawn_blocking(move || {
-            let d = tracker.sync(&ram);
-            (tracker, d)
-        })
-        .await
-        .map_err(EngineError::Task)?;
-        self.acct.last_guest_stop = tracker.last_stop();
-        self.tracker = Some(tracker);
-        let dirty = dirty.map_err(EngineError::Sync)?;
-        self.ledger.dirty_sync(&dirty);
-        if let Some(z) = self.zero_pages.as_mut() {
-            dirty.iter_ones().for_each(|p| z.clear(p));
+impl Migration {
+    /// A sample of the target's rate; moves on if it fell behind.
+    fn check_slow(&mut self) -> Result<(), EngineError> {
+        let backlogged = !self.sched.queue_empty()
+            && self.job.opts.max_bandwidth_mbps.is_none()
+            && !self.route.target_dead()
+            && !self.route.opening()
+            && !self.route.phase().paused();
+        match self.slow.sample(Instant::now(), backlogged) {
+            Some(why) => {
+                self.slow.reset();
+                self.route_event(Event::Slow { why })
+            }
+            None => Ok(()),
         }
-        let layout = self.ram.layout();
-        dirty.iter_ones().for_each(|p| self.verifier.touch(layout, p));
-        let n = dirty.count();
-        let secs = self.acct.synced(t0.elapsed()).as_secs_f64().max(1e-3);
-        self.job.handle.set_progress(|p| p.dirty_rate_mbps = n as f64 * PAGE_SIZE as f64 / secs / 1e6);
-        self.update_progress();
-        Ok(dirty)
     }
 }

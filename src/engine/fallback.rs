@@ -1,16 +1,12 @@
-//! Automatic retargets (`--fallback`): the hosts a migration may move to,
-//! in order, and when it moves on its own, before the switchover: its
-//! target lost (or refusing the session), asking the source to leave
-//! (drained, or out of room), or falling behind (its rate, while the source has a backlog for
-//! it, below a threshold for a while). A lost target cannot forward; a
-//! leaving or slow one forwards what it holds. Every decision is logged,
-//! sent to watchers and kept in the report.
+//! What automatic retargets (`--fallback`) are made of: the hosts a
+//! migration may move to, in order, why it moves on its own (its target
+//! lost or refusing, asking the source to leave, or falling behind: its
+//! rate, while the source has a backlog for it, below a threshold for a
+//! while), and the first destination's refusal. When it moves is the
+//! route's decision (`route`).
 
-use super::link::LinkError;
 use super::report::Decision;
-use super::watch::EventKind;
-use super::{EngineError, Migration};
-use crate::ledger::HostId;
+use super::EngineError;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,7 +19,7 @@ const WARM_UP: u32 = 3;
 const SLOW_SHARE: f64 = 0.25;
 
 /// Why the engine moves a migration on its own.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(super) enum Why {
     /// The target failed, vanished or refused.
     Lost(String),
@@ -43,36 +39,21 @@ impl Why {
     }
 
     /// Whether the old target can still forward what it holds.
-    fn forward(&self) -> bool {
+    pub(super) fn forward(&self) -> bool {
         !matches!(self, Why::Lost(_))
     }
 }
 
-/// The fallback hosts left, and the state of the automatic decisions.
+/// The fallback hosts not tried yet, in order.
+#[derive(Debug, Default)]
 pub(super) struct Fallback {
     hosts: VecDeque<(String, SocketAddr)>,
-    /// The target was lost and a fallback is being opened: nothing is sent
-    /// until it is installed. The lost host and why.
-    pub dead: Option<(HostId, String)>,
-    /// Targets whose request to leave was handled.
-    left: Vec<HostId>,
-    /// A target asked to leave while a retarget was being prepared: looked
-    /// at again once that one is installed or failed.
-    pub leave_pending: bool,
-    /// Whether the target falls behind.
-    pub slow: SlowWatch,
 }
 
 impl Fallback {
-    /// The fallback hosts in order, and the slowness rule.
-    pub(super) fn new(hosts: Vec<(String, SocketAddr)>, slow_rate_mbps: Option<f64>, slow_for_s: u64) -> Self {
-        Self {
-            hosts: hosts.into(),
-            dead: None,
-            left: vec![],
-            leave_pending: false,
-            slow: SlowWatch::new(slow_rate_mbps.map(|r| r * 1e6), Duration::from_secs(slow_for_s)),
-        }
+    /// The fallback hosts in order.
+    pub(super) fn new(hosts: Vec<(String, SocketAddr)>) -> Self {
+        Self { hosts: hosts.into() }
     }
 
     /// The next fallback host that does not take part yet.
@@ -88,11 +69,6 @@ impl Fallback {
     /// Whether any fallback host is left.
     pub(super) fn any_left(&self) -> bool {
         !self.hosts.is_empty()
-    }
-
-    /// Whether `target`'s request to leave was handled.
-    pub(super) fn left(&self, target: HostId) -> bool {
-        self.left.contains(&target)
     }
 }
 
@@ -113,7 +89,13 @@ pub(super) struct SlowWatch {
 }
 
 impl SlowWatch {
-    fn new(min_rate: Option<f64>, slow_for: Duration) -> Self {
+    /// Slow is below `min_rate_mbps` (else a share of the best rate) for
+    /// `slow_for_s` seconds; zero: never judged.
+    pub(super) fn new(min_rate_mbps: Option<f64>, slow_for_s: u64) -> Self {
+        Self::with(min_rate_mbps.map(|r| r * 1e6), Duration::from_secs(slow_for_s))
+    }
+
+    fn with(min_rate: Option<f64>, slow_for: Duration) -> Self {
         Self {
             min_rate,
             slow_for,
@@ -144,7 +126,7 @@ impl SlowWatch {
 
     /// Starts over (a new target).
     pub(super) fn reset(&mut self) {
-        *self = Self::new(self.min_rate, self.slow_for);
+        *self = Self::with(self.min_rate, self.slow_for);
     }
 
     /// Takes a sample at `now`; `backlogged`: the source has work queued for
@@ -173,136 +155,6 @@ impl SlowWatch {
         (now.duration_since(since) >= self.slow_for).then(|| {
             format!("{:.1} MB/s for {} s, below {:.1} MB/s", avg / 1e6, self.slow_for.as_secs(), threshold / 1e6)
         })
-    }
-}
-
-impl Migration {
-    /// The target was lost: before the switchover, with a fallback host
-    /// left, the migration moves there (the lost host forwards nothing);
-    /// else it fails with `err`.
-    pub(super) fn target_lost(&mut self, host: HostId, source: LinkError) -> Result<(), EngineError> {
-        if self.fb.dead.is_some() {
-            return Ok(());
-        }
-        let why = crate::error_chain(&source);
-        let err = self.lost(host, source);
-        // In the pause, moving elsewhere would resend the RAM with the guest
-        // stopped: the migration fails and the VM resumes here instead.
-        if self.phase.paused() || (!self.fb.any_left() && self.rt.opening().is_none()) {
-            return Err(err);
-        }
-        self.fb.dead = Some((host, why.clone()));
-        // A retarget under way replaces the lost target when it is ready.
-        if self.rt.opening().is_none() && !self.auto_retarget(Why::Lost(why)) {
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    /// The target asked the source to leave (it is drained).
-    pub(super) fn target_leaving(&mut self) {
-        let t = self.hosts.target;
-        if self.fb.left(t) {
-            return;
-        }
-        self.fb.left.push(t);
-        self.leave_now();
-    }
-
-    /// Acts on the target's request to leave, unless a retarget is being
-    /// prepared (then once it is done) or the VM is paused.
-    pub(super) fn leave_now(&mut self) {
-        self.fb.leave_pending = false;
-        // Only the target that asked (a retarget may have replaced it since).
-        if !self.fb.left(self.hosts.target) {
-            return;
-        }
-        let why = self.hosts.links[&self.hosts.target].leave_reason();
-        if self.phase.paused() {
-            self.decide(Why::Leave(why), "none: the VM is paused for the switchover".into());
-        } else if self.rt.opening().is_some() {
-            self.fb.leave_pending = true;
-        } else {
-            self.auto_retarget(Why::Leave(why));
-        }
-    }
-
-    /// A sample of the target's rate; moves on if it fell behind.
-    pub(super) fn check_slow(&mut self) {
-        let backlogged = !self.sched.queue_empty()
-            && self.job.opts.max_bandwidth_mbps.is_none()
-            && self.fb.dead.is_none()
-            && self.rt.opening().is_none()
-            && !self.phase.paused();
-        if let Some(why) = self.fb.slow.sample(Instant::now(), backlogged) {
-            self.fb.slow.reset();
-            self.auto_retarget(Why::Slow(why));
-        }
-    }
-
-    /// Starts a retarget to the next fallback host; false if none is left.
-    pub(super) fn auto_retarget(&mut self, why: Why) -> bool {
-        if self.hosts.names.len() >= crate::ledger::MAX_HOSTS {
-            let n = crate::ledger::MAX_HOSTS;
-            self.decide(why, format!("none: at most {n} hosts take part in one migration"));
-            return false;
-        }
-        let Some((to, addr)) = self.fb.next(&self.hosts.names) else {
-            let target = self.target_name().to_owned();
-            self.decide(why, format!("none: no fallback host left; staying with {target}"));
-            return false;
-        };
-        self.decide(why.clone(), format!("retarget to {to}"));
-        let (forward, reason) = (why.forward(), why.describe());
-        self.job.handle.emit(EventKind::Retarget { to: to.clone(), forward, reason: reason.clone(), error: None });
-        self.open_auto(to, addr, why);
-        true
-    }
-
-    /// An automatic retarget failed (the fallback host refused or was
-    /// lost too): the next one is tried; with none left, a lost target
-    /// fails the migration, a drained or slow one stays the target.
-    pub(super) fn auto_failed(&mut self, why: Why, to: &str, error: String) -> Result<(), EngineError> {
-        self.decide(why.clone(), format!("retarget to {to} failed: {error}"));
-        self.job.handle.emit(EventKind::Retarget {
-            to: to.into(),
-            forward: why.forward(),
-            reason: why.describe(),
-            error: Some(error),
-        });
-        if self.auto_retarget(why) {
-            return Ok(());
-        }
-        match self.fb.dead.take() {
-            Some((host, why)) => Err(self.lost(host, LinkError::Peer(why))),
-            None => Ok(()),
-        }
-    }
-
-    /// A target lost during work outside the event loop (a live
-    /// verification pass): handled as there, if it can be.
-    pub(super) fn recover_lost(&mut self, e: EngineError) -> Result<(), EngineError> {
-        match e {
-            EngineError::DestinationLost { host, source } if host == self.target_name() => {
-                self.target_lost(self.hosts.target, source)
-            }
-            e => Err(e),
-        }
-    }
-
-    /// Logs and records a decision about the current target.
-    fn decide(&mut self, why: Why, action: String) {
-        let target = self.target_name().to_owned();
-        let reason = why.describe();
-        tracing::warn!(vm = %self.report.vm, %target, "{reason}: {action}");
-        let (t, r, a) = (target.clone(), reason.clone(), action.clone());
-        self.job.handle.emit(EventKind::Decision { target: t, reason: r, action: a });
-        self.report.decisions.push(Decision {
-            at_ms: self.start.elapsed().as_secs_f64() * 1e3,
-            target,
-            reason,
-            action,
-        });
     }
 }
 
@@ -344,7 +196,7 @@ mod tests {
     #[test]
     fn slow_only_after_lasting_below_a_share_of_the_best() {
         let t0 = Instant::now();
-        let mut w = SlowWatch::new(None, Duration::from_secs(5));
+        let mut w = SlowWatch::with(None, Duration::from_secs(5));
         w.last = t0;
         assert!(run(&mut w, t0, 1..11, 100_000_000, true).is_none(), "fast");
         // Slow but without a backlog (the source had nothing to send): never.
@@ -358,18 +210,18 @@ mod tests {
     #[test]
     fn an_absolute_threshold_and_off() {
         let t0 = Instant::now();
-        let mut w = SlowWatch::new(Some(5e6), Duration::from_secs(3));
+        let mut w = SlowWatch::with(Some(5e6), Duration::from_secs(3));
         w.last = t0;
         assert!(run(&mut w, t0, 1..4, 6_000_000, true).is_none());
         assert!(run(&mut w, t0, 4..12, 1_000_000, true).is_some());
-        let off = SlowWatch::new(None, Duration::ZERO);
+        let off = SlowWatch::with(None, Duration::ZERO);
         assert!(!off.enabled());
     }
 
     #[test]
     fn fallback_hosts_skip_those_taking_part() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let mut fb = Fallback::new(vec![("b".into(), a), ("c".into(), a)], None, 10);
+        let mut fb = Fallback::new(vec![("b".into(), a), ("c".into(), a)]);
         assert_eq!(fb.next(&["a".into(), "b".into()]).map(|h| h.0), Some("c".into()));
         assert!(!fb.any_left());
     }

@@ -12,11 +12,17 @@
 //!
 //! Parts: [`options`] (what an operator asks), [`accounting`] (bytes, rates,
 //! estimate, pacing), [`schedule`] (queues, pools, stealing, batches),
-//! `retarget` (opening, install, fencing, release), `precopy` and
+//! `route` (the phase, the target, forwarders, retargets and fallbacks: a
+//! state machine with no I/O, events in, commands out), `retarget`
+//! (carrying out its commands: opening, install, fencing, release),
+//! `events` (the event loop), `books` and `rounds`, `precopy` and
 //! `switchover` (the two halves of a migration), [`link`] (the source's
 //! connection to each peer), [`report`] and [`handle`] (what the world sees).
+//! The files `impl Migration` is split over call each other's methods in
+//! one direction only (tests/structure.rs checks it).
 
 pub mod accounting;
+mod books;
 mod events;
 mod fallback;
 pub mod handle;
@@ -26,6 +32,8 @@ pub mod phase;
 mod precopy;
 pub mod report;
 mod retarget;
+mod rounds;
+mod route;
 pub mod schedule;
 mod setup;
 mod steering;
@@ -49,6 +57,7 @@ use link::{Link, LinkError};
 use phase::Phase;
 use report::SenderTransport;
 use retarget::Retargeting;
+use route::{Event, Route};
 use schedule::{Schedule, SOURCE};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -166,17 +175,8 @@ struct Prepared {
     completions: (mpsc::UnboundedSender<Completion>, mpsc::UnboundedReceiver<Completion>),
     /// The first destination (a fallback host if the one asked for refused).
     to: String,
+    /// The fallback hosts not tried yet.
     fb: fallback::Fallback,
-}
-
-/// The hosts taking part: names by id (id 0 is the source), links, the
-/// current target and the old destinations forwarding to it.
-struct Hosts {
-    names: Vec<String>,
-    links: HashMap<HostId, Arc<Link>>,
-    target: HostId,
-    /// Newest first.
-    forwarders: Vec<HostId>,
 }
 
 /// A running migration (after setup).
@@ -184,7 +184,9 @@ struct Migration {
     job: Job,
     start: Instant,
     report: Report,
-    phase: Phase,
+    /// Phase, target, forwarders, retargets and fallbacks: every decision
+    /// about where the migration goes.
+    route: Route,
     ram: Arc<GuestRam>,
     ledger: Ledger,
     /// `None` only while a sync runs on a blocking thread.
@@ -193,7 +195,8 @@ struct Migration {
     /// written since: zero at the source, so never sent.
     zero_pages: Option<Bitmap>,
     observer: Option<Arc<dyn SendObserver>>,
-    hosts: Hosts,
+    /// The source's link to each host that took part, by id.
+    links: HashMap<HostId, Arc<Link>>,
     acct: Accounting,
     sched: Schedule,
     verifier: verify::Verifier,
@@ -202,8 +205,8 @@ struct Migration {
     completions: mpsc::UnboundedReceiver<Completion>,
     /// The operator asked to switch over at the next round's end.
     force_complete: bool,
-    /// Fallback hosts and automatic retargets.
-    fb: fallback::Fallback,
+    /// Whether the target falls behind (`--fallback-slow-*`).
+    slow: fallback::SlowWatch,
 }
 
 /// Migrates `vm` to `to` (at `addr`); never panics, always returns a report.
@@ -271,25 +274,22 @@ impl Migration {
             why_not_rdma: p.link.why_not_rdma.clone(),
         });
         report.destination = to.clone();
-        let hosts = Hosts {
-            names: vec![job.ctx.me.clone(), to],
-            links: HashMap::from([(p.link.id, p.link)]),
-            target: 1,
-            forwarders: vec![],
-        };
+        let route = Route::new(job.ctx.me.clone(), to, p.fb);
+        let links = HashMap::from([(p.link.id, p.link)]);
+        let slow = fallback::SlowWatch::new(job.opts.slow_rate_mbps, job.opts.slow_for_s);
         let cap = job.opts.max_bandwidth_mbps;
         let verifier = verify::Verifier::new(job.opts.verify, p.ram.layout());
         let mut m = Self {
             job,
             start,
             report,
-            phase: Phase::Precopy,
+            route,
             ram: p.ram,
             ledger: p.ledger,
             tracker: Some(p.tracker),
             zero_pages: p.zero_pages,
             observer: p.observer,
-            hosts,
+            links,
             acct: Accounting::new(cap),
             sched: Schedule::default(),
             verifier,
@@ -297,17 +297,18 @@ impl Migration {
             completions_tx: p.completions.0,
             completions: p.completions.1,
             force_complete: false,
-            fb: p.fb,
+            slow,
         };
         m.skip_holes();
-        m.job.handle.phase_changed(&m.hosts.names[1], m.phase);
+        m.job.handle.phase_changed(m.route.name(1), m.route.phase());
         m
     }
 
     /// Moves the phase forward, and tells the handle (the agent journals it).
-    fn advance(&mut self, to: Phase) {
-        self.phase.advance(to);
-        self.job.handle.phase_changed(&self.hosts.names[self.hosts.target as usize], self.phase);
+    fn advance(&mut self, to: Phase) -> Result<(), EngineError> {
+        let r = self.route_event(Event::Advanced(to));
+        self.job.handle.phase_changed(self.target_name(), self.route.phase());
+        r
     }
 
     fn set_phase(&self, phase: &str) {
@@ -316,7 +317,7 @@ impl Migration {
     }
 
     fn check_cancel(&self) -> Result<(), EngineError> {
-        if self.job.handle.cancel.is_cancelled() && !self.phase.resume_sent() {
+        if self.job.handle.cancel.is_cancelled() && !self.route.phase().resume_sent() {
             return Err(EngineError::Cancelled);
         }
         Ok(())
@@ -332,15 +333,15 @@ impl Migration {
     }
 
     fn target_link(&self) -> Arc<Link> {
-        self.hosts.links[&self.hosts.target].clone()
+        self.links[&self.route.target()].clone()
     }
 
     fn target_name(&self) -> &str {
-        &self.hosts.names[self.hosts.target as usize]
+        self.route.name(self.route.target())
     }
 
     fn lost(&self, host: HostId, source: LinkError) -> EngineError {
-        EngineError::DestinationLost { host: self.hosts.names[host as usize].clone(), source }
+        EngineError::DestinationLost { host: self.route.name(host).to_owned(), source }
     }
 
     async fn execute(&mut self) -> Result<(), EngineError> {
@@ -357,7 +358,7 @@ impl Migration {
     /// is in the tracker's next sync, which makes it stale again.
     fn skip_holes(&mut self) {
         let Some(zero) = self.zero_pages.as_ref() else { return };
-        let t = self.hosts.target;
+        let t = self.route.target();
         let mut n = 0;
         for p in zero.iter_ones() {
             if self.ledger.is_fresh(p, t) {
@@ -371,11 +372,11 @@ impl Migration {
     }
 
     fn remaining_bytes(&self) -> u64 {
-        (self.ledger.pages() - self.ledger.fresh_count(self.hosts.target)) as u64 * PAGE_SIZE as u64
+        (self.ledger.pages() - self.ledger.fresh_count(self.route.target())) as u64 * PAGE_SIZE as u64
     }
 
     fn update_progress(&self) {
-        let fresh = self.ledger.fresh_count(self.hosts.target) as u64 * PAGE_SIZE as u64;
+        let fresh = self.ledger.fresh_count(self.route.target()) as u64 * PAGE_SIZE as u64;
         let rate = self.acct.throughput();
         let sent = self.sender_bytes().values().sum::<u64>();
         let elapsed = self.start.elapsed().as_secs_f64() * 1e3;
@@ -392,12 +393,12 @@ impl Migration {
     /// Payload bytes each host has sent so far.
     fn sender_bytes(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        let own: u64 = self.hosts.links.values().map(|l| l.bytes_sent()).sum();
-        out.insert(self.hosts.names[0].clone(), own);
-        for (id, l) in &self.hosts.links {
+        let own: u64 = self.links.values().map(|l| l.bytes_sent()).sum();
+        out.insert(self.route.name(SOURCE).to_owned(), own);
+        for (id, l) in &self.links {
             let f = l.forwarded_bytes();
             if f > 0 {
-                out.insert(self.hosts.names[*id as usize].clone(), f);
+                out.insert(self.route.name(*id).to_owned(), f);
             }
         }
         out
@@ -418,16 +419,18 @@ impl Migration {
 
     /// Cleans up after success or failure and completes the report.
     async fn finish(mut self, result: Result<(), EngineError>) -> Report {
-        self.rt.discard_opening();
-        self.rt.end("the migration ended");
+        // Releases the forwarders of a completed migration; answers and
+        // discards a retarget still opening.
+        let ended = self.route_event(Event::Ended { completed: result.is_ok() });
+        debug_assert!(ended.is_ok(), "ending never fails: {ended:?}");
         let bytes = self.sender_bytes();
         for r in &mut self.report.retargets {
             r.bytes_after =
                 bytes.iter().map(|(h, b)| (h.clone(), b - r.sent_before.get(h).copied().unwrap_or(0))).collect();
         }
         self.report.bytes_by_sender = bytes;
-        self.report.zero_pages_sent = self.hosts.links.values().map(|l| l.zero_pages()).sum();
-        for l in self.hosts.links.values() {
+        self.report.zero_pages_sent = self.links.values().map(|l| l.zero_pages()).sum();
+        for l in self.links.values() {
             let me = &self.job.ctx.me;
             if let Some(s) = self.report.senders.iter_mut().rev().find(|s| &s.from == me && s.to == l.host) {
                 let r = l.recoveries();
@@ -439,10 +442,7 @@ impl Migration {
         match result {
             Ok(()) => {
                 self.report.result = Outcome::Completed;
-                for f in self.hosts.forwarders.clone() {
-                    self.release(f, "the migration completed");
-                }
-                for l in self.hosts.links.values() {
+                for l in self.links.values() {
                     l.close_sender();
                 }
             }
@@ -458,7 +458,7 @@ impl Migration {
     async fn failed(&mut self, e: EngineError) {
         self.report.result = outcome_of(&e);
         let why = crate::error_chain(&e);
-        if self.phase.resume_sent() {
+        if self.route.phase().resume_sent() {
             self.report.result = Outcome::Unknown;
             // We asked the destination to run the VM and do not know
             // whether it did: running it here too could corrupt it.
@@ -473,7 +473,7 @@ impl Migration {
             // resumes here first (its pause ends now), then every
             // destination, old or new, discards what it has.
             let mut err = why.clone();
-            if self.phase.paused() {
+            if self.route.phase().paused() {
                 if let Err(re) = self.blocking(|vm| vm.resume()).await {
                     err = format!(
                         "{err}; resuming the VM on {} failed too: {}",
@@ -483,7 +483,6 @@ impl Migration {
                 }
             }
             let aborts: Vec<_> = self
-                .hosts
                 .links
                 .values()
                 .map(|l| {

@@ -14,7 +14,7 @@ impl Migration {
         let budget = Duration::from_secs(self.job.opts.max_time_s);
         let mut counted = 0u32;
         let mut estimate = Duration::MAX;
-        self.begin_round();
+        self.begin_round()?;
         loop {
             match self.send_round().await {
                 // `--max-time` is a hard budget: it ends a round midway.
@@ -41,7 +41,7 @@ impl Migration {
             // Forwarders' work is done while the VM still runs: their rate
             // is not in the estimate, and they have nothing dirty to wait for.
             let forwarding =
-                !self.sched.pools_empty() || self.hosts.forwarders.iter().any(|&f| self.sched.outstanding(f) > 0);
+                !self.sched.pools_empty() || self.route.forwarders().iter().any(|&f| self.sched.outstanding(f) > 0);
             let converged = estimate <= limit && !forwarding;
             // Only the pause's comparisons (blocks the guest wrote during or
             // since the last live pass) keep it from converging: another
@@ -49,7 +49,7 @@ impl Migration {
             let verify_bound = !converged
                 && !forwarding
                 && estimate.saturating_sub(verify) <= limit
-                && self.verifier.another_live_pass_allowed(self.hosts.target);
+                && self.verifier.another_live_pass_allowed(self.route.target());
             // Rounds cut short while forwarders still hold work do not count
             // against the round budget (the time budget still applies).
             if !converged && self.sched.pools_empty() {
@@ -58,7 +58,7 @@ impl Migration {
             let in_time = self.start.elapsed() < budget;
             if verify_bound && in_time && counted < self.job.opts.max_rounds {
                 self.live_pass_or_fall_back(&stale).await?;
-                self.begin_round();
+                self.begin_round()?;
                 continue;
             }
             if converged || counted >= self.job.opts.max_rounds || !in_time {
@@ -66,19 +66,19 @@ impl Migration {
                 // still compare a lot; before a forced switchover, once, so
                 // the pause compares only what changed since, not every block.
                 let live = if converged {
-                    self.verifier.live_pass_due(self.hosts.target, &stale, limit)
+                    self.verifier.live_pass_due(self.route.target(), &stale, limit)
                 } else {
                     // Not when the migration is about to give up.
                     in_time
                         && self.job.opts.on_budget == BudgetAction::Force
-                        && self.verifier.first_live_pass_due(self.hosts.target)
+                        && self.verifier.first_live_pass_due(self.route.target())
                 };
                 if live {
                     // Then a round for what it found and what the guest wrote meanwhile.
                     self.live_pass_or_fall_back(&stale).await?;
                 }
                 if live || self.held().await? {
-                    self.begin_round();
+                    self.begin_round()?;
                     continue;
                 }
                 if converged {
@@ -87,7 +87,7 @@ impl Migration {
                 let why = self.rounds_spent(counted, estimate, limit);
                 return self.budget_spent(why).map(|s| (s, estimate));
             }
-            self.begin_round();
+            self.begin_round()?;
         }
     }
 
@@ -147,7 +147,7 @@ impl Migration {
         // The pause also takes a final dirty sync, as long as a round's.
         let sync = self.acct.last_sync_cost;
         let send = self.acct.estimate(self.remaining_bytes(), &last);
-        let verify = self.verifier.pause_cost(self.hosts.target, stale);
+        let verify = self.verifier.pause_cost(self.route.target(), stale);
         tracing::debug!(?send, ?verify, ?sync, "downtime estimate");
         let estimate = send + verify + sync;
         self.report.rounds.last_mut().expect("round recorded").estimate_ms = Some(estimate.as_secs_f64() * 1e3);
@@ -158,9 +158,9 @@ impl Migration {
     /// in flight, and either it sent something or the forwarders are idle
     /// too (so it does not spin through empty rounds while they work).
     fn round_over(&self) -> bool {
-        let forwarding: usize = self.hosts.forwarders.iter().map(|f| self.sched.outstanding(*f)).sum();
+        let forwarding: usize = self.route.forwarders().iter().map(|f| self.sched.outstanding(*f)).sum();
         let may_steal = super::schedule::Schedule::may_steal(
-            self.phase.paused(),
+            self.route.phase().paused(),
             self.acct.round_elapsed(),
             self.acct.last_sync_cost,
         );
@@ -168,24 +168,9 @@ impl Migration {
             && (self.sched.pools_empty() || !may_steal)
             && self.sched.outstanding(SOURCE) == 0
             && self.acct.paced_until().is_none()
-            && self.rt.fences_pending() == 0
-            && self.fb.dead.is_none()
+            && self.route.fences_pending() == 0
+            && !self.route.target_dead()
             && (self.acct.round.pages > 0 || forwarding == 0)
-    }
-
-    pub(super) fn begin_round(&mut self) {
-        let n = self.report.rounds.len() as u32;
-        self.acct.begin_round(n);
-        if !self.phase.paused() {
-            self.set_phase(&format!("round {n}"));
-        }
-        self.job.handle.set_progress(|p| p.round = n);
-        self.plan();
-    }
-
-    pub(super) fn end_round(&mut self) {
-        let r = self.acct.end_round();
-        self.report.rounds.push(r);
     }
 
     /// Test builds: waits at the switchover until the test releases the
@@ -201,7 +186,7 @@ impl Migration {
         // install it runs must not be cut off).
         while !*self.job.handle.released.borrow() {
             self.wait_event().await?;
-            if self.report.retargets.len() != retargets || self.fb.dead.is_some() {
+            if self.report.retargets.len() != retargets || self.route.target_dead() {
                 return Ok(true);
             }
         }

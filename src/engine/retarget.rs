@@ -1,47 +1,27 @@
-//! Retargeting: opening the new destination (on a task of its own, so a
-//! slow host does not stall the migration), installing it (a dirty sync,
-//! then every old destination that holds pages is pointed at it as a
-//! forwarder), fencing a forwarder whose forward failed (its pages stay
-//! locked until the target confirms none of its frames can still land), and
-//! releasing old destinations once they hold nothing the target lacks.
+//! Carrying out what the route decides (`route`): opening a new
+//! destination on a task of its own (so a slow host does not stall the
+//! migration), installing it (a dirty sync, then every old destination
+//! that holds pages is pointed at it as a forwarder), fencing a forwarder
+//! whose forward failed (its pages stay locked until the target confirms
+//! none of its frames can still land), releasing old destinations,
+//! answering operators and recording decisions.
 
 use super::fallback::Why;
 use super::handle::RetargetRequest;
 use super::link::{Link, LinkError};
-use super::report::{RetargetReport, SenderTransport};
+use super::report::{Decision, RetargetReport, SenderTransport};
+use super::route::{Command, Event, Install, ReplyId};
 use super::setup::{link_spec, open_error};
+use super::watch::EventKind;
 use super::{EngineError, Migration};
-use crate::ledger::{HostId, MAX_HOSTS};
+use crate::ledger::HostId;
 use crate::memory::PAGE_SIZE;
 use crate::protocol::{Message, MessageKind};
 use crate::transport::Batch;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-
-/// Who asked for a retarget.
-pub(super) enum Origin {
-    /// An operator (`dcmigrate retarget`), waiting for the outcome.
-    Operator(tokio::sync::oneshot::Sender<Result<(), String>>),
-    /// The engine on its own (`--fallback`).
-    Auto(Why),
-}
-
-impl Origin {
-    fn reason(&self) -> String {
-        match self {
-            Origin::Operator(_) => "operator".into(),
-            Origin::Auto(why) => why.describe(),
-        }
-    }
-}
-
-/// A retarget whose new destination is being prepared.
-pub(super) struct Opening {
-    to: String,
-    forward: bool,
-    origin: Origin,
-}
+use tokio::sync::{mpsc, oneshot};
 
 /// The outcome of opening a new destination.
 pub(super) type Opened = Result<Arc<Link>, EngineError>;
@@ -51,98 +31,126 @@ pub(super) type Fenced = (HostId, Result<(), LinkError>);
 /// A destination's RAM as a sender may write it over RDMA, if it may.
 type RdmaKeys = Option<Vec<crate::protocol::RdmaRegion>>;
 
-/// Retargets under way, and forwarders being fenced.
+/// The channels and books the route's commands need: operators waiting for
+/// answers, sessions being opened, fences under way, batches held for them.
 pub(super) struct Retargeting {
     /// Requests from the API.
     pub requests: mpsc::UnboundedReceiver<RetargetRequest>,
-    opening: Option<Opening>,
     opened_tx: mpsc::UnboundedSender<Opened>,
     /// New destinations that finished opening.
     pub opened: mpsc::UnboundedReceiver<Opened>,
-    /// Failed forwards whose pages stay locked until the target fenced
-    /// their sender (its late frames could otherwise land on newer pages).
-    fencing: HashMap<HostId, (HostId, Vec<Batch>)>,
-    fenced: HashSet<HostId>,
     fenced_tx: mpsc::UnboundedSender<Fenced>,
     /// Fences that finished.
-    pub fenced_rx: mpsc::UnboundedReceiver<Fenced>,
+    pub fenced: mpsc::UnboundedReceiver<Fenced>,
+    replies: HashMap<ReplyId, oneshot::Sender<Result<(), String>>>,
+    next_reply: ReplyId,
+    /// Failed forwards whose pages stay locked until the target fenced
+    /// their sender (its late frames could otherwise land on newer pages).
+    held: HashMap<HostId, Vec<Batch>>,
 }
 
 impl Retargeting {
     pub(super) fn new(requests: mpsc::UnboundedReceiver<RetargetRequest>) -> Self {
         let (opened_tx, opened) = mpsc::unbounded_channel();
-        let (fenced_tx, fenced_rx) = mpsc::unbounded_channel();
+        let (fenced_tx, fenced) = mpsc::unbounded_channel();
         Self {
             requests,
-            opening: None,
             opened_tx,
             opened,
-            fencing: HashMap::new(),
-            fenced: HashSet::new(),
             fenced_tx,
-            fenced_rx,
-        }
-    }
-
-    /// Refuses a retarget still being prepared.
-    pub(super) fn end(&mut self, why: &str) {
-        if let Some(Opening { origin: Origin::Operator(reply), .. }) = self.opening.take() {
-            let _ = reply.send(Err(why.into()));
+            fenced,
+            replies: HashMap::new(),
+            next_reply: 0,
+            held: HashMap::new(),
         }
     }
 
     /// A new destination still being opened as the migration ends: its
     /// session is aborted once open (on a task: ending does not wait).
-    pub(super) fn discard_opening(&mut self) {
-        if self.opening.is_none() {
-            return;
-        }
-        let mut opened = std::mem::replace(&mut self.opened, mpsc::unbounded_channel().1);
+    fn discard_opening(&mut self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.opened_tx = tx;
+        let mut opened = std::mem::replace(&mut self.opened, rx);
         tokio::spawn(async move {
             if let Some(Ok(link)) = opened.recv().await {
                 link.abort("the migration ended").await;
             }
         });
     }
-
-    /// The host being prepared as the new destination, if any.
-    pub(super) fn opening(&self) -> Option<&str> {
-        self.opening.as_ref().map(|o| o.to.as_str())
-    }
-
-    /// Forwarders being fenced.
-    pub(super) fn fences_pending(&self) -> usize {
-        self.fencing.len()
-    }
 }
 
 impl Migration {
-    pub(super) fn start_retarget(&mut self, r: RetargetRequest) {
-        let why = if self.phase.committing() {
-            Some("too late: the switchover has started".to_owned())
-        } else if self.rt.opening.is_some() {
-            Some("another retarget is being prepared".to_owned())
-        } else if self.hosts.names.contains(&r.to) {
-            Some(format!("{} already takes part in this migration", r.to))
-        } else if self.hosts.names.len() >= MAX_HOSTS {
-            Some(format!("at most {MAX_HOSTS} hosts take part in one migration"))
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            let _ = r.reply.send(Err(why));
-            return;
-        }
-        self.open_target(r.to, r.addr, r.forward, Origin::Operator(r.reply));
+    /// Feeds an event to the route and carries out what it decides.
+    pub(super) fn route_event(&mut self, e: Event) -> Result<(), EngineError> {
+        let cmds = self.route.handle(e);
+        self.obey(cmds)
     }
 
-    /// Opens a session on the new destination, on a task of its own.
-    pub(super) fn open_target(&mut self, to: String, addr: std::net::SocketAddr, forward: bool, origin: Origin) {
-        let id = self.hosts.names.len() as HostId;
+    /// An operator's request: answered by the route (at once if refused).
+    pub(super) fn retarget_asked(&mut self, r: RetargetRequest) -> Result<(), EngineError> {
+        let reply = self.rt.next_reply;
+        self.rt.next_reply += 1;
+        self.rt.replies.insert(reply, r.reply);
+        self.route_event(Event::RetargetAsked { reply, to: r.to, addr: r.addr, forward: r.forward })
+    }
+
+    /// Sorts the chunks the target lacks onto the senders, and releases the
+    /// forwarders left with nothing to send.
+    pub(super) fn plan(&mut self) -> Result<(), EngineError> {
+        self.obey(vec![Command::Replan])
+    }
+
+    /// Carries out the route's commands, in order (and those they lead
+    /// to, after them); a `Fail` ends the migration.
+    pub(super) fn obey(&mut self, cmds: Vec<Command>) -> Result<(), EngineError> {
+        let mut queue = VecDeque::from(cmds);
+        while let Some(c) = queue.pop_front() {
+            match c {
+                Command::Reply { reply, result } => {
+                    if let Some(tx) = self.rt.replies.remove(&reply) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Command::Open { host, to, addr } => self.open_target(host, to, addr),
+                // Carried out where the opened session is at hand (`opened`).
+                Command::Discard { .. } | Command::Hold => {}
+                Command::DropOpening => self.rt.discard_opening(),
+                Command::Installed { old, new, forwarding, at_old, reason } => {
+                    self.installed((old, new), forwarding, at_old, reason)
+                }
+                Command::Release { host, why, fence_at } => self.release(host, &why, fence_at),
+                Command::Fence { host, at } => self.fence(host, at),
+                Command::Unlock { host } => {
+                    for b in self.rt.held.remove(&host).unwrap_or_default() {
+                        self.abandon(&b);
+                    }
+                }
+                Command::Replan => {
+                    let (target, forwarders) = (self.route.target(), self.route.forwarders());
+                    for host in self.sched.plan(&self.ledger, self.ram.layout(), target, forwarders) {
+                        queue.extend(self.route.handle(Event::ForwarderIdle { host }));
+                    }
+                }
+                Command::Decide { target, why, action } => self.decide(target, &why, action),
+                Command::Announce { to, why, error } => {
+                    let (forward, reason) = (why.forward(), why.describe());
+                    self.job.handle.emit(EventKind::Retarget { to, forward, reason, error });
+                }
+                Command::ForwarderLost { host } => {
+                    self.report.forwarders_lost.push(self.route.name(host).to_owned());
+                }
+                Command::Fail { host, why } => return Err(self.lost(host, LinkError::Lost(why))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a session on a new destination, on a task of its own.
+    fn open_target(&mut self, id: HostId, to: String, addr: SocketAddr) {
         let mut spec = link_spec(&self.job, (&to, id, addr), &self.ram, &self.observer, &self.completions_tx);
         spec.holes = super::setup::hole_bytes(&self.zero_pages);
         let (tx, name) = (self.rt.opened_tx.clone(), to.clone());
-        tracing::info!(%to, forward, "retarget: preparing the new destination");
+        tracing::info!(%to, "retarget: preparing the new destination");
         tokio::spawn(async move {
             // Nobody waits for it any more (the migration ended): discarded.
             if let Err(mpsc::error::SendError(Ok(link))) =
@@ -151,131 +159,82 @@ impl Migration {
                 link.abort("the migration ended").await;
             }
         });
-        self.rt.opening = Some(Opening { to, forward, origin });
     }
 
-    /// Opens an automatic retarget's new destination. Older forwarders go
-    /// on forwarding; a lost target is released at the install.
-    pub(super) fn open_auto(&mut self, to: String, addr: std::net::SocketAddr, why: Why) {
-        self.open_target(to, addr, true, Origin::Auto(why));
-    }
-
-    /// A retarget that could not be installed: an operator is told, an
-    /// automatic one tries the next fallback host.
-    fn retarget_failed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
-        let r = self.retarget_not_installed(opening, why);
-        if self.fb.leave_pending && r.is_ok() && self.rt.opening().is_none() {
-            self.leave_now();
-        }
-        r
-    }
-
-    fn retarget_not_installed(&mut self, opening: Opening, why: String) -> Result<(), EngineError> {
-        match opening.origin {
-            Origin::Operator(reply) => {
-                let _ = reply.send(Err(why.clone()));
-                // The target was lost meanwhile: the fallback hosts take over.
-                let Some((host, lost)) = self.fb.dead.clone() else { return Ok(()) };
-                if !self.phase.committing() && self.auto_retarget(Why::Lost(lost.clone())) {
-                    return Ok(());
+    /// A new destination opened (or failed to): the route decides whether
+    /// it is installed.
+    pub(super) async fn opened(&mut self, opened: Opened) -> Result<(), EngineError> {
+        let (r, link) = match opened {
+            Ok(link) => {
+                if self.route.opening() {
+                    crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
                 }
-                Err(self.lost(host, LinkError::Peer(lost)))
+                (Ok(()), Some(link))
             }
-            Origin::Auto(auto) if !self.phase.committing() => self.auto_failed(auto, &opening.to, why),
-            Origin::Auto(_) => Ok(()),
+            Err(e) => (Err(crate::error_chain(&e)), None),
+        };
+        let (cmds, install) = self.route.opened(r);
+        match (install, link) {
+            (Some(i), Some(link)) => self.install(i, link, cmds).await,
+            (_, link) => {
+                if let (Some(Command::Discard { why }), Some(link)) = (cmds.first(), link) {
+                    link.abort(why).await;
+                }
+                self.obey(cmds)
+            }
         }
     }
 
-    pub(super) async fn install_target(&mut self, opened: Opened) -> Result<(), EngineError> {
-        let Some(opening) = self.rt.opening.take() else {
-            if let Ok(link) = opened {
-                link.abort("the retarget was given up").await;
-            }
-            return Ok(());
-        };
-        let link = match opened {
-            Ok(l) => l,
-            Err(e) => {
-                let why = crate::error_chain(&e);
-                tracing::warn!(to = %opening.to, "retarget failed, continuing to {}: {why}", self.target_name());
-                return self.retarget_failed(opening, why);
-            }
-        };
-        crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
-        if self.phase.committing() {
-            link.abort("too late: switchover started").await;
-            return self.retarget_failed(opening, "too late: the switchover has started".into());
-        }
-        let old = self.hosts.target;
-        // Sync first: pages the guest wrote since the last sync are not
-        // current at the old destination, however the ledger saw them. The
-        // new destination's work split (what the old one forwards, what only
-        // the source has) then starts from the truth.
+    /// Installs the new target: a dirty sync first (pages the guest wrote
+    /// since the last one are not current at the old destination, however
+    /// the ledger saw them), so that the work split starts from the truth;
+    /// then the hosts that may forward are pointed at it. Done here, not
+    /// earlier: from now on every batch names the new target, and a
+    /// forwarder refuses batches for any other.
+    async fn install(&mut self, i: Install, link: Arc<Link>, cmds: Vec<Command>) -> Result<(), EngineError> {
         if let Err(e) = self.dirty_sync().await {
             tracing::warn!("dirty sync at the retarget failed: {}", crate::error_chain(&e));
         }
-        let at_old = self.ledger.fresh_count(old) as u64 * PAGE_SIZE as u64;
-        self.hosts.names.push(opening.to.clone());
+        let at_old = self.ledger.fresh_count(i.old) as u64 * PAGE_SIZE as u64;
         self.note_transport(&link);
-        self.hosts.links.insert(link.id, link.clone());
-        self.hosts.target = link.id;
+        self.links.insert(i.new, link.clone());
         self.verifier.new_target();
-        self.job.handle.phase_changed(&opening.to, self.phase);
+        self.job.handle.phase_changed(&link.host, self.route.phase());
         // The source stops feeding the old destination.
-        self.hosts.links[&old].close_sender();
-        let lost = self.fb.dead.take().map(|(h, _)| h);
-        self.fb.slow.reset();
-        // A leave asked of the old target is answered by this retarget.
-        self.fb.leave_pending = false;
-        self.point_forwarders(old, &link, opening.forward, lost).await;
-        let forwarding = self.hosts.forwarders.contains(&old);
-        tracing::info!(from = %self.hosts.names[old as usize], to = %opening.to, forwarding, at_old, "retargeted");
+        self.links[&i.old].close_sender();
+        self.slow.reset();
+        // The lost old target, or every old one with --no-forward, released.
+        self.obey(cmds)?;
+        let mut ready = vec![];
+        for h in i.point {
+            if self.forward_to(h, &link).await {
+                ready.push(h);
+            }
+        }
+        self.route_event(Event::Pointed { ready, at_old })
+    }
+
+    /// Records an installed retarget (the route plans for it next).
+    fn installed(&mut self, (old, new): (HostId, HostId), forwarding: bool, at_old: u64, reason: String) {
+        let (from, to) = (self.route.name(old).to_owned(), self.route.name(new).to_owned());
+        tracing::info!(%from, %to, forwarding, at_old, "retargeted");
         self.report.retargets.push(RetargetReport {
             at_ms: self.start.elapsed().as_secs_f64() * 1e3,
-            from: self.hosts.names[old as usize].clone(),
-            to: opening.to.clone(),
+            from,
+            to: to.clone(),
             forwarding,
             at_old_destination_bytes: at_old,
             sent_before: self.sender_bytes(),
             bytes_after: BTreeMap::new(),
-            reason: opening.origin.reason(),
+            reason,
         });
-        self.report.destination = opening.to.clone();
+        self.report.destination = to.clone();
         self.skip_holes();
-        let to = opening.to.clone();
         self.job.handle.set_progress(|p| {
             p.target = to;
             p.retargets += 1;
         });
-        self.plan();
         self.update_progress();
-        if let Origin::Operator(reply) = opening.origin {
-            let _ = reply.send(Ok(()));
-        }
-        Ok(())
-    }
-
-    /// Points every host that may forward (the old target and the older
-    /// forwarders) at the new target. Done here, not earlier: from now on
-    /// every batch names the new target, and a forwarder refuses batches
-    /// for any other.
-    /// A `lost` host is released at once (it was the target and failed);
-    /// older forwarders still forward.
-    async fn point_forwarders(&mut self, old: HostId, link: &Link, forward: bool, lost: Option<HostId>) {
-        let mut candidates = vec![old];
-        candidates.extend(std::mem::take(&mut self.hosts.forwarders));
-        for h in candidates {
-            if lost == Some(h) {
-                self.release(h, "it was lost");
-                continue;
-            }
-            let pointed = forward && self.forward_to(h, link).await;
-            if pointed {
-                self.hosts.forwarders.push(h);
-            } else {
-                self.release(h, if forward { "it cannot forward" } else { "--no-forward" });
-            }
-        }
     }
 
     /// A data-plane token for forwarder `h` at `link`'s host, and the RDMA
@@ -286,7 +245,7 @@ impl Migration {
             return Ok((link.token, link.rdma_offer.clone()));
         }
         let rdma = link.rdma_offer.is_some() && self.job.opts.transport != crate::protocol::TransportKind::Tcp;
-        let add = Message::AddSender { sender: h, host: self.hosts.names[h as usize].clone(), rdma };
+        let add = Message::AddSender { sender: h, host: self.route.name(h).to_owned(), rdma };
         match link.call(add, MessageKind::SenderAdded).await? {
             Message::SenderAdded { token, rdma } => Ok((token, rdma)),
             other => Err(LinkError::Unexpected { request: "add_sender", got: other.name() }),
@@ -298,7 +257,7 @@ impl Migration {
         let (token, rdma) = match self.sender_token(h, link).await {
             Ok(t) => t,
             Err(e) => {
-                let host = &self.hosts.names[h as usize];
+                let host = self.route.name(h);
                 tracing::warn!(%host, "no data-plane token for it at {}: {}", link.host, crate::error_chain(&e));
                 return false;
             }
@@ -315,11 +274,10 @@ impl Migration {
             migration: Some(self.job.handle.migration),
             zero_frames: link.version >= crate::protocol::ZERO_FRAMES,
         };
-        match self.hosts.links[&h].call(m, MessageKind::ForwardReady).await {
+        match self.links[&h].call(m, MessageKind::ForwardReady).await {
             Ok(Message::ForwardReady { transport, rdma }) => {
-                let from = self.hosts.names[h as usize].clone();
                 self.report.senders.push(SenderTransport {
-                    from,
+                    from: self.route.name(h).to_owned(),
                     to: link.host.clone(),
                     transport,
                     rdma,
@@ -331,83 +289,82 @@ impl Migration {
             }
             Ok(_) => false,
             Err(e) => {
-                let host = &self.hosts.names[h as usize];
+                let host = self.route.name(h);
                 tracing::warn!(%host, "cannot forward to {}: {}", link.host, crate::error_chain(&e));
                 false
             }
         }
     }
 
-    /// A forwarder is no longer needed (or no longer usable): its session is
-    /// discarded and nothing counts on its pages any more.
-    pub(super) fn release(&mut self, f: HostId, why: &str) {
-        self.hosts.forwarders.retain(|&x| x != f);
+    /// A host is no longer needed (or no longer usable): its session is
+    /// discarded and nothing counts on its pages any more. The target at
+    /// `fence_at` revokes what it gave it (its token, its streams): a
+    /// released host can no longer write there.
+    fn release(&mut self, f: HostId, why: &str, fence_at: Option<HostId>) {
         self.sched.drop_pool(f);
         self.ledger.invalidate(0..self.ledger.pages(), f);
-        if let Some(l) = self.hosts.links.get(&f).cloned() {
+        if let Some(l) = self.links.get(&f).cloned() {
             tracing::info!(host = %l.host, "releasing old destination: {why}");
             let reason = format!("no longer needed: {why}");
             tokio::spawn(async move { l.abort(&reason).await });
         }
-        // The target revokes what it gave the released host (its token,
-        // its streams): a released host can no longer write there.
-        if f != self.hosts.target {
-            if let Some(target) = self.hosts.links.get(&self.hosts.target).cloned() {
-                tokio::spawn(async move { drop(target.call(Message::Fence { sender: f }, MessageKind::Ok).await) });
-            }
+        if let Some(target) = fence_at.and_then(|t| self.links.get(&t).cloned()) {
+            tokio::spawn(async move { drop(target.call(Message::Fence { sender: f }, MessageKind::Ok).await) });
         }
     }
 
-    pub(super) fn forwarder_lost(&mut self, f: HostId, why: &str) {
-        if !self.hosts.forwarders.contains(&f) {
+    /// Asks target `at` to fence forwarder `f`; the answer comes back as an event.
+    fn fence(&mut self, f: HostId, at: HostId) {
+        let tx = self.rt.fenced_tx.clone();
+        let Some(target) = self.links.get(&at).cloned() else {
+            let _ = tx.send((f, Err(LinkError::Closed)));
             return;
-        }
-        tracing::warn!(host = %self.hosts.names[f as usize], "forwarder lost ({why}); the source sends its pages");
-        self.report.forwarders_lost.push(self.hosts.names[f as usize].clone());
-        self.release(f, "it failed");
-        self.plan();
+        };
+        tokio::spawn(async move {
+            let r = target.call(Message::Fence { sender: f }, MessageKind::Ok).await.map(|_| ());
+            let _ = tx.send((f, r));
+        });
     }
 
-    /// A forward to the target failed: its frames may still be in flight.
-    /// Its pages stay locked, the forwarder is dropped, and the target
-    /// fences it before anyone may rewrite those pages. Returns false if
-    /// this failure needs no fence (the batch is an ordinary failure).
-    pub(super) fn fence_failed_forward(&mut self, b: Batch, why: &str) -> Result<(), Batch> {
-        // Forwards to a lost target only fail: it is released at the next
-        // install and never written to again, so the forwarder goes on.
-        let dead = self.fb.dead.as_ref().is_some_and(|(h, _)| *h == b.to);
-        if b.from == super::schedule::SOURCE || b.to != self.hosts.target || self.rt.fenced.contains(&b.from) || dead {
-            return Err(b);
-        }
-        let f = b.from;
-        let first = !self.rt.fencing.contains_key(&f);
-        self.rt.fencing.entry(f).or_insert_with(|| (b.to, vec![])).1.push(b);
-        if first {
-            self.forwarder_lost(f, why);
-            let (target, tx) = (self.target_link(), self.rt.fenced_tx.clone());
-            tokio::spawn(async move {
-                let r = target.call(Message::Fence { sender: f }, MessageKind::Ok).await.map(|_| ());
-                let _ = tx.send((f, r));
-            });
-        }
-        Ok(())
-    }
-
-    /// The target confirmed (or failed) a fence: the forwarder's pages unlock.
-    pub(super) fn on_fenced(&mut self, (host, r): Fenced) -> Result<(), EngineError> {
-        let (at, batches) = self.rt.fencing.remove(&host).unwrap_or_default();
-        // A fence that failed at a host that is no longer the target does
-        // not matter: nothing writes there any more.
-        if let Err(e) = r {
-            if at == self.hosts.target && self.fb.dead.is_none() {
-                return Err(self.lost(at, e));
+    /// A forwarder's batch failed: held for the fence the route asks for,
+    /// or handed back as an ordinary failure.
+    pub(super) fn forward_failed(&mut self, b: Batch, why: &str) -> Result<Option<Batch>, EngineError> {
+        let cmds = self.route.handle(Event::ForwardFailed { from: b.from, to: b.to, why: why.into() });
+        let held = cmds.contains(&Command::Hold);
+        let b = match held {
+            true => {
+                self.rt.held.entry(b.from).or_default().push(b);
+                None
             }
+            false => Some(b),
+        };
+        self.obey(cmds)?;
+        Ok(b)
+    }
+
+    /// A target lost during work outside the event loop (a live
+    /// verification pass): handled as there, if it can be.
+    pub(super) fn recover_lost(&mut self, e: EngineError) -> Result<(), EngineError> {
+        match e {
+            EngineError::DestinationLost { host, source } if host == self.target_name() => {
+                let host = self.route.target();
+                self.route_event(Event::TargetLost { host, why: crate::error_chain(&source) })
+            }
+            e => Err(e),
         }
-        for b in batches {
-            self.abandon(&b);
-        }
-        self.rt.fenced.insert(host);
-        self.plan();
-        Ok(())
+    }
+
+    /// Logs and records a decision about the target.
+    fn decide(&mut self, target: String, why: &Why, action: String) {
+        let reason = why.describe();
+        tracing::warn!(vm = %self.report.vm, %target, "{reason}: {action}");
+        let (t, r, a) = (target.clone(), reason.clone(), action.clone());
+        self.job.handle.emit(EventKind::Decision { target: t, reason: r, action: a });
+        self.report.decisions.push(Decision {
+            at_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            target,
+            reason,
+            action,
+        });
     }
 }

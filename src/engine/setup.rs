@@ -65,7 +65,7 @@ pub(super) async fn prepare(
     first.map_err(EngineError::Sync)?;
     let zero_pages = holes(&ram).await;
     let completions = mpsc::unbounded_channel();
-    let mut fb = Fallback::new(job.ctx.fallbacks.clone(), job.opts.slow_rate_mbps, job.opts.slow_for_s);
+    let mut fb = Fallback::new(job.ctx.fallbacks.clone());
     let (mut to, mut addr) = (to.to_owned(), addr);
     let link = loop {
         let mut spec = link_spec(job, (&to, 1, addr), &ram, &observer, &completions.0);

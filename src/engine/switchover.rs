@@ -26,7 +26,7 @@ impl Migration {
         // Journaled before the pause, not after: an agent killed between the
         // two must find "paused" on restart and resume the VM (resuming one
         // that never paused is harmless; leaving one paused is not).
-        self.advance(Phase::Paused);
+        self.advance(Phase::Paused)?;
         self.blocking(|vm| vm.pause()).await?;
         d.pause_ms = ms(t_pause);
         // Everything the pause needs before `Resume` has a deadline: past it
@@ -39,9 +39,9 @@ impl Migration {
         self.set_phase("switchover: resume on destination");
         // Nothing more is sent: the streams end here, before the destination
         // closes its side (which would look like a failure).
-        self.hosts.links.values().for_each(|l| l.close_sender());
+        self.links.values().for_each(|l| l.close_sender());
         let t = Instant::now();
-        self.advance(Phase::ResumeSent);
+        self.advance(Phase::ResumeSent)?;
         let target = self.target_link();
         let resume = Message::Resume { start: !self.job.opts.suspend, migration: Some(target.migration) };
         target.call(resume, MessageKind::Resumed).await.map_err(|e| self.lost(target.id, e))?;
@@ -77,11 +77,9 @@ impl Migration {
         let t = Instant::now();
         self.drain().await?;
         d.final_send_ms = ms(t);
-        // The destination may change until here (a retarget during the final
-        // round costs downtime, but the operator asked for it); from now on
-        // it is fixed.
-        self.advance(Phase::Committing);
-        self.rt.end("too late: the switchover has started");
+        // The destination has been fixed since the pause (`route`): past
+        // here the source only commits to it.
+        self.advance(Phase::Committing)?;
         self.check_cancel()?;
 
         if self.verifier.on() {
@@ -120,30 +118,6 @@ impl Migration {
         }
         let end = Message::DeviceStateEnd { total: state.len() as u64 };
         target.call(end, MessageKind::Ok).await.map_err(lost)?;
-        Ok(())
-    }
-
-    /// Sends everything the target lacks, with every sender, until it has
-    /// all of it (the VM is paused: nothing gets dirty meanwhile).
-    pub(super) async fn drain(&mut self) -> Result<(), EngineError> {
-        self.begin_round();
-        loop {
-            self.fill()?;
-            let in_flight = self.sched.in_flight() + self.rt.fences_pending();
-            if in_flight == 0 && self.sched.queue_empty() && self.sched.pools_empty() && self.fb.dead.is_none() {
-                if self.remaining_bytes() == 0 {
-                    break;
-                }
-                // Pages skipped while another writer had them: plan again.
-                self.plan();
-                if self.sched.queue_empty() && self.sched.pools_empty() {
-                    return Err(EngineError::Stranded(self.remaining_bytes()));
-                }
-                continue;
-            }
-            self.wait_event().await?;
-        }
-        self.end_round();
         Ok(())
     }
 }

@@ -144,7 +144,7 @@ impl Verifier {
 impl Migration {
     /// Blocks with a page the target lacks.
     pub(super) fn stale_blocks(&self) -> Bitmap {
-        let (layout, t) = (self.ram.layout(), self.hosts.target);
+        let (layout, t) = (self.ram.layout(), self.route.target());
         let mut out = Bitmap::new(self.verifier.blocks.len());
         for p in (0..layout.total_pages()).filter(|&p| !self.ledger.is_fresh(p, t)) {
             out.set(self.verifier.blocks.of_page(layout, p));
@@ -176,7 +176,7 @@ impl Migration {
         let lost = |e| self.lost(target.id, e);
         let v2 = target.version >= CHUNKED_DEVICE_STATE;
         let bp = self.verifier.blocks.block_pages();
-        let pause = self.phase.paused();
+        let pause = self.route.phase().paused();
         let m = match v2 {
             true => Message::ChecksumRequest {
                 blocks: Some(list.iter().map(|&b| b as u32).collect()),
@@ -252,7 +252,7 @@ impl Migration {
             self.invalidate_blocks(&misses);
             self.verifier.full_pause = Some(format!("the tracker missed writes in {} blocks", misses.len()));
         }
-        self.verifier.live_target = Some(self.hosts.target);
+        self.verifier.live_target = Some(self.route.target());
         self.verifier.live_passes += 1;
         // What a comparison really costs, both ends in parallel, batched:
         // better than the first sample (one end, serial, cold) once the
@@ -276,7 +276,7 @@ impl Migration {
     fn invalidate_blocks(&mut self, list: &[usize]) {
         for &b in list {
             let Some(blk) = self.verifier.blocks.get(self.ram.layout(), b) else { continue };
-            for h in (SOURCE + 1)..self.hosts.names.len() as HostId {
+            for h in (SOURCE + 1)..self.route.names().len() as HostId {
                 self.ledger.invalidate(blk.first_page..blk.first_page + blk.pages, h);
             }
         }
