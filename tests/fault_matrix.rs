@@ -290,12 +290,9 @@ fn run_cell(cell: &Cell, gates: &Path, tag: &str) -> Seen {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn fault_matrix() {
-    const T: &str = "fault_matrix";
     let filter = std::env::var("DCMIGRATE_FAULT_MATRIX").ok();
-    if !hooks_or_skip(T) {
-        return;
-    }
     let root = nix_is_root();
     cleanup_stale("fm");
     let mut rows = vec![];

@@ -58,10 +58,8 @@ fn report_within(tb: &Testbed, vm: &str, since: Instant, bound: Duration) -> Rep
 /// the peer timeout, the migration fails, the VM keeps running on the
 /// source; thawed, the destination discards what it had.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn destination_frozen_in_round_0() {
-    if !hooks_or_skip("destination_frozen_in_round_0") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[]);
     tb.start_guest("hostA", "f1", 64 * MIB, &workload(10.0), false, &[]).unwrap();
     start_migration(
@@ -86,10 +84,8 @@ fn destination_frozen_in_round_0() {
 /// state is loaded): past the switchover deadline the VM resumes on the
 /// source, and the guest's pause stays within the limit plus the deadline.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn destination_hangs_in_the_pause() {
-    if !hooks_or_skip("destination_hangs_in_the_pause") {
-        return;
-    }
     let tb = bed(&["hostA", "hostB"], &[("DCMIGRATE_TEST_STALL_DEVICE_STATE_MS", "8000")]);
     let mut tb = tb;
     tb.start_guest("hostA", "f2", 32 * MIB, &workload(5.0), false, &[]).unwrap();
@@ -109,10 +105,8 @@ fn destination_hangs_in_the_pause() {
 /// timeout, the source sends its share, the VM completes on the new
 /// destination byte for byte; thawed, the forwarder discards everything.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn forwarder_frozen_while_forwarding() {
-    if !hooks_or_skip("forwarder_frozen_while_forwarding") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB", "hostC"], &[("DCMIGRATE_TEST_FORWARD_DELAY_MS", "300")]);
     tb.start_guest("hostA", "f3", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     let opts = MigrateOptions { max_bandwidth_mbps: Some(40.0), suspend: true, ..Default::default() };
@@ -132,10 +126,8 @@ fn forwarder_frozen_while_forwarding() {
 /// The source agent is killed (SIGKILL) in round 0 and restarted: it knows
 /// the VM again (still running), and the destination discarded everything.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn source_killed_in_round_0_and_restarted() {
-    if !hooks_or_skip("source_killed_in_round_0_and_restarted") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[]);
     tb.start_guest("hostA", "f4", 64 * MIB, &workload(10.0), false, &[]).unwrap();
     start_migration(
@@ -160,10 +152,8 @@ fn source_killed_in_round_0_and_restarted() {
 /// in the pause): restarted, it reads its journal and resumes the VM, which
 /// never got to the destination; the destination discards everything.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn source_killed_in_the_pause_and_restarted() {
-    if !hooks_or_skip("source_killed_in_the_pause_and_restarted") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[("DCMIGRATE_TEST_STALL_DEVICE_STATE_MS", "4000")]);
     tb.start_guest("hostA", "f5", 32 * MIB, &workload(5.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "f5", "hostB", MigrateOptions::default());
@@ -179,10 +169,8 @@ fn source_killed_in_the_pause_and_restarted() {
 /// the migration first (the VM runs on the source, the destination
 /// discards), then exits; restarted, it knows the VM.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn source_shutdown_in_the_pause() {
-    if !hooks_or_skip("source_shutdown_in_the_pause") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[("DCMIGRATE_TEST_STALL_DEVICE_STATE_MS", "4000")]);
     tb.start_guest("hostA", "f6", 32 * MIB, &workload(5.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "f6", "hostB", MigrateOptions::default());
@@ -199,10 +187,8 @@ fn source_shutdown_in_the_pause() {
 /// destination, learns the VM runs there, and stops its own copy: the VM
 /// runs on exactly one host.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn unknown_outcome_is_refused_then_settled() {
-    if !hooks_or_skip("unknown_outcome_is_refused_then_settled") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[]);
     tb.restart_agent("hostB", &[("DCMIGRATE_TEST_DROP_AFTER_COMMIT", "1")]).unwrap();
     tb.start_guest("hostA", "f7", 32 * MIB, &workload(5.0), false, &[]).unwrap();
@@ -230,10 +216,8 @@ fn unknown_outcome_is_refused_then_settled() {
 /// would have stopped the only copy of its VM.) The source's agent is down
 /// while the other migration runs, so it cannot ask before.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn an_outcome_is_answered_for_the_migration_asked_about() {
-    if !hooks_or_skip("an_outcome_is_answered_for_the_migration_asked_about") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB", "hostC"], &[]);
     tb.restart_agent("hostB", &[("DCMIGRATE_TEST_DROP_BEFORE_COMMIT", "1")]).unwrap();
     tb.start_guest("hostA", "twin", 32 * MIB, &workload(5.0), false, &[]).unwrap();
@@ -255,10 +239,8 @@ fn an_outcome_is_answered_for_the_migration_asked_about() {
 /// `--max-time` is a hard budget: a round that would take minutes ends
 /// when it runs out (here with `--on-budget abort`: the VM stays).
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn max_time_ends_a_round_midway() {
-    if !hooks_or_skip("max_time_ends_a_round_midway") {
-        return;
-    }
     let tb = bed(&["hostA", "hostB"], &[]);
     let mut tb = tb;
     tb.start_guest("hostA", "f8", 64 * MIB, &workload(5.0), false, &[]).unwrap();
@@ -280,10 +262,8 @@ fn max_time_ends_a_round_midway() {
 /// The incoming guest dies during pre-copy: the migration fails at once
 /// (not at the switchover), and the VM keeps running on the source.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn incoming_guest_dying_fails_at_once() {
-    if !hooks_or_skip("incoming_guest_dying_fails_at_once") {
-        return;
-    }
     let mut tb = bed(&["hostA", "hostB"], &[]);
     tb.start_guest("hostA", "f9", 64 * MIB, &workload(5.0), false, &[]).unwrap();
     start_migration(

@@ -44,10 +44,8 @@ fn landed(tb: &Testbed, vm: &str, host: &str, others: &[&str]) {
 /// it is certain to be running): that one moves to hostB, hostC forwarding
 /// what it holds, and every later VM goes to hostB.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn evacuate_two_at_a_time_with_a_destination_drained() {
-    if !hooks_or_skip("evacuate_two_at_a_time_with_a_destination_drained") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     let vms = ["e1", "e2", "e3", "e4"];
     for vm in vms {
@@ -90,6 +88,7 @@ fn evacuate_two_at_a_time_with_a_destination_drained() {
         tb.client("hostA").evacuation(None, false).ok().filter(|s| s.done)
     })
     .expect("the evacuation ended");
+    assert_eq!(done.vms.len(), vms.len(), "every VM in the report: {done:#?}");
     assert!(done.vms.iter().all(|v| v.stage == Stage::Completed), "{done:#?}\n{}", tb.logs());
     assert!(done.vms.iter().all(|v| v.destination.as_deref() == Some("hostB")), "{done:#?}");
     assert!(done.peak_parallel <= 2, "{done:#?}");
@@ -158,10 +157,8 @@ fn drained_destination_refuses_and_the_fallback_takes_it() {
 /// it): the migration moves to the fallback host, the source resending
 /// what the dead one held, and completes there.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn fallback_when_the_destination_dies() {
-    if !hooks_or_skip("fallback_when_the_destination_dies") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", "k1", 64 * MIB, &workload(4.0), true, &[]).unwrap();
     let opts = MigrateOptions { suspend: true, fallback: vec!["hostC".into()], ..Default::default() };
@@ -186,10 +183,8 @@ fn fallback_when_the_destination_dies() {
 /// root): once it stays below the threshold, the migration moves to the
 /// fallback host, and the slow one forwards what it holds.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn fallback_when_the_destination_falls_behind() {
-    if !hooks_or_skip("fallback_when_the_destination_falls_behind") {
-        return;
-    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("fallback_when_the_destination_falls_behind", "needs root (network namespaces)");
@@ -252,6 +247,7 @@ fn evacuate_and_drain_from_the_command_line() {
     assert_eq!(code, Some(0), "{out}\n{err}\n{}", tb.logs());
     let report: dcmigrate::agent::evacuate::EvacuationStatus = serde_json::from_str(&out).expect("a JSON report");
     assert!(report.done && report.peak_parallel == 1, "{report:#?}");
+    assert_eq!(report.vms.len(), 2, "both VMs in the report: {report:#?}");
     for v in &report.vms {
         assert_eq!((v.stage, v.destination.as_deref()), (Stage::Completed, Some("hostB")), "{report:#?}");
         assert!(tb.vm_on("hostA", &v.vm).is_none() && tb.vm_on("hostB", &v.vm).is_some());
@@ -262,10 +258,8 @@ fn evacuate_and_drain_from_the_command_line() {
 /// before its switchover, so certainly running), the queued VM never
 /// starts, and both keep running here.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn a_cancelled_evacuation_leaves_the_vms_here() {
-    if !hooks_or_skip("a_cancelled_evacuation_leaves_the_vms_here") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB"]);
     for vm in ["x1", "x2"] {
         tb.start_guest("hostA", vm, 16 * MIB, &workload(1.0), true, &[]).unwrap();
@@ -279,6 +273,7 @@ fn a_cancelled_evacuation_leaves_the_vms_here() {
     .expect("one migration started");
     tb.client("hostA").evacuation(None, true).expect("cancelled");
     let end = wait_for(60, || tb.client("hostA").evacuation(None, false).ok().filter(|s| s.done)).expect("it ended");
+    assert_eq!(end.vms.len(), 2, "both VMs in the report: {end:#?}");
     for v in &end.vms {
         assert_eq!(v.stage, Stage::Failed, "{end:#?}");
         assert_eq!(v.attempts, u32::from(v.vm == running), "{end:#?}");
@@ -302,11 +297,9 @@ impl Drop for Mounted {
 /// source to leave, and the migration moves to the fallback host with the
 /// destination forwarding what it holds.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn fallback_when_the_destination_runs_out_of_room() {
     const TEST: &str = "fallback_when_the_destination_runs_out_of_room";
-    if !hooks_or_skip(TEST) {
-        return;
-    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip(TEST, "needs root (a tmpfs of its own)");
@@ -358,10 +351,8 @@ fn fallback_when_the_destination_runs_out_of_room() {
 /// A rolling upgrade: a destination of the previous release (protocol 2)
 /// cannot say its room, and is still a destination an evacuation uses.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn evacuate_to_an_older_agent() {
-    if !hooks_or_skip("evacuate_to_an_older_agent") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.restart_agent("hostB", &[("DCMIGRATE_TEST_MAX_PROTOCOL", "2")]).unwrap();
     tb.start_guest("hostA", "o1", 16 * MIB, &workload(1.0), true, &[]).unwrap();

@@ -195,10 +195,11 @@ fn destinations_without_room_on_huge_pages_refuse_with_the_reason() {
 /// (the unlinked file dies with A's QEMU), one QEMU is left, on C, and the
 /// guest's heartbeat goes on there without a gap.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn a_booted_qemu_guest_on_huge_pages_moves_with_a_retarget() {
     const T: &str = "a_booted_qemu_guest_on_huge_pages_moves_with_a_retarget";
     let q = if qemu_available() { Ok(()) } else { Err(format!("{QEMU} is not installed")) };
-    if !can_run(T, q, false, "tests/run installs qemu-system-x86") || !hooks_or_skip(T) {
+    if !can_run(T, q, false, "tests/run installs qemu-system-x86") {
         return;
     }
     if std::env::var_os("DCMIGRATE_IN_VM").is_some() {
@@ -233,6 +234,7 @@ fn a_booted_qemu_guest_on_huge_pages_moves_with_a_retarget() {
     };
     let report = migrate_booted_with_a_retarget(&tb, opts);
     assert!(report.verified && report.verify_mismatched_chunks == 0, "{report:#?}");
+    assert_eq!(report.ram.len(), at_a.ram.len(), "{:?}", report.ram);
     assert!(report.ram.iter().all(|r| r.page_size == HUGE), "{:?}", report.ram);
 
     let at_c = tb.vm_on("C", "vm1").expect("on C");

@@ -110,10 +110,8 @@ fn wait_until_sending(tb: &dcmigrate::testbed::Testbed, vm: &str) {
 
 /// Cancel mid-way: the guest runs on the source; nothing is left on the destination.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
-    if !hooks_or_skip("cancel_leaves_vm_on_source_and_nothing_on_destination") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "vmc", 128 * MIB, &workload(300.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "vmc", "hostB", endless());
@@ -136,10 +134,8 @@ fn cancel_leaves_vm_on_source_and_nothing_on_destination() {
 /// The destination agent dies mid-way: the migration fails cleanly, the
 /// guest keeps running on the source, the orphaned incoming guest removes itself.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn destination_crash_keeps_vm_on_source() {
-    if !hooks_or_skip("destination_crash_keeps_vm_on_source") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB"]);
     tb.start_guest("hostA", "vmk", 128 * MIB, &workload(300.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "vmk", "hostB", endless());
@@ -190,17 +186,15 @@ fn corrupted_chunk_is_resent(mode: VerifyMode) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn corrupted_chunk_is_found_by_the_live_pass() {
-    if hooks_or_skip("corrupted_chunk_is_found_by_the_live_pass") {
-        corrupted_chunk_is_resent(VerifyMode::Live);
-    }
+    corrupted_chunk_is_resent(VerifyMode::Live);
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn corrupted_chunk_is_found_in_the_pause_with_full() {
-    if hooks_or_skip("corrupted_chunk_is_found_in_the_pause_with_full") {
-        corrupted_chunk_is_resent(VerifyMode::Full);
-    }
+    corrupted_chunk_is_resent(VerifyMode::Full);
 }
 
 /// A guest that leaves every 7th write out of its dirty log (the tracker
@@ -210,10 +204,8 @@ fn corrupted_chunk_is_found_in_the_pause_with_full() {
 /// verification off the same guest leaves the destination wrong: the test
 /// can fail.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn tracker_misses_are_found_and_resent() {
-    if !hooks_or_skip("tracker_misses_are_found_and_resent") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB"]);
     let miss = ["--test-miss-every", "7"];
     tb.start_guest("hostA", "miss", 64 * MIB, &workload(20.0), true, &miss).unwrap();
@@ -239,10 +231,8 @@ fn tracker_misses_are_found_and_resent() {
 /// Byte-exact at the switchover in every verification mode, with a guest
 /// that keeps writing, with and without a retarget.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn every_verification_mode_is_byte_exact() {
-    if !hooks_or_skip("every_verification_mode_is_byte_exact") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     for (i, mode) in [VerifyMode::Live, VerifyMode::Full, VerifyMode::Off].into_iter().enumerate() {
         for retarget in [false, true] {

@@ -25,9 +25,6 @@ fn assert_gone(tb: &Testbed, host: &str, vm: &str) {
 
 fn retarget_at(frac: f64) {
     let vm = format!("rt{}", (frac * 100.0) as u32);
-    if !hooks_or_skip(&format!("retarget_at({frac})")) {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", &vm, 128 * MIB, &workload(20.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", &vm, "hostB", slow(60.0));
@@ -53,16 +50,19 @@ fn retarget_at(frac: f64) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn retarget_before_anything_arrived() {
     retarget_at(0.0);
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn retarget_at_30_percent() {
     retarget_at(0.3);
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn retarget_at_70_percent() {
     retarget_at(0.7);
 }
@@ -71,10 +71,8 @@ fn retarget_at_70_percent() {
 /// Its writes stay in the first quarter of RAM, so the rest (42 MiB of data)
 /// is at the old destination once round 0 is over, however slow the machine.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn retarget_during_last_rounds() {
-    if !hooks_or_skip("retarget_during_last_rounds") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     let w = dcmigrate::vm::synthetic::Workload { hot_fraction: 0.25, ..workload(80.0) };
     tb.start_guest("hostA", "late", 64 * MIB, &w, true, &[]).unwrap();
@@ -101,10 +99,8 @@ fn retarget_during_last_rounds() {
 
 /// B, then C, then D: every holder of current pages may send to the newest.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn two_retargets_in_a_row() {
-    if !hooks_or_skip("two_retargets_in_a_row") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC", "hostD"]);
     tb.start_guest("hostA", "hop", 128 * MIB, &workload(20.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "hop", "hostB", slow(50.0));
@@ -125,10 +121,8 @@ fn two_retargets_in_a_row() {
 
 /// The forwarder dies mid-forward: the source takes over its share.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn forwarder_crash_source_takes_over() {
-    if !hooks_or_skip("forwarder_crash_source_takes_over") {
-        return;
-    }
     let env = [("DCMIGRATE_TEST_FORWARD_DELAY_MS", "400")];
     let mut tb = Testbed::start_with_env(exe(), &["hostA", "hostB", "hostC"], &env).unwrap();
     tb.start_guest("hostA", "fc", 128 * MIB, &workload(20.0), true, &[]).unwrap();
@@ -148,10 +142,8 @@ fn forwarder_crash_source_takes_over() {
 /// The new destination dies: the migration fails cleanly, the VM runs on the
 /// source, and every destination is cleaned up.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn new_destination_crash_fails_cleanly() {
-    if !hooks_or_skip("new_destination_crash_fails_cleanly") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", "nc", 128 * MIB, &workload(20.0), false, &[]).unwrap();
     start_migration(&tb, "hostA", "nc", "hostB", slow(30.0));
@@ -174,10 +166,8 @@ fn new_destination_crash_fails_cleanly() {
 /// Retarget to a host that does not answer: a clear error, and the migration
 /// to the old destination goes on unharmed.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn retarget_to_unreachable_host_keeps_migration_going() {
-    if !hooks_or_skip("retarget_to_unreachable_host_keeps_migration_going") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.kill_agent("hostC");
     tb.start_guest("hostA", "un", 64 * MIB, &workload(10.0), true, &[]).unwrap();
@@ -197,10 +187,8 @@ fn retarget_to_unreachable_host_keeps_migration_going() {
 
 /// `--no-forward`: the old destination is dropped and the source sends everything.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn no_forward_restarts_from_the_source() {
-    if !hooks_or_skip("no_forward_restarts_from_the_source") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", "nf", 64 * MIB, &workload(10.0), true, &[]).unwrap();
     start_migration(&tb, "hostA", "nf", "hostB", slow(60.0));
@@ -249,20 +237,16 @@ fn hot_pages_under_forwarding(unordered: bool) -> (usize, Report) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn hot_pages_under_forwarding_arrive_current() {
-    if !hooks_or_skip("hot_pages_under_forwarding_arrive_current") {
-        return;
-    }
     let (stale, r) = hot_pages_under_forwarding(false);
     assert_eq!(stale, 0, "{stale} stale pages at the new destination: {r:#?}");
 }
 
 /// Proves the stress test detects what the one-writer rule prevents.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn stress_test_catches_a_broken_ordering_rule() {
-    if !hooks_or_skip("stress_test_catches_a_broken_ordering_rule") {
-        return;
-    }
     let (stale, r) = hot_pages_under_forwarding(true);
     eprintln!("with the one-writer rule off: {stale} stale pages");
     assert!(stale > 0, "with the ordering rule off, stale pages were expected: {r:#?}");
@@ -274,10 +258,8 @@ fn stress_test_catches_a_broken_ordering_rule() {
 /// from hostC to hostB, whose device state travels the version-1 way. Every
 /// pair speaks the newest version both know.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn old_and_new_agents_migrate_and_retarget_together() {
-    if !hooks_or_skip("old_and_new_agents_migrate_and_retarget_together") {
-        return;
-    }
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.restart_agent("hostB", &[("DCMIGRATE_TEST_MAX_PROTOCOL", "1")]).unwrap();
     tb.start_guest("hostA", "up", 64 * MIB, &workload(10.0), true, &[]).unwrap();

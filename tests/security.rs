@@ -517,10 +517,8 @@ fn raise_fd_limit() {
 /// the slots kept for them, the migration completes verified, and the
 /// flood ran at its full size.
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-only switches: cargo test --features test-hooks")]
 fn a_flood_of_idle_connections_leaves_a_retargeted_migration_through() {
-    if !hooks_or_skip("a_flood_of_idle_connections_leaves_a_retargeted_migration_through") {
-        return;
-    }
     raise_fd_limit();
     let mut tb = testbed(&["hostA", "hostB", "hostC"]);
     tb.start_guest("hostA", "stormy", 64 * MIB, &workload(5.0), false, &[]).unwrap();
@@ -608,4 +606,39 @@ async fn the_session_is_sealed_before_the_device_state_without_a_verification() 
     let h = Frame::Pages { region: 0, offset: 0, len: PAGE_SIZE as u32 }.encode();
     assert_eq!(send(&mut live, h, PAGE_SIZE).await, None, "a forwarder wrote once the device state came");
     assert_eq!(refused(stream_as(addr, &forwarder, 1, Some(&tls_c)).await), HelloStatus::BadToken);
+}
+
+/// A source that sends the switchover's messages out of order is refused by
+/// the destination's session itself, which names what came too early; the
+/// session stays usable and aborts cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_order_messages_are_refused_by_name() {
+    let tb = testbed(&["hostA", "hostB"]);
+    let mut c = as_source(&tb, "hostB", "hostA").await;
+    let opened = ask(&mut c, synthetic_session("order", 8 * MIB)).await;
+    assert!(matches!(opened, Ok(Message::SessionOpened { .. })), "{opened:?}");
+    let resume = || Message::Resume { start: true, migration: None };
+    match ask(&mut c, resume()).await {
+        Err(ProtocolError::Peer(msg)) => {
+            assert!(msg.starts_with("resume before the device state ended"), "{msg}")
+        }
+        other => panic!("resume first: {other:?}"),
+    }
+    // Between the device state's chunks only their end may come.
+    write_message(&mut c.stream, &Message::DeviceStateChunk { len: 2, bytes: b"{}".to_vec() }).await.unwrap();
+    let sums = Message::ChecksumRequest { blocks: None, block_pages: None, pause: true };
+    match ask(&mut c, sums).await {
+        Err(ProtocolError::Peer(msg)) => {
+            assert_eq!(msg, "checksum_request refused: the session is receiving the device state")
+        }
+        other => panic!("checksums between chunks: {other:?}"),
+    }
+    // The state's end is taken (so the refusals above can fail), and the
+    // VM is still here, paused, until the source aborts.
+    let end = ask(&mut c, Message::DeviceStateEnd { total: 2 }).await;
+    assert!(matches!(end, Ok(Message::Ok) | Err(ProtocolError::Peer(_))), "{end:?}");
+    assert!(tb.vm_on("hostA", "order").is_none(), "committed without a resume");
+    let abort = Message::Abort { reason: "test".into(), migration: None };
+    assert!(matches!(ask(&mut c, abort).await, Ok(Message::Ok)));
+    assert!(vm_files(&tb, "hostA", "order").is_empty(), "files left: {:?}", vm_files(&tb, "hostA", "order"));
 }

@@ -8,9 +8,9 @@ pub enum Phase {
     Setup,
     /// Rounds of dirty pages while the VM runs.
     Precopy,
-    /// The VM is paused; the final round is running (a retarget is still possible).
+    /// The VM is paused; the final round is running (the destination is fixed from here on).
     Paused,
-    /// Past the point where the destination can change: verification, device state.
+    /// The final round is over: verification, device state.
     Committing,
     /// `Resume` was sent: the VM may run on the destination now.
     ResumeSent,

@@ -113,7 +113,7 @@ impl Migration {
                 }
                 Command::Open { host, to, addr } => self.open_target(host, to, addr),
                 // Carried out where the opened session is at hand (`opened`).
-                Command::Discard { .. } | Command::Hold => {}
+                Command::Discard { .. } | Command::Hold { .. } => {}
                 Command::DropOpening => self.rt.discard_opening(),
                 Command::Installed { old, new, forwarding, at_old, reason } => {
                     self.installed((old, new), forwarding, at_old, reason)
@@ -127,9 +127,12 @@ impl Migration {
                 }
                 Command::Replan => {
                     let (target, forwarders) = (self.route.target(), self.route.forwarders());
+                    let mut next = vec![];
                     for host in self.sched.plan(&self.ledger, self.ram.layout(), target, forwarders) {
-                        queue.extend(self.route.handle(Event::ForwarderIdle { host }));
+                        next.extend(self.route.handle(Event::ForwarderIdle { host }));
                     }
+                    // Before what came after the replan, as if done at once.
+                    next.into_iter().rev().for_each(|c| queue.push_front(c));
                 }
                 Command::Decide { target, why, action } => self.decide(target, &why, action),
                 Command::Announce { to, why, error } => {
@@ -139,7 +142,10 @@ impl Migration {
                 Command::ForwarderLost { host } => {
                     self.report.forwarders_lost.push(self.route.name(host).to_owned());
                 }
-                Command::Fail { host, why } => return Err(self.lost(host, LinkError::Lost(why))),
+                Command::Fail { host, why } => {
+                    debug_assert!(queue.is_empty(), "commands after a failure: {queue:?}");
+                    return Err(self.lost(host, LinkError::Lost(why)));
+                }
             }
         }
         Ok(())
@@ -166,8 +172,15 @@ impl Migration {
     pub(super) async fn opened(&mut self, opened: Opened) -> Result<(), EngineError> {
         let (r, link) = match opened {
             Ok(link) => {
-                if self.route.opening() {
+                if self.route.opening() && !self.route.phase().paused() {
                     crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
+                    // An install's dirty sync, while the books still name
+                    // the old target: pages the guest wrote since the last
+                    // one are not current there, however the ledger saw
+                    // them, so the work split starts from the truth.
+                    if let Err(e) = self.dirty_sync().await {
+                        tracing::warn!("dirty sync at the retarget failed: {}", crate::error_chain(&e));
+                    }
                 }
                 (Ok(()), Some(link))
             }
@@ -177,7 +190,9 @@ impl Migration {
         match (install, link) {
             (Some(i), Some(link)) => self.install(i, link, cmds).await,
             (_, link) => {
-                if let (Some(Command::Discard { why }), Some(link)) = (cmds.first(), link) {
+                let discard =
+                    cmds.iter().find_map(|c| if let Command::Discard { why } = c { Some(*why) } else { None });
+                if let (Some(why), Some(link)) = (discard, link) {
                     link.abort(why).await;
                 }
                 self.obey(cmds)
@@ -185,16 +200,11 @@ impl Migration {
         }
     }
 
-    /// Installs the new target: a dirty sync first (pages the guest wrote
-    /// since the last one are not current at the old destination, however
-    /// the ledger saw them), so that the work split starts from the truth;
-    /// then the hosts that may forward are pointed at it. Done here, not
-    /// earlier: from now on every batch names the new target, and a
-    /// forwarder refuses batches for any other.
+    /// Installs the new target (after the dirty sync): the hosts that may
+    /// forward are pointed at it. Done here, not earlier: from now on every
+    /// batch names the new target, and a forwarder refuses batches for any
+    /// other.
     async fn install(&mut self, i: Install, link: Arc<Link>, cmds: Vec<Command>) -> Result<(), EngineError> {
-        if let Err(e) = self.dirty_sync().await {
-            tracing::warn!("dirty sync at the retarget failed: {}", crate::error_chain(&e));
-        }
         let at_old = self.ledger.fresh_count(i.old) as u64 * PAGE_SIZE as u64;
         self.note_transport(&link);
         self.links.insert(i.new, link.clone());
@@ -330,7 +340,7 @@ impl Migration {
     /// or handed back as an ordinary failure.
     pub(super) fn forward_failed(&mut self, b: Batch, why: &str) -> Result<Option<Batch>, EngineError> {
         let cmds = self.route.handle(Event::ForwardFailed { from: b.from, to: b.to, why: why.into() });
-        let held = cmds.contains(&Command::Hold);
+        let held = cmds.contains(&Command::Hold { host: b.from });
         let b = match held {
             true => {
                 self.rt.held.entry(b.from).or_default().push(b);

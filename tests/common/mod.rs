@@ -118,15 +118,6 @@ pub fn release(tb: &Testbed, from: &str, vm: &str) {
     let _ = (tb, from, vm);
 }
 
-/// Tests that need the test-only switches (a hold before the switchover,
-/// fault injection) skip, saying so, in a build without them.
-pub fn hooks_or_skip(test: &str) -> bool {
-    if !dcmigrate::hooks::ENABLED {
-        skip(test, "needs the test-only switches: cargo test --features test-hooks (tests/run does)");
-    }
-    dcmigrate::hooks::ENABLED
-}
-
 pub fn start_migration(tb: &Testbed, from: &str, vm: &str, to: &str, options: MigrateOptions) {
     tb.client(from).migrate(vm, to, options).expect("migrate accepted");
 }

@@ -109,9 +109,11 @@ pub(super) async fn forward_to(
     // knows them by: the source chooses the port, never where to.
     let peer_ip = agent.cfg.peers.get(&t.host).ok_or_else(|| ForwardError::NotAPeer(t.host.clone()))?.ip();
     let addr = SocketAddr::new(peer_ip, t.addr.port());
-    if let Some((_, old)) = sess.forward.take() {
+    if let Some((_, old)) = sess.stage.forwarding() {
         old.close();
     }
+    // Not forwarding until the new streams are open.
+    sess.stage = super::Stage::Receiving;
     let spec = SenderSpec {
         host: &t.host,
         transport: t.transport,
@@ -138,7 +140,7 @@ pub(super) async fn forward_to(
         .await
         .map_err(|source| ForwardError::Open { host: t.host.clone(), source })?;
     let (kind, path) = (s.kind(), s.rdma_path());
-    sess.forward = Some((t.host, Arc::from(s)));
+    sess.stage = super::Stage::Forwarding { to: t.host, sender: Arc::from(s) };
     Ok((kind, path))
 }
 
@@ -171,10 +173,11 @@ pub(super) fn forward(
     runs: Vec<(usize, usize)>,
     completions: mpsc::UnboundedSender<Completion>,
 ) -> Result<(), ForwardError> {
-    let (host, sender) = sess.forward.clone().ok_or(ForwardError::NotForwarding)?;
+    let (host, sender) = sess.stage.forwarding().ok_or(ForwardError::NotForwarding)?;
     if host != to {
-        return Err(ForwardError::OtherTarget { current: host, asked: to.into() });
+        return Err(ForwardError::OtherTarget { current: host.into(), asked: to.into() });
     }
+    let sender = sender.clone();
     let b = Batch { id: batch, chunk: 0, from: 0, to: 0, runs: check_runs(sess, runs)?, epochs: vec![] };
     // Test hook: a slow forwarder (its pages land late), to exercise ordering.
     match crate::hooks::forward_delay_ms() {

@@ -6,12 +6,16 @@
 
 mod forward;
 mod open;
+mod stage;
+
+use stage::Stage;
+pub use stage::{OutOfOrder, MAX_DEVICE_STATE};
 
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
 use crate::protocol::{Message, MigrationId, ProtocolError, Token, DESCRIPTIONS, HEARTBEATS, LEAVE};
-use crate::transport::{Completion, PageSender, Receiving};
+use crate::transport::{Completion, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
 use std::sync::Arc;
@@ -20,9 +24,6 @@ use tokio::sync::mpsc;
 /// How often a session checks that its incoming VM still runs.
 const VM_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Largest device state a destination accepts (a VM with a lot of video RAM fits).
-pub const MAX_DEVICE_STATE: usize = 512 << 20;
-
 /// One incoming migration on this host.
 pub(crate) struct Session {
     vm: String,
@@ -30,49 +31,14 @@ pub(crate) struct Session {
     ram: Arc<GuestRam>,
     incoming: Arc<dyn IncomingVm>,
     receiving: Arc<Receiving>,
-    /// Set once the source made this host a forwarder (retarget): where to
-    /// and the streams.
-    forward: Option<(String, Arc<dyn PageSender>)>,
-    /// Device state received so far (protocol 2 sends it in chunks).
-    device_state: DeviceState,
+    /// Its phase, and what the phase holds.
+    stage: Stage,
     /// The uid this session's VM runs as, held until the session ends.
     uid: Option<u32>,
     /// The migration it belongs to (protocol 4).
     migration: Option<MigrationId>,
     /// The source that opened it.
     peer: String,
-}
-
-/// Device state arriving in chunks, bounded by [`MAX_DEVICE_STATE`].
-#[derive(Default)]
-pub(crate) struct DeviceState {
-    bytes: Vec<u8>,
-    /// Bytes offered in all, kept even past the limit (to say how many).
-    offered: u64,
-}
-
-impl DeviceState {
-    fn add(&mut self, chunk: &[u8]) {
-        self.offered += chunk.len() as u64;
-        // Past the limit nothing more is kept: refused at the end, where the
-        // source waits for an answer.
-        if self.offered <= MAX_DEVICE_STATE as u64 {
-            self.bytes.extend_from_slice(chunk);
-        }
-    }
-
-    /// The whole state, if it is complete and within the limit.
-    fn take(&mut self, total: u64) -> Result<Vec<u8>, String> {
-        let offered = std::mem::take(&mut self.offered);
-        let bytes = std::mem::take(&mut self.bytes);
-        if offered > MAX_DEVICE_STATE as u64 {
-            return Err(format!("device state of {offered} bytes exceeds the limit of {MAX_DEVICE_STATE}"));
-        }
-        if offered != total {
-            return Err(format!("device state: {offered} bytes received, {total} announced"));
-        }
-        Ok(bytes)
-    }
 }
 
 /// What a message asks of the session loop.
@@ -166,7 +132,7 @@ impl Leave {
         session: &Option<Session>,
         reason: impl FnOnce() -> String,
     ) -> Result<(), ProtocolError> {
-        let Some(sess) = session.as_ref().filter(|s| s.forward.is_none()) else { return Ok(()) };
+        let Some(sess) = session.as_ref().filter(|s| s.stage.forwarding().is_none()) else { return Ok(()) };
         if !self.can || self.asked {
             return Ok(());
         }
@@ -194,7 +160,7 @@ fn send(out: &crate::control::Outbox, m: Message) -> Result<(), ProtocolError> {
 }
 
 fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
-    let sender = session.as_ref().and_then(|s| s.forward.as_ref()).map(|(_, f)| f);
+    let sender = session.as_ref().and_then(|s| s.stage.forwarding()).map(|(_, f)| f);
     let (bytes, zero_pages) = sender.map_or((0, 0), |f| (f.bytes_sent(), f.zero_pages_sent()));
     match c {
         Completion::Applied(b) => Message::Forwarded { batch: b.id, applied: true, error: None, bytes, zero_pages },
@@ -206,7 +172,7 @@ fn forwarded_report(session: &Option<Session>, c: Completion) -> Message {
 
 async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     agent.receiver.remove(&sess.receiving);
-    if let Some((_, f)) = &sess.forward {
+    if let Some((_, f)) = sess.stage.forwarding() {
         f.close();
     }
     tracing::info!(vm = %sess.vm, %peer, "discarding incoming VM: {why}");
@@ -258,6 +224,12 @@ async fn step(
 ) -> Result<Step, ProtocolError> {
     if let Some(why) = session.as_ref().and_then(|s| s.foreign(&msg)) {
         return Ok(Step::Reply(Message::Error { message: why }));
+    }
+    // Out of order for the session's phase: refused by name, before any
+    // backend sees it.
+    if let Some(Err(e)) = session.as_ref().map(|s| s.stage.admit(&msg)) {
+        tracing::warn!(peer = %src.name, "{e}");
+        return Ok(Step::Reply(error(e)));
     }
     let reply = match (msg, session.as_mut()) {
         (
@@ -346,25 +318,22 @@ async fn on_session(
                 if let Err(e) = agent.receiver.seal(&sess.receiving).await {
                     return Ok(Step::Reply(error(e)));
                 }
+                sess.stage = Stage::Sealed;
             }
             checksums(sess, blocks, block_pages).await
         }
         Message::DeviceState { state } => {
-            match (base64::engine::general_purpose::STANDARD.decode(state), sealed(agent, sess).await) {
-                (_, Err(m)) => m,
-                (Ok(b), Ok(())) => load_device_state(sess, b).await,
-                (Err(e), Ok(())) => error(e),
-            }
+            let state = base64::engine::general_purpose::STANDARD.decode(state);
+            device_state(agent, sess, state.map_err(|e| crate::error_chain(&e))).await
         }
         Message::DeviceStateChunk { bytes, .. } => {
-            sess.device_state.add(&bytes);
+            sess.stage.chunk(&bytes);
             return Ok(Step::Quiet);
         }
-        Message::DeviceStateEnd { total } => match (sess.device_state.take(total), sealed(agent, sess).await) {
-            (_, Err(m)) => m,
-            (Ok(state), Ok(())) => load_device_state(sess, state).await,
-            (Err(message), Ok(())) => Message::Error { message },
-        },
+        Message::DeviceStateEnd { total } => {
+            let state = sess.stage.end_device_state(total);
+            device_state(agent, sess, state).await
+        }
         other => Message::Error { message: format!("unexpected {} at this point", other.name()) },
     };
     Ok(Step::Reply(reply))
@@ -469,6 +438,24 @@ async fn checksums(sess: &Session, blocks: Option<Vec<u32>>, block_pages: Option
 /// verification.
 async fn sealed(agent: &Agent, sess: &Session) -> Result<(), Message> {
     agent.receiver.seal(&sess.receiving).await.map_err(error)
+}
+
+/// Seals the session and loads a whole device state into the incoming VM;
+/// the session holds it from then on (else it stays sealed, and the source
+/// fails the migration with the reason).
+async fn device_state(agent: &Agent, sess: &mut Session, state: Result<Vec<u8>, String>) -> Message {
+    if let Err(m) = sealed(agent, sess).await {
+        return m;
+    }
+    sess.stage = Stage::Sealed;
+    let reply = match state {
+        Ok(state) => load_device_state(sess, state).await,
+        Err(message) => Message::Error { message },
+    };
+    if matches!(reply, Message::Ok) {
+        sess.stage = Stage::Loaded;
+    }
+    reply
 }
 
 async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {

@@ -108,7 +108,7 @@ pub(in crate::engine) enum Command {
         /// Why (the host is told).
         why: &'static str,
     },
-    /// A session still opening will never be installed: abort it once open.
+    /// Any session still opening will never be installed: abort it once open.
     DropOpening,
     /// The new target is installed: record it (report, progress), skip the
     /// holes, plan the work again.
@@ -142,8 +142,11 @@ pub(in crate::engine) enum Command {
         /// The target.
         at: HostId,
     },
-    /// Keep the failed batch's pages locked until its sender is fenced.
-    Hold,
+    /// Keep the failed batch's pages locked until its sender `host` is fenced.
+    Hold {
+        /// The forwarder.
+        host: HostId,
+    },
     /// The fence of `host` is confirmed: its held batches unlock.
     Unlock {
         /// The forwarder.

@@ -420,7 +420,7 @@ impl Route {
         if from == SOURCE || to != self.target || self.fenced.contains(&from) || dead {
             return;
         }
-        out.push(Command::Hold);
+        out.push(Command::Hold { host: from });
         if self.fencing.contains_key(&from) {
             return;
         }
@@ -460,6 +460,11 @@ impl Route {
             if self.leave_pending {
                 self.leave_now(out);
             }
+            // A lost target whose replacement was still opening (a budget
+            // forcing the switchover): nothing can replace it any more.
+            if let Some((host, why)) = self.dead.take() {
+                self.fail(out, host, why);
+            }
         }
     }
 
@@ -468,12 +473,13 @@ impl Route {
             return;
         }
         self.ended = true;
-        if let Some(o) = self.opening.take() {
-            if let Origin::Operator(reply) = o.origin {
-                out.push(Command::Reply { reply, result: Err("the migration ended".into()) });
-            }
-            out.push(Command::DropOpening);
+        self.dead = None;
+        self.leave_pending = false;
+        if let Some(Opening { origin: Origin::Operator(reply), .. }) = self.opening.take() {
+            out.push(Command::Reply { reply, result: Err("the migration ended".into()) });
         }
+        // Always: a session given up at the pause may still be opening.
+        out.push(Command::DropOpening);
         if completed {
             for f in self.forwarders.clone() {
                 self.release(out, f, "the migration completed");

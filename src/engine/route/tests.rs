@@ -217,9 +217,9 @@ fn a_failed_forward_is_fenced_once() {
     let mut r = route(&[]);
     retarget(&mut r, 0, "b");
     let out = r.handle(Event::ForwardFailed { from: A, to: B, why: "reset".into() });
-    assert!(out.contains(&Command::Hold) && out.contains(&Command::Fence { host: A, at: B }));
+    assert!(out.contains(&Command::Hold { host: A }) && out.contains(&Command::Fence { host: A, at: B }));
     assert_eq!(released(&out), [A]);
-    assert_eq!(r.handle(Event::ForwardFailed { from: A, to: B, why: "reset".into() }), [Command::Hold]);
+    assert_eq!(r.handle(Event::ForwardFailed { from: A, to: B, why: "reset".into() }), [Command::Hold { host: A }]);
     assert_eq!(r.fences_pending(), 1);
     let out = r.handle(Event::Fenced { host: A, result: Ok(()) });
     assert_eq!(out, [Command::Unlock { host: A }, Command::Replan]);
@@ -240,6 +240,32 @@ fn a_failed_fence() {
     retarget(&mut r, 1, "c");
     let out = r.handle(Event::Fenced { host: A, result: Err("gone".into()) });
     assert_eq!(out, [Command::Unlock { host: A }, Command::Replan]);
+}
+
+/// A fence the target fails, with a fallback host left: the target is
+/// lost and replaced, and the held pages unlock (nothing writes to the lost
+/// target any more: it is released at the install).
+#[test]
+fn a_failed_fence_with_a_fallback_left() {
+    let mut r = route(&["f"]);
+    retarget(&mut r, 0, "b");
+    r.handle(Event::ForwardFailed { from: A, to: B, why: "reset".into() });
+    let out = r.handle(Event::Fenced { host: A, result: Err("timeout".into()) });
+    assert_eq!(opens(&out), ["f"]);
+    assert!(out.contains(&Command::Unlock { host: A }) && !fails(&out), "{out:?}");
+    assert!(r.target_dead() && r.fences_pending() == 0);
+}
+
+/// A budget forces the switchover while a lost target's replacement is
+/// still opening: nothing can replace it any more, so the migration fails
+/// (rather than waiting in the pause for the switchover's deadline).
+#[test]
+fn a_pause_with_the_target_lost_fails() {
+    let mut r = route(&["f"]);
+    lost(&mut r, A);
+    assert!(r.opening() && r.target_dead());
+    let out = r.handle(Event::Advanced(Phase::Paused));
+    assert!(fails(&out) && !r.opening() && !r.target_dead(), "{out:?}");
 }
 
 /// Automatic retargets go down the fallback list; a drained or slow target
@@ -271,6 +297,11 @@ fn the_end_answers_and_releases() {
     assert!(out.contains(&Command::DropOpening));
     assert_eq!(released(&out), [A]);
     assert!(r.handle(Event::Ended { completed: true }).is_empty());
+    // A session given up at the pause may still be opening at the end.
+    let mut r = route(&[]);
+    ask(&mut r, 0, "b", true);
+    r.handle(Event::Advanced(Phase::Paused));
+    assert_eq!(r.handle(Event::Ended { completed: true }), [Command::DropOpening]);
 }
 
 /// What the random sequences are made of: the world's side of each event.
@@ -290,18 +321,19 @@ enum Act {
 }
 
 fn act() -> impl Strategy<Value = Act> {
+    // The pause ends most of the story: rarely, so that sequences are long.
     prop_oneof![
-        (0u8..12, any::<bool>()).prop_map(|(h, f)| Act::Ask(h, f)),
-        any::<bool>().prop_map(Act::Opened),
-        Just(Act::Lost),
-        (0u8..8).prop_map(Act::LostOld),
-        Just(Act::Leave),
-        Just(Act::Slow),
-        (0u8..8, any::<bool>()).prop_map(|(h, t)| Act::ForwardFails(h, t)),
-        (0u8..8).prop_map(Act::ForwarderLost),
-        (0u8..8).prop_map(Act::Idle),
-        any::<bool>().prop_map(Act::Fenced),
-        (0u8..3).prop_map(Act::Advance),
+        4 => (0u8..12, any::<bool>()).prop_map(|(h, f)| Act::Ask(h, f)),
+        4 => any::<bool>().prop_map(Act::Opened),
+        2 => Just(Act::Lost),
+        1 => (0u8..8).prop_map(Act::LostOld),
+        2 => Just(Act::Leave),
+        1 => Just(Act::Slow),
+        4 => (0u8..8, any::<bool>()).prop_map(|(h, t)| Act::ForwardFails(h, t)),
+        1 => (0u8..8).prop_map(Act::ForwarderLost),
+        1 => (0u8..8).prop_map(Act::Idle),
+        3 => any::<bool>().prop_map(Act::Fenced),
+        1 => (0u8..3).prop_map(Act::Advance),
     ]
 }
 
@@ -310,7 +342,10 @@ fn act() -> impl Strategy<Value = Act> {
 struct World {
     asked: BTreeSet<ReplyId>,
     answered: BTreeSet<ReplyId>,
-    fences: Vec<HostId>,
+    /// Fences asked and not answered yet.
+    fences: BTreeSet<HostId>,
+    /// Forwarders with batches held for their fence.
+    held: BTreeSet<HostId>,
     failed: bool,
     next_reply: ReplyId,
 }
@@ -318,8 +353,19 @@ struct World {
 impl World {
     fn obey(&mut self, r: &Route, cmds: &[Command]) {
         assert!(!self.failed, "commands after a failure: {cmds:?}");
+        if let Some(i) = cmds.iter().position(|c| matches!(c, Command::Fail { .. })) {
+            assert_eq!(i + 1, cmds.len(), "commands after a failure in one list: {cmds:?}");
+        }
         for c in cmds {
             match c {
+                Command::Fence { host, at } => {
+                    assert_eq!(*at, r.target());
+                    assert!(self.fences.insert(*host), "fenced twice at once: {host}");
+                }
+                Command::Hold { host } => {
+                    self.held.insert(*host);
+                }
+                Command::Unlock { host } => assert!(!self.fences.contains(host), "unlocked before its fence"),
                 Command::Reply { reply, .. } => {
                     assert!(self.asked.contains(reply), "a reply to nothing: {reply}");
                     assert!(self.answered.insert(*reply), "answered twice: {reply}");
@@ -332,15 +378,22 @@ impl World {
                     assert_ne!(*host, r.target(), "the target released");
                     assert!(fence_at.is_none_or(|t| t == r.target()));
                 }
-                Command::Fence { at, .. } => assert_eq!(*at, r.target()),
                 Command::Fail { .. } => self.failed = true,
                 _ => {}
             }
         }
-        if let Some(Command::Fence { host, .. }) = cmds.iter().find(|c| matches!(c, Command::Fence { .. })) {
-            self.fences.push(*host);
+        for c in cmds {
+            if let Command::Hold { host } = c {
+                assert!(self.fences.contains(host), "held without a fence under way: {cmds:?}");
+            }
+            if let Command::Unlock { host } = c {
+                self.held.remove(host);
+            }
         }
         check(r);
+        assert_eq!(self.fences.len(), r.fences_pending());
+        // A lost target is being replaced, or the migration fails.
+        assert!(r.dead.is_none() || r.opening() || r.installing.is_some() || self.failed, "{r:?}");
     }
 }
 
@@ -408,8 +461,14 @@ fn play(acts: Vec<Act>, fallbacks: &[&str]) {
                 let h = host(&r, i);
                 r.handle(Event::ForwarderIdle { host: h })
             }
-            Act::Fenced(ok) => match w.fences.pop() {
-                Some(host) => r.handle(Event::Fenced { host, result: if ok { Ok(()) } else { Err("no".into()) } }),
+            Act::Fenced(ok) => match w.fences.pop_first() {
+                Some(host) => {
+                    let cmds = r.handle(Event::Fenced { host, result: if ok { Ok(()) } else { Err("no".into()) } });
+                    // Its held batches unlock, or the migration fails.
+                    let unlocked = cmds.contains(&Command::Unlock { host }) || fails(&cmds);
+                    assert!(unlocked, "a fence answered without unlocking: {cmds:?}");
+                    cmds
+                }
                 None => vec![],
             },
             // The event loop only moves forward.
@@ -421,6 +480,7 @@ fn play(acts: Vec<Act>, fallbacks: &[&str]) {
         w.obey(&r, &cmds);
     }
     let end = r.handle(Event::Ended { completed: !w.failed });
+    assert!(end.contains(&Command::DropOpening), "a session still opening is never discarded: {end:?}");
     w.failed = false;
     w.obey(&r, &end);
     assert_eq!(w.asked, w.answered, "every operator's request answered exactly once");
