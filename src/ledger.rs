@@ -60,9 +60,12 @@ impl Ledger {
         }
     }
 
-    /// Disables the one-writer rule (tests only: shows what it prevents).
-    pub fn set_unordered(&mut self, on: bool) {
+    /// Disables the one-writer rule (tests only: shows what it prevents;
+    /// not in an operator's build, so no caller there can break the rules).
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn unordered(mut self, on: bool) -> Self {
         self.unordered = on;
+        self
     }
 
     /// The number of pages it accounts for.
@@ -226,8 +229,7 @@ mod tests {
     /// Runs the ops against the ledger and a model of every host's bytes;
     /// returns the first invariant violation.
     fn run(ops: &[Op], unordered: bool) -> Result<(), String> {
-        let mut ledger = Ledger::new(PAGES, 0);
-        ledger.set_unordered(unordered);
+        let mut ledger = Ledger::new(PAGES, 0).unordered(unordered);
         // copies[h][p]: version of page p held by host h; host 0 is the source.
         let mut copies = vec![vec![0u64; PAGES]; HOSTS as usize];
         for c in copies.iter_mut().skip(1) {

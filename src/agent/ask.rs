@@ -4,7 +4,7 @@
 
 use super::Agent;
 use crate::control::{self, Channel, Heartbeat};
-use crate::protocol::Message;
+use crate::protocol::{Features, Message};
 use thiserror::Error;
 
 /// A question a peer did not answer.
@@ -26,13 +26,13 @@ pub enum AskError {
 }
 
 impl Agent {
-    /// Asks `host` one question; needs protocol `min_version` (`what` names
-    /// the question in the error). The answer, or why there is none.
+    /// Asks `host` one question, which needs the protocol feature `needs`
+    /// (`what` names the question in the error). The answer, or why there is none.
     pub(super) async fn ask_peer(
         &self,
         host: &str,
         m: Message,
-        min_version: u32,
+        needs: fn(Features) -> bool,
         what: &str,
     ) -> Result<Message, AskError> {
         let failed = |s: &str| AskError::Failed(s.to_owned());
@@ -40,7 +40,7 @@ impl Agent {
         let conn = control::connect(&self.cfg.tls.current(), &self.cfg.name, host, addr)
             .await
             .map_err(|e| AskError::Failed(crate::error_chain(&e)))?;
-        if conn.version < min_version {
+        if !needs(conn.features()) {
             return Err(AskError::Old { host: host.into(), version: conn.version, what: what.into() });
         }
         let mut ch = Channel::new(conn.stream, Some(Heartbeat::pinging(self.cfg.peer_timeout)));

@@ -11,7 +11,7 @@ use super::Agent;
 use crate::engine::options::MAX_FALLBACKS;
 use crate::engine::{MigrateOptions, MigrationHandle, Outcome};
 use crate::protocol::control::Capacity;
-use crate::protocol::{Message, LEAVE};
+use crate::protocol::{Features, Message};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -454,7 +454,7 @@ impl Queue {
         let asks = self.to.iter().map(|h| {
             let (agent, h) = (self.agent.clone(), h.clone());
             tokio::spawn(async move {
-                let r = agent.ask_peer(&h, Message::CapacityQuery, LEAVE, "capacity queries").await;
+                let r = agent.ask_peer(&h, Message::CapacityQuery, Features::leave, "capacity queries").await;
                 let capacity = match r {
                     Ok(Message::Capacity(c)) => Ok(Some(c)),
                     Ok(other) => Err(format!("unexpected {}", other.name())),

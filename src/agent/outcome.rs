@@ -6,7 +6,7 @@
 //! resolve`). The VM never runs twice.
 
 use super::Agent;
-use crate::protocol::{Message, MigrationId, RemoteOutcome, HEARTBEATS};
+use crate::protocol::{Features, Message, MigrationId, RemoteOutcome};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,7 +86,7 @@ impl Agent {
     async fn ask(&self, vm: &str, u: &Unknown) -> Result<RemoteOutcome, String> {
         let q = Message::OutcomeQuery { vm: vm.to_owned(), migration: u.migration };
         let what = "outcome queries; settle it with `dcmigrate resolve`";
-        match self.ask_peer(&u.destination, q, HEARTBEATS, what).await.map_err(|e| e.to_string())? {
+        match self.ask_peer(&u.destination, q, Features::heartbeats, what).await.map_err(|e| e.to_string())? {
             Message::OutcomeAnswer { outcome, .. } => Ok(outcome),
             other => Err(format!("unexpected {}", other.name())),
         }

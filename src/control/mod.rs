@@ -6,7 +6,13 @@
 //! or went silent is declared lost within a bound, and a peer busy with long
 //! work still answers.
 
-use crate::protocol::{self, read_message_within, write_message, Message, ProtocolError, MIN_VERSION};
+mod requests;
+
+pub use requests::{Reply, Requests};
+
+use crate::protocol::{
+    self, read_message_within, write_message, write_tagged, Ids, Message, ProtocolError, Received, MIN_VERSION,
+};
 use crate::tls::{cert_host_names, TlsConfig};
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -114,6 +120,13 @@ pub struct Connected<S> {
     pub host: String,
 }
 
+impl<S> Connected<S> {
+    /// What the negotiated version lets both ends do.
+    pub fn features(&self) -> protocol::Features {
+        protocol::Features::of(self.version)
+    }
+}
+
 /// Connects to `host` at `addr` as `me`.
 pub async fn connect(
     tls: &TlsConfig,
@@ -198,12 +211,21 @@ pub async fn accept(
 /// ([`INBOX`]) and in bytes ([`INBOX_BYTES`]): the reader stops reading
 /// (TCP pushes back) until the consumer takes messages.
 pub struct Inbox {
-    rx: mpsc::Receiver<(Result<Message, ProtocolError>, Option<OwnedSemaphorePermit>)>,
+    rx: mpsc::Receiver<(Result<Received, ProtocolError>, Option<OwnedSemaphorePermit>)>,
 }
 
 impl Inbox {
-    /// The next message (its bytes leave the inbox's budget).
+    /// The next message (its bytes leave the inbox's budget); an `Error`
+    /// message is [`ProtocolError::Peer`].
     pub async fn recv(&mut self) -> Option<Result<Message, ProtocolError>> {
+        self.recv_tagged().await.map(|r| match r?.msg {
+            Message::Error { message } => Err(ProtocolError::Peer(message)),
+            m => Ok(m),
+        })
+    }
+
+    /// The next message with its request ids (an `Error` stays a message).
+    pub async fn recv_tagged(&mut self) -> Option<Result<Received, ProtocolError>> {
         self.rx.recv().await.map(|(m, _bytes)| m)
     }
 }
@@ -255,7 +277,7 @@ pub struct Closed;
 /// The sending side of a [`Channel`], bounded by [`OUTBOX`].
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::UnboundedSender<(Message, Ids)>,
     queued: Arc<AtomicUsize>,
     limit: usize,
     closed: tokio_util::sync::CancellationToken,
@@ -265,13 +287,18 @@ impl Outbox {
     /// Queues `m`; fails once the connection is over, or when the peer has
     /// let its limit of messages pile up (the connection is then closed).
     pub fn send(&self, m: Message) -> Result<(), Closed> {
+        self.send_tagged(m, Ids::default())
+    }
+
+    /// Queues `m` with request ids (to a peer of protocol 6 or later).
+    pub fn send_tagged(&self, m: Message, ids: Ids) -> Result<(), Closed> {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.limit {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("control connection: the peer does not read what it asked for; closing");
             self.closed.cancel();
             return Err(Closed);
         }
-        self.tx.send(m).map_err(|_| {
+        self.tx.send((m, ids)).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             Closed
         })
@@ -316,7 +343,7 @@ impl Channel {
 
 async fn write_loop<W: AsyncWrite>(
     mut w: WriteHalf<W>,
-    (mut out, queued): (mpsc::UnboundedReceiver<Message>, Arc<AtomicUsize>),
+    (mut out, queued): (mpsc::UnboundedReceiver<(Message, Ids)>, Arc<AtomicUsize>),
     ping_every: Option<Duration>,
     closed: tokio_util::sync::CancellationToken,
 ) {
@@ -331,10 +358,10 @@ async fn write_loop<W: AsyncWrite>(
                 }
                 None => break,
             },
-            _ = tick.tick(), if ping_every.is_some() => Message::Ping,
+            _ = tick.tick(), if ping_every.is_some() => (Message::Ping, Ids::default()),
             _ = closed.cancelled() => break,
         };
-        if write_message(&mut w, &m).await.is_err() {
+        if write_tagged(&mut w, &m.0, m.1).await.is_err() {
             break;
         }
     }
@@ -343,7 +370,7 @@ async fn write_loop<W: AsyncWrite>(
 
 async fn read_loop<R: AsyncRead>(
     (mut r, reader): (ReadHalf<R>, protocol::Reader),
-    tx: mpsc::Sender<(Result<Message, ProtocolError>, Option<OwnedSemaphorePermit>)>,
+    tx: mpsc::Sender<(Result<Received, ProtocolError>, Option<OwnedSemaphorePermit>)>,
     out: Outbox,
     timeout: Option<Duration>,
     closed: tokio_util::sync::CancellationToken,
@@ -376,7 +403,7 @@ async fn read_loop<R: AsyncRead>(
             Ok((m, p)) => (Ok(m), Some(p)),
             Err(e) => (Err(e), None),
         };
-        match m {
+        match m.as_ref().map(|r| &r.msg) {
             Ok(Message::Ping) => {
                 let _ = out.send(Message::Pong);
                 continue;
@@ -384,8 +411,8 @@ async fn read_loop<R: AsyncRead>(
             Ok(Message::Pong) => continue,
             _ => {}
         }
-        // A peer's error message is an answer, not the end of the connection.
-        let end = matches!(&m, Err(e) if !matches!(e, ProtocolError::Peer(_)));
+        // A peer's `Error` is an answer (a message), not the end of the connection.
+        let end = m.is_err();
         if tx.send((m, permit)).await.is_err() || end {
             break;
         }

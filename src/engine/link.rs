@@ -8,7 +8,9 @@ use crate::control::{self, Channel, Heartbeat, Inbox, PeerError};
 use crate::dirty::SendObserver;
 use crate::ledger::HostId;
 use crate::memory::GuestRam;
-use crate::protocol::{DataPlane, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind, HEARTBEATS};
+use crate::protocol::{
+    DataPlane, Features, Ids, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind,
+};
 use crate::tls::SharedTls;
 use crate::transport::rdma::{LocalRam, Rdma};
 use crate::transport::secure::ClientTls;
@@ -51,7 +53,8 @@ pub enum LinkError {
     /// Reading or writing it failed.
     #[error("control connection")]
     Protocol(#[source] ProtocolError),
-    /// No reply in time (the link is given up: a late reply would answer the next request).
+    /// No reply in time (a peer without request ids: the link is given up,
+    /// as a late reply would answer the next request).
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The peer answered with an error.
@@ -132,12 +135,15 @@ pub struct Link {
     pub data_addr: SocketAddr,
     /// The session's token.
     pub token: Token,
-    /// The negotiated protocol version.
-    pub version: u32,
+    /// What the negotiated protocol version lets both ends do.
+    pub features: Features,
     /// The migration's id, in the messages that act on the session.
     pub migration: crate::protocol::MigrationId,
     out: crate::control::Outbox,
+    /// Replies of a peer without request ids, in order (one request at a time).
     replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Message, String>>>,
+    /// Requests waiting for their reply, by id (protocol 6).
+    pending: Arc<control::Requests>,
     /// Batches this host forwards, until it reports them; `None` once the
     /// connection is gone (so no batch can be added after the last report).
     forwarding: Arc<Mutex<Option<HashMap<u64, Batch>>>>,
@@ -185,7 +191,7 @@ fn register_early(a: &LinkSpec) -> Option<tokio::task::JoinHandle<Result<Arc<Loc
 }
 
 /// The source's data streams to the session at `addr`.
-fn source_streams(a: &LinkSpec, (addr, token): (SocketAddr, Token), version: u32) -> StreamSpec {
+fn source_streams(a: &LinkSpec, (addr, token): (SocketAddr, Token), f: Features) -> StreamSpec {
     StreamSpec {
         addr,
         token,
@@ -196,7 +202,7 @@ fn source_streams(a: &LinkSpec, (addr, token): (SocketAddr, Token), version: u32
         completions: a.completions.clone(),
         stall_timeout: a.peer_timeout,
         tls: a.data_encryption.then(|| ClientTls { config: a.tls.current().client.clone(), host: a.host.clone() }),
-        zero_frames: version >= crate::protocol::ZERO_FRAMES,
+        zero_frames: f.zero_frames(),
     }
 }
 
@@ -204,16 +210,16 @@ fn source_streams(a: &LinkSpec, (addr, token): (SocketAddr, Token), version: u32
 async fn open_session(
     ch: &mut Channel,
     a: &LinkSpec,
-    version: u32,
+    f: Features,
 ) -> Result<(u16, Token, (Option<Vec<RdmaRegion>>, u8)), LinkError> {
+    let version = f.version();
     let launch =
-        a.vm.launch_for(version >= crate::protocol::DESCRIPTIONS)
-            .ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
+        a.vm.launch_for(f.descriptions()).ok_or_else(|| LinkError::TooOld { host: a.host.clone(), version })?;
     let page_sizes: Vec<u64> = (0..a.ram.layout().regions().len() as u32)
         .map(|r| a.ram.page_size(r).unwrap_or(crate::memory::PAGE_SIZE as u64))
         .collect();
     let huge = page_sizes.iter().any(|&p| p > crate::memory::PAGE_SIZE as u64);
-    if huge && version < crate::protocol::PAGE_SIZES {
+    if huge && !f.page_sizes() {
         return Err(LinkError::NoPageSizes { host: a.host.clone(), version });
     }
     let open = Message::OpenSession {
@@ -245,11 +251,11 @@ impl Link {
     /// Connects, opens a session for the VM and the source's data streams.
     pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
         let conn = control::connect(&a.tls.current(), &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
-        let version = conn.version;
-        let heartbeat = (version >= HEARTBEATS).then(|| Heartbeat::pinging(a.peer_timeout));
+        let features = conn.features();
+        let heartbeat = features.heartbeats().then(|| Heartbeat::pinging(a.peer_timeout));
         let mut ch = Channel::new(conn.stream, heartbeat);
         let registering = register_early(&a);
-        let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a, version).await?;
+        let (port, token, (rdma_offer, rdma_endpoint)) = open_session(&mut ch, &a, features).await?;
         let data_addr = SocketAddr::new(a.addr.ip(), port);
         // A TCP-only session is offered no RDMA: that says nothing of the host.
         if let (Ok(r), false) = (&a.rdma, a.transport == TransportKind::Tcp) {
@@ -271,7 +277,7 @@ impl Link {
             rdma: &rdma,
             offer: rdma_offer.as_deref(),
             rdma_endpoint,
-            streams: source_streams(&a, (data_addr, token), version),
+            streams: source_streams(&a, (data_addr, token), features),
         };
         let sender = match crate::transport::open_sender(spec).await {
             Ok(s) => s,
@@ -290,10 +296,11 @@ impl Link {
             id: a.id,
             data_addr,
             token,
-            version,
+            features,
             migration: a.migration,
             out: ch.out,
             replies: tokio::sync::Mutex::new(replies),
+            pending: Arc::default(),
             forwarding: Arc::new(Mutex::new(Some(HashMap::new()))),
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
             forwarded_zero: Arc::new(AtomicU64::new(0)),
@@ -315,9 +322,11 @@ impl Link {
         Ok(link)
     }
 
-    /// Sorts what the peer sends: `Forwarded` reports complete batches, the
-    /// rest are replies. When the connection ends, every forwarded batch
-    /// still out fails.
+    /// Sorts what the peer sends: `Forwarded` reports complete batches,
+    /// `Leave` asks the source to go, the rest are replies (to the request
+    /// they name, or in order from a peer without request ids). When the
+    /// connection ends, every forwarded batch still out fails, and every
+    /// request still waiting gets no reply.
     fn spawn_dispatch(
         &self,
         mut inbox: Inbox,
@@ -328,11 +337,31 @@ impl Link {
         let zero = self.forwarded_zero.clone();
         let why_slot = self.why.clone();
         let (leave, leave_why) = (self.leave.clone(), self.leave_why.clone());
+        let (pending, ids) = (self.pending.clone(), self.features.request_ids());
         tokio::spawn(async move {
             let why = loop {
                 let m = tokio::select! {
-                    m = inbox.recv() => m,
+                    m = inbox.recv_tagged() => m,
                     _ = closed.cancelled() => break "control connection closed".to_string(),
+                };
+                let m = match m {
+                    Some(Ok(r)) if ids && r.ids.re.is_some() => {
+                        let reply = match r.msg {
+                            Message::Error { message } => Err(message),
+                            m => Ok(m),
+                        };
+                        // One whose request was given up answers nothing else.
+                        if !pending.answer(r.ids.re.unwrap_or_default(), reply) {
+                            tracing::debug!("a reply to no waiting request, dropped");
+                        }
+                        continue;
+                    }
+                    Some(Ok(r)) => Some(match r.msg {
+                        Message::Error { message } => Err(ProtocolError::Peer(message)),
+                        m => Ok(m),
+                    }),
+                    Some(Err(e)) => Some(Err(e)),
+                    None => None,
                 };
                 match m {
                     Some(Ok(Message::Forwarded { batch, applied, error, bytes: b, zero_pages })) => {
@@ -369,6 +398,7 @@ impl Link {
             };
             why_slot.lock().unwrap().get_or_insert(why.clone());
             closed.cancel();
+            pending.clear();
             let left = forwarding.lock().unwrap().take().unwrap_or_default();
             for (_, b) in left {
                 let _ = completions.send(Completion::Failed(b, why.clone()));
@@ -397,6 +427,9 @@ impl Link {
     /// [`request`](Self::request) for work that takes longer than an ordinary
     /// call (checksums of a large RAM): the reply may take `timeout`.
     pub async fn request_within(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
+        if self.features.request_ids() {
+            return self.request_by_id(m, timeout).await;
+        }
         let mut replies = self.replies.lock().await;
         self.out.send(m).map_err(|_| LinkError::Closed)?;
         let reply = tokio::select! {
@@ -411,6 +444,32 @@ impl Link {
             },
             // A reply may have arrived just before the connection closed.
             _ = self.closed.cancelled() => replies.try_recv().ok(),
+        };
+        match reply {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(message)) => Err(LinkError::Peer(message)),
+            None => Err(LinkError::Closed),
+        }
+    }
+
+    /// A request whose reply names it: requests may overlap, and one given
+    /// up (timed out) leaves the link usable, its late reply dropped.
+    async fn request_by_id(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
+        let (id, rx) = self.pending.begin();
+        if self.closed.is_cancelled() || self.out.send_tagged(m, Ids::request(id)).is_err() {
+            self.pending.give_up(id);
+            return Err(LinkError::Closed);
+        }
+        let reply = tokio::select! {
+            r = tokio::time::timeout(timeout, rx) => match r {
+                Ok(r) => r.ok(),
+                Err(_) => {
+                    self.pending.give_up(id);
+                    return Err(LinkError::Timeout(timeout));
+                }
+            },
+            // The dispatcher drops every waiting request when the connection ends.
+            _ = self.closed.cancelled() => None,
         };
         match reply {
             Some(Ok(m)) => Ok(m),

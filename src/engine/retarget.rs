@@ -251,7 +251,7 @@ impl Migration {
     /// keys it writes with: its own, bound to its name (protocol 4), or the
     /// session's (older hosts).
     async fn sender_token(&self, h: HostId, link: &Link) -> Result<(crate::protocol::Token, RdmaKeys), LinkError> {
-        if link.version < crate::protocol::DESCRIPTIONS {
+        if !link.features.descriptions() {
             return Ok((link.token, link.rdma_offer.clone()));
         }
         let rdma = link.rdma_offer.is_some() && self.job.opts.transport != crate::protocol::TransportKind::Tcp;
@@ -282,7 +282,7 @@ impl Migration {
             rdma_endpoint: link.rdma_endpoint,
             transport: self.job.opts.transport,
             migration: Some(self.job.handle.migration),
-            zero_frames: link.version >= crate::protocol::ZERO_FRAMES,
+            zero_frames: link.features.zero_frames(),
         };
         match self.links[&h].call(m, MessageKind::ForwardReady).await {
             Ok(Message::ForwardReady { transport, rdma }) => {

@@ -38,8 +38,9 @@ pub(super) async fn prepare(
     let paths: Vec<_> = files.iter().map(crate::vm::ident::fd_path).collect();
     let ram = Arc::new(GuestRam::open(layout.clone(), &paths).map_err(EngineError::Ram)?);
     drop(files);
-    let mut ledger = Ledger::new(layout.total_pages(), SOURCE);
-    ledger.set_unordered(job.ctx.unordered);
+    let ledger = Ledger::new(layout.total_pages(), SOURCE);
+    #[cfg(feature = "test-hooks")]
+    let ledger = ledger.unordered(job.ctx.unordered);
     if job.ctx.unordered {
         tracing::warn!("test switch: the one-writer rule is OFF; pages may arrive stale");
     }

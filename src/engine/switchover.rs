@@ -4,7 +4,7 @@
 use super::phase::Phase;
 use super::report::Downtime;
 use super::{EngineError, Migration};
-use crate::protocol::{Message, MessageKind, CHUNKED_DEVICE_STATE, MAX_BULK};
+use crate::protocol::{Message, MessageKind, MAX_BULK};
 use base64::Engine as _;
 use std::time::{Duration, Instant};
 
@@ -107,7 +107,7 @@ impl Migration {
         self.report.device_state_bytes = state.len() as u64;
         let target = self.target_link();
         let lost = |e| self.lost(target.id, e);
-        if target.version < CHUNKED_DEVICE_STATE {
+        if !target.features.chunked_device_state() {
             let state = base64::engine::general_purpose::STANDARD.encode(&state);
             target.call(Message::DeviceState { state }, MessageKind::Ok).await.map_err(lost)?;
             return Ok(());

@@ -22,7 +22,7 @@ use super::{EngineError, Migration};
 use crate::bitmap::Bitmap;
 use crate::ledger::HostId;
 use crate::memory::{Blocks, Layout};
-use crate::protocol::{Message, CHUNKED_DEVICE_STATE};
+use crate::protocol::Message;
 use std::time::{Duration, Instant};
 
 /// Blocks hashed to measure what comparing one costs.
@@ -174,7 +174,7 @@ impl Migration {
     async fn remote_checksums(&self, list: &[usize]) -> Result<Vec<u64>, EngineError> {
         let target = self.target_link();
         let lost = |e| self.lost(target.id, e);
-        let v2 = target.version >= CHUNKED_DEVICE_STATE;
+        let v2 = target.features.chunked_device_state();
         let bp = self.verifier.blocks.block_pages();
         let pause = self.route.phase().paused();
         let m = match v2 {
@@ -202,7 +202,7 @@ impl Migration {
     async fn compare(&self, list: Vec<usize>) -> Result<Vec<usize>, EngineError> {
         let mut differ = vec![];
         // A version-1 peer hashes every chunk per request: one request.
-        let v1 = self.target_link().version < CHUNKED_DEVICE_STATE;
+        let v1 = !self.target_link().features.chunked_device_state();
         let per = if v1 { list.len().max(1) } else { COMPARE_BATCH };
         for batch in list.chunks(per) {
             differ.extend(self.compare_batch(batch.to_vec()).await?);
@@ -212,7 +212,7 @@ impl Migration {
 
     /// Compares `list`'s blocks on both ends (hashed in parallel).
     async fn compare_batch(&self, list: Vec<usize>) -> Result<Vec<usize>, EngineError> {
-        let v1 = self.target_link().version < CHUNKED_DEVICE_STATE;
+        let v1 = !self.target_link().features.chunked_device_state();
         let (ram, blocks, l) = (self.ram.clone(), self.verifier.blocks.clone(), list.clone());
         let local = tokio::task::spawn_blocking(move || match v1 {
             true => ram.checksums(),

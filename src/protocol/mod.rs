@@ -52,6 +52,18 @@
 //! If a forward fails, S first has N fence O's streams (`Fence`), and only
 //! then lets anyone else write those pages.
 //!
+//! Version 6: a request carries an `id`, and its reply (`Error` included)
+//! the same number in `re`, at the end of the message's JSON object; a
+//! reply whose request was given up (timed out) answers nothing else.
+//! Messages nobody asked for (`Leave`, `Forwarded`, `Ping`) carry neither.
+//! ```text
+//!  S                                        D
+//!   | --- {"type":"fence","sender":2,"id":7} ---> |
+//!   | --- {"type":"checksum_request",...,"id":8} -> |
+//!   | <-- {"type":"ok","re":7} ------------------- |
+//!   | <-- {"type":"checksums",...,"re":8} -------- |
+//! ```
+//!
 //! Version 3: a destination that is drained or out of room asks its
 //! sources to go elsewhere; a source with fallback hosts retargets (with forwarding), one
 //! without goes on. Any peer may ask another's room before choosing it.
@@ -65,16 +77,18 @@
 
 pub mod control;
 pub mod data;
+mod features;
 pub mod types;
 
 pub use control::{Message, MessageKind, RemoteOutcome};
+pub use features::Features;
 pub use types::{DataPlane, MigrationId, RdmaPath, RdmaRegion, Token, TransportKind, TOKEN_LEN};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The newest protocol version this agent speaks.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The first version that sends device state in raw chunks, checksums of
@@ -97,6 +111,9 @@ pub const PAGE_SIZES: u32 = 5;
 /// The first version whose data-plane receivers take zero frames (pages
 /// all zero, sent without their bytes).
 pub const ZERO_FRAMES: u32 = 5;
+/// The first version whose requests carry ids that their replies name
+/// ([`Ids`]).
+pub const REQUEST_IDS: u32 = 6;
 /// Control messages are small; anything bigger is refused before allocation
 /// (a version-1 peer sends the whole device state, base64, in one message).
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -196,9 +213,82 @@ pub enum ProtocolError {
     Peer(String),
 }
 
+/// A message's request ids (protocol 6): `id` on a request, `re` (the
+/// request's id) on its reply. Written as the last fields of the JSON
+/// object, where [`Ids::of`] finds them without parsing the message again;
+/// older agents ignore them, and are never sent any.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ids {
+    /// This message is a request with this id.
+    pub id: Option<u64>,
+    /// This message answers the request with this id.
+    pub re: Option<u64>,
+}
+
+impl Ids {
+    /// A request's ids.
+    pub fn request(id: u64) -> Self {
+        Self { id: Some(id), re: None }
+    }
+
+    /// A reply's ids: those of the request it answers, if it had one.
+    pub fn reply_to(request: Ids) -> Self {
+        Self { id: None, re: request.id }
+    }
+
+    /// `body` (a JSON object) with these ids as its last fields.
+    fn append(self, mut body: Vec<u8>) -> Vec<u8> {
+        if self == Self::default() || body.last() != Some(&b'}') {
+            return body;
+        }
+        body.pop();
+        for (key, v) in [("id", self.id), ("re", self.re)] {
+            if let Some(v) = v {
+                body.extend_from_slice(format!(",\"{key}\":{v}").as_bytes());
+            }
+        }
+        body.push(b'}');
+        body
+    }
+
+    /// The ids [`append`](Self::append) wrote at the end of `body`: at most
+    /// two `,"id":N` / `,"re":N` before the closing brace; anything else
+    /// there (a field of the message itself) ends the search.
+    pub fn of(body: &[u8]) -> Self {
+        let mut ids = Self::default();
+        let Some(mut rest) = body.strip_suffix(b"}") else { return ids };
+        for _ in 0..2 {
+            let digits = rest.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+            let (head, num) = rest.split_at(rest.len() - digits.min(20));
+            let Some(n) = std::str::from_utf8(num).ok().and_then(|s| s.parse::<u64>().ok()) else { break };
+            match (head.strip_suffix(b",\"re\":"), head.strip_suffix(b",\"id\":")) {
+                (Some(h), _) if ids.re.is_none() && ids.id.is_none() => (ids.re, rest) = (Some(n), h),
+                (_, Some(h)) if ids.id.is_none() => (ids.id, rest) = (Some(n), h),
+                _ => break,
+            }
+        }
+        ids
+    }
+}
+
+/// A message as read, with its request ids; an `Error` message stays one
+/// (it may answer a request by id).
+#[derive(Debug)]
+pub struct Received {
+    /// The message.
+    pub msg: Message,
+    /// Its ids.
+    pub ids: Ids,
+}
+
 /// Writes one message (and its raw bytes, if it carries any).
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), ProtocolError> {
-    let body = serde_json::to_vec(m).map_err(ProtocolError::Decode)?;
+    write_tagged(w, m, Ids::default()).await
+}
+
+/// Writes one message with request ids (protocol 6 peers only).
+pub async fn write_tagged<W: AsyncWrite + Unpin>(w: &mut W, m: &Message, ids: Ids) -> Result<(), ProtocolError> {
+    let body = ids.append(serde_json::to_vec(m).map_err(ProtocolError::Decode)?);
     if body.len() > MAX_MESSAGE {
         return Err(ProtocolError::TooLarge(body.len()));
     }
@@ -229,7 +319,10 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
 ) -> Result<(Message, usize), ProtocolError> {
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_MESSAGE >> 10));
     let (m, permit) = read_counted(r, (limit, Reader::Any), &budget).await?;
-    Ok((m, (permit.num_permits() << 10)))
+    match m.msg {
+        Message::Error { message } => Err(ProtocolError::Peer(message)),
+        msg => Ok((msg, (permit.num_permits() << 10))),
+    }
 }
 
 /// KiB of a budget of `whole` KiB a message of `bytes` takes (all of it, at most).
@@ -244,7 +337,7 @@ pub async fn read_counted<R: AsyncRead + Unpin>(
     r: &mut R,
     (limit, reader): (usize, Reader),
     budget: &std::sync::Arc<tokio::sync::Semaphore>,
-) -> Result<(Message, tokio::sync::OwnedSemaphorePermit), ProtocolError> {
+) -> Result<(Received, tokio::sync::OwnedSemaphorePermit), ProtocolError> {
     let whole = budget.available_permits().max(1);
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -266,20 +359,17 @@ pub async fn read_counted<R: AsyncRead + Unpin>(
     body.resize(len, 0);
     r.read_exact(&mut body[head.len()..]).await?;
     let mut m: Message = serde_json::from_slice(&body).map_err(ProtocolError::Decode)?;
-    match &mut m {
-        Message::Error { message } => return Err(ProtocolError::Peer(std::mem::take(message))),
-        Message::DeviceStateChunk { len, bytes } => {
-            if *len > MAX_BULK {
-                return Err(ProtocolError::TooLarge(*len as usize));
-            }
-            let more = budget.clone().acquire_many_owned(kib(*len as usize, whole)).await;
-            permit.merge(more.map_err(|_| ProtocolError::Closed)?);
-            bytes.resize(*len as usize, 0);
-            r.read_exact(bytes).await?;
+    let ids = Ids::of(&body);
+    if let Message::DeviceStateChunk { len, bytes } = &mut m {
+        if *len > MAX_BULK {
+            return Err(ProtocolError::TooLarge(*len as usize));
         }
-        _ => {}
+        let more = budget.clone().acquire_many_owned(kib(*len as usize, whole)).await;
+        permit.merge(more.map_err(|_| ProtocolError::Closed)?);
+        bytes.resize(*len as usize, 0);
+        r.read_exact(bytes).await?;
     }
-    Ok((m, permit))
+    Ok((Received { msg: m, ids }, permit))
 }
 
 #[cfg(test)]
@@ -355,6 +445,29 @@ mod tests {
         assert_eq!(cap_of("device_state", Reader::Serving(1)), MAX_MESSAGE);
         assert_eq!(cap_of("sender_added", Reader::Client), 1 << 20, "RDMA keys in slices");
         assert_eq!(cap_of("open_session", Reader::Client), SMALL_MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn request_ids_travel_at_the_end_and_old_readers_ignore_them() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(1 << 10));
+        for (m, ids) in [
+            (Message::Fence { sender: 2 }, Ids::request(7)),
+            (Message::Ok, Ids::reply_to(Ids::request(u64::MAX))),
+            (Message::Error { message: "no \"re\":5".into() }, Ids::reply_to(Ids::request(8))),
+            (Message::Ok, Ids::default()),
+            (Message::Fence { sender: 3 }, Ids::default()),
+        ] {
+            write_tagged(&mut a, &m, ids).await.unwrap();
+            let (got, _) = read_counted(&mut b, (MAX_MESSAGE, Reader::Any), &budget).await.unwrap();
+            assert_eq!((got.msg.name(), got.ids), (m.name(), ids));
+        }
+        // What an agent of protocol 5 or older reads (serde ignores the fields).
+        write_tagged(&mut a, &Message::CapacityQuery, Ids::request(1)).await.unwrap();
+        assert!(matches!(read_message(&mut b).await, Ok(Message::CapacityQuery)));
+        assert_eq!(Ids::of(br#"{"type":"fence","sender":2}"#), Ids::default(), "a field of the message is no id");
+        let late = Ids::of(br#"{"type":"x","re":1,"id":2}"#);
+        assert_eq!(late, Ids::request(2), "a re before an id is not one this agent wrote");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long a fence may wait for a sender's streams to stop (longer than a
 /// pairing may take: a stream still pairing stops at the cut anyway).
@@ -57,12 +58,26 @@ pub struct Receiving {
     sealed: std::sync::atomic::AtomicBool,
 }
 
-/// The streams of one sending host: a token to cut them, and a liveness
-/// count (every stream task holds clones of `live` until it returns).
+/// The streams of one sending host: a token to cut them, and the stream
+/// tasks, tracked (each holds a token of `live` until it returns), so a
+/// fence can wait for the last one to end.
 #[derive(Clone)]
 struct SenderStreams {
     cut: CancellationToken,
-    live: Arc<()>,
+    live: TaskTracker,
+}
+
+impl SenderStreams {
+    /// Cuts every stream and refuses new ones (for good).
+    fn cut(&self) {
+        self.cut.cancel();
+        self.live.close();
+    }
+
+    /// Once every stream task ended, or `deadline` passed (false).
+    async fn ended_by(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::time::timeout_at(deadline, self.live.wait()).await.is_ok()
+    }
 }
 
 impl Receiving {
@@ -71,7 +86,7 @@ impl Receiving {
             .lock()
             .unwrap()
             .entry(id)
-            .or_insert_with(|| SenderStreams { cut: CancellationToken::new(), live: Arc::new(()) })
+            .or_insert_with(|| SenderStreams { cut: CancellationToken::new(), live: TaskTracker::new() })
             .clone()
     }
 
@@ -96,16 +111,11 @@ impl Receiving {
     /// task stops between frames.
     async fn cut(&self, sender: u8) -> Result<(), TransportError> {
         let s = self.sender(sender);
-        s.cut.cancel();
-        let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
-        // Our own clone plus the registry's: anything more is a live stream.
-        while Arc::strong_count(&s.live) > 2 {
-            if tokio::time::Instant::now() > deadline {
-                return Err(TransportError::FenceTimeout(sender));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        s.cut();
+        match s.ended_by(tokio::time::Instant::now() + FENCE_TIMEOUT).await {
+            true => Ok(()),
+            false => Err(TransportError::FenceTimeout(sender)),
         }
-        Ok(())
     }
 }
 
@@ -211,18 +221,16 @@ impl Receiver {
         };
         // Every one cut and every forwarder's RDMA keys deregistered first
         // (a write with them fails from then on), then the streams waited
-        // for together: our clone and the registry's, anything more is a
-        // live stream.
-        others.iter().for_each(|s| s.cut.cancel());
+        // for, under one deadline.
+        others.iter().for_each(SenderStreams::cut);
         if let Some(t) = session.rdma.get().cloned() {
             let _ = tokio::task::spawn_blocking(move || t.revoke_all()).await;
         }
         let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
-        while others.iter().any(|s| Arc::strong_count(&s.live) > 2) {
-            if tokio::time::Instant::now() > deadline {
+        for s in &others {
+            if !s.ended_by(deadline).await {
                 return Err(TransportError::SealTimeout);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }
@@ -283,7 +291,7 @@ impl Receiver {
         let streams = sess.sender(hello.sender);
         // Counted as live before the check: a fence that cut this sender
         // after the check still waits for this stream.
-        let _alive = streams.live.clone();
+        let _alive = streams.live.token();
         if streams.cut.is_cancelled() {
             handshake::answer(&mut s, HelloStatus::Fenced).await.ok();
             return Err(refuse(HelloStatus::Fenced));

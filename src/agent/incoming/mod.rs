@@ -14,7 +14,7 @@ pub use stage::{OutOfOrder, MAX_DEVICE_STATE};
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
-use crate::protocol::{Message, MigrationId, ProtocolError, Token, DESCRIPTIONS, HEARTBEATS, LEAVE};
+use crate::protocol::{Features, Ids, Message, MigrationId, ProtocolError, Received, Token};
 use crate::transport::{Completion, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
@@ -47,21 +47,22 @@ enum Step {
     Reply(Message),
     /// Nothing to answer; go on.
     Quiet,
-    /// The session is over (committed or aborted; the answer was sent).
-    End,
+    /// The session is over (committed or aborted): this is the last answer.
+    Last(Message),
 }
 
 /// Serves one source's control connection until its session ends.
 pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let peer = conn.host.clone();
     tracing::info!(%peer, version = conn.version, "control session accepted");
-    let heartbeat = (conn.version >= HEARTBEATS).then(|| Heartbeat::answering(agent.cfg.peer_timeout));
+    let features = conn.features();
+    let heartbeat = features.heartbeats().then(|| Heartbeat::answering(agent.cfg.peer_timeout));
     let Channel { out, mut inbox, closed } = Channel::serving(conn.stream, heartbeat, conn.version);
     let (fwd_tx, mut forwarded) = mpsc::unbounded_channel::<Completion>();
     let mut session: Option<Session> = None;
     let mut watch = tokio::time::interval(VM_CHECK);
     let mut drain = agent.drain_watch();
-    let mut leave = Leave { can: conn.version >= LEAVE, asked: false, ticks: 0 };
+    let mut leave = Leave { can: features.leave(), asked: false, ticks: 0 };
     let outcome = async {
         loop {
             let msg = tokio::select! {
@@ -71,7 +72,7 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
                     }
                     continue;
                 }
-                m = inbox.recv() => m.unwrap_or(Err(ProtocolError::Closed))?,
+                m = inbox.recv_tagged() => m.unwrap_or(Err(ProtocolError::Closed))?,
                 Some(c) = forwarded.recv() => {
                     send(&out, forwarded_report(&session, c))?;
                     continue;
@@ -87,11 +88,17 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
                     continue;
                 }
             };
-            let src = Source { name: &peer, version: conn.version };
-            match step(&agent, &out, msg, &mut session, &src, &fwd_tx).await? {
-                Step::Reply(m) => send(&out, m)?,
+            let Received { msg, ids } = msg;
+            if let Message::Error { message } = msg {
+                return Err(ProtocolError::Peer(message));
+            }
+            // The answer names the request (protocol 6; older sources send no ids).
+            let reply = |m| out.send_tagged(m, Ids::reply_to(ids)).map_err(|_| ProtocolError::Closed);
+            let src = Source { name: &peer, features };
+            match step(&agent, msg, &mut session, &src, &fwd_tx).await? {
+                Step::Reply(m) => reply(m)?,
                 Step::Quiet => {}
-                Step::End => return Ok::<(), ProtocolError>(()),
+                Step::Last(m) => return reply(m),
             }
         }
     }
@@ -191,8 +198,8 @@ fn error(e: impl std::error::Error + 'static) -> Message {
 struct Source<'a> {
     /// Its verified host name.
     name: &'a str,
-    /// The protocol version it speaks.
-    version: u32,
+    /// What the protocol version it speaks lets it do.
+    features: Features,
 }
 
 impl Session {
@@ -216,7 +223,6 @@ impl Session {
 /// Handles one message from the source.
 async fn step(
     agent: &Agent,
-    out: &crate::control::Outbox,
     msg: Message,
     session: &mut Option<Session>,
     src: &Source<'_>,
@@ -262,14 +268,13 @@ async fn step(
             };
             open_session(agent, session, src, open).await
         }
-        (Message::Resume { start, .. }, Some(_)) => return resume(agent, out, session, start).await,
+        (Message::Resume { start, .. }, Some(_)) => return resume(agent, session, start).await,
         (Message::Abort { reason, .. }, _) => {
             // Clean up before answering: the source then knows nothing is left here.
             if let Some(sess) = session.take() {
                 discard(agent, sess, src.name, &format!("aborted by source: {reason}")).await;
             }
-            send(out, Message::Ok)?;
-            return Ok(Step::End);
+            return Ok(Step::Last(Message::Ok));
         }
         (Message::CapacityQuery, None) => Message::Capacity(agent.capacity()),
         (Message::OutcomeQuery { vm, migration }, _) => {
@@ -305,7 +310,7 @@ async fn on_session(
             }
             Err(e) => error(e),
         },
-        Message::AddSender { sender, host, rdma } if src.version >= DESCRIPTIONS && agent.cfg.sends_data(&host) => {
+        Message::AddSender { sender, host, rdma } if src.features.descriptions() && agent.cfg.sends_data(&host) => {
             add_sender(agent, sess, (sender, &host), rdma).await
         }
         Message::AddSender { host, .. } => {
@@ -368,7 +373,7 @@ async fn open_session(agent: &Agent, session: &mut Option<Session>, src: &Source
     let vm = o.vm.to_owned();
     // A protocol-4 source's token is its own; an older one hands its token
     // to its forwarders, so it binds only sender 0 to the source.
-    match open::open(agent, o, src.version < DESCRIPTIONS).await {
+    match open::open(agent, o, !src.features.descriptions()).await {
         Ok(sess) => {
             tracing::info!(%vm, peer = %src.name, migration = ?sess.migration, "incoming session opened");
             let m = Message::SessionOpened {
@@ -472,12 +477,7 @@ async fn load_device_state(sess: &Session, state: Vec<u8>) -> Message {
 }
 
 /// Commits the switchover: the VM lives here from now on.
-async fn resume(
-    agent: &Agent,
-    out: &crate::control::Outbox,
-    session: &mut Option<Session>,
-    start: bool,
-) -> Result<Step, ProtocolError> {
+async fn resume(agent: &Agent, session: &mut Option<Session>, start: bool) -> Result<Step, ProtocolError> {
     static DROPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if crate::hooks::drop_before_commit().is_some() && !DROPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         tracing::warn!("test hook: dropping the connection instead of committing");
@@ -514,8 +514,7 @@ async fn resume(
         tracing::warn!("test hook: dropping the connection after the commit, before answering");
         return Err(ProtocolError::Closed);
     }
-    send(out, Message::Resumed)?;
-    Ok(Step::End)
+    Ok(Step::Last(Message::Resumed))
 }
 
 /// Test hook ([`crate::hooks::corrupt_chunk`]): flips a byte of chunk `c`
