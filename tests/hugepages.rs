@@ -9,7 +9,7 @@ use common::*;
 use dcmigrate::dirty::TrackerKind;
 use dcmigrate::engine::options::VerifyMode;
 use dcmigrate::engine::report::TransportUsed;
-use dcmigrate::engine::{MigrateOptions, Outcome, Report};
+use dcmigrate::engine::{FailureKind, MigrateOptions, Outcome, Reason, Report};
 use dcmigrate::memory::backing;
 use dcmigrate::protocol::TransportKind;
 use dcmigrate::testbed::huge::HugePool;
@@ -164,6 +164,7 @@ fn destinations_without_room_on_huge_pages_refuse_with_the_reason() {
 
     let r = migrate(&tb, "hostA", "hq", "hostC", MigrateOptions::default());
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
+    assert_eq!(r.reason, Some(Reason { kind: FailureKind::Refused, host: Some("hostC".into()) }), "{r:#?}");
     let e = r.error.unwrap_or_default();
     for part in ["ram0", "2 MiB pages", "no hugetlbfs mount of that page size", "it has none"] {
         assert!(e.contains(part), "{part:?} not in: {e}");
@@ -172,6 +173,7 @@ fn destinations_without_room_on_huge_pages_refuse_with_the_reason() {
 
     let r = migrate(&tb, "hostA", "hq", "hostB", MigrateOptions::default());
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
+    assert_eq!(r.reason, Some(Reason { kind: FailureKind::Refused, host: Some("hostB".into()) }), "{r:#?}");
     let e = r.error.unwrap_or_default();
     assert!(e.contains("67108864 bytes of RAM on 2 MiB pages do not fit"), "{e}");
     // "N bytes of such pages left": fewer than the RAM.

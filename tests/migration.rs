@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use dcmigrate::dirty::TrackerKind;
 use dcmigrate::engine::options::VerifyMode;
-use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Switchover};
+use dcmigrate::engine::{BudgetAction, FailureKind, MigrateOptions, Outcome, Reason, Switchover};
 use dcmigrate::testbed::wait_for;
 use dcmigrate::vm::synthetic::Workload;
 
@@ -79,6 +79,7 @@ fn non_converging_budget_gives_up_or_forces() {
     let report = migrate(&tb, "hostA", "hot", "hostB", strict.clone());
     assert_eq!(report.result, Outcome::GaveUp, "{report:#?}\n{}", tb.logs());
     assert_eq!(report.rounds.len(), 3);
+    assert_eq!(report.reason, Some(Reason::of(FailureKind::GaveUp)), "{report:#?}");
     assert!(report.error.as_deref().unwrap().contains("3 rounds"));
     assert_eq!(report.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "hot");
@@ -144,7 +145,8 @@ fn destination_crash_keeps_vm_on_source() {
     tb.kill_agent("hostB");
     let report = wait_report(&tb, "hostA", "vmk");
     assert_eq!(report.result, Outcome::Failed, "{report:#?}");
-    assert!(report.error.as_deref().unwrap().contains("hostB"), "{report:#?}");
+    let lost = Reason { kind: FailureKind::DestinationLost, host: Some("hostB".into()) };
+    assert_eq!(report.reason, Some(lost), "{report:#?}");
     assert_eq!(report.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "vmk");
     assert!(

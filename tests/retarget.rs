@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use dcmigrate::engine::{BudgetAction, MigrateOptions, Outcome, Report};
+use dcmigrate::engine::{BudgetAction, FailureKind, MigrateOptions, Outcome, Reason, Report};
 use dcmigrate::testbed::{wait_for, Testbed};
 
 /// The source sends slowly, verification on, and the switchover waits for
@@ -153,7 +153,8 @@ fn new_destination_crash_fails_cleanly() {
     release(&tb, "hostA", "nc");
     let r = wait_report(&tb, "hostA", "nc");
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
-    assert!(r.error.as_deref().unwrap().contains("hostC"), "{r:#?}");
+    let lost = Reason { kind: FailureKind::DestinationLost, host: Some("hostC".into()) };
+    assert_eq!(r.reason, Some(lost), "{r:#?}");
     assert_eq!(r.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "nc");
     assert_gone(&tb, "hostB", "nc");

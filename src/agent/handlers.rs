@@ -316,6 +316,7 @@ impl Agent {
                 vm: vm_name,
                 destination: to,
                 error: Some(format!("internal error: {e}; check where the VM runs")),
+                reason: Some(engine::Reason::of(engine::FailureKind::Internal)),
                 ..Default::default()
             });
             match report.result {

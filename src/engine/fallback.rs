@@ -38,6 +38,15 @@ impl Why {
         }
     }
 
+    /// Its kind, as reports give it.
+    pub(super) fn cause(&self) -> super::Cause {
+        match self {
+            Why::Lost(_) => super::Cause::Lost,
+            Why::Leave(_) => super::Cause::Leave,
+            Why::Slow(_) => super::Cause::Slow,
+        }
+    }
+
     /// Whether the old target can still forward what it holds.
     pub(super) fn forward(&self) -> bool {
         !matches!(self, Why::Lost(_))
@@ -175,6 +184,7 @@ pub(super) fn first_refused(
         target: to.to_owned(),
         reason,
         action: format!("retarget to {next}"),
+        cause: super::Cause::Refused,
     });
     report.destination = next.clone();
     Ok((next, addr))

@@ -43,7 +43,7 @@ pub mod watch;
 
 pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest};
 pub use options::{BudgetAction, MigrateOptions, Steering};
-pub use report::{Outcome, Report, Switchover, TransportUsed};
+pub use report::{Cause, FailureKind, Outcome, Reason, Report, Switchover, TransportUsed};
 
 use crate::bitmap::Bitmap;
 use crate::dirty::{DirtyError, DirtyTracker, SendObserver};
@@ -243,11 +243,37 @@ pub async fn run(
         Err(e) => {
             tracing::warn!(vm = %report.vm, "migration could not start: {}", crate::error_chain(&e));
             report.result = outcome_of(&e);
+            report.reason = Some(e.reason());
             report.error = Some(crate::error_chain(&e));
             report.vm_runs_on = Some(job.ctx.me.clone());
             report.total_ms = start.elapsed().as_secs_f64() * 1e3;
             report
         }
+    }
+}
+
+impl EngineError {
+    /// The failure's kind, and the host it concerns (the report's `reason`).
+    pub fn reason(&self) -> Reason {
+        use FailureKind as K;
+        let (kind, host) = match self {
+            EngineError::Cancelled => (K::Cancelled, None),
+            EngineError::Layout(_) => (K::Layout, None),
+            EngineError::Ram(_) => (K::Ram, None),
+            EngineError::NoTracker(_) => (K::NoTracker, None),
+            EngineError::Sync(_) => (K::Sync, None),
+            EngineError::Refused { host, .. } => (K::Refused, Some(host)),
+            EngineError::NoDataPlane { host, .. } => (K::NoDataPlane, Some(host)),
+            EngineError::DestinationLost { host, .. } => (K::DestinationLost, Some(host)),
+            // A time budget that escaped the rounds ends as their budget does.
+            EngineError::GaveUp(_) | EngineError::TimeBudget => (K::GaveUp, None),
+            EngineError::SwitchoverTimeout(_) => (K::SwitchoverTimeout, None),
+            EngineError::Vm(_) => (K::Vm, None),
+            EngineError::Verify(_) => (K::Verify, None),
+            EngineError::Stranded(_) => (K::Stranded, None),
+            EngineError::Task(_) => (K::Internal, None),
+        };
+        Reason { kind, host: host.cloned() }
     }
 }
 
@@ -457,6 +483,7 @@ impl Migration {
 
     async fn failed(&mut self, e: EngineError) {
         self.report.result = outcome_of(&e);
+        self.report.reason = Some(e.reason());
         let why = crate::error_chain(&e);
         if self.route.phase().resume_sent() {
             self.report.result = Outcome::Unknown;

@@ -200,6 +200,9 @@ pub struct RetargetReport {
     /// reason (see [`Report::decisions`]).
     #[serde(default = "operator")]
     pub reason: String,
+    /// Why, by kind.
+    #[serde(default)]
+    pub cause: Cause,
 }
 
 fn operator() -> String {
@@ -215,6 +218,9 @@ pub struct Decision {
     pub target: String,
     /// Why (`target lost: …`, `target refused: …`, `asked to leave: …`, `falling behind: …`).
     pub reason: String,
+    /// Why, by kind.
+    #[serde(default)]
+    pub cause: Cause,
     /// What it did (`retarget to hostC`, or why it could not).
     pub action: String,
 }
@@ -231,6 +237,76 @@ pub struct RegionReport {
     pub page_size: u64,
 }
 
+/// What kind of failure ended a migration (`Report::reason`): what tools
+/// and tests match, where `error` says it in words.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum FailureKind {
+    /// The operator cancelled it.
+    Cancelled,
+    /// The VM's RAM layout cannot be migrated.
+    Layout,
+    /// The VM's RAM could not be mapped.
+    Ram,
+    /// No dirty tracker works.
+    NoTracker,
+    /// A dirty sync failed.
+    Sync,
+    /// The destination refused the session.
+    Refused,
+    /// No data plane to the destination opened.
+    NoDataPlane,
+    /// The destination was lost (and nothing replaced it).
+    DestinationLost,
+    /// The budget ran out with `--on-budget abort`.
+    GaveUp,
+    /// The pause outlasted the switchover deadline.
+    SwitchoverTimeout,
+    /// The VM failed a request.
+    Vm,
+    /// Checksums still differed after resending.
+    Verify,
+    /// Pages no host could send any more.
+    Stranded,
+    /// The agent failed internally (a task panicked).
+    Internal,
+}
+
+/// Why a migration did not complete: its kind, and the host it concerns.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reason {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// The host it concerns (a destination that refused or was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl Reason {
+    /// A failure of `kind` that concerns no host in particular.
+    pub fn of(kind: FailureKind) -> Self {
+        Self { kind, host: None }
+    }
+}
+
+/// Why the destination changed (`RetargetReport::cause`, `Decision::cause`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// An operator asked (`dcmigrate retarget`).
+    #[default]
+    Operator,
+    /// The target failed, vanished, or a batch to it failed.
+    Lost,
+    /// The first destination refused the session.
+    Refused,
+    /// The target asked the source to leave (drained, or out of room).
+    Leave,
+    /// The target fell behind.
+    Slow,
+}
+
 /// Everything a migration did, as it ended.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Report {
@@ -238,6 +314,9 @@ pub struct Report {
     pub result: Outcome,
     /// What went wrong, and where the VM is, if it did not complete.
     pub error: Option<String>,
+    /// The failure's kind (and host), if it did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
     /// The VM.
     pub vm: String,
     /// The source host.

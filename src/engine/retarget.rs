@@ -9,7 +9,7 @@
 use super::fallback::Why;
 use super::handle::RetargetRequest;
 use super::link::{Link, LinkError};
-use super::report::{Decision, RetargetReport, SenderTransport};
+use super::report::{Cause, Decision, RetargetReport, SenderTransport};
 use super::route::{Command, Event, Install, ReplyId};
 use super::setup::{link_spec, open_error};
 use super::watch::EventKind;
@@ -115,8 +115,8 @@ impl Migration {
                 // Carried out where the opened session is at hand (`opened`).
                 Command::Discard { .. } | Command::Hold { .. } => {}
                 Command::DropOpening => self.rt.discard_opening(),
-                Command::Installed { old, new, forwarding, at_old, reason } => {
-                    self.installed((old, new), forwarding, at_old, reason)
+                Command::Installed { old, new, forwarding, at_old, reason, cause } => {
+                    self.installed((old, new), forwarding, at_old, (reason, cause))
                 }
                 Command::Release { host, why, fence_at } => self.release(host, &why, fence_at),
                 Command::Fence { host, at } => self.fence(host, at),
@@ -225,7 +225,8 @@ impl Migration {
     }
 
     /// Records an installed retarget (the route plans for it next).
-    fn installed(&mut self, (old, new): (HostId, HostId), forwarding: bool, at_old: u64, reason: String) {
+    fn installed(&mut self, (old, new): (HostId, HostId), forwarding: bool, at_old: u64, why: (String, Cause)) {
+        let (reason, cause) = why;
         let (from, to) = (self.route.name(old).to_owned(), self.route.name(new).to_owned());
         tracing::info!(%from, %to, forwarding, at_old, "retargeted");
         self.report.retargets.push(RetargetReport {
@@ -237,6 +238,7 @@ impl Migration {
             sent_before: self.sender_bytes(),
             bytes_after: BTreeMap::new(),
             reason,
+            cause,
         });
         self.report.destination = to.clone();
         self.skip_holes();
@@ -375,6 +377,7 @@ impl Migration {
             target,
             reason,
             action,
+            cause: why.cause(),
         });
     }
 }

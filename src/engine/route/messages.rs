@@ -123,6 +123,8 @@ pub(in crate::engine) enum Command {
         at_old: u64,
         /// Why it was retargeted.
         reason: String,
+        /// Why, by kind.
+        cause: crate::engine::Cause,
     },
     /// Discard `host`'s session and count on none of its pages any more;
     /// the target at `fence_at` revokes what it gave it.

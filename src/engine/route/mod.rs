@@ -45,6 +45,13 @@ impl Origin {
             Origin::Auto(why) => why.describe(),
         }
     }
+
+    fn cause(&self) -> super::Cause {
+        match self {
+            Origin::Operator(_) => super::Cause::Operator,
+            Origin::Auto(why) => why.cause(),
+        }
+    }
 }
 
 /// A retarget whose new destination is being opened.
@@ -274,8 +281,8 @@ impl Route {
             }
         }
         let forwarding = self.forwarders.contains(&i.old);
-        let reason = i.origin.reason();
-        out.push(Command::Installed { old: i.old, new: self.target, forwarding, at_old, reason });
+        let (reason, cause) = (i.origin.reason(), i.origin.cause());
+        out.push(Command::Installed { old: i.old, new: self.target, forwarding, at_old, reason, cause });
         out.push(Command::Replan);
         if let Origin::Operator(reply) = i.origin {
             out.push(Command::Reply { reply, result: Ok(()) });

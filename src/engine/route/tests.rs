@@ -69,7 +69,8 @@ fn a_retarget_installs_and_the_old_target_forwards() {
         new: B,
         forwarding: true,
         at_old: 0,
-        reason: "operator".into()
+        reason: "operator".into(),
+        cause: crate::engine::Cause::Operator,
     }));
     assert_eq!(replies(&out), [(7, true)]);
 }
