@@ -11,7 +11,7 @@ use dcmigrate::engine::options::VerifyMode;
 use dcmigrate::engine::report::TransportUsed;
 use dcmigrate::engine::{FailureKind, MigrateOptions, Outcome, Reason, Report};
 use dcmigrate::memory::backing;
-use dcmigrate::protocol::TransportKind;
+use dcmigrate::protocol::{ErrorCode, TransportKind};
 use dcmigrate::testbed::huge::HugePool;
 use dcmigrate::testbed::qemu::{guest_image, heartbeats, qemu_available, Backend, QemuSpec, QEMU};
 use dcmigrate::testbed::{wait_for, Testbed};
@@ -164,7 +164,8 @@ fn destinations_without_room_on_huge_pages_refuse_with_the_reason() {
 
     let r = migrate(&tb, "hostA", "hq", "hostC", MigrateOptions::default());
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
-    assert_eq!(r.reason, Some(Reason { kind: FailureKind::Refused, host: Some("hostC".into()) }), "{r:#?}");
+    let unsupported = Reason { code: Some(ErrorCode::Unsupported), ..Reason::at(FailureKind::Refused, "hostC") };
+    assert_eq!(r.reason, Some(unsupported), "{r:#?}");
     let e = r.error.unwrap_or_default();
     for part in ["ram0", "2 MiB pages", "no hugetlbfs mount of that page size", "it has none"] {
         assert!(e.contains(part), "{part:?} not in: {e}");
@@ -173,7 +174,8 @@ fn destinations_without_room_on_huge_pages_refuse_with_the_reason() {
 
     let r = migrate(&tb, "hostA", "hq", "hostB", MigrateOptions::default());
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
-    assert_eq!(r.reason, Some(Reason { kind: FailureKind::Refused, host: Some("hostB".into()) }), "{r:#?}");
+    let no_room = Reason { code: Some(ErrorCode::NoRoom), ..Reason::at(FailureKind::Refused, "hostB") };
+    assert_eq!(r.reason, Some(no_room), "{r:#?}");
     let e = r.error.unwrap_or_default();
     assert!(e.contains("67108864 bytes of RAM on 2 MiB pages do not fit"), "{e}");
     // "N bytes of such pages left": fewer than the RAM.

@@ -145,8 +145,7 @@ fn destination_crash_keeps_vm_on_source() {
     tb.kill_agent("hostB");
     let report = wait_report(&tb, "hostA", "vmk");
     assert_eq!(report.result, Outcome::Failed, "{report:#?}");
-    let lost = Reason { kind: FailureKind::DestinationLost, host: Some("hostB".into()) };
-    assert_eq!(report.reason, Some(lost), "{report:#?}");
+    assert_eq!(report.reason, Some(Reason::at(FailureKind::DestinationLost, "hostB")), "{report:#?}");
     assert_eq!(report.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "vmk");
     assert!(

@@ -153,8 +153,7 @@ fn new_destination_crash_fails_cleanly() {
     release(&tb, "hostA", "nc");
     let r = wait_report(&tb, "hostA", "nc");
     assert_eq!(r.result, Outcome::Failed, "{r:#?}");
-    let lost = Reason { kind: FailureKind::DestinationLost, host: Some("hostC".into()) };
-    assert_eq!(r.reason, Some(lost), "{r:#?}");
+    assert_eq!(r.reason, Some(Reason::at(FailureKind::DestinationLost, "hostC")), "{r:#?}");
     assert_eq!(r.vm_runs_on.as_deref(), Some("hostA"));
     assert_running_on(&tb, "hostA", "nc");
     assert_gone(&tb, "hostB", "nc");

@@ -48,7 +48,7 @@ impl Agent {
         let answer = tokio::time::timeout(self.cfg.peer_timeout * 2, ch.inbox.recv()).await;
         ch.closed.cancel();
         match answer {
-            Ok(Some(Ok(Message::Error { message }))) => Err(AskError::Failed(message)),
+            Ok(Some(Ok(Message::Error { message, .. }))) => Err(AskError::Failed(message)),
             Ok(Some(Ok(m))) => Ok(m),
             Ok(Some(Err(e))) => Err(AskError::Failed(crate::error_chain(&e))),
             Ok(None) => Err(failed("connection closed")),

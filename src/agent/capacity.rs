@@ -186,6 +186,23 @@ pub enum CapacityError {
     Statvfs(PathBuf, #[source] std::io::Error),
 }
 
+impl CapacityError {
+    /// Its kind, as a source is told it.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode as C;
+        match self {
+            CapacityError::Drained => C::Drained,
+            CapacityError::Sessions(_) | CapacityError::PerPeer { .. } => C::TooMany,
+            CapacityError::Session { .. }
+            | CapacityError::Total { .. }
+            | CapacityError::HugePages { .. }
+            | CapacityError::Space { .. } => C::NoRoom,
+            CapacityError::DiskInUse(_) | CapacityError::Reused(_) => C::Conflict,
+            CapacityError::Pool(..) | CapacityError::Statvfs(..) => C::Failed,
+        }
+    }
+}
+
 /// Whether a session holding `room` fits beside `others`.
 pub fn admit<'a>(
     limits: &Limits,

@@ -188,14 +188,14 @@ pub async fn accept(
         }
         if !allowed(&claimed) {
             let message = format!("{me} does not accept migrations from {claimed}");
-            let _ = write_message(&mut s, &Message::Error { message }).await;
+            let _ = write_message(&mut s, &Message::error(protocol::ErrorCode::NotAllowed, message)).await;
             return Err(PeerError::NotAllowed { host: claimed });
         }
         let Some(version) = protocol::negotiate(min, max) else {
             let ours = protocol::max_version();
             let message =
                 format!("protocol versions {min}..={max} not supported, this agent speaks {MIN_VERSION}..={ours}");
-            let _ = write_message(&mut s, &Message::Error { message }).await;
+            let _ = write_message(&mut s, &Message::error(protocol::ErrorCode::Unsupported, message)).await;
             return Err(proto(ProtocolError::Version { min, max }));
         };
         write_message(&mut s, &Message::Welcome { version, host: me.into() }).await.map_err(proto)?;
@@ -219,7 +219,7 @@ impl Inbox {
     /// message is [`ProtocolError::Peer`].
     pub async fn recv(&mut self) -> Option<Result<Message, ProtocolError>> {
         self.recv_tagged().await.map(|r| match r?.msg {
-            Message::Error { message } => Err(ProtocolError::Peer(message)),
+            Message::Error { message, .. } => Err(ProtocolError::Peer(message)),
             m => Ok(m),
         })
     }

@@ -2,14 +2,14 @@
 //! 6): each has an id its reply names, so requests may overlap, and a reply
 //! that comes after its request was given up answers nothing else.
 
-use crate::protocol::Message;
+use crate::protocol::{Message, Refusal};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
-/// A reply: the message, or the peer's `Error` text.
-pub type Reply = Result<Message, String>;
+/// A reply: the message, or the peer's `Error`.
+pub type Reply = Result<Message, Refusal>;
 
 /// The requests of one connection still waiting for a reply.
 #[derive(Default)]
@@ -65,7 +65,8 @@ mod tests {
         assert!(matches!(b_rx.try_recv(), Ok(Ok(Message::Ok))));
         // Overlapping requests get their own replies, in any order.
         let ((c, mut c_rx), (d, mut d_rx)) = (r.begin(), r.begin());
-        assert!(r.answer(d, Err("no".into())) && r.answer(c, Ok(Message::Resumed)));
+        let no = Refusal { message: "no".into(), code: None };
+        assert!(r.answer(d, Err(no)) && r.answer(c, Ok(Message::Resumed)));
         assert!(matches!(c_rx.try_recv(), Ok(Ok(Message::Resumed))));
         assert!(matches!(d_rx.try_recv(), Ok(Err(_))));
         assert!(!r.answer(99, Ok(Message::Ok)), "a made-up number answers nothing");

@@ -9,7 +9,7 @@ use crate::dirty::SendObserver;
 use crate::ledger::HostId;
 use crate::memory::GuestRam;
 use crate::protocol::{
-    DataPlane, Features, Ids, Message, MessageKind, ProtocolError, RdmaRegion, Token, TransportKind,
+    DataPlane, Features, Ids, Message, MessageKind, ProtocolError, RdmaRegion, Refusal, Token, TransportKind,
 };
 use crate::tls::SharedTls;
 use crate::transport::rdma::{LocalRam, Rdma};
@@ -39,8 +39,8 @@ pub enum LinkError {
     #[error("connecting")]
     Connect(#[source] PeerError),
     /// The peer refused the session.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(Refusal),
     /// No data plane could be opened.
     #[error("data plane")]
     DataPlane(#[source] OpenError),
@@ -58,8 +58,8 @@ pub enum LinkError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The peer answered with an error.
-    #[error("{0}")]
-    Peer(String),
+    #[error(transparent)]
+    Peer(Refusal),
     /// The peer's protocol cannot carry this VM (a description to a
     /// protocol-3 agent).
     #[error("{host} speaks protocol {version}, which cannot take a QEMU VM described by type: upgrade it")]
@@ -141,7 +141,7 @@ pub struct Link {
     pub migration: crate::protocol::MigrationId,
     out: crate::control::Outbox,
     /// Replies of a peer without request ids, in order (one request at a time).
-    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Message, String>>>,
+    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<control::Reply>>,
     /// Requests waiting for their reply, by id (protocol 6).
     pending: Arc<control::Requests>,
     /// Batches this host forwards, until it reports them; `None` once the
@@ -242,7 +242,7 @@ async fn open_session(
         Message::SessionOpened { data_port, token, rdma, rdma_endpoint } => {
             Ok((data_port, token, (rdma, rdma_endpoint)))
         }
-        Message::Error { message } => Err(LinkError::Refused(message)),
+        Message::Error { message, code } => Err(LinkError::Refused(Refusal { message, code })),
         other => Err(LinkError::Unexpected { request: "open_session", got: other.name() }),
     }
 }
@@ -330,7 +330,7 @@ impl Link {
     fn spawn_dispatch(
         &self,
         mut inbox: Inbox,
-        replies: mpsc::UnboundedSender<Result<Message, String>>,
+        replies: mpsc::UnboundedSender<control::Reply>,
         completions: mpsc::UnboundedSender<Completion>,
     ) {
         let (closed, forwarding, bytes) = (self.closed.clone(), self.forwarding.clone(), self.forwarded_bytes.clone());
@@ -347,7 +347,7 @@ impl Link {
                 let m = match m {
                     Some(Ok(r)) if ids && r.ids.re.is_some() => {
                         let reply = match r.msg {
-                            Message::Error { message } => Err(message),
+                            Message::Error { message, code } => Err(Refusal { message, code }),
                             m => Ok(m),
                         };
                         // One whose request was given up answers nothing else.
@@ -356,10 +356,7 @@ impl Link {
                         }
                         continue;
                     }
-                    Some(Ok(r)) => Some(match r.msg {
-                        Message::Error { message } => Err(ProtocolError::Peer(message)),
-                        m => Ok(m),
-                    }),
+                    Some(Ok(r)) => Some(Ok(r.msg)),
                     Some(Err(e)) => Some(Err(e)),
                     None => None,
                 };
@@ -386,11 +383,11 @@ impl Link {
                         leave_why.lock().unwrap().get_or_insert(reason);
                         leave.cancel();
                     }
+                    Some(Ok(Message::Error { message, code })) => {
+                        let _ = replies.send(Err(Refusal { message, code }));
+                    }
                     Some(Ok(m)) => {
                         let _ = replies.send(Ok(m));
-                    }
-                    Some(Err(ProtocolError::Peer(message))) => {
-                        let _ = replies.send(Err(message));
                     }
                     Some(Err(e)) => break crate::error_chain(&e),
                     None => break "control connection closed".to_string(),
@@ -560,13 +557,12 @@ impl Link {
     }
 }
 
-/// The next message on a fresh connection, within `timeout`.
+/// The next message on a fresh connection, within `timeout` (an `Error` too).
 async fn next_reply(inbox: &mut Inbox, timeout: Duration) -> Result<Message, LinkError> {
-    match tokio::time::timeout(timeout, inbox.recv()).await {
+    match tokio::time::timeout(timeout, inbox.recv_tagged()).await {
         Err(_) => Err(LinkError::Timeout(timeout)),
         Ok(None) => Err(LinkError::Closed),
-        Ok(Some(Ok(m))) => Ok(m),
-        Ok(Some(Err(ProtocolError::Peer(message)))) => Ok(Message::Error { message }),
+        Ok(Some(Ok(r))) => Ok(r.msg),
         Ok(Some(Err(e))) => Err(LinkError::Protocol(e)),
     }
 }

@@ -273,7 +273,13 @@ impl EngineError {
             EngineError::Stranded(_) => (K::Stranded, None),
             EngineError::Task(_) => (K::Internal, None),
         };
-        Reason { kind, host: host.cloned() }
+        // The host's own error kind, when it answered with one.
+        let code = match self {
+            EngineError::Refused { source: LinkError::Refused(r) | LinkError::Peer(r), .. }
+            | EngineError::DestinationLost { source: LinkError::Peer(r), .. } => r.code,
+            _ => None,
+        };
+        Reason { kind, host: host.cloned(), code }
     }
 }
 

@@ -281,12 +281,21 @@ pub struct Reason {
     /// The host it concerns (a destination that refused or was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The kind of the host's own error, when it answered with one
+    /// (`drained`, `no_room`, `unsupported`: protocol 6 peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<crate::protocol::ErrorCode>,
 }
 
 impl Reason {
     /// A failure of `kind` that concerns no host in particular.
     pub fn of(kind: FailureKind) -> Self {
-        Self { kind, host: None }
+        Self { kind, host: None, code: None }
+    }
+
+    /// A failure of `kind` at `host`.
+    pub fn at(kind: FailureKind, host: &str) -> Self {
+        Self { kind, host: Some(host.into()), code: None }
     }
 }
 

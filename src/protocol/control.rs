@@ -20,6 +20,51 @@ pub enum RemoteOutcome {
     NotHere,
 }
 
+/// What kind of failure a peer's `Error` reports (protocol 6): what the
+/// source acts on and reports, without reading the text. A code this agent
+/// does not know reads as [`ErrorCode::Failed`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr)]
+#[serde(rename_all = "snake_case", from = "String")]
+#[strum(serialize_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is not valid (a name, the layout, the VM's description).
+    Invalid,
+    /// The host is drained: it takes no new incoming migrations.
+    Drained,
+    /// The host has no room for it (space, huge pages, its RAM limits).
+    NoRoom,
+    /// The host runs as many incoming migrations as it takes at once.
+    TooMany,
+    /// The VM, its migration or one of its disks is already here.
+    Conflict,
+    /// The host lacks what the VM needs (huge-page mounts, devices, users).
+    Unsupported,
+    /// The message does not belong at this point of the session.
+    OutOfOrder,
+    /// The message names another migration.
+    Foreign,
+    /// The host named may not send data here.
+    NotAllowed,
+    /// The host failed doing it.
+    Failed,
+}
+
+impl From<String> for ErrorCode {
+    fn from(s: String) -> Self {
+        s.parse().unwrap_or(ErrorCode::Failed)
+    }
+}
+
+/// A peer's `Error` answer: why, and its kind (from peers of protocol 6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// Why, in the peer's words.
+    pub message: String,
+    /// Its kind, if the peer gave one.
+    pub code: Option<ErrorCode>,
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -306,10 +351,18 @@ pub enum Message {
     Error {
         /// Why.
         message: String,
+        /// Version 6: its kind.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
     },
 }
 
 impl Message {
+    /// An `Error` answer of kind `code`.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Message::Error { message: message.into(), code: Some(code) }
+    }
+
     /// The message's tag (`"session_opened"`), without serializing it.
     pub fn name(&self) -> &'static str {
         self.into()
@@ -345,6 +398,17 @@ mod tests {
         assert!(matches!(v1, Message::ChecksumRequest { blocks: None, .. }), "a version-1 request still decodes");
         assert_eq!(Message::Ok.kind(), MessageKind::Ok);
         assert_eq!(MessageKind::ForwardReady.name(), "forward_ready");
+    }
+
+    #[test]
+    fn error_codes_travel_and_unknown_ones_read_as_failed() {
+        let m = Message::error(ErrorCode::NoRoom, "full");
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"type":"error","message":"full","code":"no_room"}"#);
+        let future = r#"{"type":"error","message":"x","code":"a_code_from_later"}"#;
+        let old = r#"{"type":"error","message":"x"}"#;
+        assert!(matches!(serde_json::from_str(future).unwrap(), Message::Error { code: Some(ErrorCode::Failed), .. }));
+        assert!(matches!(serde_json::from_str(old).unwrap(), Message::Error { code: None, .. }));
     }
 
     #[test]

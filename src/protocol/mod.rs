@@ -80,7 +80,7 @@ pub mod data;
 mod features;
 pub mod types;
 
-pub use control::{Message, MessageKind, RemoteOutcome};
+pub use control::{ErrorCode, Message, MessageKind, Refusal, RemoteOutcome};
 pub use features::Features;
 pub use types::{DataPlane, MigrationId, RdmaPath, RdmaRegion, Token, TransportKind, TOKEN_LEN};
 
@@ -320,7 +320,7 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_MESSAGE >> 10));
     let (m, permit) = read_counted(r, (limit, Reader::Any), &budget).await?;
     match m.msg {
-        Message::Error { message } => Err(ProtocolError::Peer(message)),
+        Message::Error { message, .. } => Err(ProtocolError::Peer(message)),
         msg => Ok((msg, (permit.num_permits() << 10))),
     }
 }
@@ -454,7 +454,7 @@ mod tests {
         for (m, ids) in [
             (Message::Fence { sender: 2 }, Ids::request(7)),
             (Message::Ok, Ids::reply_to(Ids::request(u64::MAX))),
-            (Message::Error { message: "no \"re\":5".into() }, Ids::reply_to(Ids::request(8))),
+            (Message::error(ErrorCode::Failed, "no \"re\":5"), Ids::reply_to(Ids::request(8))),
             (Message::Ok, Ids::default()),
             (Message::Fence { sender: 3 }, Ids::default()),
         ] {

@@ -14,7 +14,7 @@ pub use stage::{OutOfOrder, MAX_DEVICE_STATE};
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
 use crate::memory::{Blocks, GuestRam};
-use crate::protocol::{Features, Ids, Message, MigrationId, ProtocolError, Received, Token};
+use crate::protocol::{ErrorCode, Features, Ids, Message, MigrationId, ProtocolError, Received, Token};
 use crate::transport::{Completion, Receiving};
 use crate::vm::IncomingVm;
 use base64::Engine as _;
@@ -89,7 +89,7 @@ pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
                 }
             };
             let Received { msg, ids } = msg;
-            if let Message::Error { message } = msg {
+            if let Message::Error { message, .. } = msg {
                 return Err(ProtocolError::Peer(message));
             }
             // The answer names the request (protocol 6; older sources send no ids).
@@ -190,8 +190,9 @@ async fn discard(agent: &Agent, sess: Session, peer: &str, why: &str) {
     agent.release_uid(sess.uid);
 }
 
+/// An `Error` answer: the host failed doing what was asked.
 fn error(e: impl std::error::Error + 'static) -> Message {
-    Message::Error { message: crate::error_chain(&e) }
+    Message::error(ErrorCode::Failed, crate::error_chain(&e))
 }
 
 /// The source at the other end of a control connection.
@@ -229,13 +230,13 @@ async fn step(
     fwd_tx: &mpsc::UnboundedSender<Completion>,
 ) -> Result<Step, ProtocolError> {
     if let Some(why) = session.as_ref().and_then(|s| s.foreign(&msg)) {
-        return Ok(Step::Reply(Message::Error { message: why }));
+        return Ok(Step::Reply(Message::error(ErrorCode::Foreign, why)));
     }
     // Out of order for the session's phase: refused by name, before any
     // backend sees it.
     if let Some(Err(e)) = session.as_ref().map(|s| s.stage.admit(&msg)) {
         tracing::warn!(peer = %src.name, "{e}");
-        return Ok(Step::Reply(error(e)));
+        return Ok(Step::Reply(Message::error(ErrorCode::OutOfOrder, e.to_string())));
     }
     let reply = match (msg, session.as_mut()) {
         (
@@ -282,7 +283,7 @@ async fn step(
             Message::OutcomeAnswer { vm, outcome }
         }
         (msg, Some(sess)) => return on_session(agent, sess, msg, src, fwd_tx).await,
-        (other, None) => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+        (other, None) => Message::error(ErrorCode::OutOfOrder, format!("unexpected {} at this point", other.name())),
     };
     Ok(Step::Reply(reply))
 }
@@ -314,7 +315,8 @@ async fn on_session(
             add_sender(agent, sess, (sender, &host), rdma).await
         }
         Message::AddSender { host, .. } => {
-            Message::Error { message: format!("{host} is not a host that may send data here (--peer, --accept-from)") }
+            let why = format!("{host} is not a host that may send data here (--peer, --accept-from)");
+            Message::error(ErrorCode::NotAllowed, why)
         }
         Message::ChecksumRequest { blocks, block_pages, pause } => {
             // What is verified now must stay as verified: only the source's
@@ -339,7 +341,7 @@ async fn on_session(
             let state = sess.stage.end_device_state(total);
             device_state(agent, sess, state).await
         }
-        other => Message::Error { message: format!("unexpected {} at this point", other.name()) },
+        other => Message::error(ErrorCode::OutOfOrder, format!("unexpected {} at this point", other.name())),
     };
     Ok(Step::Reply(reply))
 }
@@ -385,7 +387,7 @@ async fn open_session(agent: &Agent, session: &mut Option<Session>, src: &Source
             *session = Some(sess);
             m
         }
-        Err(e) => error(e),
+        Err(e) => Message::error(e.code(), crate::error_chain(&e)),
     }
 }
 
@@ -419,13 +421,12 @@ async fn checksums(sess: &Session, blocks: Option<Vec<u32>>, block_pages: Option
         (Some(list), Some(bp)) if (1..=chunk_pages).contains(&bp) => {
             let b = Blocks::new(ram.layout(), bp as usize);
             if list.len() > b.len() || list.iter().any(|&i| i as usize >= b.len()) {
-                return Message::Error {
-                    message: format!("checksum request outside the {} blocks of this session", b.len()),
-                };
+                let why = format!("checksum request outside the {} blocks of this session", b.len());
+                return Message::error(ErrorCode::Invalid, why);
             }
             Some((b, list.into_iter().map(|i| i as usize).collect::<Vec<_>>()))
         }
-        (Some(_), bp) => return Message::Error { message: format!("checksum request with block size {bp:?}") },
+        (Some(_), bp) => return Message::error(ErrorCode::Invalid, format!("checksum request with block size {bp:?}")),
     };
     let sums = tokio::task::spawn_blocking(move || match list {
         Some((b, l)) => ram.block_checksums(&b, &l),
@@ -455,7 +456,7 @@ async fn device_state(agent: &Agent, sess: &mut Session, state: Result<Vec<u8>, 
     sess.stage = Stage::Sealed;
     let reply = match state {
         Ok(state) => load_device_state(sess, state).await,
-        Err(message) => Message::Error { message },
+        Err(message) => Message::error(ErrorCode::Invalid, message),
     };
     if matches!(reply, Message::Ok) {
         sess.stage = Stage::Loaded;
@@ -483,7 +484,9 @@ async fn resume(agent: &Agent, session: &mut Option<Session>, start: bool) -> Re
         tracing::warn!("test hook: dropping the connection instead of committing");
         return Err(ProtocolError::Closed);
     }
-    let Some(sess) = session.take() else { return Ok(Step::Reply(Message::Error { message: "no session".into() })) };
+    let Some(sess) = session.take() else {
+        return Ok(Step::Reply(Message::error(ErrorCode::OutOfOrder, "no session")));
+    };
     if let Err(m) = sealed(agent, &sess).await {
         *session = Some(sess);
         return Ok(Step::Reply(m));

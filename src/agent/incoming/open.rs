@@ -12,7 +12,7 @@ use super::Session;
 use crate::agent::capacity::RamShare;
 use crate::memory::backing::{self, HugeMount};
 use crate::memory::{GuestRam, Layout, LayoutError, MemoryError, RegionSpec, PAGE_SIZE};
-use crate::protocol::Token;
+use crate::protocol::{ErrorCode, Token};
 use crate::vm::ident::FileIdent;
 use crate::vm::qemu::command::ResourceError;
 use crate::vm::qemu::confine::Storage;
@@ -128,6 +128,31 @@ pub enum OpenError {
     /// A blocking task failed.
     #[error("internal")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl OpenError {
+    /// Its kind, as the source is told it.
+    pub fn code(&self) -> ErrorCode {
+        use ErrorCode as C;
+        match self {
+            OpenError::Name(_)
+            | OpenError::Layout(_)
+            | OpenError::PageSizes { .. }
+            | OpenError::NotWholePages { .. }
+            | OpenError::Regions(_)
+            | OpenError::RamMismatch { .. }
+            | OpenError::Description(_)
+            | OpenError::Describe(_) => C::Invalid,
+            OpenError::Exists { .. } | OpenError::Busy { .. } | OpenError::Leftover(_) => C::Conflict,
+            OpenError::Synthetic(_)
+            | OpenError::NoHugePages { .. }
+            | OpenError::Resources(_)
+            | OpenError::Identity(_)
+            | OpenError::User(_) => C::Unsupported,
+            OpenError::Capacity(c) => c.code(),
+            OpenError::Dir(..) | OpenError::Ram(_) | OpenError::Launch(_) | OpenError::Task(_) => C::Failed,
+        }
+    }
 }
 
 /// What a session creates for its VM, decided before anything is.
