@@ -9,8 +9,8 @@
 use super::fallback::Why;
 use super::handle::RetargetRequest;
 use super::link::{Link, LinkError};
-use super::report::{Cause, Decision, RetargetReport, SenderTransport};
-use super::route::{Command, Event, Install, ReplyId};
+use super::report::{Decision, RetargetReport, SenderTransport};
+use super::route::{Command, Event, Install, Installed, ReplyId};
 use super::setup::{link_spec, open_error};
 use super::watch::EventKind;
 use super::{EngineError, Migration};
@@ -115,9 +115,7 @@ impl Migration {
                 // Carried out where the opened session is at hand (`opened`).
                 Command::Discard { .. } | Command::Hold { .. } => {}
                 Command::DropOpening => self.rt.discard_opening(),
-                Command::Installed { old, new, forwarding, at_old, reason, cause } => {
-                    self.installed((old, new), forwarding, at_old, (reason, cause))
-                }
+                Command::Installed(i) => self.installed(i),
                 Command::Release { host, why, fence_at } => self.release(host, &why, fence_at),
                 Command::Fence { host, at } => self.fence(host, at),
                 Command::Unlock { host } => {
@@ -225,8 +223,8 @@ impl Migration {
     }
 
     /// Records an installed retarget (the route plans for it next).
-    fn installed(&mut self, (old, new): (HostId, HostId), forwarding: bool, at_old: u64, why: (String, Cause)) {
-        let (reason, cause) = why;
+    fn installed(&mut self, i: Installed) {
+        let Installed { old, new, forwarding, at_old, reason, cause } = i;
         let (from, to) = (self.route.name(old).to_owned(), self.route.name(new).to_owned());
         tracing::info!(%from, %to, forwarding, at_old, "retargeted");
         self.report.retargets.push(RetargetReport {

@@ -366,7 +366,8 @@ impl Guest {
 /// Fills RAM with non-trivial content: pseudo-random pages, every
 /// `zero_every`th page left a hole, and only every `data_every`th of the
 /// others random (the rest written with zeros).
-fn fill(ram: &GuestRam, seed: u64, (zero_every, data_every): (usize, usize)) -> Result<(), GuestError> {
+fn fill(ram: &GuestRam, opts: &GuestOptions) -> Result<(), GuestError> {
+    let (seed, zero_every, data_every) = (opts.workload.seed, opts.zero_every, opts.data_every);
     let pages = ram.layout().total_pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     for p in 0..pages {
@@ -408,7 +409,7 @@ fn map_ram(opts: &GuestOptions, default_ram: PathBuf) -> Result<(GuestRam, PathB
         return Err(GuestError::Invalid(why));
     }
     let ram = GuestRam::create(layout, std::slice::from_ref(&ram_path))?;
-    fill(&ram, opts.workload.seed, (opts.zero_every, opts.data_every))?;
+    fill(&ram, opts)?;
     Ok((ram, ram_path, size))
 }
 

@@ -112,20 +112,7 @@ pub(in crate::engine) enum Command {
     DropOpening,
     /// The new target is installed: record it (report, progress), skip the
     /// holes, plan the work again.
-    Installed {
-        /// The old target.
-        old: HostId,
-        /// The new one.
-        new: HostId,
-        /// Whether the old target forwards.
-        forwarding: bool,
-        /// Bytes current at the old target.
-        at_old: u64,
-        /// Why it was retargeted.
-        reason: String,
-        /// Why, by kind.
-        cause: crate::engine::Cause,
-    },
+    Installed(Installed),
     /// Discard `host`'s session and count on none of its pages any more;
     /// the target at `fence_at` revokes what it gave it.
     Release {
@@ -186,6 +173,23 @@ pub(in crate::engine) enum Command {
         /// What failed.
         why: String,
     },
+}
+
+/// An installed retarget, as the report records it.
+#[derive(Clone, Debug, PartialEq)]
+pub(in crate::engine) struct Installed {
+    /// The old target.
+    pub old: HostId,
+    /// The new one.
+    pub new: HostId,
+    /// Whether the old target forwards.
+    pub forwarding: bool,
+    /// Bytes current at the old target.
+    pub at_old: u64,
+    /// Why it was retargeted.
+    pub reason: String,
+    /// Why, by kind.
+    pub cause: crate::engine::Cause,
 }
 
 /// What an install asks of the event loop: a dirty sync (done before the

@@ -24,7 +24,7 @@ mod messages;
 #[cfg(test)]
 mod tests;
 
-pub(super) use messages::{Command, Event, Install};
+pub(super) use messages::{Command, Event, Install, Installed};
 
 /// Names the operator's request a [`Command::Reply`] answers.
 pub(super) type ReplyId = u64;
@@ -282,7 +282,7 @@ impl Route {
         }
         let forwarding = self.forwarders.contains(&i.old);
         let (reason, cause) = (i.origin.reason(), i.origin.cause());
-        out.push(Command::Installed { old: i.old, new: self.target, forwarding, at_old, reason, cause });
+        out.push(Command::Installed(Installed { old: i.old, new: self.target, forwarding, at_old, reason, cause }));
         out.push(Command::Replan);
         if let Origin::Operator(reply) = i.origin {
             out.push(Command::Reply { reply, result: Ok(()) });

@@ -64,14 +64,14 @@ fn a_retarget_installs_and_the_old_target_forwards() {
     let out = retarget(&mut r, 7, "b");
     assert_eq!(r.target(), B);
     assert_eq!(r.forwarders(), [A]);
-    assert!(out.contains(&Command::Installed {
+    assert!(out.contains(&Command::Installed(Installed {
         old: A,
         new: B,
         forwarding: true,
         at_old: 0,
         reason: "operator".into(),
         cause: crate::engine::Cause::Operator,
-    }));
+    })));
     assert_eq!(replies(&out), [(7, true)]);
 }
 
@@ -94,7 +94,7 @@ fn a_host_that_cannot_forward_is_released() {
     assert_eq!(install.unwrap().point, [A]);
     let out = r.handle(Event::Pointed { ready: vec![], at_old: 0 });
     assert_eq!(released(&out), [A]);
-    assert!(out.iter().any(|c| matches!(c, Command::Installed { forwarding: false, .. })));
+    assert!(out.iter().any(|c| matches!(c, Command::Installed(Installed { forwarding: false, .. }))));
 }
 
 #[test]

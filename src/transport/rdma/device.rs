@@ -121,13 +121,14 @@ impl Rdma {
     pub fn register_target(&self, ram: &Arc<GuestRam>, slices: bool) -> Result<Arc<Target>, String> {
         // A protection domain per session: another session's queue pairs cannot write here.
         let device = self.device.session().map_err(|e| e.to_string())?;
-        let local = LocalRam::register(device, ram, (true, slices), (self.register_threads, self.on_demand))?;
+        let how = How { remote_write: true, sliced: slices, threads: self.register_threads, on_demand: self.on_demand };
+        let local = LocalRam::register(device, ram, how)?;
         self.remember(&local);
         Ok(Arc::new(Target {
             local,
             qp: self.qp,
             gid_fixed: self.gid_fixed,
-            registering: (slices, self.register_threads, self.on_demand),
+            registering: how,
             senders: Default::default(),
         }))
     }
@@ -140,8 +141,11 @@ impl Rdma {
         if let Some(l) = self.find(ram) {
             return Ok(l);
         }
-        let local =
-            LocalRam::register(self.device.clone(), ram, (false, true), (self.register_threads, self.on_demand))?;
+        let local = LocalRam::register(
+            self.device.clone(),
+            ram,
+            How { remote_write: false, sliced: true, threads: self.register_threads, on_demand: self.on_demand },
+        )?;
         self.remember(&local);
         Ok(local)
     }
@@ -212,22 +216,30 @@ pub(super) fn find_slice<T>(
     (inner.checked_add(len)? <= len_of(t)).then_some((t, inner))
 }
 
+/// How a RAM is registered.
+#[derive(Clone, Copy, Debug)]
+struct How {
+    /// Other hosts write into it (a destination's RAM), else this host
+    /// reads it for its own writes (a sender's).
+    remote_write: bool,
+    /// In `threads` slices per region pinned at once, else whole regions
+    /// after faulting them in on `threads` threads.
+    sliced: bool,
+    /// Threads (and slices per region).
+    threads: usize,
+    /// Registered unpinned, where the device pages RC writes on demand.
+    on_demand: bool,
+}
+
 impl LocalRam {
     /// The registration holding `len` bytes at `offset` of `region`.
     pub(super) fn slice(&self, region: u32, offset: u64, len: u64) -> Option<(&Region, u64)> {
         find_slice(self.regions.get(region as usize)?, Region::len, offset, len)
     }
 
-    /// Faults the RAM in and pins and registers it, in `threads` slices per
-    /// region at once if `sliced`, else whole regions after faulting them
-    /// in on `threads` threads; or, `on_demand`, registers it unpinned
-    /// where the device pages RC writes on demand.
-    fn register(
-        device: Arc<Device>,
-        ram: &Arc<GuestRam>,
-        (remote_write, sliced): (bool, bool),
-        (threads, on_demand): (usize, bool),
-    ) -> Result<Arc<Self>, String> {
+    /// Faults the RAM in and pins and registers it as `how` says.
+    fn register(device: Arc<Device>, ram: &Arc<GuestRam>, how: How) -> Result<Arc<Self>, String> {
+        let How { remote_write, sliced, threads, on_demand } = how;
         let total = ram.layout().total_bytes();
         check_limits(&device, total, remote_write, on_demand)?;
         let started = Instant::now();
@@ -359,8 +371,8 @@ pub struct Target {
     pub(super) local: Arc<LocalRam>,
     pub(super) qp: QpOptions,
     pub(super) gid_fixed: bool,
-    /// How `local` was registered: (sliced, threads, on demand).
-    registering: (bool, usize, bool),
+    /// How `local` was registered (each forwarder's registration is alike).
+    registering: How,
     /// Each forwarder's registration of the same RAM, in the same
     /// protection domain: keys of its own, deregistered (so worthless)
     /// when it is fenced or released.
@@ -380,9 +392,8 @@ impl Target {
     /// Registers the RAM again for forwarder `sender` (blocks while it
     /// pins it): the keys it gets, and no one else.
     pub fn add_sender(&self, sender: u8) -> Result<Vec<RdmaRegion>, String> {
-        let (sliced, threads, on_demand) = self.registering;
         let device = self.local.device.clone();
-        let l = LocalRam::register(device, &self.local.ram, (true, sliced), (threads, on_demand))?;
+        let l = LocalRam::register(device, &self.local.ram, self.registering)?;
         let offer = offer_of(&l);
         self.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(sender, l);
         Ok(offer)
