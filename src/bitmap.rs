@@ -87,26 +87,26 @@ impl Bitmap {
 }
 
 /// A bitmap that several threads set bits in while one thread drains it.
-pub struct AtomicBitmap {
+pub(crate) struct AtomicBitmap {
     words: Vec<AtomicU64>,
     len: usize,
 }
 
 impl AtomicBitmap {
     /// `len` bits, all clear.
-    pub fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         Self { words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
     /// Sets bit `i`; ignores an `i` out of range.
-    pub fn set(&self, i: usize) {
+    pub(crate) fn set(&self, i: usize) {
         if i < self.len {
             self.words[i / 64].fetch_or(1 << (i % 64), Ordering::Release);
         }
     }
 
     /// Moves every set bit into a plain bitmap and clears them here.
-    pub fn drain(&self) -> Bitmap {
+    pub(crate) fn drain(&self) -> Bitmap {
         let mut out = Bitmap::new(self.len);
         for (wi, w) in self.words.iter().enumerate() {
             let bits = w.swap(0, Ordering::AcqRel);

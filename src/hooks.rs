@@ -5,7 +5,7 @@
 macro_rules! hook {
     ($(#[$doc:meta])* $name:ident: $ty:ty = $var:literal) => {
         $(#[$doc])*
-        pub fn $name() -> Option<$ty> {
+        pub(crate) fn $name() -> Option<$ty> {
             #[cfg(feature = "test-hooks")]
             {
                 std::env::var($var).ok().and_then(|v| v.parse().ok())
@@ -64,6 +64,7 @@ hook!(
 );
 
 hook!(
+    #[cfg(feature = "rdma")]
     /// `DCMIGRATE_TEST_RDMA_QP_ERROR_AFTER=N` (sending agent): the first RDMA
     /// stream of the process to post its Nth batch then moves its queue pair
     /// to the error state, once, as a link flap past the retry budget would.
@@ -71,6 +72,7 @@ hook!(
 );
 
 hook!(
+    #[cfg(feature = "rdma")]
     /// `DCMIGRATE_TEST_RDMA_TARGET_QP_ERROR_AFTER=N` (destination agent): the
     /// first RDMA stream of the process to receive its Nth batch then moves
     /// its queue pair to the error state, once.
@@ -78,6 +80,7 @@ hook!(
 );
 
 hook!(
+    #[cfg(feature = "rdma")]
     /// `DCMIGRATE_TEST_RDMA_UNREACHABLE=N` (destination agent): from the
     /// process's Nth RDMA pairing on (1: all), each queue pair is moved to
     /// the error state as soon as it is connected, so nothing a sender
@@ -93,7 +96,7 @@ hook!(
 /// `retarget-install` (source, the new destination is open), `final-round`,
 /// `verify`, `device-state` (source, in the pause, before each), `commit`
 /// (destination, after committing, before answering `Resume`).
-pub async fn gate(host: &str, point: &str) {
+pub(crate) async fn gate(host: &str, point: &str) {
     #[cfg(feature = "test-hooks")]
     {
         use std::time::Duration;
@@ -116,6 +119,3 @@ pub async fn gate(host: &str, point: &str) {
     #[cfg(not(feature = "test-hooks"))]
     let _ = (host, point);
 }
-
-/// Whether this build has the test switches.
-pub const ENABLED: bool = cfg!(feature = "test-hooks");

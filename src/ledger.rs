@@ -21,17 +21,17 @@ use crate::bitmap::Bitmap;
 /// A page's sync counter. It only has to tell "synced since the transfer
 /// began" from "not", and 2^16 syncs of one page during one transfer
 /// cannot happen: two bytes per page instead of four.
-pub type Epoch = u16;
+pub(crate) type Epoch = u16;
 
 /// A host's index in a migration's host table (at most [`MAX_HOSTS`]).
-pub type HostId = u8;
+pub(crate) type HostId = u8;
 /// Hosts one migration can involve (source included): a page's freshness
 /// and busy marks are one byte of bits each.
-pub const MAX_HOSTS: usize = 8;
+pub(crate) const MAX_HOSTS: usize = 8;
 
 /// Per page of a migrating VM: which hosts hold its current content, which
 /// have a transfer in flight, and its epoch (bumped by every dirty sync).
-pub struct Ledger {
+pub(crate) struct Ledger {
     source: HostId,
     /// Bit h set: page fresh at host h.
     fresh: Vec<u8>,
@@ -46,7 +46,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// A ledger for `pages` pages, all fresh at `source` and nowhere else.
-    pub fn new(pages: usize, source: HostId) -> Self {
+    pub(crate) fn new(pages: usize, source: HostId) -> Self {
         assert!((source as usize) < MAX_HOSTS);
         let mut fresh_count = [0; MAX_HOSTS];
         fresh_count[source as usize] = pages;
@@ -63,36 +63,31 @@ impl Ledger {
     /// Disables the one-writer rule (tests only: shows what it prevents;
     /// not in an operator's build, so no caller there can break the rules).
     #[cfg(any(test, feature = "test-hooks"))]
-    pub fn unordered(mut self, on: bool) -> Self {
+    pub(crate) fn unordered(mut self, on: bool) -> Self {
         self.unordered = on;
         self
     }
 
     /// The number of pages it accounts for.
-    pub fn pages(&self) -> usize {
+    pub(crate) fn pages(&self) -> usize {
         self.fresh.len()
     }
 
-    /// The host the VM migrates from.
-    pub fn source(&self) -> HostId {
-        self.source
-    }
-
     /// Whether `host` holds the page's current content.
-    pub fn is_fresh(&self, page: usize, host: HostId) -> bool {
+    pub(crate) fn is_fresh(&self, page: usize, host: HostId) -> bool {
         self.fresh[page] & (1 << host) != 0
     }
 
     /// A transfer touching `host` is in flight for the page (always false
     /// with the test switch that disables the one-writer rule).
-    pub fn is_busy(&self, page: usize, host: HostId) -> bool {
+    pub(crate) fn is_busy(&self, page: usize, host: HostId) -> bool {
         !self.unordered && self.busy[page] & (1 << host) != 0
     }
 
     /// Whether every page in `pages` is fresh at `host` or has a transfer
     /// touching it in flight: nothing to plan there. Eight pages at a time,
     /// since planning a round looks at every page of the RAM.
-    pub fn all_settled(&self, pages: std::ops::Range<usize>, host: HostId) -> bool {
+    pub(crate) fn all_settled(&self, pages: std::ops::Range<usize>, host: HostId) -> bool {
         let (fresh, busy) = (&self.fresh[pages.clone()], &self.busy[pages]);
         let busy_mask = if self.unordered { 0 } else { 1u8 << host };
         let (fw, bw) = (fresh.chunks_exact(8), busy.chunks_exact(8));
@@ -104,7 +99,7 @@ impl Ledger {
     }
 
     /// How many pages are fresh at `host`.
-    pub fn fresh_count(&self, host: HostId) -> usize {
+    pub(crate) fn fresh_count(&self, host: HostId) -> usize {
         self.fresh_count[host as usize]
     }
 
@@ -123,7 +118,7 @@ impl Ledger {
     }
 
     /// A dirty sync reported these pages as written since the previous one.
-    pub fn dirty_sync(&mut self, dirty: &Bitmap) {
+    pub(crate) fn dirty_sync(&mut self, dirty: &Bitmap) {
         for p in dirty.iter_ones() {
             for h in 0..MAX_HOSTS as u8 {
                 if h != self.source {
@@ -138,7 +133,7 @@ impl Ledger {
     /// hand back to [`finish`](Self::finish), or `None` when the transfer may
     /// not start now: `from` holds no current copy, or a transfer touching
     /// either end is in flight (the caller retries after it finished).
-    pub fn begin(&mut self, page: usize, from: HostId, to: HostId) -> Option<Epoch> {
+    pub(crate) fn begin(&mut self, page: usize, from: HostId, to: HostId) -> Option<Epoch> {
         debug_assert!(to != self.source && from != to);
         if !self.is_fresh(page, from) {
             return None;
@@ -161,7 +156,7 @@ impl Ledger {
     /// receiver confirmed the bytes are in its memory; the page becomes fresh
     /// there unless a dirty sync happened since the transfer began. Returns
     /// whether it did.
-    pub fn finish(&mut self, page: usize, from: HostId, to: HostId, epoch: Epoch, applied: bool) -> bool {
+    pub(crate) fn finish(&mut self, page: usize, from: HostId, to: HostId, epoch: Epoch, applied: bool) -> bool {
         self.busy[page] &= !(1 << to);
         if from != self.source {
             self.busy[page] &= !(1 << from);
@@ -176,7 +171,7 @@ impl Ledger {
 
     /// The host's copy of these pages can no longer be trusted (verification
     /// mismatch, or the host is gone).
-    pub fn invalidate(&mut self, pages: std::ops::Range<usize>, host: HostId) {
+    pub(crate) fn invalidate(&mut self, pages: std::ops::Range<usize>, host: HostId) {
         for p in pages {
             self.clear_fresh(p, host);
         }

@@ -10,16 +10,17 @@
 //! sources, explains the design: the invariant, the protocol, the
 //! switchover and what happens when something fails.
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod agent;
-pub mod bitmap;
+pub(crate) mod bitmap;
 pub mod cli;
 pub mod control;
 pub mod dirty;
 pub mod engine;
-pub mod guest;
-pub mod hooks;
-pub mod ledger;
+pub(crate) mod guest;
+pub(crate) mod hooks;
+pub(crate) mod ledger;
 pub mod memory;
 pub mod protocol;
 pub mod testbed;

@@ -159,19 +159,19 @@ fn io(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> AccessErro
 }
 
 /// Root and the agent's own user: they could do anything the agent does.
-pub fn privileged(uid: u32) -> bool {
+pub(crate) fn privileged(uid: u32) -> bool {
     uid == 0 || uid == euid()
 }
 
 /// This process's effective uid.
-pub fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
 }
 
 /// The supplementary groups the peer of a unix socket had when it
 /// connected (`SO_PEERGROUPS`; none where the kernel cannot say).
-pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Vec<u32> {
+pub(crate) fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Vec<u32> {
     use std::os::fd::AsRawFd;
     let mut groups = vec![0 as libc::gid_t; 64];
     loop {
@@ -203,7 +203,7 @@ pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Vec<u32> {
 /// directory (not a symlink) of this user's that nobody else can write to:
 /// otherwise another local user could plant files or links where the
 /// agent creates guests' RAM.
-pub fn own_dir(dir: &Path) -> Result<(), AccessError> {
+pub(crate) fn own_dir(dir: &Path) -> Result<(), AccessError> {
     let untrusted = |why: String| AccessError::Untrusted { path: dir.to_owned(), why };
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
@@ -232,7 +232,7 @@ pub fn own_dir(dir: &Path) -> Result<(), AccessError> {
 /// agent to remove, and files that are what they claim (no symlinks) and
 /// belong to the caller (root and the agent's user may name anyone's).
 /// Returns each file's identity, which every later open must find again.
-pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, FileIdent>, RecordError> {
+pub(crate) fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, FileIdent>, RecordError> {
     if !crate::vm::valid_name(&vm.name) {
         return Err(RecordError::Name(vm.name.clone()));
     }
@@ -256,7 +256,7 @@ pub fn check_record(vm: &VmRecord, caller_uid: u32) -> Result<BTreeMap<PathBuf, 
 
 /// Checks that `path` is a socket the caller owns (root may name anyone's);
 /// its identity.
-pub fn check_socket(path: &Path, caller_uid: u32) -> Result<FileIdent, RecordError> {
+pub(crate) fn check_socket(path: &Path, caller_uid: u32) -> Result<FileIdent, RecordError> {
     check_path(path, true, caller_uid)
 }
 

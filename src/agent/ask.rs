@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// A question a peer did not answer.
 #[derive(Debug, Error)]
-pub enum AskError {
+pub(crate) enum AskError {
     /// It speaks a protocol older than the question.
     #[error("{host} speaks protocol {version}, which cannot answer {what}")]
     Old {

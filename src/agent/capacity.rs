@@ -28,10 +28,10 @@ pub struct Limits {
 }
 
 /// Incoming sessions a host takes at once unless `--max-incoming` says.
-pub const DEFAULT_MAX_INCOMING: u32 = 32;
+pub(crate) const DEFAULT_MAX_INCOMING: u32 = 32;
 /// Incoming sessions one source may hold at once unless
 /// `--max-incoming-per-peer` says.
-pub const DEFAULT_MAX_PER_PEER: u32 = 16;
+pub(crate) const DEFAULT_MAX_PER_PEER: u32 = 16;
 
 /// Room an incoming session holds in the data dir.
 #[derive(Clone, Debug)]
@@ -204,7 +204,7 @@ impl CapacityError {
 }
 
 /// Whether a session holding `room` fits beside `others`.
-pub fn admit<'a>(
+pub(crate) fn admit<'a>(
     limits: &Limits,
     (data_dir, mounts): (&Path, &[HugeMount]),
     room: &Reservation,
@@ -249,7 +249,7 @@ pub fn admit<'a>(
 /// arrive for it (the source's holes aside) exceeds the data dir's free
 /// space (something besides the sessions filled it). Each session is
 /// judged on its own: admission promised each its whole room.
-pub fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
+pub(crate) fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
     let need = own.to_come();
     let free = free_bytes(data_dir).ok()?;
     (need > free).then(|| {
@@ -259,7 +259,7 @@ pub fn shortfall(data_dir: &Path, own: &Reservation) -> Option<String> {
 
 /// What this host advertises to a peer choosing a destination: room left
 /// beside the sessions it holds (and under its total limit), and its limits.
-pub fn advertise<'a>(
+pub(crate) fn advertise<'a>(
     limits: &Limits,
     (data_dir, mounts): (&Path, &[HugeMount]),
     sessions: impl Iterator<Item = &'a Reservation> + Clone,
@@ -295,7 +295,7 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 
 /// `dir`'s file system: bytes an unprivileged writer may still allocate,
 /// and its size.
-pub fn space(dir: &Path) -> std::io::Result<(u64, u64)> {
+pub(crate) fn space(dir: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();

@@ -33,7 +33,7 @@ struct Registry {
 
 /// A migration this host runs as source.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct MigrationEntry {
+pub(crate) struct MigrationEntry {
     /// The VM.
     pub vm: String,
     /// Its current destination.
@@ -48,7 +48,7 @@ pub struct MigrationEntry {
 /// The phases that matter after a crash.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum JournalPhase {
+pub(crate) enum JournalPhase {
     /// The VM runs (rounds).
     Running,
     /// The VM is paused; `Resume` was not sent: resume it here.
@@ -69,7 +69,7 @@ impl From<Phase> for JournalPhase {
 
 /// An incoming session's files.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct IncomingEntry {
+pub(crate) struct IncomingEntry {
     /// The VM.
     pub vm: String,
     /// Files and directories to remove if it never commits.

@@ -37,7 +37,7 @@ const PHASES: [&str; 5] = ["setup", "precopy", "verify", "switchover", "done"];
 
 /// What the agent counts as it goes (the rest is read at each scrape).
 #[derive(Default)]
-pub struct Totals {
+pub(crate) struct Totals {
     completed: AtomicU64,
     failed: AtomicU64,
     cancelled: AtomicU64,
@@ -48,7 +48,7 @@ pub struct Totals {
 
 impl Totals {
     /// A migration this agent ran as the source ended so.
-    pub fn ended(&self, result: Outcome) {
+    pub(crate) fn ended(&self, result: Outcome) {
         let c = match result {
             Outcome::Completed => &self.completed,
             Outcome::Failed => &self.failed,
@@ -60,7 +60,7 @@ impl Totals {
     }
 
     /// An incoming session was admitted.
-    pub fn incoming_opened(&self) {
+    pub(crate) fn incoming_opened(&self) {
         self.incoming.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -139,7 +139,7 @@ impl PerMigration {
 }
 
 /// The metrics of `agent` now, in the text exposition format.
-pub fn render(agent: &Agent) -> String {
+pub(crate) fn render(agent: &Agent) -> String {
     let mut r = Registry::with_prefix("dcmigrate");
     let per = PerMigration::default();
     let handles: Vec<_> = agent.migrations.lock().unwrap().values().cloned().collect();
@@ -202,7 +202,7 @@ fn answer(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// Serves `GET /metrics` on `listener` until the agent shuts down.
-pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
+pub(crate) async fn serve(agent: Arc<Agent>, listener: TcpListener) {
     use crate::transport::session::{first_byte, Admission, Listener};
     // Slow clients hold a few slots each, for seconds at most: a scraper
     // always finds one.

@@ -4,19 +4,19 @@
 //! request in `handlers`) that the CLI and orchestrators use, and
 //! Prometheus metrics ([`metrics`]).
 
-pub mod access;
+pub(crate) mod access;
 pub mod api;
-pub mod ask;
-pub mod capacity;
+pub(crate) mod ask;
+pub(crate) mod capacity;
 pub mod evacuate;
 mod handlers;
-pub mod journal;
-pub mod metrics;
+pub(crate) mod journal;
+pub(crate) mod metrics;
 mod outcome;
 mod users;
 
 pub use handlers::RequestError;
-pub mod incoming;
+pub(crate) mod incoming;
 
 use crate::engine::MigrationHandle;
 use crate::tls::SharedTls;

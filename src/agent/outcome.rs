@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Committed migrations a destination remembers.
-pub const COMMITTED: usize = 4096;
+pub(super) const COMMITTED: usize = 4096;
 
 /// How often the destination is asked, at most.
 const ASK_EVERY_MAX: Duration = Duration::from_secs(30);
 
 /// A VM waiting for its outcome.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Unknown {
+pub(super) struct Unknown {
     /// The destination that may run it.
     pub destination: String,
     /// The migration asked about (absent in journals of earlier releases:
@@ -30,7 +30,7 @@ pub struct Unknown {
 
 /// How an outcome was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
+pub(super) enum Settled {
     /// The VM runs on the destination: stopped and forgotten here.
     Moved,
     /// The destination never committed it: resumed here.

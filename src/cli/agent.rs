@@ -261,7 +261,7 @@ fn agent_config(a: AgentArgs) -> Result<AgentConfig> {
 
 /// Runs the agent until SIGTERM or SIGINT (or the API's `shutdown`);
 /// SIGHUP loads its certificates again.
-pub fn run_agent(a: AgentArgs) -> Result<()> {
+pub(crate) fn run_agent(a: AgentArgs) -> Result<()> {
     crate::vm::synthetic::own_exe().context("locating this program")?;
     let cfg = agent_config(a)?;
     if let Some(s) = &cfg.qemu_scope {

@@ -16,7 +16,7 @@ const MAX_FILE: u64 = 1 << 20;
 
 /// The configuration file could not be used.
 #[derive(Debug, Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// Reading it failed.
     #[error("reading {path}")]
     Read {
@@ -50,7 +50,7 @@ pub enum ConfigError {
 /// A size like `64G` (see [`super::parse_size`]), or a number of bytes.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "SizeRepr")]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub u64);
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -73,7 +73,7 @@ impl TryFrom<SizeRepr> for Size {
 /// A host name as certificates carry it (letters, digits, `-`, `.`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(try_from = "String")]
-pub struct Host(pub String);
+pub(crate) struct Host(pub String);
 
 impl TryFrom<String> for Host {
     type Error = String;
@@ -91,7 +91,7 @@ impl TryFrom<String> for Host {
 /// A `--storage` prefix: an absolute path without `..`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "PathBuf")]
-pub struct StoragePath(pub PathBuf);
+pub(crate) struct StoragePath(pub PathBuf);
 
 impl TryFrom<PathBuf> for StoragePath {
     type Error = String;
@@ -103,7 +103,7 @@ impl TryFrom<PathBuf> for StoragePath {
 /// `on` or `off` (`--data-encryption`).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OnOff {
+pub(crate) enum OnOff {
     /// Enabled.
     On,
     /// Disabled.
@@ -113,7 +113,7 @@ pub enum OnOff {
 /// An InfiniBand service level, 0–15.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "u8")]
-pub struct ServiceLevel(pub u8);
+pub(crate) struct ServiceLevel(pub u8);
 
 impl TryFrom<u8> for ServiceLevel {
     type Error = String;
@@ -125,7 +125,7 @@ impl TryFrom<u8> for ServiceLevel {
 /// Register threads, 1–1024.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "u16")]
-pub struct Threads(pub u16);
+pub(crate) struct Threads(pub u16);
 
 impl TryFrom<u16> for Threads {
     type Error = String;
@@ -137,7 +137,7 @@ impl TryFrom<u16> for Threads {
 /// Seconds, finite and positive.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "f64")]
-pub struct Secs(pub f64);
+pub(crate) struct Secs(pub f64);
 
 impl TryFrom<f64> for Secs {
     type Error = String;
@@ -154,7 +154,7 @@ macro_rules! agent_file {
         /// The agent's configuration file: every key optional.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
-        pub struct AgentFile {
+        pub(crate) struct AgentFile {
             /// `[peers]`: NAME = "ADDR", added to by `--peer`.
             #[serde(default)]
             pub peers: BTreeMap<Host, SocketAddr>,
@@ -219,7 +219,7 @@ agent_file! {
 
 impl AgentFile {
     /// Reads and checks `path`: TOML, only known keys, valid values.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         use std::io::Read;
         let read = |source| ConfigError::Read { path: path.to_owned(), source };
         let mut text = String::new();
@@ -231,13 +231,13 @@ impl AgentFile {
     }
 
     /// Parses a file's text; the error is toml's, naming the key and line.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
 }
 
 /// The options of `m` that the command line or the environment gave.
-pub fn given(m: &clap::ArgMatches) -> HashSet<String> {
+pub(crate) fn given(m: &clap::ArgMatches) -> HashSet<String> {
     use clap::parser::ValueSource;
     m.ids()
         .filter(|id| matches!(m.value_source(id.as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable)))
@@ -247,7 +247,7 @@ pub fn given(m: &clap::ArgMatches) -> HashSet<String> {
 
 /// Merges `file` (if any) under the flags `given` on the command line or by
 /// environment, and checks what is required is there.
-pub fn merge(a: &mut AgentArgs, file: Option<&Path>, given: &HashSet<String>) -> Result<(), ConfigError> {
+pub(crate) fn merge(a: &mut AgentArgs, file: Option<&Path>, given: &HashSet<String>) -> Result<(), ConfigError> {
     if let Some(path) = file {
         AgentFile::load(path)?.fill(a, given);
     }

@@ -55,7 +55,7 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo; returns the exit code of the migration it shows.
-pub fn run(a: DemoArgs) -> Result<i32> {
+pub(crate) fn run(a: DemoArgs) -> Result<i32> {
     if let Some(f) = a.retarget_at {
         if !(0.0..1.0).contains(&f) {
             bail!("--retarget-at takes a fraction of RAM in [0, 1), got {f}");

@@ -84,7 +84,7 @@ fn same_host(client: &Client, host: &str) -> Result<()> {
 }
 
 /// `evacuate`: starts the evacuation and follows it to its end.
-pub fn evacuate(a: EvacuateArgs) -> Result<i32> {
+pub(crate) fn evacuate(a: EvacuateArgs) -> Result<i32> {
     let client = Client::new(&a.api.api);
     same_host(&client, &a.host)?;
     let options = MigrateOptions {
@@ -107,7 +107,7 @@ pub fn evacuate(a: EvacuateArgs) -> Result<i32> {
 }
 
 /// `evacuation`: an evacuation's state (the latest by default).
-pub fn show(api: &ApiArg, id: Option<&str>, cancel: bool, json: bool) -> Result<i32> {
+pub(crate) fn show(api: &ApiArg, id: Option<&str>, cancel: bool, json: bool) -> Result<i32> {
     let s = Client::new(&api.api).evacuation(id, cancel)?;
     print_evacuation(&s, json);
     Ok(if s.done { exit_code(&s) } else { 0 })
@@ -174,7 +174,7 @@ fn stage_name(s: Stage) -> &'static str {
 }
 
 /// Prints an evacuation's report for people, or as JSON.
-pub fn print_evacuation(s: &EvacuationStatus, json: bool) {
+pub(crate) fn print_evacuation(s: &EvacuationStatus, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(s).expect("a status serializes"));
         return;
@@ -201,7 +201,7 @@ pub fn print_evacuation(s: &EvacuationStatus, json: bool) {
 
 /// 0 when every VM moved; else as `migrate`'s codes: 6 if an outcome is
 /// unknown, 5 if a VM stayed.
-pub fn exit_code(s: &EvacuationStatus) -> i32 {
+pub(crate) fn exit_code(s: &EvacuationStatus) -> i32 {
     if s.vms.iter().any(|v| v.stage == Stage::Unknown) {
         6
     } else if s.vms.iter().any(|v| v.stage != Stage::Completed) {
@@ -225,7 +225,7 @@ pub struct DrainArgs {
 }
 
 /// `drain` and `undrain`.
-pub fn drain(d: DrainArgs, on: bool) -> Result<i32> {
+pub(crate) fn drain(d: DrainArgs, on: bool) -> Result<i32> {
     let DrainArgs { host, json, api } = d;
     let client = Client::new(&api.api);
     same_host(&client, &host)?;

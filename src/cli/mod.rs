@@ -1,13 +1,13 @@
 //! Command-line interface: argument definitions and the commands that talk
 //! to an agent's API. The daemon itself lives in [`crate::agent`].
 
-pub mod agent;
-pub mod config;
-pub mod demo;
-pub mod host;
-pub mod operate;
-pub mod progress;
-pub mod vm;
+pub(crate) mod agent;
+pub(crate) mod config;
+pub(crate) mod demo;
+pub(crate) mod host;
+pub(crate) mod operate;
+pub(crate) mod progress;
+pub(crate) mod vm;
 
 use crate::agent::api::Client;
 use crate::dirty::TrackerKind;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// `set` and `force-complete`: asks the agent at `api` to change `vm`'s
 /// migration; prints what it took.
-pub fn steer(api: &Path, vm: &str, s: Steering, json: bool) -> Result<i32> {
+pub(crate) fn steer(api: &Path, vm: &str, s: Steering, json: bool) -> Result<i32> {
     if s.is_empty() {
         bail!("give --max-bandwidth MBPS and/or --downtime-ms MS");
     }
@@ -25,7 +25,7 @@ pub fn steer(api: &Path, vm: &str, s: Steering, json: bool) -> Result<i32> {
 /// agent ends the stream (the VM's migration ended) or stdout closes. For
 /// one VM, a stream that ends without its `ended` event (the agent went
 /// away) is an error.
-pub fn watch(api: &Path, vm: Option<&str>) -> Result<i32> {
+pub(crate) fn watch(api: &Path, vm: Option<&str>) -> Result<i32> {
     let mut w = Client::new(api).watch(vm)?;
     let mut out = std::io::stdout().lock();
     let mut ended = false;
@@ -44,7 +44,7 @@ pub fn watch(api: &Path, vm: Option<&str>) -> Result<i32> {
 
 /// A rate for `set --max-bandwidth`: finite, not negative (JSON has no
 /// infinity: it would reach the agent as no value at all).
-pub fn parse_rate(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
         _ => Err(format!("{s:?} is not a rate in MB/s (0 lifts the cap)")),

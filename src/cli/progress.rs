@@ -12,12 +12,12 @@ use std::time::Duration;
 
 /// Polls the agent until the VM's migration ends; returns its report.
 /// Ctrl-C cancels the migration (the VM keeps running on the source).
-pub fn follow(client: &Client, vm: &str, quiet: bool) -> Result<Report> {
+pub(crate) fn follow(client: &Client, vm: &str, quiet: bool) -> Result<Report> {
     follow_with(client, vm, quiet, |_| None)
 }
 
 /// The progress bar of a migration (and of an evacuation): bytes at the destination.
-pub fn bar() -> ProgressBar {
+pub(crate) fn bar() -> ProgressBar {
     let b = ProgressBar::new(0);
     b.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {bytes}/{total_bytes} {msg}")
@@ -29,7 +29,7 @@ pub fn bar() -> ProgressBar {
 
 /// Like [`follow`]; `hook` sees every status and may return a line to
 /// print above the progress bar (the demo retargets from it).
-pub fn follow_with(
+pub(crate) fn follow_with(
     client: &Client,
     vm: &str,
     quiet: bool,
@@ -93,7 +93,7 @@ pub fn follow_with(
 /// cancelled, 4 gave up (budget), 5 failed (the VM runs on the source), 6
 /// outcome unknown (see `dcmigrate resolve`). 1 and 2 are the CLI's own
 /// errors.
-pub fn exit_code(report: &Report) -> i32 {
+pub(crate) fn exit_code(report: &Report) -> i32 {
     match report.result {
         Outcome::Completed => 0,
         Outcome::Cancelled => 3,
@@ -108,7 +108,7 @@ fn mb(b: u64) -> f64 {
 }
 
 /// Prints a report for people, or as JSON.
-pub fn print_report(r: &Report, json: bool) {
+pub(crate) fn print_report(r: &Report, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(r).expect("a report serializes"));
         return;
@@ -165,7 +165,7 @@ pub fn print_report(r: &Report, json: bool) {
 }
 
 /// Prints migrations' progress (and reports, for those that ended).
-pub fn print_status(migrations: &[MigrationStatus]) {
+pub(crate) fn print_status(migrations: &[MigrationStatus]) {
     if migrations.is_empty() {
         println!("no migrations");
     }

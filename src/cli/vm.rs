@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 /// The file format of `vm add --launch-spec`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LaunchSpecFile {
+pub(crate) struct LaunchSpecFile {
     /// The QEMU program destinations run.
     pub binary: String,
     /// Its arguments; `{dir}` stands for the VM's directory there.
@@ -16,7 +16,7 @@ pub struct LaunchSpecFile {
 }
 
 /// Reads a `vm add --launch-spec` file into a QEMU launch spec.
-pub fn read_launch_spec(path: &std::path::Path) -> Result<crate::vm::LaunchSpec> {
+pub(crate) fn read_launch_spec(path: &std::path::Path) -> Result<crate::vm::LaunchSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let f: LaunchSpecFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(crate::vm::LaunchSpec::Qemu { binary: f.binary, args: f.args })

@@ -11,17 +11,16 @@ use crate::memory::GuestRam;
 use memmap2::MmapRaw;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"DCMDIRTY";
 const HEADER: usize = 64;
 
 /// The shared bitmap file, used by both the guest (marks) and the tracker (drains).
-pub struct DirtyLog {
+pub(crate) struct DirtyLog {
     map: MmapRaw,
     pages: usize,
-    path: PathBuf,
 }
 
 // SAFETY: only accessed through atomics.
@@ -39,7 +38,7 @@ impl DirtyLog {
 
     /// Creates (or truncates) the log for `pages` pages, all clean: the
     /// guest's side.
-    pub fn create(path: &Path, pages: usize) -> Result<Self, DirtyError> {
+    pub(crate) fn create(path: &Path, pages: usize) -> Result<Self, DirtyError> {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -57,12 +56,12 @@ impl DirtyLog {
             std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), map.as_mut_ptr(), 8);
             std::ptr::copy_nonoverlapping((pages as u64).to_le_bytes().as_ptr(), map.as_mut_ptr().add(8), 8);
         }
-        Ok(Self { map, pages, path: path.to_owned() })
+        Ok(Self { map, pages })
     }
 
     /// Opens an existing log and checks that it was made for `pages` pages:
     /// the tracker's side.
-    pub fn open(path: &Path, pages: usize) -> Result<Self, DirtyError> {
+    pub(crate) fn open(path: &Path, pages: usize) -> Result<Self, DirtyError> {
         let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Self::err(path, e))?;
         let len = f.metadata().map_err(|e| Self::err(path, e))?.len();
         if len != Self::file_len(pages) {
@@ -74,12 +73,7 @@ impl DirtyLog {
         if &header[..8] != MAGIC || u64::from_le_bytes(header[8..16].try_into().unwrap()) != pages as u64 {
             return Err(Self::err(path, "not a dirty log for this RAM layout"));
         }
-        Ok(Self { map, pages, path: path.to_owned() })
-    }
-
-    /// The log file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { map, pages })
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -91,14 +85,14 @@ impl DirtyLog {
     }
 
     /// Marks a page written. Call after the write.
-    pub fn mark(&self, page: usize) {
+    pub(crate) fn mark(&self, page: usize) {
         if page < self.pages {
             self.words()[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
         }
     }
 
     /// The pages marked since the previous drain; clears their marks.
-    pub fn drain(&self) -> Bitmap {
+    pub(crate) fn drain(&self) -> Bitmap {
         let mut out = Bitmap::new(self.pages);
         for (i, w) in self.words().iter().enumerate() {
             if w.load(Ordering::Relaxed) != 0 {
@@ -110,14 +104,18 @@ impl DirtyLog {
 }
 
 /// Tracks a guest that marks its own writes in a [`DirtyLog`].
-pub struct CooperativeTracker {
+pub(crate) struct CooperativeTracker {
     log: DirtyLog,
 }
 
 impl CooperativeTracker {
     /// Opens the guest's dirty log and proves it live: `probe(page)` asks the
     /// guest to rewrite a page in place, which must show up in the next sync.
-    pub fn start(path: &Path, pages: usize, probe: &dyn Fn(usize) -> Result<(), String>) -> Result<Self, DirtyError> {
+    pub(crate) fn start(
+        path: &Path,
+        pages: usize,
+        probe: &dyn Fn(usize) -> Result<(), String>,
+    ) -> Result<Self, DirtyError> {
         let log = DirtyLog::open(path, pages)?;
         let fail = |msg: String| DirtyError::SelfTest { tracker: "cooperative", msg };
         let page = pages / 2;

@@ -15,7 +15,7 @@ fn err(msg: String) -> DirtyError {
 }
 
 /// Every thread of a process, stopped by ptrace until this is dropped.
-pub struct Frozen {
+pub(crate) struct Frozen {
     tids: Vec<libc::pid_t>,
     /// When the first thread was stopped.
     since: Instant,
@@ -52,7 +52,7 @@ fn wait_stop(tid: libc::pid_t, end: Instant) -> Result<bool, DirtyError> {
 
 impl Frozen {
     /// Stops every thread of `pid` (threads started meanwhile too), within `timeout`.
-    pub fn new(pid: u32, timeout: Duration) -> Result<Self, DirtyError> {
+    pub(crate) fn new(pid: u32, timeout: Duration) -> Result<Self, DirtyError> {
         let end = Instant::now() + timeout;
         let mut f = Frozen { tids: vec![], since: Instant::now() };
         // Until a listing shows no thread we have not stopped: a running
@@ -82,7 +82,7 @@ impl Frozen {
     }
 
     /// How long the process has been frozen.
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.since.elapsed()
     }
 }

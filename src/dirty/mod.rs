@@ -4,8 +4,8 @@
 //! it: a tracker that silently reports nothing (soft-dirty on a kernel
 //! without it, say) would make a migration copy stale memory.
 
-pub mod cooperative;
-pub mod freeze;
+pub(crate) mod cooperative;
+pub(crate) mod freeze;
 pub mod hash;
 pub mod softdirty;
 

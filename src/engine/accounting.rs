@@ -6,7 +6,7 @@ use super::report::RoundReport;
 use std::time::{Duration, Instant};
 
 /// A migration's counters and clocks.
-pub struct Accounting {
+pub(crate) struct Accounting {
     /// Bytes applied at the target, and the time spent on rounds that sent
     /// something: the throughput estimate.
     applied_bytes: u64,
@@ -33,7 +33,7 @@ struct Pacer {
 
 impl Accounting {
     /// Starts the clocks; `cap_mbps` caps the source's rate.
-    pub fn new(cap_mbps: Option<f64>) -> Self {
+    pub(crate) fn new(cap_mbps: Option<f64>) -> Self {
         let now = Instant::now();
         Self {
             applied_bytes: 0,
@@ -53,7 +53,7 @@ impl Accounting {
     }
 
     /// A new round, number `n`.
-    pub fn begin_round(&mut self, n: u32) {
+    pub(crate) fn begin_round(&mut self, n: u32) {
         self.round = RoundReport { round: n, ..Default::default() };
         self.round_start = Instant::now();
         self.pacer.paced_bytes = 0;
@@ -61,7 +61,7 @@ impl Accounting {
     }
 
     /// A new rate cap (MB/s; `None` or 0: none), from now on.
-    pub fn set_cap(&mut self, cap_mbps: Option<f64>) {
+    pub(crate) fn set_cap(&mut self, cap_mbps: Option<f64>) {
         self.pacer.rate = cap_mbps.filter(|r| *r > 0.0).map(|r| r * 1e6);
         self.pacer.paced_bytes = 0;
         self.pacer.since = Instant::now();
@@ -69,7 +69,7 @@ impl Accounting {
     }
 
     /// Closes the round under way and returns its figures.
-    pub fn end_round(&mut self) -> RoundReport {
+    pub(crate) fn end_round(&mut self) -> RoundReport {
         let dt = self.round_start.elapsed();
         self.round.ms = dt.as_secs_f64() * 1e3;
         if self.round.bytes > 0 {
@@ -80,25 +80,25 @@ impl Accounting {
     }
 
     /// How long the round under way has run.
-    pub fn round_elapsed(&self) -> Duration {
+    pub(crate) fn round_elapsed(&self) -> Duration {
         self.round_start.elapsed()
     }
 
     /// `pages` of `bytes` were applied at the current target.
-    pub fn applied(&mut self, pages: u64, bytes: u64) {
+    pub(crate) fn applied(&mut self, pages: u64, bytes: u64) {
         self.round.pages += pages;
         self.round.bytes += bytes;
         self.applied_bytes += bytes;
     }
 
     /// Bytes per second applied at the target so far.
-    pub fn throughput(&self) -> f64 {
+    pub(crate) fn throughput(&self) -> f64 {
         let t = self.busy_time + self.round_start.elapsed();
         self.applied_bytes as f64 / t.as_secs_f64().max(1e-3)
     }
 
     /// A dirty sync took `cost`; returns the time since the previous one.
-    pub fn synced(&mut self, cost: Duration) -> Duration {
+    pub(crate) fn synced(&mut self, cost: Duration) -> Duration {
         let since = self.last_sync.elapsed();
         self.last_sync = Instant::now();
         self.last_sync_cost = cost;
@@ -110,7 +110,7 @@ impl Accounting {
     /// restarts slowly after the pause for the sync), and the final round is
     /// one of them: predict with the slower of the overall rate and the last
     /// round's.
-    pub fn estimate(&self, remaining: u64, last: &RoundReport) -> Duration {
+    pub(crate) fn estimate(&self, remaining: u64, last: &RoundReport) -> Duration {
         let last_rate =
             if last.ms > 0.0 && last.bytes >= 1 << 20 { last.bytes as f64 / (last.ms / 1e3) } else { f64::MAX };
         // A cap lowered since (`dcmigrate set`) binds the final round too.
@@ -119,7 +119,7 @@ impl Accounting {
     }
 
     /// The source submitted `bytes`: with a cap, it waits once ahead of it.
-    pub fn pace(&mut self, bytes: u64) {
+    pub(crate) fn pace(&mut self, bytes: u64) {
         let Some(rate) = self.pacer.rate else { return };
         self.pacer.paced_bytes += bytes;
         let due = Duration::from_secs_f64(self.pacer.paced_bytes as f64 / rate);
@@ -129,12 +129,12 @@ impl Accounting {
     }
 
     /// Until when the source must wait, if it is ahead of its cap.
-    pub fn paced_until(&self) -> Option<tokio::time::Instant> {
+    pub(crate) fn paced_until(&self) -> Option<tokio::time::Instant> {
         self.pacer.until
     }
 
     /// The wait is over.
-    pub fn pace_done(&mut self) {
+    pub(crate) fn pace_done(&mut self) {
         self.pacer.until = None;
     }
 }

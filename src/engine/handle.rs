@@ -109,7 +109,7 @@ pub struct MigrationHandle {
 }
 
 /// What is told of a migration's phase changes: (VM, destination, phase).
-pub type PhaseHook = Box<dyn Fn(&str, &str, super::phase::Phase) + Send + Sync>;
+pub(crate) type PhaseHook = Box<dyn Fn(&str, &str, super::phase::Phase) + Send + Sync>;
 
 impl MigrationHandle {
     /// A handle for migrating `vm` to `to`.

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How long a peer may take to answer a control request.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest reason a peer's `Leave` may put in a report.
 const MAX_REASON: usize = 256;
 /// How long an aborted peer may take to confirm it discarded its session.
@@ -88,7 +88,7 @@ pub enum LinkError {
 }
 
 /// How to open a link (owned: it is opened on a task of its own).
-pub struct LinkSpec {
+pub(crate) struct LinkSpec {
     /// This agent's TLS identity.
     pub tls: SharedTls,
     /// Encrypt the TCP data streams.
@@ -126,7 +126,7 @@ pub struct LinkSpec {
 }
 
 /// The source's connection to one peer.
-pub struct Link {
+pub(crate) struct Link {
     /// The peer's name.
     pub host: String,
     /// Its host id in the migration.
@@ -249,7 +249,7 @@ async fn open_session(
 
 impl Link {
     /// Connects, opens a session for the VM and the source's data streams.
-    pub async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
+    pub(crate) async fn open(a: LinkSpec) -> Result<Arc<Link>, LinkError> {
         let conn = control::connect(&a.tls.current(), &a.me, &a.host, a.addr).await.map_err(LinkError::Connect)?;
         let features = conn.features();
         let heartbeat = features.heartbeats().then(|| Heartbeat::pinging(a.peer_timeout));
@@ -404,12 +404,12 @@ impl Link {
     }
 
     /// Why the host asked the source to leave (once it has).
-    pub fn leave_reason(&self) -> String {
+    pub(crate) fn leave_reason(&self) -> String {
         self.leave_why.lock().unwrap().clone().unwrap_or_else(|| "asked to leave".into())
     }
 
     /// Why the control connection ended (once it has).
-    pub fn lost_why(&self) -> LinkError {
+    pub(crate) fn lost_why(&self) -> LinkError {
         match self.why.lock().unwrap().clone() {
             Some(w) => LinkError::Lost(w),
             None => LinkError::Closed,
@@ -417,13 +417,13 @@ impl Link {
     }
 
     /// Sends a request and waits for its reply (an `Error` reply is an error).
-    pub async fn request(&self, m: Message) -> Result<Message, LinkError> {
+    pub(crate) async fn request(&self, m: Message) -> Result<Message, LinkError> {
         self.request_within(m, CONTROL_TIMEOUT).await
     }
 
     /// [`request`](Self::request) for work that takes longer than an ordinary
     /// call (checksums of a large RAM): the reply may take `timeout`.
-    pub async fn request_within(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
+    pub(crate) async fn request_within(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
         if self.features.request_ids() {
             return self.request_by_id(m, timeout).await;
         }
@@ -476,7 +476,7 @@ impl Link {
     }
 
     /// A request whose only acceptable reply is of kind `expected`.
-    pub async fn call(&self, m: Message, expected: MessageKind) -> Result<Message, LinkError> {
+    pub(crate) async fn call(&self, m: Message, expected: MessageKind) -> Result<Message, LinkError> {
         let request = m.name();
         let reply = self.request(m).await?;
         if reply.kind() != expected {
@@ -486,12 +486,12 @@ impl Link {
     }
 
     /// Sends a message that has no reply of its own.
-    pub fn send(&self, m: Message) -> Result<(), LinkError> {
+    pub(crate) fn send(&self, m: Message) -> Result<(), LinkError> {
         self.out.send(m).map_err(|_| LinkError::Closed)
     }
 
     /// Tells the host to discard its session, and waits (briefly) until it did.
-    pub async fn abort(&self, reason: &str) {
+    pub(crate) async fn abort(&self, reason: &str) {
         self.close_sender();
         let abort = Message::Abort { reason: reason.into(), migration: Some(self.migration) };
         let _ = tokio::time::timeout(ABORT_TIMEOUT, self.request(abort)).await;
@@ -499,7 +499,7 @@ impl Link {
     }
 
     /// Queues a batch on the source's own data streams to this host.
-    pub fn submit(&self, b: Batch) -> Result<(), Batch> {
+    pub(crate) fn submit(&self, b: Batch) -> Result<(), Batch> {
         match self.sender.lock().unwrap().as_ref() {
             Some(s) => s.submit(b),
             None => Err(b),
@@ -507,7 +507,7 @@ impl Link {
     }
 
     /// Asks this host to forward a batch from its RAM to `to` (see `ForwardTo`).
-    pub fn forward(&self, b: Batch, to: &str) -> Result<(), Batch> {
+    pub(crate) fn forward(&self, b: Batch, to: &str) -> Result<(), Batch> {
         // Under the lock: the reader fails every batch in the map when the
         // connection ends, and none can be added after that.
         let mut map = self.forwarding.lock().unwrap();
@@ -522,31 +522,31 @@ impl Link {
     }
 
     /// Payload bytes the source sent to this host.
-    pub fn bytes_sent(&self) -> u64 {
+    pub(crate) fn bytes_sent(&self) -> u64 {
         let live = self.sender.lock().unwrap().as_ref().map_or(0, |s| s.bytes_sent());
         live + self.sent_before_close.load(Ordering::Relaxed)
     }
 
     /// How the source's RDMA streams to this host recovered so far.
-    pub fn recoveries(&self) -> Recoveries {
+    pub(crate) fn recoveries(&self) -> Recoveries {
         let live = self.sender.lock().unwrap().as_ref().map(|s| s.recoveries()).unwrap_or_default();
         live + *self.recoveries_before_close.lock().unwrap()
     }
 
     /// Payload bytes this host reported having forwarded.
-    pub fn forwarded_bytes(&self) -> u64 {
+    pub(crate) fn forwarded_bytes(&self) -> u64 {
         self.forwarded_bytes.load(Ordering::Relaxed)
     }
 
     /// Pages sent as zero frames: by the source to this host, and by this
     /// host as a forwarder.
-    pub fn zero_pages(&self) -> u64 {
+    pub(crate) fn zero_pages(&self) -> u64 {
         let live = self.sender.lock().unwrap().as_ref().map_or(0, |s| s.zero_pages_sent());
         live + self.zero_before_close.load(Ordering::Relaxed) + self.forwarded_zero.load(Ordering::Relaxed)
     }
 
     /// Stops the source's data streams to this host (in-flight batches fail).
-    pub fn close_sender(&self) {
+    pub(crate) fn close_sender(&self) {
         if let Some(s) = self.sender.lock().unwrap().take() {
             self.sent_before_close.fetch_add(s.bytes_sent(), Ordering::Relaxed);
             self.zero_before_close.fetch_add(s.zero_pages_sent(), Ordering::Relaxed);

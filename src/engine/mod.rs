@@ -21,25 +21,25 @@
 //! The files `impl Migration` is split over call each other's methods in
 //! one direction only (tests/structure.rs checks it).
 
-pub mod accounting;
+pub(crate) mod accounting;
 mod books;
 mod events;
 mod fallback;
-pub mod handle;
-pub mod link;
+pub(crate) mod handle;
+pub(crate) mod link;
 pub mod options;
-pub mod phase;
+pub(crate) mod phase;
 mod precopy;
 pub mod report;
 mod retarget;
 mod rounds;
 mod route;
-pub mod schedule;
+pub(crate) mod schedule;
 mod setup;
 mod steering;
 mod switchover;
 mod verify;
-pub mod watch;
+pub(crate) mod watch;
 
 pub use handle::{MigrationHandle, MigrationStatus, Progress, RetargetRequest};
 pub use options::{BudgetAction, MigrateOptions, Steering};

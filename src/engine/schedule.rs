@@ -11,16 +11,16 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 /// The source's own id in every migration.
-pub const SOURCE: HostId = 0;
+pub(crate) const SOURCE: HostId = 0;
 /// The source's bytes in flight per stream, in chunks: full chunks keep
 /// this many in flight on each stream; batches of a few dirty pages (the
 /// last rounds) keep more, up to [`QUEUE_PER_STREAM`] (the sender's queue
 /// bound), so that a round trip carries more than a few pages.
-pub const PER_STREAM: usize = 6;
-pub use crate::transport::QUEUE_PER_STREAM;
+pub(crate) const PER_STREAM: usize = 6;
+pub(crate) use crate::transport::QUEUE_PER_STREAM;
 /// A forwarder's claims in flight per stream: small, because claimed chunks
 /// cannot be taken back, so they bound how long the others wait at the end.
-pub const FORWARD_PER_STREAM: usize = 2;
+pub(crate) const FORWARD_PER_STREAM: usize = 2;
 /// How long into a round the source may take pool chunks from forwarders.
 /// Only the source can send pages the guest dirties, so it must not spend a
 /// long round on work a forwarder can do while dirty pages pile up: it
@@ -29,7 +29,7 @@ const STEAL_WINDOW: Duration = Duration::from_millis(250);
 
 /// Work waiting for senders, and work in flight.
 #[derive(Default)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// Chunks with pages only the source holds, this round.
     queue: VecDeque<usize>,
     /// Chunks a forwarder can send (front: the forwarder; back: the source steals).
@@ -44,7 +44,13 @@ impl Schedule {
     /// first forwarder (newest first) holding some of them, and into the
     /// source's queue if some are held by no forwarder. Returns the
     /// forwarders with nothing left to do.
-    pub fn plan(&mut self, ledger: &Ledger, layout: &Layout, target: HostId, forwarders: &[HostId]) -> Vec<HostId> {
+    pub(crate) fn plan(
+        &mut self,
+        ledger: &Ledger,
+        layout: &Layout,
+        target: HostId,
+        forwarders: &[HostId],
+    ) -> Vec<HostId> {
         self.queue.clear();
         self.pools.clear();
         for (ci, c) in layout.chunks().iter().enumerate() {
@@ -74,7 +80,7 @@ impl Schedule {
     /// Pages of chunk `ci` that `from` sends to `to` now, begun in the
     /// ledger (busy pages are skipped: one writer per page at a time). With
     /// `only_own`, the source leaves out pages a forwarder holds.
-    pub fn make_batch(
+    pub(crate) fn make_batch(
         &mut self,
         ledger: &mut Ledger,
         layout: &Layout,
@@ -106,71 +112,71 @@ impl Schedule {
     }
 
     /// The source's next own chunk.
-    pub fn next_own(&mut self) -> Option<usize> {
+    pub(crate) fn next_own(&mut self) -> Option<usize> {
         self.queue.pop_front()
     }
 
     /// Forwarder `f`'s next chunk, from the front of its pool.
-    pub fn next_forward(&mut self, f: HostId) -> Option<usize> {
+    pub(crate) fn next_forward(&mut self, f: HostId) -> Option<usize> {
         self.pools.get_mut(&f).and_then(|p| p.pop_front())
     }
 
     /// A chunk from the back of the longest forwarder pool, for the source.
-    pub fn steal(&mut self) -> Option<usize> {
+    pub(crate) fn steal(&mut self) -> Option<usize> {
         self.pools.values_mut().filter(|p| !p.is_empty()).max_by_key(|p| p.len())?.pop_back()
     }
 
     /// Paused, nothing gets dirty: steal freely. Running: for a bounded part
     /// of each round (longer if syncs are slow, as with the hash tracker).
-    pub fn may_steal(paused: bool, round_elapsed: Duration, sync_cost: Duration) -> bool {
+    pub(crate) fn may_steal(paused: bool, round_elapsed: Duration, sync_cost: Duration) -> bool {
         paused || round_elapsed < STEAL_WINDOW.max(sync_cost * 4)
     }
 
     /// Batches `h` has in flight.
-    pub fn outstanding(&self, h: HostId) -> usize {
+    pub(crate) fn outstanding(&self, h: HostId) -> usize {
         self.outstanding.get(&h).map_or(0, |o| o.0)
     }
 
     /// Payload bytes `h` has in flight.
-    pub fn outstanding_bytes(&self, h: HostId) -> u64 {
+    pub(crate) fn outstanding_bytes(&self, h: HostId) -> u64 {
         self.outstanding.get(&h).map_or(0, |o| o.1)
     }
 
     /// Batches in flight from every host.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.outstanding.values().map(|o| o.0).sum()
     }
 
     /// `h` put a batch of `bytes` in flight.
-    pub fn started(&mut self, h: HostId, bytes: u64) {
+    pub(crate) fn started(&mut self, h: HostId, bytes: u64) {
         let o = self.outstanding.entry(h).or_default();
         *o = (o.0 + 1, o.1 + bytes);
     }
 
     /// A batch of `h` of `bytes` completed, either way.
-    pub fn ended(&mut self, h: HostId, bytes: u64) {
+    pub(crate) fn ended(&mut self, h: HostId, bytes: u64) {
         if let Some(o) = self.outstanding.get_mut(&h) {
             *o = (o.0.saturating_sub(1), o.1.saturating_sub(bytes));
         }
     }
 
     /// Forwarder `f` still has chunks in its pool.
-    pub fn has_work(&self, f: HostId) -> bool {
+    pub(crate) fn has_work(&self, f: HostId) -> bool {
         self.pools.get(&f).is_some_and(|p| !p.is_empty())
     }
 
     /// No forwarder has chunks left in its pool.
-    pub fn pools_empty(&self) -> bool {
+    pub(crate) fn pools_empty(&self) -> bool {
         self.pools.values().all(|p| p.is_empty())
     }
 
     /// The source's queue is empty.
-    pub fn queue_empty(&self) -> bool {
+    pub(crate) fn queue_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// Forgets forwarder `f`'s pool.
-    pub fn drop_pool(&mut self, f: HostId) {
+    pub(crate) fn drop_pool(&mut self, f: HostId) {
         self.pools.remove(&f);
     }
 }

@@ -121,15 +121,15 @@ impl EventKind {
 }
 
 /// Where a handle sends its events: every watcher subscribes to it.
-pub type EventSink = tokio::sync::broadcast::Sender<Event>;
+pub(crate) type EventSink = tokio::sync::broadcast::Sender<Event>;
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A phase's name in events.
-pub fn phase_name(p: super::phase::Phase) -> &'static str {
+pub(crate) fn phase_name(p: super::phase::Phase) -> &'static str {
     use super::phase::Phase::*;
     match p {
         Setup => "setup",

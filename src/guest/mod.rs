@@ -19,7 +19,7 @@ use thiserror::Error;
 
 /// The synthetic guest could not start.
 #[derive(Debug, Error)]
-pub enum GuestError {
+pub(crate) enum GuestError {
     /// Creating, mapping or filling the RAM file failed.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -39,7 +39,7 @@ pub enum GuestError {
 }
 
 /// How to run a synthetic guest (see [`run`]).
-pub struct GuestOptions {
+pub(crate) struct GuestOptions {
     /// The VM's name; its files in `dir` are named after it.
     pub name: String,
     /// Where the RAM file, dirty log and control socket go.
@@ -76,7 +76,7 @@ pub struct GuestOptions {
 
 /// The device state that travels at switchover, with a checksum of its own.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct DeviceState {
+pub(crate) struct DeviceState {
     /// The VM's name.
     pub name: String,
     /// Pages written since the guest first started, on any host.
@@ -438,7 +438,7 @@ fn filler(n: u64, seed: u64) -> String {
 
 /// Runs the guest until it is told to quit. Returns the record an agent
 /// needs to manage it (printed or registered by the caller) through `ready`.
-pub fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
+pub(crate) fn run(opts: GuestOptions, ready: impl FnOnce(&VmRecord) -> Result<(), String>) -> Result<(), GuestError> {
     if !crate::vm::valid_name(&opts.name) {
         let why = format!("guest name {:?}: use letters, digits, '-', '_' and '.' (not first)", opts.name);
         return Err(GuestError::Invalid(why));

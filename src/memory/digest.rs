@@ -6,27 +6,27 @@ use std::hash::Hasher as _;
 use twox_hash::XxHash3_64;
 
 /// XXH3-64 of `bytes`.
-pub fn of(bytes: &[u8]) -> u64 {
+pub(crate) fn of(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
 }
 
 /// XXH3-64 of bytes given piece by piece (the same value as [`of`] their
 /// concatenation).
-pub struct Digest(XxHash3_64);
+pub(crate) struct Digest(XxHash3_64);
 
 impl Digest {
     /// An empty digest.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(XxHash3_64::new())
     }
 
     /// Adds bytes.
-    pub fn update(&mut self, bytes: &[u8]) {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
         self.0.write(bytes);
     }
 
     /// The checksum of everything added.
-    pub fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0.finish()
     }
 }

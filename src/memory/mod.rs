@@ -7,7 +7,7 @@
 //! so they are only ever copied, never borrowed.
 
 pub mod backing;
-pub mod digest;
+pub(crate) mod digest;
 mod layout;
 mod ram;
 

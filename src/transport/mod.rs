@@ -9,15 +9,15 @@
 //! themselves: [`tcp`] and [`rdma`] (the `rdma/` crate, with the `rdma`
 //! feature); [`open`] picks one.
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod handshake;
-pub mod inflight;
-pub mod open;
-pub mod queue;
+pub(crate) mod inflight;
+pub(crate) mod open;
+pub(crate) mod queue;
 pub mod rdma;
-pub mod seal;
+pub(crate) mod seal;
 pub mod secure;
-pub mod session;
+pub(crate) mod session;
 pub mod tcp;
 
 pub use batch::{Batch, Completion, Run};

@@ -20,15 +20,15 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// The ALPN protocol name both ends offer to switch to sealed records.
-pub const ALPN_SEALED: &[u8] = b"dcmigrate-sealed/1";
+pub(crate) const ALPN_SEALED: &[u8] = b"dcmigrate-sealed/1";
 /// The TLS exporter label the two keys are derived with.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-dcmigrate-sealed-records";
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-dcmigrate-sealed-records";
 /// Bytes in front of a record's plaintext (its length).
-pub const PREFIX: usize = 4;
+pub(crate) const PREFIX: usize = 4;
 /// Bytes after a record's ciphertext (the tag).
-pub const TAG: usize = 16;
+pub(crate) const TAG: usize = 16;
 /// Largest plaintext of a record: a frame header and the largest payload.
-pub const MAX_RECORD: usize = crate::protocol::data::HEADER_LEN + crate::protocol::data::MAX_PAYLOAD as usize;
+pub(crate) const MAX_RECORD: usize = crate::protocol::data::HEADER_LEN + crate::protocol::data::MAX_PAYLOAD as usize;
 /// Plaintext that generic writes gather before sealing a record.
 const GATHER: usize = 64 << 10;
 
@@ -54,7 +54,7 @@ impl Direction {
 
 /// The keys of both directions, from 64 bytes of exported key material:
 /// the first half seals what the TLS client sends.
-pub fn keys(material: &[u8; 64], client: bool) -> (SealKey, OpenKey) {
+pub(crate) fn keys(material: &[u8; 64], client: bool) -> (SealKey, OpenKey) {
     let (c2s, s2c) = material.split_at(32);
     let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
     (SealKey(Direction::new(send)), OpenKey(Direction::new(recv)))

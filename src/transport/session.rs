@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 const FENCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The session's source: the only sender left once the session is sealed.
-pub const SOURCE: u8 = 0;
+pub(crate) const SOURCE: u8 = 0;
 
 /// What a token lets its holder do: send for one session, as one sender
 /// from one host (or, for a protocol-3 source's session, as any).
@@ -329,7 +329,7 @@ impl Receiver {
 /// process's file descriptor limit is low (see [`connection_cap`]). More are
 /// closed at once, so a flood can neither exhaust file descriptors nor
 /// starve the event loop (handshakes have deadlines, so slots come back).
-pub const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 
 /// File descriptors kept for everything but the two listeners' connections
 /// (RAM files, QMP and API sockets, the journal).
@@ -339,7 +339,7 @@ const RESERVED_FDS: u64 = 64;
 /// descriptors left after [`RESERVED_FDS`] (read each time: an operator may
 /// change the limit of a running agent), at least 8, at most
 /// [`MAX_CONNECTIONS`].
-pub fn connection_cap() -> usize {
+pub(crate) fn connection_cap() -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit fills the struct it is given.
     let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 1024 };
@@ -348,7 +348,7 @@ pub fn connection_cap() -> usize {
 
 /// Who a listener lets in, beyond its total cap ([`connection_cap`]).
 #[derive(Clone, Debug, Default)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// Addresses of configured peers: they may use every slot, the last
     /// [`RESERVED`] of which nobody else gets, and have no cap of their own.
     pub reserved: HashSet<IpAddr>,
@@ -359,19 +359,19 @@ pub struct Admission {
 }
 
 /// Slots of a listener only configured peers may take.
-pub const RESERVED: usize = 32;
+pub(crate) const RESERVED: usize = 32;
 /// Connections one address that is not a configured peer may hold on the
 /// control and data listeners (a migration from there has a few streams).
-pub const PER_ADDR: usize = 32;
+pub(crate) const PER_ADDR: usize = 32;
 /// Connections one configured peer's address may hold (its migrations'
 /// streams, forwards and questions): others behind it (local users, NAT)
 /// cannot take every slot either.
-pub const PER_PEER_ADDR: usize = 256;
+pub(crate) const PER_PEER_ADDR: usize = 256;
 
 /// The address connections are counted under: IPv4 as it is (an IPv4
 /// address on an IPv6 socket included), IPv6 by its /64 (one host has a
 /// whole /64 to connect from).
-pub fn counted_as(ip: IpAddr) -> IpAddr {
+pub(crate) fn counted_as(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -385,17 +385,17 @@ pub fn counted_as(ip: IpAddr) -> IpAddr {
 }
 /// How long a new connection may stay silent: a client that connects and
 /// sends nothing gives its slot back after this.
-pub const FIRST_BYTE: Duration = Duration::from_secs(2);
+pub(crate) const FIRST_BYTE: Duration = Duration::from_secs(2);
 
 /// Whether the client sent something within [`FIRST_BYTE`] (nothing is consumed).
-pub async fn first_byte(tcp: &TcpStream) -> bool {
+pub(crate) async fn first_byte(tcp: &TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(tokio::time::timeout(FIRST_BYTE, tcp.peek(&mut b)).await, Ok(Ok(n)) if n > 0)
 }
 
 /// A listener with a bounded number of live connections: in all, per
 /// address, and with slots kept for configured peers.
-pub struct Listener {
+pub(crate) struct Listener {
     inner: TcpListener,
     what: &'static str,
     admission: Admission,
@@ -409,7 +409,7 @@ struct Live {
 }
 
 /// A connection's place in its [`Listener`], held while it is served.
-pub struct Slot(Arc<Mutex<Live>>, IpAddr);
+pub(crate) struct Slot(Arc<Mutex<Live>>, IpAddr);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -427,12 +427,12 @@ impl Drop for Slot {
 impl Listener {
     /// Serves at most [`connection_cap`] connections of `inner` at once,
     /// [`PER_ADDR`] per address, [`RESERVED`] of them kept for `peers`.
-    pub fn new(inner: TcpListener, what: &'static str, peers: HashSet<IpAddr>) -> Self {
+    pub(crate) fn new(inner: TcpListener, what: &'static str, peers: HashSet<IpAddr>) -> Self {
         Self::with(inner, what, Admission { reserved: peers, per_addr: PER_ADDR, total: None })
     }
 
     /// A listener with its own admission rules.
-    pub fn with(inner: TcpListener, what: &'static str, admission: Admission) -> Self {
+    pub(crate) fn with(inner: TcpListener, what: &'static str, admission: Admission) -> Self {
         Self { inner, what, admission, live: Default::default() }
     }
 
@@ -458,7 +458,7 @@ impl Listener {
     /// The next connection, with its slot. Accept errors (no file
     /// descriptors left, say) are logged and back off instead of spinning;
     /// connections beyond the caps are closed unread.
-    pub async fn accept(&self) -> (TcpStream, std::net::SocketAddr, Slot) {
+    pub(crate) async fn accept(&self) -> (TcpStream, std::net::SocketAddr, Slot) {
         let mut refused = 0u64;
         loop {
             match self.inner.accept().await {

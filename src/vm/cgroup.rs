@@ -20,9 +20,9 @@ pub struct Limits {
 
 /// Memory a QEMU needs beyond its guest's RAM (TCG's translation cache
 /// alone may grow to 1 GiB).
-pub const MEMORY_OVERHEAD: u64 = 1 << 30;
+pub(crate) const MEMORY_OVERHEAD: u64 = 1 << 30;
 /// Threads a QEMU may have (vCPUs, I/O threads, its worker pool).
-pub const MAX_PIDS: u64 = 1024;
+pub(crate) const MAX_PIDS: u64 = 1024;
 
 /// The cgroup could not be made.
 #[derive(Debug, Error)]
@@ -181,7 +181,7 @@ fn mkdir(d: &Path) -> Result<(), CgroupError> {
 
 /// Moves the calling process into the cgroups whose `cgroup.procs` `fds`
 /// are (writing `0` means "me"). Async-signal-safe: for `pre_exec`.
-pub fn join(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+pub(crate) fn join(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
     for fd in fds {
         // SAFETY: write(2) on a descriptor the parent opened, from a static buffer.
         if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
@@ -192,6 +192,6 @@ pub fn join(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
 }
 
 /// The raw numbers of `fds`, for [`join`] in a child.
-pub fn raw(fds: &[OwnedFd]) -> Vec<std::os::fd::RawFd> {
+pub(crate) fn raw(fds: &[OwnedFd]) -> Vec<std::os::fd::RawFd> {
     fds.iter().map(|f| f.as_raw_fd()).collect()
 }

@@ -45,21 +45,21 @@ fn checked(path: &Path, f: File, want: Option<FileIdent>) -> std::io::Result<Fil
 }
 
 /// Opens `path` (read-write if `write`) and checks it is the file recorded.
-pub fn open(path: &Path, want: Option<FileIdent>, write: bool) -> std::io::Result<File> {
+pub(crate) fn open(path: &Path, want: Option<FileIdent>, write: bool) -> std::io::Result<File> {
     let f = std::fs::OpenOptions::new().read(true).write(write).open(path)?;
     checked(path, f, want)
 }
 
 /// A name for the open file `f` that cannot be redirected: what code that
 /// takes a path opens while `f` is held.
-pub fn fd_path(f: &File) -> PathBuf {
+pub(crate) fn fd_path(f: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
 /// Connects to the socket at `path`, if it is the one recorded; through a
 /// descriptor of the socket file itself, so nothing can swap it in between
 /// (and paths longer than a socket address holds work too).
-pub fn connect(path: &Path, want: Option<FileIdent>) -> std::io::Result<UnixStream> {
+pub(crate) fn connect(path: &Path, want: Option<FileIdent>) -> std::io::Result<UnixStream> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?;
     let f = checked(path, File::from(fd), want)?;

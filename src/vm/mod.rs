@@ -4,11 +4,11 @@
 //! ([`synthetic`]) and stock QEMU ([`qemu`], controlled over [`qmp`]);
 //! incoming ones in a systemd scope of their own ([`scope`]).
 
-pub mod cgroup;
-pub mod ident;
+pub(crate) mod cgroup;
+pub(crate) mod ident;
 pub mod qemu;
 pub mod qmp;
-pub mod scope;
+pub(crate) mod scope;
 pub mod synthetic;
 
 use crate::dirty::{DirtyTracker, TrackerKind};

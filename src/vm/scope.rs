@@ -11,7 +11,7 @@ use std::process::Command;
 use thiserror::Error;
 
 /// The slice VM scopes go in (systemd's own for VMs and containers).
-pub const SLICE: &str = "machine.slice";
+pub(crate) const SLICE: &str = "machine.slice";
 
 /// Whether incoming VMs get a scope (`--qemu-scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -71,7 +71,7 @@ fn find_in_path(exe: &str) -> Option<PathBuf> {
 /// The transient unit's name: the VM's (a valid name is a valid unit name
 /// part) and a random suffix, since a VM may come back to this host while
 /// its last scope is still being collected.
-pub fn unit_name(vm: &str) -> String {
+pub(crate) fn unit_name(vm: &str) -> String {
     format!("dcmigrate-qemu-{vm}-{:08x}.scope", rand::random::<u32>())
 }
 
@@ -83,7 +83,7 @@ pub fn unit_name(vm: &str) -> String {
 ///
 /// In a scope, `limits` become the scope's `MemoryMax` and `TasksMax`
 /// (systemd owns the cgroup); without one the caller makes a cgroup.
-pub fn command(
+pub(crate) fn command(
     program: &OsStr,
     vm: &str,
     scope: Option<&Scope>,

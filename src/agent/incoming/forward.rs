@@ -28,7 +28,7 @@ pub(super) struct Target {
 
 impl Target {
     /// The target a `ForwardTo` names (None for any other message).
-    pub fn of(m: &Message) -> Option<Self> {
+    pub(super) fn of(m: &Message) -> Option<Self> {
         match m {
             Message::ForwardTo {
                 host,

@@ -9,7 +9,6 @@ mod open;
 mod stage;
 
 use stage::Stage;
-pub use stage::{OutOfOrder, MAX_DEVICE_STATE};
 
 use super::Agent;
 use crate::control::{Channel, Connected, Heartbeat, ServerStream};
@@ -52,7 +51,7 @@ enum Step {
 }
 
 /// Serves one source's control connection until its session ends.
-pub async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
+pub(crate) async fn serve(agent: Arc<Agent>, conn: Connected<ServerStream>) {
     let peer = conn.host.clone();
     tracing::info!(%peer, version = conn.version, "control session accepted");
     let features = conn.features();

@@ -26,7 +26,7 @@ use thiserror::Error;
 
 /// Why a destination refused a session.
 #[derive(Debug, Error)]
-pub enum OpenError {
+pub(super) enum OpenError {
     /// A VM name that cannot name files.
     #[error("invalid VM name {0:?}")]
     Name(String),
@@ -132,7 +132,7 @@ pub enum OpenError {
 
 impl OpenError {
     /// Its kind, as the source is told it.
-    pub fn code(&self) -> ErrorCode {
+    pub(super) fn code(&self) -> ErrorCode {
         use ErrorCode as C;
         match self {
             OpenError::Name(_)

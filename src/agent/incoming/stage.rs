@@ -12,7 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 /// Largest device state a destination accepts (a VM with a lot of video RAM fits).
-pub const MAX_DEVICE_STATE: usize = 512 << 20;
+pub(super) const MAX_DEVICE_STATE: usize = 512 << 20;
 
 /// A session's phase and what it holds.
 pub(crate) enum Stage {
@@ -35,7 +35,7 @@ pub(crate) enum Stage {
 
 /// A message that does not belong to the session's phase.
 #[derive(Debug, Error, PartialEq)]
-pub enum OutOfOrder {
+pub(super) enum OutOfOrder {
     /// `Resume` before the device state was loaded.
     #[error("resume before the device state ended (the session is {stage})")]
     ResumeEarly {
