@@ -11,6 +11,22 @@ use tokio::sync::oneshot;
 /// A reply: the message, or the peer's `Error`.
 pub type Reply = Result<Message, Refusal>;
 
+/// A request waiting for its reply; dropped, it is given up (a caller
+/// whose wait was cut short leaves nothing behind).
+pub struct Waiting<'a> {
+    /// The request's id.
+    pub id: u64,
+    /// Where its reply comes (closed if the connection ends first).
+    pub reply: oneshot::Receiver<Reply>,
+    requests: &'a Requests,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.requests.give_up(self.id);
+    }
+}
+
 /// The requests of one connection still waiting for a reply.
 #[derive(Default)]
 pub struct Requests {
@@ -19,12 +35,13 @@ pub struct Requests {
 }
 
 impl Requests {
-    /// A new request: its id, and where its reply will come.
-    pub fn begin(&self) -> (u64, oneshot::Receiver<Reply>) {
+    /// A new request: its id, and where its reply will come (given up
+    /// when dropped, however the wait for it ends).
+    pub fn begin(&self) -> Waiting<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap().insert(id, tx);
-        (id, rx)
+        Waiting { id, reply: rx, requests: self }
     }
 
     /// The request `id` is given up (timed out, or never sent).
@@ -54,24 +71,25 @@ mod tests {
     #[test]
     fn a_late_reply_answers_nothing_else() {
         let r = Requests::default();
-        let (a, _a_rx) = r.begin();
-        r.give_up(a);
-        let (b, mut b_rx) = r.begin();
-        assert_ne!(a, b);
-        // The reply to the request given up comes first: dropped.
+        let a = r.begin().id;
+        let mut b = r.begin();
+        assert_ne!(a, b.id);
+        // The reply to the request given up (dropped) comes first: dropped.
         assert!(!r.answer(a, Ok(Message::Checksums { sums: vec![1] })));
-        assert!(b_rx.try_recv().is_err(), "the late reply answered another request");
-        assert!(r.answer(b, Ok(Message::Ok)));
-        assert!(matches!(b_rx.try_recv(), Ok(Ok(Message::Ok))));
+        assert!(b.reply.try_recv().is_err(), "the late reply answered another request");
+        assert!(r.answer(b.id, Ok(Message::Ok)));
+        assert!(matches!(b.reply.try_recv(), Ok(Ok(Message::Ok))));
         // Overlapping requests get their own replies, in any order.
-        let ((c, mut c_rx), (d, mut d_rx)) = (r.begin(), r.begin());
+        let (mut c, mut d) = (r.begin(), r.begin());
         let no = Refusal { message: "no".into(), code: None };
-        assert!(r.answer(d, Err(no)) && r.answer(c, Ok(Message::Resumed)));
-        assert!(matches!(c_rx.try_recv(), Ok(Ok(Message::Resumed))));
-        assert!(matches!(d_rx.try_recv(), Ok(Err(_))));
+        assert!(r.answer(d.id, Err(no)) && r.answer(c.id, Ok(Message::Resumed)));
+        assert!(matches!(c.reply.try_recv(), Ok(Ok(Message::Resumed))));
+        assert!(matches!(d.reply.try_recv(), Ok(Err(_))));
         assert!(!r.answer(99, Ok(Message::Ok)), "a made-up number answers nothing");
-        let (_, mut e_rx) = r.begin();
+        let mut e = r.begin();
         r.clear();
-        assert!(matches!(e_rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
+        assert!(matches!(e.reply.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
+        drop((b, c, d, e));
+        assert!(r.waiting.lock().unwrap().is_empty(), "requests left behind");
     }
 }

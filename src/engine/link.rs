@@ -337,10 +337,12 @@ impl Link {
         let zero = self.forwarded_zero.clone();
         let why_slot = self.why.clone();
         let (leave, leave_why) = (self.leave.clone(), self.leave_why.clone());
-        let (pending, ids) = (self.pending.clone(), self.features.request_ids());
+        let (pending, ids, host) = (self.pending.clone(), self.features.request_ids(), self.host.clone());
         tokio::spawn(async move {
             let why = loop {
                 let m = tokio::select! {
+                    // What arrived before the connection closed is read first.
+                    biased;
                     m = inbox.recv_tagged() => m,
                     _ = closed.cancelled() => break "control connection closed".to_string(),
                 };
@@ -383,6 +385,9 @@ impl Link {
                         leave_why.lock().unwrap().get_or_insert(reason);
                         leave.cancel();
                     }
+                    // With request ids, an answer that names no request
+                    // answers nothing (nobody reads replies in order then).
+                    Some(Ok(m)) if ids => tracing::debug!(host = %host, "{} naming no request, dropped", m.name()),
                     Some(Ok(Message::Error { message, code })) => {
                         let _ = replies.send(Err(Refusal { message, code }));
                     }
@@ -452,21 +457,16 @@ impl Link {
     /// A request whose reply names it: requests may overlap, and one given
     /// up (timed out) leaves the link usable, its late reply dropped.
     async fn request_by_id(&self, m: Message, timeout: Duration) -> Result<Message, LinkError> {
-        let (id, rx) = self.pending.begin();
-        if self.closed.is_cancelled() || self.out.send_tagged(m, Ids::request(id)).is_err() {
-            self.pending.give_up(id);
+        let mut waiting = self.pending.begin();
+        if self.closed.is_cancelled() || self.out.send_tagged(m, Ids::request(waiting.id)).is_err() {
             return Err(LinkError::Closed);
         }
-        let reply = tokio::select! {
-            r = tokio::time::timeout(timeout, rx) => match r {
-                Ok(r) => r.ok(),
-                Err(_) => {
-                    self.pending.give_up(id);
-                    return Err(LinkError::Timeout(timeout));
-                }
-            },
-            // The dispatcher drops every waiting request when the connection ends.
-            _ = self.closed.cancelled() => None,
+        // Not cut short when the connection closes: the dispatcher answers
+        // what arrived before (a `Resumed` just before the peer hung up),
+        // then drops every request still waiting, whose wait then ends.
+        let reply = match tokio::time::timeout(timeout, &mut waiting.reply).await {
+            Ok(r) => r.ok(),
+            Err(_) => return Err(LinkError::Timeout(timeout)),
         };
         match reply {
             Some(Ok(m)) => Ok(m),

@@ -144,6 +144,19 @@ pub(super) async fn forward_to(
     Ok((kind, path))
 }
 
+impl ForwardError {
+    /// Its kind, as the source is told it.
+    pub(super) fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode as C;
+        match self {
+            ForwardError::NotAPeer(_) => C::NotAllowed,
+            ForwardError::NotForwarding | ForwardError::OtherTarget { .. } => C::OutOfOrder,
+            ForwardError::Run(_) => C::Invalid,
+            _ => C::Failed,
+        }
+    }
+}
+
 /// Checks page runs that came from the network: each must lie inside one
 /// chunk (so inside one region, and a data plane's lengths cannot overflow).
 fn check_runs(sess: &Session, runs: Vec<(usize, usize)>) -> Result<Vec<Run>, ForwardError> {

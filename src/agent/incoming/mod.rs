@@ -235,6 +235,12 @@ async fn step(
     // backend sees it.
     if let Some(Err(e)) = session.as_ref().map(|s| s.stage.admit(&msg)) {
         tracing::warn!(peer = %src.name, "{e}");
+        // A chunk has no answer of its own (one would answer the next
+        // request of a source that pairs replies by order): its end,
+        // refused in turn, carries the refusal.
+        if matches!(msg, Message::DeviceStateChunk { .. }) {
+            return Ok(Step::Quiet);
+        }
         return Ok(Step::Reply(Message::error(ErrorCode::OutOfOrder, e.to_string())));
     }
     let reply = match (msg, session.as_mut()) {
@@ -282,6 +288,8 @@ async fn step(
             Message::OutcomeAnswer { vm, outcome }
         }
         (msg, Some(sess)) => return on_session(agent, sess, msg, src, fwd_tx).await,
+        // A chunk has no answer of its own, even refused.
+        (Message::DeviceStateChunk { .. }, None) => return Ok(Step::Quiet),
         (other, None) => Message::error(ErrorCode::OutOfOrder, format!("unexpected {} at this point", other.name())),
     };
     Ok(Step::Reply(reply))
@@ -402,7 +410,7 @@ async fn forward_to(
             tracing::info!(vm = %sess.vm, %to, transport = kind.name(), "forwarding to the new destination");
             Message::ForwardReady { transport: kind, rdma }
         }
-        Err(e) => error(e),
+        Err(e) => Message::error(e.code(), crate::error_chain(&e)),
     }
 }
 
