@@ -170,7 +170,7 @@ impl Migration {
     pub(super) async fn opened(&mut self, opened: Opened) -> Result<(), EngineError> {
         let (r, link) = match opened {
             Ok(link) => {
-                if self.route.opening() && !self.route.phase().paused() {
+                if self.route.opening() {
                     crate::hooks::gate(&self.job.ctx.me, "retarget-install").await;
                     // An install's dirty sync, while the books still name
                     // the old target: pages the guest wrote since the last

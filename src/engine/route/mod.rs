@@ -244,11 +244,7 @@ impl Route {
             self.retarget_failed(&mut out, opening, why);
             return (out, None);
         }
-        if self.phase.paused() || self.ended {
-            out.push(Command::Discard { why: "too late: switchover started" });
-            self.retarget_failed(&mut out, opening, "too late: the switchover has started".into());
-            return (out, None);
-        }
+        // Never paused or ended here: both give the opening up (`advance`, `end`).
         let (old, new) = (self.target, self.names.len() as HostId);
         self.names.push(opening.to);
         self.target = new;
